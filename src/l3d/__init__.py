@@ -1,0 +1,12 @@
+"""l3d: Local Loss Landscape Decomposition (Chrisman, Bushnaq, Sharkey 2025).
+
+Decompose a trained model's parameters into low-rank subnetworks such that, for any sample, a few of
+them reconstruct the gradient of a divergence between that sample's output and a reference output.
+"""
+
+from l3d.config import L3DConfig
+from l3d.decomposition import Decomposition, decompose, load, run
+from l3d.errors import L3DError
+
+__all__ = ["Decomposition", "L3DConfig", "L3DError", "decompose", "load", "run"]
+__version__ = "0.1.0"

@@ -1,0 +1,234 @@
+"""Algorithm 1 of the paper: learn V_in, V_out so that a batch top-k of c = V_in g reconstructs g.
+
+One training step (Section 2.4):
+  c = V_in g                         coefficients, (n_s, n_v)
+  mask = batch_top_k(|c|, k)         exactly round(k * n_s * n_v) entries over the whole batch
+  g^ = V_out (c * mask)              never formed: its error comes from the Gram identity
+  ||g - g^||^2 = ||g||^2 - 2 sum_k c_k d_k + c^T G c,   d = V_out g, G = V_out V_out^T
+  loss = mean_i ||g_i - g^_i|| / ||g_i||  (paper, eq. 8)  or  sum ||g - g^||^2 / sum ||g||^2 (code)
+  AdamW step on V_in, V_out; then V_out rows projected to unit L2 norm.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from l3d.config import L3DConfig
+from l3d.gradients import GradientBatch, GradientSource
+from l3d.subnetworks import Subnetworks
+
+
+def n_kept(top_k: float, n_coefficients: int) -> int:
+    """Number of coefficients batch top-k keeps: round(k * N), at least 1."""
+    return max(1, min(n_coefficients, round(top_k * n_coefficients)))
+
+
+def batch_top_k(coeffs: Tensor, top_k: float) -> Tensor:
+    """Bool mask (n_s, n_v) of the round(top_k * n_s * n_v) largest |c| over the whole batch.
+
+    Exactly that many entries are kept; among equal magnitudes at the threshold, torch.topk's
+    order decides (deterministic on CPU). The authors' code keeps floor(kN)+1 plus all ties.
+    """
+    flat = coeffs.detach().abs().flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[flat.topk(n_kept(top_k, flat.numel())).indices] = True
+    return mask.view_as(coeffs)
+
+
+def reconstruction_sq_errors(
+    c: Tensor, d: Tensor, g_sq: Tensor, gram: Tensor, mask: Tensor
+) -> Tensor:
+    """||g_i - sum_{k in top-k(i)} c_ik V_out_k||^2 per sample, (n_s,), via design/math.md section 4."""
+    c_kept = c * mask
+    cross = (c_kept * d).sum(1)
+    quad = torch.einsum("sk,kl,sl->s", c_kept, gram, c_kept)
+    return (g_sq - 2 * cross + quad).clamp_min(0)
+
+
+@dataclass(frozen=True)
+class Losses:
+    paper: Tensor
+    """mean over samples of ||g_i - g^_i|| / ||g_i|| (eq. 8 per sample); zero-gradient samples skipped."""
+    pooled_squared: Tensor
+    """sum_i ||g_i - g^_i||^2 / sum_i ||g_i||^2: the authors' code, behind every published number."""
+
+
+def losses(sq_errors: Tensor, g_sq: Tensor) -> Losses:
+    pooled = sq_errors.sum() / g_sq.sum().clamp_min(torch.finfo(g_sq.dtype).tiny)
+    # Samples whose output equals their reference have g = 0 and no direction to reconstruct.
+    live = g_sq > torch.finfo(g_sq.dtype).eps * g_sq.max()
+    ratio = (sq_errors[live] / g_sq[live]).clamp_min(1e-12).sqrt()
+    paper = ratio.mean() if live.any() else pooled.new_zeros(())
+    return Losses(paper=paper, pooled_squared=pooled)
+
+
+class SubnetworkPair(nn.Module):
+    """V_in (encode gradients into coefficients) and V_out (decode, unit-norm subnetworks)."""
+
+    def __init__(self, v_in: Subnetworks, v_out: Subnetworks) -> None:
+        super().__init__()
+        self.v_in, self.v_out = v_in, v_out
+
+    @classmethod
+    def initialize(
+        cls,
+        shapes: dict[str, tuple[int, ...]],
+        n_subnetworks: int,
+        ranks: dict[str, int],
+        factorization: str,
+        generator: torch.Generator,
+    ) -> SubnetworkPair:
+        """Random factors; V_out normalised; V_in starts equal to V_out, so the first coefficients
+        are the projections <v_k, g_i> (as in the authors' code), then the two train separately."""
+        v_out = Subnetworks(shapes, n_subnetworks, ranks, factorization, generator)
+        v_out.normalize_()
+        v_in = Subnetworks(shapes, n_subnetworks, ranks, factorization, generator)
+        v_in.copy_(v_out)
+        return cls(v_in, v_out)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    losses: Losses
+    active: Tensor
+    """(n_v,) number of samples in which each subnetwork was in the top-k."""
+    n_samples: int
+
+
+def step_losses(pair: SubnetworkPair, batch: GradientBatch, top_k: float) -> tuple[Losses, Tensor]:
+    """Losses and top-k mask for one batch (differentiable in the subnetworks)."""
+    c = batch.project(pair.v_in)
+    d = batch.project(pair.v_out)
+    mask = batch_top_k(c, top_k)
+    sq_errors = reconstruction_sq_errors(c, d, batch.sq_norms(), pair.v_out.gram(), mask)
+    return losses(sq_errors, batch.sq_norms()), mask
+
+
+class Trainer:
+    """Runs Algorithm 1. State (subnetworks, optimiser, schedule, RNG, epoch) is all in
+    `state_dict()`, so a run can be checkpointed and resumed to the same result."""
+
+    def __init__(self, config: L3DConfig, source: GradientSource, pair: SubnetworkPair) -> None:
+        self.config, self.source, self.pair = config, source, pair
+        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        wd = config.weight_decay if config.optimizer == "adamw" else 0.0
+        self.optimizer = opt_cls(pair.parameters(), lr=config.lr, weight_decay=wd)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict] = []
+
+    def lr_at(self, step: int, epoch: int) -> float:
+        c = self.config
+        n = (step if c.lr_decay_unit == "step" else epoch) // c.lr_decay_every
+        return c.lr * c.lr_decay**n
+
+    def top_k_at(self, epoch: int) -> float:
+        c = self.config
+        return c.warm_start_top_k if epoch < c.warm_start_epochs else c.top_k
+
+    def train_step(self, batch: GradientBatch) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step, self.epoch)
+        result, mask = step_losses(self.pair, batch, self.top_k_at(self.epoch))
+        loss = getattr(result, self.config.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.pair.v_out.normalize_()
+        self.step += 1
+        return StepResult(
+            losses=Losses(result.paper.detach(), result.pooled_squared.detach()),
+            active=mask.sum(0),
+            n_samples=batch.n_samples,
+        )
+
+    def run_epoch(self, on_step: Callable[[StepResult], None] | None = None) -> dict:
+        start = time.perf_counter()
+        totals = {"paper": 0.0, "pooled_squared": 0.0}
+        active = torch.zeros(self.config.n_subnetworks)
+        n_batches = n_samples = 0
+        lr = self.lr_at(self.step, self.epoch)
+        for batch in self.source.epoch(self.generator):
+            r = self.train_step(batch)
+            totals["paper"] += r.losses.paper.item()
+            totals["pooled_squared"] += r.losses.pooled_squared.item()
+            active += r.active
+            n_batches += 1
+            n_samples += r.n_samples
+            if on_step is not None:
+                on_step(r)
+        record = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss_paper": totals["paper"] / max(n_batches, 1),
+            "loss_pooled_squared": totals["pooled_squared"] / max(n_batches, 1),
+            "lr": lr,
+            "top_k": self.top_k_at(self.epoch),
+            "live_subnetworks": int((active > 0).sum()),
+            "seconds": time.perf_counter() - start,
+        }
+        self.history.append(record)
+        self.epoch += 1
+        return record
+
+    def state_dict(self) -> dict:
+        return {
+            "pair": self.pair.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pair.load_state_dict(state["pair"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = list(state["history"])
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    p_active: Tensor
+    """(n_v,) fraction of samples in which each subnetwork is in the batch top-k (Section 3.3.2)."""
+    loss_paper: float
+    """mean over samples of ||g_i - g^_i|| / ||g_i||."""
+    loss_pooled_squared: float
+    """sum over all samples of ||g_i - g^_i||^2 / sum of ||g_i||^2 (the paper's reported number)."""
+    n_samples: int
+
+
+@torch.no_grad()
+def evaluate(pair: SubnetworkPair, source: GradientSource, top_k: float, seed: int) -> Evaluation:
+    """One pass over the data with fresh references and the training batch size: P_act and both
+    losses pooled over the whole pass (not averaged over batches)."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(pair.v_in.n_subnetworks)
+    gram = pair.v_out.gram()
+    sq_err = g_sq_total = ratio_sum = 0.0
+    n = n_live = 0
+    for batch in source.epoch(generator, shuffle=True):
+        c, d, g_sq = batch.project(pair.v_in), batch.project(pair.v_out), batch.sq_norms()
+        mask = batch_top_k(c, top_k)
+        e = reconstruction_sq_errors(c, d, g_sq, gram, mask)
+        counts += mask.sum(0)
+        n += batch.n_samples
+        sq_err += e.sum().item()
+        g_sq_total += g_sq.sum().item()
+        live = g_sq > torch.finfo(g_sq.dtype).eps * g_sq.max()
+        ratio_sum += (e[live] / g_sq[live]).sqrt().sum().item()
+        n_live += int(live.sum())
+    return Evaluation(
+        p_active=counts / max(n, 1),
+        loss_paper=ratio_sum / max(n_live, 1),
+        loss_pooled_squared=sq_err / max(g_sq_total, 1e-30),
+        n_samples=n,
+    )

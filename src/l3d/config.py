@@ -1,0 +1,173 @@
+"""The frozen, validated record of every choice an L3D run makes (round-trips to YAML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from l3d.errors import L3DError
+
+
+class L3DConfig(BaseModel):
+    """Hyperparameters of one decomposition. Defaults follow the paper (Section 2, Appendix B.4).
+
+    Where the authors' code behaves differently, the option that reproduces it is named in the
+    field's description (see docs/algorithm.md).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    params: tuple[str, ...] = Field(
+        description="Parameter names or glob patterns ('layers.*.weight') of the tensors to decompose."
+    )
+    n_subnetworks: int = Field(ge=1, description="Number of subnetworks n_v.")
+    rank: int | dict[str, int] = Field(
+        default=1,
+        description="Rank of every tensor of every subnetwork, or a mapping from parameter name or "
+        "glob to rank (first match wins). Capped at the tensor's largest possible rank.",
+    )
+    factorization: Literal["cp", "tucker"] = Field(
+        default="cp", description="Low-rank form per tensor: CP (Appendix B.1) or Tucker."
+    )
+    top_k: float = Field(
+        default=0.1,
+        description="Fraction of all |coefficients| in a batch kept by batch top-k (Section 2.3).",
+    )
+    divergence: str = Field(
+        default="mse",
+        description="'mse' (mean over output dims), 'kl' (KL(p_ref || p_i) on logits), or "
+        "'custom:<name>' for a user callable.",
+    )
+    reference: str = Field(
+        default="random",
+        description="'random' (another sample's output from the batch, never the sample itself), "
+        "'mean', 'uniform', or 'custom:<name>'.",
+    )
+    per_token: bool = Field(
+        default=False,
+        description="Outputs have a sequence axis: each (sequence, position) is one sample; "
+        "positions where attention_mask is 0 are never samples.",
+    )
+    loss: Literal["paper", "pooled_squared"] = Field(
+        default="paper",
+        description="Trained loss: 'paper' = mean_i ||g_i - g^_i|| / ||g_i|| (eq. 8); "
+        "'pooled_squared' = sum_i ||g_i - g^_i||^2 / sum_i ||g_i||^2 (authors' code, behind every "
+        "published number). Both are always logged.",
+    )
+    epochs: int = Field(default=100, ge=1)
+    batch_size: int = Field(
+        default=32, ge=2, description="Samples per batch (sequences if per_token)."
+    )
+    lr: float = Field(default=0.01, gt=0)
+    optimizer: Literal["adamw", "adam"] = Field(
+        default="adamw",
+        description="'adamw' (paper) or 'adam' without weight decay (authors' code).",
+    )
+    weight_decay: float = Field(
+        default=0.01, ge=0, description="AdamW weight decay (torch default)."
+    )
+    lr_decay: float = Field(
+        default=0.8, gt=0, le=1, description="Multiplicative learning-rate decay."
+    )
+    lr_decay_every: int = Field(default=100, ge=1)
+    lr_decay_unit: Literal["step", "epoch"] = Field(
+        default="step", description="Decay every N 'step's (paper) or 'epoch's (authors' code)."
+    )
+    warm_start_epochs: int = Field(
+        default=0,
+        ge=0,
+        description="Epochs at warm_start_top_k before top_k (authors' code: 1-10).",
+    )
+    warm_start_top_k: float = Field(default=0.999)
+    gradient_method: Literal["auto", "jacobian", "vmap"] = Field(
+        default="auto",
+        description="'jacobian': cache each sample's output Jacobian at W0 once, then "
+        "g_i = J_i^T dD/dy (exact, fast for small models); 'vmap': torch.func per-sample gradients "
+        "every batch; 'auto' picks 'jacobian' when the cache fits in memory.",
+    )
+    chunk_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Samples per vmap chunk (bounds memory); None = whole batch.",
+    )
+    seed: int = 0
+    device: str = "cpu"
+
+    @field_validator("top_k", "warm_start_top_k")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(
+                f"must be in (0, 1]: the fraction of all coefficients kept per batch; got {value}"
+            )
+        return value
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, value: int | dict[str, int]) -> int | dict[str, int]:
+        ranks = value.values() if isinstance(value, dict) else [value]
+        if any(r < 1 for r in ranks):
+            raise ValueError(f"every rank must be >= 1; got {value}")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("no parameter tensors given: pass names or globs, e.g. ['fc1.weight']")
+        return value
+
+    @classmethod
+    def create(cls, **fields: Any) -> L3DConfig:
+        """Build a config, turning pydantic's report into a one-line L3DError."""
+        try:
+            return cls(**fields)
+        except ValidationError as err:
+            raise L3DError(_describe(err)) from None
+
+    def replace(self, **changes: Any) -> L3DConfig:
+        return type(self).create(**{**self.model_dump(), **changes})
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> L3DConfig:
+        """Load from a YAML file path or a YAML string."""
+        text = Path(source).read_text() if Path(str(source)).is_file() else str(source)
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise L3DError(
+                f"config must be a YAML mapping of field: value; got {type(data).__name__}"
+            )
+        return cls.create(**data)
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            close = _close(str(e["loc"][-1]), list(L3DConfig.model_fields))
+            parts.append(f"unknown config key '{where}'{close}")
+        elif e["type"] == "missing":
+            parts.append(f"missing required config key '{where}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"config key '{where}': {msg} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def _close(name: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, options, n=3)
+    return (
+        f" (did you mean {', '.join(close)}?)" if close else f" (valid keys: {', '.join(options)})"
+    )

@@ -1,0 +1,279 @@
+"""Per-sample divergence gradients g_i = grad_W D(f(x_i, W), y_ref) at the frozen weights W0 (eq. 2).
+
+Two exact ways to get them, both O(batch) work (the authors' code uses an O(batch^2) batch-jacobian):
+
+- 'vmap': torch.func per-sample gradients, vmap(grad(D o f)), chunked; per-token samples take a
+  jacrev over the sequence's token divergences. Works for any model; the test oracle.
+- 'jacobian': W0 is frozen, so each sample's output Jacobian J_i = df(x_i)/dW is fixed. Cache it
+  once and form g_i = J_i^T dD/dy(y_i, y_ref) by the chain rule for any divergence and any
+  reference (design/math.md section 6). For small models this makes an epoch a few matrix products.
+
+Both hand the trainer a `GradientBatch`, which only has to project gradients onto subnetworks and
+report their squared norms; a structured fast path can provide the same without dense gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+from torch.func import grad, jacrev, vmap
+
+from l3d.divergences import Divergence, ReferenceFn, check_divergence
+from l3d.errors import L3DError
+from l3d.model import Dataset, Inputs, Target, take, token_mask
+from l3d.subnetworks import Subnetworks
+
+# Budget for the cached output Jacobians of the 'jacobian' method under gradient_method='auto'.
+JACOBIAN_CACHE_BYTES = 1 << 30
+
+
+class GradientBatch(Protocol):
+    """What the training step needs from one batch of per-sample gradients."""
+
+    n_samples: int
+
+    def project(self, subnetworks: Subnetworks) -> Tensor:
+        """<V_k, g_i> for every sample and subnetwork, (n_samples, n_v), differentiable in V."""
+        ...
+
+    def sq_norms(self) -> Tensor:
+        """||g_i||^2, (n_samples,)."""
+        ...
+
+
+@dataclass
+class DenseGradients:
+    """Materialised per-sample gradients {name: (n_samples, *param_shape)}."""
+
+    grads: dict[str, Tensor]
+    n_samples: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_samples = next(iter(self.grads.values())).shape[0]
+        for name, g in self.grads.items():
+            if not torch.isfinite(g).all():
+                raise L3DError(
+                    f"per-sample gradients of '{name}' contain NaN/inf: the model or divergence is "
+                    "not finite at W0 on this batch (check inputs, logits and log-probabilities)"
+                )
+
+    def project(self, subnetworks: Subnetworks) -> Tensor:
+        return subnetworks.inner(self.grads)
+
+    def sq_norms(self) -> Tensor:
+        return sum(g.flatten(1).pow(2).sum(1) for g in self.grads.values())
+
+
+def _unsqueeze(x: Inputs) -> Inputs:
+    return x.unsqueeze(0) if isinstance(x, Tensor) else {k: v.unsqueeze(0) for k, v in x.items()}
+
+
+def per_sample_gradients(
+    target: Target,
+    inputs: Inputs,
+    references: Tensor,
+    divergence: Divergence,
+    *,
+    per_token: bool = False,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Per-sample gradients by torch.func: {name: (n_samples, *shape)}.
+
+    inputs: a batch (n, ...); references: reference outputs shaped like the model's outputs
+    (n, *out) detached. With per_token, outputs are (n, seq, vocab), every position is a sample, and
+    positions masked out by inputs['attention_mask'] are dropped: (n_valid_tokens, *shape).
+    """
+    references = references.detach()
+
+    def sample_output(params: dict[str, Tensor], x: Inputs) -> Tensor:
+        return target.forward(_unsqueeze(x), params)[0]
+
+    if per_token:
+
+        def token_divergences(params, x, y_ref):  # (seq,)
+            return vmap(divergence)(sample_output(params, x), y_ref)
+
+        fn = jacrev(token_divergences)
+    else:
+
+        def sample_divergence(params, x, y_ref):
+            return divergence(sample_output(params, x), y_ref)
+
+        fn = grad(sample_divergence)
+    grads = vmap(fn, in_dims=(None, 0, 0), chunk_size=chunk_size)(target.w0, inputs, references)
+    if per_token:
+        mask = token_mask(inputs)
+        if mask is None:
+            grads = {n: g.flatten(0, 1) for n, g in grads.items()}
+        else:
+            grads = {n: g[mask] for n, g in grads.items()}
+    return grads
+
+
+def sample_outputs(outputs: Tensor, mask: Tensor | None, per_token: bool) -> Tensor:
+    """Model outputs as one row per sample: (n_samples, n_out)."""
+    if not per_token:
+        return outputs.flatten(1)
+    return outputs[mask] if mask is not None else outputs.flatten(0, 1)
+
+
+def draw_references(
+    outputs: Tensor,
+    mask: Tensor | None,
+    per_token: bool,
+    reference: ReferenceFn,
+    generator: torch.Generator,
+) -> Tensor:
+    """Detached reference outputs shaped like `outputs`, chosen among the batch's samples
+    (for per_token: among all valid positions in the batch, as the authors' LM code does)."""
+    flat = sample_outputs(outputs, mask, per_token)
+    if flat.shape[0] < 2:
+        raise L3DError(
+            f"a batch has {flat.shape[0]} sample(s); L3D needs at least 2 so that each sample's "
+            "reference can be another sample"
+        )
+    refs = reference(flat, generator)
+    if not isinstance(refs, Tensor) or refs.shape != flat.shape:
+        got = tuple(refs.shape) if isinstance(refs, Tensor) else type(refs).__name__
+        raise L3DError(
+            f"the reference function returned {got}; it must return one reference per sample, "
+            f"shaped like its input {tuple(flat.shape)}"
+        )
+    refs = refs.detach()
+    if not per_token:
+        return refs.reshape(outputs.shape)
+    full = outputs.detach().clone()  # masked positions keep their own output; they are dropped.
+    if mask is not None:
+        full[mask] = refs
+    else:
+        full = refs.reshape(outputs.shape)
+    return full
+
+
+class GradientSource:
+    """Yields a GradientBatch per data batch with freshly drawn references (Algorithm 1, lines 3-6)."""
+
+    def __init__(
+        self,
+        target: Target,
+        dataset: Dataset,
+        divergence: Divergence,
+        reference: ReferenceFn,
+        *,
+        per_token: bool,
+        method: Literal["auto", "jacobian", "vmap"],
+        chunk_size: int | None,
+    ) -> None:
+        self.target, self.dataset = target, dataset
+        self.divergence, self.reference = divergence, reference
+        self.per_token, self.chunk_size = per_token, chunk_size
+        self._validate()
+        self.method = self._choose(method)
+        self._jacobians: dict[str, Tensor] | None = None
+        self._outputs: Tensor | None = None
+
+    def _first_batch(self) -> Inputs:
+        batch = next(iter(self.dataset.batches(None, shuffle=False)), None)
+        if batch is None:
+            raise L3DError("data yielded no batch with at least 2 samples")
+        return batch
+
+    def _validate(self) -> None:
+        batch = take(self._first_batch(), slice(0, 2))
+        outputs = self.target.outputs(batch)
+        if self.per_token and outputs.dim() != 3:
+            raise L3DError(
+                f"per_token=True needs outputs shaped (batch, seq, vocab); the model returned "
+                f"{tuple(outputs.shape)}"
+            )
+        sample = outputs[0, 0] if self.per_token else outputs[0]
+        other = outputs[1, 0] if self.per_token else outputs[1]
+        check_divergence(self.divergence, sample, other)
+
+    def _choose(self, method: str) -> str:
+        cacheable = self.dataset.inputs is not None and not self.per_token
+        if method == "jacobian" and not cacheable:
+            raise L3DError(
+                "gradient_method='jacobian' needs the data as one tensor (or dict of tensors) and "
+                "per_token=False; use 'vmap' or 'auto'"
+            )
+        if method != "auto":
+            return method
+        if not cacheable:
+            return "vmap"
+        n = self.dataset.n_samples
+        n_out = self.target.outputs(take(self.dataset.inputs, slice(0, 1)))[0].numel()
+        n_w = sum(w.numel() for w in self.target.w0.values())
+        return "jacobian" if 4 * n * n_out * n_w <= JACOBIAN_CACHE_BYTES else "vmap"
+
+    def _build_cache(self) -> None:
+        inputs = self.dataset.inputs
+
+        def sample_output(params, x):
+            return self.target.forward(_unsqueeze(x), params)[0]
+
+        jac = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=self.chunk_size or 256)
+        self._jacobians = jac(self.target.w0, inputs)
+        self._outputs = self.target.outputs(inputs)
+        for name, j in self._jacobians.items():
+            if not torch.isfinite(j).all():
+                raise L3DError(f"output Jacobians of '{name}' contain NaN/inf at W0")
+
+    def epoch(self, generator: torch.Generator, shuffle: bool = True) -> Iterator[GradientBatch]:
+        if self.method == "jacobian":
+            if self._jacobians is None:
+                self._build_cache()
+            n = self.dataset.n_samples
+            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+            bs = self.dataset.batch_size
+            for start in range(0, n, bs):
+                index = order[start : start + bs]
+                if len(index) >= 2:
+                    yield self._from_cache(index, generator)
+            return
+        for inputs in self.dataset.batches(generator, shuffle):
+            yield self.batch(inputs, generator=generator)
+
+    def _from_cache(self, index: Tensor, generator: torch.Generator) -> DenseGradients:
+        outputs = self._outputs[index]
+        refs = draw_references(outputs, None, False, self.reference, generator)
+        dd_dy = vmap(grad(self.divergence))(outputs, refs).flatten(1)  # (b, n_out)
+        b, n_out = dd_dy.shape
+        grads = {
+            name: torch.einsum("so,sow->sw", dd_dy, j[index].reshape(b, n_out, -1)).reshape(
+                b, *shape
+            )
+            for (name, j), shape in zip(self._jacobians.items(), self.target.shapes.values())
+        }
+        return DenseGradients(grads)
+
+    def batch(
+        self,
+        inputs: Inputs,
+        references: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DenseGradients:
+        """Gradients for an explicit batch; references default to the configured strategy."""
+        outputs = self.target.outputs(inputs)
+        if references is None:
+            generator = generator or torch.Generator().manual_seed(0)
+            mask = token_mask(inputs) if self.per_token else None
+            references = draw_references(outputs, mask, self.per_token, self.reference, generator)
+        elif references.shape != outputs.shape:
+            raise L3DError(
+                f"references have shape {tuple(references.shape)}, but the model's outputs for "
+                f"these inputs have shape {tuple(outputs.shape)}: pass one reference output per sample"
+            )
+        grads = per_sample_gradients(
+            self.target,
+            inputs,
+            references,
+            self.divergence,
+            per_token=self.per_token,
+            chunk_size=self.chunk_size,
+        )
+        return DenseGradients(grads)

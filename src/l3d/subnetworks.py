@@ -1,0 +1,205 @@
+"""Low-rank subnetwork directions: one CP or Tucker factorisation per decomposed tensor (Appendix B.1).
+
+A `Subnetworks` module holds n_v directions in the space of the selected parameter tensors. It never
+needs the dense (n_v x n_w) matrix: inner products with per-sample gradients, the Gram matrix and the
+norms are all contracted from the factors (design/math.md sections 2 and 4). Every operation is
+vectorised over subnetworks; the only Python loop is over the (few) decomposed tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Factorization = Literal["cp", "tucker"]
+
+# Axis letters for einsum strings: s = sample, k / l = subnetwork, r / q = CP rank,
+# a..h = tensor modes, and per-mode Tucker ranks from the upper-case alphabet.
+_MODES = "abcdefgh"
+_TUCKER_K = "ABCDEFGH"
+_TUCKER_L = "IJKLMNOP"
+
+
+def max_rank(shape: tuple[int, ...], factorization: Factorization) -> int:
+    """Largest useful rank of a tensor: any tensor is a sum of prod(d)/max(d) rank-1 terms."""
+    if factorization == "tucker":
+        return max(shape)
+    return math.prod(shape) // max(shape)
+
+
+class _TensorFactors(nn.Module):
+    """The factors of all n_v subnetworks for one parameter tensor."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        n_subnetworks: int,
+        rank: int,
+        factorization: Factorization,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        # A 0-d parameter is handled as a 1-element vector.
+        self.work_shape = self.shape or (1,)
+        if len(self.work_shape) > len(_MODES):
+            raise ValueError(f"tensors with more than {len(_MODES)} dims are not supported")
+        self.factorization = factorization
+        self.rank = min(rank, max_rank(self.work_shape, factorization))
+        n_v, m = n_subnetworks, len(self.work_shape)
+
+        def randn(*size: int) -> Tensor:
+            return torch.randn(*size, generator=generator, dtype=dtype)
+
+        if factorization == "cp":
+            # (n_v, R, d_j) per mode; V_k = sum_r outer_j f_j[k, r].
+            self.modes = nn.ParameterList(
+                [nn.Parameter(randn(n_v, self.rank, d) / math.sqrt(d)) for d in self.work_shape]
+            )
+            self.core = None
+        else:
+            # core (n_v, R_1..R_m) and per-mode (n_v, R_j, d_j); V_k = core_k x_1 U_1k ... x_m U_mk.
+            ranks = [min(self.rank, d) for d in self.work_shape]
+            self.modes = nn.ParameterList(
+                [
+                    nn.Parameter(randn(n_v, r, d) / math.sqrt(d))
+                    for r, d in zip(ranks, self.work_shape)
+                ]
+            )
+            self.core = nn.Parameter(randn(n_v, *ranks) / math.sqrt(math.prod(ranks)))
+        self._m = m
+
+    # einsum operand lists -------------------------------------------------------------------
+    def _operands(self, k: str, rank_letters: str) -> tuple[list[str], list[Tensor]]:
+        """Subscripts and tensors that, contracted, give V (subnetwork axis k, mode axes a, b, ...)."""
+        if self.core is None:
+            r = rank_letters[0]
+            return [f"{k}{r}{_MODES[j]}" for j in range(self._m)], list(self.modes)
+        subs = [k + rank_letters[: self._m]]
+        subs += [f"{k}{rank_letters[j]}{_MODES[j]}" for j in range(self._m)]
+        return subs, [self.core, *self.modes]
+
+    def materialize(self) -> Tensor:
+        """Dense directions, (n_v, *shape)."""
+        subs, ops = self._operands("k", "r" if self.core is None else _TUCKER_K)
+        dense = torch.einsum(",".join(subs) + "->k" + _MODES[: self._m], *ops)
+        return dense.reshape(dense.shape[0], *self.shape)
+
+    def inner(self, grads: Tensor) -> Tensor:
+        """<V_k, g_s> for dense per-sample tensors grads (n_s, *shape) -> (n_s, n_v)."""
+        subs, ops = self._operands("k", "r" if self.core is None else _TUCKER_K)
+        g = grads.reshape(grads.shape[0], *self.work_shape)
+        return torch.einsum(f"s{_MODES[: self._m]}," + ",".join(subs) + "->sk", g, *ops)
+
+    def gram(self) -> Tensor:
+        """G_kl = <V_k, V_l> from factors, (n_v, n_v)."""
+        if self.core is None:
+            prod = None
+            for f in self.modes:
+                m = torch.einsum("kra,lqa->krlq", f, f)
+                prod = m if prod is None else prod * m
+            return prod.sum(dim=(1, 3))
+        k_r, l_r = _TUCKER_K[: self._m], _TUCKER_L[: self._m]
+        subs = [f"k{k_r}", f"l{l_r}"] + [f"k{k_r[j]}l{l_r[j]}" for j in range(self._m)]
+        mats = [torch.einsum("kpa,lqa->kplq", f, f) for f in self.modes]
+        return torch.einsum(",".join(subs) + "->kl", self.core, self.core, *mats)
+
+    def sq_norms(self) -> Tensor:
+        """||V_k||^2 per subnetwork, (n_v,), without the off-diagonal Gram work."""
+        if self.core is None:
+            prod = None
+            for f in self.modes:
+                m = torch.einsum("kra,kqa->krq", f, f)
+                prod = m if prod is None else prod * m
+            return prod.sum(dim=(1, 2))
+        k_r, l_r = _TUCKER_K[: self._m], _TUCKER_L[: self._m]
+        subs = [f"k{k_r}", f"k{l_r}"] + [f"k{k_r[j]}{l_r[j]}" for j in range(self._m)]
+        mats = [torch.einsum("kpa,kqa->kpq", f, f) for f in self.modes]
+        return torch.einsum(",".join(subs) + "->k", self.core, self.core, *mats)
+
+    @torch.no_grad()
+    def scale_(self, factor: Tensor) -> None:
+        """Multiply subnetwork k's direction in this tensor by factor[k] (V is linear in one factor)."""
+        target = self.modes[0] if self.core is None else self.core
+        target.mul_(factor.reshape(-1, *[1] * (target.dim() - 1)))
+
+    @torch.no_grad()
+    def copy_(self, other: _TensorFactors) -> None:
+        for mine, theirs in zip(self.parameters(), other.parameters()):
+            mine.copy_(theirs)
+
+
+class Subnetworks(nn.Module):
+    """n_v low-rank directions over a set of named parameter tensors (V_in or V_out of the paper)."""
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        n_subnetworks: int,
+        ranks: dict[str, int],
+        factorization: Factorization = "cp",
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        generator = generator or torch.Generator().manual_seed(0)
+        self.names = list(shapes)
+        self.n_subnetworks = n_subnetworks
+        self.factorization = factorization
+        self.tensors = nn.ModuleList(
+            _TensorFactors(shapes[n], n_subnetworks, ranks[n], factorization, generator, dtype)
+            for n in self.names
+        )
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: t.shape for n, t in zip(self.names, self.tensors)}
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Effective rank per tensor (the requested rank capped at the tensor's largest)."""
+        return {n: t.rank for n, t in zip(self.names, self.tensors)}
+
+    def materialize(self) -> dict[str, Tensor]:
+        """Dense directions {name: (n_v, *shape)}. Costs n_v x n_w memory: for inspection only."""
+        return {n: t.materialize() for n, t in zip(self.names, self.tensors)}
+
+    def direction(self, k: int) -> dict[str, Tensor]:
+        """Subnetwork k as {name: tensor shaped like the parameter}."""
+        if not 0 <= k < self.n_subnetworks:
+            raise IndexError(f"subnetwork {k} out of range: there are {self.n_subnetworks}")
+        return {n: d[k] for n, d in self.materialize().items()}
+
+    def inner(self, grads: dict[str, Tensor]) -> Tensor:
+        """sum_tensors <V_k, g_s> for dense per-sample gradients {name: (n_s, *shape)} -> (n_s, n_v)."""
+        return sum(t.inner(grads[n]) for n, t in zip(self.names, self.tensors))
+
+    def gram(self) -> Tensor:
+        """G = V V^T, (n_v, n_v), summed over tensors."""
+        return sum(t.gram() for t in self.tensors)
+
+    def sq_norms(self) -> Tensor:
+        """Global squared L2 norm of each subnetwork over all its tensors, (n_v,)."""
+        return sum(t.sq_norms() for t in self.tensors)
+
+    @torch.no_grad()
+    def normalize_(self, eps: float = 1e-12) -> None:
+        """Project each subnetwork onto the unit sphere in the global L2 norm (Section 2.4).
+
+        The authors' code instead rescales with sqrt of the sum of per-tensor norms, whose fixed point
+        is not L2 = 1 (reference/authors-code-vs-paper.md); we use the paper's unit vector.
+        """
+        factor = self.sq_norms().clamp_min(eps).rsqrt()
+        # Spread the scale over tensors equally so no tensor's factors shrink towards zero alone:
+        # scaling every tensor of subnetwork k by the same factor scales V_k by that factor.
+        for t in self.tensors:
+            t.scale_(factor)
+
+    @torch.no_grad()
+    def copy_(self, other: Subnetworks) -> None:
+        for mine, theirs in zip(self.tensors, other.tensors):
+            mine.copy_(theirs)

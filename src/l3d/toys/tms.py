@@ -1,0 +1,78 @@
+"""Toy model of superposition (Elhage et al. 2022; Section 3.1): relu(W^T W x + b).
+
+Decomposed, as in the paper, as untied tensors: the encoder W_in (hidden, features), the decoder
+W_out (features, hidden) and the bias b. Feature j's own parameters are column j of W_in, row j of
+W_out and b_j: a perfect subnetwork for feature j lies entirely on them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class TMS(nn.Module):
+    def __init__(self, n_features: int = 5, n_hidden: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.empty(n_hidden, n_features)
+        std = (2.0 / (n_hidden + n_features)) ** 0.5  # Xavier normal, as the authors' code
+        w.normal_(0.0, std, generator=g)
+        self.W_in = nn.Parameter(w.clone())
+        self.W_out = nn.Parameter(w.T.clone())
+        self.b = nn.Parameter(torch.zeros(n_features))
+
+    def forward(self, x: Tensor) -> Tensor:  # (batch, features) -> (batch, features)
+        return torch.relu(x @ self.W_in.T @ self.W_out.T + self.b)
+
+    @torch.no_grad()
+    def tie_(self) -> None:
+        """Training uses tied weights (W_out = W_in^T); decomposition treats them as separate."""
+        self.W_out.copy_(self.W_in.T)
+
+
+def feature_parameter_mask(model: TMS) -> dict[str, Tensor]:
+    """{param: (n_features, *param_shape) bool}: which entries are feature j's own parameters."""
+    n_hidden, n_features = model.W_in.shape
+    eye = torch.eye(n_features, dtype=torch.bool)
+    return {
+        "W_in": eye[:, None, :].expand(n_features, n_hidden, n_features),
+        "W_out": eye[:, :, None].expand(n_features, n_features, n_hidden),
+        "b": eye,
+    }
+
+
+def train_toy(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    steps: int = 5000,
+    batch_size: int = 1024,
+    lr: float = 5e-3,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    tied: bool = False,
+) -> list[float]:
+    """Train a toy model with AdamW on MSE; returns the loss every 100 steps."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    log = []
+    for step in range(steps):
+        idx = torch.randint(0, len(inputs), (batch_size,), generator=g)
+        if tied:
+            model.tie_()
+        loss = (model(inputs[idx]) - targets[idx]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if tied:  # tied weights: one shared update, the average of both views' gradients
+            with torch.no_grad():
+                shared = (model.W_in.grad + model.W_out.grad.T) / 2
+                model.W_in.grad.copy_(shared)
+                model.W_out.grad.copy_(shared.T)
+        opt.step()
+        if step % 100 == 0:
+            log.append(loss.item())
+    if tied:
+        model.tie_()
+    return log
