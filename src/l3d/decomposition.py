@@ -137,7 +137,7 @@ def run(
     was_training = model.training
     model.eval()  # batch statistics would make samples interact; BatchNorm uses running stats.
     try:
-        target, source, trainer = build(model, data, config, divergence, reference)
+        _target, source, trainer = build(model, data, config, divergence, reference)
         if trainer_state is not None:
             trainer.load_state_dict(trainer_state)
         with _progress(config.epochs, progress) as bar:

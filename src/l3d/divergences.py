@@ -46,10 +46,7 @@ def batch_mean(divergence: str) -> ReferenceFn:
     """The batch-mean output (mean probabilities for 'kl', returned as their log)."""
 
     def reference(outputs: Tensor, generator: torch.Generator) -> Tensor:
-        if divergence == "kl":
-            mean = F.softmax(outputs, dim=-1).mean(0).log()
-        else:
-            mean = outputs.mean(0)
+        mean = F.softmax(outputs, dim=-1).mean(0).log() if divergence == "kl" else outputs.mean(0)
         return mean.expand_as(outputs)
 
     return reference
