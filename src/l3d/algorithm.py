@@ -144,7 +144,7 @@ class Trainer:
         self.step += 1
         return StepResult(
             losses=Losses(result.paper.detach(), result.pooled_squared.detach()),
-            active=mask.sum(0),
+            active=mask.sum(0).cpu(),
             n_samples=batch.n_samples,
         )
 
@@ -219,7 +219,7 @@ def evaluate(pair: SubnetworkPair, source: GradientSource, top_k: float, seed: i
         c, d, g_sq = batch.project(pair.v_in), batch.project(pair.v_out), batch.sq_norms()
         mask = batch_top_k(c, top_k)
         e = reconstruction_sq_errors(c, d, g_sq, gram, mask)
-        counts += mask.sum(0)
+        counts += mask.sum(0).cpu()
         n += batch.n_samples
         sq_err += e.sum().item()
         g_sq_total += g_sq.sum().item()

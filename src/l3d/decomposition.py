@@ -20,7 +20,7 @@ from l3d.config import L3DConfig
 from l3d.divergences import Divergence, ReferenceFn, resolve_divergence, resolve_reference
 from l3d.errors import L3DError
 from l3d.gradients import GradientSource
-from l3d.model import Dataset, Inputs, Target, resolve_ranks, to_device
+from l3d.model import Dataset, Inputs, Target, resolve_device, resolve_ranks, to_device
 from l3d.subnetworks import Subnetworks
 
 FORMAT_VERSION = 1
@@ -41,13 +41,15 @@ def build(
     reference: ReferenceFn | None = None,
 ) -> tuple[Target, GradientSource, Trainer]:
     """Everything a run needs, validated, before any training: the pieces behind `decompose`."""
+    device = resolve_device(config.device)
+    model.to(device)
     target = Target.create(model, config.params)
     ranks = resolve_ranks(target.names, config.rank)
     _, divergence_fn = resolve_divergence(divergence or config.divergence)
     _, reference_fn = resolve_reference(reference or config.reference, config.divergence)
     source = GradientSource(
         target,
-        Dataset(data, config.batch_size),
+        Dataset(data, config.batch_size, device),
         divergence_fn,
         reference_fn,
         per_token=config.per_token,
@@ -55,9 +57,10 @@ def build(
         chunk_size=config.chunk_size,
     )
     generator = torch.Generator().manual_seed(config.seed)
+    # Factors are drawn on the CPU so a seed gives the same initialisation on every device.
     pair = SubnetworkPair.initialize(
         target.shapes, config.n_subnetworks, ranks, config.factorization, generator
-    )
+    ).to(device)
     return target, source, Trainer(config, source, pair)
 
 
@@ -188,6 +191,10 @@ class Decomposition:
 
     # What was learned --------------------------------------------------------------------
     @property
+    def device(self) -> torch.device:
+        return next(self.subnetworks.parameters()).device
+
+    @property
     def n_subnetworks(self) -> int:
         return self.config.n_subnetworks
 
@@ -228,7 +235,7 @@ class Decomposition:
         _, ref = resolve_reference(self._reference or self.config.reference, self.config.divergence)
         return GradientSource(
             self.target,
-            Dataset(inputs, self.config.batch_size),
+            Dataset(inputs, self.config.batch_size, self.device),
             div,
             ref,
             per_token=self.config.per_token,
@@ -249,7 +256,8 @@ class Decomposition:
         self.model.eval()
         source = self._source(inputs)
         generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
-        batch = source.batch(to_device(inputs, "cpu"), references, generator)
+        references = None if references is None else references.to(self.device)
+        batch = source.batch(to_device(inputs, self.device), references, generator)
         return batch.project(self.subnetworks.v_in)
 
     @torch.no_grad()
@@ -275,8 +283,10 @@ class Decomposition:
         atomically (written to a temporary file, then renamed)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in self.subnetworks.state_dict().items()}
-        tensors["p_active"] = self.p_active.contiguous()
+        tensors = {
+            k: v.detach().cpu().contiguous() for k, v in self.subnetworks.state_dict().items()
+        }
+        tensors["p_active"] = self.p_active.cpu().contiguous()
         _atomic(directory / "subnetworks.safetensors", lambda p: save_file(tensors, str(p)))
         meta = {
             "format_version": FORMAT_VERSION,
@@ -337,6 +347,7 @@ def load(
     tensors = load_file(str(files[2]))
     p_act = tensors.pop("p_active")
     pair.load_state_dict(tensors)
+    pair.to(next(model.parameters()).device)
     ev = meta["evaluation"]
     evaluation = Evaluation(p_act, ev["loss_paper"], ev["loss_pooled_squared"], ev["n_samples"])
     return Decomposition(config, pair, meta["history"], evaluation, model, divergence, reference)

@@ -24,7 +24,7 @@ from torch.func import grad, jacrev, vmap
 
 from l3d.divergences import Divergence, ReferenceFn, check_divergence
 from l3d.errors import L3DError
-from l3d.model import Dataset, Inputs, Target, take, token_mask
+from l3d.model import Dataset, Inputs, Target, take, to_device, token_mask
 from l3d.subnetworks import Subnetworks
 
 # Budget for the cached output Jacobians of the 'jacobian' method under gradient_method='auto'.
@@ -183,7 +183,7 @@ class GradientSource:
         return batch
 
     def _validate(self) -> None:
-        batch = take(self._first_batch(), slice(0, 2))
+        batch = to_device(take(self._first_batch(), slice(0, 2)), self.dataset.device)
         outputs = self.target.outputs(batch)
         if self.per_token and outputs.dim() != 3:
             raise L3DError(
@@ -206,7 +206,8 @@ class GradientSource:
         if not cacheable:
             return "vmap"
         n = self.dataset.n_samples
-        n_out = self.target.outputs(take(self.dataset.inputs, slice(0, 1)))[0].numel()
+        first = to_device(take(self.dataset.inputs, slice(0, 1)), self.dataset.device)
+        n_out = self.target.outputs(first)[0].numel()
         n_w = sum(w.numel() for w in self.target.w0.values())
         return "jacobian" if 4 * n * n_out * n_w <= JACOBIAN_CACHE_BYTES else "vmap"
 
@@ -217,6 +218,7 @@ class GradientSource:
             return self.target.forward(_unsqueeze(x), params)[0]
 
         jac = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=self.chunk_size or 256)
+        inputs = to_device(inputs, self.dataset.device)
         self._jacobians = jac(self.target.w0, inputs)
         self._outputs = self.target.outputs(inputs)
         for name, j in self._jacobians.items():
@@ -231,7 +233,7 @@ class GradientSource:
             order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
             bs = self.dataset.batch_size
             for start in range(0, n, bs):
-                index = order[start : start + bs]
+                index = order[start : start + bs].to(self.dataset.device)
                 if len(index) >= 2:
                     yield self._from_cache(index, generator)
             return

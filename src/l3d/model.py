@@ -40,6 +40,17 @@ def select_parameters(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     return [n for n in names if n in selected]
 
 
+def resolve_device(device: str) -> torch.device:
+    """The run's device, refusing one that this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise L3DError(f"unknown device '{device}': use 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise L3DError(f"device '{device}' requested, but CUDA is not available here: use 'cpu'")
+    return dev
+
+
 def resolve_ranks(names: list[str], rank: int | Mapping[str, int]) -> dict[str, int]:
     """Per-tensor rank from an int or a {name or glob: rank} mapping (first matching key wins)."""
     if isinstance(rank, int):
@@ -159,8 +170,9 @@ class Dataset:
     """The user's data as re-iterable batches: a tensor / dict of tensors (shuffled and batched
     here, seeded) or an iterable of batches (used as given, each epoch)."""
 
-    def __init__(self, data: object, batch_size: int) -> None:
+    def __init__(self, data: object, batch_size: int, device: str | torch.device = "cpu") -> None:
         self.batch_size = batch_size
+        self.device = torch.device(device)
         if isinstance(data, (Tensor, Mapping)):
             self.inputs: Inputs | None = _as_inputs(data)
             self.batches_given = None
@@ -195,14 +207,14 @@ class Dataset:
                 if batch_size_of(inputs) < 2:
                     continue  # a lone sample has no other sample to serve as its reference
                 check_finite(inputs, "a data batch")
-                yield inputs
+                yield to_device(inputs, self.device)
             return
         n = batch_size_of(self.inputs)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
             if len(index) >= 2:
-                yield take(self.inputs, index)
+                yield to_device(take(self.inputs, index), self.device)
 
     def n_batches(self) -> int | None:
         if self.inputs is None:
