@@ -139,8 +139,13 @@ class L3DConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> L3DConfig:
-        """Load from a YAML file path or a YAML string."""
-        text = Path(source).read_text() if Path(str(source)).is_file() else str(source)
+        """Load from a YAML file (a Path, or a one-line string) or from multi-line YAML text."""
+        if isinstance(source, str) and "\n" in source:
+            text = source
+        elif Path(source).is_file():
+            text = Path(source).read_text()
+        else:
+            raise L3DError(f"config file not found: {source}")
         data = yaml.safe_load(text)
         if not isinstance(data, dict):
             raise L3DError(

@@ -93,12 +93,16 @@ class Target:
     model: nn.Module
     names: list[str]
     w0: dict[str, Tensor]
+    frozen: dict[str, Tensor]
+    """The model's other parameters, detached: constants, so no gradient ever reaches the model."""
 
     @classmethod
     def create(cls, model: nn.Module, patterns: Iterable[str]) -> Target:
         names = select_parameters(model, patterns)
         params = dict(model.named_parameters())
-        return cls(model, names, {n: params[n].detach().clone() for n in names})
+        w0 = {n: params[n].detach().clone() for n in names}
+        frozen = {n: p.detach() for n, p in params.items() if n not in w0}
+        return cls(model, names, w0, frozen)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -109,7 +113,7 @@ class Target:
         params = self.w0 if params is None else params
         args = (inputs,) if isinstance(inputs, Tensor) else ()
         kwargs = {} if isinstance(inputs, Tensor) else dict(inputs)
-        return output_tensor(functional_call(self.model, params, args, kwargs))
+        return output_tensor(functional_call(self.model, {**self.frozen, **params}, args, kwargs))
 
     @torch.no_grad()
     def outputs(self, inputs: Inputs) -> Tensor:

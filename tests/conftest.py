@@ -1,0 +1,48 @@
+"""Small models shared by the tests: a nonlinear MLP with biases and a tiny causal token model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class SmallMLP(nn.Module):
+    def __init__(self, n_in: int = 4, n_hidden: int = 6, n_out: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(n_in, n_hidden)
+        self.fc2 = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class TinyTokenModel(nn.Module):
+    """(batch, seq) token ids -> (batch, seq, vocab) logits; positions mix causally (a running mean),
+    so each token's divergence reaches the parameters through every earlier position."""
+
+    def __init__(self, vocab: int = 7, dim: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        counts = torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        h = torch.tanh(self.mix(h.cumsum(1) / counts))
+        return self.head(h)
+
+
+@pytest.fixture
+def mlp() -> SmallMLP:
+    torch.manual_seed(0)
+    return SmallMLP()
+
+
+@pytest.fixture
+def token_model() -> TinyTokenModel:
+    torch.manual_seed(0)
+    return TinyTokenModel()

@@ -1,0 +1,140 @@
+"""Algorithm 1: batch top-k, the loss identity, unit-norm V_out, optimisation, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import l3d
+from l3d.algorithm import batch_top_k, losses, n_kept, reconstruction_sq_errors
+from l3d.subnetworks import Subnetworks
+
+
+@pytest.mark.parametrize("k", [0.01, 0.1, 0.25, 0.5, 1.0])
+def test_batch_top_k_keeps_round_k_n_largest(k):
+    c = torch.randn(32, 7)
+    mask = batch_top_k(c, k)
+    assert mask.sum() == max(1, round(k * c.numel())) == n_kept(k, c.numel())
+    kept, dropped = c.abs()[mask], c.abs()[~mask]
+    if dropped.numel():
+        assert kept.min() >= dropped.max()
+
+
+def test_batch_top_k_is_over_the_whole_batch_not_per_sample():
+    c = torch.zeros(4, 5)
+    c[0] = torch.tensor([5.0, 4, 3, 2, 1])  # one sample holds all the big coefficients
+    mask = batch_top_k(c, 0.25)  # 5 of 20
+    assert mask[0].all() and not mask[1:].any()
+
+
+def test_batch_top_k_with_ties_keeps_exactly_the_count():
+    mask = batch_top_k(torch.ones(10, 10), 0.1)
+    assert mask.sum() == 10
+
+
+def test_loss_identity_equals_dense_reconstruction():
+    shapes = {"w": (3, 4), "b": (3,)}
+    v_out = Subnetworks(shapes, 6, {"w": 2, "b": 1}, "cp", torch.Generator().manual_seed(1))
+    v_in = Subnetworks(shapes, 6, {"w": 2, "b": 1}, "cp", torch.Generator().manual_seed(2))
+    g = {n: torch.randn(9, *s) for n, s in shapes.items()}
+    c, d = v_in.inner(g), v_out.inner(g)
+    g_sq = sum(t.flatten(1).pow(2).sum(1) for t in g.values())
+    mask = batch_top_k(c, 0.3)
+    errors = reconstruction_sq_errors(c, d, g_sq, v_out.gram(), mask)
+    dense = v_out.materialize()
+    g_hat = {n: torch.einsum("sk,k...->s...", c * mask, dense[n]) for n in shapes}
+    explicit = sum((g[n] - g_hat[n]).flatten(1).pow(2).sum(1) for n in shapes)
+    torch.testing.assert_close(errors, explicit, rtol=1e-4, atol=1e-5)
+    result = losses(errors, g_sq)
+    torch.testing.assert_close(result.pooled_squared, explicit.sum() / g_sq.sum())
+    torch.testing.assert_close(result.paper, (explicit / g_sq).sqrt().mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_v_out_has_unit_norm_after_training_steps(mlp):
+    d = l3d.decompose(
+        mlp,
+        torch.randn(64, 4),
+        params=["fc1.*", "fc2.weight"],
+        n_subnetworks=5,
+        rank=2,
+        epochs=2,
+        progress=False,
+    )
+    norms = torch.stack(
+        [torch.cat([t.flatten() for t in d.v_out(k).values()]).norm() for k in range(5)]
+    )
+    torch.testing.assert_close(norms, torch.ones(5))
+
+
+class Linear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x):
+        return x @ self.w.T
+
+
+def test_loss_goes_to_zero_when_subnetworks_span_the_gradients():
+    """top_k = 1 with 6 full-rank subnetworks spans the 6-dim parameter space of a linear model:
+    the reconstruction must become (almost) exact, so the optimisation works at all."""
+    torch.manual_seed(0)
+    d = l3d.decompose(
+        Linear(),
+        torch.randn(256, 3),
+        params=["w"],
+        n_subnetworks=6,
+        rank=2,
+        top_k=1.0,
+        epochs=60,
+        lr=0.02,
+        lr_decay=1.0,
+        loss="pooled_squared",
+        progress=False,
+    )
+    assert d.history[0]["loss_pooled_squared"] > 0.05
+    assert d.evaluation.loss_pooled_squared < 1e-3
+
+
+def test_same_seed_same_result_different_seed_different(mlp):
+    x = torch.randn(64, 4)
+    kw = dict(params=["fc1.weight"], n_subnetworks=4, rank=1, epochs=3, progress=False)
+    a = l3d.decompose(mlp, x, seed=5, **kw)
+    b = l3d.decompose(mlp, x, seed=5, **kw)
+    c = l3d.decompose(mlp, x, seed=6, **kw)
+    for k in range(4):
+        assert torch.equal(a.v_out(k)["fc1.weight"], b.v_out(k)["fc1.weight"])
+    assert a.history == [{**r, "seconds": a.history[i]["seconds"]} for i, r in enumerate(b.history)]
+    assert not torch.equal(a.v_out(0)["fc1.weight"], c.v_out(0)["fc1.weight"])
+
+
+def test_lr_schedule_and_warm_start(mlp):
+    x = torch.randn(64, 4)
+    d = l3d.decompose(
+        mlp,
+        x,
+        params=["fc1.weight"],
+        n_subnetworks=3,
+        epochs=4,
+        batch_size=16,
+        lr_decay=0.5,
+        lr_decay_every=1,
+        lr_decay_unit="epoch",
+        warm_start_epochs=2,
+        progress=False,
+    )
+    assert [r["lr"] for r in d.history] == pytest.approx([0.01, 0.005, 0.0025, 0.00125])
+    assert [r["top_k"] for r in d.history] == [0.999, 0.999, 0.1, 0.1]
+    d = l3d.decompose(
+        mlp,
+        x,
+        params=["fc1.weight"],
+        n_subnetworks=3,
+        epochs=2,
+        batch_size=16,
+        lr_decay=0.5,
+        lr_decay_every=4,
+        progress=False,
+    )  # 4 steps per epoch
+    assert [r["lr"] for r in d.history] == pytest.approx([0.01, 0.005])

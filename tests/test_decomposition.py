@@ -1,0 +1,119 @@
+"""The Decomposition object: coefficients, interventions, P_act, save/load, config round trip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import l3d
+from l3d.divergences import kl
+
+
+@pytest.fixture
+def decomposition(mlp):
+    return l3d.decompose(
+        mlp,
+        torch.randn(96, 4),
+        params=["fc1.weight", "fc1.bias", "fc2.weight"],
+        n_subnetworks=5,
+        rank=2,
+        divergence="kl",
+        epochs=3,
+        progress=False,
+    )
+
+
+def test_coefficients_equal_explicit_contraction(decomposition, mlp):
+    x = torch.randn(6, 4)
+    refs = mlp(x).detach().roll(1, 0)
+    c = decomposition.coefficients(x, references=refs)
+    assert c.shape == (6, 5)
+    for i in range(6):
+        m = copy.deepcopy(mlp)
+        kl(m(x[i : i + 1])[0], refs[i]).backward()
+        grads = {n: p.grad for n, p in m.named_parameters()}
+        for k in range(5):
+            v = decomposition.v_in(k)
+            expected = sum((v[n] * grads[n]).sum() for n in v)
+            torch.testing.assert_close(c[i, k], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_default_references_are_seeded(decomposition):
+    x = torch.randn(10, 4)
+    torch.testing.assert_close(decomposition.coefficients(x), decomposition.coefficients(x))
+    impact = decomposition.impact(x, n_references=3)
+    assert impact.shape == (10, 5) and (impact >= 0).all()
+
+
+def test_intervene_moves_weights_along_the_subnetwork(decomposition, mlp):
+    x = torch.randn(4, 4)
+    out = decomposition.intervene(x, 2, 0.5)
+    moved = copy.deepcopy(mlp)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            if n in decomposition.names:
+                p += 0.5 * decomposition.v_out(2)[n]
+    torch.testing.assert_close(out, moved(x))
+    torch.testing.assert_close(decomposition.intervene(x, 2, 0.0), mlp(x).detach())
+
+
+def test_p_active_and_history(decomposition):
+    p = decomposition.p_active
+    assert p.shape == (5,) and ((p >= 0) & (p <= 1)).all()
+    # on average each sample keeps k * n_v subnetworks (batch top-k)
+    assert p.sum().item() == pytest.approx(0.1 * 5, rel=0.05)
+    assert len(decomposition.history) == 3
+    assert {"loss_paper", "loss_pooled_squared", "lr", "live_subnetworks"} <= set(
+        decomposition.history[0]
+    )
+
+
+def test_save_load_round_trip(decomposition, mlp, tmp_path):
+    decomposition.save(tmp_path / "run")
+    loaded = l3d.load(tmp_path / "run", mlp)
+    assert loaded.config == decomposition.config
+    assert loaded.history == decomposition.history
+    assert torch.equal(loaded.p_active, decomposition.p_active)
+    for k in range(5):
+        for n, t in decomposition.v_out(k).items():
+            assert torch.equal(loaded.v_out(k)[n], t)
+            assert torch.equal(loaded.v_in(k)[n], decomposition.v_in(k)[n])
+    x = torch.randn(5, 4)
+    assert torch.equal(loaded.coefficients(x), decomposition.coefficients(x))
+    assert not list((tmp_path / "run").glob("*.tmp")), "atomic writes leave no temporaries"
+
+
+def test_load_refuses_a_different_model(decomposition, tmp_path):
+    from conftest import SmallMLP
+
+    decomposition.save(tmp_path / "run")
+    with pytest.raises(l3d.L3DError, match=r"fc1.weight' has shape \(8, 4\), saved \(6, 4\)"):
+        l3d.load(tmp_path / "run", SmallMLP(n_hidden=8))
+    with pytest.raises(l3d.L3DError, match="not a parameter of this model"):
+        l3d.load(tmp_path / "run", torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    with pytest.raises(l3d.L3DError, match="missing"):
+        l3d.load(tmp_path, SmallMLP())
+
+
+def test_config_round_trips_through_yaml(decomposition, tmp_path):
+    path = tmp_path / "c.yaml"
+    decomposition.config.to_yaml(path)
+    assert l3d.L3DConfig.from_yaml(path) == decomposition.config
+    assert l3d.L3DConfig.from_yaml(path.read_text()) == decomposition.config
+
+
+def test_tucker_factorization_runs_and_reports_ranks(mlp):
+    d = l3d.decompose(
+        mlp,
+        torch.randn(32, 4),
+        params=["fc1.weight", "fc2.bias"],
+        n_subnetworks=3,
+        rank={"fc1.*": 2, "*": 1},
+        factorization="tucker",
+        epochs=1,
+        progress=False,
+    )
+    assert d.ranks == {"fc1.weight": 2, "fc2.bias": 1}
+    assert d.v_out(0)["fc1.weight"].shape == (6, 4)

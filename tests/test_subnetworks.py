@@ -1,0 +1,88 @@
+"""CP / Tucker materialisation, contractions, Gram matrix and unit-norm projection against formulas."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from l3d.subnetworks import Subnetworks, max_rank
+
+SHAPES = {"w": (3, 4), "conv": (2, 3, 2, 2), "b": (5,)}
+
+
+def make(factorization, rank=2, n_v=4):
+    return Subnetworks(
+        SHAPES, n_v, {n: rank for n in SHAPES}, factorization, torch.Generator().manual_seed(0)
+    )
+
+
+def cp_formula(t, k):
+    """sum_r a_r (x) b_r (x) c_r ... by explicit outer products (eq. 14)."""
+    out = 0
+    for r in range(t.rank):
+        term = t.modes[0][k, r]
+        for f in t.modes[1:]:
+            term = torch.tensordot(term, f[k, r], dims=0)
+        out = out + term
+    return out
+
+
+def tucker_formula(t, k):
+    out = 0
+    ranks = t.core.shape[1:]
+    for idx in itertools.product(*[range(r) for r in ranks]):
+        term = t.core[(k, *idx)]
+        vec = t.modes[0][k, idx[0]]
+        for j, f in enumerate(t.modes[1:], start=1):
+            vec = torch.tensordot(vec, f[k, idx[j]], dims=0)
+        out = out + term * vec
+    return out
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker"])
+def test_materialize_equals_formula(factorization):
+    s = make(factorization)
+    dense = s.materialize()
+    formula = cp_formula if factorization == "cp" else tucker_formula
+    for name, t in zip(s.names, s.tensors):
+        for k in range(s.n_subnetworks):
+            torch.testing.assert_close(dense[name][k], formula(t, k).reshape(SHAPES[name]))
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker"])
+def test_contractions_equal_dense(factorization):
+    s = make(factorization, rank=3)
+    dense = s.materialize()
+    grads = {n: torch.randn(7, *shape) for n, shape in SHAPES.items()}
+    flat_v = torch.cat([dense[n].flatten(1) for n in s.names], 1)  # (n_v, n_w)
+    flat_g = torch.cat([grads[n].flatten(1) for n in s.names], 1)  # (n_s, n_w)
+    torch.testing.assert_close(s.inner(grads), flat_g @ flat_v.T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s.gram(), flat_v @ flat_v.T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s.sq_norms(), flat_v.pow(2).sum(1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker"])
+def test_normalize_gives_unit_global_norm(factorization):
+    s = make(factorization)
+    s.normalize_()
+    dense = s.materialize()
+    norms = torch.cat([dense[n].flatten(1) for n in s.names], 1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(s.n_subnetworks))
+
+
+def test_rank_is_capped_at_the_largest_useful_rank():
+    s = Subnetworks({"w": (3, 4), "b": (5,)}, 2, {"w": 10, "b": 10}, "cp")
+    assert s.ranks == {"w": 3, "b": 1}
+    assert max_rank((2, 3, 4), "cp") == 6
+    t = Subnetworks({"w": (3, 4)}, 2, {"w": 10}, "tucker")
+    assert t.tensors[0].core.shape == (2, 3, 4)
+
+
+def test_direction_is_shaped_like_the_parameter_and_checks_range():
+    s = make("cp")
+    v = s.direction(1)
+    assert {n: tuple(t.shape) for n, t in v.items()} == SHAPES
+    with pytest.raises(IndexError, match="out of range"):
+        s.direction(4)
