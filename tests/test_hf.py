@@ -1,0 +1,186 @@
+"""Causal LMs from HuggingFace: per-token gradients, padding, loading by path, presets, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from l3d import L3DError, hf, run  # noqa: E402
+from l3d.divergences import kl  # noqa: E402
+from l3d.gradients import per_sample_gradients  # noqa: E402
+from l3d.model import Target, select_parameters  # noqa: E402
+
+WORDS = ["<pad>", "<eos>", *"once upon a time there was a cat dog big small ran sat the".split()]
+BLOCK = [
+    "transformer.h.1.attn.attention.*_proj.weight",
+    "transformer.h.1.attn.attention.out_proj.bias",
+]
+
+
+def tiny_config(vocab: int = len(WORDS)):
+    return hf.tinystories_8m_config(
+        vocab_size=vocab,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["global", "local"], 1]],
+        window_size=4,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+
+
+def save_tokenizer(path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>"
+    ).save_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def saved_lm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gpt-neo")
+    model = hf.random_causal_lm(tiny_config(), path, seed=0)
+    save_tokenizer(path)
+    return path, model
+
+
+def test_load_by_path_round_trip(saved_lm):
+    path, model = saved_lm
+    loaded = hf.load_causal_lm(path)
+    assert not loaded.training
+    assert loaded.config._attn_implementation == "eager"
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([[2, 3, 4, 5]])
+    assert torch.allclose(model(ids).logits, loaded(ids).logits)
+
+
+def test_token_dataset_pads_right_and_masks(saved_lm):
+    path, _ = saved_lm
+    tok = hf.load_tokenizer(path)
+    data = hf.token_dataset(["once upon a time there", "the cat sat", "dog"], tok, seq_len=4)
+    # 'dog' has one token (< min_tokens) and is skipped; the first is truncated to seq_len.
+    assert data["input_ids"].tolist() == [[2, 3, 4, 5], [14, 8, 13, tok.pad_token_id]]
+    assert data["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    chunked = hf.token_dataset([[1, 2, 3, 4, 5, 6, 7]], seq_len=3, chunk=True)
+    assert chunked["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]  # the lone '7' is too short
+
+
+def test_token_dataset_from_file(tmp_path, saved_lm):
+    path, _ = saved_lm
+    text = tmp_path / "stories.txt"
+    text.write_text("once upon a time<|endoftext|>the big dog ran<|endoftext|>\n")
+    data = hf.token_dataset(text, hf.load_tokenizer(path), seq_len=8, separator="<|endoftext|>")
+    assert data["attention_mask"].sum(1).tolist() == [4, 4]
+
+
+def test_per_token_gradients_equal_a_loop_of_backward_calls(saved_lm):
+    _, model = saved_lm
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(WORDS), (3, 5), generator=g)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    target = Target.create(model, BLOCK)
+    refs = torch.randn(3, 5, len(WORDS), generator=g)
+    grads = per_sample_gradients(target, inputs, refs, kl, per_token=True)
+    params = dict(model.named_parameters())
+    row = 0
+    for b in range(3):
+        for t in range(5):
+            if not mask[b, t]:
+                continue
+            model.zero_grad()
+            logits = model(input_ids=ids[b : b + 1], attention_mask=mask[b : b + 1]).logits
+            kl(logits[0, t], refs[b, t]).backward()
+            for name in target.names:
+                assert torch.allclose(grads[name][row], params[name].grad, atol=1e-6), (name, b, t)
+            row += 1
+    assert row == int(mask.sum()) == next(iter(grads.values())).shape[0]
+
+
+def test_padding_is_never_a_sample(saved_lm):
+    _, model = saved_lm
+    preset = hf.get_preset("tinystories-8m")
+    config = preset.config(
+        params=BLOCK, n_subnetworks=3, rank=2, epochs=1, batch_size=4, warm_start_epochs=0
+    )
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, len(WORDS), (6, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::2, 4:] = 0
+    data = {"input_ids": ids, "attention_mask": mask}
+    decomposition = run(model, data, config, progress=False)
+    assert decomposition.evaluation.n_samples == int(mask.sum())
+    coeffs = decomposition.coefficients(data, seed=3)
+    assert coeffs.shape == (int(mask.sum()), 3)
+    # Whatever sits in padded positions cannot change any coefficient: it is neither a sample nor a
+    # reference, and (right padding, causal attention) never feeds a valid position.
+    other = {"input_ids": ids.masked_fill(mask == 0, 7), "attention_mask": mask}
+    assert torch.allclose(decomposition.coefficients(other, seed=3), coeffs, atol=1e-6)
+
+
+def test_prepare_builds_model_data_and_config(saved_lm, tmp_path):
+    path, _ = saved_lm
+    text = tmp_path / "t.txt"
+    text.write_text("once upon a time there was\nthe cat sat\nthe big dog ran\n")
+    setup = hf.prepare(path, text, params=BLOCK, n_subnetworks=2, rank=1)
+    assert setup.config.per_token and setup.config.divergence == "kl"
+    assert setup.data["input_ids"].shape == (3, 16)
+    assert setup.config.n_subnetworks == 2
+
+
+def test_paper_preset_matches_the_authors_run():
+    preset = hf.get_preset("tinystories-8m")
+    config = preset.config()
+    assert (config.n_subnetworks, config.rank, config.top_k, config.batch_size) == (
+        100,
+        25,
+        0.1,
+        16,
+    )
+    assert preset.seq_len == 16 and config.per_token
+
+
+def test_paper_preset_selects_262400_parameters_of_block_h4():
+    from transformers import GPTNeoForCausalLM
+
+    with torch.device("meta"):
+        model = GPTNeoForCausalLM(hf.tinystories_8m_config())
+    target_names = [
+        n for n, _ in model.named_parameters() if n.startswith("transformer.h.4.attn.attention.")
+    ]
+    names = select_parameters(model, hf.get_preset("tinystories-8m").config().params)
+    assert names == target_names
+    params = dict(model.named_parameters())
+    assert sum(params[n].numel() for n in names) == 262_400
+
+
+def test_clear_errors(saved_lm, tmp_path):
+    path, model = saved_lm
+    with pytest.raises(
+        L3DError, match=r"matches no parameter.*Close matches: transformer\.h\.1\.attn"
+    ):
+        Target.create(model, ["transformer.h.1.attn.atention.q_proj.weight"])
+    small = hf.random_causal_lm(tiny_config(vocab=5))
+    with pytest.raises(L3DError, match="tokenizer has 15 tokens but the model only 5"):
+        hf.check_vocabulary(hf.load_tokenizer(path), small)
+    with pytest.raises(L3DError, match="outside the model's vocabulary of 5"):
+        hf.token_dataset([[1, 2, 9], [3, 4]], vocab_size=5)
+    with pytest.raises(L3DError, match="cannot load a causal LM"):
+        hf.load_causal_lm(tmp_path / "missing")
+    with pytest.raises(L3DError, match="Did you mean tinystories-8m"):
+        hf.get_preset("tinystories8m")
+    with pytest.raises(L3DError, match="pass a tokenizer"):
+        hf.token_dataset(["once upon a time"])
+    with pytest.raises(L3DError, match="at least 2"):
+        hf.token_dataset([[1, 2, 3]])
