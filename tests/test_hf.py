@@ -7,12 +7,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-from l3d import L3DError, hf, run  # noqa: E402
-from l3d.divergences import kl  # noqa: E402
-from l3d.gradients import per_sample_gradients  # noqa: E402
-from l3d.model import Target, select_parameters  # noqa: E402
+from l3d import L3DError, hf, run
+from l3d.divergences import kl
+from l3d.gradients import per_sample_gradients
+from l3d.model import Target, select_parameters
 
-WORDS = ["<pad>", "<eos>", *"once upon a time there was a cat dog big small ran sat the".split()]
+WORDS = [
+    "<pad>", "<eos>", "once", "upon", "a", "time", "there", "was", "cat", "dog", "big", "small",
+    "ran", "sat", "the",
+]  # fmt: skip
 BLOCK = [
     "transformer.h.1.attn.attention.*_proj.weight",
     "transformer.h.1.attn.attention.out_proj.bias",
@@ -37,7 +40,7 @@ def save_tokenizer(path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(WORDS))}
+    vocab = {w: i for i, w in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(
