@@ -1,0 +1,743 @@
+"""Runs driven by config files: the run spec (model source, data source, `l3d:` hyperparameters),
+the run folder, its metrics log and atomic safetensors checkpoints, and resuming after a stop.
+
+A run folder holds:
+  config.yaml        the resolved run spec (overrides applied, paths absolute)
+  model.safetensors  the trained weights of a built-in toy model (other models are rebuilt)
+  metrics.jsonl      one JSON line per epoch: step, both losses, lr, live subnetworks, time
+  checkpoint/        state.json + state-EPOCH.safetensors: the trainer after a whole epoch
+  decomposition/     the final Decomposition.save
+  analysis/, interventions/, report/   written by `l3d analyze`, `l3d intervene`, `l3d report`
+
+Checkpoints hold the trainer at an epoch boundary (factors, AdamW state, RNG state, history), so a
+resumed run with the same seed ends with the same factors as an uninterrupted one. Nothing is
+pickled: tensors go to safetensors, everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import importlib.util
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from l3d.algorithm import Trainer
+from l3d.config import L3DConfig
+from l3d.decomposition import Decomposition, load, run
+from l3d.divergences import DIVERGENCES, Divergence, ReferenceFn
+from l3d.errors import L3DError
+
+CHECKPOINT_VERSION = 1
+
+
+# Run spec ------------------------------------------------------------------------------------
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSource(_Frozen):
+    """Where the model comes from: exactly one of `toy`, `hf`, `python`."""
+
+    toy: str | None = Field(default=None, description="A built-in toy model by name, e.g. 'tms'.")
+    hf: str | None = Field(
+        default=None, description="A HuggingFace causal LM name or local path (via l3d.hf)."
+    )
+    python: str | None = Field(
+        default=None,
+        description="'package.module:function' or 'path/to/file.py:function' returning the model.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the toy, loader or function."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelSource:
+        _exactly_one(self, ("toy", "hf", "python"), "model")
+        return self
+
+
+class DataSource(_Frozen):
+    """Where the inputs come from: exactly one of `toy`, `file`, `text`, `python`."""
+
+    toy: str | None = Field(default=None, description="Built-in data, e.g. 'sparse_features'.")
+    file: str | None = Field(
+        default=None,
+        description="A .safetensors file: its tensor `key` (options), or all tensors as a dict.",
+    )
+    text: str | None = Field(
+        default=None, description="A text file, one sample per line, tokenized by the hf model."
+    )
+    python: str | None = Field(
+        default=None, description="'module:function' returning a tensor, dict or batches."
+    )
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one(self) -> DataSource:
+        _exactly_one(self, ("toy", "file", "text", "python"), "data")
+        return self
+
+
+class RunOptions(_Frozen):
+    checkpoint_every: int = Field(default=1, ge=1, description="Epochs between checkpoints.")
+    progress: bool = Field(default=True, description="Show a progress bar (--quiet turns it off).")
+    tracking: Literal["none", "wandb", "tensorboard"] = Field(
+        default="none", description="Also log metrics to Weights & Biases or TensorBoard."
+    )
+    project: str = Field(default="l3d", description="wandb project name.")
+
+
+class RunSpec(_Frozen):
+    """A whole run: what to decompose, on which data, with which hyperparameters."""
+
+    model: ModelSource
+    data: DataSource
+    l3d: L3DConfig
+    run: RunOptions = Field(default_factory=RunOptions)
+
+    @classmethod
+    def create(cls, data: object) -> RunSpec:
+        if not isinstance(data, dict):
+            raise L3DError(
+                f"a run config is a YAML mapping with sections model, data, l3d (and run); "
+                f"got {type(data).__name__}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise L3DError(_describe(err)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelSource,
+    "data": DataSource,
+    "l3d": L3DConfig,
+    "run": RunOptions,
+}
+
+
+def _exactly_one(source: BaseModel, keys: tuple[str, ...], section: str) -> None:
+    given = [k for k in keys if getattr(source, k) is not None]
+    if len(given) != 1:
+        found = f"got {', '.join(given)}" if given else "got none"
+        raise ValueError(f"'{section}' needs exactly one of {', '.join(keys)} ({found})")
+
+
+def _describe(err: ValidationError) -> str:
+    """Pydantic's report as one line, with close matches for misspelt keys."""
+    parts = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        where = ".".join(loc) or "config"
+        if e["type"] == "extra_forbidden":
+            parent = _SECTIONS.get(loc[0], RunSpec) if len(loc) > 1 else RunSpec
+            options = list(parent.model_fields)
+            close = difflib.get_close_matches(loc[-1], options, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(options)}"
+            parts.append(f"unknown config key '{where}' ({hint})")
+        elif e["type"] == "missing":
+            parts.append(f"missing required config key '{where}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = f" (got {e['input']!r})" if e["type"] != "value_error" else ""
+            parts.append(f"config key '{where}': {msg}{got}")
+    return "; ".join(parts)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set key=value` overrides (values parsed as YAML). A bare L3DConfig field name such
+    as `epochs=5` means `l3d.epochs`."""
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise L3DError(f"--set takes key=value, e.g. --set l3d.epochs=5; got '{item}'")
+        path = key.split(".")
+        if path[0] not in _SECTIONS and path[0] in L3DConfig.model_fields:
+            path = ["l3d", *path]
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise L3DError(f"--set {key}: '{part}' is not a section in the config")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise L3DError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise L3DError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise L3DError(f"{path} must be a YAML mapping with sections model, data, l3d")
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
+    """Read a run config, apply overrides, and make its relative paths absolute (relative to the
+    config file), so the resolved spec in the run folder works from anywhere."""
+    path = Path(path)
+    spec = RunSpec.create(apply_overrides(read_yaml(path), list(overrides)))
+    base = path.resolve().parent
+    model = spec.model.model_copy(update={"python": _absolute(spec.model.python, base)})
+    data = spec.data.model_copy(
+        update={
+            "python": _absolute(spec.data.python, base),
+            "file": _absolute_file(spec.data.file, base),
+            "text": _absolute_file(spec.data.text, base),
+        }
+    )
+    return spec.model_copy(update={"model": model, "data": data})
+
+
+def _absolute_file(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise L3DError(f"data file '{value}' does not exist (looked for {path})")
+    return str(path)
+
+
+def _absolute(target: str | None, base: Path) -> str | None:
+    """'file.py:fn' relative to the config's folder becomes absolute; module paths stay."""
+    if target is None or ":" not in target:
+        return target
+    module, _, fn = target.rpartition(":")
+    if module.endswith(".py") and not Path(module).is_absolute():
+        return f"{base / module}:{fn}"
+    return target
+
+
+# Sources -------------------------------------------------------------------------------------
+
+
+def import_object(target: str, what: str) -> Callable:
+    """The function named by 'package.module:name' or 'path/to/file.py:name'."""
+    module_name, sep, name = target.rpartition(":")
+    if not sep or not module_name or not name:
+        raise L3DError(
+            f"{what} '{target}' must look like 'package.module:function' or 'file.py:function'"
+        )
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise L3DError(f"{what} '{target}': file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise L3DError(f"{what} '{target}': cannot import {module_name} ({err})") from None
+    if not hasattr(module, name):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise L3DError(f"{what} '{target}': {module_name} has no '{name}'{hint}")
+    return getattr(module, name)
+
+
+def _call(fn: Callable, options: dict, what: str) -> Any:
+    try:
+        return fn(**options)
+    except TypeError as err:
+        if "argument" in str(err):
+            raise L3DError(f"{what}: bad options {options}: {err}") from None
+        raise
+
+
+def _toy_tms(
+    n_features: int = 5,
+    n_hidden: int = 2,
+    train_steps: int = 2000,
+    train_samples: int = 10_000,
+    p_active: float = 0.05,
+    seed: int = 0,
+) -> nn.Module:
+    """The toy model of superposition (Section 3.1), trained as an autoencoder on sparse features."""
+    from l3d.toys import TMS, sparse_features, train_toy
+
+    model = TMS(n_features, n_hidden, seed=seed)
+    if train_steps:
+        generator = torch.Generator().manual_seed(seed)
+        x = sparse_features(train_samples, n_features, p_active, generator=generator)
+        train_toy(model, x, x, steps=train_steps, seed=seed, tied=True)
+    return model
+
+
+def _data_sparse_features(
+    n_samples: int = 1000, n_features: int = 5, p_active: float = 0.05, seed: int = 1
+) -> Tensor:
+    from l3d.toys import sparse_features
+
+    return sparse_features(
+        n_samples, n_features, p_active, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+TOY_MODELS: dict[str, Callable[..., nn.Module]] = {"tms": _toy_tms}
+TOY_DATA: dict[str, Callable[..., Any]] = {"sparse_features": _data_sparse_features}
+
+
+def _registry_get(registry: dict, name: str, what: str) -> Callable:
+    if name not in registry:
+        close = difflib.get_close_matches(name, list(registry), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(registry)}"
+        raise L3DError(f"unknown {what} '{name}' ({hint}); any other: use python: 'module:fn'")
+    return registry[name]
+
+
+def _hf():
+    try:
+        return importlib.import_module("l3d.hf")
+    except ImportError as err:
+        raise L3DError(
+            f"hf sources need l3d.hf and transformers ({err}): pip install 'l3d[hf]'"
+        ) from None
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    return _hf().load_tokenizer(name_or_path)
+
+
+def build_model(source: ModelSource, weights: Path | None = None) -> nn.Module:
+    """The model of a run. A toy with saved `weights` is rebuilt untrained and loaded, so resuming
+    or analysing a run never retrains it."""
+    if source.toy is not None:
+        make = _registry_get(TOY_MODELS, source.toy, "toy model")
+        if weights is not None and weights.is_file():
+            model = _call(make, {**source.options, "train_steps": 0}, f"toy '{source.toy}'")
+            model.load_state_dict(load_file(str(weights)))
+            return model
+        return _call(make, source.options, f"toy '{source.toy}'")
+    if source.hf is not None:
+        return _hf().load_model(source.hf, **source.options)
+    model = _call(import_object(source.python, "model"), source.options, source.python)
+    if not isinstance(model, nn.Module):
+        raise L3DError(
+            f"model '{source.python}' returned {type(model).__name__}, not a torch module"
+        )
+    return model
+
+
+def build_data(source: DataSource, model_source: ModelSource) -> Any:
+    """The inputs of a run: a tensor, a dict of tensors, or a re-iterable of batches."""
+    if source.toy is not None:
+        make = _registry_get(TOY_DATA, source.toy, "toy data")
+        return _call(make, source.options, f"toy data '{source.toy}'")
+    if source.file is not None:
+        tensors = load_file(source.file)
+        key = source.options.get("key")
+        if key is None:
+            return tensors if len(tensors) > 1 else next(iter(tensors.values()))
+        if key not in tensors:
+            raise L3DError(f"{source.file} has no tensor '{key}'; it has {', '.join(tensors)}")
+        return tensors[key]
+    if source.text is not None:
+        if model_source.hf is None:
+            raise L3DError("data 'text' is tokenized by the model's tokenizer: use an hf model")
+        return _hf().text_dataset(source.text, model_source.hf, **source.options)
+    return _call(import_object(source.python, "data"), source.options, source.python)
+
+
+def resolve_custom(config: L3DConfig) -> tuple[Divergence | None, ReferenceFn | None]:
+    """'custom:module:function' divergences and references, imported from the config."""
+    out = []
+    for name in (config.divergence, config.reference):
+        if name.startswith("custom:"):
+            out.append(import_object(name.removeprefix("custom:"), "custom function"))
+        else:
+            out.append(None)
+    return out[0], out[1]
+
+
+def as_inputs(data: Any) -> Any:
+    """The run's data as one tensor or dict of tensors (batches concatenated), for analysis."""
+    if isinstance(data, (Tensor, dict)):
+        return data
+    from l3d.model import _as_inputs
+
+    batches = [_as_inputs(b) for b in data]
+    if isinstance(batches[0], Tensor):
+        return torch.cat(batches)
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+# Run folder ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def decomposition(self) -> Path:
+        return self.path / "decomposition"
+
+    @property
+    def model_weights(self) -> Path:
+        return self.path / "model.safetensors"
+
+    @property
+    def analysis(self) -> Path:
+        return self.path / "analysis"
+
+    @property
+    def interventions(self) -> Path:
+        return self.path / "interventions"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report"
+
+    @property
+    def finished(self) -> bool:
+        return (self.decomposition / "decomposition.json").is_file()
+
+    def spec(self) -> RunSpec:
+        if not self.config.is_file():
+            raise L3DError(f"'{self.path}' is not a run folder: it has no config.yaml")
+        return RunSpec.create(read_yaml(self.config))
+
+    def metrics_records(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename over `path`: a
+    reader (or a resumed run after a kill) sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; run folders are meant to be shared
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# Checkpoints: Trainer.state_dict() flattened into tensors + JSON ------------------------------
+
+
+def flatten_state(state: dict) -> tuple[dict[str, Tensor], dict]:
+    """Split a Trainer.state_dict() into CPU tensor copies and a JSON-able remainder."""
+    tensors = {f"pair/{k}": v.detach().cpu().clone() for k, v in state["pair"].items()}
+    optimizer_state = {}
+    for index, slots in state["optimizer"]["state"].items():
+        optimizer_state[str(index)] = {}
+        for slot, value in slots.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer/{index}/{slot}"] = value.detach().cpu().clone()
+            else:
+                optimizer_state[str(index)][slot] = value
+    tensors["generator"] = state["generator"].clone()
+    meta = {
+        "version": CHECKPOINT_VERSION,
+        "epoch": state["epoch"],
+        "step": state["step"],
+        "history": state["history"],
+        "optimizer_state": optimizer_state,
+        "param_groups": state["optimizer"]["param_groups"],
+    }
+    return tensors, json.loads(json.dumps(meta))
+
+
+def unflatten_state(tensors: dict[str, Tensor], meta: dict) -> dict:
+    """Inverse of flatten_state: a dict Trainer.load_state_dict accepts."""
+    pair = {k.removeprefix("pair/"): v for k, v in tensors.items() if k.startswith("pair/")}
+    slots: dict[int, dict] = {int(i): dict(v) for i, v in meta["optimizer_state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, slot = key.split("/", 2)
+            slots.setdefault(int(index), {})[slot] = value
+    # JSON turns tuples (AdamW's betas) into lists; torch's optimizers expect the tuples back.
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in meta["param_groups"]
+    ]
+    return {
+        "pair": pair,
+        "optimizer": {"state": slots, "param_groups": groups},
+        "generator": tensors["generator"],
+        "epoch": meta["epoch"],
+        "step": meta["step"],
+        "history": meta["history"],
+    }
+
+
+def save_checkpoint(directory: Path, tensors: dict[str, Tensor], meta: dict) -> None:
+    """Tensors first, then state.json naming them: state.json is the commit point, so a kill at
+    any moment leaves the previous complete checkpoint in force."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"state-{meta['epoch']:06d}.safetensors"
+    atomic_write(directory / name, lambda p: save_file(tensors, str(p)))
+    meta = {**meta, "tensors": name}
+    atomic_write(directory / "state.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    for old in directory.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def load_checkpoint(directory: Path) -> dict | None:
+    """The last complete checkpoint as a Trainer state dict, or None if there is none."""
+    index = directory / "state.json"
+    if not index.is_file():
+        return None
+    meta = json.loads(index.read_text())
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise L3DError(f"{index} has checkpoint version {meta.get('version')}, expected 1")
+    return unflatten_state(load_file(str(directory / meta["tensors"])), meta)
+
+
+# Running -------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run saves its last whole-epoch state and stops."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _Tracker:
+    """Optional wandb / TensorBoard logging, imported only when asked for."""
+
+    def __init__(self, options: RunOptions, run_dir: RunDir, spec: RunSpec) -> None:
+        self.kind, self._writer, self._wandb = options.tracking, None, None
+        if self.kind == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise L3DError("run.tracking: wandb is not installed: pip install wandb") from None
+            self._wandb = wandb
+            wandb.init(
+                project=options.project,
+                name=run_dir.path.name,
+                dir=str(run_dir.path),
+                config=spec.model_dump(mode="json"),
+                resume="allow",
+            )
+        elif self.kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise L3DError(
+                    "run.tracking: tensorboard is not installed: pip install tensorboard"
+                ) from None
+            self._writer = SummaryWriter(str(run_dir.path / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
+        if self._writer is not None:
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def create_run(spec: RunSpec, path: str | Path, *, overwrite: bool = False) -> RunDir:
+    """A fresh run folder holding the resolved spec."""
+    run_dir = RunDir(Path(path))
+    if run_dir.config.exists() and not overwrite:
+        raise L3DError(
+            f"'{run_dir.path}' already holds a run: continue it with "
+            f"`l3d decompose --resume {run_dir.path}`, or pass --overwrite to start over"
+        )
+    if overwrite and run_dir.path.exists():
+        for stale in (run_dir.metrics, run_dir.model_weights):
+            stale.unlink(missing_ok=True)
+        for folder in (run_dir.checkpoint, run_dir.decomposition):
+            for f in folder.glob("*") if folder.is_dir() else []:
+                f.unlink()
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir.config, lambda p: p.write_text(spec.to_yaml()))
+    return run_dir
+
+
+def execute(
+    run_dir: RunDir, *, progress: bool | None = None, log: Callable[[str], None] = print
+) -> Decomposition:
+    """Run (or continue) the decomposition of a run folder to the end and save it.
+
+    Continues from the last checkpoint if there is one. On SIGINT/SIGTERM the state after the last
+    whole epoch is checkpointed and `Interrupted` is raised.
+    """
+    spec = run_dir.spec()
+    model = build_model(spec.model, run_dir.model_weights)
+    if spec.model.toy is not None and not run_dir.model_weights.is_file():
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(run_dir.model_weights, lambda p: save_file(state, str(p)))
+    data = build_data(spec.data, spec.model)
+    divergence, reference = resolve_custom(spec.l3d)
+    state = load_checkpoint(run_dir.checkpoint)
+    done = 0 if state is None else state["epoch"]
+    if state is not None:
+        log(f"resuming {run_dir.path} from epoch {done} of {spec.l3d.epochs}")
+    _truncate_metrics(run_dir, done)
+    tracker = _Tracker(spec.run, run_dir, spec)
+    snapshot: list[tuple[dict, dict]] = []  # the state after the last whole epoch
+    start = time.time()
+
+    def on_epoch(trainer: Trainer, record: dict) -> None:
+        snapshot[:] = [flatten_state(trainer.state_dict())]
+        line = {**record, "time": time.time(), "elapsed": time.time() - start}
+        with run_dir.metrics.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        tracker.log(line)
+        if trainer.epoch % spec.run.checkpoint_every == 0 or trainer.epoch == spec.l3d.epochs:
+            save_checkpoint(run_dir.checkpoint, *snapshot[0])
+
+    show = spec.run.progress if progress is None else progress
+    try:
+        with _stop_on_signals():
+            decomposition = run(
+                model,
+                data,
+                spec.l3d,
+                divergence=divergence,
+                reference=reference,
+                progress=show,
+                callback=on_epoch,
+                trainer_state=state,
+            )
+    except Interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the save short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if snapshot:
+            save_checkpoint(run_dir.checkpoint, *snapshot[0])
+        epoch = snapshot[0][1]["epoch"] if snapshot else done
+        log(
+            f"stopped at epoch {epoch} of {spec.l3d.epochs}; checkpoint in {run_dir.checkpoint}. "
+            f"Continue with: l3d decompose --resume {run_dir.path}"
+        )
+        raise
+    finally:
+        tracker.close()
+    decomposition.save(run_dir.decomposition)
+    return decomposition
+
+
+def _truncate_metrics(run_dir: RunDir, epochs_done: int) -> None:
+    """Drop metric lines of epochs after the checkpoint: they are run again on resume."""
+    records = [r for r in run_dir.metrics_records() if r["epoch"] < epochs_done]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(run_dir.metrics, lambda p: p.write_text(text))
+
+
+@dataclass
+class LoadedRun:
+    """A finished run, ready for analysis, interventions and reports."""
+
+    run_dir: RunDir
+    spec: RunSpec
+    model: nn.Module
+    data: Any
+    decomposition: Decomposition
+
+
+def open_run(path: str | Path) -> LoadedRun:
+    run_dir = RunDir(Path(path))
+    if not run_dir.path.is_dir():
+        raise L3DError(f"run folder '{path}' does not exist")
+    spec = run_dir.spec()
+    if not run_dir.finished:
+        raise L3DError(
+            f"'{path}' has no finished decomposition yet: run `l3d decompose --resume {path}`"
+        )
+    model = build_model(spec.model, run_dir.model_weights)
+    divergence, reference = resolve_custom(spec.l3d)
+    decomposition = load(run_dir.decomposition, model, divergence=divergence, reference=reference)
+    return LoadedRun(run_dir, spec, model, build_data(spec.data, spec.model), decomposition)
+
+
+def output_change(run: LoadedRun, inputs: Any, k: int, deltas: list[float]) -> Tensor:
+    """D(f(x_i, W0 + delta v_k), f(x_i, W0)) per delta and sample, (n_deltas, n_samples): how far
+    each sample's output moves when subnetwork k is intervened on (Section 2.5, eq. 9). Uses the
+    run's divergence (MSE or KL), so the numbers read on the scale of the decomposition's loss."""
+    from l3d.model import token_mask
+
+    config = run.decomposition.config
+    divergence = DIVERGENCES.get(config.divergence, DIVERGENCES["mse"])
+    base = run.decomposition.intervene(inputs, k, 0.0)
+    rows = []
+    for delta in deltas:
+        moved = run.decomposition.intervene(inputs, k, delta)
+        if config.per_token:
+            mask = token_mask(inputs)
+            a = moved[mask] if mask is not None else moved.flatten(0, 1)
+            b = base[mask] if mask is not None else base.flatten(0, 1)
+        else:
+            a, b = moved.flatten(1), base.flatten(1)
+        rows.append(torch.vmap(divergence)(a, b).cpu())
+    return torch.stack(rows)
