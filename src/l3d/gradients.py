@@ -14,6 +14,7 @@ report their squared norms; a structured fast path can provide the same without 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -47,25 +48,57 @@ class GradientBatch(Protocol):
 
 @dataclass
 class DenseGradients:
-    """Materialised per-sample gradients {name: (n_samples, *param_shape)}."""
+    """Materialised per-sample gradients {name: (n_samples, *param_shape)}.
+
+    flat: the same gradients as one (n_samples, n_w) matrix, tensors concatenated in `grads` order
+    (built on first use), so that small problems can project with one matrix product.
+    """
 
     grads: dict[str, Tensor]
+    flat: Tensor | None = None
+    check_finite: bool = True
     n_samples: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.n_samples = next(iter(self.grads.values())).shape[0]
-        for name, g in self.grads.items():
-            if not torch.isfinite(g).all():
-                raise L3DError(
-                    f"per-sample gradients of '{name}' contain NaN/inf: the model or divergence is "
-                    "not finite at W0 on this batch (check inputs, logits and log-probabilities)"
-                )
+        self._sq_norms: Tensor | None = None
+        if self.check_finite:
+            for name, g in self.grads.items():
+                _check_finite(g, name)
+
+    @classmethod
+    def from_flat(
+        cls, flat: Tensor, shapes: dict[str, tuple[int, ...]], check_finite: bool = True
+    ) -> DenseGradients:
+        """Views into one (n_samples, n_w) matrix as {name: (n_samples, *shape)}."""
+        sizes = [math.prod(s) for s in shapes.values()]
+        grads = {
+            name: g.view(flat.shape[0], *shape)
+            for (name, shape), g in zip(shapes.items(), flat.split(sizes, dim=1))
+        }
+        return cls(grads, flat, check_finite)
+
+    def flatten(self) -> Tensor:
+        """(n_samples, n_w)."""
+        if self.flat is None:
+            self.flat = torch.cat([g.flatten(1) for g in self.grads.values()], dim=1)
+        return self.flat
 
     def project(self, subnetworks: Subnetworks) -> Tensor:
         return subnetworks.inner(self.grads)
 
     def sq_norms(self) -> Tensor:
-        return sum(g.flatten(1).pow(2).sum(1) for g in self.grads.values())
+        if self._sq_norms is None:
+            self._sq_norms = sum(g.flatten(1).pow(2).sum(1) for g in self.grads.values())
+        return self._sq_norms
+
+
+def _check_finite(g: Tensor, name: str) -> None:
+    if not torch.isfinite(g).all():
+        raise L3DError(
+            f"per-sample gradients of '{name}' contain NaN/inf: the model or divergence is "
+            "not finite at W0 on this batch (check inputs, logits and log-probabilities)"
+        )
 
 
 def _unsqueeze(x: Inputs) -> Inputs:
@@ -173,7 +206,7 @@ class GradientSource:
         self.per_token, self.chunk_size = per_token, chunk_size
         self._validate()
         self.method = self._choose(method)
-        self._jacobians: dict[str, Tensor] | None = None
+        self._jacobian: Tensor | None = None
         self._outputs: Tensor | None = None
 
     def _first_batch(self) -> Inputs:
@@ -219,39 +252,51 @@ class GradientSource:
 
         jac = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=self.chunk_size or 256)
         inputs = to_device(inputs, self.dataset.device)
-        self._jacobians = jac(self.target.w0, inputs)
+        jacobians = jac(self.target.w0, inputs)
         self._outputs = self.target.outputs(inputs)
-        for name, j in self._jacobians.items():
+        for name, j in jacobians.items():
             if not torch.isfinite(j).all():
                 raise L3DError(f"output Jacobians of '{name}' contain NaN/inf at W0")
+        n, n_out = self._outputs.shape[0], self._outputs[0].numel()
+        # One (n, n_out, n_w) array, tensors concatenated in target order as DenseGradients.flat.
+        self._jacobian = torch.cat([j.reshape(n, n_out, -1) for j in jacobians.values()], dim=2)
 
     def epoch(self, generator: torch.Generator, shuffle: bool = True) -> Iterator[GradientBatch]:
         if self.method == "jacobian":
-            if self._jacobians is None:
+            if self._jacobian is None:
                 self._build_cache()
-            n = self.dataset.n_samples
-            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-            bs = self.dataset.batch_size
-            for start in range(0, n, bs):
-                index = order[start : start + bs].to(self.dataset.device)
-                if len(index) >= 2:
-                    yield self._from_cache(index, generator)
+            yield from self._epoch_from_cache(generator, shuffle)
             return
         for inputs in self.dataset.batches(generator, shuffle):
             yield self.batch(inputs, generator=generator)
 
-    def _from_cache(self, index: Tensor, generator: torch.Generator) -> DenseGradients:
-        outputs = self._outputs[index]
-        refs = draw_references(outputs, None, False, self.reference, generator)
-        dd_dy = vmap(grad(self.divergence))(outputs, refs).flatten(1)  # (b, n_out)
-        b, n_out = dd_dy.shape
-        grads = {
-            name: torch.einsum("so,sow->sw", dd_dy, j[index].reshape(b, n_out, -1)).reshape(
-                b, *shape
+    def _epoch_from_cache(
+        self, generator: torch.Generator, shuffle: bool
+    ) -> Iterator[DenseGradients]:
+        """The whole epoch's gradients in one pass: references are drawn batch by batch (the same
+        random stream as drawing them lazily), then g = J^T dD/dy is one product for all samples,
+        so a training step only slices its rows."""
+        n = self.dataset.n_samples
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        bs = self.dataset.batch_size
+        batches = [order[s : s + bs] for s in range(0, n, bs) if len(order[s : s + bs]) >= 2]
+        index = torch.cat(batches).to(self.dataset.device)
+        outputs = self._outputs[index]  # (n_used, *out)
+        refs = torch.cat(
+            [
+                draw_references(outputs[s : s + len(b)], None, False, self.reference, generator)
+                for s, b in zip(range(0, n, bs), batches)
+            ]
+        )
+        dd_dy = vmap(grad(self.divergence))(outputs, refs).flatten(1)  # (n_used, n_out)
+        # Contract in dataset order (no copy of the Jacobians), then gather the rows in batch order.
+        dd_dy_data = dd_dy.new_zeros(n, dd_dy.shape[1]).index_copy_(0, index, dd_dy)
+        flat = torch.einsum("so,sow->sw", dd_dy_data, self._jacobian)[index]  # (n_used, n_w)
+        _check_finite(flat, "the decomposed tensors")
+        for s, b in zip(range(0, n, bs), batches):
+            yield DenseGradients.from_flat(
+                flat[s : s + len(b)], self.target.shapes, check_finite=False
             )
-            for (name, j), shape in zip(self._jacobians.items(), self.target.shapes.values())
-        }
-        return DenseGradients(grads)
 
     def batch(
         self,

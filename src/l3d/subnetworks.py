@@ -85,8 +85,14 @@ class _TensorFactors(nn.Module):
 
     def materialize(self) -> Tensor:
         """Dense directions, (n_v, *shape)."""
-        subs, ops = self._operands("k", "r" if self.core is None else _TUCKER_K)
-        dense = torch.einsum(",".join(subs) + "->k" + _MODES[: self._m], *ops)
+        if self.core is None and self._m <= 2:
+            # The common vector and matrix cases as one sum / bmm: cheaper than einsum dispatch
+            # in the hot loop of small problems. (n_v, R, a) -> (n_v, a); (n_v, a, R)(n_v, R, b).
+            f = self.modes
+            dense = f[0].sum(1) if self._m == 1 else f[0].transpose(1, 2) @ f[1]
+        else:
+            subs, ops = self._operands("k", "r" if self.core is None else _TUCKER_K)
+            dense = torch.einsum(",".join(subs) + "->k" + _MODES[: self._m], *ops)
         return dense.reshape(dense.shape[0], *self.shape)
 
     def inner(self, grads: Tensor) -> Tensor:
@@ -113,7 +119,7 @@ class _TensorFactors(nn.Module):
         if self.core is None:
             prod = None
             for f in self.modes:
-                m = torch.einsum("kra,kqa->krq", f, f)
+                m = f @ f.transpose(1, 2)  # (n_v, R, R): "kra,kqa->krq"
                 prod = m if prod is None else prod * m
             return prod.sum(dim=(1, 2))
         k_r, l_r = _TUCKER_K[: self._m], _TUCKER_L[: self._m]
@@ -167,6 +173,19 @@ class Subnetworks(nn.Module):
     def materialize(self) -> dict[str, Tensor]:
         """Dense directions {name: (n_v, *shape)}. Costs n_v x n_w memory: for inspection only."""
         return {n: t.materialize() for n, t in zip(self.names, self.tensors)}
+
+    @property
+    def n_weights(self) -> int:
+        """n_w: parameters over all decomposed tensors."""
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+    def materialize_flat(self) -> Tensor:
+        """Dense directions as one (n_v, n_w) matrix, tensors concatenated in `names` order.
+
+        Differentiable; for small n_v x n_w it turns projections and the Gram matrix into single
+        matrix products, far fewer kernel launches than the per-tensor contractions.
+        """
+        return torch.cat([t.materialize().reshape(self.n_subnetworks, -1) for t in self.tensors], 1)
 
     def direction(self, k: int) -> dict[str, Tensor]:
         """Subnetwork k as {name: tensor shaped like the parameter}."""
