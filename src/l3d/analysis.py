@@ -1,0 +1,564 @@
+"""What each subnetwork does on real data (Sections 2.5 and 3.5): impact, top samples, top logits,
+P_act and interventions, written to a run folder as JSON plus Markdown and PNG.
+
+A sample is one row of `Decomposition.coefficients`: an input, or with per_token a valid
+(sequence, position) pair. Everything here works in chunks of inputs, so any dataset fits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import jvp
+
+from l3d.decomposition import Decomposition
+from l3d.errors import L3DError
+from l3d.model import Inputs, batch_size_of, take, to_device, token_mask
+from l3d.subnetworks import Subnetworks
+
+# Samples: addressing rows of the coefficient matrix ------------------------------------------
+
+
+def sample_positions(inputs: Inputs, per_token: bool) -> Tensor:
+    """(n_samples, 2) long: (input row, token position) of each sample, in coefficient-row order.
+    Without per_token the position is 0."""
+    n = batch_size_of(inputs)
+    if not per_token:
+        return torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], 1)
+    mask = token_mask(inputs)
+    if mask is None:
+        ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
+        mask = torch.ones(ids.shape[:2], dtype=torch.bool)
+    return torch.nonzero(mask.cpu())
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` rows, none with a single row (a lone input has no
+    other sample to serve as its reference), so the last remainder joins the previous chunk."""
+    bounds = list(range(0, n, max(size, 2))) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:
+        bounds.pop(-2)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def random_subnetworks(decomposition: Decomposition, seed: int = 0) -> Subnetworks:
+    """Unit-norm random directions with the decomposition's tensors, ranks and factorisation: the
+    baseline against which the learned subnetworks' top samples are judged."""
+    v_out = decomposition.subnetworks.v_out
+    generator = torch.Generator().manual_seed(seed)
+    baseline = Subnetworks(
+        v_out.shapes, v_out.n_subnetworks, v_out.ranks, v_out.factorization, generator
+    )
+    baseline.normalize_()
+    return baseline.to(decomposition.device)
+
+
+# Impact --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def impacts(
+    decomposition: Decomposition,
+    inputs: Inputs,
+    directions: Sequence[Subnetworks] | None = None,
+    *,
+    n_references: int = 10,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> list[Tensor]:
+    """I(x_i, v_k) = mean over n_references references of |v_k · ∇_W D(f(x_i), y_ref)| (eq. 10-11,
+    absolute value before the mean) for each set of directions (default: the decomposition's V_in),
+    each (n_samples, n_v). The per-sample gradients of a chunk and reference are computed once and
+    projected on every set, so a random-direction baseline costs no extra backward passes.
+
+    References follow the decomposition's strategy within each chunk of `chunk_size` inputs
+    (default: the training batch size), as during training.
+    """
+    from tqdm.auto import tqdm
+
+    if n_references < 1:
+        raise L3DError(f"n_references must be >= 1; got {n_references}")
+    directions = list(directions or [decomposition.subnetworks.v_in])
+    decomposition.model.eval()
+    n = batch_size_of(inputs)
+    chunks = _chunks(n, chunk_size or decomposition.config.batch_size)
+    totals: list[list[Tensor]] = [[] for _ in directions]
+    for c, rows in enumerate(tqdm(chunks, desc="impact", unit="chunk", disable=not progress)):
+        chunk = to_device(take(inputs, rows), decomposition.device)
+        source = decomposition._source(chunk)
+        sums = [0.0] * len(directions)
+        for j in range(n_references):
+            generator = torch.Generator().manual_seed(seed + c * n_references + j)
+            grads = source.batch(chunk, None, generator)
+            sums = [s + grads.project(v).abs() for s, v in zip(sums, directions)]
+        for total, s in zip(totals, sums):
+            total.append((s / n_references).cpu())
+    return [torch.cat(t) for t in totals]
+
+
+def top_samples(impact: Tensor, n_top: int) -> Tensor:
+    """(n_v, n_top) sample indices of largest impact per subnetwork, largest first."""
+    n_top = min(n_top, impact.shape[0])
+    return impact.topk(n_top, dim=0).indices.T
+
+
+def top_sample_purity(impact: Tensor, labels: Sequence[Any], n_top: int) -> Tensor:
+    """(n_v,) fraction of each subnetwork's n_top highest-impact samples that share their most
+    common label: 1 means the subnetwork's top samples all come from one class or task."""
+    if len(labels) != impact.shape[0]:
+        raise L3DError(f"{len(labels)} labels for {impact.shape[0]} samples: give one per sample")
+    top = top_samples(impact, n_top)
+    return torch.tensor(
+        [Counter(labels[int(i)] for i in row).most_common(1)[0][1] / len(row) for row in top]
+    )
+
+
+# Top logits ----------------------------------------------------------------------------------
+
+
+def _probabilities(decomposition: Decomposition) -> Callable[[Tensor], Tensor]:
+    """Outputs as the divergence sees them: probabilities for 'kl', raw outputs otherwise."""
+    if decomposition.config.divergence == "kl":
+        return lambda y: F.softmax(y, dim=-1)
+    return lambda y: y
+
+
+def output_derivative(
+    decomposition: Decomposition, inputs: Inputs, k: int, samples: Tensor
+) -> Tensor:
+    """d softmax(f(x_i, W0 + δ v_k)) / dδ at δ = 0 (raw outputs unless the divergence is 'kl')
+    for the given sample indices, as a forward-mode JVP along V_out_k: (len(samples), n_out)."""
+    positions = sample_positions(inputs, decomposition.config.per_token)[samples]
+    rows, where = torch.unique(positions[:, 0], return_inverse=True)
+    sub = to_device(take(inputs, rows), decomposition.device)
+    target = decomposition.target
+    direction = decomposition.v_out(k)
+    tangent = {n: direction[n] for n in target.names}
+    probabilities = _probabilities(decomposition)
+
+    def outputs(params: dict[str, Tensor]) -> Tensor:
+        return probabilities(target.forward(sub, params))
+
+    with torch.no_grad():
+        _, d_out = jvp(outputs, (target.w0,), (tangent,))
+    if decomposition.config.per_token:
+        d_out = d_out[where, positions[:, 1].to(d_out.device)]
+    else:
+        d_out = d_out[where].flatten(1)
+    return d_out.cpu()
+
+
+def top_logits(
+    decomposition: Decomposition, inputs: Inputs, k: int, samples: Tensor, n_logits: int = 10
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The outputs subnetwork k pushes up and down on its samples: the mean over `samples` of
+    d softmax / dδ along V_out_k, its n_logits largest ('positive') and most negative ('negative')
+    entries as (indices, values), positive and negative values only. A direction's sign is arbitrary,
+    so both lists matter."""
+    mean = output_derivative(decomposition, inputs, k, samples).mean(0)
+    n_logits = min(n_logits, mean.numel())
+    pos, neg = mean.topk(n_logits), (-mean).topk(n_logits)
+    up, down = pos.values > 0, neg.values > 0
+    return {
+        "positive": (pos.indices[up], pos.values[up]),
+        "negative": (neg.indices[down], -neg.values[down]),
+    }
+
+
+# Interventions -------------------------------------------------------------------------------
+
+
+@contextmanager
+def perturbed(decomposition: Decomposition, k: int, delta: float):
+    """The model's weights set to W0 + δ v_k (eq. 9) inside the block, restored afterwards, so any
+    method of the model (generate, predict, ...) runs on the intervened network."""
+    params = dict(decomposition.model.named_parameters())
+    direction = decomposition.v_out(k)
+    try:
+        with torch.no_grad():
+            for name, w0 in decomposition.target.w0.items():
+                params[name].copy_(w0 + delta * direction[name])
+        yield decomposition.model
+    finally:
+        with torch.no_grad():
+            for name, w0 in decomposition.target.w0.items():
+                params[name].copy_(w0)
+
+
+def weight_norm(decomposition: Decomposition) -> float:
+    """Global L2 norm of the decomposed tensors at W0: the natural scale for δ."""
+    return math.sqrt(sum(float(w.pow(2).sum()) for w in decomposition.target.w0.values()))
+
+
+@torch.no_grad()
+def intervention_effect(
+    decomposition: Decomposition, inputs: Inputs, k: int, delta: float, samples: Tensor
+) -> Tensor:
+    """Per sample, how far moving to W0 + δ v_k moves its output: KL(p(W0) ‖ p(W0 + δ v_k)) for
+    'kl', else the mean squared change of the outputs. (len(samples),)."""
+    positions = sample_positions(inputs, decomposition.config.per_token)[samples]
+    rows, where = torch.unique(positions[:, 0], return_inverse=True)
+    sub = to_device(take(inputs, rows), decomposition.device)
+    before = decomposition.target.forward(sub)
+    after = decomposition.intervene(sub, k, delta)
+    if decomposition.config.per_token:
+        index = (where, positions[:, 1].to(before.device))
+        before, after = before[index], after[index]
+    else:
+        before, after = before[where].flatten(1), after[where].flatten(1)
+    if decomposition.config.divergence == "kl":
+        log_p, log_q = F.log_softmax(before, -1), F.log_softmax(after, -1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).cpu()
+    return (after - before).pow(2).mean(-1).cpu()
+
+
+@torch.no_grad()
+def generate(
+    decomposition: Decomposition,
+    tokenizer: Any,
+    prompt: str,
+    k: int | None = None,
+    delta: float = 0.0,
+    max_new_tokens: int = 20,
+) -> str:
+    """Greedy continuation of `prompt` by the LM at W0 + δ v_k (at W0 when k is None)."""
+    model = decomposition.model
+    if not hasattr(model, "generate"):
+        raise L3DError(
+            f"{type(model).__name__} has no .generate(): text generation needs a causal LM"
+        )
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(decomposition.device)
+
+    def run() -> str:
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        )
+        return tokenizer.decode(out[0, ids.shape[1] :].tolist())
+
+    if k is None:
+        return run()
+    with perturbed(decomposition, k, delta):
+        return run()
+
+
+# Writing the run folder ----------------------------------------------------------------------
+
+
+def _sample_labels(labels: Sequence[Any] | None, inputs: Inputs, positions: Tensor) -> list | None:
+    """Labels per sample from labels per input (broadcast to its tokens) or per sample."""
+    if labels is None:
+        return None
+    labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+    if len(labels) == positions.shape[0]:
+        return labels
+    if len(labels) == batch_size_of(inputs):
+        return [labels[int(r)] for r in positions[:, 0]]
+    raise L3DError(
+        f"{len(labels)} labels for {batch_size_of(inputs)} inputs and {positions.shape[0]} "
+        "samples: give one label per input or per sample"
+    )
+
+
+def _name(label: Any, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names):
+        return str(class_names[label])
+    return str(label)
+
+
+def _is_image_batch(inputs: Inputs, per_token: bool) -> bool:
+    return (
+        isinstance(inputs, Tensor)
+        and not per_token
+        and inputs.dim() == 4
+        and inputs.shape[1] in (1, 3)
+    )
+
+
+def _save_image(image: Tensor, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    x = image.detach().float().cpu()
+    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)  # inputs are often normalised
+    array = x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+    plt.imsave(path, array, cmap="gray" if x.shape[0] == 1 else None)
+
+
+def _plot_grid(images: list[Tensor], titles: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(5, len(images))
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label in zip(axes.flat, images, titles):
+        x = image.detach().float().cpu()
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+        ax.imshow(x[0] if x.shape[0] == 1 else x.permute(1, 2, 0), cmap="gray")
+        ax.set_title(label, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_p_active(p_active: Tensor, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = p_active.argsort(descending=True)
+    values = p_active[order]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.06 * len(values) + 2), 3))
+    colors = ["tab:red" if v == 0 else "tab:blue" for v in values]
+    ax.bar(range(len(values)), values.numpy(), color=colors, width=0.9)
+    ax.set_xlabel("subnetwork (sorted by P_act; dead in red)")
+    ax.set_ylabel("P_act")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
+
+
+def write_analysis(
+    decomposition: Decomposition,
+    inputs: Inputs,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    labels: Sequence[Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    n_top: int = 10,
+    n_references: int = 10,
+    n_logits: int = 10,
+    intervention_scale: float = 0.1,
+    baseline: bool = True,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Analyse every subnetwork on `inputs` and write out_dir/analysis.json, analysis.md,
+    p_active.png (and for images, images/ and grids/). Returns the analysis.json content.
+
+    tokenizer: decodes token ids (anything with .decode(list[int])) for per-token samples.
+    labels: a class or task per input or per sample; enables top-sample purity, compared with
+        random directions of the same ranks when baseline=True.
+    class_names: names for integer labels and for the model's output classes.
+    intervention_scale: interventions use δ = ±scale · ‖W0‖ (norm of the decomposed tensors) and
+        report KL(p(W0) ‖ p(W0 + δ v_k)) on the subnetwork's top samples against all samples.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_token = decomposition.config.per_token
+    positions = sample_positions(inputs, per_token)
+    sample_labels = _sample_labels(labels, inputs, positions)
+    is_image = _is_image_batch(inputs, per_token)
+
+    directions = [decomposition.subnetworks.v_in]
+    if baseline and sample_labels is not None:
+        directions.append(random_subnetworks(decomposition, seed + 1))
+    measured = impacts(
+        decomposition,
+        inputs,
+        directions,
+        n_references=n_references,
+        seed=seed,
+        chunk_size=chunk_size,
+        progress=progress,
+    )
+    impact = measured[0]
+    n_samples, n_v = impact.shape
+    top = top_samples(impact, n_top)
+    p_active = decomposition.p_active.cpu()
+    delta = intervention_scale * weight_norm(decomposition)
+    generator = torch.Generator().manual_seed(seed)
+    all_samples = torch.randperm(n_samples, generator=generator)[: max(4 * n_top, 64)]
+
+    def logit_label(i: int) -> str:
+        if tokenizer is not None and per_token:
+            return tokenizer.decode([i])
+        return _name(i, class_names)
+
+    saved_images: dict[int, str] = {}
+    if is_image:
+        (out / "images").mkdir(exist_ok=True)
+        (out / "grids").mkdir(exist_ok=True)
+
+    records = []
+    for k in range(n_v):
+        samples = []
+        for s in top[k].tolist():
+            row, pos = (int(v) for v in positions[s])
+            entry: dict[str, Any] = {
+                "sample": s,
+                "impact": float(impact[s, k]),
+                "text": None,
+                "token": None,
+                "image": None,
+                "label": None if sample_labels is None else _name(sample_labels[s], class_names),
+            }
+            if per_token:
+                ids = (inputs["input_ids"] if isinstance(inputs, dict) else inputs)[row].tolist()
+                entry["input"], entry["position"] = row, pos
+                if tokenizer is not None:
+                    entry["text"] = tokenizer.decode(ids[:pos])
+                    entry["token"] = tokenizer.decode([ids[pos]])
+                else:
+                    entry["token"] = str(ids[pos])
+            if is_image:
+                if row not in saved_images:
+                    saved_images[row] = f"images/sample_{row:06d}.png"
+                    _save_image(inputs[row], out / saved_images[row])
+                entry["image"] = saved_images[row]
+            samples.append(entry)
+        logits = top_logits(decomposition, inputs, k, top[k], n_logits)
+        effect_top = [
+            float(intervention_effect(decomposition, inputs, k, d, top[k]).mean())
+            for d in (-delta, delta)
+        ]
+        effect_all = [
+            float(intervention_effect(decomposition, inputs, k, d, all_samples).mean())
+            for d in (-delta, delta)
+        ]
+        records.append(
+            {
+                "index": k,
+                "p_active": float(p_active[k]),
+                "dead": bool(p_active[k] == 0),
+                "mean_impact": float(impact[:, k].mean()),
+                "top_samples": samples,
+                "top_logits": {
+                    sign: [
+                        {"label": logit_label(int(i)), "index": int(i), "value": float(v)}
+                        for i, v in zip(*logits[sign])
+                    ]
+                    for sign in ("positive", "negative")
+                },
+                "intervention": {
+                    "delta": delta,
+                    "top_samples": {"minus": effect_top[0], "plus": effect_top[1]},
+                    "random_samples": {"minus": effect_all[0], "plus": effect_all[1]},
+                },
+            }
+        )
+        if is_image:
+            _plot_grid(
+                [inputs[int(positions[s, 0])] for s in top[k].tolist()],
+                [f"{e['label'] or ''} {e['impact']:.2g}".strip() for e in samples],
+                out / "grids" / f"subnetwork_{k:03d}.png",
+                f"subnetwork {k}: P_act {float(p_active[k]):.3f}",
+            )
+            records[-1]["grid"] = f"grids/subnetwork_{k:03d}.png"
+
+    records.sort(key=lambda r: -r["p_active"])
+    summary: dict[str, Any] = {
+        "n_samples": n_samples,
+        "n_subnetworks": n_v,
+        "n_dead": sum(r["dead"] for r in records),
+        "n_references": n_references,
+        "n_top": n_top,
+        "per_token": per_token,
+        "divergence": decomposition.config.divergence,
+        "loss_paper": decomposition.evaluation.loss_paper,
+        "loss_pooled_squared": decomposition.evaluation.loss_pooled_squared,
+        "intervention_delta": delta,
+        "weight_norm": weight_norm(decomposition),
+    }
+    if sample_labels is not None:
+        live = p_active > 0
+        purity = top_sample_purity(impact, sample_labels, n_top)
+        for r in records:
+            r["purity"] = float(purity[r["index"]])
+        summary["purity"] = float(purity[live].mean()) if live.any() else 0.0
+        summary["majority_label_fraction"] = Counter(sample_labels).most_common(1)[0][1] / n_samples
+        if len(measured) > 1:
+            summary["purity_random_directions"] = float(
+                top_sample_purity(measured[1], sample_labels, n_top).mean()
+            )
+    result = {"summary": summary, "subnetworks": records}
+    (out / "analysis.json").write_text(json.dumps(result, indent=1))
+    _plot_p_active(p_active, out / "p_active.png")
+    (out / "analysis.md").write_text(_markdown(result, is_image))
+    return result
+
+
+def _markdown(result: dict, is_image: bool) -> str:
+    s = result["summary"]
+    lines = [
+        "# Subnetwork analysis",
+        "",
+        f"{s['n_subnetworks']} subnetworks ({s['n_dead']} dead) on {s['n_samples']} samples; impact "
+        f"averaged over {s['n_references']} references. Reconstruction loss: "
+        f"{s['loss_paper']:.4f} (paper), {s['loss_pooled_squared']:.4f} (pooled squared).",
+        "",
+    ]
+    if "purity" in s:
+        lines += [
+            f"Top-{s['n_top']} sample purity (share of the most common label), mean over live "
+            f"subnetworks: **{s['purity']:.3f}**"
+            + (
+                f"; random directions of the same ranks: {s['purity_random_directions']:.3f}"
+                if "purity_random_directions" in s
+                else ""
+            )
+            + f"; most common label overall: {s['majority_label_fraction']:.3f}.",
+            "",
+        ]
+    lines += ["![P_act per subnetwork](p_active.png)", ""]
+    for r in result["subnetworks"]:
+        flag = " — **dead**" if r["dead"] else ""
+        purity = f", purity {r['purity']:.2f}" if "purity" in r else ""
+        lines += [f"## Subnetwork {r['index']}: P_act {r['p_active']:.4f}{purity}{flag}", ""]
+        if is_image and "grid" in r:
+            lines += [f"![top images of subnetwork {r['index']}]({r['grid']})", ""]
+        lines += ["| impact | sample | label |", "|---:|---|---|"]
+        for e in r["top_samples"]:
+            if e["token"] is not None:
+                shown = f"{_cell(e['text'] or '')}**[{_cell(e['token'])}]**"
+            elif e["image"] is not None:
+                shown = f"![sample {e['sample']}]({e['image']})"
+            else:
+                shown = f"sample {e['sample']}"
+            lines.append(f"| {e['impact']:.4g} | {shown} | {_cell(e['label'] or '')} |")
+        what = "d softmax/dδ" if s["divergence"] == "kl" else "d output/dδ"
+        change = "KL" if s["divergence"] == "kl" else "mean squared output change"
+        up = ", ".join(
+            f"`{_cell(t['label'])}` {t['value']:+.3g}" for t in r["top_logits"]["positive"]
+        )
+        down = ", ".join(
+            f"`{_cell(t['label'])}` {t['value']:+.3g}" for t in r["top_logits"]["negative"]
+        )
+        i = r["intervention"]
+        lines += [
+            "",
+            f"Pushes up ({what}): {up}",
+            "",
+            f"Pushes down: {down}",
+            "",
+            f"Intervention δ = ±{i['delta']:.3g}: {change} on top samples "
+            f"{i['top_samples']['minus']:.3g} / {i['top_samples']['plus']:.3g}, on random samples "
+            f"{i['random_samples']['minus']:.3g} / {i['random_samples']['plus']:.3g}.",
+            "",
+        ]
+    return "\n".join(lines)

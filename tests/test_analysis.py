@@ -1,0 +1,222 @@
+"""Interpretation outputs: impact, top samples, top logits, interventions and the written files,
+checked against brute force on small models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l3d import Decomposition, decompose
+from l3d.analysis import (
+    generate,
+    impacts,
+    intervention_effect,
+    output_derivative,
+    perturbed,
+    random_subnetworks,
+    sample_positions,
+    top_logits,
+    top_sample_purity,
+    top_samples,
+    write_analysis,
+)
+from l3d.divergences import kl
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    x = torch.randn(24, 6)
+    d = decompose(
+        net,
+        x,
+        params=["0.weight", "2.*"],
+        n_subnetworks=4,
+        rank=2,
+        epochs=3,
+        batch_size=8,
+        divergence="kl",
+        progress=False,
+    )
+    return d, x
+
+
+def brute_force_coefficients(d, x, references):
+    """c_ik = <V_in_k, grad_W KL(p_ref_i || p_i)> by a loop of backward calls."""
+    params = dict(d.model.named_parameters())
+    v_in = d.subnetworks.v_in.materialize()
+    rows = []
+    for i in range(len(x)):
+        d.model.zero_grad()
+        kl(d.model(x[i : i + 1])[0], references[i]).backward()
+        rows.append(sum((v_in[n] * params[n].grad).flatten(1).sum(1) for n in d.names))
+    return torch.stack(rows)
+
+
+def test_impact_is_mean_of_absolute_coefficients_over_references(classifier):
+    d, x = classifier
+    (impact,) = impacts(d, x, n_references=3, seed=5, chunk_size=len(x))
+    per_reference = [d.coefficients(x, seed=5 + j) for j in range(3)]
+    assert torch.allclose(impact, torch.stack(per_reference).abs().mean(0), atol=1e-6)
+    # Absolute value before the mean (eq. 10-11), not |mean|: the two differ here.
+    assert not torch.allclose(impact, torch.stack(per_reference).mean(0).abs(), atol=1e-4)
+
+
+def test_impact_matches_brute_force_with_a_fixed_reference(classifier):
+    d, x = classifier
+    uniform = Decomposition(  # the same subnetworks with the uniform distribution as reference
+        d.config, d.subnetworks, d.history, d.evaluation, d.model,
+        reference=lambda outputs, generator: torch.zeros_like(outputs),
+    )  # fmt: skip
+    (impact,) = impacts(uniform, x, n_references=2, chunk_size=5)  # chunks 5,5,5,5,4
+    expected = brute_force_coefficients(d, x, torch.zeros(len(x), 5)).abs()
+    assert impact.shape == (24, 4)
+    assert torch.allclose(impact, expected, atol=1e-5)
+
+
+def test_random_baseline_directions_have_the_same_shapes_and_unit_norm(classifier):
+    d, _ = classifier
+    baseline = random_subnetworks(d, seed=3)
+    assert baseline.shapes == d.subnetworks.v_out.shapes
+    assert baseline.ranks == d.subnetworks.v_out.ranks
+    assert torch.allclose(baseline.sq_norms(), torch.ones(4), atol=1e-5)
+
+
+def test_top_samples_and_purity_against_hand_computed_values():
+    impact = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.7], [0.0, 0.6], [0.5, 0.3]])
+    assert top_samples(impact, 3).tolist() == [[0, 1, 4], [2, 3, 4]]
+    purity = top_sample_purity(impact, ["a", "a", "b", "b", "b"], n_top=3)
+    assert purity.tolist() == pytest.approx([2 / 3, 1.0])
+
+
+def test_top_logits_equal_finite_differences_of_the_softmax(classifier):
+    d, x = classifier
+    samples = torch.tensor([3, 7, 11])
+    derivative = output_derivative(d, x, 2, samples)
+    eps = 1e-3
+    plus = F.softmax(d.intervene(x[samples], 2, eps), -1)
+    minus = F.softmax(d.intervene(x[samples], 2, -eps), -1)
+    assert torch.allclose(derivative, (plus - minus) / (2 * eps), atol=1e-4)
+    logits = top_logits(d, x, 2, samples, n_logits=5)
+    mean = derivative.mean(0)
+    up_i, up_v = logits["positive"]
+    down_i, down_v = logits["negative"]
+    assert set(up_i.tolist()) == set(torch.nonzero(mean > 0).flatten().tolist())
+    assert set(down_i.tolist()) == set(torch.nonzero(mean < 0).flatten().tolist())
+    assert torch.allclose(up_v, mean[up_i]) and (up_v[:-1] >= up_v[1:]).all()
+    assert torch.allclose(down_v, mean[down_i]) and (down_v[:-1] <= down_v[1:]).all()
+    # softmax sums to one, so its derivative sums to zero
+    assert abs(float(mean.sum())) < 1e-6
+
+
+def test_intervention_effect_and_weights_restored(classifier):
+    d, x = classifier
+    before = {n: p.detach().clone() for n, p in d.model.named_parameters()}
+    samples = torch.arange(6)
+    with perturbed(d, 1, 0.5) as model:
+        moved = model(x[:6])
+    for n, p in d.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert torch.allclose(moved, d.intervene(x[:6], 1, 0.5), atol=1e-6)
+    p0 = F.log_softmax(d.model(x[:6]), -1)
+    expected = (p0.exp() * (p0 - F.log_softmax(moved, -1))).sum(-1)
+    assert torch.allclose(intervention_effect(d, x, 1, 0.5, samples), expected.detach(), atol=1e-6)
+
+
+def test_write_analysis_files_sorted_by_p_active_with_dead_flags(classifier, tmp_path):
+    d, x = classifier
+    p_active = torch.tensor([0.2, 0.0, 0.5, 0.1])
+    evaluation = dataclasses.replace(d.evaluation, p_active=p_active)
+    dead = Decomposition(d.config, d.subnetworks, d.history, evaluation, d.model)
+    labels = [i % 3 for i in range(len(x))]
+    result = write_analysis(
+        dead, x, tmp_path, labels=labels, class_names=["zero", "one", "two"], n_top=4,
+        n_references=2, progress=False,
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "analysis.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert [s["index"] for s in saved["subnetworks"]] == [2, 0, 3, 1]
+    assert [s["dead"] for s in saved["subnetworks"]] == [False, False, False, True]
+    assert saved["summary"]["n_dead"] == 1
+    first = saved["subnetworks"][0]
+    assert len(first["top_samples"]) == 4
+    assert {e["label"] for e in first["top_samples"]} <= {"zero", "one", "two"}
+    impacts_listed = [e["impact"] for e in first["top_samples"]]
+    assert impacts_listed == sorted(impacts_listed, reverse=True)
+    assert all(t["value"] > 0 for t in first["top_logits"]["positive"])
+    assert all(t["value"] < 0 for t in first["top_logits"]["negative"])
+    assert 0 < saved["summary"]["purity"] <= 1 and "purity_random_directions" in saved["summary"]
+    assert (tmp_path / "p_active.png").stat().st_size > 0
+    text = (tmp_path / "analysis.md").read_text()
+    assert "Subnetwork 2: P_act 0.5000" in text and "**dead**" in text
+
+
+def test_write_analysis_on_images_saves_grids(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    x = torch.randn(10, 1, 8, 8)
+    d = decompose(
+        net, x, params=["0.*"], n_subnetworks=2, rank=1, epochs=1, divergence="kl", progress=False
+    )
+    result = write_analysis(d, x, tmp_path, n_top=3, n_references=1, progress=False)
+    for record in result["subnetworks"]:
+        assert (tmp_path / record["grid"]).is_file()
+        for e in record["top_samples"]:
+            assert (tmp_path / e["image"]).is_file() and e["text"] is None
+
+
+def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf import BLOCK, WORDS, tiny_config
+
+    from l3d import hf
+
+    model = hf.random_causal_lm(tiny_config(), seed=2)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, len(WORDS), (6, 5), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::2, 3:] = 0
+    data = {"input_ids": ids, "attention_mask": mask}
+    d = decompose(
+        model, data, params=BLOCK, n_subnetworks=2, rank=1, epochs=1, batch_size=3,
+        divergence="kl", per_token=True, progress=False,
+    )  # fmt: skip
+    positions = sample_positions(data, per_token=True)
+    assert positions.shape[0] == int(mask.sum()) and mask[positions[:, 0], positions[:, 1]].all()
+
+    samples = torch.tensor([0, 4, 9])
+    derivative = output_derivative(d, data, 1, samples)
+    eps = 1e-3
+    plus = F.softmax(d.intervene(data, 1, eps), -1)
+    minus = F.softmax(d.intervene(data, 1, -eps), -1)
+    rows, cols = positions[samples, 0], positions[samples, 1]
+    assert torch.allclose(derivative, ((plus - minus) / (2 * eps))[rows, cols], atol=1e-4)
+
+    class Words:
+        def decode(self, token_ids):
+            return " ".join(WORDS[i] for i in token_ids)
+
+    result = write_analysis(
+        d, data, tmp_path, tokenizer=Words(), n_top=3, n_references=1, progress=False
+    )
+    for e in result["subnetworks"][0]["top_samples"]:
+        row, pos = positions[e["sample"]].tolist()
+        assert e["token"] == WORDS[ids[row, pos]]
+        assert e["text"] == " ".join(WORDS[i] for i in ids[row, :pos].tolist())
+        assert mask[row, pos]
+
+    class Tokenizer(Words):
+        pad_token_id = 0
+
+        def __call__(self, text, return_tensors):
+            return {"input_ids": torch.tensor([[WORDS.index(w) for w in text.split()]])}
+
+    base = generate(d, Tokenizer(), "once upon a", max_new_tokens=3)
+    assert len(base.split()) == 3
+    assert generate(d, Tokenizer(), "once upon a", k=0, delta=0.0, max_new_tokens=3) == base
