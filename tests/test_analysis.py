@@ -173,9 +173,8 @@ def test_write_analysis_on_images_saves_grids(tmp_path):
 
 def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_path):
     pytest.importorskip("transformers")
-    from test_hf import BLOCK, WORDS, tiny_config
-
     from l3d import hf
+    from test_hf import BLOCK, WORDS, tiny_config
 
     model = hf.random_causal_lm(tiny_config(), seed=2)
     g = torch.Generator().manual_seed(1)

@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,10 @@ def sample_positions(inputs: Inputs, per_token: bool) -> Tensor:
 def _chunks(n: int, size: int) -> list[slice]:
     """Consecutive slices of at most `size` rows, none with a single row (a lone input has no
     other sample to serve as its reference), so the last remainder joins the previous chunk."""
-    bounds = list(range(0, n, max(size, 2))) + [n]
+    bounds = [*range(0, n, max(size, 2)), n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:
         bounds.pop(-2)
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [slice(a, b) for a, b in pairwise(bounds)]
 
 
 def random_subnetworks(decomposition: Decomposition, seed: int = 0) -> Subnetworks:
