@@ -226,7 +226,7 @@ def _analyze(args: argparse.Namespace) -> int:
     run = runs.open_run(args.run_dir)
     tokenizer = None
     if run.spec.model.hf is not None:
-        tokenizer = runs.load_tokenizer(run.spec.model.hf)
+        tokenizer = runs.load_tokenizer(run.spec.data.options.get("tokenizer", run.spec.model.hf))
     write_analysis(
         run.decomposition,
         _inputs(run, args.n_samples),

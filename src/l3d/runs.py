@@ -96,7 +96,12 @@ class DataSource(_Frozen):
 
 
 class RunOptions(_Frozen):
-    checkpoint_every: int = Field(default=1, ge=1, description="Epochs between checkpoints.")
+    checkpoint_seconds: float = Field(
+        default=60,
+        ge=0,
+        description="Write a checkpoint after an epoch once this many seconds have passed since "
+        "the last one (0: after every epoch); always at the end and on Ctrl-C/SIGTERM.",
+    )
     progress: bool = Field(default=True, description="Show a progress bar (--quiet turns it off).")
     tracking: Literal["none", "wandb", "tensorboard"] = Field(
         default="none", description="Also log metrics to Weights & Biases or TensorBoard."
@@ -331,6 +336,7 @@ def _hf():
 
 
 def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of an hf model source (for text data and for showing tokens in analyses)."""
     return _hf().load_tokenizer(name_or_path)
 
 
@@ -345,7 +351,9 @@ def build_model(source: ModelSource, weights: Path | None = None) -> nn.Module:
             return model
         return _call(make, source.options, f"toy '{source.toy}'")
     if source.hf is not None:
-        return _hf().load_model(source.hf, **source.options)
+        return _call(
+            lambda **o: _hf().load_causal_lm(source.hf, **o), source.options, f"hf '{source.hf}'"
+        )
     model = _call(import_object(source.python, "model"), source.options, source.python)
     if not isinstance(model, nn.Module):
         raise L3DError(
@@ -370,7 +378,11 @@ def build_data(source: DataSource, model_source: ModelSource) -> Any:
     if source.text is not None:
         if model_source.hf is None:
             raise L3DError("data 'text' is tokenized by the model's tokenizer: use an hf model")
-        return _hf().text_dataset(source.text, model_source.hf, **source.options)
+        options = dict(source.options)
+        tokenizer = load_tokenizer(options.pop("tokenizer", model_source.hf))
+        return _call(
+            lambda **o: _hf().token_dataset(source.text, tokenizer, **o), options, "data 'text'"
+        )
     return _call(import_object(source.python, "data"), source.options, source.python)
 
 
@@ -647,41 +659,46 @@ def execute(
     _truncate_metrics(run_dir, done)
     tracker = _Tracker(spec.run, run_dir, spec)
     snapshot: list[tuple[dict, dict]] = []  # the state after the last whole epoch
-    start = time.time()
+    start = last_save = time.time()
 
     def on_epoch(trainer: Trainer, record: dict) -> None:
+        nonlocal last_save
         snapshot[:] = [flatten_state(trainer.state_dict())]
         line = {**record, "time": time.time(), "elapsed": time.time() - start}
         with run_dir.metrics.open("a") as f:
             f.write(json.dumps(line) + "\n")
         tracker.log(line)
-        if trainer.epoch % spec.run.checkpoint_every == 0 or trainer.epoch == spec.l3d.epochs:
+        now = time.time()
+        if now - last_save >= spec.run.checkpoint_seconds or trainer.epoch == spec.l3d.epochs:
             save_checkpoint(run_dir.checkpoint, *snapshot[0])
+            last_save = now
 
     show = spec.run.progress if progress is None else progress
     try:
         with _stop_on_signals():
-            decomposition = run(
-                model,
-                data,
-                spec.l3d,
-                divergence=divergence,
-                reference=reference,
-                progress=show,
-                callback=on_epoch,
-                trainer_state=state,
-            )
-    except Interrupted:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the save short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if snapshot:
-            save_checkpoint(run_dir.checkpoint, *snapshot[0])
-        epoch = snapshot[0][1]["epoch"] if snapshot else done
-        log(
-            f"stopped at epoch {epoch} of {spec.l3d.epochs}; checkpoint in {run_dir.checkpoint}. "
-            f"Continue with: l3d decompose --resume {run_dir.path}"
-        )
-        raise
+            try:
+                decomposition = run(
+                    model,
+                    data,
+                    spec.l3d,
+                    divergence=divergence,
+                    reference=reference,
+                    progress=show,
+                    callback=on_epoch,
+                    trainer_state=state,
+                )
+            except Interrupted:
+                # A second Ctrl-C or SIGTERM must not cut the save short.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                if snapshot:
+                    save_checkpoint(run_dir.checkpoint, *snapshot[0])
+                epoch = snapshot[0][1]["epoch"] if snapshot else done
+                log(
+                    f"stopped at epoch {epoch} of {spec.l3d.epochs}; checkpoint in "
+                    f"{run_dir.checkpoint}. Continue with: l3d decompose --resume {run_dir.path}"
+                )
+                raise
     finally:
         tracker.close()
     decomposition.save(run_dir.decomposition)

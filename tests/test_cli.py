@@ -1,0 +1,240 @@
+"""`l3d` from config file to report on a toy model; bad configs give one-line errors, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import l3d
+from l3d import runs
+from l3d.cli import main
+from l3d.toys import TMS
+
+TINY = {
+    "model": {"toy": "tms", "options": {"n_features": 5, "n_hidden": 2, "train_steps": 200}},
+    "data": {
+        "toy": "sparse_features",
+        "options": {"n_samples": 200, "n_features": 5, "p_active": 0.1, "seed": 1},
+    },
+    "l3d": {
+        "params": ["W_in", "W_out", "b"],
+        "n_subnetworks": 5,
+        "epochs": 4,
+        "batch_size": 50,
+    },
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine their spin-waits cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    config = _write(folder / "tiny.yaml", TINY)
+    code = main(["decompose", str(config), "--out", str(folder / "run"), "--set", "epochs=3", "-q"])
+    assert code == 0
+    return folder / "run"
+
+
+def test_decompose_writes_a_complete_run_folder(finished_run):
+    run_dir = runs.RunDir(finished_run)
+    spec = run_dir.spec()
+    assert spec.l3d.epochs == 3  # the --set override is in the resolved config
+    assert spec == runs.RunSpec.create(yaml.safe_load(run_dir.config.read_text()))
+    lines = run_dir.metrics_records()
+    assert [r["epoch"] for r in lines] == [0, 1, 2]
+    for key in ("step", "loss_paper", "loss_pooled_squared", "lr", "live_subnetworks", "time"):
+        assert all(key in r for r in lines), key
+    assert json.loads((finished_run / "checkpoint" / "state.json").read_text())["epoch"] == 3
+    # The saved toy weights are the model decomposed: loading against them reproduces P_act.
+    model = TMS(5, 2)
+    model.load_state_dict(load_file(str(run_dir.model_weights)))
+    decomposition = l3d.load(run_dir.decomposition, model)
+    assert decomposition.n_subnetworks == 5
+    assert decomposition.history == [{k: r[k] for k in decomposition.history[0]} for r in lines]
+
+
+def test_intervene_measures_output_change_like_a_perturbed_copy(finished_run):
+    """Oracle: copy the model, add delta * v_k to its weights by hand, compare outputs with MSE."""
+    assert (
+        main(["intervene", str(finished_run), "--subnetwork", "1", "--delta", "0.5", "2", "-q"])
+        == 0
+    )
+    result = json.loads((finished_run / "interventions" / "subnetwork_1.json").read_text())
+    assert (finished_run / "interventions" / "subnetwork_1.png").stat().st_size > 0
+    run = runs.open_run(finished_run)
+    x = run.data[:200]
+    direction = run.decomposition.v_out(1)
+    for delta, change in zip([0.5, 2.0], result["change"]):
+        moved = TMS(5, 2)
+        moved.load_state_dict(run.model.state_dict())
+        with torch.no_grad():
+            for name, param in moved.named_parameters():
+                param += delta * direction[name]
+            expected = (moved(x) - run.model(x)).pow(2).mean(1)
+        torch.testing.assert_close(torch.tensor(change), expected, rtol=1e-4, atol=1e-7)
+    impact = run.decomposition.impact(x, n_references=10)[:, 1]
+    torch.testing.assert_close(torch.tensor(result["impact"]), impact, rtol=1e-5, atol=1e-8)
+
+
+def test_report_command_writes_a_page(finished_run, capsys):
+    assert main(["report", str(finished_run)]) == 0
+    page = finished_run / "report" / "index.html"
+    assert str(page) in capsys.readouterr().err
+    assert page.read_text().count('class="subnetwork') == 5
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"l3d": {**TINY["l3d"], "n_subnetwork": 5}},
+            "unknown config key 'l3d.n_subnetwork' (did you mean n_subnetworks",
+        ),
+        ({"l3d": {**TINY["l3d"], "epochs": "ten"}}, "config key 'l3d.epochs'"),
+        ({"l3d": {**TINY["l3d"], "top_k": 2.0}}, "config key 'l3d.top_k': must be in (0, 1]"),
+        ({"modle": TINY["model"]}, "unknown config key 'modle' (did you mean model"),
+        (
+            {"model": {"toy": "tms", "python": "x:y"}},
+            "'model' needs exactly one of toy, hf, python",
+        ),
+        ({"model": {"toy": "tmz"}}, "unknown toy model 'tmz' (did you mean tms?)"),
+        ({"model": {"python": "no_such_module_xyz:make"}}, "cannot import no_such_module_xyz"),
+        ({"model": {"python": "l3d.toys:TMZ"}}, "has no 'TMZ'; did you mean TMS"),
+        ({"model": {"toy": "tms", "options": {"n_feature": 3}}}, "bad options"),
+        (
+            {"data": {"file": "missing.safetensors"}},
+            "data file 'missing.safetensors' does not exist",
+        ),
+        (
+            {"l3d": {**TINY["l3d"], "params": ["W_inn"]}},
+            "params pattern 'W_inn' matches no parameter",
+        ),
+        ({"run": {"tracking": "mlflow"}}, "config key 'run.tracking'"),
+    ],
+)
+def test_bad_config_gives_one_line_error_and_exit_code_2(tmp_path, capsys, change, message):
+    config = _write(tmp_path / "bad.yaml", {**TINY, **change})
+    code = main(["decompose", str(config), "--out", str(tmp_path / "run"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("l3d decompose: error: "), err
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["decompose", "{tmp}/missing.yaml"], "config file '{tmp}/missing.yaml' does not exist"),
+        (["decompose", "{tmp}/broken.yaml"], "broken.yaml is not valid YAML at line "),
+        (["decompose", "{tmp}/list.yaml"], "must be a YAML mapping"),
+        (["decompose", "{tmp}/ok.yaml", "--set", "epochs"], "--set takes key=value"),
+        (["decompose", "{tmp}/ok.yaml", "--set", "l3d.lr=-1"], "config key 'l3d.lr'"),
+        (["decompose"], "give a run config"),
+        (["decompose", "--resume", "{tmp}"], "is not a run folder"),
+        (["report", "{tmp}/nowhere"], "run folder '{tmp}/nowhere' does not exist"),
+        (["intervene", "{tmp}", "--subnetwork", "0", "--delta", "1"], "is not a run folder"),
+    ],
+)
+def test_bad_command_line_gives_one_line_error(tmp_path, capsys, argv, message):
+    (tmp_path / "broken.yaml").write_text("model:\n  toy: [tms\n")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    _write(tmp_path / "ok.yaml", TINY)
+    code = main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err
+
+
+def test_existing_run_folder_is_not_overwritten(finished_run, capsys):
+    config = _write(finished_run.parent / "again.yaml", TINY)
+    assert main(["decompose", str(config), "--out", str(finished_run), "-q"]) == 2
+    assert f"l3d decompose --resume {finished_run}" in capsys.readouterr().err
+
+
+def test_intervene_rejects_a_subnetwork_out_of_range(finished_run, capsys):
+    assert main(["intervene", str(finished_run), "--subnetwork", "7", "--delta", "1"]) == 2
+    assert "this run has subnetworks 0..4" in capsys.readouterr().err
+
+
+def test_set_overrides_parse_values_as_yaml():
+    data = runs.apply_overrides(
+        TINY, ["epochs=7", "l3d.params=[W_in]", "rank={W_in: 2}", "run.progress=false"]
+    )
+    spec = runs.RunSpec.create(data)
+    assert spec.l3d.epochs == 7 and spec.l3d.params == ("W_in",) and spec.l3d.rank == {"W_in": 2}
+    assert spec.run.progress is False
+    assert TINY["l3d"]["epochs"] == 4  # the input is not modified
+
+
+def test_python_sources_and_relative_paths(tmp_path, monkeypatch):
+    """'file.py:function' model and data sources, resolved relative to the config file."""
+    (tmp_path / "mine.py").write_text(
+        "import torch\n"
+        "def model(width):\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Tanh(), torch.nn.Linear(width, 2))\n"
+        "def data(n):\n"
+        "    return torch.randn(n, 3, generator=torch.Generator().manual_seed(0))\n"
+    )
+    spec = {
+        "model": {"python": "mine.py:model", "options": {"width": 4}},
+        "data": {"python": "mine.py:data", "options": {"n": 40}},
+        "l3d": {
+            "params": ["0.weight", "2.weight"],
+            "n_subnetworks": 3,
+            "epochs": 2,
+            "batch_size": 20,
+        },
+    }
+    config = _write(tmp_path / "py.yaml", spec)
+    monkeypatch.chdir(
+        "/"
+    )  # relative paths are relative to the config file, not the working directory
+    assert main(["decompose", str(config), "--out", str(tmp_path / "run"), "-q"]) == 0
+    run = runs.open_run(tmp_path / "run")
+    assert run.spec.model.python == f"{tmp_path / 'mine.py'}:model"
+    assert run.decomposition.names == ["0.weight", "2.weight"]
+
+
+def test_every_command_has_help_with_examples(capsys):
+    for command in ("decompose", "experiment", "analyze", "intervene", "report"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "examples:" in capsys.readouterr().out, command
+
+
+def test_installed_script_prints_no_traceback_for_a_user_error(tmp_path):
+    script = Path(sys.executable).parent / "l3d"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "l3d.cli"]
+    config = _write(tmp_path / "bad.yaml", {**TINY, "l3d": {**TINY["l3d"], "lr": "fast"}})
+    result = subprocess.run(
+        [*command, "decompose", str(config)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "l3d decompose: error: config key 'l3d.lr': Input should be a valid number, unable to "
+        "parse string as a number (got 'fast')"
+    ]
