@@ -230,7 +230,7 @@ class Decomposition:
         return self.subnetworks.v_in.direction(k)
 
     # Questions about samples -------------------------------------------------------------
-    def _source(self, inputs: Inputs) -> GradientSource:
+    def _source(self, inputs: object, method: str = "vmap") -> GradientSource:
         _, div = resolve_divergence(self._divergence or self.config.divergence)
         _, ref = resolve_reference(self._reference or self.config.reference, self.config.divergence)
         return GradientSource(
@@ -239,7 +239,7 @@ class Decomposition:
             div,
             ref,
             per_token=self.config.per_token,
-            method="vmap",
+            method=method,
             chunk_size=self.config.chunk_size,
         )
 
@@ -259,6 +259,13 @@ class Decomposition:
         references = None if references is None else references.to(self.device)
         batch = source.batch(to_device(inputs, self.device), references, generator)
         return batch.project(self.subnetworks.v_in)
+
+    @torch.no_grad()
+    def evaluate(self, data: object, seed: int = 0, top_k: float | None = None) -> Evaluation:
+        """P_act and both losses on any data (e.g. held-out samples), batched as in training."""
+        self.model.eval()
+        source = self._source(data, method="auto")
+        return evaluate(self.subnetworks, source, top_k or self.config.top_k, seed)
 
     @torch.no_grad()
     def impact(self, inputs: Inputs, n_references: int = 10, seed: int = 0) -> Tensor:
