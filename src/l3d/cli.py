@@ -234,6 +234,7 @@ def _analyze(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         n_top=args.n_top,
         n_references=args.n_references,
+        progress=not args.quiet,
     )
     _say(args, f"analysis in {run.run_dir.analysis}")
     return 0

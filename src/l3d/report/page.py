@@ -217,6 +217,23 @@ def _logits(entry: dict) -> str:
     return f'<h3>Top logits (both signs)</h3><div class="logits">{"".join(columns)}</div>'
 
 
+def _analysis_stats(entry: dict) -> str:
+    """Mean impact, top-sample purity and the analysis's ±δ intervention check, where present."""
+    stats = {}
+    if "mean_impact" in entry:
+        stats["mean impact"] = _fmt(entry["mean_impact"])
+    if "purity" in entry:
+        stats["top-sample label purity"] = _fmt(entry["purity"])
+    effect = entry.get("intervention")
+    if effect:
+        for where, name in (("top_samples", "top samples"), ("random_samples", "random samples")):
+            values = effect[where]
+            stats[f"output change on {name}, δ = ∓{_fmt(effect['delta'])}"] = (
+                f"{_fmt(values['minus'])} / {_fmt(values['plus'])}"
+            )
+    return _summary_table(stats) if stats else ""
+
+
 def _intervention(result: dict, k: int, assets: _Assets) -> str:
     src = assets.png(f"intervention_{k}.png", plots.intervention_png(result))
     impact = np.asarray(result["impact"])
@@ -311,6 +328,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             f'<section class="subnetwork{" is-dead" if is_dead else ""}" id="subnetwork-{k}" {data}>',
             f"<h2>Subnetwork {k}{badge}</h2><p>P_act = {_fmt(p)}</p>",
             _heatmaps(v_out, k, assets),
+            _analysis_stats(entry),
             _samples(entry, run.analysis, assets),
             _logits(entry),
         ]
@@ -339,7 +357,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 <option value="pActive:asc">P_act, low first</option>
 <option value="index:asc">index</option></select></label>
 <label><input type="checkbox" id="hide-dead"> hide dead</label>
-<ol id="nav-list">{"".join(nav)}</ol></nav>
+<p>subnetwork · P_act</p><ol id="nav-list">{"".join(nav)}</ol></nav>
 <main><h1>{_e(title)}</h1>{"".join(parts)}
 <div id="subnetworks">{"".join(sections)}</div></main>
 <script>{_SCRIPT}</script>
