@@ -82,16 +82,20 @@ class L3DConfig(BaseModel):
         description="Epochs at warm_start_top_k before top_k (authors' code: 1-10).",
     )
     warm_start_top_k: float = Field(default=0.999)
-    gradient_method: Literal["auto", "jacobian", "vmap"] = Field(
+    gradient_method: Literal["auto", "jacobian", "vmap", "structured"] = Field(
         default="auto",
         description="'jacobian': cache each sample's output Jacobian at W0 once, then "
         "g_i = J_i^T dD/dy (exact, fast for small models); 'vmap': torch.func per-sample gradients "
-        "every batch; 'auto' picks 'jacobian' when the cache fits in memory.",
+        "every batch; 'structured': per-sample gradients kept factored as layer inputs and "
+        "output-gradients (Linear, Conv1D, Conv2d, Embedding, biases, LayerNorm; other tensors "
+        "use torch.func); 'auto' picks 'jacobian' when the cache fits in memory, else "
+        "'structured' when any tensor supports it, else 'vmap'.",
     )
     chunk_size: int | None = Field(
         default=None,
         ge=1,
-        description="Samples per vmap chunk (bounds memory); None = whole batch.",
+        description="Samples per vmap chunk (bounds memory); for 'structured' with per_token, "
+        "tokens per batched backward (default 32). None = whole batch.",
     )
     seed: int = 0
     device: str = "cpu"

@@ -198,13 +198,14 @@ class GradientSource:
         reference: ReferenceFn,
         *,
         per_token: bool,
-        method: Literal["auto", "jacobian", "vmap"],
+        method: Literal["auto", "jacobian", "vmap", "structured"],
         chunk_size: int | None,
     ) -> None:
         self.target, self.dataset = target, dataset
         self.divergence, self.reference = divergence, reference
         self.per_token, self.chunk_size = per_token, chunk_size
         self._validate()
+        self.plan = None  # structured.StructuredPlan when method == 'structured'
         self.method = self._choose(method)
         self._jacobian: Tensor | None = None
         self._outputs: Tensor | None = None
@@ -234,15 +235,24 @@ class GradientSource:
                 "gradient_method='jacobian' needs the data as one tensor (or dict of tensors) and "
                 "per_token=False; use 'vmap' or 'auto'"
             )
-        if method != "auto":
-            return method
-        if not cacheable:
+        if method == "auto" and cacheable:
+            n = self.dataset.n_samples
+            first = to_device(take(self.dataset.inputs, slice(0, 1)), self.dataset.device)
+            n_out = self.target.outputs(first)[0].numel()
+            n_w = sum(w.numel() for w in self.target.w0.values())
+            if 4 * n * n_out * n_w <= JACOBIAN_CACHE_BYTES:
+                return "jacobian"
+        if method in ("auto", "structured"):
+            from l3d.structured import StructuredPlan
+
+            plan = StructuredPlan.create(self.target)
+            # 'auto' takes the structured path when at least one tensor can use it; the rest
+            # of the tensors fall back to torch.func inside it.
+            if method == "structured" or plan.sites:
+                self.plan = plan
+                return "structured"
             return "vmap"
-        n = self.dataset.n_samples
-        first = to_device(take(self.dataset.inputs, slice(0, 1)), self.dataset.device)
-        n_out = self.target.outputs(first)[0].numel()
-        n_w = sum(w.numel() for w in self.target.w0.values())
-        return "jacobian" if 4 * n * n_out * n_w <= JACOBIAN_CACHE_BYTES else "vmap"
+        return method
 
     def _build_cache(self) -> None:
         inputs = self.dataset.inputs
@@ -303,8 +313,10 @@ class GradientSource:
         inputs: Inputs,
         references: Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> DenseGradients:
+    ) -> GradientBatch:
         """Gradients for an explicit batch; references default to the configured strategy."""
+        if self.method == "structured":
+            return self._structured(inputs, references, generator)
         outputs = self.target.outputs(inputs)
         if references is None:
             generator = generator or torch.Generator().manual_seed(0)
@@ -324,3 +336,25 @@ class GradientSource:
             chunk_size=self.chunk_size,
         )
         return DenseGradients(grads)
+
+    def _structured(
+        self, inputs: Inputs, references: Tensor | None, generator: torch.Generator | None
+    ) -> GradientBatch:
+        from l3d.structured import structured_gradients
+
+        if references is None:
+            generator = generator or torch.Generator().manual_seed(0)
+            mask = token_mask(inputs) if self.per_token else None
+
+            def references(outputs: Tensor) -> Tensor:
+                return draw_references(outputs, mask, self.per_token, self.reference, generator)
+
+        return structured_gradients(
+            self.target,
+            inputs,
+            references,
+            self.divergence,
+            plan=self.plan,
+            per_token=self.per_token,
+            chunk_size=self.chunk_size,
+        )

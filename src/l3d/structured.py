@@ -1,0 +1,503 @@
+"""Structured per-sample gradients: L3D without materialising the (samples x parameters) array.
+
+For the layers that hold almost all weights, one sample's gradient is a sum of outer products of
+the layer's input a_s and output-gradient delta_s over the positions s it is applied at
+(design/math.md section 1): Linear and GPT-2 Conv1D (s = tokens), Conv2d (s = output pixels, a_s
+the unfolded input patch, per group), Embedding (a_s the one-hot token). So the coefficients
+<V_k, g_i> = sum_s sum_r (L_kr . delta_is)(M_kr . a_is) come from the factors directly (section 2),
+with V_k = sum_r L_kr (x) M_kr split into its output-side factor L and the rest M. Bias and
+LayerNorm vectors are small: their per-sample gradients are formed exactly (sum_s delta_s, and
+sum_s delta_s * xhat_s). Any other tensor takes the generic torch.func path (gradients.py); which
+path each tensor takes is logged and kept in `StructuredPlan.paths`.
+
+The signals come from one forward with hooks and one backward of sum_i D_i (samples do not
+interact in eval mode). Per-token samples are different: token t's divergence reaches every
+position s <= t, so delta^(t) needs its own backward. The backward is batched over tokens
+(is_grads_batched) and starts at the input of the output head when the model exposes one
+(`get_output_embeddings`): the head acts on each position separately, so one ordinary backward
+through it gives every token's cotangent, and only the cheap part below it runs once per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+
+from l3d.divergences import Divergence
+from l3d.errors import L3DError
+from l3d.gradients import per_sample_gradients
+from l3d.model import Inputs, Target, token_mask
+from l3d.subnetworks import _MODES, _TUCKER_K, Subnetworks, _TensorFactors
+
+logger = logging.getLogger(__name__)
+
+# Tokens per batched backward in per-token mode when chunk_size is not set: bounds the memory of
+# the (tokens, *activation) cotangents.
+DEFAULT_TOKEN_CHUNK = 32
+
+
+# Which tensors can take the structured path ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One supported module whose tensors are decomposed."""
+
+    module_name: str
+    module: nn.Module
+    kind: str  # 'linear' | 'conv1d' | 'conv2d' | 'embedding' | 'layernorm'
+    tensors: dict[str, str]  # local parameter name ('weight', 'bias') -> full name
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            return None
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return None if module.max_norm is not None or module.scale_grad_by_freq else "embedding"
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    return None
+
+
+@dataclass
+class StructuredPlan:
+    """How each decomposed tensor's per-sample gradients are obtained."""
+
+    sites: list[_Site]
+    generic: list[str]
+    paths: dict[str, str] = field(default_factory=dict)
+    """{tensor name: 'structured (<layer kind>)' or 'generic torch.func (<reason>)'}."""
+
+    def demote(self, site: _Site, reason: str) -> None:
+        """Send a site's tensors to the generic path from now on."""
+        self.sites.remove(site)
+        for name in site.tensors.values():
+            self.generic.append(name)
+            self.paths[name] = f"generic torch.func ({reason})"
+        logger.info("L3D gradient path of %s: generic torch.func (%s)", site.module_name, reason)
+
+    @classmethod
+    def create(cls, target: Target, force_generic: bool = False) -> StructuredPlan:
+        model = target.model
+        modules = dict(model.named_modules())
+        # A parameter registered in two modules (tied embeddings) gets gradient from both uses;
+        # hooks on one module would miss the other, so such tensors take the generic path.
+        uses = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+        params = dict(model.named_parameters())
+        by_module: dict[str, _Site] = {}
+        generic, paths = [], {}
+        for name in target.names:
+            module_name, _, local = name.rpartition(".")
+            module = modules.get(module_name)
+            kind = None if module is None else _kind(module)
+            reason = None
+            if force_generic:
+                reason = "forced"
+            elif kind is None:
+                reason = f"{type(module).__name__ if module is not None else 'root'} not supported"
+            elif local not in ("weight", "bias"):
+                reason = f"parameter '{local}' of {type(module).__name__}"
+            elif uses[id(params[name])] > 1:
+                reason = "tied to another module's parameter"
+            if reason is not None:
+                generic.append(name)
+                paths[name] = f"generic torch.func ({reason})"
+                continue
+            site = by_module.setdefault(module_name, _Site(module_name, module, kind, {}))
+            site.tensors[local] = name
+            paths[name] = f"structured ({kind})"
+        plan = cls(list(by_module.values()), generic, paths)
+        logger.info("L3D gradient paths: %s", "; ".join(f"{n}: {p}" for n, p in plan.paths.items()))
+        return plan
+
+
+# Captured signals per module ---------------------------------------------------------------
+
+
+@dataclass
+class _MatrixSignal:
+    """A weight's per-sample gradient as sum_s sum_g delta_{s,g} (x) a_{s,g} (g = conv group).
+
+    delta: (T, n, S, G, out_g); a: (n, S, G, in_g) floats, or token ids (n, S) for an embedding.
+    T is the number of per-token samples per sequence (1 without per_token).
+    out_mode: which mode of the parameter tensor is the layer's output side.
+    """
+
+    delta: Tensor
+    a: Tensor
+    out_mode: int
+    groups: int = 1
+
+    @property
+    def is_embedding(self) -> bool:
+        return not self.a.is_floating_point()
+
+
+def _as_positions(x: Tensor, batch: int, features: int) -> Tensor:
+    """(batch, ..., features) -> (batch, S, features)."""
+    return x.reshape(batch, -1, features)
+
+
+def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Unfolded input patches, (n, L, G, in_g * kh * kw), matching weight.view(out, -1)'s order."""
+    n = x.shape[0]
+    cols = F.unfold(
+        x,
+        module.kernel_size,
+        dilation=module.dilation,
+        padding=module.padding,
+        stride=module.stride,
+    )  # (n, C * kh * kw, L), channel-major
+    g = module.groups
+    return cols.view(n, g, -1, cols.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _conv_delta(module: nn.Conv2d, delta: Tensor) -> Tensor:
+    """(T, n, out, H', W') -> (T, n, L, G, out_g)."""
+    t, n, out = delta.shape[:3]
+    g = module.groups
+    return delta.reshape(t, n, g, out // g, -1).permute(0, 1, 4, 2, 3)
+
+
+# Factor algebra ----------------------------------------------------------------------------
+
+
+def _split_factors(tf: _TensorFactors, out_mode: int) -> tuple[Tensor, Tensor]:
+    """V_k = sum_r L_kr (x) M_kr with L on the output mode: L (n_v, R', d_out) and
+    M (n_v, R', prod of the other dims in tensor order). CP: R' = R and M is the outer product of
+    the other modes' factors; Tucker: R' = the output mode's rank, M = core times the others."""
+    m = len(tf.work_shape)
+    others = [j for j in range(m) if j != out_mode]
+    if tf.core is None:
+        L = tf.modes[out_mode]
+        if len(others) == 1:
+            return L, tf.modes[others[0]]
+        subs = ",".join(f"kr{_MODES[j]}" for j in others)
+        M = torch.einsum(
+            f"{subs}->kr{''.join(_MODES[j] for j in others)}", *[tf.modes[j] for j in others]
+        )
+        return L, M.reshape(M.shape[0], M.shape[1], -1)
+    ranks = _TUCKER_K[:m]
+    subs = [f"k{ranks}"] + [f"k{ranks[j]}{_MODES[j]}" for j in others]
+    out = f"k{ranks[out_mode]}{''.join(_MODES[j] for j in others)}"
+    M = torch.einsum(",".join(subs) + "->" + out, tf.core, *[tf.modes[j] for j in others])
+    return tf.modes[out_mode], M.reshape(M.shape[0], M.shape[1], -1)
+
+
+def _project_matrix(sig: _MatrixSignal, tf: _TensorFactors) -> Tensor:
+    """<V_k, g_(t,i)>, (T, n, n_v), from a, delta and the factors (design/math.md section 2)."""
+    L, M = _split_factors(tf, sig.out_mode)  # (K, R, out), (K, R, in)
+    k, r = L.shape[:2]
+    L = L.reshape(k, r, sig.groups, -1)  # (K, R, G, out_g)
+    if sig.is_embedding:
+        q = M.permute(2, 0, 1)[sig.a].unsqueeze(2)  # (n, S, 1, K, R): M_kr[token]
+    else:
+        q = torch.einsum("nsgi,kri->nsgkr", sig.a, M)
+    p = torch.einsum("tnsgo,krgo->tnsgkr", sig.delta, L)
+    return torch.einsum("tnsgkr,nsgkr->tnk", p, q)
+
+
+def _sq_norms_matrix(sig: _MatrixSignal) -> Tensor:
+    """||sum_s delta_s (x) a_s||^2 per sample, (T, n): via position Gram matrices
+    sum_{s,z} (delta_s . delta_z)(a_s . a_z) when positions are few, else by forming the
+    (small) per-sample tensor, whichever costs less."""
+    s, out_g = sig.delta.shape[2], sig.delta.shape[4]
+    if sig.is_embedding:
+        same = (sig.a[:, :, None] == sig.a[:, None, :]).to(sig.delta.dtype)  # (n, S, S)
+        dd = torch.einsum("tnso,tnzo->tnsz", sig.delta[:, :, :, 0], sig.delta[:, :, :, 0])
+        return torch.einsum("tnsz,nsz->tn", dd, same)
+    in_g = sig.a.shape[-1]
+    if s * s * (out_g + in_g) <= s * out_g * in_g:
+        dd = torch.einsum("tnsgo,tnzgo->tnsgz", sig.delta, sig.delta)
+        aa = torch.einsum("nsgi,nzgi->nsgz", sig.a, sig.a)
+        return torch.einsum("tnsgz,nsgz->tn", dd, aa)
+    grads = torch.einsum("tnsgo,nsgi->tngoi", sig.delta, sig.a)
+    return grads.pow(2).sum(dim=(2, 3, 4))
+
+
+# The gradient batch --------------------------------------------------------------------------
+
+
+@dataclass
+class StructuredGradients:
+    """A GradientBatch whose weight gradients stay factored as (a, delta) pairs.
+
+    matrices: {name: _MatrixSignal}; vectors: {name: (n_samples, *shape)} exact per-sample
+    gradients of biases, LayerNorm vectors and generic-path tensors. `keep` (n, T) marks which
+    (sequence, position) pairs are samples, in the row order of the generic path.
+    """
+
+    matrices: dict[str, _MatrixSignal]
+    vectors: dict[str, Tensor]
+    keep: Tensor | None
+    n_samples: int
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """(T, n, ...) -> (n_samples, ...) in sample order (sequence-major, then position)."""
+        x = x.transpose(0, 1)
+        return x.flatten(0, 1) if self.keep is None else x[self.keep]
+
+    def project(self, subnetworks: Subnetworks) -> Tensor:
+        factors = dict(zip(subnetworks.names, subnetworks.tensors))
+        total = None
+        for name, sig in self.matrices.items():
+            c = self._rows(_project_matrix(sig, factors[name]))
+            total = c if total is None else total + c
+        for name, g in self.vectors.items():
+            c = factors[name].inner(g)
+            total = c if total is None else total + c
+        return total
+
+    def sq_norms(self) -> Tensor:
+        total = None
+        for sig in self.matrices.values():
+            s = self._rows(_sq_norms_matrix(sig))
+            total = s if total is None else total + s
+        for g in self.vectors.values():
+            s = g.flatten(1).pow(2).sum(1)
+            total = s if total is None else total + s
+        return total
+
+
+# Capture -------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Forward hooks that keep each site's inputs and outputs (and the output head's input)."""
+
+    def __init__(self, sites: list[_Site], head: nn.Module | None) -> None:
+        self.inputs: dict[str, list[Tensor]] = {s.module_name: [] for s in sites}
+        self.outputs: dict[str, list[Tensor]] = {s.module_name: [] for s in sites}
+        self.head_input: Tensor | None = None
+        self._handles = []
+        for site in sites:
+            self._handles.append(site.module.register_forward_hook(self._keep(site.module_name)))
+        if head is not None:
+            self._handles.append(head.register_forward_hook(self._keep_head))
+
+    def _keep(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            self.inputs[name].append(args[0].detach())
+            self.outputs[name].append(output)
+
+        return hook
+
+    def _keep_head(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.head_input = args[0]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _output_head(model: nn.Module, sites: list[_Site]) -> nn.Module | None:
+    """The per-position output head (e.g. lm_head), if the model names one and no decomposed
+    module lies inside it."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return None
+    inside = {id(m) for m in head.modules()}
+    return None if any(id(s.module) in inside for s in sites) else head
+
+
+def _token_cotangents(root: Tensor, cot: Tensor, positions: Tensor) -> Tensor:
+    """(P, *root.shape): copy p carries cot at sequence position positions[p] only."""
+    seq = root.shape[1]
+    onehot = F.one_hot(positions, seq).to(cot.dtype)  # (P, seq)
+    view = (len(positions), 1, seq) + (1,) * (cot.dim() - 2)
+    return onehot.view(view) * cot.unsqueeze(0)
+
+
+def structured_gradients(
+    target: Target,
+    inputs: Inputs,
+    references: Tensor | Callable[[Tensor], Tensor],
+    divergence: Divergence,
+    *,
+    plan: StructuredPlan,
+    per_token: bool = False,
+    chunk_size: int | None = None,
+) -> StructuredGradients:
+    """Per-sample gradient signals for one batch (see the module docstring).
+
+    references: reference outputs shaped like the model's outputs for `inputs`, or a function
+    drawing them from those outputs (so the batch needs only one forward).
+    """
+    head = _output_head(target.model, plan.sites) if per_token else None
+    recorder = _Recorder(plan.sites, head)
+    # Decomposed tensors require grad so that every site's output is part of the graph, even a
+    # first layer whose input does not; only gradients with respect to outputs are taken.
+    params = {n: w.detach().requires_grad_() for n, w in target.w0.items()}
+    try:
+        with torch.enable_grad():
+            outputs = target.forward(inputs, params)
+    finally:
+        recorder.remove()
+    if callable(references):
+        references = references(outputs.detach())
+    if references.shape != outputs.shape:
+        raise L3DError(
+            f"references have shape {tuple(references.shape)}, but the model's outputs for "
+            f"these inputs have shape {tuple(outputs.shape)}: pass one reference output per sample"
+        )
+    references = references.detach()
+    mask = token_mask(inputs) if per_token else None
+    batch = outputs.shape[0]
+    for site in list(plan.sites):
+        if any(o.shape[:1] != (batch,) for o in recorder.outputs[site.module_name]):
+            # e.g. position embeddings computed once and broadcast over the batch: their
+            # output-gradient already sums over samples, so per-sample signals are lost.
+            plan.demote(site, "output not batched per sample")
+    site_outputs = [o for s in plan.sites for o in recorder.outputs[s.module_name]]
+
+    with torch.enable_grad():
+        y = outputs.detach().requires_grad_()
+        flat_y = y.flatten(0, 1) if per_token else y
+        flat_ref = references.flatten(0, 1) if per_token else references
+        values = vmap(divergence)(flat_y, flat_ref)
+        (dd_dy,) = torch.autograd.grad(values.sum(), y)  # each sample's dD_i/dy_i in its row
+    if mask is not None:
+        dd_dy = dd_dy * mask.unsqueeze(-1).to(dd_dy.dtype)
+
+    if not site_outputs:
+        deltas: list[Tensor] = []
+    elif not per_token:
+        grads = torch.autograd.grad(outputs, site_outputs, dd_dy, allow_unused=True)
+        deltas = [
+            torch.zeros_like(o).unsqueeze(0) if d is None else d.unsqueeze(0)
+            for o, d in zip(site_outputs, grads)
+        ]
+    else:
+        root, cot = outputs, dd_dy
+        if recorder.head_input is not None:
+            # The head is position-wise: one backward through it serves all tokens at once.
+            root = recorder.head_input
+            (cot,) = torch.autograd.grad(outputs, root, dd_dy, retain_graph=True)
+        seq = root.shape[1]
+        step = chunk_size or DEFAULT_TOKEN_CHUNK
+        parts = []
+        for start in range(0, seq, step):
+            positions = torch.arange(start, min(seq, start + step), device=cot.device)
+            parts.append(
+                torch.autograd.grad(
+                    root,
+                    site_outputs,
+                    _token_cotangents(root, cot, positions),
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
+            )
+        sizes = [min(step, seq - start) for start in range(0, seq, step)]
+        deltas = [
+            torch.cat(
+                [
+                    o.new_zeros(size, *o.shape) if p[j] is None else p[j]
+                    for size, p in zip(sizes, parts)
+                ]
+            )
+            for j, o in enumerate(site_outputs)
+        ]
+
+    matrices, vectors = _signals(plan, recorder, deltas, batch)
+    if not per_token:
+        n_samples = batch
+    else:
+        n_samples = batch * outputs.shape[1] if mask is None else int(mask.sum())
+    rows = StructuredGradients(matrices, {}, mask, n_samples)
+    vectors = {n: rows._rows(v) for n, v in vectors.items()}
+    if plan.generic:
+        sub = Target(
+            target.model,
+            plan.generic,
+            {n: target.w0[n] for n in plan.generic},
+            {**target.frozen, **{n: w for n, w in target.w0.items() if n not in plan.generic}},
+        )
+        vectors.update(
+            per_sample_gradients(
+                sub, inputs, references, divergence, per_token=per_token, chunk_size=chunk_size
+            )
+        )
+    for name, g in vectors.items():
+        if not torch.isfinite(g).all():
+            raise L3DError(
+                f"per-sample gradients of '{name}' contain NaN/inf: the model or divergence is "
+                "not finite at W0 on this batch (check inputs, logits and log-probabilities)"
+            )
+    rows.vectors = vectors
+    return rows
+
+
+def _signals(
+    plan: StructuredPlan,
+    recorder: _Recorder,
+    deltas: list[Tensor],
+    batch: int,
+) -> tuple[dict[str, _MatrixSignal], dict[str, Tensor]]:
+    """Turn each site's captured inputs and output-gradients into factored weight signals and
+    exact per-sample vector gradients, (T, n, *shape). A module applied several times in one
+    forward contributes each use's positions to the same sum."""
+    matrices: dict[str, _MatrixSignal] = {}
+    vectors: dict[str, Tensor] = {}
+    it = iter(deltas)
+    for site in plan.sites:
+        m = site.module
+        uses = [(a, next(it)) for a in recorder.inputs[site.module_name]]
+        weight_parts, bias_parts, a_parts = [], [], []
+        for a, d in uses:
+            t = d.shape[0]
+            if site.kind in ("linear", "conv1d"):
+                out = d.shape[-1]
+                dd = d.reshape(t, batch, -1, 1, out)
+                aa = _as_positions(a, batch, a.shape[-1]).unsqueeze(2)
+            elif site.kind == "conv2d":
+                dd = _conv_delta(m, d)
+                aa = _conv_patches(m, a)
+            elif site.kind == "embedding":
+                dd = d.reshape(t, batch, -1, 1, d.shape[-1])
+                aa = a.reshape(batch, -1)
+                if m.padding_idx is not None:  # the padding row never receives gradient
+                    dd = dd * (aa != m.padding_idx)[None, :, :, None, None].to(dd.dtype)
+            else:  # layernorm
+                shape = m.normalized_shape
+                size = math.prod(shape)
+                xhat = F.layer_norm(a, shape, None, None, m.eps)
+                dd = d.reshape(t, batch, -1, size)
+                aa = xhat.reshape(batch, -1, size)
+            weight_parts.append(dd)
+            a_parts.append(aa)
+            bias_parts.append(dd)
+        if site.kind == "layernorm":
+            shape = tuple(m.normalized_shape)
+            if "weight" in site.tensors:
+                w = sum(torch.einsum("tnsf,nsf->tnf", d, a) for d, a in zip(weight_parts, a_parts))
+                vectors[site.tensors["weight"]] = w.reshape(*w.shape[:2], *shape)
+            if "bias" in site.tensors:
+                b = sum(d.sum(2) for d in bias_parts)
+                vectors[site.tensors["bias"]] = b.reshape(*b.shape[:2], *shape)
+            continue
+        if "weight" in site.tensors:
+            out_mode = 1 if site.kind in ("conv1d", "embedding") else 0
+            groups = m.groups if site.kind == "conv2d" else 1
+            matrices[site.tensors["weight"]] = _MatrixSignal(
+                torch.cat(weight_parts, dim=2), torch.cat(a_parts, dim=1), out_mode, groups
+            )
+        if "bias" in site.tensors:
+            b = sum(d.sum(2).flatten(2) for d in bias_parts)  # (T, n, out)
+            vectors[site.tensors["bias"]] = b
+    return matrices, vectors
