@@ -1,0 +1,158 @@
+"""Image classifiers: input checks, rank presets per tensor, and the paper's mobilenet-v3-small run.
+
+Any classifier mapping (n, C, H, W) images to (n, n_classes) logits works with divergence='kl'
+(KL(p_ref ‖ p_i) over classes, Section 3.5.2). The model runs in eval mode during a decomposition,
+so BatchNorm uses its running statistics and samples never interact. torchvision is optional
+(`pip install l3d[vision]`) and imported only by `load_mobilenet_v3_small`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from l3d.config import L3DConfig
+from l3d.errors import L3DError
+from l3d.model import select_parameters
+
+# torchvision's ImageNet normalisation, used by its pretrained classifiers.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_tensor(
+    images: Tensor | np.ndarray,
+    *,
+    mean: Iterable[float] | None = None,
+    std: Iterable[float] | None = None,
+) -> Tensor:
+    """Images as a float (n, C, H, W) tensor.
+
+    Accepts (n, C, H, W) or channels-last (n, H, W, C) arrays (C in 1 or 3), uint8 in [0, 255]
+    (scaled to [0, 1]) or floats used as given; then (x - mean) / std per channel if given.
+    """
+    x = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(images).__name__
+        raise L3DError(
+            f"images have shape {shape}; pass a batch shaped (n, C, H, W) or (n, H, W, C), "
+            "e.g. add a batch axis with images[None]"
+        )
+    if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if mean is not None or std is not None:
+        c = x.shape[1]
+        m = torch.tensor(list(mean) if mean is not None else [0.0] * c).view(1, -1, 1, 1)
+        s = torch.tensor(list(std) if std is not None else [1.0] * c).view(1, -1, 1, 1)
+        if m.shape[1] != c or s.shape[1] != c:
+            raise L3DError(
+                f"mean/std have {m.shape[1]}/{s.shape[1]} values for images with {c} channels"
+            )
+        x = (x - m) / s
+    return x.contiguous()
+
+
+@torch.no_grad()
+def check_classifier(model: nn.Module, images: Tensor) -> int:
+    """Run the model on two images; a clear error if they do not fit it or it does not return
+    (n, n_classes) logits. Returns n_classes."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(images[:2])
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise L3DError(
+            f"images of shape {tuple(images.shape[1:])} (C, H, W) do not fit the model: {first}. "
+            "Resize or convert them to the input shape the model was trained on"
+        ) from None
+    finally:
+        model.train(was_training)
+    logits = out.logits if hasattr(out, "logits") else out
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise L3DError(
+            f"an image classifier must return (n, n_classes) logits; this model returned {shape}"
+        )
+    return int(logits.shape[1])
+
+
+def ranks_by_fraction(
+    model: nn.Module, params: Iterable[str], fraction: float = 0.1
+) -> dict[str, int]:
+    """Rank per selected tensor: about `fraction` of its largest dimension, at least 1 (the
+    authors' mobilenet run used ranks of about dim/10)."""
+    tensors = dict(model.named_parameters())
+    return {
+        name: max(1, round(fraction * max(tensors[name].shape, default=1)))
+        for name in select_parameters(model, params)
+    }
+
+
+@dataclass(frozen=True)
+class VisionPreset:
+    """A named L3D run on an image classifier."""
+
+    model: str
+    description: str
+    dataset: str
+    rank_fraction: float
+    l3d: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, model: nn.Module, **changes: Any) -> L3DConfig:
+        """The preset's L3DConfig for this model (ranks from its tensor shapes), any field
+        overridden by `changes`."""
+        params = changes.get("params", self.l3d["params"])
+        rank = ranks_by_fraction(model, params, self.rank_fraction)
+        return L3DConfig.create(**{**self.l3d, "rank": rank, **changes})
+
+
+PRESETS: dict[str, VisionPreset] = {
+    # The paper's vision run as the authors' code ran it (reference/authors-code-vs-paper.md):
+    # all 13 tensors of features.7 (about 22k parameters), eval-mode BatchNorm, KL over classes.
+    "mobilenet-v3-small": VisionPreset(
+        model="torchvision mobilenet_v3_small, ImageNet weights",
+        description="mobilenet-v3-small block features.7, 100 subnetworks, ranks about dim/10 "
+        "(Section 3.5.2)",
+        dataset="10,000 CIFAR-100 images resized to 224x224, ImageNet-normalised",
+        rank_fraction=0.1,
+        l3d={
+            "params": ("features.7.*",),
+            "n_subnetworks": 100,
+            "top_k": 0.1,
+            "divergence": "kl",
+            "reference": "random",
+            "batch_size": 32,
+            "lr": 0.005,
+            "epochs": 100,
+            "warm_start_epochs": 10,
+        },
+    ),
+}
+
+
+def get_preset(name: str) -> VisionPreset:
+    if name in PRESETS:
+        return PRESETS[name]
+    close = difflib.get_close_matches(name, list(PRESETS), n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise L3DError(f"unknown vision preset '{name}'.{hint} Presets: {', '.join(PRESETS)}")
+
+
+def load_mobilenet_v3_small(weights: str | None = "DEFAULT") -> nn.Module:
+    """torchvision's mobilenet_v3_small in eval mode (weights=None: random initialisation)."""
+    try:
+        from torchvision.models import mobilenet_v3_small
+    except (ImportError, OSError, RuntimeError) as err:
+        raise L3DError(
+            f"the mobilenet preset needs torchvision, which cannot be imported here ({err}): "
+            "pip install 'l3d[vision]' with a torchvision build matching your torch"
+        ) from None
+    return mobilenet_v3_small(weights=weights).eval()
