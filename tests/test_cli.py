@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import l3d
 from l3d import runs
@@ -18,11 +18,8 @@ from l3d.cli import main
 from l3d.toys import TMS
 
 TINY = {
-    "model": {"toy": "tms", "options": {"n_features": 5, "n_hidden": 2, "train_steps": 200}},
-    "data": {
-        "toy": "sparse_features",
-        "options": {"n_samples": 200, "n_features": 5, "p_active": 0.1, "seed": 1},
-    },
+    "model": {"python": "l3d.toys:TMS", "options": {"n_features": 5, "n_hidden": 2}},
+    "data": {"toy": "tms", "options": {"n_samples": 200, "seed": 1}},
     "l3d": {
         "params": ["W_in", "W_out", "b"],
         "n_subnetworks": 5,
@@ -65,10 +62,12 @@ def test_decompose_writes_a_complete_run_folder(finished_run):
     for key in ("step", "loss_paper", "loss_pooled_squared", "lr", "live_subnetworks", "time"):
         assert all(key in r for r in lines), key
     assert json.loads((finished_run / "checkpoint" / "state.json").read_text())["epoch"] == 3
-    # The saved toy weights are the model decomposed: loading against them reproduces P_act.
+    # A python model source is rebuilt by calling it again: the same weights as decomposed.
     model = TMS(5, 2)
-    model.load_state_dict(load_file(str(run_dir.model_weights)))
     decomposition = l3d.load(run_dir.decomposition, model)
+    torch.testing.assert_close(
+        decomposition.target.w0["W_in"], runs.open_run(finished_run).model.W_in
+    )
     assert decomposition.n_subnetworks == 5
     assert decomposition.history == [{k: r[k] for k in decomposition.history[0]} for r in lines]
 
@@ -117,10 +116,12 @@ def test_report_command_writes_a_page(finished_run, capsys):
             {"model": {"toy": "tms", "python": "x:y"}},
             "'model' needs exactly one of toy, hf, python",
         ),
-        ({"model": {"toy": "tmz"}}, "unknown toy model 'tmz' (did you mean tms?)"),
+        ({"model": {"toy": "tmz"}}, "unknown experiment 'tmz' (did you mean tms"),
         ({"model": {"python": "no_such_module_xyz:make"}}, "cannot import no_such_module_xyz"),
         ({"model": {"python": "l3d.toys:TMZ"}}, "has no 'TMZ'; did you mean TMS"),
-        ({"model": {"toy": "tms", "options": {"n_feature": 3}}}, "bad options"),
+        ({"model": {"toy": "tms", "options": {"n_hidden": 3}}}, "unknown options ['n_hidden']"),
+        ({"model": {**TINY["model"], "options": {"n_feature": 3}}}, "bad options"),
+        ({"data": {"toy": "tms", "options": {"n": 3}}}, "valid: n_samples, seed"),
         (
             {"data": {"file": "missing.safetensors"}},
             "data file 'missing.safetensors' does not exist",
@@ -238,3 +239,26 @@ def test_installed_script_prints_no_traceback_for_a_user_error(tmp_path):
         "l3d decompose: error: config key 'l3d.lr': Input should be a valid number, unable to "
         "parse string as a number (got 'fast')"
     ]
+
+
+@pytest.mark.slow
+def test_toy_model_source_is_trained_once_and_kept_in_the_run(tmp_path, monkeypatch):
+    """`model: {toy: tms}` trains the paper's toy through the experiment registry; the run folder
+    keeps its weights, so reopening the run rebuilds the same model without training."""
+    monkeypatch.setenv("L3D_CACHE", str(tmp_path / "cache"))
+    spec = {**TINY, "model": {"toy": "tms", "options": {"seed": 0}}}
+    config = _write(tmp_path / "toy.yaml", spec)
+    assert main(["decompose", str(config), "--out", str(tmp_path / "run"), "-q"]) == 0
+    trained = runs.open_run(tmp_path / "run").model.state_dict()
+    shutil.rmtree(tmp_path / "cache")
+    monkeypatch.setattr("l3d.experiments.registry.train_toy_model", None)  # must not be called
+    reopened = runs.open_run(tmp_path / "run").model.state_dict()
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["toy"] == "tms"
+    for name, value in trained.items():
+        torch.testing.assert_close(reopened[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("example", sorted(Path(__file__).parents[1].glob("examples/*.yaml")))
+def test_example_configs_are_valid_run_specs(example):
+    spec = runs.RunSpec.create(yaml.safe_load(example.read_text()))
+    assert spec.l3d.n_subnetworks >= 1

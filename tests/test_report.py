@@ -27,11 +27,8 @@ from l3d.report.page import direction
 from l3d.subnetworks import Subnetworks
 
 TINY = {
-    "model": {"toy": "tms", "options": {"n_features": 5, "n_hidden": 2, "train_steps": 200}},
-    "data": {
-        "toy": "sparse_features",
-        "options": {"n_samples": 120, "n_features": 5, "p_active": 0.1, "seed": 1},
-    },
+    "model": {"python": "l3d.toys:TMS", "options": {"n_features": 5, "n_hidden": 2}},
+    "data": {"toy": "tms", "options": {"n_samples": 120, "seed": 1}},
     "l3d": {
         "params": ["W_in", "W_out", "b"],
         "n_subnetworks": 6,

@@ -21,11 +21,8 @@ from l3d.cli import main
 from l3d.decomposition import build
 
 TINY = {
-    "model": {"toy": "tms", "options": {"n_features": 5, "n_hidden": 2, "train_steps": 50}},
-    "data": {
-        "toy": "sparse_features",
-        "options": {"n_samples": 128, "n_features": 5, "p_active": 0.1, "seed": 1},
-    },
+    "model": {"python": "l3d.toys:TMS", "options": {"n_features": 5, "n_hidden": 2}},
+    "data": {"toy": "tms", "options": {"n_samples": 128, "seed": 1}},
     "l3d": {
         "params": ["W_in", "W_out", "b"],
         "n_subnetworks": 5,

@@ -55,7 +55,11 @@ class _Frozen(BaseModel):
 class ModelSource(_Frozen):
     """Where the model comes from: exactly one of `toy`, `hf`, `python`."""
 
-    toy: str | None = Field(default=None, description="A built-in toy model by name, e.g. 'tms'.")
+    toy: str | None = Field(
+        default=None,
+        description="A trained toy of the paper by experiment name (tms, tms40, tmcs, "
+        "higher_rank, squares, resid_mlp); options: seed.",
+    )
     hf: str | None = Field(
         default=None, description="A HuggingFace causal LM name or local path (via l3d.hf)."
     )
@@ -76,7 +80,10 @@ class ModelSource(_Frozen):
 class DataSource(_Frozen):
     """Where the inputs come from: exactly one of `toy`, `file`, `text`, `python`."""
 
-    toy: str | None = Field(default=None, description="Built-in data, e.g. 'sparse_features'.")
+    toy: str | None = Field(
+        default=None,
+        description="Inputs of a toy experiment by name, e.g. 'tms'; options: n_samples, seed.",
+    )
     file: str | None = Field(
         default=None,
         description="A .safetensors file: its tensor `key` (options), or all tensors as a dict.",
@@ -285,45 +292,20 @@ def _call(fn: Callable, options: dict, what: str) -> Any:
         raise
 
 
-def _toy_tms(
-    n_features: int = 5,
-    n_hidden: int = 2,
-    train_steps: int = 2000,
-    train_samples: int = 10_000,
-    p_active: float = 0.05,
-    seed: int = 0,
-) -> nn.Module:
-    """The toy model of superposition (Section 3.1), trained as an autoencoder on sparse features."""
-    from l3d.toys import TMS, sparse_features, train_toy
-
-    model = TMS(n_features, n_hidden, seed=seed)
-    if train_steps:
-        generator = torch.Generator().manual_seed(seed)
-        x = sparse_features(train_samples, n_features, p_active, generator=generator)
-        train_toy(model, x, x, steps=train_steps, seed=seed, tied=True)
-    return model
+def _experiment_spec(name: str) -> Any:
+    """A toy of the paper's experiment registry (l3d.experiments): tms, tms40, tmcs, ..."""
+    try:
+        from l3d.experiments.registry import get_spec
+    except ImportError as err:
+        raise L3DError(f"toy sources need l3d.experiments, which failed to import: {err}") from None
+    return get_spec(name)
 
 
-def _data_sparse_features(
-    n_samples: int = 1000, n_features: int = 5, p_active: float = 0.05, seed: int = 1
-) -> Tensor:
-    from l3d.toys import sparse_features
-
-    return sparse_features(
-        n_samples, n_features, p_active, generator=torch.Generator().manual_seed(seed)
-    )
-
-
-TOY_MODELS: dict[str, Callable[..., nn.Module]] = {"tms": _toy_tms}
-TOY_DATA: dict[str, Callable[..., Any]] = {"sparse_features": _data_sparse_features}
-
-
-def _registry_get(registry: dict, name: str, what: str) -> Callable:
-    if name not in registry:
-        close = difflib.get_close_matches(name, list(registry), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(registry)}"
-        raise L3DError(f"unknown {what} '{name}' ({hint}); any other: use python: 'module:fn'")
-    return registry[name]
+def _options(options: dict, allowed: dict, what: str) -> dict:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise L3DError(f"{what}: unknown options {unknown}; valid: {', '.join(allowed)}")
+    return {**allowed, **options}
 
 
 def _hf():
@@ -340,16 +322,26 @@ def load_tokenizer(name_or_path: str) -> Any:
     return _hf().load_tokenizer(name_or_path)
 
 
-def build_model(source: ModelSource, weights: Path | None = None) -> nn.Module:
-    """The model of a run. A toy with saved `weights` is rebuilt untrained and loaded, so resuming
-    or analysing a run never retrains it."""
+def build_model(source: ModelSource, run_dir: RunDir | None = None) -> nn.Module:
+    """The model of a run. A toy is trained by the experiment registry (cached there) and its
+    weights are kept in the run folder, so resuming or analysing a run never retrains it."""
     if source.toy is not None:
-        make = _registry_get(TOY_MODELS, source.toy, "toy model")
-        if weights is not None and weights.is_file():
-            model = _call(make, {**source.options, "train_steps": 0}, f"toy '{source.toy}'")
-            model.load_state_dict(load_file(str(weights)))
-            return model
-        return _call(make, source.options, f"toy '{source.toy}'")
+        spec = _experiment_spec(source.toy)
+        options = _options(source.options, {"seed": 0}, f"toy model '{source.toy}'")
+        if run_dir is not None and run_dir.model_weights.is_file():
+            init_seed = json.loads(run_dir.model_info.read_text())["init_seed"]
+            model = spec.make(init_seed)[0]
+            model.load_state_dict(load_file(str(run_dir.model_weights)))
+            return model.eval()
+        from l3d.experiments.registry import train_toy_model
+
+        toy = train_toy_model(spec, options["seed"])
+        if run_dir is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in toy.model.state_dict().items()}
+            atomic_write(run_dir.model_weights, lambda p: save_file(state, str(p)))
+            info = {"toy": source.toy, "init_seed": toy.info["init_seed"]}
+            atomic_write(run_dir.model_info, lambda p: p.write_text(json.dumps(info)))
+        return toy.model
     if source.hf is not None:
         return _call(
             lambda **o: _hf().load_causal_lm(source.hf, **o), source.options, f"hf '{source.hf}'"
@@ -365,8 +357,11 @@ def build_model(source: ModelSource, weights: Path | None = None) -> nn.Module:
 def build_data(source: DataSource, model_source: ModelSource) -> Any:
     """The inputs of a run: a tensor, a dict of tensors, or a re-iterable of batches."""
     if source.toy is not None:
-        make = _registry_get(TOY_DATA, source.toy, "toy data")
-        return _call(make, source.options, f"toy data '{source.toy}'")
+        spec = _experiment_spec(source.toy)
+        options = _options(
+            source.options, {"n_samples": 1000, "seed": 1}, f"toy data '{source.toy}'"
+        )
+        return spec.sample(options["n_samples"], torch.Generator().manual_seed(options["seed"]))
     if source.file is not None:
         tensors = load_file(source.file)
         key = source.options.get("key")
@@ -435,6 +430,10 @@ class RunDir:
     @property
     def model_weights(self) -> Path:
         return self.path / "model.safetensors"
+
+    @property
+    def model_info(self) -> Path:
+        return self.path / "model.json"
 
     @property
     def analysis(self) -> Path:
@@ -627,7 +626,7 @@ def create_run(spec: RunSpec, path: str | Path, *, overwrite: bool = False) -> R
             f"`l3d decompose --resume {run_dir.path}`, or pass --overwrite to start over"
         )
     if overwrite and run_dir.path.exists():
-        for stale in (run_dir.metrics, run_dir.model_weights):
+        for stale in (run_dir.metrics, run_dir.model_weights, run_dir.model_info):
             stale.unlink(missing_ok=True)
         for folder in (run_dir.checkpoint, run_dir.decomposition):
             for f in folder.glob("*") if folder.is_dir() else []:
@@ -646,10 +645,7 @@ def execute(
     whole epoch is checkpointed and `Interrupted` is raised.
     """
     spec = run_dir.spec()
-    model = build_model(spec.model, run_dir.model_weights)
-    if spec.model.toy is not None and not run_dir.model_weights.is_file():
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write(run_dir.model_weights, lambda p: save_file(state, str(p)))
+    model = build_model(spec.model, run_dir)
     data = build_data(spec.data, spec.model)
     divergence, reference = resolve_custom(spec.l3d)
     state = load_checkpoint(run_dir.checkpoint)
@@ -732,7 +728,7 @@ def open_run(path: str | Path) -> LoadedRun:
         raise L3DError(
             f"'{path}' has no finished decomposition yet: run `l3d decompose --resume {path}`"
         )
-    model = build_model(spec.model, run_dir.model_weights)
+    model = build_model(spec.model, run_dir)
     divergence, reference = resolve_custom(spec.l3d)
     decomposition = load(run_dir.decomposition, model, divergence=divergence, reference=reference)
     return LoadedRun(run_dir, spec, model, build_data(spec.data, spec.model), decomposition)
