@@ -262,3 +262,21 @@ def test_toy_model_source_is_trained_once_and_kept_in_the_run(tmp_path, monkeypa
 def test_example_configs_are_valid_run_specs(example):
     spec = runs.RunSpec.create(yaml.safe_load(example.read_text()))
     assert spec.l3d.n_subnetworks >= 1
+
+
+def test_experiment_lists_the_toy_suite_and_rejects_unknown_names(capsys):
+    assert main(["experiment", "--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == ["tms", "tms40", "tmcs", "higher_rank", "squares", "resid_mlp"]
+    assert main(["experiment", "tmz", "-q"]) == 2
+    assert "unknown experiment 'tmz' (did you mean tms?)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_experiment_delegates_to_the_suite_runner(tmp_path, monkeypatch):
+    monkeypatch.setenv("L3D_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tms"
+    assert main(["experiment", "tms", "--quick", "--seeds", "0", "--out", str(out), "-q"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["seeds"]) == 1
+    assert (out / "summary.md").is_file()

@@ -306,3 +306,72 @@ def test_report_in_headless_chromium(hostile_run, browser, tmp_path):
     page.screenshot(shot)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     assert page.errors() == []
+
+
+@pytest.mark.slow
+def test_language_model_run_end_to_end_in_the_browser(tmp_path, browser):
+    """A tiny causal LM and a byte-level BPE tokenizer, trained offline on a text file one of whose
+    lines is a `<script>`: decompose, analyze, intervene, report; the page shows the line as text."""
+    pytest.importorskip("transformers")
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from l3d import hf
+
+    lines = [
+        "once upon a time there was a small cat",
+        "<script>window.__pwned = 1; document.title = 'PWNED'</script> the big dog ran",
+        "the cat sat and the dog ran to the tree",
+        "there was a big tree & a <b>bold</b> bird",
+    ] * 4
+    text = tmp_path / "stories.txt"
+    text.write_text("\n".join(lines))
+    model_dir = tmp_path / "tiny-lm"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([str(text)], vocab_size=300, min_frequency=1, special_tokens=["<eos>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
+    tokenizer.save_pretrained(str(model_dir))
+    config = hf.tinystories_8m_config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["global", "local"], 1]],
+        window_size=4,
+        max_position_embeddings=32,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    hf.random_causal_lm(config, model_dir, seed=0)
+    spec = {
+        "model": {"hf": str(model_dir)},
+        "data": {"text": str(text), "options": {"seq_len": 12}},
+        "l3d": {
+            "params": ["transformer.h.1.attn.attention.*_proj.weight"],
+            "n_subnetworks": 4,
+            "divergence": "kl",
+            "per_token": True,
+            "epochs": 2,
+            "batch_size": 4,
+        },
+        "run": {"progress": False},
+    }
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "run"
+    assert main(["decompose", str(tmp_path / "lm.yaml"), "--out", str(run_dir), "-q"]) == 0
+    assert main(["analyze", str(run_dir), "--n-top", "40", "--n-references", "2", "-q"]) == 0
+    assert main(["intervene", str(run_dir), "--subnetwork", "0", "--delta", "1", "-q"]) == 0
+    assert main(["report", str(run_dir), "-q"]) == 0
+    analysis = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    shown = " ".join(
+        s["text"] + s["token"] for e in analysis["subnetworks"] for s in e["top_samples"]
+    )
+    assert "<script>" in shown  # the hostile line is among the samples the page shows
+
+    page = Page(browser, (run_dir / "report" / "index.html").resolve().as_uri())
+    assert page.eval("document.querySelectorAll('section.subnetwork').length") == 4
+    assert page.eval("typeof window.__pwned") == "undefined"
+    assert page.eval("document.querySelectorAll('b').length") == 0
+    assert page.eval("document.scripts.length") == 1
+    assert "<script>window" in page.eval("document.body.innerText")
+    assert page.errors() == []

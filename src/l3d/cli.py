@@ -21,7 +21,7 @@ DECOMPOSE_EXAMPLES = """examples:
 EXPERIMENT_EXAMPLES = """examples:
   l3d experiment --list
   l3d experiment tms --seeds 0,1,2 --out runs/exp-tms
-  l3d experiment all --seeds 0 --quick --out runs/suite
+  l3d experiment suite --seeds 0 --quick --out runs/suite
 """
 ANALYZE_EXAMPLES = """examples:
   l3d analyze runs/tms
@@ -80,12 +80,18 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXPERIMENT_EXAMPLES,
         formatter_class=fmt,
     )
-    p.add_argument("name", nargs="?", help="experiment name, or 'all' for the whole suite")
+    p.add_argument("name", nargs="?", help="experiment name, or 'suite' for all of them")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--out", help="output folder (default: runs/experiments/<name>)")
-    p.add_argument("--settings", choices=["paper", "improved"], default="paper")
-    p.add_argument("--quick", action="store_true", help="small, fast version (smoke test)")
+    p.add_argument(
+        "--settings",
+        choices=["paper", "improved"],
+        help="the paper's hyperparameters (Appendix B.4; default for one experiment) or the "
+        "improved profile (default for the suite)",
+    )
+    p.add_argument("--quick", action="store_true", help="a few epochs: a smoke test")
+    p.add_argument("-q", "--quiet", action="store_true")
 
     p = sub.add_parser(
         "analyze",
@@ -178,14 +184,14 @@ def _experiment(args: argparse.Namespace) -> int:
         from l3d import experiments
     except ImportError as err:
         raise L3DError(
-            f"the toy experiment suite (l3d.experiments) is not available: {err}"
+            f"the toy experiment suite (l3d.experiments) is unavailable: {err}"
         ) from None
     if args.list:
-        for name in experiments.EXPERIMENTS:
-            print(name)
+        for name, spec in experiments.EXPERIMENTS.items():
+            print(f"{name:12s} {spec.description}")
         return 0
     if not args.name:
-        raise L3DError(f"name an experiment: {', '.join(experiments.EXPERIMENTS)} or all")
+        raise L3DError(f"name an experiment ({', '.join(experiments.EXPERIMENTS)}) or 'suite'")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -193,18 +199,28 @@ def _experiment(args: argparse.Namespace) -> int:
             f"--seeds takes comma-separated integers, e.g. 0,1,2; got '{args.seeds}'"
         ) from None
     out = Path(args.out) if args.out else Path("runs") / "experiments" / args.name
-    if args.name == "all":
-        experiments.run_suite(out, seeds, quick=args.quick)
+    if args.name in ("suite", "all"):
+        experiments.run_suite(
+            out,
+            seeds,
+            quick=args.quick,
+            settings=args.settings or "improved",
+            progress=not args.quiet,
+        )
+        summary = out / "results.md"
     else:
-        if args.name not in experiments.EXPERIMENTS:
-            import difflib
-
-            names = list(experiments.EXPERIMENTS)
-            close = difflib.get_close_matches(args.name, names, n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(names)}"
-            raise L3DError(f"unknown experiment '{args.name}' ({hint})")
-        experiments.run_experiment(args.name, seeds, out, settings=args.settings, quick=args.quick)
-    print(f"results in {out}")
+        experiments.run_experiment(
+            args.name,
+            seeds,
+            out,
+            settings=args.settings or "paper",
+            quick=args.quick,
+            progress=not args.quiet,
+        )
+        summary = out / "summary.md"
+    if not args.quiet and summary.is_file():
+        print(summary.read_text())
+    _say(args, f"results in {out}")
     return 0
 
 
