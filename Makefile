@@ -12,17 +12,26 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install demo test test-slow lint format bench
+.PHONY: install demo test test-slow lint format bench browser
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m l3d.demo --out runs/demo
 
-test: $(STAMP)
+# The report's browser tests use headless Chromium: try Debian's package (needs root), quietly;
+# never fail here (the tests skip with a message when it is missing).
+browser:
+	-@command -v chromium >/dev/null 2>&1 || \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || \
+		(apt-get update -qq >/dev/null 2>&1 && \
+		 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || \
+		echo "chromium could not be installed: the report's browser tests will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m ruff check $(LINT_DIRS)
 	$(PY) -m pytest
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser
 	$(PY) -m pytest -m slow
 
 lint: $(STAMP)
