@@ -135,15 +135,20 @@ def _probabilities(decomposition: Decomposition) -> Callable[[Tensor], Tensor]:
 
 
 def output_derivative(
-    decomposition: Decomposition, inputs: Inputs, k: int, samples: Tensor
+    decomposition: Decomposition,
+    inputs: Inputs,
+    k: int,
+    samples: Tensor,
+    direction: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """d softmax(f(x_i, W0 + δ v_k)) / dδ at δ = 0 (raw outputs unless the divergence is 'kl')
-    for the given sample indices, as a forward-mode JVP along V_out_k: (len(samples), n_out)."""
+    for the given sample indices, as a forward-mode JVP along V_out_k: (len(samples), n_out).
+    direction: V_out_k if already materialised (forming it costs n_v x n_w work)."""
     positions = sample_positions(inputs, decomposition.config.per_token)[samples]
     rows, where = torch.unique(positions[:, 0], return_inverse=True)
     sub = to_device(take(inputs, rows), decomposition.device)
     target = decomposition.target
-    direction = decomposition.v_out(k)
+    direction = decomposition.v_out(k) if direction is None else direction
     tangent = {n: direction[n] for n in target.names}
     probabilities = _probabilities(decomposition)
 
@@ -160,13 +165,18 @@ def output_derivative(
 
 
 def top_logits(
-    decomposition: Decomposition, inputs: Inputs, k: int, samples: Tensor, n_logits: int = 10
+    decomposition: Decomposition,
+    inputs: Inputs,
+    k: int,
+    samples: Tensor,
+    n_logits: int = 10,
+    direction: dict[str, Tensor] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """The outputs subnetwork k pushes up and down on its samples: the mean over `samples` of
     d softmax / dδ along V_out_k, its n_logits largest ('positive') and most negative ('negative')
     entries as (indices, values), positive and negative values only. A direction's sign is arbitrary,
     so both lists matter."""
-    mean = output_derivative(decomposition, inputs, k, samples).mean(0)
+    mean = output_derivative(decomposition, inputs, k, samples, direction).mean(0)
     n_logits = min(n_logits, mean.numel())
     pos, neg = mean.topk(n_logits), (-mean).topk(n_logits)
     up, down = pos.values > 0, neg.values > 0
@@ -203,7 +213,12 @@ def weight_norm(decomposition: Decomposition) -> float:
 
 @torch.no_grad()
 def intervention_effect(
-    decomposition: Decomposition, inputs: Inputs, k: int, delta: float, samples: Tensor
+    decomposition: Decomposition,
+    inputs: Inputs,
+    k: int,
+    delta: float,
+    samples: Tensor,
+    direction: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Per sample, how far moving to W0 + δ v_k moves its output: KL(p(W0) ‖ p(W0 + δ v_k)) for
     'kl', else the mean squared change of the outputs. (len(samples),)."""
@@ -211,7 +226,9 @@ def intervention_effect(
     rows, where = torch.unique(positions[:, 0], return_inverse=True)
     sub = to_device(take(inputs, rows), decomposition.device)
     before = decomposition.target.forward(sub)
-    after = decomposition.intervene(sub, k, delta)
+    direction = decomposition.v_out(k) if direction is None else direction
+    w0 = decomposition.target.w0
+    after = decomposition.target.forward(sub, {n: w + delta * direction[n] for n, w in w0.items()})
     if decomposition.config.per_token:
         index = (where, positions[:, 1].to(before.device))
         before, after = before[index], after[index]
@@ -401,6 +418,8 @@ def write_analysis(
             return tokenizer.decode([i])
         return _name(i, class_names)
 
+    with torch.no_grad():
+        dense = decomposition.subnetworks.v_out.materialize()  # once: (n_v, *shape) per tensor
     saved_images: dict[int, str] = {}
     if is_image:
         (out / "images").mkdir(exist_ok=True)
@@ -433,13 +452,14 @@ def write_analysis(
                     _save_image(inputs[row], out / saved_images[row])
                 entry["image"] = saved_images[row]
             samples.append(entry)
-        logits = top_logits(decomposition, inputs, k, top[k], n_logits)
+        direction = {n: d[k] for n, d in dense.items()}
+        logits = top_logits(decomposition, inputs, k, top[k], n_logits, direction)
         effect_top = [
-            float(intervention_effect(decomposition, inputs, k, d, top[k]).mean())
+            float(intervention_effect(decomposition, inputs, k, d, top[k], direction).mean())
             for d in (-delta, delta)
         ]
         effect_all = [
-            float(intervention_effect(decomposition, inputs, k, d, all_samples).mean())
+            float(intervention_effect(decomposition, inputs, k, d, all_samples, direction).mean())
             for d in (-delta, delta)
         ]
         records.append(
