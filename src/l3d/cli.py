@@ -13,6 +13,16 @@ from l3d.errors import L3DError
 
 EXIT_USER_ERROR = 2
 
+MAIN_EXAMPLES = """examples:
+  l3d decompose examples/tms.yaml --out runs/tms     # Ctrl-C saves; --resume runs/tms continues
+  l3d analyze runs/tms
+  l3d intervene runs/tms --subnetwork 0 --delta 1 2
+  l3d report runs/tms                                # runs/tms/report/index.html
+  l3d experiment tms --seeds 0,1,2
+
+Run `l3d COMMAND --help` for a command's options and examples. Exit status: 0 success, 2 a user
+error (one line on stderr), 128 + signal number for a run stopped by Ctrl-C or SIGTERM.
+"""
 DECOMPOSE_EXAMPLES = """examples:
   l3d decompose examples/tms.yaml --out runs/tms
   l3d decompose examples/tms.yaml --out runs/tms --set l3d.epochs=20 --set seed=3
@@ -44,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="l3d",
         description="Local Loss Landscape Decomposition: find sparsely active subnetworks in "
         "parameter space (Chrisman, Bushnaq, Sharkey 2025).",
-        epilog="Run `l3d COMMAND --help` for a command's options and examples.",
+        epilog=MAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"l3d {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -168,6 +179,12 @@ def _decompose(args: argparse.Namespace) -> int:
             run_dir, progress=False if args.quiet else None, log=lambda m: _say(args, m)
         )
     except runs.Interrupted as stop:
+        epochs = runs.RunDir(run_dir.path).spec().l3d.epochs
+        print(
+            f"l3d decompose: stopped by {stop} with {stop.epoch} of {epochs} epochs done; checkpoint "
+            f"saved. Continue with: l3d decompose --resume {run_dir.path}",
+            file=sys.stderr,
+        )
         return 128 + stop.signum
     ev = decomposition.evaluation
     _say(

@@ -555,11 +555,12 @@ def load_checkpoint(directory: Path) -> dict | None:
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the run saves its last whole-epoch state and stops."""
+    """SIGINT or SIGTERM arrived; the run saved its last whole-epoch state (`epoch`) and stopped."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.epoch = 0
 
 
 @contextlib.contextmanager
@@ -642,7 +643,7 @@ def execute(
     """Run (or continue) the decomposition of a run folder to the end and save it.
 
     Continues from the last checkpoint if there is one. On SIGINT/SIGTERM the state after the last
-    whole epoch is checkpointed and `Interrupted` is raised.
+    whole epoch is checkpointed and `Interrupted` is raised. `log` gets progress messages.
     """
     spec = run_dir.spec()
     model = build_model(spec.model, run_dir)
@@ -683,17 +684,13 @@ def execute(
                     callback=on_epoch,
                     trainer_state=state,
                 )
-            except Interrupted:
+            except Interrupted as stop:
                 # A second Ctrl-C or SIGTERM must not cut the save short.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 if snapshot:
                     save_checkpoint(run_dir.checkpoint, *snapshot[0])
-                epoch = snapshot[0][1]["epoch"] if snapshot else done
-                log(
-                    f"stopped at epoch {epoch} of {spec.l3d.epochs}; checkpoint in "
-                    f"{run_dir.checkpoint}. Continue with: l3d decompose --resume {run_dir.path}"
-                )
+                stop.epoch = snapshot[0][1]["epoch"] if snapshot else done
                 raise
     finally:
         tracker.close()
