@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
@@ -162,9 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     train(model, args.train_steps, args.seed)
     train_seconds = time.perf_counter() - start
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors")
-    )
+    model.save_pretrained(str(out / "model"))  # loadable with l3d.hf.load_causal_lm
     data, tasks, answer = dataset(args.n_per_task, seed=args.seed + 1)
     accuracy = task_accuracy(model, data, tasks, answer)
     print("answer accuracy per task:", {k: round(v, 3) for k, v in accuracy.items()})
