@@ -12,7 +12,8 @@ One training step (Section 2.4):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,20 @@ class SubnetworkPair(nn.Module):
         return cls(v_in, v_out)
 
 
+@contextmanager
+def _single_thread_if(enabled: bool) -> Iterator[None]:
+    """Run the block with one intra-op CPU thread, restoring the caller's setting after."""
+    if not enabled:
+        yield
+        return
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n_threads)
+
+
 @dataclass(frozen=True)
 class StepResult:
     losses: Losses
@@ -101,8 +116,9 @@ class StepResult:
     n_samples: int
 
 
-# Largest n_v x n_w for which a step with dense gradients materialises the directions: below it,
-# three matrix products replace dozens of small per-tensor contractions (toy models).
+# With dense gradients, a step materialises the directions when n_v x n_w is at most this, or
+# when V is no larger than the gradients already held (n_v <= n_samples): three matrix products
+# then replace many small per-tensor contractions (toys) or their large intermediates (LMs).
 DENSE_DIRECTIONS_MAX = 1 << 20
 
 
@@ -112,7 +128,10 @@ def step_losses(pair: SubnetworkPair, batch: GradientBatch, top_k: float) -> tup
     dense = (
         isinstance(batch, DenseGradients)
         and list(batch.grads) == v_out.names
-        and v_out.n_subnetworks * v_out.n_weights <= DENSE_DIRECTIONS_MAX
+        and (
+            v_out.n_subnetworks * v_out.n_weights <= DENSE_DIRECTIONS_MAX
+            or v_out.n_subnetworks <= batch.n_samples
+        )
     )
     if dense:
         g = batch.flatten()  # (n_s, n_w)
@@ -166,21 +185,28 @@ class Trainer:
             n_samples=batch.n_samples,
         )
 
+    def _tiny(self) -> bool:
+        """Small enough that every op is a few microseconds: extra CPU threads only add
+        synchronisation, and on a shared machine they stall the step by orders of magnitude."""
+        v = self.pair.v_out
+        return self.config.device == "cpu" and v.n_subnetworks * v.n_weights <= DENSE_DIRECTIONS_MAX
+
     def run_epoch(self, on_step: Callable[[StepResult], None] | None = None) -> dict:
         start = time.perf_counter()
         totals = {"paper": 0.0, "pooled_squared": 0.0}
         active = torch.zeros(self.config.n_subnetworks)
         n_batches = n_samples = 0
         lr = self.lr_at(self.step, self.epoch)
-        for batch in self.source.epoch(self.generator):
-            r = self.train_step(batch)
-            totals["paper"] += r.losses.paper.item()
-            totals["pooled_squared"] += r.losses.pooled_squared.item()
-            active += r.active
-            n_batches += 1
-            n_samples += r.n_samples
-            if on_step is not None:
-                on_step(r)
+        with _single_thread_if(self._tiny()):
+            for batch in self.source.epoch(self.generator):
+                r = self.train_step(batch)
+                totals["paper"] += r.losses.paper.item()
+                totals["pooled_squared"] += r.losses.pooled_squared.item()
+                active += r.active
+                n_batches += 1
+                n_samples += r.n_samples
+                if on_step is not None:
+                    on_step(r)
         record = {
             "epoch": self.epoch,
             "step": self.step,

@@ -207,8 +207,15 @@ def _project_matrix(sig: _MatrixSignal, tf: _TensorFactors) -> Tensor:
         q = M.permute(2, 0, 1)[sig.a].unsqueeze(2)  # (n, S, 1, K, R): M_kr[token]
     else:
         q = torch.einsum("nsgi,kri->nsgkr", sig.a, M)
-    p = torch.einsum("tnsgo,krgo->tnsgkr", sig.delta, L)
-    return torch.einsum("tnsgkr,nsgkr->tnk", p, q)
+    t = sig.delta.shape[0]
+    if t == 1 or r == 1:
+        # (delta_s . L_kr) first: as cheap as the order below when T or R is 1, no (.., out) array.
+        p = torch.einsum("tnsgo,krgo->tnsgkr", sig.delta, L)
+        return torch.einsum("tnsgkr,nsgkr->tnk", p, q)
+    # Otherwise first V_k a_s = sum_r L_kr (M_kr . a_s), subnetwork k's change of the layer's
+    # output at position s, shared by all T token samples of the sequence; then one dot with delta.
+    w = torch.einsum("krgo,nsgkr->nsgko", L, q)
+    return torch.einsum("tnsgo,nsgko->tnk", sig.delta, w)
 
 
 def _sq_norms_matrix(sig: _MatrixSignal) -> Tensor:

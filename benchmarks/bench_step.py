@@ -1,0 +1,316 @@
+"""Time and peak memory of one L3D training step, four ways, side by side (issue 5).
+
+Methods, each run in its own subprocess so that peak memory is its own:
+  fast       what gradient_method='auto' picks: the structured path (or, for toys, the cached
+             Jacobians), then the training step;
+  torchfunc  our materialising torch.func path (gradient_method='vmap'): dense per-sample
+             gradients, then the same training step;
+  authors    a minimal re-implementation of the authors' approach: a batch jacrev over the vector
+             of the batch's per-sample divergences (O(batch^2)), dense decode, dense normalisation;
+  floor      one plain forward + backward of the model on the same batch (sum of divergences,
+             gradients of the decomposed tensors only).
+
+Settings (issue 5):
+  a   TMCS toy 10-5-10, batch 32, 10 subnetworks, rank 1 (1000 points; mse)
+  b   TinyStories-8M-shaped GPT-Neo, random weights (hidden 256, 8 layers, vocab 50257): block
+      h.4 attention q/k/v/out weights + out bias, 100 subnetworks, rank 25, 16 x 16 tokens, one
+      sample per token, KL
+  c   4-layer MLP of width 1024, batch 64, all weights, 100 subnetworks, rank 4 (mse)
+  c2b (c) with batch 128;  c2w (c) with width 2048          (memory scaling)
+
+Time: median of --repeats steps after --warmup steps, wall clock. Peak memory: the process's peak
+resident set size minus its size after building the model and data (CPU), or the CUDA allocator's
+peak above the same point (GPU).
+
+    python benchmarks/bench_step.py --settings a,b,c,c2b,c2w --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import jacrev, vmap
+
+from l3d.algorithm import SubnetworkPair, Trainer, batch_top_k
+from l3d.config import L3DConfig
+from l3d.divergences import kl, mse, random_other
+from l3d.gradients import GradientSource, draw_references, sample_outputs
+from l3d.model import Dataset, Target, resolve_ranks, to_device, token_mask
+
+METHODS = ("fast", "torchfunc", "authors", "floor")
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, depth: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class TMCS(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.W_in = nn.Parameter(torch.randn(5, 10, generator=g))
+        self.W_out = nn.Parameter(torch.randn(10, 5, generator=g))
+        self.b = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x @ self.W_in.T @ self.W_out.T + self.b)
+
+
+def setting(name: str):
+    """(model, data, L3DConfig, batch of inputs, authors' jacrev chunk) for a setting."""
+    g = torch.Generator().manual_seed(0)
+    if name == "a":
+        from l3d.toys.data import sparse_features
+
+        data = sparse_features(1000, 10, 0.05, generator=g)
+        config = L3DConfig.create(params=["W_in", "W_out", "b"], n_subnetworks=10, rank=1)
+        return TMCS(), data, config, data[:32], None
+    if name == "b":
+        from l3d.hf import random_causal_lm, tinystories_8m_config
+
+        model = random_causal_lm(tinystories_8m_config())
+        ids = torch.randint(0, 50257, (16, 16), generator=g)
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        config = L3DConfig.create(
+            params=[
+                "transformer.h.4.attn.attention.*_proj.weight",
+                "transformer.h.4.attn.attention.out_proj.bias",
+            ],
+            n_subnetworks=100,
+            rank=25,
+            divergence="kl",
+            per_token=True,
+            batch_size=16,
+            lr=0.001,
+        )
+        return model, data, config, data, 8
+    width = {"c": 1024, "c2b": 1024, "c2w": 2048}[name]
+    batch = 128 if name == "c2b" else 64
+    torch.manual_seed(0)
+    model = MLP(width)
+    data = torch.randn(batch, width, generator=g)
+    config = L3DConfig.create(
+        params=["layers.*.weight"], n_subnetworks=100, rank=4, batch_size=batch
+    )
+    return model, data, config, data, None
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def make_step(method: str, model, data, config: L3DConfig, batch, chunk) -> tuple[Callable, str]:
+    """A closure running one step of `method`, and what it ran (e.g. the path 'auto' chose)."""
+    divergence = kl if config.divergence == "kl" else mse
+    target = Target.create(model, config.params)
+    generator = torch.Generator().manual_seed(1)
+    pair = SubnetworkPair.initialize(
+        target.shapes,
+        config.n_subnetworks,
+        resolve_ranks(target.names, config.rank),
+        config.factorization,
+        torch.Generator().manual_seed(0),
+    )
+    if method in ("fast", "torchfunc"):
+        source = GradientSource(
+            target,
+            Dataset(data, config.batch_size),
+            divergence,
+            random_other,
+            per_token=config.per_token,
+            method="auto" if method == "fast" else "vmap",
+            chunk_size=config.chunk_size,
+        )
+        trainer = Trainer(config, source, pair)
+        batches = iter(())
+
+        def step() -> None:
+            nonlocal batches
+            b = next(batches, None)
+            if b is None:
+                batches = source.epoch(generator)
+                b = next(batches)
+            trainer.train_step(b)
+
+        return step, source.method
+    if method == "floor":
+        params = {n: w.clone().requires_grad_() for n, w in target.w0.items()}
+        mask = token_mask(batch) if config.per_token else None
+
+        def step() -> None:
+            outputs = target.forward(batch, params)
+            refs = draw_references(
+                outputs.detach(), mask, config.per_token, random_other, generator
+            )
+            rows = sample_outputs(outputs, mask, config.per_token)
+            ref_rows = sample_outputs(refs, mask, config.per_token)
+            vmap(divergence)(rows, ref_rows).sum().backward()
+
+        return step, "forward+backward"
+    return authors_step(target, pair, config, divergence, batch, generator, chunk), "batch jacrev"
+
+
+def authors_step(target, pair, config, divergence, batch, generator, chunk) -> Callable:
+    """The authors' step, minimally: g from a jacrev over the batch's per-sample divergences (each
+    row a backward through the whole batch), dense V, dense decode and dense normalisation."""
+    mask = token_mask(batch) if config.per_token else None
+    opt = torch.optim.Adam(pair.parameters(), lr=config.lr)
+    with torch.no_grad():
+        outputs = target.forward(batch)
+
+    def divergences(params: dict[str, Tensor], refs: Tensor) -> Tensor:
+        rows = sample_outputs(target.forward(batch, params), mask, config.per_token)
+        return vmap(divergence)(rows, sample_outputs(refs, mask, config.per_token))
+
+    def step() -> None:
+        refs = draw_references(outputs, mask, config.per_token, random_other, generator)
+        jac = jacrev(divergences, chunk_size=chunk)(target.w0, refs)
+        g = torch.cat([j.flatten(1) for j in jac.values()], 1)  # (n_s, n_w)
+        v_in, v_out = pair.v_in.materialize_flat(), pair.v_out.materialize_flat()  # (n_v, n_w)
+        c = g @ v_in.T
+        g_hat = (c * batch_top_k(c, config.top_k)) @ v_out  # dense decode, (n_s, n_w)
+        loss = (g - g_hat).pow(2).sum() / g.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            norms = pair.v_out.materialize_flat().norm(dim=1)  # dense normalisation
+            for t in pair.v_out.tensors:
+                t.scale_(1 / norms)
+
+    return step
+
+
+def worker(name: str, method: str, warmup: int, repeats: int, device: str) -> dict:
+    torch.manual_seed(0)
+    if name == "a":
+        # Microsecond-sized ops: extra threads only add synchronisation (the trainer does the same).
+        torch.set_num_threads(1)
+    model, data, config, batch, chunk = setting(name)
+    model = model.to(device).eval()
+    data, batch = to_device(data, device), to_device(batch, device)
+    cuda = device.startswith("cuda")
+    step, detail = make_step(method, model, data, config, batch, chunk)
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = rss_bytes()
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    return {
+        "setting": name,
+        "method": method,
+        "detail": detail,
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_mb": max(0, peak - base) / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default="a,b,c,c2b,c2w")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per (setting, method)")
+    parser.add_argument("--json", help="also write all results to this JSON file")
+    parser.add_argument("--worker", nargs=2, metavar=("SETTING", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(*args.worker, args.warmup, args.repeats, args.device)
+        print("RESULT " + json.dumps(result))
+        return
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "none"
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, GPU {gpu}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+        f"load average at start {os.getloadavg()[0]:.2f}"
+    )
+    results = []
+    for name in args.settings.split(","):
+        rows = {}
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--worker", name, method, "--warmup", str(args.warmup)]
+            cmd += ["--repeats", str(args.repeats), "--device", args.device]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    rows[method] = {"setting": name, "method": method, "error": err}
+                else:
+                    rows[method] = json.loads(line[len("RESULT ") :])
+            except subprocess.TimeoutExpired:
+                rows[method] = {"setting": name, "method": method, "error": "timeout"}
+            r = rows[method]
+            if "error" in r:
+                print(f"{name:4s} {method:10s} FAILED: {r['error']}", flush=True)
+            else:
+                print(
+                    f"{name:4s} {method:10s} {r['median_s'] * 1e3:10.1f} ms/step  "
+                    f"peak +{r['peak_mb']:8.1f} MB  ({r['detail']})",
+                    flush=True,
+                )
+        results += rows.values()
+        print_ratios(name, rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def print_ratios(name: str, rows: dict) -> None:
+    fast = rows.get("fast", {})
+    if "median_s" not in fast:
+        return
+    parts = []
+    for other in ("torchfunc", "authors"):
+        if "median_s" in rows.get(other, {}):
+            parts.append(f"{rows[other]['median_s'] / fast['median_s']:.1f}x faster than {other}")
+    floor = rows.get("floor", {})
+    if "median_s" in floor:
+        parts.append(f"{fast['median_s'] / floor['median_s']:.1f}x the floor's time")
+        if floor["peak_mb"] > 0:
+            parts.append(f"{fast['peak_mb'] / floor['peak_mb']:.1f}x the floor's peak memory")
+    print(f"{name:4s} fast path: " + ", ".join(parts), flush=True)
+
+
+if __name__ == "__main__":
+    main()

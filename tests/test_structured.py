@@ -1,0 +1,270 @@
+"""The structured fast path equals the torch.func oracle: coefficients, ||g||^2, both losses and the
+gradients of the loss with respect to every subnetwork factor, on every supported layer type."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from l3d.algorithm import SubnetworkPair, step_losses
+from l3d.divergences import kl, mse, random_other
+from l3d.gradients import DenseGradients, GradientSource, draw_references, per_sample_gradients
+from l3d.model import Dataset, Target, resolve_ranks, token_mask
+from l3d.structured import StructuredGradients, StructuredPlan, structured_gradients
+
+
+def assert_matches_oracle(
+    model: nn.Module,
+    inputs,
+    patterns=("*",),
+    divergence=mse,
+    *,
+    per_token: bool = False,
+    factorization: str = "cp",
+    rank: int = 2,
+    chunk_size: int | None = None,
+) -> StructuredPlan:
+    model.eval()
+    target = Target.create(model, patterns)
+    plan = StructuredPlan.create(target)
+    outputs = target.outputs(inputs)
+    mask = token_mask(inputs) if per_token else None
+    refs = draw_references(outputs, mask, per_token, random_other, torch.Generator().manual_seed(1))
+    fast = structured_gradients(
+        target, inputs, refs, divergence, plan=plan, per_token=per_token, chunk_size=chunk_size
+    )
+    oracle = DenseGradients(
+        per_sample_gradients(target, inputs, refs, divergence, per_token=per_token)
+    )
+    assert isinstance(fast, StructuredGradients)
+    assert fast.n_samples == oracle.n_samples
+    pair = SubnetworkPair.initialize(
+        target.shapes,
+        4,
+        resolve_ranks(target.names, rank),
+        factorization,
+        torch.Generator().manual_seed(0),
+    )
+    scale = oracle.project(pair.v_in).abs().max().item()
+    torch.testing.assert_close(
+        fast.project(pair.v_in), oracle.project(pair.v_in), rtol=1e-4, atol=1e-5 * scale
+    )
+    torch.testing.assert_close(
+        fast.sq_norms(), oracle.sq_norms(), rtol=1e-4, atol=1e-6 * oracle.sq_norms().max().item()
+    )
+    for loss_name in ("paper", "pooled_squared"):
+        (l_fast, m_fast), (l_oracle, m_oracle) = (
+            step_losses(pair, batch, 0.3) for batch in (fast, oracle)
+        )
+        assert torch.equal(m_fast, m_oracle)
+        lf, lo = getattr(l_fast, loss_name), getattr(l_oracle, loss_name)
+        torch.testing.assert_close(lf, lo, rtol=1e-4, atol=1e-6)
+        params = list(pair.parameters())
+        for gf, go in zip(torch.autograd.grad(lf, params), torch.autograd.grad(lo, params)):
+            torch.testing.assert_close(gf, go, rtol=1e-3, atol=1e-5 * go.abs().max().item() + 1e-8)
+    return plan
+
+
+class MLPWithNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker"])
+@pytest.mark.parametrize("rank", [1, 3])
+@pytest.mark.parametrize("divergence", [mse, kl])
+def test_linear_bias_layernorm(factorization, rank, divergence):
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(
+        MLPWithNorm(),
+        torch.randn(9, 4),
+        divergence=divergence,
+        factorization=factorization,
+        rank=rank,
+    )
+    assert not plan.generic
+    assert plan.paths["norm.weight"] == "structured (layernorm)"
+
+
+class ConvNet(nn.Module):
+    """Plain, grouped and depthwise convolutions with stride, padding, dilation, odd kernels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, dilation=1, groups=8)
+        self.c3 = nn.Conv2d(8, 3, (2, 1), padding=(1, 0), dilation=(1, 2), bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.c3(h).mean((2, 3))
+
+
+@pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
+def test_conv2d_grouped_and_depthwise(factorization, rank):
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(
+        ConvNet(), torch.randn(5, 4, 7, 7), divergence=kl, factorization=factorization, rank=rank
+    )
+    assert not plan.generic
+
+
+def test_gpt2_conv1d():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc, self.c_proj = Conv1D(7, 4), Conv1D(3, 7)  # (nf, nx): weight (nx, nf)
+
+        def forward(self, x):
+            return self.c_proj(torch.tanh(self.c_fc(x))).mean(1)
+
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(Net(), torch.randn(6, 5, 4), rank=2)
+    assert plan.paths["c_fc.weight"] == "structured (conv1d)"
+
+
+class TokenModel(nn.Module):
+    """(batch, seq) ids -> (batch, seq, vocab): embedding (with a padding row), causal running
+    mean, LayerNorm, a Linear head exposed as the output head (as HuggingFace models do)."""
+
+    def __init__(self, vocab: int = 9, dim: int = 6, with_head: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.mix = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+        self.with_head = with_head
+
+    def get_output_embeddings(self):
+        return self.head if self.with_head else None
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        counts = torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        h = torch.tanh(self.mix(h.cumsum(1) / counts))
+        return self.head(self.norm(h))
+
+
+def token_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 9, (3, 7), generator=g)
+    ids[1, 2] = 0  # the embedding's padding row
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    mask[2, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+@pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
+def test_per_token_kl_with_padding(with_head, factorization, rank):
+    torch.manual_seed(0)
+    patterns = ["embed.weight", "mix.*", "norm.*"]
+    plan = assert_matches_oracle(
+        TokenModel(with_head=with_head),
+        token_batch(),
+        patterns,
+        kl,
+        per_token=True,
+        factorization=factorization,
+        rank=rank,
+        chunk_size=3,  # several batched backwards, the last one partial
+    )
+    assert plan.paths["embed.weight"] == "structured (embedding)"
+
+
+def test_per_token_head_weights_are_decomposed():
+    torch.manual_seed(0)
+    assert_matches_oracle(TokenModel(), token_batch(), ["head.*", "mix.weight"], kl, per_token=True)
+
+
+class Mixed(nn.Module):
+    """Supported modules beside an unsupported PReLU, a raw parameter and a tied weight: those
+    take the generic path inside the structured batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.act = nn.PReLU(5)
+        self.scale = nn.Parameter(torch.rand(5) + 0.5)
+        self.fc2 = nn.Linear(5, 5)
+        self.fc3 = nn.Linear(5, 5)
+        self.fc3.weight = self.fc2.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        h = self.act(h) * self.scale
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+def test_mixed_supported_and_unsupported_modules(caplog):
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="l3d.structured"):
+        plan = assert_matches_oracle(Mixed(), torch.randn(8, 4), divergence=kl, rank=2)
+    assert plan.paths["fc1.weight"] == "structured (linear)"
+    assert plan.paths["act.weight"].startswith("generic")
+    assert plan.paths["scale"].startswith("generic")
+    assert plan.paths["fc2.weight"] == "generic torch.func (tied to another module's parameter)"
+    assert "fc1.weight: structured (linear)" in caplog.text
+
+
+class PositionModel(nn.Module):
+    """A position embedding computed once and broadcast over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(9, 4)
+        self.pos = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 9)
+
+    def forward(self, input_ids):
+        positions = torch.arange(input_ids.shape[1])[None]
+        return self.head(torch.tanh(self.tok(input_ids) + self.pos(positions)))
+
+
+def test_broadcast_module_falls_back_to_generic():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (3, 7), generator=torch.Generator().manual_seed(0))
+    plan = assert_matches_oracle(PositionModel(), {"input_ids": ids}, divergence=kl, per_token=True)
+    assert plan.paths["pos.weight"].startswith("generic")
+    assert plan.paths["tok.weight"] == "structured (embedding)"
+
+
+def test_auto_picks_structured_and_vmap_forces_generic():
+    torch.manual_seed(0)
+    model = MLPWithNorm().eval()
+    target = Target.create(model, ["fc1.weight", "fc2.*"])
+    # Batches from an iterable: no Jacobian cache, so 'auto' chooses between the other two.
+    data = [torch.randn(6, 4) for _ in range(2)]
+
+    def source(method):
+        return GradientSource(
+            target,
+            Dataset(data, 6),
+            mse,
+            random_other,
+            per_token=False,
+            method=method,
+            chunk_size=None,
+        )
+
+    fast, generic = source("auto"), source("vmap")
+    assert fast.method == "structured" and generic.method == "vmap"
+    b_fast = fast.batch(data[0], generator=torch.Generator().manual_seed(3))
+    b_generic = generic.batch(data[0], generator=torch.Generator().manual_seed(3))
+    assert isinstance(b_fast, StructuredGradients) and isinstance(b_generic, DenseGradients)
+    torch.testing.assert_close(b_fast.sq_norms(), b_generic.sq_norms(), rtol=1e-4, atol=1e-7)
