@@ -1,0 +1,333 @@
+"""Ground-truth metrics for toy-model decompositions, all computed on held-out samples.
+
+A toy's ground truth is a set of *units* (a TMS feature, a TMCS input, a higher-rank group, an X^2
+input), each a set of input features that are active together. Every metric here answers one
+question about how the learned subnetworks relate to those units; none does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from l3d.algorithm import batch_top_k, evaluate
+from l3d.decomposition import Decomposition
+from l3d.divergences import resolve_divergence, resolve_reference
+from l3d.gradients import GradientSource
+from l3d.model import Dataset
+
+DELTAS = (0.25, 0.5, 1.0, 2.0)
+"""Intervention sizes |delta| (subnetworks are unit vectors in parameter space)."""
+
+
+# Losses -------------------------------------------------------------------------------------
+
+
+def heldout_losses(decomposition: Decomposition, inputs: Tensor, seed: int) -> dict:
+    """Both loss forms and P_act on held-out inputs (fresh random references, training batch size)."""
+    config = decomposition.config
+    _, divergence = resolve_divergence(config.divergence)
+    _, reference = resolve_reference(config.reference, config.divergence)
+    source = GradientSource(
+        decomposition.target,
+        Dataset(inputs, config.batch_size),
+        divergence,
+        reference,
+        per_token=False,
+        method="auto",
+        chunk_size=config.chunk_size,
+    )
+    ev = evaluate(decomposition.subnetworks, source, config.top_k, seed)
+    return {
+        "loss_pooled_squared": ev.loss_pooled_squared,
+        "loss_paper": ev.loss_paper,
+        "p_active": ev.p_active.tolist(),
+        "dead_subnetworks": [int(k) for k in torch.nonzero(ev.p_active == 0).flatten()],
+        "n_samples": ev.n_samples,
+    }
+
+
+@torch.no_grad()
+def dense_directions(decomposition: Decomposition) -> dict[str, Tensor]:
+    """V_out as {param: (n_v, *shape)} (small models only: n_v x n_w memory)."""
+    return decomposition.subnetworks.v_out.materialize()
+
+
+# Which subnetwork belongs to which unit --------------------------------------------------------
+
+
+def single_unit_samples(inputs: Tensor, units: Tensor) -> Tensor:
+    """(n_samples,) index of the only active unit of each sample, -1 where 0 or >= 2 are active.
+
+    units: (n_units, n_features) bool."""
+    active = (inputs.abs() > 0).float() @ units.float().T > 0  # (n_samples, n_units)
+    only = active.sum(1) == 1
+    return torch.where(only, active.float().argmax(1), torch.full_like(only, -1, dtype=torch.long))
+
+
+@torch.no_grad()
+def unit_impacts(
+    decomposition: Decomposition, inputs: Tensor, units: Tensor, n_references: int = 10
+) -> Tensor:
+    """(n_units, n_v): mean impact I(x, v_k) (eq. 10-11, random held-out references) over the
+    held-out samples in which unit j is the only active unit."""
+    impact = decomposition.impact(inputs, n_references=n_references)  # (n_samples, n_v)
+    owner = single_unit_samples(inputs, units)
+    rows = []
+    for j in range(units.shape[0]):
+        mine = owner == j
+        rows.append(impact[mine].mean(0) if mine.any() else impact.new_zeros(impact.shape[1]))
+    return torch.stack(rows)
+
+
+def match_units(score: Tensor) -> list[int]:
+    """One-to-one assignment of units to subnetworks maximising the total score (Hungarian).
+
+    score: (n_units, n_v) with n_v >= n_units; returns the subnetwork index of each unit."""
+    rows, cols = linear_sum_assignment(score.detach().cpu().numpy(), maximize=True)
+    assignment = [-1] * score.shape[0]
+    for r, c in zip(rows, cols):
+        assignment[int(r)] = int(c)
+    return assignment
+
+
+def impact_share(impacts: Tensor) -> Tensor:
+    """(n_units, n_v): the share of each subnetwork's impact that falls on each unit (columns sum
+    to 1; a dead subnetwork's column is 0)."""
+    return impacts / impacts.sum(0, keepdim=True).clamp_min(1e-30)
+
+
+def recovery(share: Tensor, threshold: float = 0.5) -> dict:
+    """Each unit gets its own subnetwork when the subnetwork matched to it (Hungarian on `share`)
+    puts more than `threshold` of its impact on that unit: two subnetworks on one unit leave
+    another unit matched to a subnetwork that is not its own."""
+    assignment = match_units(share)
+    per_unit = [float(share[j, k]) for j, k in enumerate(assignment)]
+    recovered = [s > threshold for s in per_unit]
+    return {
+        "assignment": assignment,
+        "matched_share": per_unit,
+        "recovered": recovered,
+        "n_recovered": int(sum(recovered)),
+        "n_units": len(assignment),
+        "all_recovered": all(recovered),
+    }
+
+
+def parameter_share(directions: dict[str, Tensor], masks: dict[str, Tensor]) -> Tensor:
+    """(n_v, n_units): share of each subnetwork's squared norm on each unit's own parameters.
+
+    directions: {param: (n_v, *shape)}; masks: {param: (n_units, *shape) bool} for the params whose
+    entries belong to single units (parameters in no mask count towards the total only)."""
+    total = sum(d.pow(2).flatten(1).sum(1) for d in directions.values())  # (n_v,)
+    own = sum(
+        torch.einsum("kw,jw->kj", directions[n].pow(2).flatten(1), m.flatten(1).float())
+        for n, m in masks.items()
+    )
+    return own / total.clamp_min(1e-30)[:, None]
+
+
+def mmcs(weight: Tensor, directions: Tensor) -> list[float]:
+    """Peers' mean-max cosine similarity, per feature: max over subnetworks of |cos| between column
+    j of a subnetwork's embedding part and column j of the model's embedding W.
+
+    weight: (hidden, features); directions: (n_v, hidden, features). Sign-free because an L3D
+    direction's sign is arbitrary."""
+    w = weight / weight.norm(dim=0, keepdim=True).clamp_min(1e-30)
+    v = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    cos = torch.einsum("hf,khf->kf", w, v).abs()  # (n_v, features)
+    return cos.max(0).values.tolist()
+
+
+# TMCS coefficient recovery (eq. 12) -----------------------------------------------------------
+
+
+def coefficient_recovery(
+    w_in: Tensor, w_out: Tensor, coefficients: Tensor, live: list[int]
+) -> dict:
+    """Recover A from each subnetwork's encoder-decoder path (eq. 12) and correlate with the true A.
+
+    w_in: (n_v, hidden, inputs), w_out: (n_v, outputs, hidden) parts of V_out; coefficients:
+    A, (outputs, inputs). For subnetwork k the path W_out_k W_in_k (outputs, inputs) is rank 1;
+    its largest column names the input i* and that column is a_hat, a multiple of A[:, i*].
+    Pearson r pools all live subnetworks (what the paper reports as "r^2 = 0.92")."""
+    paths = torch.einsum("koh,khi->koi", w_out, w_in)
+    estimates, truths, inputs, per_subnetwork = [], [], [], []
+    for k in live:
+        i_star = int(paths[k].norm(dim=0).argmax())
+        a_hat = paths[k][:, i_star]
+        a_hat = a_hat * torch.sign(a_hat.sum())  # a direction's sign is arbitrary
+        estimates.append(a_hat)
+        truths.append(coefficients[:, i_star])
+        inputs.append(i_star)
+        per_subnetwork.append(_pearson(a_hat, coefficients[:, i_star]))
+    if not estimates:
+        return {"pearson_r": float("nan"), "r_squared": float("nan"), "inputs": []}
+    r = _pearson(torch.cat(estimates), torch.cat(truths))
+    return {
+        "pearson_r": r,
+        "r_squared": r * r,
+        "inputs": inputs,
+        "per_subnetwork_r": per_subnetwork,
+        "n_inputs_covered": len(set(inputs)),
+        "a_hat": torch.stack(estimates).tolist(),
+        "a_true": torch.stack(truths).tolist(),
+    }
+
+
+def _pearson(x: Tensor, y: Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.norm() * y.norm()).item()
+    return float((x * y).sum().item() / denom) if denom > 0 else float("nan")
+
+
+# Interventions -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def output_changes(
+    decomposition: Decomposition,
+    inputs: Tensor,
+    k: int,
+    delta: float,
+    params: list[str] | None = None,
+) -> Tensor:
+    """(n_samples,) mean |f(x, W0 + delta v_k) - f(x, W0)| over output dims (eq. 9), intervening
+    only on `params` (default: every decomposed tensor; Fig. S8 uses the hidden layers only)."""
+    target = decomposition.target
+    direction = decomposition.v_out(k)
+    names = params if params is not None else list(direction)
+    moved = {n: w + delta * direction[n] if n in names else w for n, w in target.w0.items()}
+    before = target.forward(inputs)
+    return (target.forward(inputs, moved) - before).abs().flatten(1).mean(1)
+
+
+def selectivity(
+    decomposition: Decomposition,
+    inputs: Tensor,
+    units: Tensor,
+    assignment: list[int],
+    deltas: tuple[float, ...] = DELTAS,
+    params: list[str] | None = None,
+) -> dict:
+    """For each unit j and its subnetwork k: mean output change on samples where j is active
+    divided by that on samples where it is not (Figs 4, 5, 9), for +-delta; plus the share of the
+    total change that lands on j's samples. Ratios are capped at 1e6 (exact zeros off-target)."""
+    active = (inputs.abs() > 0).float() @ units.float().T > 0  # (n_samples, n_units)
+    table = {}
+    for delta in deltas:
+        ratios, shares = [], []
+        for j, k in enumerate(assignment):
+            on, off = active[:, j], ~active[:, j]
+            for sign in (1.0, -1.0):
+                change = output_changes(decomposition, inputs, k, sign * delta, params)
+                m_on = change[on].mean().item() if on.any() else 0.0
+                m_off = change[off].mean().item() if off.any() else 0.0
+                ratios.append(min(m_on / max(m_off, 1e-12), 1e6))
+                shares.append(m_on / max(m_on + m_off, 1e-30))
+        table[str(delta)] = {
+            "median_ratio": float(np.median(ratios)),
+            "min_ratio": float(np.min(ratios)),
+            "geomean_ratio": float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-12))))),
+            "mean_share_on_matched": float(np.mean(shares)),
+        }
+    return table
+
+
+@torch.no_grad()
+def intervention_grid(
+    decomposition: Decomposition,
+    inputs: Tensor,
+    units: Tensor,
+    pair: tuple[int, int],
+    assignment: list[int],
+    deltas: Tensor,
+) -> dict:
+    """Fig. S9: intervene on two units' subnetworks at once over a delta x delta grid; the mean
+    output change on samples where only the first unit, only the second, or neither is active."""
+    target = decomposition.target
+    (j1, j2), (k1, k2) = pair, (assignment[pair[0]], assignment[pair[1]])
+    v1, v2 = decomposition.v_out(k1), decomposition.v_out(k2)
+    owner = single_unit_samples(inputs, units)
+    groups = {"only_first": owner == j1, "only_second": owner == j2}
+    groups["neither"] = ~(inputs.abs() > 0).float().matmul(units[[j1, j2]].float().T).bool().any(1)
+    before = target.forward(inputs)
+    grids = {g: torch.zeros(len(deltas), len(deltas)) for g in groups}
+    for a, d1 in enumerate(deltas.tolist()):
+        for b, d2 in enumerate(deltas.tolist()):
+            moved = {n: w + d1 * v1[n] + d2 * v2[n] for n, w in target.w0.items()}
+            change = (target.forward(inputs, moved) - before).abs().flatten(1).mean(1)
+            for g, mask in groups.items():
+                grids[g][a, b] = change[mask].mean() if mask.any() else 0.0
+    return {
+        "units": [j1, j2],
+        "subnetworks": [k1, k2],
+        "deltas": deltas.tolist(),
+        **{g: grid.tolist() for g, grid in grids.items()},
+    }
+
+
+@torch.no_grad()
+def one_hot_probe(
+    decomposition: Decomposition, units: Tensor, value: float = 0.75, tols: tuple = (0.1, 0.2)
+) -> dict:
+    """Peers' one-hot probe: each unit's features set to `value`, the rest 0; attribution |c_k|
+    with the all-zero input's output as reference; rows normalised to max 1. Errors (peer
+    convention) after Hungarian matching: off-diagonal entries above tol plus matched entries
+    below 1 - tol, counted over all subnetworks."""
+    probes = units.float() * value
+    references = decomposition.target.outputs(torch.zeros_like(probes))
+    attribution = decomposition.coefficients(probes, references=references).abs()
+    normed = attribution / attribution.max(1, keepdim=True).values.clamp_min(1e-30)
+    assignment = match_units(normed)
+    errors = {}
+    for tol in tols:
+        on = torch.zeros_like(normed, dtype=torch.bool)
+        on[torch.arange(len(assignment)), torch.tensor(assignment)] = True
+        n_err = int((normed[on] < 1 - tol).sum() + (normed[~on] > tol).sum())
+        errors[str(tol)] = n_err
+    return {"attribution": normed.tolist(), "assignment": assignment, "errors": errors}
+
+
+@torch.no_grad()
+def ablation_check(
+    decomposition: Decomposition, inputs: Tensor, deltas: tuple[float, ...] = (0.5, 1.0)
+) -> dict:
+    """Answer to the critique of first-order attribution: for each held-out sample, perturbing along
+    the subnetworks L3D calls active for it (batch top-k over the held-out set, random references)
+    should move its output far more than perturbing along the ones it calls inactive."""
+    coeffs = decomposition.coefficients(inputs)
+    active = batch_top_k(coeffs, decomposition.config.top_k)  # (n_samples, n_v)
+    out = {}
+    for delta in deltas:
+        changes = torch.stack(
+            [
+                (
+                    output_changes(decomposition, inputs, k, delta)
+                    + output_changes(decomposition, inputs, k, -delta)
+                )
+                / 2
+                for k in range(decomposition.n_subnetworks)
+            ],
+            dim=1,
+        )  # (n_samples, n_v)
+        m_active = changes[active].mean().item() if active.any() else 0.0
+        m_inactive = changes[~active].mean().item() if (~active).any() else 0.0
+        out[str(delta)] = {
+            "mean_change_active": m_active,
+            "mean_change_inactive": m_inactive,
+            "ratio": m_active / max(m_inactive, 1e-12),
+        }
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaNs dropped."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0

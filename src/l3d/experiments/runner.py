@@ -1,0 +1,319 @@
+"""Run one named toy experiment over seeds: train (or load) the toy, decompose it with L3D, measure
+the ground-truth metrics on held-out samples, and write metrics.json, figures and summary.md."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from l3d.config import L3DConfig
+from l3d.decomposition import Decomposition, run
+from l3d.errors import L3DError
+from l3d.experiments import metrics as M
+from l3d.experiments.figures import experiment_figures, seed_figures
+from l3d.experiments.registry import N_DECOMPOSE, ExperimentSpec, Toy, get_spec, train_toy_model
+from l3d.resampling import Resampler
+from l3d.toys import TMS, feature_parameter_mask
+
+Settings = Literal["paper", "improved"]
+RESAMPLE_KEYS = ("resample_every", "resample_until")
+QUICK_EPOCHS = 30
+"""Epochs of a quick run (smoke tests, CI): the schedule is compressed to fit."""
+
+
+def settings_for(spec: ExperimentSpec, settings: Settings, quick: bool) -> dict:
+    """The profile's fields; quick compresses epochs and every per-epoch interval by the same
+    factor (per-step decay intervals are left alone)."""
+    if settings not in ("paper", "improved"):
+        raise L3DError(f"unknown settings '{settings}': use 'paper' or 'improved'")
+    fields = dict(spec.paper if settings == "paper" else spec.improved)
+    if quick and fields["epochs"] > QUICK_EPOCHS:
+        scale = QUICK_EPOCHS / fields["epochs"]
+        fields["epochs"] = QUICK_EPOCHS
+        for key in ("resample_every", "resample_until"):
+            if key in fields:
+                fields[key] = max(1, round(fields[key] * scale))
+        if fields.get("lr_decay_unit") == "epoch":
+            fields["lr_decay_every"] = max(1, round(fields["lr_decay_every"] * scale))
+    return fields
+
+
+def decompose_toy(
+    toy: Toy, fields: dict, seed: int, inputs: torch.Tensor
+) -> tuple[Decomposition, list[dict]]:
+    """L3D on all of the toy's parameters (Appendix B.4: biases included); also returns the log of
+    re-initialised subnetworks."""
+    l3d_fields = {k: v for k, v in fields.items() if k not in RESAMPLE_KEYS}
+    params = [n for n, _ in toy.model.named_parameters()]
+    config = L3DConfig.create(params=params, seed=seed, **l3d_fields)
+    callback = None
+    if "resample_every" in fields:
+        callback = Resampler(fields["resample_every"], fields["resample_until"], seed=seed)
+    decomposition = run(toy.model, inputs, config, progress=False, callback=callback)
+    return decomposition, callback.log if callback else []
+
+
+def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: int) -> dict:
+    """Every ground-truth metric of one decomposition on fresh held-out samples."""
+    heldout = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 20_000))
+    out: dict = {"heldout": M.heldout_losses(decomposition, heldout, seed + 3)}
+    out["train_losses"] = {
+        "loss_pooled_squared": decomposition.evaluation.loss_pooled_squared,
+        "loss_paper": decomposition.evaluation.loss_paper,
+    }
+    impacts = M.unit_impacts(decomposition, heldout, toy.units)
+    share = M.impact_share(impacts)
+    out["impact_share"] = share.tolist()
+    out["recovery"] = M.recovery(share)
+    assignment = out["recovery"]["assignment"]
+    directions = M.dense_directions(decomposition)
+    if spec.tms_masks:
+        assert isinstance(toy.model, TMS)
+        own = M.parameter_share(directions, feature_parameter_mask(toy.model))  # (n_v, n_units)
+        out["parameter_recovery"] = M.recovery(own.T)
+        out["mmcs_per_feature"] = M.mmcs(toy.model.W_in.detach(), directions["W_in"])
+        out["mmcs"] = sum(out["mmcs_per_feature"]) / len(out["mmcs_per_feature"])
+    if "A" in toy.info:
+        live = [
+            k
+            for k in range(decomposition.n_subnetworks)
+            if k not in out["heldout"]["dead_subnetworks"]
+        ]
+        out["coefficients"] = M.coefficient_recovery(
+            directions["W_in"], directions["W_out"], toy.info["A"], live
+        )
+    out["selectivity"] = M.selectivity(decomposition, heldout, toy.units, assignment)
+    if spec.hidden_params:
+        out["selectivity_hidden_only"] = M.selectivity(
+            decomposition, heldout, toy.units, assignment, params=list(spec.hidden_params)
+        )
+    out["intervention_curves"] = intervention_curves(decomposition, heldout, toy, assignment)
+    if toy.units.shape[0] >= 2:
+        out["intervention_grid"] = M.intervention_grid(
+            decomposition, heldout, toy.units, (0, 1), assignment, torch.linspace(-2, 2, 9)
+        )
+    out["one_hot_probe"] = M.one_hot_probe(decomposition, toy.units)
+    out["ablation"] = M.ablation_check(decomposition, heldout)
+    out["p_active"] = out["heldout"]["p_active"]
+    out["dead_subnetworks"] = out["heldout"]["dead_subnetworks"]
+    return out
+
+
+def intervention_curves(
+    decomposition: Decomposition, inputs: torch.Tensor, toy: Toy, assignment: list[int]
+) -> dict:
+    """For the first (up to 5) units: mean output change on the unit's samples and on the others
+    as delta sweeps [-2, 2] along the unit's subnetwork (Figs 4, 5, 9)."""
+    deltas = torch.linspace(-2, 2, 17)
+    active = (inputs.abs() > 0).float() @ toy.units.float().T > 0
+    curves = []
+    for j, k in list(enumerate(assignment))[:5]:
+        on, off = [], []
+        for d in deltas.tolist():
+            change = M.output_changes(decomposition, inputs, k, d)
+            on.append(change[active[:, j]].mean().item() if active[:, j].any() else 0.0)
+            off.append(change[~active[:, j]].mean().item())
+        curves.append({"unit": j, "subnetwork": k, "matched": on, "others": off})
+    return {"deltas": deltas.tolist(), "curves": curves}
+
+
+def run_seed(
+    spec: ExperimentSpec, seed: int, settings: Settings, quick: bool, out_dir: Path, sweep: bool
+) -> dict:
+    start = time.perf_counter()
+    toy = train_toy_model(spec, seed)
+    toy_seconds = time.perf_counter() - start
+    inputs = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 10_000))
+    fields = settings_for(spec, settings, quick)
+    start = time.perf_counter()
+    decomposition, resampled = decompose_toy(toy, fields, seed, inputs)
+    l3d_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    result = {
+        "seed": seed,
+        "toy": {k: v for k, v in toy.info.items() if k != "A"},
+        "settings": fields,
+        "resampled": resampled,
+        "history": [
+            {k: r[k] for k in ("epoch", "loss_pooled_squared", "loss_paper", "live_subnetworks")}
+            for r in decomposition.history
+        ],
+        **measure(spec, toy, decomposition, seed),
+    }
+    if spec.sweep and sweep and not quick:
+        result["sweep"] = run_sweep(spec, toy, fields, seed, inputs)
+    result["seconds"] = {
+        "toy": toy_seconds,
+        "l3d": l3d_seconds,
+        "metrics_and_sweep": time.perf_counter() - start,
+    }
+    decomposition.save(out_dir / f"seed{seed}" / "decomposition")
+
+    seed_figures(spec, toy, decomposition, result, out_dir / f"seed{seed}")
+    return result
+
+
+def run_sweep(spec: ExperimentSpec, toy: Toy, fields: dict, seed: int, inputs) -> dict:
+    """Held-out pooled squared loss and units recovered as one setting varies (Figs S5/S6, S10/S11)."""
+    key, values = spec.sweep
+    heldout = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 20_000))
+    points = []
+    for value in values:
+        swept = {**fields, **spec.sweep_overrides, key: value}
+        decomposition, _ = decompose_toy(toy, swept, seed, inputs)
+        losses = M.heldout_losses(decomposition, heldout, seed + 3)
+        share = M.impact_share(M.unit_impacts(decomposition, heldout, toy.units))
+        rec = M.recovery(share) if share.shape[1] >= share.shape[0] else {"n_recovered": None}
+        points.append(
+            {
+                key: value,
+                "loss_pooled_squared": losses["loss_pooled_squared"],
+                "loss_paper": losses["loss_paper"],
+                "n_recovered": rec["n_recovered"],
+            }
+        )
+    return {"key": key, "overrides": spec.sweep_overrides, "points": points}
+
+
+def summarize(spec: ExperimentSpec, results: list[dict], settings: Settings) -> dict:
+    """Mean and std over seeds of the headline numbers."""
+
+    def stat(get) -> dict:
+        values = []
+        for r in results:
+            try:
+                values.append(float(get(r)))
+            except (KeyError, TypeError):
+                continue
+        mean, std = M.mean_std(values)
+        return {"mean": mean, "std": std, "values": values}
+
+    summary = {
+        "experiment": spec.name,
+        "settings": settings,
+        "seeds": [r["seed"] for r in results],
+        "loss_pooled_squared": stat(lambda r: r["heldout"]["loss_pooled_squared"]),
+        "loss_paper": stat(lambda r: r["heldout"]["loss_paper"]),
+        "units_recovered": stat(lambda r: r["recovery"]["n_recovered"]),
+        "n_units": results[0]["recovery"]["n_units"],
+        "seeds_all_recovered": sum(r["recovery"]["all_recovered"] for r in results),
+        "dead_subnetworks": stat(lambda r: len(r["dead_subnetworks"])),
+        "probe_errors_0.1": stat(lambda r: r["one_hot_probe"]["errors"]["0.1"]),
+        "selectivity_median_ratio_delta1": stat(lambda r: r["selectivity"]["1.0"]["median_ratio"]),
+        "ablation_ratio_delta0.5": stat(lambda r: r["ablation"]["0.5"]["ratio"]),
+        "seconds_l3d": stat(lambda r: r["seconds"]["l3d"]),
+        "paper": spec.paper_results,
+    }
+    if spec.tms_masks:
+        summary["mmcs"] = stat(lambda r: r["mmcs"])
+        summary["parameter_units_recovered"] = stat(
+            lambda r: r["parameter_recovery"]["n_recovered"]
+        )
+        summary["min_parameter_share"] = stat(
+            lambda r: min(r["parameter_recovery"]["matched_share"])
+        )
+    if "coefficients" in results[0]:
+        summary["pearson_r"] = stat(lambda r: r["coefficients"]["pearson_r"])
+        summary["r_squared"] = stat(lambda r: r["coefficients"]["r_squared"])
+    if spec.hidden_params:
+        summary["selectivity_hidden_only_median_ratio_delta1"] = stat(
+            lambda r: r["selectivity_hidden_only"]["1.0"]["median_ratio"]
+        )
+    return summary
+
+
+def run_experiment(
+    name: str,
+    seeds: list[int] | tuple[int, ...] = (0, 1, 2),
+    out_dir: str | Path = "runs/experiments",
+    *,
+    settings: Settings = "paper",
+    quick: bool = False,
+    sweep: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Run experiment `name` for each seed; write out_dir/metrics.json, figures and summary.md.
+
+    quick: a few epochs (smoke test), no sweep; sweep=False skips the rank / count sweep.
+
+    Returns {"summary": ..., "seeds": [per-seed metrics]}."""
+    spec = get_spec(name)
+    if not seeds:
+        raise L3DError("no seeds given: pass e.g. seeds=[0, 1, 2]")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in tqdm(list(seeds), desc=name, unit="seed", disable=not progress):
+        results.append(run_seed(spec, seed, settings, quick, out_dir, sweep))
+    summary = summarize(spec, results, settings)
+    report = {"summary": summary, "seeds": results}
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+
+    experiment_figures(spec, report, out_dir)
+    (out_dir / "summary.md").write_text(summary_markdown(spec, summary, results))
+    return report
+
+
+def fmt(stat: dict, digits: int = 3) -> str:
+    if stat["mean"] != stat["mean"]:  # NaN
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -> str:
+    lines = [
+        f"# {spec.name}: {spec.description}",
+        "",
+        f"Settings: **{summary['settings']}**, seeds {summary['seeds']}; all metrics on "
+        f"{N_DECOMPOSE} held-out samples; mean ± std over seeds.",
+        "",
+        "| metric | ours | paper |",
+        "|---|---|---|",
+        f"| pooled squared loss | {fmt(summary['loss_pooled_squared'])} | "
+        f"{spec.paper_results.get('loss_pooled_squared', '-')} |",
+        f"| loss eq. 8 (mean of ratios) | {fmt(summary['loss_paper'])} | - |",
+        f"| units with their own subnetwork | {fmt(summary['units_recovered'], 2)} of "
+        f"{summary['n_units']} (all in {summary['seeds_all_recovered']}/{len(results)} seeds) | - |",
+        f"| dead subnetworks | {fmt(summary['dead_subnetworks'], 1)} | - |",
+        f"| one-hot probe errors (tol 0.1) | {fmt(summary['probe_errors_0.1'], 1)} | - |",
+        f"| intervention selectivity, median ratio at δ=1 | "
+        f"{fmt(summary['selectivity_median_ratio_delta1'], 1)} | - |",
+        f"| ablation: active / inactive output change at δ=0.5 | "
+        f"{fmt(summary['ablation_ratio_delta0.5'], 1)} | - |",
+    ]
+    if "mmcs" in summary:
+        lines.append(f"| MMCS (peer convention) | {fmt(summary['mmcs'])} | - |")
+        lines.append(
+            f"| min share of norm on the matched feature's parameters | "
+            f"{fmt(summary['min_parameter_share'])} | - |"
+        )
+    if "pearson_r" in summary:
+        lines.append(
+            f"| coefficient recovery Pearson r (eq. 12) | {fmt(summary['pearson_r'])} | "
+            f"{spec.paper_results.get('pearson_r', '-')} |"
+        )
+        lines.append(f"| coefficient recovery r² | {fmt(summary['r_squared'])} | - |")
+    if "selectivity_hidden_only_median_ratio_delta1" in summary:
+        lines.append(
+            f"| selectivity, hidden layers only (Fig. S8), δ=1 | "
+            f"{fmt(summary['selectivity_hidden_only_median_ratio_delta1'], 1)} | - |"
+        )
+    lines.append(f"| L3D seconds per seed | {fmt(summary['seconds_l3d'], 1)} | - |")
+    sweeps = [r["sweep"] for r in results if "sweep" in r]
+    if sweeps:
+        key = sweeps[0]["key"]
+        lines += ["", f"Loss vs {key} (held-out pooled squared loss, mean over seeds):", ""]
+        lines += [f"| {key} | loss | units recovered |", "|---|---|---|"]
+        for i, point in enumerate(sweeps[0]["points"]):
+            losses = [s["points"][i]["loss_pooled_squared"] for s in sweeps]
+            rec = [s["points"][i]["n_recovered"] for s in sweeps]
+            mean, std = M.mean_std(losses)
+            rec_txt = "-" if None in rec else f"{sum(rec) / len(rec):.1f}"
+            lines.append(f"| {point[key]} | {mean:.3f} ± {std:.3f} | {rec_txt} |")
+    lines += ["", "Figures: see the PNG files in this folder and in seed*/.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""Every toy experiment over the same seeds, summarised in one results table (Markdown + JSON)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from l3d.experiments.registry import EXPERIMENTS
+from l3d.experiments.runner import Settings, fmt, run_experiment
+
+SUITE_ORDER = ("tms", "tms40", "tmcs", "higher_rank", "squares", "resid_mlp")
+
+
+def run_suite(
+    out_dir: str | Path,
+    seeds: list[int] | tuple[int, ...] = (0, 1, 2),
+    *,
+    quick: bool = False,
+    settings: Settings = "improved",
+    experiments: tuple[str, ...] = SUITE_ORDER,
+    progress: bool = True,
+) -> dict:
+    """Run each experiment into out_dir/NAME and write out_dir/results.md and results.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries, seconds = {}, {}
+    for name in experiments:
+        start = time.perf_counter()
+        report = run_experiment(
+            name, seeds, out_dir / name, settings=settings, quick=quick, progress=progress
+        )
+        seconds[name] = time.perf_counter() - start
+        summaries[name] = report["summary"]
+    table = results_table(summaries, seconds)
+    (out_dir / "results.md").write_text(table)
+    result = {"settings": settings, "seeds": list(seeds), "quick": quick}
+    result |= {"summaries": summaries, "seconds": seconds}
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def results_table(summaries: dict, seconds: dict) -> str:
+    """One row per experiment: paper number beside ours (mean ± std over seeds)."""
+    lines = [
+        "| experiment | pooled sq. loss (ours) | paper | loss eq. 8 | units recovered | "
+        "seeds all recovered | Pearson r (paper 0.92) | MMCS | probe errors @0.1 | "
+        "selectivity δ=1 | ablation ratio | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summaries.items():
+        paper = s["paper"].get("loss_pooled_squared", "-")
+        lines.append(
+            f"| {name} | {fmt(s['loss_pooled_squared'])} | {paper} | {fmt(s['loss_paper'])} | "
+            f"{fmt(s['units_recovered'], 1)} / {s['n_units']} | "
+            f"{s['seeds_all_recovered']}/{len(s['seeds'])} | "
+            f"{fmt(s['pearson_r']) if 'pearson_r' in s else '-'} | "
+            f"{fmt(s['mmcs']) if 'mmcs' in s else '-'} | "
+            f"{fmt(s['probe_errors_0.1'], 1)} | "
+            f"{fmt(s['selectivity_median_ratio_delta1'], 1)} | "
+            f"{fmt(s['ablation_ratio_delta0.5'], 1)} | {seconds[name]:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["EXPERIMENTS", "run_suite"]

@@ -1,0 +1,107 @@
+"""The experiment runner end to end (reduced), the registry, and dead-subnetwork resampling."""
+
+import json
+
+import pytest
+import torch
+
+from l3d.algorithm import evaluate
+from l3d.config import L3DConfig
+from l3d.decomposition import build
+from l3d.errors import L3DError
+from l3d.experiments import EXPERIMENTS, run_experiment
+from l3d.experiments.registry import get_spec, train_toy_model
+from l3d.resampling import Resampler, set_direction_, stale_subnetworks
+from l3d.subnetworks import Subnetworks
+from l3d.toys import TMS, sparse_features
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("L3D_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_registry_names_the_issue_toys():
+    assert set(EXPERIMENTS) == {"tms", "tms40", "tmcs", "higher_rank", "squares", "resid_mlp"}
+    with pytest.raises(L3DError, match="did you mean .*tmcs"):
+        get_spec("tmsc")
+
+
+def test_toy_is_trained_once_then_loaded_from_the_cache(cache):
+    spec = get_spec("tms")
+    first = train_toy_model(spec, 1)
+    assert len(list(cache.glob("toys/*.safetensors"))) == 1
+    second = train_toy_model(spec, 1)
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    assert (first.model.W_in.norm(dim=0) > 0.5).all()
+
+
+def test_quick_tms_run_recovers_every_feature(cache, tmp_path):
+    out = tmp_path / "tms"
+    report = run_experiment("tms", [1], out, settings="improved", quick=True, progress=False)
+    seed = report["seeds"][0]
+    # Each feature's matched subnetwork holds > 0.9 of its norm on that feature's own parameters.
+    assert min(seed["parameter_recovery"]["matched_share"]) > 0.9
+    assert seed["recovery"]["all_recovered"]
+    assert seed["mmcs"] > 0.95
+    assert seed["heldout"]["loss_pooled_squared"] < 0.3
+    assert json.loads((out / "metrics.json").read_text())["summary"]["n_units"] == 5
+    for name in ("summary.md", "seed1/subnetworks.png", "seed1/encoder_directions.png"):
+        assert (out / name).is_file()
+    assert (out / "seed1/decomposition/subnetworks.safetensors").is_file()
+
+
+def test_bad_settings_and_seeds_are_one_line_errors(cache, tmp_path):
+    with pytest.raises(L3DError, match="unknown settings"):
+        run_experiment("tms", [0], tmp_path, settings="best")
+    with pytest.raises(L3DError, match="no seeds"):
+        run_experiment("tms", [], tmp_path)
+
+
+def test_set_direction_fits_low_rank_tensors_exactly():
+    shapes = {"w": (4, 3), "b": (4,)}
+    subs = Subnetworks(shapes, 3, {"w": 2, "b": 1}, "cp", torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    target = {
+        "w": torch.randn(4, 2, generator=g) @ torch.randn(2, 3, generator=g),
+        "b": torch.randn(4, generator=g),
+    }
+    set_direction_(subs, 1, target)
+    with torch.no_grad():
+        dense = subs.materialize()
+    assert torch.allclose(dense["w"][1], target["w"], atol=1e-5)
+    assert torch.allclose(dense["b"][1], target["b"], atol=1e-6)
+
+
+def test_stale_subnetworks_are_the_dead_and_the_less_active_duplicate():
+    shapes = {"w": (3, 3)}
+    subs = Subnetworks(shapes, 4, {"w": 1}, "cp", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for f in subs.tensors[0].modes:
+            f[2] = -f[0]  # subnetwork 2 is subnetwork 0 with its sign flipped
+    assert stale_subnetworks(subs, torch.tensor([0.3, 0.2, 0.1, 0.0]), 0.9) == [2, 3]
+    assert stale_subnetworks(subs, torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.9) == [0]
+
+
+def test_resampler_revives_a_dead_subnetwork():
+    x = sparse_features(256, 5, generator=torch.Generator().manual_seed(0))
+    model = TMS(5, 2, seed=1)
+    config = L3DConfig.create(params=["W_in", "W_out", "b"], n_subnetworks=6, top_k=0.2, epochs=3)
+
+    def train(resampler):
+        _, source, trainer = build(model, x, config)
+        with torch.no_grad():  # V_in_5 = 0: c_5 = 0, never in the top-k, and never gets a gradient
+            for f in trainer.pair.v_in.tensors:
+                f.modes[0][5] = 0
+        for _ in range(config.epochs):
+            record = trainer.run_epoch()
+            if resampler:
+                resampler(trainer, record)
+        return evaluate(trainer.pair, source, config.top_k, 0).p_active
+
+    assert train(None)[5] == 0
+    resampler = Resampler(every=1, until=2)
+    assert train(resampler)[5] > 0
+    assert resampler.log[0] == {"epoch": 1, "subnetworks": [5]}

@@ -1,0 +1,130 @@
+"""Ground-truth metrics against hand-built subnetworks whose answers are known."""
+
+import pytest
+import torch
+
+from l3d.algorithm import Evaluation, SubnetworkPair
+from l3d.config import L3DConfig
+from l3d.decomposition import Decomposition
+from l3d.experiments import metrics as M
+from l3d.resampling import set_direction_
+from l3d.toys import TMS, feature_groups, feature_parameter_mask, sparse_features
+
+
+def tms_with_own_subnetworks(order: list[int]) -> tuple[TMS, Decomposition]:
+    """The ideal TMS 5-2 (features on a pentagon, bias suppressing the neighbours' interference)
+    and a decomposition whose subnetwork k is exactly feature order[k]'s own parameters."""
+    model = TMS(5, 2)
+    angles = torch.arange(5) * 2 * torch.pi / 5
+    with torch.no_grad():
+        model.W_in.copy_(torch.stack([angles.cos(), angles.sin()]))
+        model.b.fill_(-0.35)
+    model.tie_()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    pair = SubnetworkPair.initialize(
+        shapes, 5, dict.fromkeys(shapes, 1), "cp", torch.Generator().manual_seed(0)
+    )
+    for k, j in enumerate(order):
+        direction = {
+            n: p.detach() * m[j]
+            for (n, p), m in zip(model.named_parameters(), feature_parameter_mask(model).values())
+        }
+        direction["b"] = torch.eye(5)[j] * 0.3
+        set_direction_(pair.v_out, k, direction)
+        set_direction_(pair.v_in, k, direction)
+    pair.v_out.normalize_()
+    config = L3DConfig.create(params=["W_in", "W_out", "b"], n_subnetworks=5, batch_size=32)
+    evaluation = Evaluation(torch.ones(5), 0.0, 0.0, 0)
+    return model, Decomposition(config, pair, [], evaluation, model)
+
+
+ORDER = [2, 0, 4, 1, 3]
+
+
+@torch.no_grad()
+def dense(dec: Decomposition) -> dict[str, torch.Tensor]:
+    return dec.subnetworks.v_out.materialize()
+
+
+def test_parameter_share_finds_each_features_own_subnetwork():
+    model, dec = tms_with_own_subnetworks(ORDER)
+    share = M.parameter_share(dense(dec), feature_parameter_mask(model))
+    assert share.shape == (5, 5)
+    for k, j in enumerate(ORDER):
+        assert share[k, j] == pytest.approx(1.0, abs=1e-5)
+        assert share[k].sum() == pytest.approx(1.0, abs=1e-5)
+    rec = M.recovery(share.T)
+    assert rec["assignment"] == [ORDER.index(j) for j in range(5)]
+    assert rec["all_recovered"]
+
+
+def test_mmcs_is_one_for_exact_columns_and_sign_free():
+    model, dec = tms_with_own_subnetworks(ORDER)
+    directions = dense(dec)["W_in"]
+    assert M.mmcs(model.W_in.detach(), -directions) == pytest.approx([1.0] * 5, abs=1e-5)
+
+
+def test_recovery_flags_two_subnetworks_on_one_unit():
+    share = torch.eye(3)
+    share[:, 2] = torch.tensor([0.9, 0.1, 0.0])  # subnetwork 2 duplicates unit 0; unit 2 has none
+    rec = M.recovery(share)
+    assert rec["n_recovered"] == 2
+    assert not rec["all_recovered"]
+
+
+def test_match_units_brute_force():
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(4, 6, generator=g)
+    assignment = M.match_units(score)
+    best = max(
+        itertools.permutations(range(6), 4),
+        key=lambda cols: sum(score[i, c] for i, c in enumerate(cols)),
+    )
+    assert assignment == list(best)
+
+
+def test_single_unit_samples():
+    x = torch.tensor([[0.5, 0, 0, 0], [0, 0.2, 0.3, 0], [0, 0, 0, 0.1], [0.1, 0, 0, 0.1]])
+    units = feature_groups(4, 2)  # units {0,1} and {2,3}
+    assert M.single_unit_samples(x, units).tolist() == [0, -1, 1, -1]
+
+
+def test_own_subnetworks_are_selective_and_pass_the_probe():
+    _, dec = tms_with_own_subnetworks(ORDER)
+    x = sparse_features(500, 5, generator=torch.Generator().manual_seed(1))
+    units = feature_groups(5)
+    impacts = M.unit_impacts(dec, x, units, n_references=3)
+    rec = M.recovery(M.impact_share(impacts))
+    assert rec["assignment"] == [ORDER.index(j) for j in range(5)]
+    probe = M.one_hot_probe(dec, units)
+    assert probe["errors"]["0.1"] == 0
+    sel = M.selectivity(dec, x, units, rec["assignment"], deltas=(0.5,))
+    # Feature j's own parameters only touch samples where j is active (ReLU output) ...
+    assert sel["0.5"]["min_ratio"] > 10
+    # ... and the ablation check sees active subnetworks move outputs far more than inactive ones.
+    ab = M.ablation_check(dec, x, deltas=(0.5,))
+    assert ab["0.5"]["ratio"] > 5
+
+
+def test_coefficient_recovery_is_exact_for_true_paths():
+    g = torch.Generator().manual_seed(0)
+    a = 3 * torch.rand(6, 4, generator=g)  # (outputs, inputs)
+    hidden = torch.randn(3, 4, generator=g)
+    w_in = torch.stack([hidden * torch.eye(4)[i] for i in range(4)])  # input i's column only
+    u = torch.randn(4, 3, generator=g)
+    # W_out part of subnetwork i: A[:, i] (x) (its hidden code), scaled arbitrarily and sign-flipped.
+    w_out = torch.stack(
+        [-(i + 1.0) * torch.outer(a[:, i], u[i]) / (u[i] @ hidden[:, i]) for i in range(4)]
+    )
+    w_in = torch.stack([torch.outer(hidden[:, i], torch.eye(4)[i]) for i in range(4)])
+    rec = M.coefficient_recovery(w_in, w_out, a, live=[0, 1, 2, 3])
+    assert rec["inputs"] == [0, 1, 2, 3]
+    assert all(r == pytest.approx(1.0, abs=1e-6) for r in rec["per_subnetwork_r"])
+    assert rec["n_inputs_covered"] == 4
+
+
+def test_mean_std():
+    assert M.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    assert M.mean_std([2.0]) == (2.0, 0.0)
