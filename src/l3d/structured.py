@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 # Tokens per batched backward in per-token mode when chunk_size is not set: bounds the memory of
 # the (tokens, *activation) cotangents.
 DEFAULT_TOKEN_CHUNK = 32
+# Largest intermediate (elements) of a projection: larger batches are contracted in chunks of
+# sequences, so memory stays bounded whatever the batch size.
+CHUNK_ELEMENTS = 1 << 25
 
 
 # Which tensors can take the structured path ------------------------------------------------
@@ -199,41 +202,61 @@ def _split_factors(tf: _TensorFactors, out_mode: int) -> tuple[Tensor, Tensor]:
 
 
 def _project_matrix(sig: _MatrixSignal, tf: _TensorFactors) -> Tensor:
-    """<V_k, g_(t,i)>, (T, n, n_v), from a, delta and the factors (design/math.md section 2)."""
+    """<V_k, g_(t,i)>, (T, n, n_v), from a, delta and the factors (design/math.md section 2).
+    Sequences are processed in chunks so that no intermediate exceeds CHUNK_ELEMENTS."""
     L, M = _split_factors(tf, sig.out_mode)  # (K, R, out), (K, R, in)
     k, r = L.shape[:2]
     L = L.reshape(k, r, sig.groups, -1)  # (K, R, G, out_g)
-    if sig.is_embedding:
-        q = M.permute(2, 0, 1)[sig.a].unsqueeze(2)  # (n, S, 1, K, R): M_kr[token]
-    else:
-        q = torch.einsum("nsgi,kri->nsgkr", sig.a, M)
-    t = sig.delta.shape[0]
-    if t == 1 or r == 1:
-        # (delta_s . L_kr) first: as cheap as the order below when T or R is 1, no (.., out) array.
-        p = torch.einsum("tnsgo,krgo->tnsgkr", sig.delta, L)
-        return torch.einsum("tnsgkr,nsgkr->tnk", p, q)
-    # Otherwise first V_k a_s = sum_r L_kr (M_kr . a_s), subnetwork k's change of the layer's
-    # output at position s, shared by all T token samples of the sequence; then one dot with delta.
-    w = torch.einsum("krgo,nsgkr->nsgko", L, q)
-    return torch.einsum("tnsgo,nsgko->tnk", sig.delta, w)
+    t, n, s, g, out_g = sig.delta.shape
+    # (delta_s . L_kr) first is as cheap as the order below when T or R is 1, and smaller.
+    delta_first = t == 1 or r == 1
+    per_sequence = s * g * k * (t * r + r if delta_first else out_g + r)
+    parts = []
+    for i in _chunks(n, per_sequence):
+        a, delta = sig.a[i], sig.delta[:, i]
+        if sig.is_embedding:
+            q = M.permute(2, 0, 1)[a].unsqueeze(2)  # (n, S, 1, K, R): M_kr[token]
+        else:
+            q = torch.einsum("nsgi,kri->nsgkr", a, M)
+        if delta_first:
+            p = torch.einsum("tnsgo,krgo->tnsgkr", delta, L)
+            parts.append(torch.einsum("tnsgkr,nsgkr->tnk", p, q))
+        else:
+            # V_k a_s = sum_r L_kr (M_kr . a_s), subnetwork k's change of the layer's output at
+            # position s, is shared by all T token samples of a sequence; then one dot with delta.
+            w = torch.einsum("krgo,nsgkr->nsgko", L, q)
+            parts.append(torch.einsum("tnsgo,nsgko->tnk", delta, w))
+    return _cat(parts, 1)
 
 
 def _sq_norms_matrix(sig: _MatrixSignal) -> Tensor:
     """||sum_s delta_s (x) a_s||^2 per sample, (T, n): via position Gram matrices
     sum_{s,z} (delta_s . delta_z)(a_s . a_z) when positions are few, else by forming the
     (small) per-sample tensor, whichever costs less."""
-    s, out_g = sig.delta.shape[2], sig.delta.shape[4]
+    t, n, s, g, out_g = sig.delta.shape
     if sig.is_embedding:
         same = (sig.a[:, :, None] == sig.a[:, None, :]).to(sig.delta.dtype)  # (n, S, S)
         dd = torch.einsum("tnso,tnzo->tnsz", sig.delta[:, :, :, 0], sig.delta[:, :, :, 0])
         return torch.einsum("tnsz,nsz->tn", dd, same)
     in_g = sig.a.shape[-1]
-    if s * s * (out_g + in_g) <= s * out_g * in_g:
-        dd = torch.einsum("tnsgo,tnzgo->tnsgz", sig.delta, sig.delta)
-        aa = torch.einsum("nsgi,nzgi->nsgz", sig.a, sig.a)
-        return torch.einsum("tnsgz,nsgz->tn", dd, aa)
-    grads = torch.einsum("tnsgo,nsgi->tngoi", sig.delta, sig.a)
-    return grads.pow(2).sum(dim=(2, 3, 4))
+    gram = s * s * (out_g + in_g) <= s * out_g * in_g
+    parts = []
+    for i in _chunks(n, t * g * (s * s if gram else out_g * in_g)):
+        a, delta = sig.a[i], sig.delta[:, i]
+        if gram:
+            dd = torch.einsum("tnsgo,tnzgo->tnsgz", delta, delta)
+            aa = torch.einsum("nsgi,nzgi->nsgz", a, a)
+            parts.append(torch.einsum("tnsgz,nsgz->tn", dd, aa))
+        else:
+            grads = torch.einsum("tnsgo,nsgi->tngoi", delta, a)
+            parts.append(grads.pow(2).sum(dim=(2, 3, 4)))
+    return _cat(parts, 1)
+
+
+def _chunks(n: int, per_sequence: int) -> list[slice]:
+    """Slices of the n sequences, each holding at most CHUNK_ELEMENTS intermediate elements."""
+    step = max(1, CHUNK_ELEMENTS // max(per_sequence, 1))
+    return [slice(i, i + step) for i in range(0, n, step)]
 
 
 # The gradient batch --------------------------------------------------------------------------
@@ -412,11 +435,12 @@ def structured_gradients(
             )
         sizes = [min(step, seq - start) for start in range(0, seq, step)]
         deltas = [
-            torch.cat(
+            _cat(
                 [
                     o.new_zeros(size, *o.shape) if p[j] is None else p[j]
                     for size, p in zip(sizes, parts)
-                ]
+                ],
+                0,
             )
             for j, o in enumerate(site_outputs)
         ]
@@ -448,6 +472,11 @@ def structured_gradients(
             )
     rows.vectors = vectors
     return rows
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    """torch.cat without the copy when there is only one part (the usual case)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _signals(
@@ -502,7 +531,7 @@ def _signals(
             out_mode = 1 if site.kind in ("conv1d", "embedding") else 0
             groups = m.groups if site.kind == "conv2d" else 1
             matrices[site.tensors["weight"]] = _MatrixSignal(
-                torch.cat(weight_parts, dim=2), torch.cat(a_parts, dim=1), out_mode, groups
+                _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, groups
             )
         if "bias" in site.tensors:
             b = sum(d.sum(2).flatten(2) for d in bias_parts)  # (T, n, out)
