@@ -280,3 +280,32 @@ def test_experiment_delegates_to_the_suite_runner(tmp_path, monkeypatch):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["seeds"]) == 1
     assert (out / "summary.md").is_file()
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
+def test_tracking_that_is_not_installed_is_a_clear_error_before_any_work(
+    tmp_path, capsys, tracker, monkeypatch
+):
+    module = "wandb" if tracker == "wandb" else "torch.utils.tensorboard"
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    spec = {**TINY, "run": {"tracking": tracker}}
+    config = _write(tmp_path / "track.yaml", spec)
+    assert main(["decompose", str(config), "--out", str(tmp_path / "run"), "-q"]) == 2
+    assert f"pip install {tracker}" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_overwrite_clears_the_old_runs_outputs_and_a_cut_metric_line_is_skipped(
+    finished_run, tmp_path
+):
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    with (copy / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "st')  # killed mid-write
+    assert [r["epoch"] for r in runs.RunDir(copy).metrics_records()] == [0, 1, 2]
+    (copy / "analysis").mkdir(exist_ok=True)
+    config = _write(tmp_path / "again.yaml", TINY)
+    spec = runs.load_spec(config)
+    run_dir = runs.create_run(spec, copy, overwrite=True)
+    assert sorted(p.name for p in copy.iterdir()) == ["config.yaml"]
+    assert run_dir.spec() == spec

@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -457,9 +458,18 @@ class RunDir:
         return RunSpec.create(read_yaml(self.config))
 
     def metrics_records(self) -> list[dict]:
+        """The metric lines; a last line cut short by a kill mid-write is skipped."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        records = []
+        lines = [line for line in self.metrics.read_text().splitlines() if line.strip()]
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise L3DError(f"{self.metrics} line {i + 1} is not JSON") from None
+        return records
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -626,12 +636,18 @@ def create_run(spec: RunSpec, path: str | Path, *, overwrite: bool = False) -> R
             f"'{run_dir.path}' already holds a run: continue it with "
             f"`l3d decompose --resume {run_dir.path}`, or pass --overwrite to start over"
         )
-    if overwrite and run_dir.path.exists():
-        for stale in (run_dir.metrics, run_dir.model_weights, run_dir.model_info):
-            stale.unlink(missing_ok=True)
-        for folder in (run_dir.checkpoint, run_dir.decomposition):
-            for f in folder.glob("*") if folder.is_dir() else []:
-                f.unlink()
+    if overwrite:
+        for file in (run_dir.config, run_dir.metrics, run_dir.model_weights, run_dir.model_info):
+            file.unlink(missing_ok=True)
+        for folder in (
+            run_dir.checkpoint,
+            run_dir.decomposition,
+            run_dir.analysis,
+            run_dir.interventions,
+            run_dir.report,
+            run_dir.path / "tensorboard",
+        ):
+            shutil.rmtree(folder, ignore_errors=True)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir.config, lambda p: p.write_text(spec.to_yaml()))
     return run_dir
@@ -646,6 +662,20 @@ def execute(
     whole epoch is checkpointed and `Interrupted` is raised. `log` gets progress messages.
     """
     spec = run_dir.spec()
+    tracker = _Tracker(spec.run, run_dir, spec)  # first: a missing wandb fails before any work
+    try:
+        return _execute(run_dir, spec, tracker, progress, log)
+    finally:
+        tracker.close()
+
+
+def _execute(
+    run_dir: RunDir,
+    spec: RunSpec,
+    tracker: _Tracker,
+    progress: bool | None,
+    log: Callable[[str], None],
+) -> Decomposition:
     model = build_model(spec.model, run_dir)
     data = build_data(spec.data, spec.model)
     divergence, reference = resolve_custom(spec.l3d)
@@ -654,7 +684,6 @@ def execute(
     if state is not None:
         log(f"resuming {run_dir.path} from epoch {done} of {spec.l3d.epochs}")
     _truncate_metrics(run_dir, done)
-    tracker = _Tracker(spec.run, run_dir, spec)
     snapshot: list[tuple[dict, dict]] = []  # the state after the last whole epoch
     start = last_save = time.time()
 
@@ -671,29 +700,26 @@ def execute(
             last_save = now
 
     show = spec.run.progress if progress is None else progress
-    try:
-        with _stop_on_signals():
-            try:
-                decomposition = run(
-                    model,
-                    data,
-                    spec.l3d,
-                    divergence=divergence,
-                    reference=reference,
-                    progress=show,
-                    callback=on_epoch,
-                    trainer_state=state,
-                )
-            except Interrupted as stop:
-                # A second Ctrl-C or SIGTERM must not cut the save short.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                if snapshot:
-                    save_checkpoint(run_dir.checkpoint, *snapshot[0])
-                stop.epoch = snapshot[0][1]["epoch"] if snapshot else done
-                raise
-    finally:
-        tracker.close()
+    with _stop_on_signals():
+        try:
+            decomposition = run(
+                model,
+                data,
+                spec.l3d,
+                divergence=divergence,
+                reference=reference,
+                progress=show,
+                callback=on_epoch,
+                trainer_state=state,
+            )
+        except Interrupted as stop:
+            # A second Ctrl-C or SIGTERM must not cut the save short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if snapshot:
+                save_checkpoint(run_dir.checkpoint, *snapshot[0])
+            stop.epoch = snapshot[0][1]["epoch"] if snapshot else done
+            raise
     decomposition.save(run_dir.decomposition)
     return decomposition
 
