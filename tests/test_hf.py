@@ -187,3 +187,15 @@ def test_clear_errors(saved_lm, tmp_path):
         hf.token_dataset(["once upon a time"])
     with pytest.raises(L3DError, match="at least 2"):
         hf.token_dataset([[1, 2, 3]])
+
+
+@pytest.mark.slow
+def test_synthetic_transformer_demo_subnetworks_are_purer_than_random_directions(tmp_path):
+    from l3d.demos import synthetic_transformer
+
+    summary = synthetic_transformer.main(
+        ["--out", str(tmp_path), "--epochs", "5", "--n-per-task", "40", "--n-references", "3"]
+    )
+    assert min(summary["answer_accuracy"].values()) > 0.5
+    assert summary["purity"] > summary["purity_random_directions"] + 0.1
+    assert hf.load_causal_lm(tmp_path / "model").config.vocab_size == synthetic_transformer.VOCAB

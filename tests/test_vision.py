@@ -107,3 +107,15 @@ def test_mobilenet_loader_reports_missing_torchvision():
     else:
         model = load_mobilenet_v3_small(weights=None)
         assert len(select_parameters(model, get_preset("mobilenet-v3-small").l3d["params"])) == 13
+
+
+@pytest.mark.slow
+def test_digits_demo_subnetworks_are_purer_than_random_directions(tmp_path):
+    from l3d.demos import digits_cnn
+
+    summary = digits_cnn.main(
+        ["--out", str(tmp_path), "--epochs", "10", "--train-epochs", "10", "--n-references", "3"]
+    )
+    assert summary["test_accuracy"] > 0.9
+    assert summary["purity"] > summary["purity_random_directions"] + 0.2
+    assert (tmp_path / "analysis" / "analysis.json").is_file()

@@ -306,8 +306,17 @@ def _is_image_batch(inputs: Inputs, per_token: bool) -> bool:
     )
 
 
-def _save_image(image: Tensor, path: Path) -> None:
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never open a window
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_image(image: Tensor, path: Path) -> None:
+    plt = _pyplot()
 
     x = image.detach().float().cpu()
     x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)  # inputs are often normalised
@@ -316,10 +325,7 @@ def _save_image(image: Tensor, path: Path) -> None:
 
 
 def _plot_grid(images: list[Tensor], titles: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     cols = min(5, len(images))
     rows = math.ceil(len(images) / cols)
@@ -338,10 +344,7 @@ def _plot_grid(images: list[Tensor], titles: list[str], path: Path, title: str) 
 
 
 def _plot_p_active(p_active: Tensor, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     order = p_active.argsort(descending=True)
     values = p_active[order]

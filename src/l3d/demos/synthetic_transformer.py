@@ -3,10 +3,13 @@ known, then decomposed at one attention block with the paper's language-model se
 (Section 3.5.1: one sample per token, KL(p_ref ‖ p_i), padding masked out).
 
 Every sequence starts with a task-marker token:
-  copy     [COPY a1..a5 SEP a1..a5]         repeat the symbols
-  reverse  [REV  a1..a5 SEP a5..a1]         repeat them backwards
-  recall   [KV k1 v1 .. k4 v4 SEP kj vj]    associative recall: the value stored under a key
-  add      [ADD a b s a b s a b s]          s = (a + b) mod 12, then padding
+  copy       [COPY a1..a5 SEP a1..a5]           repeat the symbols after a separator
+  reverse    [REVERSE a1..a5 SEP a5..a1]        repeat them backwards
+  induction  [INDUCTION r1..rL r1..r(11-L)]     distinct random symbols, repeated at a random
+                                                offset L in 6..8: the next token is the one that
+                                                followed the current token's earlier occurrence
+  count      [COUNT a a+1 a+2 ...]              counting mod 12 from a random start; 8-11
+                                                symbols, then padding
 
     python -m l3d.demos.synthetic_transformer --out runs/synthetic-transformer
 """
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 from l3d.config import L3DConfig
 from l3d.decomposition import run
 
-TASKS = ("copy", "reverse", "recall", "add")
+TASKS = ("copy", "reverse", "induction", "count")
 PAD, SEP = 0, 1
 MARKERS = {task: 2 + i for i, task in enumerate(TASKS)}
 N_SYMBOLS = 12
@@ -55,18 +58,16 @@ def make_sequence(task: str, g: torch.Generator) -> tuple[list[int], list[int]]:
         a = sym(5)
         b = a if task == "copy" else a[::-1]
         return [marker, *a, SEP, *b], list(range(6, 11))
-    if task == "recall":
-        keys = (torch.randperm(N_SYMBOLS, generator=g)[:4] + FIRST_SYMBOL).tolist()
-        values = sym(4)
-        j = int(torch.randint(0, 4, (1,), generator=g))
-        pairs = [t for kv in zip(keys, values) for t in kv]
-        return [marker, *pairs, SEP, keys[j], values[j]], [10]
-    tokens, answers = [marker], []
-    for _ in range(3):
-        a, b = (int(torch.randint(0, N_SYMBOLS, (1,), generator=g)) for _ in range(2))
-        tokens += [a + FIRST_SYMBOL, b + FIRST_SYMBOL, (a + b) % N_SYMBOLS + FIRST_SYMBOL]
-        answers.append(len(tokens) - 2)
-    return tokens, answers
+    if task == "induction":
+        n = int(torch.randint(6, 9, (1,), generator=g))
+        r = (torch.randperm(N_SYMBOLS, generator=g)[:n] + FIRST_SYMBOL).tolist()
+        return [marker, *r, *r[: SEQ_LEN - 1 - n]], list(range(1 + n, SEQ_LEN - 1))
+    start, n = (
+        int(torch.randint(0, N_SYMBOLS, (1,), generator=g)),
+        int(torch.randint(8, 12, (1,), generator=g)),
+    )
+    tokens = [marker, *((start + i) % N_SYMBOLS + FIRST_SYMBOL for i in range(n))]
+    return tokens, list(range(1, n))
 
 
 def dataset(n_per_task: int, seed: int) -> tuple[dict[str, Tensor], Tensor, Tensor]:
@@ -104,16 +105,20 @@ def build_model(seed: int = 0) -> nn.Module:
 
 
 def train(model: nn.Module, steps: int, seed: int) -> list[float]:
-    """AdamW on next-token cross-entropy at the answer positions, fresh sequences every step."""
+    """AdamW on next-token cross-entropy at the answer positions, each task weighted equally,
+    fresh sequences every step."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     losses = []
     for step in range(steps):
-        data, _, answer = dataset(16, seed=10_000 + seed * steps + step)
+        data, tasks, answer = dataset(16, seed=10_000 + seed * steps + step)
         logits = model(**data).logits[:, :-1]
-        targets = data["input_ids"][:, 1:]
-        loss = F.cross_entropy(logits[answer[:, :-1]], targets[answer[:, :-1]])
+        ce = F.cross_entropy(logits.transpose(1, 2), data["input_ids"][:, 1:], reduction="none")
+        scored = answer[:, :-1]
+        loss = sum(ce[scored & (tasks == t)[:, None]].mean() for t in range(len(TASKS))) / len(
+            TASKS
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-steps", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=20, help="L3D epochs")
+    parser.add_argument("--epochs", type=int, default=40, help="L3D epochs")
     parser.add_argument(
         "--n-per-task", type=int, default=100, help="sequences per task to decompose"
     )
