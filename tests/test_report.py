@@ -375,3 +375,60 @@ def test_language_model_run_end_to_end_in_the_browser(tmp_path, browser):
     assert page.eval("document.scripts.length") == 1
     assert "<script>window" in page.eval("document.body.innerText")
     assert page.errors() == []
+
+
+def test_image_classifier_run_with_labels_shows_image_grids(tmp_path, browser):
+    """Digits from a safetensors file with a labels tensor and class names: `l3d analyze` gets
+    them, the report copies the sample images beside the page, and they load in the browser."""
+    from safetensors.torch import save_file
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images[:60], dtype=torch.float32)[:, None] / 16
+    save_file(
+        {"images": images, "labels": torch.tensor(digits.target[:60])},
+        str(tmp_path / "digits.safetensors"),
+    )
+    (tmp_path / "cnn.py").write_text(
+        "import torch\n"
+        "def cnn():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(),\n"
+        "                               torch.nn.Flatten(), torch.nn.Linear(108, 10))\n"
+    )
+    spec = {
+        "model": {"python": "cnn.py:cnn"},
+        "data": {
+            "file": "digits.safetensors",
+            "options": {"key": "images"},
+            "labels": "labels",
+            "class_names": [f"digit <{i}>" for i in range(10)],
+        },
+        "l3d": {
+            "params": ["0.weight", "3.weight"],
+            "n_subnetworks": 3,
+            "divergence": "kl",
+            "epochs": 2,
+            "batch_size": 20,
+        },
+        "run": {"progress": False},
+    }
+    (tmp_path / "digits.yaml").write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "run"
+    assert main(["decompose", str(tmp_path / "digits.yaml"), "--out", str(run_dir), "-q"]) == 0
+    assert main(["analyze", str(run_dir), "--n-top", "4", "--n-references", "2", "-q"]) == 0
+    analysis = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    assert "purity" in analysis["summary"]
+    first = analysis["subnetworks"][0]["top_samples"][0]
+    assert first["label"] == f"digit <{digits.target[first['sample']]}>"
+    assert main(["report", str(run_dir), "-q"]) == 0
+    assert len(list((run_dir / "report" / "assets" / "images").glob("*.png"))) >= 4
+
+    page = Page(browser, (run_dir / "report" / "index.html").resolve().as_uri())
+    widths = page.eval(
+        "Promise.all(Array.from(document.querySelectorAll('.grid img')).map(i => {"
+        " i.loading = 'eager'; return i.decode().then(() => i.naturalWidth, () => -1); }))"
+    )
+    assert len(widths) == 3 * 4 and min(widths) > 0
+    assert "digit <" in page.eval("document.querySelector('.grid').innerText")
+    assert page.errors() == []

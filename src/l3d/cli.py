@@ -260,11 +260,16 @@ def _analyze(args: argparse.Namespace) -> int:
     tokenizer = None
     if run.spec.model.hf is not None:
         tokenizer = runs.load_tokenizer(run.spec.data.options.get("tokenizer", run.spec.model.hf))
+    labels = runs.build_labels(run.spec.data)
+    if labels is not None and args.n_samples is not None:
+        labels = labels[: args.n_samples]
     write_analysis(
         run.decomposition,
         _inputs(run, args.n_samples),
         run.run_dir.analysis,
         tokenizer=tokenizer,
+        labels=labels,
+        class_names=run.spec.data.class_names,
         n_top=args.n_top,
         n_references=args.n_references,
         progress=not args.quiet,

@@ -96,6 +96,14 @@ class DataSource(_Frozen):
         default=None, description="'module:function' returning a tensor, dict or batches."
     )
     options: dict[str, Any] = Field(default_factory=dict)
+    labels: str | None = Field(
+        default=None,
+        description="One label per input, for the analysis's top-sample purity: a tensor name in "
+        "the data file, or 'module:function' returning them.",
+    )
+    class_names: list[str] | None = Field(
+        default=None, description="Names of integer labels and of the model's output classes."
+    )
 
     @model_validator(mode="after")
     def _one(self) -> DataSource:
@@ -227,6 +235,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
     data = spec.data.model_copy(
         update={
             "python": _absolute(spec.data.python, base),
+            "labels": _absolute(spec.data.labels, base),
             "file": _absolute_file(spec.data.file, base),
             "text": _absolute_file(spec.data.text, base),
         }
@@ -380,6 +389,20 @@ def build_data(source: DataSource, model_source: ModelSource) -> Any:
             lambda **o: _hf().token_dataset(source.text, tokenizer, **o), options, "data 'text'"
         )
     return _call(import_object(source.python, "data"), source.options, source.python)
+
+
+def build_labels(source: DataSource) -> Any:
+    """The labels named by the data source, or None."""
+    if source.labels is None:
+        return None
+    if source.file is not None and ":" not in source.labels:
+        tensors = load_file(source.file)
+        if source.labels not in tensors:
+            raise L3DError(
+                f"{source.file} has no labels tensor '{source.labels}'; it has {', '.join(tensors)}"
+            )
+        return tensors[source.labels].tolist()
+    return import_object(source.labels, "labels")()
 
 
 def resolve_custom(config: L3DConfig) -> tuple[Divergence | None, ReferenceFn | None]:

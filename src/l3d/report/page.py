@@ -60,10 +60,9 @@ main { margin-left: 15rem; padding: 1rem 2rem; max-width: 70rem; }
 section { border-top: 1px solid #ccc; padding: 0.5rem 0 1rem; }
 .dead { color: #a33; }
 body.hide-dead .is-dead { display: none; }
-.heatmaps { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
+.heatmaps { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; margin-bottom: 1rem; }
 .heatmaps figure { margin: 0; }
-.heatmaps img { image-rendering: pixelated; min-width: 8rem; max-width: 30rem; max-height: 20rem;
-                border: 1px solid #ccc; }
+.heatmaps img { image-rendering: pixelated; border: 1px solid #ccc; }
 figcaption { font-size: 0.8rem; color: #555; }
 .samples { font-family: ui-monospace, monospace; font-size: 0.85rem; white-space: pre-wrap; }
 .samples li { margin: 0.2rem 0; }
@@ -147,9 +146,9 @@ class _Assets:
         return "assets/" + quote(source.relative_to(root).as_posix())
 
 
-def _img(src: str, alt: str, css: str = "") -> str:
-    cls = f' class="{css}"' if css else ""
-    return f'<img src="{_e(src)}" alt="{_e(alt)}"{cls} loading="lazy">'
+def _img(src: str, alt: str, size: tuple[int, int] | None = None) -> str:
+    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+    return f'<img src="{_e(src)}" alt="{_e(alt)}"{dims} loading="lazy">'
 
 
 def _heatmaps(v_out: Subnetworks, k: int, assets: _Assets) -> str:
@@ -160,10 +159,13 @@ def _heatmaps(v_out: Subnetworks, k: int, assets: _Assets) -> str:
     figures = []
     for i, (name, values) in enumerate(dense.items()):
         src = assets.png(f"v_out_{k}_{i}.png", plots.heatmap_png(values, scale))
+        rows, cols = plots.pool_max_abs(plots.as_matrix(values)).shape
+        # Whole-pixel-ish blocks: the short side at least 48 px, the long side at most 480 px.
+        zoom = min(max(48 / min(rows, cols), 1.0), 480 / max(rows, cols))
         shape = "×".join(str(s) for s in values.shape) or "scalar"
         caption = f"{name} ({shape}), {100 * shares[name] / total:.1f}% of ‖v‖²"
         figures.append(
-            f"<figure>{_img(src, f'V_out of subnetwork {k}, {name}')}"
+            f"<figure>{_img(src, f'V_out of subnetwork {k}, {name}', (round(cols * zoom), round(rows * zoom)))}"
             f"<figcaption>{_e(caption)}</figcaption></figure>"
         )
     return (
@@ -320,7 +322,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         data = f'data-p-active="{p!r}" data-index="{k}"'
         badge = ' <span class="dead">dead</span>' if is_dead else ""
         nav.append(
-            f'<li {data}{css}><a href="#subnetwork-{k}"><span>#{k}</span>'
+            f'<li {data}{css}><a href="#subnetwork-{k}"><span>#{k}{badge}</span>'
             f"<span>{_fmt(p)}</span></a></li>"
         )
         entry = by_index.get(k, {})
