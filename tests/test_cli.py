@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,22 @@ def test_overwrite_clears_the_old_runs_outputs_and_a_cut_metric_line_is_skipped(
     run_dir = runs.create_run(spec, copy, overwrite=True)
     assert sorted(p.name for p in copy.iterdir()) == ["config.yaml"]
     assert run_dir.spec() == spec
+
+
+def test_wandb_tracking_logs_every_epoch_when_asked_for(tmp_path, monkeypatch):
+    """With a stand-in wandb module: init with the run spec, one log per epoch, finish."""
+    calls = []
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)),
+        log=lambda values, step: calls.append(("log", step, values)),
+        finish=lambda: calls.append(("finish",)),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    config = _write(tmp_path / "track.yaml", {**TINY, "run": {"tracking": "wandb"}})
+    assert main(["decompose", str(config), "--out", str(tmp_path / "run"), "-q"]) == 0
+    assert calls[0][0] == "init" and calls[0][1]["config"]["l3d"]["n_subnetworks"] == 5
+    logs = [c for c in calls if c[0] == "log"]
+    metrics = runs.RunDir(tmp_path / "run").metrics_records()
+    assert [c[1] for c in logs] == [r["step"] for r in metrics]
+    assert [c[2]["loss_paper"] for c in logs] == [r["loss_paper"] for r in metrics]
+    assert calls[-1] == ("finish",)
