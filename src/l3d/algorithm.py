@@ -47,7 +47,7 @@ def reconstruction_sq_errors(
     """||g_i - sum_{k in top-k(i)} c_ik V_out_k||^2 per sample, (n_s,), via design/math.md section 4."""
     c_kept = c * mask
     cross = (c_kept * d).sum(1)
-    quad = torch.einsum("sk,kl,sl->s", c_kept, gram, c_kept)
+    quad = ((c_kept @ gram) * c_kept).sum(1)  # c^T G c per sample
     return (g_sq - 2 * cross + quad).clamp_min(0)
 
 
