@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l3d import Decomposition, decompose
+from l3d import Decomposition, analysis, decompose
 from l3d.analysis import (
     generate,
     impacts,
@@ -66,6 +66,14 @@ def test_impact_is_mean_of_absolute_coefficients_over_references(classifier):
     assert torch.allclose(impact, torch.stack(per_reference).abs().mean(0), atol=1e-6)
     # Absolute value before the mean (eq. 10-11), not |mean|: the two differ here.
     assert not torch.allclose(impact, torch.stack(per_reference).mean(0).abs(), atol=1e-4)
+
+
+def test_impact_from_factors_equals_impact_from_dense_directions(classifier, monkeypatch):
+    d, x = classifier
+    (dense,) = impacts(d, x, n_references=2, seed=1)
+    monkeypatch.setattr(analysis, "DENSE_ELEMENTS", 0)  # too big to form: contract CP factors
+    (factored,) = impacts(d, x, n_references=2, seed=1)
+    assert torch.allclose(dense, factored, atol=1e-5)
 
 
 def test_impact_matches_brute_force_with_a_fixed_reference(classifier):

@@ -65,6 +65,25 @@ def random_subnetworks(decomposition: Decomposition, seed: int = 0) -> Subnetwor
 
 # Impact --------------------------------------------------------------------------------------
 
+# Largest dense (n_v x n_w) direction matrix formed to project gradients with one matmul.
+DENSE_ELEMENTS = 1 << 28
+
+
+def _projector(subnetworks: Subnetworks) -> Callable[[dict[str, Tensor]], Tensor]:
+    """grads {name: (n_s, *shape)} -> <V_k, g_s> (n_s, n_v). Analysis projects many gradients on
+    fixed directions, so it forms V densely once (a matmul per tensor) when that fits; contracting
+    CP factors with every gradient instead costs about rank x more."""
+    n_w = sum(math.prod(shape) for shape in subnetworks.shapes.values())
+    if subnetworks.n_subnetworks * n_w > DENSE_ELEMENTS:
+        return subnetworks.inner
+    with torch.no_grad():
+        dense = {n: d.flatten(1) for n, d in subnetworks.materialize().items()}
+
+    def project(grads: dict[str, Tensor]) -> Tensor:
+        return sum(grads[n].flatten(1) @ d.T for n, d in dense.items())
+
+    return project
+
 
 @torch.no_grad()
 def impacts(
@@ -89,19 +108,19 @@ def impacts(
 
     if n_references < 1:
         raise L3DError(f"n_references must be >= 1; got {n_references}")
-    directions = list(directions or [decomposition.subnetworks.v_in])
+    projectors = [_projector(v) for v in directions or [decomposition.subnetworks.v_in]]
     decomposition.model.eval()
     n = batch_size_of(inputs)
     chunks = _chunks(n, chunk_size or decomposition.config.batch_size)
-    totals: list[list[Tensor]] = [[] for _ in directions]
+    totals: list[list[Tensor]] = [[] for _ in projectors]
     for c, rows in enumerate(tqdm(chunks, desc="impact", unit="chunk", disable=not progress)):
         chunk = to_device(take(inputs, rows), decomposition.device)
         source = decomposition._source(chunk)
-        sums = [0.0] * len(directions)
+        sums = [0.0] * len(projectors)
         for j in range(n_references):
             generator = torch.Generator().manual_seed(seed + c * n_references + j)
-            grads = source.batch(chunk, None, generator)
-            sums = [s + grads.project(v).abs() for s, v in zip(sums, directions)]
+            grads = source.batch(chunk, None, generator).grads
+            sums = [s + project(grads).abs() for s, project in zip(sums, projectors)]
         for total, s in zip(totals, sums):
             total.append((s / n_references).cpu())
     return [torch.cat(t) for t in totals]
