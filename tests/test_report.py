@@ -196,9 +196,15 @@ class Chromium:
                 return reply["result"]
             self.events.append(reply)
 
-    def wait_for(self, method: str, timeout: float = 60) -> None:
+    def wait_for(self, method: str, session: str, timeout: float = 60) -> None:
         end = time.time() + timeout
-        while not any(e.get("method") == method for e in self.events):
+
+        def seen() -> bool:
+            return any(
+                e.get("method") == method and e.get("sessionId") == session for e in self.events
+            )
+
+        while not seen():
             self.events.append(self._read(max(0.1, end - time.time())))
 
     def close(self) -> None:
@@ -223,7 +229,7 @@ class Page:
         for domain in ("Runtime", "Log", "Page"):
             browser.send(f"{domain}.enable", session=self.session)
         browser.send("Page.navigate", {"url": url}, session=self.session)
-        browser.wait_for("Page.loadEventFired")
+        browser.wait_for("Page.loadEventFired", self.session)
 
     def eval(self, expression: str):
         result = self.browser.send(
@@ -238,6 +244,8 @@ class Page:
         """Uncaught exceptions, console.error calls and browser errors (failed loads, CSP)."""
         bad = []
         for e in self.browser.events:
+            if e.get("sessionId") != self.session:
+                continue
             method, params = e.get("method"), e.get("params", {})
             if (
                 method == "Runtime.exceptionThrown"
@@ -432,3 +440,18 @@ def test_image_classifier_run_with_labels_shows_image_grids(tmp_path, browser):
     assert len(widths) == 3 * 4 and min(widths) > 0
     assert "digit <" in page.eval("document.querySelector('.grid').innerText")
     assert page.errors() == []
+
+
+def test_the_browser_harness_sees_errors_and_script_runs(tmp_path, browser):
+    """The checks above can fail: a page with a thrown error, a console.error and a missing image
+    is reported, and an unescaped script does run."""
+    bad = tmp_path / "bad.html"
+    bad.write_text(
+        "<!DOCTYPE html><html><head><link rel='icon' href='data:,'></head><body>"
+        "<img src='missing.png'><script>window.__pwned = 1; console.error('boom');"
+        " throw new Error('bad');</script></body></html>"
+    )
+    page = Page(browser, bad.resolve().as_uri())
+    assert page.eval("window.__pwned") == 1
+    errors = json.dumps(page.errors())
+    assert "boom" in errors and "bad" in errors and "missing.png" in errors, errors
