@@ -134,7 +134,10 @@ def test_intervention_effect_and_weights_restored(classifier):
     assert torch.allclose(moved, d.intervene(x[:6], 1, 0.5), atol=1e-6)
     p0 = F.log_softmax(d.model(x[:6]), -1)
     expected = (p0.exp() * (p0 - F.log_softmax(moved, -1))).sum(-1)
-    assert torch.allclose(intervention_effect(d, x, 1, 0.5, samples), expected.detach(), atol=1e-6)
+    effects = intervention_effect(d, x, 1, [0.0, 0.5], samples)
+    assert effects.shape == (2, 6)
+    assert torch.allclose(effects[0], torch.zeros(6), atol=1e-6)
+    assert torch.allclose(effects[1], expected.detach(), atol=1e-6)
 
 
 def test_write_analysis_files_sorted_by_p_active_with_dead_flags(classifier, tmp_path):

@@ -235,28 +235,34 @@ def intervention_effect(
     decomposition: Decomposition,
     inputs: Inputs,
     k: int,
-    delta: float,
+    deltas: Sequence[float],
     samples: Tensor,
     direction: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """Per sample, how far moving to W0 + δ v_k moves its output: KL(p(W0) ‖ p(W0 + δ v_k)) for
-    'kl', else the mean squared change of the outputs. (len(samples),)."""
+    """Per δ and sample, how far moving to W0 + δ v_k moves its output: KL(p(W0) ‖ p(W0 + δ v_k))
+    for 'kl', else the mean squared change of the outputs. (len(deltas), len(samples))."""
     positions = sample_positions(inputs, decomposition.config.per_token)[samples]
     rows, where = torch.unique(positions[:, 0], return_inverse=True)
     sub = to_device(take(inputs, rows), decomposition.device)
-    before = decomposition.target.forward(sub)
     direction = decomposition.v_out(k) if direction is None else direction
     w0 = decomposition.target.w0
-    after = decomposition.target.forward(sub, {n: w + delta * direction[n] for n, w in w0.items()})
-    if decomposition.config.per_token:
-        index = (where, positions[:, 1].to(before.device))
-        before, after = before[index], after[index]
-    else:
-        before, after = before[where].flatten(1), after[where].flatten(1)
-    if decomposition.config.divergence == "kl":
-        log_p, log_q = F.log_softmax(before, -1), F.log_softmax(after, -1)
-        return (log_p.exp() * (log_p - log_q)).sum(-1).cpu()
-    return (after - before).pow(2).mean(-1).cpu()
+
+    def sample_outputs(params: dict[str, Tensor] | None) -> Tensor:
+        out = decomposition.target.forward(sub, params)
+        if decomposition.config.per_token:
+            return out[where, positions[:, 1].to(out.device)]
+        return out[where].flatten(1)
+
+    before = sample_outputs(None)
+    effects = []
+    for delta in deltas:
+        after = sample_outputs({n: w + delta * direction[n] for n, w in w0.items()})
+        if decomposition.config.divergence == "kl":
+            log_p, log_q = F.log_softmax(before, -1), F.log_softmax(after, -1)
+            effects.append((log_p.exp() * (log_p - log_q)).sum(-1))
+        else:
+            effects.append((after - before).pow(2).mean(-1))
+    return torch.stack(effects).cpu()
 
 
 @torch.no_grad()
@@ -478,14 +484,11 @@ def write_analysis(
             samples.append(entry)
         direction = {n: d[k] for n, d in dense.items()}
         logits = top_logits(decomposition, inputs, k, top[k], n_logits, direction)
-        effect_top = [
-            float(intervention_effect(decomposition, inputs, k, d, top[k], direction).mean())
-            for d in (-delta, delta)
-        ]
-        effect_all = [
-            float(intervention_effect(decomposition, inputs, k, d, all_samples, direction).mean())
-            for d in (-delta, delta)
-        ]
+        # Top and random samples in one pass: a forward at W0 and one per δ.
+        both = torch.cat([top[k], all_samples])
+        effects = intervention_effect(decomposition, inputs, k, (-delta, delta), both, direction)
+        effect_top = effects[:, : len(top[k])].mean(1).tolist()
+        effect_all = effects[:, len(top[k]) :].mean(1).tolist()
         records.append(
             {
                 "index": k,
