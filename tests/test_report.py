@@ -455,3 +455,18 @@ def test_the_browser_harness_sees_errors_and_script_runs(tmp_path, browser):
     assert page.eval("window.__pwned") == 1
     errors = json.dumps(page.errors())
     assert "boom" in errors and "bad" in errors and "missing.png" in errors, errors
+
+
+def test_heatmap_colours_positive_red_negative_blue_zero_white():
+    import io
+
+    from PIL import Image
+
+    png = plots.heatmap_png(np.array([[2.0, -2.0, 0.0, 9.0]]), scale=2.0)
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    assert image.size == (4, 1)
+    (r1, g1, b1), (r2, _, b2), white, clipped = (image.getpixel((i, 0)) for i in range(4))
+    assert r1 > 90 and b1 < 40 and g1 < 10  # +scale: dark red
+    assert b2 > 90 and r2 < 10  # -scale: dark blue
+    assert min(white) > 240
+    assert clipped == (r1, g1, b1)  # beyond the scale: clipped to the end of the colour map
