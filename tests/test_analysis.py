@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from l3d import Decomposition, analysis, decompose
@@ -164,6 +165,10 @@ def test_write_analysis_files_sorted_by_p_active_with_dead_flags(classifier, tmp
     assert all(t["value"] < 0 for t in first["top_logits"]["negative"])
     assert 0 < saved["summary"]["purity"] <= 1 and "purity_random_directions" in saved["summary"]
     assert (tmp_path / "p_active.png").stat().st_size > 0
+    saved_impact = load_file(str(tmp_path / "impact.safetensors"))
+    assert saved_impact["impact"].shape == saved_impact["impact_random_directions"].shape == (24, 4)
+    top = [e["sample"] for e in first["top_samples"]]
+    assert saved_impact["impact"][:, 2].topk(4).indices.tolist() == top
     text = (tmp_path / "analysis.md").read_text()
     assert "Subnetwork 2: P_act 0.5000" in text and "**dead**" in text
 

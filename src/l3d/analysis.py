@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.func import jvp
 
@@ -405,7 +406,9 @@ def write_analysis(
     progress: bool = True,
 ) -> dict:
     """Analyse every subnetwork on `inputs` and write out_dir/analysis.json, analysis.md,
-    p_active.png (and for images, images/ and grids/). Returns the analysis.json content.
+    p_active.png, impact.safetensors (the full impact matrix (n_samples, n_v), the samples'
+    (input, position), and the random baseline's impact), and for images images/ and grids/.
+    Returns the analysis.json content.
 
     tokenizer: decodes token ids (anything with .decode(list[int])) for per-token samples.
     labels: a class or task per input or per sample; enables top-sample purity, compared with
@@ -551,6 +554,10 @@ def write_analysis(
                 top_sample_purity(measured[1], sample_labels, n_top).mean()
             )
     result = {"summary": summary, "subnetworks": records}
+    tensors = {"impact": impact, "sample_positions": positions}
+    if len(measured) > 1:
+        tensors["impact_random_directions"] = measured[1]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "impact.safetensors"))
     (out / "analysis.json").write_text(json.dumps(result, indent=1))
     _plot_p_active(p_active, out / "p_active.png")
     (out / "analysis.md").write_text(_markdown(result, is_image))

@@ -139,6 +139,29 @@ def task_accuracy(model: nn.Module, data: dict[str, Tensor], tasks: Tensor, answ
     }
 
 
+def restricted_purity(
+    analysis_dir: Path, live: Tensor, tasks: Tensor, answer: Tensor, n_top: int
+) -> dict[str, float]:
+    """Task purity of top samples drawn only from tokens after the task marker (position > 0),
+    or only from answer positions, for the learned and the random directions: the marker token
+    alone names the task, so a subnetwork keyed to it would be pure trivially."""
+    from safetensors.torch import load_file
+
+    from l3d.analysis import top_sample_purity
+
+    saved = load_file(str(analysis_dir / "impact.safetensors"))
+    rows, positions = saved["sample_positions"].unbind(1)
+    labels = tasks[rows].tolist()
+    result = {}
+    for name, keep in (("after_marker", positions > 0), ("answers", answer[rows, positions])):
+        kept = [label for label, k in zip(labels, keep.tolist()) if k]
+        learned = top_sample_purity(saved["impact"][keep], kept, n_top)[live.cpu()].mean()
+        baseline = top_sample_purity(saved["impact_random_directions"][keep], kept, n_top).mean()
+        result[f"purity_{name}"] = float(learned)
+        result[f"purity_{name}_random_directions"] = float(baseline)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -200,6 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
     )
     s = analysis["summary"]
+    restricted = restricted_purity(
+        out / "analysis", decomposition.p_active > 0, tasks, answer, args.n_top
+    )
     summary = {
         "answer_accuracy": accuracy,
         "n_sequences": len(tasks),
@@ -213,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         **{k: s[k] for k in ("loss_paper", "loss_pooled_squared", "n_dead", "purity")},
         "purity_random_directions": s["purity_random_directions"],
         "majority_label_fraction": s["majority_label_fraction"],
+        **restricted,
         "subnetworks": [
             {
                 "index": r["index"],
@@ -230,7 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"L3D loss {s['loss_pooled_squared']:.3f} (pooled squared); top-{args.n_top} task purity "
         f"{s['purity']:.3f} vs random directions {s['purity_random_directions']:.3f} "
-        f"(majority task {s['majority_label_fraction']:.3f})"
+        f"(majority task {s['majority_label_fraction']:.3f}); tokens after the marker only: "
+        f"{summary['purity_after_marker']:.3f} vs {summary['purity_after_marker_random_directions']:.3f}; "
+        f"answer positions only: {summary['purity_answers']:.3f} vs "
+        f"{summary['purity_answers_random_directions']:.3f}"
     )
     return summary
 
