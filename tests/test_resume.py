@@ -1,5 +1,6 @@
 """A run stopped by a real signal (SIGTERM, Ctrl-C's SIGINT, SIGKILL) and resumed with
-`l3d decompose --resume` ends with the same factors as a run that was never stopped."""
+`l3d decompose --resume` ends with the same factors as a run that was never stopped, resampling of
+dead subnetworks included."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ TINY = {
         "lr": 0.01,
         "seed": 3,
     },
-    "run": {"checkpoint_seconds": 0, "progress": False},
+    # Resampling (epochs 15 and 20 here) runs in the epoch callback: a resumed run must replay it.
+    "run": {"checkpoint_seconds": 0, "progress": False, "resample": {"every": 5, "until": 40}},
 }
 
 
@@ -106,6 +108,8 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
     for mine, theirs in zip(lines, expected):
         assert mine["loss_paper"] == theirs["loss_paper"]
         assert mine["step"] == theirs["step"]
+        assert mine.get("resampled") == theirs.get("resampled")
+    assert any("resampled" in r for r in lines)
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,15 @@ class DataSource(_Frozen):
         return self
 
 
+class Resampling(_Frozen):
+    """Re-initialise dead and duplicate subnetworks during training (l3d.resampling.Resampler)."""
+
+    every: int = Field(ge=1, description="Epochs between resamplings.")
+    until: int = Field(ge=1, description="No resampling from this epoch on.")
+    duplicate_cos: float = Field(default=0.9, gt=0, le=1)
+    min_p_active: float = Field(default=0.0, ge=0, le=1)
+
+
 class RunOptions(_Frozen):
     checkpoint_seconds: float = Field(
         default=60,
@@ -123,6 +132,10 @@ class RunOptions(_Frozen):
         default="none", description="Also log metrics to Weights & Biases or TensorBoard."
     )
     project: str = Field(default="l3d", description="wandb project name.")
+    resample: Resampling | None = Field(
+        default=None,
+        description="Resample dead/duplicate subnetworks, e.g. {every: 20, until: 100}.",
+    )
 
 
 class RunSpec(_Frozen):
@@ -171,7 +184,9 @@ def _describe(err: ValidationError) -> str:
         loc = [str(p) for p in e["loc"]]
         where = ".".join(loc) or "config"
         if e["type"] == "extra_forbidden":
-            parent = _SECTIONS.get(loc[0], RunSpec) if len(loc) > 1 else RunSpec
+            # The innermost section the key sits in, for close matches among its fields.
+            sections = {**_SECTIONS, "resample": Resampling}
+            parent = next((sections[p] for p in reversed(loc[:-1]) if p in sections), RunSpec)
             options = list(parent.model_fields)
             close = difflib.get_close_matches(loc[-1], options, n=3)
             hint = f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(options)}"
@@ -709,9 +724,21 @@ def _execute(
     _truncate_metrics(run_dir, done)
     snapshot: list[tuple[dict, dict]] = []  # the state after the last whole epoch
     start = last_save = time.time()
+    resampler = None
+    if spec.run.resample is not None:
+        from l3d.resampling import Resampler
+
+        r = spec.run.resample
+        resampler = Resampler(r.every, r.until, r.duplicate_cos, r.min_p_active, seed=spec.l3d.seed)
 
     def on_epoch(trainer: Trainer, record: dict) -> None:
         nonlocal last_save
+        if resampler is not None:
+            # Seeded by the epoch and reads only the trainer's state, so resuming replays it.
+            before = len(resampler.log)
+            resampler(trainer, record)
+            if len(resampler.log) > before:
+                record = {**record, "resampled": resampler.log[-1]["subnetworks"]}
         snapshot[:] = [flatten_state(trainer.state_dict())]
         line = {**record, "time": time.time(), "elapsed": time.time() - start}
         with run_dir.metrics.open("a") as f:
