@@ -329,3 +329,19 @@ def test_wandb_tracking_logs_every_epoch_when_asked_for(tmp_path, monkeypatch):
     assert [c[1] for c in logs] == [r["step"] for r in metrics]
     assert [c[2]["loss_paper"] for c in logs] == [r["loss_paper"] for r in metrics]
     assert calls[-1] == ("finish",)
+
+
+def test_step_callback_sees_every_training_step():
+    """The per-step progress bar is fed by run(step_callback=...): once per step."""
+    spec = runs.RunSpec.create(TINY)
+    model = runs.build_model(spec.model)
+    seen = []
+    decomposition = l3d.run(
+        model,
+        runs.build_data(spec.data, spec.model),
+        spec.l3d,
+        progress=False,
+        step_callback=lambda result: seen.append(result.n_samples),
+    )
+    assert len(seen) == decomposition.history[-1]["step"] == 4 * 4  # 200 samples / 50, 4 epochs
+    assert sum(seen) == 4 * 200

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from l3d.algorithm import Evaluation, SubnetworkPair, Trainer, evaluate
+from l3d.algorithm import Evaluation, StepResult, SubnetworkPair, Trainer, evaluate
 from l3d.config import L3DConfig
 from l3d.divergences import Divergence, ReferenceFn, resolve_divergence, resolve_reference
 from l3d.errors import L3DError
@@ -131,8 +131,12 @@ def run(
     progress: bool = True,
     callback: EpochCallback | None = None,
     trainer_state: dict | None = None,
+    step_callback: Callable[[StepResult], None] | None = None,
 ) -> Decomposition:
-    """Run L3D from a config (the entry point for config files and resumed runs)."""
+    """Run L3D from a config (the entry point for config files and resumed runs).
+
+    step_callback: called with each training step's StepResult (per-step progress of long epochs).
+    """
     if config.divergence.startswith("custom:") and divergence is None:
         raise L3DError(f"config names divergence '{config.divergence}': pass the callable")
     if config.reference.startswith("custom:") and reference is None:
@@ -146,7 +150,7 @@ def run(
         with _progress(config.epochs, progress) as bar:
             bar.update(trainer.epoch)
             while trainer.epoch < config.epochs:
-                record = trainer.run_epoch()
+                record = trainer.run_epoch(on_step=step_callback)
                 bar.set_postfix(
                     loss=f"{record['loss_' + config.loss]:.4f}", live=record["live_subnetworks"]
                 )

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from l3d.algorithm import Trainer
+from l3d.algorithm import StepResult, Trainer
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition, load, run
 from l3d.divergences import DIVERGENCES, Divergence, ReferenceFn
@@ -666,6 +666,44 @@ class _Tracker:
             self._writer.close()
 
 
+class _StepBar:
+    """A second progress bar over the steps of the current epoch, with its ETA and the latest loss,
+    for runs whose epochs are long (a language model: hundreds of steps per epoch)."""
+
+    def __init__(self, config: L3DConfig, data: Any, enabled: bool) -> None:
+        from l3d.model import Dataset
+
+        self.loss, self.bar, self.shown = config.loss, None, 0.0
+        if enabled:
+            from tqdm.auto import tqdm
+
+            total = Dataset(data, config.batch_size).n_batches()
+            self.bar = tqdm(total=total, position=1, leave=False, unit="step", desc="epoch")
+
+    def step(self, result: StepResult) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        if time.time() - self.shown > 0.5:  # reading the loss synchronises an accelerator
+            self.bar.set_postfix(loss=f"{getattr(result.losses, self.loss).item():.4f}")
+            self.shown = time.time()
+
+    def wrap(self, on_epoch: Callable[[Trainer, dict], None]) -> Callable[[Trainer, dict], None]:
+        def callback(trainer: Trainer, record: dict) -> None:
+            on_epoch(trainer, record)
+            if self.bar is not None:
+                self.bar.reset()
+
+        return callback
+
+    def __enter__(self) -> _StepBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def create_run(spec: RunSpec, path: str | Path, *, overwrite: bool = False) -> RunDir:
     """A fresh run folder holding the resolved spec."""
     run_dir = RunDir(Path(path))
@@ -750,7 +788,7 @@ def _execute(
             last_save = now
 
     show = spec.run.progress if progress is None else progress
-    with _stop_on_signals():
+    with _stop_on_signals(), _StepBar(spec.l3d, data, show) as step_bar:
         try:
             decomposition = run(
                 model,
@@ -759,8 +797,9 @@ def _execute(
                 divergence=divergence,
                 reference=reference,
                 progress=show,
-                callback=on_epoch,
+                callback=step_bar.wrap(on_epoch),
                 trainer_state=state,
+                step_callback=step_bar.step,
             )
         except Interrupted as stop:
             # A second Ctrl-C or SIGTERM must not cut the save short.
