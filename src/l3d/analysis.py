@@ -302,6 +302,19 @@ def generate(
 # Writing the run folder ----------------------------------------------------------------------
 
 
+def _random_samples(positions: Tensor, n: int, seed: int) -> Tensor:
+    """About n random samples from whole random inputs: every input costs a forward pass however
+    many of its tokens are used, so per-token samples come from as few sequences as possible."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = positions[:, 0]
+    chosen = torch.zeros(len(rows), dtype=torch.bool)
+    for row in torch.randperm(int(rows.max()) + 1, generator=generator).tolist():
+        chosen |= rows == row
+        if int(chosen.sum()) >= n:
+            break
+    return torch.nonzero(chosen).flatten()
+
+
 def _sample_labels(labels: Sequence[Any] | None, inputs: Inputs, positions: Tensor) -> list | None:
     """Labels per sample from labels per input (broadcast to its tokens) or per sample."""
     if labels is None:
@@ -443,8 +456,7 @@ def write_analysis(
     top = top_samples(impact, n_top)
     p_active = decomposition.p_active.cpu()
     delta = intervention_scale * weight_norm(decomposition)
-    generator = torch.Generator().manual_seed(seed)
-    all_samples = torch.randperm(n_samples, generator=generator)[: max(4 * n_top, 64)]
+    random_samples = _random_samples(positions, max(4 * n_top, 64), seed)
 
     def logit_label(i: int) -> str:
         if tokenizer is not None and per_token:
@@ -488,7 +500,7 @@ def write_analysis(
         direction = {n: d[k] for n, d in dense.items()}
         logits = top_logits(decomposition, inputs, k, top[k], n_logits, direction)
         # Top and random samples in one pass: a forward at W0 and one per δ.
-        both = torch.cat([top[k], all_samples])
+        both = torch.cat([top[k], random_samples])
         effects = intervention_effect(decomposition, inputs, k, (-delta, delta), both, direction)
         effect_top = effects[:, : len(top[k])].mean(1).tolist()
         effect_all = effects[:, len(top[k]) :].mean(1).tolist()
