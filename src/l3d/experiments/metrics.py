@@ -213,15 +213,17 @@ def selectivity(
     assignment: list[int],
     deltas: tuple[float, ...] = DELTAS,
     params: list[str] | None = None,
+    max_units: int = 20,
 ) -> dict:
-    """For each unit j and its subnetwork k: mean output change on samples where j is active
-    divided by that on samples where it is not (Figs 4, 5, 9), for +-delta; plus the share of the
-    total change that lands on j's samples. Ratios are capped at 1e6 (exact zeros off-target)."""
+    """For each unit j (the first max_units) and its subnetwork k: mean output change on samples
+    where j is active divided by that on samples where it is not (Figs 4, 5, 9), for +-delta; plus
+    the share of the total change that lands on j's samples. Ratios are capped at 1e6 (exact
+    zeros off-target)."""
     active = (inputs.abs() > 0).float() @ units.float().T > 0  # (n_samples, n_units)
     table = {}
     for delta in deltas:
         ratios, shares = [], []
-        for j, k in enumerate(assignment):
+        for j, k in list(enumerate(assignment))[:max_units]:
             on, off = active[:, j], ~active[:, j]
             for sign in (1.0, -1.0):
                 change = output_changes(decomposition, inputs, k, sign * delta, params)
