@@ -240,6 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
         "purity_random_directions": s["purity_random_directions"],
         "majority_label_fraction": s["majority_label_fraction"],
         **restricted,
+        "answer_share_of_top_tokens": sum(
+            bool(answer[e["input"], e["position"]])
+            for r in analysis["subnetworks"]
+            for e in r["top_samples"]
+        )
+        / sum(len(r["top_samples"]) for r in analysis["subnetworks"]),
+        "answer_share_of_tokens": float(answer[data["attention_mask"].bool()].float().mean()),
         "subnetworks": [
             {
                 "index": r["index"],
