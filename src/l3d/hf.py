@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -217,9 +217,6 @@ class LMPreset:
     def config(self, **changes: Any) -> L3DConfig:
         """The preset's L3DConfig, with any field overridden."""
         return L3DConfig.create(**{**self.l3d, **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 PRESETS: dict[str, LMPreset] = {
