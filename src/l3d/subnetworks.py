@@ -102,7 +102,14 @@ class _TensorFactors(nn.Module):
         return torch.einsum(f"s{_MODES[: self._m]}," + ",".join(subs) + "->sk", g, *ops)
 
     def gram(self) -> Tensor:
-        """G_kl = <V_k, V_l> from factors, (n_v, n_v)."""
+        """G_kl = <V_k, V_l> from factors, (n_v, n_v); through the dense directions instead when
+        that is cheaper (high rank, small tensor: n_v R numel + n_v^2 numel < n_v^2 R^2 sum(d))."""
+        n_v, numel = self.modes[0].shape[0], math.prod(self.work_shape)
+        ranks = [f.shape[1] for f in self.modes]
+        factored = n_v * n_v * sum(r * r * d for r, d in zip(ranks, self.work_shape))
+        if n_v * (max(ranks) + n_v) * numel < factored:
+            dense = self.materialize().reshape(n_v, -1)
+            return dense @ dense.T
         if self.core is None:
             prod = None
             for f in self.modes:
