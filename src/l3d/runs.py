@@ -3,7 +3,7 @@ the run folder, its metrics log and atomic safetensors checkpoints, and resuming
 
 A run folder holds:
   config.yaml        the resolved run spec (overrides applied, paths absolute)
-  model.safetensors  the trained weights of a built-in toy model (other models are rebuilt)
+  model.safetensors  a toy's trained weights, with model.json (other models are rebuilt)
   metrics.jsonl      one JSON line per epoch: step, both losses, lr, live subnetworks, time
   checkpoint/        state.json + state-EPOCH.safetensors: the trainer after a whole epoch
   decomposition/     the final Decomposition.save
@@ -90,7 +90,9 @@ class DataSource(_Frozen):
         description="A .safetensors file: its tensor `key` (options), or all tensors as a dict.",
     )
     text: str | None = Field(
-        default=None, description="A text file, one sample per line, tokenized by the hf model."
+        default=None,
+        description="A UTF-8 text file of documents (one per line unless options.separator), "
+        "tokenized by the hf model's tokenizer.",
     )
     python: str | None = Field(
         default=None, description="'module:function' returning a tensor, dict or batches."
