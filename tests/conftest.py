@@ -6,6 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+# The tests' models are tiny: thread hand-offs cost more than they save, and on a loaded 2-core
+# machine they slow tiny-model steps by orders of magnitude.
+torch.set_num_threads(1)
+
 
 class SmallMLP(nn.Module):
     def __init__(self, n_in: int = 4, n_hidden: int = 6, n_out: int = 3) -> None:
