@@ -203,7 +203,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             train=dict(_TRAIN),
             paper={**PAPER_L3D, "n_subnetworks": 10, "rank": 1},
             improved={
-                "n_subnetworks": 10,
+                "n_subnetworks": 20,
                 "rank": 1,
                 "epochs": 200,
                 "batch_size": 32,
@@ -211,7 +211,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
                 "lr_decay": 0.8,
                 "lr_decay_every": 20,
                 "lr_decay_unit": "epoch",
-                "top_k": 0.2,
+                "top_k": 0.1,
                 "loss": "pooled_squared",
                 "resample_every": 20,
                 "resample_until": 100,

@@ -79,11 +79,10 @@ def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: 
         out["mmcs_per_feature"] = M.mmcs(toy.model.W_in.detach(), directions["W_in"])
         out["mmcs"] = sum(out["mmcs_per_feature"]) / len(out["mmcs_per_feature"])
     if "A" in toy.info:
-        live = [
-            k
-            for k in range(decomposition.n_subnetworks)
-            if k not in out["heldout"]["dead_subnetworks"]
-        ]
+        # eq. 12 over the subnetworks matched to inputs: with excess subnetworks, the unmatched
+        # ones carry no input's path (with n_v = n_inputs this is every live subnetwork).
+        dead = out["heldout"]["dead_subnetworks"]
+        live = [k for k in assignment if k not in dead]
         out["coefficients"] = M.coefficient_recovery(
             directions["W_in"], directions["W_out"], toy.info["A"], live
         )
@@ -245,6 +244,7 @@ def run_experiment(
     spec = get_spec(name)
     if not seeds:
         raise L3DError("no seeds given: pass e.g. seeds=[0, 1, 2]")
+    settings_for(spec, settings, quick)  # a bad profile name fails before any training
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

@@ -16,12 +16,13 @@ class ResidMLP(nn.Module):
         self, n_features: int = 100, d_resid: int = 1000, d_mlp: int = 50, seed: int = 0
     ) -> None:
         super().__init__()
-        torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         w_e = torch.randn(d_resid, n_features, generator=g)
         self.register_buffer("W_E", w_e / w_e.norm(dim=0, keepdim=True))
-        self.mlp_in = nn.Linear(d_resid, d_mlp)
-        self.mlp_out = nn.Linear(d_mlp, d_resid)
+        with torch.random.fork_rng():  # nn.Linear's init takes no generator; leave the global RNG
+            torch.manual_seed(seed)
+            self.mlp_in = nn.Linear(d_resid, d_mlp)
+            self.mlp_out = nn.Linear(d_mlp, d_resid)
 
     def forward(self, x: Tensor) -> Tensor:  # (batch, features) -> (batch, features)
         resid = x @ self.W_E.T

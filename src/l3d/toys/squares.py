@@ -23,9 +23,10 @@ class Squares(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        torch.manual_seed(seed)  # nn.Linear's default init has no generator argument
         sizes = [n_inputs] + [width] * n_hidden_layers + [n_inputs]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        with torch.random.fork_rng():  # nn.Linear's init takes no generator; leave the global RNG
+            torch.manual_seed(seed)
+            self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         if activation == "elu":
             g = torch.Generator().manual_seed(seed)
             with torch.no_grad():
