@@ -234,7 +234,9 @@ class Decomposition:
         return self.subnetworks.v_in.direction(k)
 
     # Questions about samples -------------------------------------------------------------
-    def _source(self, inputs: object, method: str = "vmap") -> GradientSource:
+    def gradient_source(self, inputs: object, method: str = "vmap") -> GradientSource:
+        """Per-sample gradients of `inputs` under this decomposition's divergence and reference
+        strategy: `.batch(inputs, references, generator)` gives them for one batch."""
         _, div = resolve_divergence(self._divergence or self.config.divergence)
         _, ref = resolve_reference(self._reference or self.config.reference, self.config.divergence)
         return GradientSource(
@@ -258,7 +260,7 @@ class Decomposition:
         With per_token, rows are the valid (sequence, position) samples in order.
         """
         self.model.eval()
-        source = self._source(inputs)
+        source = self.gradient_source(inputs)
         generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         references = None if references is None else references.to(self.device)
         batch = source.batch(to_device(inputs, self.device), references, generator)
@@ -268,7 +270,7 @@ class Decomposition:
     def evaluate(self, data: object, seed: int = 0, top_k: float | None = None) -> Evaluation:
         """P_act and both losses on any data (e.g. held-out samples), batched as in training."""
         self.model.eval()
-        source = self._source(data, method="auto")
+        source = self.gradient_source(data, method="auto")
         return evaluate(self.subnetworks, source, top_k or self.config.top_k, seed)
 
     @torch.no_grad()
