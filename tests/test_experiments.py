@@ -16,10 +16,13 @@ from l3d.subnetworks import Subnetworks
 from l3d.toys import TMS, sparse_features
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("L3D_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One toy cache for the module, so the TMS toy is trained once for all tests."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("L3D_CACHE", str(path))
+        yield path
 
 
 def test_registry_names_the_issue_toys():
@@ -31,8 +34,11 @@ def test_registry_names_the_issue_toys():
 def test_toy_is_trained_once_then_loaded_from_the_cache(cache):
     spec = get_spec("tms")
     first = train_toy_model(spec, 1)
-    assert len(list(cache.glob("toys/*.safetensors"))) == 1
+    files = list(cache.glob("toys/tms-seed1-*.safetensors"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
     second = train_toy_model(spec, 1)
+    assert files[0].stat().st_mtime_ns == mtime  # loaded, not retrained
     for a, b in zip(first.model.parameters(), second.model.parameters()):
         assert torch.equal(a, b)
     assert (first.model.W_in.norm(dim=0) > 0.5).all()
