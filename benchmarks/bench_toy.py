@@ -51,8 +51,10 @@ def main() -> None:
         lr=0.01,
         top_k=0.1,
     )
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
+    )
     times = []
     for _ in range(args.repeats):
         start, cpu = time.perf_counter(), time.process_time()
