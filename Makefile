@@ -34,6 +34,11 @@ test: $(STAMP) browser
 test-slow: $(STAMP) browser
 	$(PY) -m pytest -m slow
 
+# Speed targets are checked by benchmarks, never by timed tests (docs/performance.md).
+bench: $(STAMP)
+	$(PY) benchmarks/bench_toy.py --epochs 1000
+	$(PY) benchmarks/bench_step.py --settings a,c --methods fast,torchfunc,floor --repeats 5
+
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_DIRS)
 	$(PY) -m ruff format --check $(LINT_DIRS)
