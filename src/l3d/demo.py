@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {
         "toy_seed": toy_seed,
         "seed": args.seed,
-        "held_out": {"loss_paper": test.loss_paper, "loss_pooled_squared": test.loss_pooled_squared},
+        "held_out": {
+            "loss_paper": test.loss_paper,
+            "loss_pooled_squared": test.loss_pooled_squared,
+        },
         "matching": rows,
         "features_recovered": recovered,
         "seconds": time.perf_counter() - start,

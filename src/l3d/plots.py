@@ -16,7 +16,9 @@ def plot_training_curve(history: list[dict], path: str | Path, title: str = "L3D
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(epochs, [r["loss_paper"] for r in history], label="paper: mean ‖g−ĝ‖/‖g‖")
-    ax.plot(epochs, [r["loss_pooled_squared"] for r in history], label="pooled squared Σ‖g−ĝ‖²/Σ‖g‖²")
+    ax.plot(
+        epochs, [r["loss_pooled_squared"] for r in history], label="pooled squared Σ‖g−ĝ‖²/Σ‖g‖²"
+    )
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("reconstruction loss")
@@ -37,8 +39,14 @@ def _draw_layer(ax, weight: Tensor, x0: float, x1: float, y_in, y_out, scale: fl
         for j, yi in enumerate(y_in):
             w = float(weight[i, j])
             if abs(w) > 1e-3 * scale:
-                ax.plot([x0, x1], [yi, yo], color="tab:red" if w > 0 else "tab:blue",
-                        lw=4 * abs(w) / scale, alpha=0.8, solid_capstyle="round")
+                ax.plot(
+                    [x0, x1],
+                    [yi, yo],
+                    color="tab:red" if w > 0 else "tab:blue",
+                    lw=4 * abs(w) / scale,
+                    alpha=0.8,
+                    solid_capstyle="round",
+                )
 
 
 def plot_mlp_subnetworks(
@@ -63,8 +71,14 @@ def plot_mlp_subnetworks(
             _draw_layer(ax, v[w_name], li, li + 1, ys(sizes[li]), ys(sizes[li + 1]), scale)
             if b_name is not None:
                 for y, b in zip(ys(sizes[li + 1]), v[b_name]):
-                    ax.scatter([li + 1], [y], s=300 * abs(float(b)) / scale + 1, facecolors="none",
-                               edgecolors="tab:red" if b > 0 else "tab:blue", lw=2)
+                    ax.scatter(
+                        [li + 1],
+                        [y],
+                        s=300 * abs(float(b)) / scale + 1,
+                        facecolors="none",
+                        edgecolors="tab:red" if b > 0 else "tab:blue",
+                        lw=2,
+                    )
         for li, m in enumerate(sizes):
             ax.scatter([li] * m, ys(m), s=30, color="black", zorder=3)
         for end, side, prefix in ((0, "right", "x"), (len(sizes) - 1, "left", "y")):
