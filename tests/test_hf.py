@@ -181,7 +181,7 @@ def test_clear_errors(saved_lm, tmp_path):
         hf.token_dataset([[1, 2, 9], [3, 4]], vocab_size=5)
     with pytest.raises(L3DError, match="cannot load a causal LM"):
         hf.load_causal_lm(tmp_path / "missing")
-    with pytest.raises(L3DError, match="Did you mean tinystories-8m"):
+    with pytest.raises(L3DError, match="(?i)did you mean tinystories-8m"):
         hf.get_preset("tinystories8m")
     with pytest.raises(L3DError, match="pass a tokenizer"):
         hf.token_dataset(["once upon a time"])

@@ -94,7 +94,7 @@ def test_mobilenet_preset_selects_all_13_tensors_of_features_7():
     assert ranks_by_fraction(model, ["features.7.block.3.1.bias"]) == {
         "features.7.block.3.1.bias": 5
     }
-    with pytest.raises(L3DError, match="Did you mean mobilenet-v3-small"):
+    with pytest.raises(L3DError, match="(?i)did you mean mobilenet-v3-small"):
         get_preset("mobilenet_v3_small")
 
 

@@ -8,7 +8,6 @@ only, lazily.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
-from l3d.errors import L3DError
+from l3d.errors import L3DError, lookup
 
 
 def _transformers():
@@ -250,11 +249,7 @@ PRESETS: dict[str, LMPreset] = {
 
 
 def get_preset(name: str) -> LMPreset:
-    if name in PRESETS:
-        return PRESETS[name]
-    close = difflib.get_close_matches(name, list(PRESETS), n=3, cutoff=0.4)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise L3DError(f"unknown LM preset '{name}'.{hint} Presets: {', '.join(PRESETS)}")
+    return lookup(PRESETS, name, "LM preset")
 
 
 def tinystories_8m_config(**changes: Any) -> Any:

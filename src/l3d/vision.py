@@ -8,7 +8,6 @@ so BatchNorm uses its running statistics and samples never interact. torchvision
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
-from l3d.errors import L3DError
+from l3d.errors import L3DError, lookup
 from l3d.model import select_parameters
 
 # torchvision's ImageNet normalisation, used by its pretrained classifiers.
@@ -139,11 +138,7 @@ PRESETS: dict[str, VisionPreset] = {
 
 
 def get_preset(name: str) -> VisionPreset:
-    if name in PRESETS:
-        return PRESETS[name]
-    close = difflib.get_close_matches(name, list(PRESETS), n=3, cutoff=0.4)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise L3DError(f"unknown vision preset '{name}'.{hint} Presets: {', '.join(PRESETS)}")
+    return lookup(PRESETS, name, "vision preset")
 
 
 def load_mobilenet_v3_small(weights: str | None = "DEFAULT") -> nn.Module:

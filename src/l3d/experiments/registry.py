@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from l3d.errors import L3DError
+from l3d.errors import L3DError, lookup
 from l3d.toys import (
     TMCS,
     TMS,
@@ -297,13 +297,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
 
 
 def get_spec(name: str) -> ExperimentSpec:
-    if name not in EXPERIMENTS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(EXPERIMENTS), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise L3DError(f"unknown experiment '{name}'{hint}; available: {', '.join(EXPERIMENTS)}")
-    return EXPERIMENTS[name]
+    return lookup(EXPERIMENTS, name, "experiment")
 
 
 def cache_dir() -> Path:
