@@ -86,3 +86,19 @@ def test_direction_is_shaped_like_the_parameter_and_checks_range():
     assert {n: tuple(t.shape) for n, t in v.items()} == SHAPES
     with pytest.raises(IndexError, match="out of range"):
         s.direction(4)
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker"])
+def test_gram_gradient_equals_dense(factorization):
+    """The factor Gram's own backward ((dP + dP^T) F) gives autograd's gradient through the
+    dense directions, for a non-symmetric upstream gradient too."""
+    s = make(factorization, rank=3)
+    weights = torch.randn(
+        s.n_subnetworks, s.n_subnetworks, generator=torch.Generator().manual_seed(2)
+    )
+    params = list(s.parameters())
+    fast = torch.autograd.grad((s.gram() * weights).sum(), params)
+    flat_v = torch.cat([d.flatten(1) for d in s.materialize().values()], 1)
+    dense = torch.autograd.grad((flat_v @ flat_v.T * weights).sum(), params)
+    for gf, gd in zip(fast, dense):
+        torch.testing.assert_close(gf, gd, rtol=1e-4, atol=1e-5)

@@ -220,7 +220,8 @@ def _project_matrix(sig: _MatrixSignal, tf: _TensorFactors) -> Tensor:
             q = torch.einsum("nsgi,kri->nsgkr", a, M)
         if delta_first:
             p = torch.einsum("tnsgo,krgo->tnsgkr", delta, L)
-            parts.append(torch.einsum("tnsgkr,nsgkr->tnk", p, q))
+            # A product and a sum: as one einsum this is a batch of (n K) tiny matrix products.
+            parts.append((p * q).sum(dim=(2, 3, 5)))
         else:
             # V_k a_s = sum_r L_kr (M_kr . a_s), subnetwork k's change of the layer's output at
             # position s, is shared by all T token samples of a sequence; then one dot with delta.

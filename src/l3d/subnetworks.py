@@ -30,6 +30,27 @@ def max_rank(shape: tuple[int, ...], factorization: Factorization) -> int:
     return math.prod(shape) // max(shape)
 
 
+class _ModeGram(torch.autograd.Function):
+    """One mode's factor Gram P[k, r, l, q] = f_kr . f_lq, (n_v, R, n_v, R) from f (n_v, R, d).
+
+    P = F F^T with F = f viewed as (n_v R, d) is symmetric, so its backward is one product,
+    dF = (dP + dP^T) F, where autograd through the einsum would form one per operand (the mode
+    Grams of V_out carry most of a structured step's FLOPs: design/math.md section 4).
+    """
+
+    @staticmethod
+    def forward(ctx, f: Tensor) -> Tensor:
+        ctx.save_for_backward(f)
+        return torch.einsum("kra,lqa->krlq", f, f)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (f,) = ctx.saved_tensors
+        n = f.shape[0] * f.shape[1]
+        grad = grad.reshape(n, n)
+        return ((grad + grad.T) @ f.reshape(n, -1)).view_as(f)
+
+
 class _TensorFactors(nn.Module):
     """The factors of all n_v subnetworks for one parameter tensor."""
 
@@ -113,12 +134,12 @@ class _TensorFactors(nn.Module):
         if self.core is None:
             prod = None
             for f in self.modes:
-                m = torch.einsum("kra,lqa->krlq", f, f)
+                m = _ModeGram.apply(f)  # (n_v, R, n_v, R)
                 prod = m if prod is None else prod * m
             return prod.sum(dim=(1, 3))
         k_r, l_r = _TUCKER_K[: self._m], _TUCKER_L[: self._m]
         subs = [f"k{k_r}", f"l{l_r}"] + [f"k{k_r[j]}l{l_r[j]}" for j in range(self._m)]
-        mats = [torch.einsum("kpa,lqa->kplq", f, f) for f in self.modes]
+        mats = [_ModeGram.apply(f) for f in self.modes]
         return torch.einsum(",".join(subs) + "->kl", self.core, self.core, *mats)
 
     def sq_norms(self) -> Tensor:
