@@ -6,6 +6,7 @@ import torch
 from l3d.algorithm import Evaluation, SubnetworkPair
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
+from l3d.errors import L3DError
 from l3d.experiments import metrics as M
 from l3d.resampling import set_direction_
 from l3d.toys import TMS, feature_groups, feature_parameter_mask, sparse_features
@@ -100,12 +101,66 @@ def test_own_subnetworks_are_selective_and_pass_the_probe():
     assert rec["assignment"] == [ORDER.index(j) for j in range(5)]
     probe = M.one_hot_probe(dec, units)
     assert probe["errors"]["0.1"] == 0
-    sel = M.selectivity(dec, x, units, rec["assignment"], deltas=(0.5,))
+    sel = M.sample_selectivity(dec, x, units, rec["assignment"], deltas=(0.5,))
     # Feature j's own parameters only touch samples where j is active (ReLU output) ...
     assert sel["0.5"]["min_ratio"] > 10
     # ... and the ablation check sees active subnetworks move outputs far more than inactive ones.
     ab = M.ablation_check(dec, x, deltas=(0.5,))
     assert ab["0.5"]["ratio"] > 5
+
+
+def tms_with_bias_subnetworks(biases: torch.Tensor) -> Decomposition:
+    """A TMS 5-2 whose outputs are all on (b = 1 and small weights keep the ReLU open for
+    |delta| < 0.5) and whose
+    subnetwork k moves the bias alone, along biases[k]: output i moves by delta * biases[k, i] on
+    every sample, an intervention whose output-wise effect is known exactly."""
+    model = TMS(5, 2, seed=0)
+    with torch.no_grad():
+        model.W_in.mul_(0.1 / model.W_in.abs().max())  # |W_out W_in x| <= 0.1 for x in [0, 1]^5
+        model.W_out.copy_(model.W_in.T)
+        model.b.fill_(1.0)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    pair = SubnetworkPair.initialize(
+        shapes, len(biases), dict.fromkeys(shapes, 1), "cp", torch.Generator().manual_seed(0)
+    )
+    for k, b in enumerate(biases):
+        direction = {n: torch.zeros(s) for n, s in shapes.items()} | {"b": b}
+        set_direction_(pair.v_out, k, direction)
+        set_direction_(pair.v_in, k, direction)
+    pair.v_out.normalize_()
+    config = L3DConfig.create(params=list(shapes), n_subnetworks=len(biases), batch_size=32)
+    evaluation = Evaluation(torch.ones(len(biases)), 0.0, 0.0, 0)
+    return Decomposition(config, pair, [], evaluation, model)
+
+
+def test_output_selectivity_of_an_intervention_on_the_matched_output_alone():
+    dec = tms_with_bias_subnetworks(torch.eye(5)[ORDER])  # subnetwork k moves output ORDER[k]
+    x = sparse_features(500, 5, generator=torch.Generator().manual_seed(1))
+    assignment = [ORDER.index(j) for j in range(5)]
+    sel = M.output_selectivity(dec, x, feature_groups(5), assignment, deltas=(0.5,))
+    for samples in ("active", "all"):
+        assert sel[samples]["0.5"]["min_ratio"] > 1e5  # the other outputs do not move at all
+    # The wrong subnetwork for each unit moves an output that is not the unit's: ratio 0.
+    shifted = assignment[1:] + assignment[:1]
+    wrong = M.output_selectivity(dec, x, feature_groups(5), shifted, deltas=(0.5,))
+    assert wrong["all"]["0.5"]["median_ratio"] < 1e-6
+
+
+def test_output_selectivity_is_one_when_every_output_moves_equally():
+    dec = tms_with_bias_subnetworks(torch.ones(5, 5))
+    x = sparse_features(500, 5, generator=torch.Generator().manual_seed(1))
+    sel = M.output_selectivity(dec, x, feature_groups(5), [0, 1, 2, 3, 4], deltas=(0.25, 0.5))
+    for samples in ("active", "all"):
+        for delta in ("0.25", "0.5"):
+            assert sel[samples][delta]["min_ratio"] == pytest.approx(1.0, rel=1e-4)
+            assert sel[samples][delta]["median_ratio"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_output_selectivity_needs_one_output_per_feature():
+    dec = tms_with_bias_subnetworks(torch.eye(5))
+    x = sparse_features(50, 5, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(L3DError, match="one output per input feature"):
+        M.output_selectivity(dec, x, feature_groups(10, 2), [0, 1, 2, 3, 4])
 
 
 def test_coefficient_recovery_is_exact_for_true_paths():

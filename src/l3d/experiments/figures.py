@@ -1,6 +1,6 @@
 """Figures of the toy experiments, after the paper's: subnetwork parameter maps (Figs 3, 5, 8),
-TMS encoder directions (Fig. S2), intervention curves (Figs 4, 9), the two-subnetwork grid
-(Fig. S9), coefficient scatter (Fig. 6), the one-hot probe, loss vs rank / count (Figs S5, S11)."""
+TMS encoder directions (Fig. S2), intervention curves per sample group and per output (Figs 4, 9,
+S8), the two-subnetwork grid (Fig. S9), coefficient scatter (Fig. 6), the one-hot probe, loss vs rank / count (Figs S5, S11)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,35 @@ def intervention_plot(result: dict, path: Path):
     _save(fig, path)
 
 
+def output_intervention_plot(result: dict, path: Path):
+    """Fig. 9 read output-wise: for each unit (panel), the mean |Δ output_i| on the unit's samples
+    of every output i as δ sweeps along the unit's subnetwork; the unit's own output in colour,
+    the others in grey. A second row intervenes on the hidden layers only (Fig. S8)."""
+    data = result["intervention_curves"]
+    curves = data["curves"]
+    keys = [k for k in ("per_output", "per_output_hidden_only") if k in curves[0]]
+    titles = {"per_output": "all tensors", "per_output_hidden_only": "hidden layers only"}
+    fig, axes = plt.subplots(
+        len(keys), len(curves), figsize=(2.6 * len(curves), 2.4 * len(keys)), squeeze=False
+    )
+    for row, key in enumerate(keys):
+        for col, c in enumerate(curves):
+            ax = axes[row, col]
+            changes = np.array(c[key])  # (n_deltas, n_outputs)
+            for i in range(changes.shape[1]):
+                if i != c["unit"]:
+                    ax.plot(data["deltas"], changes[:, i], color="0.6", lw=0.8)
+            ax.plot(data["deltas"], changes[:, c["unit"]], color=plt.cm.tab10(col % 10), lw=2)
+            ax.set_title(f"u{c['unit']} (v{c['subnetwork']}), {titles[key]}", fontsize=8)
+            ax.set_xlabel("δ", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[row, 0].set_ylabel("mean |Δ output_i|", fontsize=8)
+    fig.suptitle(
+        "Interventions on the unit's samples: own output (colour) vs others (grey)", fontsize=9
+    )
+    _save(fig, path)
+
+
 def grid_plot(result: dict, path: Path):
     grid = result["intervention_grid"]
     panels = ["only_first", "only_second", "neither"]
@@ -165,6 +194,8 @@ def seed_figures(
     subnetwork_maps(decomposition, result, out / "subnetworks.png")
     training_curve(result, out / "training.png")
     intervention_plot(result, out / "interventions.png")
+    if "per_output" in result["intervention_curves"]["curves"][0]:
+        output_intervention_plot(result, out / "interventions_per_output.png")
     probe_plot(result, out / "probe.png")
     if "intervention_grid" in result:
         grid_plot(result, out / "intervention_grid.png")

@@ -17,6 +17,7 @@ from torch import Tensor
 from l3d.algorithm import batch_top_k, evaluate
 from l3d.decomposition import Decomposition
 from l3d.divergences import resolve_divergence, resolve_reference
+from l3d.errors import L3DError
 from l3d.gradients import GradientSource
 from l3d.model import Dataset
 
@@ -189,6 +190,23 @@ def _pearson(x: Tensor, y: Tensor) -> float:
 
 
 @torch.no_grad()
+def output_deltas(
+    decomposition: Decomposition,
+    inputs: Tensor,
+    k: int,
+    delta: float,
+    params: list[str] | None = None,
+) -> Tensor:
+    """(n_samples, n_outputs) |f(x, W0 + delta v_k) - f(x, W0)| per output dim (eq. 9), intervening
+    only on `params` (default: every decomposed tensor; Fig. S8 uses the hidden layers only)."""
+    target = decomposition.target
+    direction = decomposition.v_out(k)
+    names = params if params is not None else list(direction)
+    moved = {n: w + delta * direction[n] if n in names else w for n, w in target.w0.items()}
+    before = target.forward(inputs)
+    return (target.forward(inputs, moved) - before).abs().flatten(1)
+
+
 def output_changes(
     decomposition: Decomposition,
     inputs: Tensor,
@@ -196,17 +214,19 @@ def output_changes(
     delta: float,
     params: list[str] | None = None,
 ) -> Tensor:
-    """(n_samples,) mean |f(x, W0 + delta v_k) - f(x, W0)| over output dims (eq. 9), intervening
-    only on `params` (default: every decomposed tensor; Fig. S8 uses the hidden layers only)."""
-    target = decomposition.target
-    direction = decomposition.v_out(k)
-    names = params if params is not None else list(direction)
-    moved = {n: w + delta * direction[n] if n in names else w for n, w in target.w0.items()}
-    before = target.forward(inputs)
-    return (target.forward(inputs, moved) - before).abs().flatten(1).mean(1)
+    """(n_samples,) mean |Δ output| over output dims (see output_deltas)."""
+    return output_deltas(decomposition, inputs, k, delta, params).mean(1)
 
 
-def selectivity(
+def _ratio_stats(ratios: list[float]) -> dict:
+    return {
+        "median_ratio": float(np.median(ratios)),
+        "min_ratio": float(np.min(ratios)),
+        "geomean_ratio": float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-12))))),
+    }
+
+
+def sample_selectivity(
     decomposition: Decomposition,
     inputs: Tensor,
     units: Tensor,
@@ -215,10 +235,11 @@ def selectivity(
     params: list[str] | None = None,
     max_units: int = 20,
 ) -> dict:
-    """For each unit j (the first max_units) and its subnetwork k: mean output change on samples
-    where j is active divided by that on samples where it is not (Figs 4, 5, 9), for +-delta; plus
-    the share of the total change that lands on j's samples. Ratios are capped at 1e6 (exact
-    zeros off-target)."""
+    """Sample-wise: for each unit j (the first max_units) and its subnetwork k, the mean output
+    change (over all output dims) on samples where j is active divided by that on samples where it
+    is not (Section 3.4.3: "a large impact on the predictions of that sample and a minor impact on
+    others"), for +-delta; plus the share of the total change that lands on j's samples. Ratios
+    are capped at 1e6 (exact zeros off-target)."""
     active = (inputs.abs() > 0).float() @ units.float().T > 0  # (n_samples, n_units)
     table = {}
     for delta in deltas:
@@ -232,12 +253,52 @@ def selectivity(
                 ratios.append(min(m_on / max(m_off, 1e-12), 1e6))
                 shares.append(m_on / max(m_on + m_off, 1e-30))
         table[str(delta)] = {
-            "median_ratio": float(np.median(ratios)),
-            "min_ratio": float(np.min(ratios)),
-            "geomean_ratio": float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-12))))),
+            **_ratio_stats(ratios),
             "mean_share_on_matched": float(np.mean(shares)),
         }
     return table
+
+
+def output_selectivity(
+    decomposition: Decomposition,
+    inputs: Tensor,
+    units: Tensor,
+    assignment: list[int],
+    deltas: tuple[float, ...] = DELTAS,
+    params: list[str] | None = None,
+    max_units: int = 20,
+) -> dict:
+    """Output-wise, for toys whose unit j is input j and output j (TMS, X^2, ResidMLP: the label
+    of output j depends on input j alone): intervene along unit j's subnetwork k with +-delta
+    (eq. 9) and divide the mean |Δ output_j| by the mean |Δ output_i| over the other outputs i != j
+    ("interventions on a subnetwork only successfully affect the expected subset of outputs",
+    Section 3.4.3, Figs 9, S8). Both means are over the same samples: "active", those where unit
+    j is active (the samples whose prediction the subnetwork serves), and "all" held-out samples
+    (an intervention that moves output j everywhere counts too). Ratios capped at 1e6.
+
+    units: (n_units, n_features) bool with n_features = n_outputs (matched output set of unit j =
+    its input set); returns {"active" | "all": {str(delta): ratio stats}}."""
+    n_outputs = decomposition.target.forward(inputs[:1]).flatten(1).shape[1]
+    if units.shape[1] != n_outputs:
+        raise L3DError(
+            f"output_selectivity needs one output per input feature, got {units.shape[1]} "
+            f"features and {n_outputs} outputs: use sample_selectivity for this toy"
+        )
+    active = (inputs.abs() > 0).float() @ units.float().T > 0  # (n_samples, n_units)
+    groups = {"active": lambda j: active[:, j], "all": lambda j: torch.ones_like(active[:, j])}
+    ratios: dict = {g: {str(d): [] for d in deltas} for g in groups}
+    for delta in deltas:
+        for j, k in list(enumerate(assignment))[:max_units]:
+            mine = units[j]
+            for sign in (1.0, -1.0):
+                change = output_deltas(decomposition, inputs, k, sign * delta, params)
+                for g, rows in groups.items():
+                    sub = change[rows(j)]
+                    if not len(sub):
+                        continue
+                    m_on, m_off = sub[:, mine].mean().item(), sub[:, ~mine].mean().item()
+                    ratios[g][str(delta)].append(min(m_on / max(m_off, 1e-12), 1e6))
+    return {g: {d: _ratio_stats(r) for d, r in table.items() if r} for g, table in ratios.items()}
 
 
 @torch.no_grad()

@@ -22,6 +22,9 @@ from l3d.toys import TMS, feature_parameter_mask
 
 Settings = Literal["paper", "improved"]
 RESAMPLE_KEYS = ("resample_every", "resample_until")
+OUTPUT_SELECTIVITY_SUMMARY = (("active", "0.25"), ("active", "1.0"), ("all", "1.0"))
+"""(samples, delta) of the output-wise selectivity in the summary: small and large interventions on
+the unit's samples, and the large one on all samples."""
 QUICK_EPOCHS = 30
 """Epochs of a quick run (smoke tests, CI): the schedule is compressed to fit."""
 
@@ -86,12 +89,27 @@ def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: 
         out["coefficients"] = M.coefficient_recovery(
             directions["W_in"], directions["W_out"], toy.info["A"], live
         )
-    out["selectivity"] = M.selectivity(decomposition, heldout, toy.units, assignment)
-    if spec.hidden_params:
-        out["selectivity_hidden_only"] = M.selectivity(
-            decomposition, heldout, toy.units, assignment, params=list(spec.hidden_params)
+    hidden = list(spec.hidden_params) or None
+    out["selectivity_samples"] = M.sample_selectivity(decomposition, heldout, toy.units, assignment)
+    if hidden:
+        out["selectivity_samples_hidden_only"] = M.sample_selectivity(
+            decomposition, heldout, toy.units, assignment, params=hidden
         )
-    out["intervention_curves"] = intervention_curves(decomposition, heldout, toy, assignment)
+    # Output-wise selectivity needs output j to belong to unit j: true where the label is
+    # elementwise (TMS, X^2, ResidMLP), not for y = A x (TMCS, higher-rank), where every input
+    # reaches every output.
+    output_matched = "A" not in toy.info
+    if output_matched:
+        out["selectivity_outputs"] = M.output_selectivity(
+            decomposition, heldout, toy.units, assignment
+        )
+        if hidden:
+            out["selectivity_outputs_hidden_only"] = M.output_selectivity(
+                decomposition, heldout, toy.units, assignment, params=hidden
+            )
+    out["intervention_curves"] = intervention_curves(
+        decomposition, heldout, toy, assignment, per_output=output_matched, hidden=hidden
+    )
     if toy.units.shape[0] >= 2:
         out["intervention_grid"] = M.intervention_grid(
             decomposition, heldout, toy.units, (0, 1), assignment, torch.linspace(-2, 2, 9)
@@ -104,21 +122,43 @@ def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: 
 
 
 def intervention_curves(
-    decomposition: Decomposition, inputs: torch.Tensor, toy: Toy, assignment: list[int]
+    decomposition: Decomposition,
+    inputs: torch.Tensor,
+    toy: Toy,
+    assignment: list[int],
+    per_output: bool = False,
+    hidden: list[str] | None = None,
 ) -> dict:
-    """For the first (up to 5) units: mean output change on the unit's samples and on the others
-    as delta sweeps [-2, 2] along the unit's subnetwork (Figs 4, 5, 9)."""
+    """For the first (up to 5) units, as delta sweeps [-2, 2] along the unit's subnetwork: mean
+    output change on the unit's samples and on the others (Figs 4, 9); with per_output, also the
+    mean |Δ output_i| of every output i on the unit's samples (Fig. 9 read output-wise), for
+    all decomposed tensors and, given `hidden`, the hidden layers alone (Fig. S8)."""
     deltas = torch.linspace(-2, 2, 17)
     active = (inputs.abs() > 0).float() @ toy.units.float().T > 0
     curves = []
     for j, k in list(enumerate(assignment))[:5]:
-        on, off = [], []
+        on, off = active[:, j], ~active[:, j]
+
+        curve: dict = {"unit": j, "subnetwork": k, "matched": [], "others": []}
+        if per_output:
+            curve |= {"per_output": [], **({"per_output_hidden_only": []} if hidden else {})}
         for d in deltas.tolist():
-            change = M.output_changes(decomposition, inputs, k, d)
-            on.append(change[active[:, j]].mean().item() if active[:, j].any() else 0.0)
-            off.append(change[~active[:, j]].mean().item())
-        curves.append({"unit": j, "subnetwork": k, "matched": on, "others": off})
+            change = M.output_deltas(decomposition, inputs, k, d)  # (n_samples, n_outputs)
+            curve["matched"].append(change[on].mean().item() if on.any() else 0.0)
+            curve["others"].append(change[off].mean().item() if off.any() else 0.0)
+            if per_output:
+                curve["per_output"].append(_mean_over(change, on))
+                if hidden:
+                    curve["per_output_hidden_only"].append(
+                        _mean_over(M.output_deltas(decomposition, inputs, k, d, hidden), on)
+                    )
+        curves.append(curve)
     return {"deltas": deltas.tolist(), "curves": curves}
+
+
+def _mean_over(change: torch.Tensor, rows: torch.Tensor) -> list[float]:
+    """(n_outputs,) mean of change (n_samples, n_outputs) over the selected rows (0 if none)."""
+    return (change[rows].mean(0) if rows.any() else change.new_zeros(change.shape[1])).tolist()
 
 
 def run_seed(
@@ -203,7 +243,11 @@ def summarize(spec: ExperimentSpec, results: list[dict], settings: Settings) -> 
         "seeds_all_recovered": sum(r["recovery"]["all_recovered"] for r in results),
         "dead_subnetworks": stat(lambda r: len(r["dead_subnetworks"])),
         "probe_errors_0.1": stat(lambda r: r["one_hot_probe"]["errors"]["0.1"]),
-        "selectivity_median_ratio_delta1": stat(lambda r: r["selectivity"]["1.0"]["median_ratio"]),
+        # sample-wise selectivity; "selectivity" is its key in metrics.json written before the
+        # output-wise metric existed
+        "selectivity_median_ratio_delta1": stat(
+            lambda r: r.get("selectivity_samples", r.get("selectivity"))["1.0"]["median_ratio"]
+        ),
         "ablation_ratio_delta0.5": stat(lambda r: r["ablation"]["0.5"]["ratio"]),
         "seconds_l3d": stat(lambda r: r["seconds"]["l3d"]),
         "paper": spec.paper_results,
@@ -221,8 +265,16 @@ def summarize(spec: ExperimentSpec, results: list[dict], settings: Settings) -> 
         summary["r_squared"] = stat(lambda r: r["coefficients"]["r_squared"])
     if spec.hidden_params:
         summary["selectivity_hidden_only_median_ratio_delta1"] = stat(
-            lambda r: r["selectivity_hidden_only"]["1.0"]["median_ratio"]
+            lambda r: r.get("selectivity_samples_hidden_only", r.get("selectivity_hidden_only"))[
+                "1.0"
+            ]["median_ratio"]
         )
+    for key in ("selectivity_outputs", "selectivity_outputs_hidden_only"):
+        if key in results[0]:
+            for samples, delta in OUTPUT_SELECTIVITY_SUMMARY:
+                summary[f"{key}_{samples}_median_ratio_delta{delta}"] = stat(
+                    lambda r, k=key, s=samples, d=delta: r[k][s][d]["median_ratio"]
+                )
     return summary
 
 
@@ -283,7 +335,7 @@ def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -
         f"{summary['n_units']} (all in {summary['seeds_all_recovered']}/{len(results)} seeds) | - |",
         f"| dead subnetworks | {fmt(summary['dead_subnetworks'], 1)} | - |",
         f"| one-hot probe errors (tol 0.1) | {fmt(summary['probe_errors_0.1'], 1)} | - |",
-        f"| intervention selectivity, median ratio at δ=1 | "
+        f"| sample selectivity (unit's samples / others), median ratio at δ=1 | "
         f"{fmt(summary['selectivity_median_ratio_delta1'], 1)} | - |",
         f"| ablation: active / inactive output change at δ=0.5 | "
         f"{fmt(summary['ablation_ratio_delta0.5'], 1)} | - |",
@@ -302,9 +354,21 @@ def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -
         lines.append(f"| coefficient recovery r² | {fmt(summary['r_squared'])} | - |")
     if "selectivity_hidden_only_median_ratio_delta1" in summary:
         lines.append(
-            f"| selectivity, hidden layers only (Fig. S8), δ=1 | "
+            f"| sample selectivity, hidden layers only (Fig. S8), δ=1 | "
             f"{fmt(summary['selectivity_hidden_only_median_ratio_delta1'], 1)} | - |"
         )
+    for key, what in (
+        ("selectivity_outputs", "all decomposed tensors"),
+        ("selectivity_outputs_hidden_only", "hidden layers only (Fig. S8)"),
+    ):
+        for samples, delta in OUTPUT_SELECTIVITY_SUMMARY:
+            name = f"{key}_{samples}_median_ratio_delta{delta}"
+            if name in summary:
+                lines.append(
+                    f"| output selectivity (matched / other outputs), {what}, δ={delta}, "
+                    f"{'samples with the unit active' if samples == 'active' else 'all samples'} "
+                    f"| {fmt(summary[name], 1)} | - |"
+                )
     lines.append(f"| L3D seconds per seed | {fmt(summary['seconds_l3d'], 1)} | - |")
     sweeps = [r["sweep"] for r in results if "sweep" in r]
     if sweeps:
