@@ -89,16 +89,22 @@ def test_direction_is_shaped_like_the_parameter_and_checks_range():
 
 
 @pytest.mark.parametrize("factorization", ["cp", "tucker"])
-def test_gram_gradient_equals_dense(factorization):
-    """The factor Gram's own backward ((dP + dP^T) F) gives autograd's gradient through the
-    dense directions, for a non-symmetric upstream gradient too."""
-    s = make(factorization, rank=3)
+@pytest.mark.parametrize("triangle_min", [1, 10**9])
+def test_gram_and_its_gradient_equal_dense(factorization, triangle_min, monkeypatch):
+    """The factor Gram (block triangle or one product) and its own backward ((dP + dP^T) F) equal
+    autograd through the dense directions, for a non-symmetric upstream gradient too."""
+    import l3d.subnetworks
+
+    monkeypatch.setattr(l3d.subnetworks, "TRIANGLE_MIN", triangle_min)
+    s = make(factorization, rank=3, n_v=5)  # 15 rows: uneven blocks of 4, 4, 4, 3
     weights = torch.randn(
         s.n_subnetworks, s.n_subnetworks, generator=torch.Generator().manual_seed(2)
     )
     params = list(s.parameters())
-    fast = torch.autograd.grad((s.gram() * weights).sum(), params)
+    gram = s.gram()
+    fast = torch.autograd.grad((gram * weights).sum(), params)
     flat_v = torch.cat([d.flatten(1) for d in s.materialize().values()], 1)
+    torch.testing.assert_close(gram, flat_v @ flat_v.T, rtol=1e-4, atol=1e-5)
     dense = torch.autograd.grad((flat_v @ flat_v.T * weights).sum(), params)
     for gf, gd in zip(fast, dense):
         torch.testing.assert_close(gf, gd, rtol=1e-4, atol=1e-5)

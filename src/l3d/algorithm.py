@@ -140,8 +140,8 @@ def step_losses(pair: SubnetworkPair, batch: GradientBatch, top_k: float) -> tup
     else:
         c, d, gram = batch.project(v_in), batch.project(v_out), v_out.gram()
     mask = batch_top_k(c, top_k)
-    sq_errors = reconstruction_sq_errors(c, d, batch.sq_norms(), gram, mask)
-    return losses(sq_errors, batch.sq_norms()), mask
+    g_sq = batch.sq_norms()
+    return losses(reconstruction_sq_errors(c, d, g_sq, gram, mask), g_sq), mask
 
 
 class Trainer:

@@ -217,9 +217,16 @@ def _project_matrix(sig: _MatrixSignal, tf: _TensorFactors) -> Tensor:
         if sig.is_embedding:
             q = M.permute(2, 0, 1)[a].unsqueeze(2)  # (n, S, 1, K, R): M_kr[token]
         else:
-            q = torch.einsum("nsgi,kri->nsgkr", a, M)
+            # Factor rows times signal columns: the factor gradients of the backward then come
+            # out as (K R, features) products in the factors' own layout, with no transposed copy.
+            q = M.reshape(k * r, -1) @ a.reshape(-1, a.shape[-1]).T  # (K R, n S G)
+            q = q.view(k, r, *a.shape[:3]).permute(2, 3, 4, 0, 1)  # (n, S, G, K, R)
         if delta_first:
-            p = torch.einsum("tnsgo,krgo->tnsgkr", delta, L)
+            if g == 1:
+                p = L.reshape(k * r, out_g) @ delta.reshape(-1, out_g).T  # (K R, T n S)
+                p = p.view(k, r, *delta.shape[:4]).permute(2, 3, 4, 5, 0, 1)
+            else:
+                p = torch.einsum("tnsgo,krgo->tnsgkr", delta, L)
             # A product and a sum: as one einsum this is a batch of (n K) tiny matrix products.
             parts.append((p * q).sum(dim=(2, 3, 5)))
         else:

@@ -30,6 +30,10 @@ def max_rank(shape: tuple[int, ...], factorization: Factorization) -> int:
     return math.prod(shape) // max(shape)
 
 
+# Mode Grams with at least this many rows (n_v R) multiply only their lower block triangle.
+TRIANGLE_MIN = 256
+
+
 class _ModeGram(torch.autograd.Function):
     """One mode's factor Gram P[k, r, l, q] = f_kr . f_lq, (n_v, R, n_v, R) from f (n_v, R, d).
 
@@ -41,7 +45,23 @@ class _ModeGram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f: Tensor) -> Tensor:
         ctx.save_for_backward(f)
-        return torch.einsum("kra,lqa->krlq", f, f)
+        n_v, rank = f.shape[:2]
+        n = n_v * rank
+        if n < TRIANGLE_MIN:
+            return torch.einsum("kra,lqa->krlq", f, f)
+        # Only the lower block triangle is multiplied (10 of 16 blocks); the rest is its transpose.
+        flat = f.reshape(n, -1)
+        step = -(-n // 4)
+        blocks = flat.split(step)
+        p = flat.new_empty(n, n)
+        for i, fi in enumerate(blocks):
+            rows = slice(i * step, i * step + len(fi))
+            for j, fj in enumerate(blocks[: i + 1]):
+                cols = slice(j * step, j * step + len(fj))
+                p[rows, cols] = fi @ fj.T
+                if j < i:
+                    p[cols, rows] = p[rows, cols].T
+        return p.view(n_v, rank, n_v, rank)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
