@@ -25,6 +25,17 @@ def mse(output: Tensor, reference: Tensor) -> Tensor:
     return (output - reference).pow(2).mean()
 
 
+def mse_authors(output: Tensor, reference: Tensor) -> Tensor:
+    """1/2 MSE(y_i, y_ref) + 1/2 MSE(y_i, 0): the gradient the authors' toy code decomposes.
+
+    A missing `.detach()` on the reference there makes the decomposed gradient that of this
+    expression rather than of MSE to the reference (docs/algorithm.md, divergences). Its gradient in y_i, (2 y_i - y_ref) / n_out, is that of MSE(y_i, y_ref / 2):
+    the sample's own output weighs twice the reference's. An option for matching the published toy
+    numbers; 'mse' (the paper's definition) stays the default.
+    """
+    return 0.5 * mse(output, reference) + 0.5 * output.pow(2).mean()
+
+
 def kl(output: Tensor, reference: Tensor) -> Tensor:
     """KL(p_ref || p_i) with both given as logits, as for the paper's LM and CNN runs."""
     log_p = F.log_softmax(output, dim=-1)
@@ -32,7 +43,7 @@ def kl(output: Tensor, reference: Tensor) -> Tensor:
     return (log_ref.exp() * (log_ref - log_p)).sum()
 
 
-DIVERGENCES: dict[str, Divergence] = {"mse": mse, "kl": kl}
+DIVERGENCES: dict[str, Divergence] = {"mse": mse, "mse_authors": mse_authors, "kl": kl}
 
 
 def random_other(outputs: Tensor, generator: torch.Generator) -> Tensor:
@@ -70,7 +81,8 @@ def resolve_divergence(divergence: str | Divergence) -> tuple[str, Divergence]:
     if divergence in DIVERGENCES:
         return divergence, DIVERGENCES[divergence]
     raise L3DError(
-        f"unknown divergence '{divergence}': use 'mse', 'kl' or a callable (output, reference) -> scalar"
+        f"unknown divergence '{divergence}': use 'mse', 'mse_authors', 'kl' or a callable "
+        "(output, reference) -> scalar"
     )
 
 
