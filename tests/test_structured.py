@@ -313,3 +313,52 @@ def test_training_run_matches_generic_path():
     for k in range(3):
         for name, v in fast.v_out(k).items():
             torch.testing.assert_close(v, generic.v_out(k)[name], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("loss", ["paper", "pooled_squared"])
+def test_sample_chunks_match_the_whole_batch(loss):
+    """chunk_size on the structured path: the two-pass chunked step gives the whole batch's losses,
+    top-k mask and factor gradients (uneven chunks, and a zero-gradient sample that the paper
+    loss must skip with the batch's live count)."""
+    from l3d.algorithm import chunked_step
+    from l3d.gradients import ChunkedGradients
+
+    torch.manual_seed(0)
+    model = MLPWithNorm().eval()
+    data = torch.randn(10, 4)
+    target = Target.create(model, ["*"])
+    refs = draw_references(
+        target.outputs(data), None, False, random_other, torch.Generator().manual_seed(1)
+    )
+    refs[6] = target.outputs(data[6:7])[0]  # sample 6: reference = own output, g = 0
+
+    def batch_and_pair(chunk_size):
+        source = GradientSource(
+            target,
+            Dataset(data, 10),
+            mse,
+            random_other,
+            per_token=False,
+            method="structured",
+            chunk_size=chunk_size,
+        )
+        pair = SubnetworkPair.initialize(
+            target.shapes, 4, resolve_ranks(target.names, 2), "cp", torch.Generator().manual_seed(0)
+        )
+        return source.batch(data, refs), pair
+
+    whole, pair = batch_and_pair(None)
+    chunked, chunked_pair = batch_and_pair(4)
+    assert isinstance(whole, StructuredGradients) and isinstance(chunked, ChunkedGradients)
+    assert [p().n_samples for p in chunked.parts] == [4, 4, 2]
+    result, mask = step_losses(pair, whole, 0.3)
+    getattr(result, loss).backward()
+    c_result, c_mask = chunked_step(chunked_pair, chunked, 0.3, loss)
+    assert torch.equal(mask, c_mask)
+    for name in ("paper", "pooled_squared"):
+        torch.testing.assert_close(getattr(c_result, name), getattr(result, name).detach())
+    for p, q in zip(pair.parameters(), chunked_pair.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max())
+    torch.testing.assert_close(chunked.sq_norms(), whole.sq_norms())
+    g_sq = chunked.sq_norms()
+    assert g_sq[6] < torch.finfo(g_sq.dtype).eps * g_sq.max()  # not live: skipped by 'paper'

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
-from l3d.gradients import DenseGradients, GradientBatch, GradientSource
+from l3d.gradients import ChunkedGradients, DenseGradients, GradientBatch, GradientSource
 from l3d.subnetworks import Subnetworks
 
 
@@ -59,13 +59,22 @@ class Losses:
     """sum_i ||g_i - g^_i||^2 / sum_i ||g_i||^2: the authors' code, behind every published number."""
 
 
-def losses(sq_errors: Tensor, g_sq: Tensor) -> Losses:
-    pooled = sq_errors.sum() / g_sq.sum().clamp_min(torch.finfo(g_sq.dtype).tiny)
-    # Samples whose output equals their reference have g = 0 and no direction to reconstruct.
+def _live(g_sq: Tensor, g_sq_max: Tensor) -> Tensor:
+    """Samples whose output equals their reference have g = 0 and no direction to reconstruct."""
+    return g_sq > torch.finfo(g_sq.dtype).eps * g_sq_max
+
+
+def losses(sq_errors: Tensor, g_sq: Tensor, batch_g_sq: Tensor | None = None) -> Losses:
+    """Both losses of a batch, or a chunk's share of them: with batch_g_sq (the whole batch's
+    ||g_i||^2) the normalisers are the batch's, so the shares of its chunks sum to its losses."""
+    batch_g_sq = g_sq if batch_g_sq is None else batch_g_sq
+    pooled = sq_errors.sum() / batch_g_sq.sum().clamp_min(torch.finfo(g_sq.dtype).tiny)
     # Masking with `where` (not boolean indexing) keeps the step free of host synchronisation.
-    live = g_sq > torch.finfo(g_sq.dtype).eps * g_sq.max()
+    g_sq_max = batch_g_sq.max()
+    live = _live(g_sq, g_sq_max)
     ratio = (sq_errors / torch.where(live, g_sq, 1.0)).clamp_min(1e-12).sqrt()
-    paper = torch.where(live, ratio, 0.0).sum() / live.sum().clamp_min(1)
+    n_live = live.sum() if batch_g_sq is g_sq else _live(batch_g_sq, g_sq_max).sum()
+    paper = torch.where(live, ratio, 0.0).sum() / n_live.clamp_min(1)
     return Losses(paper=paper, pooled_squared=pooled)
 
 
@@ -144,6 +153,48 @@ def step_losses(pair: SubnetworkPair, batch: GradientBatch, top_k: float) -> tup
     return losses(reconstruction_sq_errors(c, d, g_sq, gram, mask), g_sq), mask
 
 
+def chunked_step(
+    pair: SubnetworkPair, batch: ChunkedGradients, top_k: float, loss_name: str
+) -> tuple[Losses, Tensor]:
+    """Losses (detached) and top-k mask of a batch processed in sample chunks, with the gradient
+    of loss `loss_name` accumulated into the factors' .grad.
+
+    The batch top-k and the loss normalisers need every sample's c_ik and ||g_i||^2, so pass 1
+    computes them chunk by chunk without graph; pass 2 recomputes each chunk with graph and runs
+    its share of the backward. G is computed once: its gradient is summed over the chunks and
+    sent through the factors at the end. Memory: one chunk's signals and graph; time: about one
+    more forward + backward of the model and projection with V_in than the unchunked step.
+    """
+    v_in, v_out = pair.v_in, pair.v_out
+    c_parts, g_sq_parts = [], []
+    with torch.no_grad():
+        for part in batch.parts:
+            chunk = part()
+            c_parts.append(chunk.project(v_in))
+            g_sq_parts.append(chunk.sq_norms())
+            del chunk  # before the next chunk is computed: one chunk's signals at a time
+    c_all, g_sq_all = torch.cat(c_parts), torch.cat(g_sq_parts)
+    mask_all = batch_top_k(c_all, top_k)
+    gram = v_out.gram()
+    gram_leaf = gram.detach().requires_grad_()
+    totals = {"paper": 0.0, "pooled_squared": 0.0}
+    start = 0
+    for part in batch.parts:
+        chunk = part()
+        rows = slice(start, start + chunk.n_samples)
+        start += chunk.n_samples
+        c, d, g_sq = chunk.project(v_in), chunk.project(v_out), g_sq_all[rows]
+        del chunk
+        share = losses(
+            reconstruction_sq_errors(c, d, g_sq, gram_leaf, mask_all[rows]), g_sq, g_sq_all
+        )
+        getattr(share, loss_name).backward()
+        for name in totals:
+            totals[name] = totals[name] + getattr(share, name).detach()
+    gram.backward(gram_leaf.grad)
+    return Losses(**totals), mask_all
+
+
 class Trainer:
     """Runs Algorithm 1. State (subnetworks, optimiser, schedule, RNG, epoch) is all in
     `state_dict()`, so a run can be checkpointed and resumed to the same result."""
@@ -172,10 +223,14 @@ class Trainer:
     def train_step(self, batch: GradientBatch) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step, self.epoch)
-        result, mask = step_losses(self.pair, batch, self.top_k_at(self.epoch))
-        loss = getattr(result, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if isinstance(batch, ChunkedGradients):
+            result, mask = chunked_step(
+                self.pair, batch, self.top_k_at(self.epoch), self.config.loss
+            )
+        else:
+            result, mask = step_losses(self.pair, batch, self.top_k_at(self.epoch))
+            getattr(result, self.config.loss).backward()
         self.optimizer.step()
         self.pair.v_out.normalize_()
         self.step += 1

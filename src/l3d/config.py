@@ -94,8 +94,11 @@ class L3DConfig(BaseModel):
     chunk_size: int | None = Field(
         default=None,
         ge=1,
-        description="Samples per vmap chunk (bounds memory); for 'structured' with per_token, "
-        "tokens per batched backward (default 32). None = whole batch.",
+        description="Samples per chunk (bounds memory). 'vmap': samples per vmap chunk; "
+        "'structured' without per_token: samples per chunk of the batch's forward and backward "
+        "(the step then makes two passes over the chunks: same losses and gradients, about one "
+        "extra forward + backward); 'structured' with per_token: tokens per batched backward "
+        "(default 32). None = whole batch.",
     )
     seed: int = 0
     device: str = "cpu"

@@ -14,8 +14,9 @@ report their squared norms; a structured fast path can provide the same without 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -25,7 +26,7 @@ from torch.func import grad, jacrev, vmap
 
 from l3d.divergences import Divergence, ReferenceFn, check_divergence
 from l3d.errors import L3DError
-from l3d.model import Dataset, Inputs, Target, take, to_device, token_mask
+from l3d.model import Dataset, Inputs, Target, batch_size_of, take, to_device, token_mask
 from l3d.subnetworks import Subnetworks
 
 # Budget for the cached output Jacobians of the 'jacobian' method under gradient_method='auto'.
@@ -91,6 +92,29 @@ class DenseGradients:
         if self._sq_norms is None:
             self._sq_norms = sum(g.flatten(1).pow(2).sum(1) for g in self.grads.values())
         return self._sq_norms
+
+
+@dataclass
+class ChunkedGradients:
+    """One batch whose gradient signals are computed one sample chunk at a time, so that only one
+    chunk's activations and signals are in memory (`L3DConfig.chunk_size` on the structured path).
+
+    parts[j]() recomputes chunk j's GradientBatch (its forward and backward) every time it is
+    called: a training step takes two passes over the chunks (algorithm.chunked_step).
+    """
+
+    parts: list[Callable[[], GradientBatch]]
+    n_samples: int
+
+    def chunks(self) -> Iterator[GradientBatch]:
+        for part in self.parts:
+            yield part()
+
+    def project(self, subnetworks: Subnetworks) -> Tensor:
+        return torch.cat([chunk.project(subnetworks) for chunk in self.chunks()])
+
+    def sq_norms(self) -> Tensor:
+        return torch.cat([chunk.sq_norms() for chunk in self.chunks()])
 
 
 def _check_finite(g: Tensor, name: str) -> None:
@@ -342,19 +366,34 @@ class GradientSource:
     ) -> GradientBatch:
         from l3d.structured import structured_gradients
 
+        mask = token_mask(inputs) if self.per_token else None
         if references is None:
             generator = generator or torch.Generator().manual_seed(0)
-            mask = token_mask(inputs) if self.per_token else None
 
             def references(outputs: Tensor) -> Tensor:
                 return draw_references(outputs, mask, self.per_token, self.reference, generator)
 
-        return structured_gradients(
-            self.target,
-            inputs,
-            references,
-            self.divergence,
-            plan=self.plan,
-            per_token=self.per_token,
-            chunk_size=self.chunk_size,
-        )
+        def signals(x: Inputs, refs: Tensor | Callable[[Tensor], Tensor]) -> GradientBatch:
+            return structured_gradients(
+                self.target,
+                x,
+                refs,
+                self.divergence,
+                plan=self.plan,
+                per_token=self.per_token,
+                chunk_size=self.chunk_size,
+            )
+
+        n = batch_size_of(inputs)
+        step = self.chunk_size
+        if self.per_token or step is None or n <= step:
+            return signals(inputs, references)
+        # Sample chunks: references are drawn once for the whole batch (from a forward without
+        # graph), so every chunk, in either pass of the step, sees the same ones.
+        if callable(references):
+            references = references(self.target.outputs(inputs))
+        parts = [
+            functools.partial(signals, take(inputs, slice(i, i + step)), references[i : i + step])
+            for i in range(0, n, step)
+        ]
+        return ChunkedGradients(parts, n)
