@@ -17,6 +17,9 @@ Settings (issue 5):
       sample per token, KL
   c   4-layer MLP of width 1024, batch 64, all weights, 100 subnetworks, rank 4 (mse)
   c2b (c) with batch 128;  c2w (c) with width 2048          (memory scaling)
+  c4b (c) with batch 256                                     (time ratio against batch size)
+  cbig, cbig-chunked  (c) with batch 4096, whole or in sample chunks of 512 (chunk_size):
+      the memory the chunks save
 
 Time: median of --repeats steps after --warmup steps, wall clock and process CPU time (the latter
 is less sensitive to other load on a shared machine). Peak memory: the process's peak
@@ -24,6 +27,7 @@ resident set size minus its size after building the model and data (CPU), or the
 peak above the same point (GPU).
 
     python benchmarks/bench_step.py --settings a,b,c,c2b,c2w --repeats 5
+    python benchmarks/bench_step.py --settings c,c2b,c4b,cbig,cbig-chunked --methods fast,floor
 """
 
 from __future__ import annotations
@@ -106,13 +110,17 @@ def setting(name: str):
             lr=0.001,
         )
         return model, data, config, data, 8
-    width = {"c": 1024, "c2b": 1024, "c2w": 2048}[name]
-    batch = 128 if name == "c2b" else 64
+    width = 2048 if name == "c2w" else 1024
+    batch = {"c2b": 128, "c4b": 256, "cbig": 4096, "cbig-chunked": 4096}.get(name, 64)
     torch.manual_seed(0)
     model = MLP(width)
     data = torch.randn(batch, width, generator=g)
     config = L3DConfig.create(
-        params=["layers.*.weight"], n_subnetworks=100, rank=4, batch_size=batch
+        params=["layers.*.weight"],
+        n_subnetworks=100,
+        rank=4,
+        batch_size=batch,
+        chunk_size=512 if name == "cbig-chunked" else None,
     )
     return model, data, config, data, None
 
@@ -159,7 +167,8 @@ def make_step(method: str, model, data, config: L3DConfig, batch, chunk) -> tupl
                 b = next(batches)
             trainer.train_step(b)
 
-        return step, source.method
+        chunked = source.method == "structured" and config.chunk_size and not config.per_token
+        return step, source.method + (f", chunks of {config.chunk_size}" if chunked else "")
     if method == "floor":
         params = {n: w.clone().requires_grad_() for n, w in target.w0.items()}
         mask = token_mask(batch) if config.per_token else None
@@ -253,7 +262,8 @@ def main() -> None:
     parser.add_argument(
         "--scaling-methods",
         default="fast,floor",
-        help="methods for the memory-scaling settings c2b, c2w (the baselines take minutes there)",
+        help="methods for the scaling settings c2b, c2w, c4b, cbig, cbig-chunked (the baselines "
+        "take minutes there)",
     )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -275,7 +285,7 @@ def main() -> None:
     results = []
     for name in args.settings.split(","):
         rows = {}
-        methods = args.scaling_methods if name in ("c2b", "c2w") else args.methods
+        methods = args.methods if name in ("a", "b", "c") else args.scaling_methods
         for method in methods.split(","):
             cmd = [sys.executable, __file__, "--worker", name, method, "--warmup", str(args.warmup)]
             cmd += ["--repeats", str(args.repeats), "--device", args.device]
