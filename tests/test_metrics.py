@@ -156,6 +156,19 @@ def test_output_selectivity_is_one_when_every_output_moves_equally():
             assert sel[samples][delta]["median_ratio"] == pytest.approx(1.0, rel=1e-4)
 
 
+def test_gradient_direction_of_a_separable_model_is_output_selective():
+    # All outputs on, so f_j = W_out[j] W_in x + b_j: output j's gradient lies on b_j and W_out's
+    # row j (which move output j alone) plus a W_in part scaled by the small W_out[j], which
+    # leaks into the other outputs only weakly.
+    dec = tms_with_bias_subnetworks(torch.eye(5))
+    x = sparse_features(500, 5, generator=torch.Generator().manual_seed(1))
+    sel = M.gradient_output_selectivity(dec, x, feature_groups(5), deltas=(0.25,))
+    assert sel["active"]["0.25"]["min_ratio"] > 20
+    # Restricted to W_in, the direction moves output j only through the shared hidden layer.
+    w_in = M.gradient_output_selectivity(dec, x, feature_groups(5), deltas=(0.25,), params=["W_in"])
+    assert w_in["active"]["0.25"]["median_ratio"] < sel["active"]["0.25"]["median_ratio"] / 5
+
+
 def test_output_selectivity_needs_one_output_per_feature():
     dec = tms_with_bias_subnetworks(torch.eye(5))
     x = sparse_features(50, 5, generator=torch.Generator().manual_seed(1))

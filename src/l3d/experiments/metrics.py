@@ -19,7 +19,7 @@ from l3d.decomposition import Decomposition
 from l3d.divergences import resolve_divergence, resolve_reference
 from l3d.errors import L3DError
 from l3d.gradients import GradientSource
-from l3d.model import Dataset
+from l3d.model import Dataset, Target
 
 DELTAS = (0.25, 0.5, 1.0, 2.0)
 """Intervention sizes |delta| (subnetworks are unit vectors in parameter space)."""
@@ -199,12 +199,20 @@ def output_deltas(
 ) -> Tensor:
     """(n_samples, n_outputs) |f(x, W0 + delta v_k) - f(x, W0)| per output dim (eq. 9), intervening
     only on `params` (default: every decomposed tensor; Fig. S8 uses the hidden layers only)."""
-    target = decomposition.target
-    direction = decomposition.v_out(k)
+    return _deltas_along(decomposition.target, inputs, decomposition.v_out(k), delta, params)
+
+
+@torch.no_grad()
+def _deltas_along(
+    target: Target,
+    inputs: Tensor,
+    direction: dict[str, Tensor],
+    delta: float,
+    params: list[str] | None = None,
+) -> Tensor:
     names = params if params is not None else list(direction)
     moved = {n: w + delta * direction[n] if n in names else w for n, w in target.w0.items()}
-    before = target.forward(inputs)
-    return (target.forward(inputs, moved) - before).abs().flatten(1)
+    return (target.forward(inputs, moved) - target.forward(inputs)).abs().flatten(1)
 
 
 def output_changes(
@@ -278,7 +286,58 @@ def output_selectivity(
 
     units: (n_units, n_features) bool with n_features = n_outputs (matched output set of unit j =
     its input set); returns {"active" | "all": {str(delta): ratio stats}}."""
-    n_outputs = decomposition.target.forward(inputs[:1]).flatten(1).shape[1]
+    directions = [(j, decomposition.v_out(k)) for j, k in list(enumerate(assignment))[:max_units]]
+    return _output_selectivity(decomposition.target, inputs, units, directions, deltas, params)
+
+
+def gradient_output_selectivity(
+    decomposition: Decomposition,
+    inputs: Tensor,
+    units: Tensor,
+    deltas: tuple[float, ...] = DELTAS,
+    params: list[str] | None = None,
+    max_units: int = 20,
+) -> dict:
+    """output_selectivity of the model's own direction for each unit instead of a subnetwork: the
+    unit vector u_j (over `params`, default every decomposed tensor) that moves output j most to
+    first order on j's samples, the top right singular vector of the per-sample gradients
+    grad_W f_j(x) over samples where unit j is active. This is the direction L3D's subnetwork for j
+    should span (its gradients on j's samples are along grad_W f_j where the other outputs sit at
+    the reference), so it tells how selective a faithful subnetwork can be on this toy."""
+    target = decomposition.target
+    names = params if params is not None else list(target.w0)
+    active = (inputs.abs() > 0).float() @ units.float().T > 0  # (n_samples, n_units)
+    directions = []
+    for j in range(min(units.shape[0], max_units)):
+        xs = inputs[active[:, j]]
+        if not len(xs):
+            continue
+        outputs_j = units[j]
+
+        def f_j(p: dict[str, Tensor], xs: Tensor = xs, mine: Tensor = outputs_j) -> Tensor:
+            return target.forward(xs, {**target.w0, **p})[:, mine].sum(1)  # (n_j,)
+
+        jac = torch.func.jacrev(f_j)({n: target.w0[n] for n in names})
+        g = torch.cat([jac[n].flatten(1) for n in names], 1)  # (n_j, n_w)
+        u = torch.linalg.svd(g, full_matrices=False).Vh[0]
+        direction, start = {}, 0
+        for n in names:
+            direction[n] = u[start : start + target.w0[n].numel()].reshape(target.w0[n].shape)
+            start += target.w0[n].numel()
+        directions.append((j, direction))
+    return _output_selectivity(target, inputs, units, directions, deltas, params)
+
+
+def _output_selectivity(
+    target: Target,
+    inputs: Tensor,
+    units: Tensor,
+    directions: list[tuple[int, dict[str, Tensor]]],
+    deltas: tuple[float, ...],
+    params: list[str] | None,
+) -> dict:
+    """directions: (unit j, j's intervention direction) pairs; see output_selectivity."""
+    n_outputs = target.forward(inputs[:1]).flatten(1).shape[1]
     if units.shape[1] != n_outputs:
         raise L3DError(
             f"output_selectivity needs one output per input feature, got {units.shape[1]} "
@@ -288,10 +347,10 @@ def output_selectivity(
     groups = {"active": lambda j: active[:, j], "all": lambda j: torch.ones_like(active[:, j])}
     ratios: dict = {g: {str(d): [] for d in deltas} for g in groups}
     for delta in deltas:
-        for j, k in list(enumerate(assignment))[:max_units]:
+        for j, direction in directions:
             mine = units[j]
             for sign in (1.0, -1.0):
-                change = output_deltas(decomposition, inputs, k, sign * delta, params)
+                change = _deltas_along(target, inputs, direction, sign * delta, params)
                 for g, rows in groups.items():
                     sub = change[rows(j)]
                     if not len(sub):

@@ -25,6 +25,13 @@ RESAMPLE_KEYS = ("resample_every", "resample_until")
 OUTPUT_SELECTIVITY_SUMMARY = (("active", "0.25"), ("active", "1.0"), ("all", "1.0"))
 """(samples, delta) of the output-wise selectivity in the summary: small and large interventions on
 the unit's samples, and the large one on all samples."""
+OUTPUT_SELECTIVITY_KEYS = {
+    "selectivity_outputs": "subnetwork, all decomposed tensors",
+    "selectivity_outputs_hidden_only": "subnetwork, hidden layers only (Fig. S8)",
+    "selectivity_outputs_gradient": "the model's own gradient direction of the output, all tensors",
+    "selectivity_outputs_gradient_hidden_only": "the model's own gradient direction, hidden layers",
+}
+"""Output-wise selectivity entries of metrics.json and how summary.md names them."""
 QUICK_EPOCHS = 30
 """Epochs of a quick run (smoke tests, CI): the schedule is compressed to fit."""
 
@@ -103,9 +110,17 @@ def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: 
         out["selectivity_outputs"] = M.output_selectivity(
             decomposition, heldout, toy.units, assignment
         )
+        # The same ratio for the model's own first-order direction of each output: how
+        # selective a subnetwork that is faithful to the gradients can be on this toy.
+        out["selectivity_outputs_gradient"] = M.gradient_output_selectivity(
+            decomposition, heldout, toy.units
+        )
         if hidden:
             out["selectivity_outputs_hidden_only"] = M.output_selectivity(
                 decomposition, heldout, toy.units, assignment, params=hidden
+            )
+            out["selectivity_outputs_gradient_hidden_only"] = M.gradient_output_selectivity(
+                decomposition, heldout, toy.units, params=hidden
             )
     out["intervention_curves"] = intervention_curves(
         decomposition, heldout, toy, assignment, per_output=output_matched, hidden=hidden
@@ -269,7 +284,7 @@ def summarize(spec: ExperimentSpec, results: list[dict], settings: Settings) -> 
                 "1.0"
             ]["median_ratio"]
         )
-    for key in ("selectivity_outputs", "selectivity_outputs_hidden_only"):
+    for key in OUTPUT_SELECTIVITY_KEYS:
         if key in results[0]:
             for samples, delta in OUTPUT_SELECTIVITY_SUMMARY:
                 summary[f"{key}_{samples}_median_ratio_delta{delta}"] = stat(
@@ -357,15 +372,12 @@ def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -
             f"| sample selectivity, hidden layers only (Fig. S8), δ=1 | "
             f"{fmt(summary['selectivity_hidden_only_median_ratio_delta1'], 1)} | - |"
         )
-    for key, what in (
-        ("selectivity_outputs", "all decomposed tensors"),
-        ("selectivity_outputs_hidden_only", "hidden layers only (Fig. S8)"),
-    ):
+    for key, what in OUTPUT_SELECTIVITY_KEYS.items():
         for samples, delta in OUTPUT_SELECTIVITY_SUMMARY:
             name = f"{key}_{samples}_median_ratio_delta{delta}"
             if name in summary:
                 lines.append(
-                    f"| output selectivity (matched / other outputs), {what}, δ={delta}, "
+                    f"| output selectivity (matched / other outputs) of the {what}, δ={delta}, "
                     f"{'samples with the unit active' if samples == 'active' else 'all samples'} "
                     f"| {fmt(summary[name], 1)} | - |"
                 )
