@@ -362,3 +362,34 @@ def test_sample_chunks_match_the_whole_batch(loss):
     torch.testing.assert_close(chunked.sq_norms(), whole.sq_norms())
     g_sq = chunked.sq_norms()
     assert g_sq[6] < torch.finfo(g_sq.dtype).eps * g_sq.max()  # not live: skipped by 'paper'
+
+
+def test_decomposition_with_sample_chunks_matches_whole_batches():
+    """Training and evaluation through chunk_size (Trainer and evaluate on ChunkedGradients)
+    follow the unchunked run."""
+    from l3d import decompose
+
+    data = torch.randn(24, 4, generator=torch.Generator().manual_seed(0))
+
+    def run(chunk_size):
+        torch.manual_seed(0)
+        return decompose(
+            MLPWithNorm(),
+            data,
+            params=["*"],
+            n_subnetworks=3,
+            rank=2,
+            epochs=2,
+            batch_size=8,
+            progress=False,
+            gradient_method="structured",
+            chunk_size=chunk_size,
+        )
+
+    whole, chunked = run(None), run(3)
+    for a, b in zip(whole.history, chunked.history):
+        assert b["loss_paper"] == pytest.approx(a["loss_paper"], rel=1e-5)
+    assert chunked.evaluation.loss_pooled_squared == pytest.approx(
+        whole.evaluation.loss_pooled_squared, rel=1e-4
+    )
+    torch.testing.assert_close(chunked.evaluation.p_active, whole.evaluation.p_active)
