@@ -366,9 +366,9 @@ class GradientSource:
     ) -> GradientBatch:
         from l3d.structured import structured_gradients
 
-        mask = token_mask(inputs) if self.per_token else None
         if references is None:
             generator = generator or torch.Generator().manual_seed(0)
+            mask = token_mask(inputs) if self.per_token else None
 
             def references(outputs: Tensor) -> Tensor:
                 return draw_references(outputs, mask, self.per_token, self.reference, generator)
