@@ -28,8 +28,8 @@ the unit's samples, and the large one on all samples."""
 OUTPUT_SELECTIVITY_KEYS = {
     "selectivity_outputs": "subnetwork, all decomposed tensors",
     "selectivity_outputs_hidden_only": "subnetwork, hidden layers only (Fig. S8)",
-    "selectivity_outputs_gradient": "the model's own gradient direction of the output, all tensors",
-    "selectivity_outputs_gradient_hidden_only": "the model's own gradient direction, hidden layers",
+    "selectivity_outputs_gradient": "model's own gradient direction of the output, all tensors",
+    "selectivity_outputs_gradient_hidden_only": "model's own gradient direction, hidden layers only",
 }
 """Output-wise selectivity entries of metrics.json and how summary.md names them."""
 QUICK_EPOCHS = 30
@@ -377,7 +377,7 @@ def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -
             name = f"{key}_{samples}_median_ratio_delta{delta}"
             if name in summary:
                 lines.append(
-                    f"| output selectivity (matched / other outputs) of the {what}, δ={delta}, "
+                    f"| output selectivity (matched / other outputs), {what}, δ={delta}, "
                     f"{'samples with the unit active' if samples == 'active' else 'all samples'} "
                     f"| {fmt(summary[name], 1)} | - |"
                 )
