@@ -38,7 +38,8 @@ class L3DConfig(BaseModel):
     )
     divergence: str = Field(
         default="mse",
-        description="'mse' (mean over output dims), 'kl' (KL(p_ref || p_i) on logits), or "
+        description="'mse' (mean over output dims), 'kl' (KL(p_ref || p_i) on logits), "
+        "'mse_authors' (the authors' toy code: 1/2 MSE to the reference + 1/2 MSE to 0), or "
         "'custom:<name>' for a user callable.",
     )
     reference: str = Field(

@@ -89,7 +89,8 @@ def decompose(
     data: a tensor of inputs (n, ...), a dict of tensors (input_ids, attention_mask, ...), or a
         re-iterable of such batches (a DataLoader's labels are ignored).
     params: parameter names or glob patterns ('layers.*.weight'); the rest of the model stays fixed.
-    divergence: 'mse', 'kl' (KL(p_ref || p_i) on logits) or a callable (output, reference) -> scalar.
+    divergence: 'mse', 'kl' (KL(p_ref || p_i) on logits), 'mse_authors' (the authors' toy code's
+        gradient, to match their published numbers) or a callable (output, reference) -> scalar.
     reference: 'random' (another sample's output), 'mean', 'uniform' or a callable.
     options: any other L3DConfig field (factorization, loss, per_token, warm_start_epochs, ...).
     callback: called as callback(trainer, epoch_record) after every epoch.
