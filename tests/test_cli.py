@@ -266,6 +266,10 @@ def test_example_configs_are_valid_run_specs(example):
 
 
 def test_experiment_lists_the_toy_suite_and_rejects_unknown_names(capsys):
+    assert main(["experiment", "tms", "--set", "top_k", "-q"]) == 2
+    assert "--set takes key=value" in capsys.readouterr().err
+    assert main(["experiment", "suite", "--set", "top_k=0.2", "-q"]) == 2
+    assert "not the suite" in capsys.readouterr().err
     assert main(["experiment", "--list"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == ["tms", "tms40", "tmcs", "higher_rank", "squares", "resid_mlp"]

@@ -66,6 +66,25 @@ def test_bad_settings_and_seeds_are_one_line_errors(cache, tmp_path):
         run_experiment("tms", [], tmp_path)
 
 
+def test_overrides_replace_profile_fields_and_typos_fail_before_training(cache, tmp_path):
+    from l3d.experiments import parse_overrides
+
+    overrides = parse_overrides(["divergence=mse_authors", "top_k=0.3", "resample_every=2"])
+    assert overrides == {"divergence": "mse_authors", "top_k": 0.3, "resample_every": 2}
+    out = tmp_path / "tms"
+    report = run_experiment(
+        "tms", [1], out, settings="improved", quick=True, progress=False, overrides=overrides
+    )
+    config = (out / "seed1/decomposition/config.yaml").read_text()
+    assert "divergence: mse_authors" in config and "top_k: 0.3" in config
+    assert report["seeds"][0]["settings"]["top_k"] == 0.3  # (quick mode rescales resample_every)
+    assert report["summary"]["overrides"] == overrides
+    assert "overrides" in (out / "summary.md").read_text()
+    with pytest.raises(L3DError, match=r"unknown config key 'topk' \(did you mean top_k\?\)"):
+        run_experiment("tms", [1], tmp_path / "x", overrides={"topk": 0.2})
+    assert not (tmp_path / "x").exists()
+
+
 def test_set_direction_fits_low_rank_tensors_exactly():
     shapes = {"w": (4, 3), "b": (4,)}
     subs = Subnetworks(shapes, 3, {"w": 2, "b": 1}, "cp", torch.Generator().manual_seed(0))

@@ -102,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
         "improved profile (default for the suite)",
     )
     p.add_argument("--quick", action="store_true", help="a few epochs: a smoke test")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="replace one setting of the profile (an L3DConfig field), e.g. --set "
+        "divergence=mse_authors; repeatable; not for the suite",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
 
     p = sub.add_parser(
@@ -215,8 +223,11 @@ def _experiment(args: argparse.Namespace) -> int:
         raise L3DError(
             f"--seeds takes comma-separated integers, e.g. 0,1,2; got '{args.seeds}'"
         ) from None
+    overrides = experiments.parse_overrides(args.set)
     out = Path(args.out) if args.out else Path("runs") / "experiments" / args.name
     if args.name in ("suite", "all"):
+        if overrides:
+            raise L3DError("--set applies to one experiment, not the suite")
         experiments.run_suite(
             out,
             seeds,
@@ -233,6 +244,7 @@ def _experiment(args: argparse.Namespace) -> int:
             settings=args.settings or "paper",
             quick=args.quick,
             progress=not args.quiet,
+            overrides=overrides,
         )
         summary = out / "summary.md"
     if not args.quiet and summary.is_file():
