@@ -130,3 +130,28 @@ def test_resampler_revives_a_dead_subnetwork():
     resampler = Resampler(every=1, until=2)
     assert train(resampler)[5] > 0
     assert resampler.log[0] == {"epoch": 1, "subnetworks": [5]}
+
+
+def test_unit_probe_pool_gives_every_unit_enough_single_unit_samples():
+    from torch import nn
+
+    from l3d.experiments import metrics as M
+    from l3d.experiments.registry import Toy
+    from l3d.experiments.runner import MIN_SAMPLES_PER_UNIT, unit_probe_pool
+    from l3d.toys import feature_groups
+
+    def toy(n_features: int) -> Toy:
+        def sample(n, generator):
+            return sparse_features(n, n_features, generator=generator)
+
+        return Toy(nn.Identity(), feature_groups(n_features), sample)
+
+    few, many = toy(5), toy(40)
+    heldout = few.sample(1000, torch.Generator().manual_seed(0))
+    assert unit_probe_pool(few, heldout, 0) is heldout  # 5 units: ~180 samples each already
+    heldout = many.sample(1000, torch.Generator().manual_seed(0))
+    before = torch.bincount(M.single_unit_samples(heldout, many.units) + 1, minlength=41)[1:]
+    assert before.min() < MIN_SAMPLES_PER_UNIT  # 40 units: ~8 each in 1000 samples
+    pool = unit_probe_pool(many, heldout, 0)
+    after = torch.bincount(M.single_unit_samples(pool, many.units) + 1, minlength=41)[1:]
+    assert after.min() >= MIN_SAMPLES_PER_UNIT and len(pool) <= 10_000

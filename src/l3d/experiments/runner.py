@@ -88,6 +88,26 @@ def decompose_toy(
     return decomposition, callback.log if callback else []
 
 
+MIN_SAMPLES_PER_UNIT = 30
+MAX_PROBE_POOL = 10_000
+
+
+def unit_probe_pool(toy: Toy, heldout: torch.Tensor, seed: int) -> torch.Tensor:
+    """Held-out samples for the impact-based matching of units to subnetworks: `heldout` when
+    every unit is the only active one in at least MIN_SAMPLES_PER_UNIT of them, else a larger
+    fresh draw from the same distribution (up to MAX_PROBE_POOL). With 40 or 100 units, 1000
+    samples give each unit ~6 single-unit samples, too few to average impacts over (a TMS 40-10
+    feature whose 5 samples all sit below its ReLU threshold has zero gradients there)."""
+    counts = torch.bincount(
+        M.single_unit_samples(heldout, toy.units) + 1, minlength=len(toy.units) + 1
+    )[1:]
+    if int(counts.min()) >= MIN_SAMPLES_PER_UNIT:
+        return heldout
+    rate = max(float(counts.float().mean()), 1.0) / len(heldout)  # single-unit samples per sample
+    n = min(MAX_PROBE_POOL, int(MIN_SAMPLES_PER_UNIT * 2 / rate))
+    return toy.sample(n, torch.Generator().manual_seed(seed + 30_000))
+
+
 def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: int) -> dict:
     """Every ground-truth metric of one decomposition on fresh held-out samples."""
     heldout = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 20_000))
@@ -96,7 +116,9 @@ def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: 
         "loss_pooled_squared": decomposition.evaluation.loss_pooled_squared,
         "loss_paper": decomposition.evaluation.loss_paper,
     }
-    impacts = M.unit_impacts(decomposition, heldout, toy.units)
+    probes = unit_probe_pool(toy, heldout, seed)
+    out["unit_probe_samples"] = len(probes)
+    impacts = M.unit_impacts(decomposition, probes, toy.units)
     share = M.impact_share(impacts)
     out["impact_share"] = share.tolist()
     out["recovery"] = M.recovery(share)
@@ -236,12 +258,13 @@ def run_sweep(spec: ExperimentSpec, toy: Toy, fields: dict, seed: int, inputs) -
     """Held-out pooled squared loss and units recovered as one setting varies (Figs S5/S6, S10/S11)."""
     key, values = spec.sweep
     heldout = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 20_000))
+    probes = unit_probe_pool(toy, heldout, seed)
     points = []
     for value in values:
         swept = {**fields, **spec.sweep_overrides, key: value}
         decomposition, _ = decompose_toy(toy, swept, seed, inputs)
         losses = M.heldout_losses(decomposition, heldout, seed + 3)
-        share = M.impact_share(M.unit_impacts(decomposition, heldout, toy.units))
+        share = M.impact_share(M.unit_impacts(decomposition, probes, toy.units))
         rec = M.recovery(share) if share.shape[1] >= share.shape[0] else {"n_recovered": None}
         points.append(
             {
