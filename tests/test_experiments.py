@@ -11,6 +11,7 @@ from l3d.decomposition import build
 from l3d.errors import L3DError
 from l3d.experiments import EXPERIMENTS, run_experiment
 from l3d.experiments.registry import get_spec, train_toy_model
+from l3d.experiments.suite import results_table
 from l3d.resampling import Resampler, set_direction_, stale_subnetworks
 from l3d.subnetworks import Subnetworks
 from l3d.toys import TMS, sparse_features
@@ -57,6 +58,9 @@ def test_quick_tms_run_recovers_every_feature(cache, tmp_path):
     for name in ("summary.md", "seed1/subnetworks.png", "seed1/encoder_directions.png"):
         assert (out / name).is_file()
     assert (out / "seed1/decomposition/subnetworks.safetensors").is_file()
+    header, _, row = results_table({"tms": report["summary"]}, {"tms": 1.0}).splitlines()
+    assert header.count("|") == row.count("|") and "output selectivity" in header
+    assert "| - |" not in row.split("|", 10)[-1]  # TMS has MMCS and output selectivity
 
 
 def test_bad_settings_and_seeds_are_one_line_errors(cache, tmp_path):

@@ -45,18 +45,21 @@ def results_table(summaries: dict, seconds: dict) -> str:
     lines = [
         "| experiment | pooled sq. loss (ours) | paper | loss eq. 8 | units recovered | "
         "seeds all recovered | Pearson r (paper 0.92) | MMCS | probe errors @0.1 | "
-        "selectivity δ=1 | ablation ratio | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "output selectivity δ=0.25 | sample selectivity δ=1 | ablation ratio | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summaries.items():
         paper = s["paper"].get("loss_pooled_squared", "-")
+        # output j's change over the other outputs' (toys whose unit j owns output j)
+        output_key = "selectivity_outputs_active_median_ratio_delta0.25"
+        output = fmt(s[output_key], 1) if output_key in s else "-"
         lines.append(
             f"| {name} | {fmt(s['loss_pooled_squared'])} | {paper} | {fmt(s['loss_paper'])} | "
             f"{fmt(s['units_recovered'], 1)} / {s['n_units']} | "
             f"{s['seeds_all_recovered']}/{len(s['seeds'])} | "
             f"{fmt(s['pearson_r']) if 'pearson_r' in s else '-'} | "
             f"{fmt(s['mmcs']) if 'mmcs' in s else '-'} | "
-            f"{fmt(s['probe_errors_0.1'], 1)} | "
+            f"{fmt(s['probe_errors_0.1'], 1)} | {output} | "
             f"{fmt(s['selectivity_median_ratio_delta1'], 1)} | "
             f"{fmt(s['ablation_ratio_delta0.5'], 1)} | {seconds[name]:.0f} |"
         )
