@@ -272,7 +272,7 @@ def test_experiment_lists_the_toy_suite_and_rejects_unknown_names(capsys):
     assert "not the suite" in capsys.readouterr().err
     assert main(["experiment", "--list"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert listed == ["tms", "tms40", "tmcs", "higher_rank", "squares", "resid_mlp"]
+    assert listed == ["tms", "tms40", "tmcs", "higher_rank", "squares", "squares_wide", "resid_mlp"]
     assert main(["experiment", "tmz", "-q"]) == 2
     assert "unknown experiment 'tmz' (did you mean tms?)" in capsys.readouterr().err
 

@@ -30,6 +30,7 @@ def test_coefficients_equal_explicit_contraction(decomposition, mlp):
     refs = mlp(x).detach().roll(1, 0)
     c = decomposition.coefficients(x, references=refs)
     assert c.shape == (6, 5)
+    assert decomposition.gradient_source(x).method == "structured"  # nn.Linear: no dense grads
     for i in range(6):
         m = copy.deepcopy(mlp)
         kl(m(x[i : i + 1])[0], refs[i]).backward()

@@ -27,7 +27,15 @@ def cache(tmp_path_factory):
 
 
 def test_registry_names_the_issue_toys():
-    assert set(EXPERIMENTS) == {"tms", "tms40", "tmcs", "higher_rank", "squares", "resid_mlp"}
+    assert set(EXPERIMENTS) == {
+        "tms",
+        "tms40",
+        "tmcs",
+        "higher_rank",
+        "squares",
+        "squares_wide",
+        "resid_mlp",
+    }
     with pytest.raises(L3DError, match="did you mean .*tmcs"):
         get_spec("tmsc")
 

@@ -104,7 +104,7 @@ class SubnetworkPair(nn.Module):
 
 
 @contextmanager
-def _single_thread_if(enabled: bool) -> Iterator[None]:
+def single_thread_if(enabled: bool) -> Iterator[None]:
     """Run the block with one intra-op CPU thread, restoring the caller's setting after."""
     if not enabled:
         yield
@@ -252,7 +252,7 @@ class Trainer:
         active = torch.zeros(self.config.n_subnetworks)
         n_batches = n_samples = 0
         lr = self.lr_at(self.step, self.epoch)
-        with _single_thread_if(self._tiny()):
+        with single_thread_if(self._tiny()):
             for batch in self.source.epoch(self.generator):
                 r = self.train_step(batch)
                 totals["paper"] += r.losses.paper.item()

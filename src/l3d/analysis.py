@@ -116,7 +116,7 @@ def impacts(
     totals: list[list[Tensor]] = [[] for _ in projectors]
     for c, rows in enumerate(tqdm(chunks, desc="impact", unit="chunk", disable=not progress)):
         chunk = to_device(take(inputs, rows), decomposition.device)
-        source = decomposition.gradient_source(chunk)
+        source = decomposition.gradient_source(chunk, method="vmap")  # dense: any direction set
         sums = [0.0] * len(projectors)
         for j in range(n_references):
             generator = torch.Generator().manual_seed(seed + c * n_references + j)

@@ -9,7 +9,7 @@ from pathlib import Path
 from l3d.experiments.registry import EXPERIMENTS
 from l3d.experiments.runner import Settings, fmt, run_experiment
 
-SUITE_ORDER = ("tms", "tms40", "tmcs", "higher_rank", "squares", "resid_mlp")
+SUITE_ORDER = ("tms", "tms40", "tmcs", "higher_rank", "squares", "squares_wide", "resid_mlp")
 
 
 def run_suite(
