@@ -167,3 +167,8 @@ def test_unit_probe_pool_gives_every_unit_enough_single_unit_samples():
     pool = unit_probe_pool(many, heldout, 0)
     after = torch.bincount(M.single_unit_samples(pool, many.units) + 1, minlength=41)[1:]
     assert after.min() >= MIN_SAMPLES_PER_UNIT and len(pool) <= 10_000
+
+
+def test_resid_mlp_experiment_decomposes_the_peers_bias_free_mlp():
+    model, _, _ = get_spec("resid_mlp").make(0)
+    assert [n for n, _ in model.named_parameters()] == ["mlp_in.weight", "mlp_out.weight"]
