@@ -217,39 +217,18 @@ def _experiment(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise L3DError(f"name an experiment ({', '.join(experiments.EXPERIMENTS)}) or 'suite'")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise L3DError(
-            f"--seeds takes comma-separated integers, e.g. 0,1,2; got '{args.seeds}'"
-        ) from None
-    overrides = experiments.parse_overrides(args.set)
-    out = Path(args.out) if args.out else Path("runs") / "experiments" / args.name
-    if args.name in ("suite", "all"):
-        if overrides:
-            raise L3DError("--set applies to one experiment, not the suite")
-        experiments.run_suite(
-            out,
-            seeds,
-            quick=args.quick,
-            settings=args.settings or "improved",
-            progress=not args.quiet,
-        )
-        summary = out / "results.md"
-    else:
-        experiments.run_experiment(
-            args.name,
-            seeds,
-            out,
-            settings=args.settings or "paper",
-            quick=args.quick,
-            progress=not args.quiet,
-            overrides=overrides,
-        )
-        summary = out / "summary.md"
+    summary = experiments.run_named(
+        args.name,
+        args.seeds,
+        args.out,
+        settings=args.settings,
+        quick=args.quick,
+        progress=not args.quiet,
+        set_options=args.set,
+    )
     if not args.quiet and summary.is_file():
         print(summary.read_text())
-    _say(args, f"results in {out}")
+    _say(args, f"results in {summary.parent}")
     return 0
 
 

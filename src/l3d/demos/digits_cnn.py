@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
-from l3d.decomposition import run
+from l3d.demos.common import decompose_and_analyze
 from l3d.vision import check_classifier, ranks_by_fraction
 
 BLOCK = "features.3.*"
@@ -144,7 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from l3d.analysis import write_analysis
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -173,33 +172,22 @@ def main(argv: list[str] | None = None) -> dict:
         warm_start_epochs=min(5, args.epochs // 5),
         seed=args.seed,
     )
-    start = time.perf_counter()
-    decomposition = run(model, x_test, config)
-    l3d_seconds = time.perf_counter() - start
-    decomposition.save(out / "decomposition")
-    start = time.perf_counter()
-    analysis = write_analysis(
-        decomposition,
+    _, analysis, shared = decompose_and_analyze(
+        model,
         x_test,
-        out / "analysis",
+        config,
+        out,
         labels=y_test.tolist(),
         class_names=[str(d) for d in range(10)],
         n_top=args.n_top,
         n_references=args.n_references,
-        seed=args.seed,
     )
     summary = {
         "test_accuracy": test_accuracy,
         "n_samples": len(x_test),
         "block": BLOCK,
-        "n_parameters": sum(w.numel() for w in decomposition.target.w0.values()),
         "train_seconds": train_seconds,
-        "l3d_seconds": l3d_seconds,
-        "analysis_seconds": time.perf_counter() - start,
-        **{k: analysis["summary"][k] for k in ("loss_paper", "loss_pooled_squared", "n_dead")},
-        "purity": analysis["summary"]["purity"],
-        "purity_random_directions": analysis["summary"]["purity_random_directions"],
-        "majority_label_fraction": analysis["summary"]["majority_label_fraction"],
+        **shared,
         "subnetworks": [
             {
                 "index": r["index"],

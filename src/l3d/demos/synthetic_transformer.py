@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
-from l3d.decomposition import run
+from l3d.demos.common import decompose_and_analyze
 
 TASKS = ("copy", "reverse", "induction", "count")
 PAD, SEP = 0, 1
@@ -181,7 +181,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from l3d.analysis import write_analysis
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -207,20 +206,15 @@ def main(argv: list[str] | None = None) -> dict:
         warm_start_epochs=min(2, args.epochs // 5),
         seed=args.seed,
     )
-    start = time.perf_counter()
-    decomposition = run(model, data, config)
-    l3d_seconds = time.perf_counter() - start
-    decomposition.save(out / "decomposition")
-    start = time.perf_counter()
-    analysis = write_analysis(
-        decomposition,
+    decomposition, analysis, shared = decompose_and_analyze(
+        model,
         data,
-        out / "analysis",
+        config,
+        out,
         tokenizer=Vocabulary(),
         labels=[TASKS[int(t)] for t in tasks],
         n_top=args.n_top,
         n_references=args.n_references,
-        seed=args.seed,
     )
     s = analysis["summary"]
     restricted = restricted_purity(
@@ -231,14 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         "n_sequences": len(tasks),
         "n_token_samples": s["n_samples"],
         "block": BLOCK,
-        "n_parameters": sum(w.numel() for w in decomposition.target.w0.values()),
         "train_seconds": train_seconds,
-        "l3d_seconds": l3d_seconds,
-        "seconds_per_step": l3d_seconds / max(decomposition.history[-1]["step"], 1),
-        "analysis_seconds": time.perf_counter() - start,
-        **{k: s[k] for k in ("loss_paper", "loss_pooled_squared", "n_dead", "purity")},
-        "purity_random_directions": s["purity_random_directions"],
-        "majority_label_fraction": s["majority_label_fraction"],
+        **shared,
         **restricted,
         "answer_share_of_top_tokens": sum(
             bool(answer[e["input"], e["position"]])

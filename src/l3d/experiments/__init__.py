@@ -9,6 +9,13 @@ or `python -m l3d.experiments tms --seeds 0,1,2 --out runs/tms`.
 
 from l3d.experiments.registry import EXPERIMENTS, ExperimentSpec
 from l3d.experiments.runner import parse_overrides, run_experiment
-from l3d.experiments.suite import run_suite
+from l3d.experiments.suite import run_named, run_suite
 
-__all__ = ["EXPERIMENTS", "ExperimentSpec", "parse_overrides", "run_experiment", "run_suite"]
+__all__ = [
+    "EXPERIMENTS",
+    "ExperimentSpec",
+    "parse_overrides",
+    "run_experiment",
+    "run_named",
+    "run_suite",
+]

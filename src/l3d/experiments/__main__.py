@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from l3d.errors import L3DError
 from l3d.experiments.registry import EXPERIMENTS
-from l3d.experiments.runner import parse_overrides, run_experiment
-from l3d.experiments.suite import run_suite
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise L3DError(
-            f"--seeds must be comma-separated integers, e.g. 0,1,2; got '{text}'"
-        ) from None
+from l3d.experiments.suite import run_named
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,25 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        seeds = parse_seeds(args.seeds)
-        overrides = parse_overrides(args.set)
-        out = args.out or f"runs/experiments/{args.name}"
-        if args.name == "suite":
-            if overrides:
-                raise L3DError("--set applies to one experiment, not the suite")
-            run_suite(out, seeds, quick=args.quick, settings=args.settings or "improved")
-            print(Path(out, "results.md").read_text())
-        else:
-            run_experiment(
-                args.name,
-                seeds,
-                out,
-                settings=args.settings or "paper",
-                quick=args.quick,
-                sweep=not args.no_sweep,
-                overrides=overrides,
-            )
-            print(Path(out, "summary.md").read_text())
+        summary = run_named(
+            args.name,
+            args.seeds,
+            args.out,
+            settings=args.settings,
+            quick=args.quick,
+            sweep=not args.no_sweep,
+            set_options=args.set,
+        )
+        print(summary.read_text())
     except L3DError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -138,7 +138,44 @@ def _grouped(n_groups: int, group_size: int):
 
 
 _TRAIN = {"steps": 5000, "batch_size": 1024, "lr": 5e-3, "weight_decay": 0.01}
+
+
+def _improved(epochs: int, **fields) -> dict:
+    """The improved profile's common schedule (docs/toys.md): batch 32, AdamW lr 0.01 decayed
+    x0.8 every 10 % of the epochs, dead or duplicate subnetworks resampled every 10 % of the epochs
+    during the first half; `fields` are the toy's own (n_subnetworks, rank, top_k, loss, ...)."""
+    return {
+        "epochs": epochs,
+        "batch_size": 32,
+        "lr": 0.01,
+        "lr_decay": 0.8,
+        "lr_decay_every": epochs // 10,
+        "lr_decay_unit": "epoch",
+        "resample_every": epochs // 10,
+        "resample_until": epochs // 2,
+        **fields,
+    }
+
+
 _SQUARES_HIDDEN = tuple(f"layers.{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias"))
+
+
+def _squares_spec(name: str, description: str, width: int, **extra) -> ExperimentSpec:
+    """X -> X^2 (Section 3.4) with hidden layers of `width`; `extra`: further spec fields."""
+    rank = {"*.weight": 2, "*.bias": 1}
+    return ExperimentSpec(
+        name=name,
+        description=description,
+        make=lambda seed: (Squares(width=width, seed=seed), lambda x: x.pow(2), {}),
+        sample=_sparse(5, low=-1.0),
+        units=feature_groups(5),
+        train={**_TRAIN, "steps": 10000},
+        paper={**PAPER_L3D, "n_subnetworks": 5, "rank": rank},
+        improved=_improved(200, n_subnetworks=10, rank=rank, top_k=0.15, loss="pooled_squared"),
+        hidden_params=_SQUARES_HIDDEN,
+        **extra,
+    )
+
 
 EXPERIMENTS: dict[str, ExperimentSpec] = {
     spec.name: spec
@@ -152,20 +189,13 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             train={**_TRAIN, "tied": True},
             check=_tms_check,
             paper={**PAPER_L3D, "n_subnetworks": 5, "rank": 1},
-            improved={
-                "n_subnetworks": 5,
-                "rank": 1,
-                "epochs": 200,
-                "batch_size": 32,
-                "lr": 0.01,
-                "lr_decay": 0.8,
-                "lr_decay_every": 20,
-                "lr_decay_unit": "epoch",
-                "top_k": 0.25,
-                "loss": "pooled_squared",
-                "resample_every": 20,
-                "resample_until": 100,
-            },
+            improved=_improved(
+                200,
+                n_subnetworks=5,
+                rank=1,
+                top_k=0.25,
+                loss="pooled_squared",
+            ),
             paper_results={"loss_pooled_squared": 0.19},
             tms_masks=True,
         ),
@@ -178,23 +208,16 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             train={**_TRAIN, "steps": 10000, "tied": True},
             check=_tms_check,
             paper={**PAPER_L3D, "n_subnetworks": 40, "rank": 1},
-            improved={
-                "n_subnetworks": 40,
-                "rank": 1,
-                "epochs": 100,
-                "batch_size": 32,
-                "lr": 0.01,
-                "lr_decay": 0.8,
-                "lr_decay_every": 10,
-                "lr_decay_unit": "epoch",
+            improved=_improved(
+                100,
+                n_subnetworks=40,
+                rank=1,
                 # 4 of 40 per sample for ~2.3 active features (0.075 left one out in a seed).
-                "top_k": 0.1,
+                top_k=0.1,
                 # eq. 8 weighs every sample alike: the pooled loss is dominated by large
                 # multi-feature gradients, whose cross terms pull two subnetworks into mixtures.
-                "loss": "paper",
-                "resample_every": 10,
-                "resample_until": 50,
-            },
+                loss="paper",
+            ),
             tms_masks=True,
         ),
         ExperimentSpec(
@@ -208,20 +231,13 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             # 3x excess subnetworks take each input's cross terms with its references; the paper's
             # loss (eq. 8) weighs samples equally, so high-norm inputs get no extra subnetworks
             # that split their own path (docs/toys.md, TMCS).
-            improved={
-                "n_subnetworks": 30,
-                "rank": 1,
-                "epochs": 200,
-                "batch_size": 32,
-                "lr": 0.01,
-                "lr_decay": 0.8,
-                "lr_decay_every": 20,
-                "lr_decay_unit": "epoch",
-                "top_k": 0.1,
-                "loss": "paper",
-                "resample_every": 20,
-                "resample_until": 100,
-            },
+            improved=_improved(
+                200,
+                n_subnetworks=30,
+                rank=1,
+                top_k=0.1,
+                loss="paper",
+            ),
             paper_results={"loss_pooled_squared": 0.064, "pearson_r": 0.92},
         ),
         ExperimentSpec(
@@ -232,75 +248,28 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             units=feature_groups(25, 5),
             train=dict(_TRAIN),
             paper={**PAPER_L3D, "n_subnetworks": 10, "rank": 3},
-            improved={
-                "n_subnetworks": 10,
-                "rank": 3,
-                "epochs": 200,
-                "batch_size": 32,
-                "lr": 0.01,
-                "lr_decay": 0.8,
-                "lr_decay_every": 20,
-                "lr_decay_unit": "epoch",
-                "top_k": 0.1,
-                "loss": "pooled_squared",
-                "resample_every": 20,
-                "resample_until": 100,
-            },
+            improved=_improved(
+                200,
+                n_subnetworks=10,
+                rank=3,
+                top_k=0.1,
+                loss="pooled_squared",
+            ),
             sweep=("rank", (1, 2, 3, 4, 5, 6)),
         ),
-        ExperimentSpec(
-            name="squares",
-            description="X -> X^2: 5 inputs, 4 hidden GeLU layers of 5 (Section 3.4)",
-            make=lambda seed: (Squares(seed=seed), lambda x: x.pow(2), {}),
-            sample=_sparse(5, low=-1.0),
-            units=feature_groups(5),
-            train={**_TRAIN, "steps": 10000},
-            paper={**PAPER_L3D, "n_subnetworks": 5, "rank": {"*.weight": 2, "*.bias": 1}},
-            improved={
-                "n_subnetworks": 10,
-                "rank": {"*.weight": 2, "*.bias": 1},
-                "epochs": 200,
-                "batch_size": 32,
-                "lr": 0.01,
-                "lr_decay": 0.8,
-                "lr_decay_every": 20,
-                "lr_decay_unit": "epoch",
-                "top_k": 0.15,
-                "loss": "pooled_squared",
-                "resample_every": 20,
-                "resample_until": 100,
-            },
+        _squares_spec(
+            "squares",
+            "X -> X^2: 5 inputs, 4 hidden GeLU layers of 5 (Section 3.4)",
+            width=5,
             paper_results={"loss_pooled_squared": 0.32},
             sweep=("n_subnetworks", (3, 5, 10, 15)),
             sweep_overrides={"rank": 1},
-            hidden_params=_SQUARES_HIDDEN,
         ),
-        ExperimentSpec(
-            # Not in the paper: with 5-wide hidden layers the parameters that compute x_j^2 also
-            # move the other outputs, so even the model's own gradient directions are barely
-            # output-selective (docs/toys.md, X^2); 10-wide layers leave room for separate circuits.
-            name="squares_wide",
-            description="X -> X^2 with 4 hidden GeLU layers of 10 (not in the paper)",
-            make=lambda seed: (Squares(width=10, seed=seed), lambda x: x.pow(2), {}),
-            sample=_sparse(5, low=-1.0),
-            units=feature_groups(5),
-            train={**_TRAIN, "steps": 10000},
-            paper={**PAPER_L3D, "n_subnetworks": 5, "rank": {"*.weight": 2, "*.bias": 1}},
-            improved={
-                "n_subnetworks": 10,
-                "rank": {"*.weight": 2, "*.bias": 1},
-                "epochs": 200,
-                "batch_size": 32,
-                "lr": 0.01,
-                "lr_decay": 0.8,
-                "lr_decay_every": 20,
-                "lr_decay_unit": "epoch",
-                "top_k": 0.15,
-                "loss": "pooled_squared",
-                "resample_every": 20,
-                "resample_until": 100,
-            },
-            hidden_params=_SQUARES_HIDDEN,
+        # Not in the paper: with 5-wide hidden layers the parameters that compute x_j^2 also
+        # move the other outputs, so even the model's own gradient directions are barely
+        # output-selective (docs/toys.md, X^2); 10-wide layers leave room for separate circuits.
+        _squares_spec(
+            "squares_wide", "X -> X^2 with 4 hidden GeLU layers of 10 (not in the paper)", width=10
         ),
         ExperimentSpec(
             name="resid_mlp",
@@ -311,29 +280,22 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             units=feature_groups(100),
             train={**_TRAIN, "steps": 4000, "batch_size": 256, "lr": 3e-3},
             paper={**PAPER_L3D, "n_subnetworks": 100, "rank": 1},
-            improved={
+            improved=_improved(
+                100,
                 # Two per feature: x_j > 0 and x_j < 0 switch on disjoint neurons, so a
                 # feature's gradients point along two orthogonal rank-1 directions.
-                "n_subnetworks": 200,
-                "rank": 1,
-                "epochs": 100,
-                "batch_size": 32,
-                "lr": 0.01,
-                "lr_decay": 0.8,
-                "lr_decay_every": 10,
-                "lr_decay_unit": "epoch",
+                n_subnetworks=200,
+                rank=1,
                 # 6 of 200 per sample for ~1.6 active features; the first half trains at 30 of
                 # 200, so that every subnetwork gets gradient from the few (1000) samples.
-                "top_k": 0.03,
-                "warm_start_epochs": 50,
-                "warm_start_top_k": 0.15,
-                "loss": "paper",
+                top_k=0.03,
+                warm_start_epochs=50,
+                warm_start_top_k=0.15,
+                loss="paper",
                 # No output nonlinearity: a random reference's output enters every gradient
                 # through the linear read-out, a term of neither sample's circuit.
-                "reference": "mean",
-                "resample_every": 10,
-                "resample_until": 50,
-            },
+                reference="mean",
+            ),
         ),
     ]
 }

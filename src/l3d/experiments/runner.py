@@ -56,6 +56,16 @@ def settings_for(spec: ExperimentSpec, settings: Settings, quick: bool) -> dict:
     return fields
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (the --seeds syntax of the experiment commands)."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise L3DError(
+            f"--seeds takes comma-separated integers, e.g. 0,1,2; got '{text}'"
+        ) from None
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """['divergence=mse_authors', 'top_k=0.2'] -> {'divergence': 'mse_authors', 'top_k': 0.2}:
     the `--set` syntax of `l3d decompose` (values parsed as YAML), flattened to profile fields."""

@@ -6,8 +6,15 @@ import json
 import time
 from pathlib import Path
 
+from l3d.errors import L3DError
 from l3d.experiments.registry import EXPERIMENTS
-from l3d.experiments.runner import Settings, fmt, run_experiment
+from l3d.experiments.runner import (
+    Settings,
+    fmt,
+    parse_overrides,
+    parse_seeds,
+    run_experiment,
+)
 
 SUITE_ORDER = ("tms", "tms40", "tmcs", "higher_rank", "squares", "squares_wide", "resid_mlp")
 
@@ -40,6 +47,40 @@ def run_suite(
     return result
 
 
+def run_named(
+    name: str,
+    seeds: str,
+    out_dir: str | Path | None = None,
+    *,
+    settings: Settings | None = None,
+    quick: bool = False,
+    sweep: bool = True,
+    progress: bool = True,
+    set_options: list[str] | tuple[str, ...] = (),
+) -> Path:
+    """What both experiment commands run: experiment `name`, or every one for 'suite' / 'all',
+    from command-line values (seeds '0,1,2', `--set KEY=VALUE` options); returns the Markdown
+    summary it wrote. Default settings: the paper's for one experiment, improved for the suite."""
+    seed_list, overrides = parse_seeds(seeds), parse_overrides(list(set_options))
+    out = Path(out_dir) if out_dir else Path("runs") / "experiments" / name
+    if name in ("suite", "all"):
+        if overrides:
+            raise L3DError("--set applies to one experiment, not the suite")
+        run_suite(out, seed_list, quick=quick, settings=settings or "improved", progress=progress)
+        return out / "results.md"
+    run_experiment(
+        name,
+        seed_list,
+        out,
+        settings=settings or "paper",
+        quick=quick,
+        sweep=sweep,
+        progress=progress,
+        overrides=overrides,
+    )
+    return out / "summary.md"
+
+
 def results_table(summaries: dict, seconds: dict) -> str:
     """One row per experiment: paper number beside ours (mean ± std over seeds)."""
     lines = [
@@ -66,4 +107,4 @@ def results_table(summaries: dict, seconds: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["EXPERIMENTS", "run_suite"]
+__all__ = ["EXPERIMENTS", "run_named", "run_suite"]
