@@ -76,9 +76,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def with_overrides(spec: ExperimentSpec, settings: Settings, overrides: dict) -> ExperimentSpec:
     """The spec with `overrides` replacing fields of its `settings` profile; unknown or invalid
     fields fail here, before any training, with the config's close-match message."""
-    if settings not in ("paper", "improved"):
-        raise L3DError(f"unknown settings '{settings}': use 'paper' or 'improved'")
-    fields = {**getattr(spec, settings), **overrides}
+    fields = {**settings_for(spec, settings, quick=False), **overrides}
     l3d_fields = {k: v for k, v in fields.items() if k not in RESAMPLE_KEYS}
     L3DConfig.create(params=["override-check"], **l3d_fields)
     return dataclasses.replace(spec, **{settings: fields})
