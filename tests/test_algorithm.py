@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import l3d
+from l3d import algorithm
 from l3d.algorithm import batch_top_k, losses, n_kept, reconstruction_sq_errors
 from l3d.subnetworks import Subnetworks
 
@@ -138,3 +139,42 @@ def test_lr_schedule_and_warm_start(mlp):
         progress=False,
     )  # 4 steps per epoch
     assert [r["lr"] for r in d.history] == pytest.approx([0.01, 0.005])
+
+
+def test_matmul_precision_covers_the_training_steps_and_is_restored(mlp, monkeypatch):
+    seen = []
+    original = algorithm.step_losses
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(algorithm, "step_losses", spy)
+    x = torch.randn(64, 4)
+    kw = dict(
+        params=["fc1.weight", "fc2.weight"],
+        n_subnetworks=4,
+        rank=2,
+        epochs=2,
+        gradient_method="structured",
+        progress=False,
+    )
+    before = torch.get_float32_matmul_precision()
+    fast = l3d.decompose(mlp, x, matmul_precision="medium", **kw)
+    assert seen and set(seen) == {"medium"}
+    assert torch.get_float32_matmul_precision() == before
+    seen.clear()
+    exact = l3d.decompose(mlp, x, **kw)
+    assert set(seen) == {"highest"}
+    # oneDNN's bf16 mode on AVX512-BF16 agrees to ~1e-6; a backend rounding each operand to
+    # bfloat16 once would differ by ~1e-3. Either way the run must be the same run.
+    for a, b in zip(fast.history, exact.history):
+        assert a["loss_pooled_squared"] == pytest.approx(b["loss_pooled_squared"], rel=2e-2)
+
+
+def test_matmul_precision_is_restored_when_the_block_raises():
+    before = torch.get_float32_matmul_precision()
+    with pytest.raises(RuntimeError), algorithm.matmul_precision("medium"):
+        assert torch.get_float32_matmul_precision() == "medium"
+        raise RuntimeError
+    assert torch.get_float32_matmul_precision() == before

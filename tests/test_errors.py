@@ -45,6 +45,17 @@ def test_n_subnetworks_and_rank_below_one(mlp):
         run(mlp, torch.randn(8, 4), rank={"fc2.*": 2})
 
 
+def test_sequence_chunks_without_per_token_point_to_chunk_size(mlp):
+    with pytest.raises(L3DError, match="without per_token set chunk_size instead"):
+        run(mlp, torch.randn(8, 4), sequence_chunk_size=2)
+
+
+@pytest.mark.parametrize("precision", ["low", "bf16"])
+def test_unknown_matmul_precision_lists_the_choices(mlp, precision):
+    with pytest.raises(L3DError, match="matmul_precision.*'highest', 'high' or 'medium'"):
+        run(mlp, torch.randn(8, 4), matmul_precision=precision)
+
+
 def test_unknown_option_names_the_close_key(mlp):
     with pytest.raises(L3DError, match="unknown config key 'warmstart_epochs'.*warm_start_epochs"):
         run(mlp, torch.randn(8, 4), warmstart_epochs=3)

@@ -117,6 +117,17 @@ def single_thread_if(enabled: bool) -> Iterator[None]:
         torch.set_num_threads(n_threads)
 
 
+@contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """Run the block at torch's float32 matmul `precision`, restoring the caller's after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @dataclass(frozen=True)
 class StepResult:
     losses: Losses
@@ -224,13 +235,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step, self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        if isinstance(batch, ChunkedGradients):
-            result, mask = chunked_step(
-                self.pair, batch, self.top_k_at(self.epoch), self.config.loss
-            )
-        else:
-            result, mask = step_losses(self.pair, batch, self.top_k_at(self.epoch))
-            getattr(result, self.config.loss).backward()
+        with matmul_precision(self.config.matmul_precision):
+            if isinstance(batch, ChunkedGradients):
+                result, mask = chunked_step(
+                    self.pair, batch, self.top_k_at(self.epoch), self.config.loss
+                )
+            else:
+                result, mask = step_losses(self.pair, batch, self.top_k_at(self.epoch))
+                getattr(result, self.config.loss).backward()
         self.optimizer.step()
         self.pair.v_out.normalize_()
         self.step += 1
@@ -252,7 +264,8 @@ class Trainer:
         active = torch.zeros(self.config.n_subnetworks)
         n_batches = n_samples = 0
         lr = self.lr_at(self.step, self.epoch)
-        with single_thread_if(self._tiny()):
+        # The precision also covers the model's forward and backward that produce the gradients.
+        with single_thread_if(self._tiny()), matmul_precision(self.config.matmul_precision):
             for batch in self.source.epoch(self.generator):
                 r = self.train_step(batch)
                 totals["paper"] += r.losses.paper.item()

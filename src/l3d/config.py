@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from l3d.errors import L3DError
 
@@ -101,6 +101,21 @@ class L3DConfig(BaseModel):
         "extra forward + backward); 'structured' with per_token: tokens per batched backward "
         "(default 32). None = whole batch.",
     )
+    sequence_chunk_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="per_token on the 'structured' path: sequences per chunk of the batch's "
+        "forward and backward (a two-pass step as chunk_size without per_token: same losses and "
+        "gradients, only one chunk's activations and signals in memory). None = whole batch.",
+    )
+    matmul_precision: Literal["highest", "high", "medium"] = Field(
+        default="highest",
+        description="float32 matrix-product precision of the training steps "
+        "(torch.set_float32_matmul_precision, restored after each step): 'highest' = IEEE float32; "
+        "'high' lets NVIDIA GPUs use TF32; 'medium' also lets oneDNN CPUs with AVX512-BF16 or AMX "
+        "use bfloat16 arithmetic (about 2x faster steps; accuracy depends on the backend, see "
+        "docs/performance.md). Evaluation and analysis always run at 'highest'.",
+    )
     seed: int = 0
     device: str = "cpu"
 
@@ -127,6 +142,15 @@ class L3DConfig(BaseModel):
         if not value:
             raise ValueError("no parameter tensors given: pass names or globs, e.g. ['fc1.weight']")
         return value
+
+    @model_validator(mode="after")
+    def _sequence_chunks_need_tokens(self) -> L3DConfig:
+        if self.sequence_chunk_size is not None and not self.per_token:
+            raise ValueError(
+                "sequence_chunk_size chunks per-token samples by sequence; without per_token "
+                "set chunk_size instead"
+            )
+        return self
 
     @classmethod
     def create(cls, **fields: Any) -> L3DConfig:
