@@ -364,6 +364,49 @@ def test_sample_chunks_match_the_whole_batch(loss):
     assert g_sq[6] < torch.finfo(g_sq.dtype).eps * g_sq.max()  # not live: skipped by 'paper'
 
 
+@pytest.mark.parametrize("loss", ["paper", "pooled_squared"])
+def test_sequence_chunks_match_the_whole_batch_per_token(loss):
+    """sequence_chunk_size with per-token samples: chunks of whole sequences (padding included)
+    give the whole batch's references, losses, top-k mask and factor gradients."""
+    from l3d.algorithm import chunked_step
+    from l3d.gradients import ChunkedGradients
+
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    inputs = token_batch()  # 3 sequences with 5, 7 and 6 valid tokens
+    target = Target.create(model, ["embed.weight", "mix.*", "norm.*", "head.weight"])
+
+    def batch_and_pair(sequence_chunk_size):
+        source = GradientSource(
+            target,
+            Dataset(inputs, 3),
+            kl,
+            random_other,
+            per_token=True,
+            method="structured",
+            chunk_size=4,
+            sequence_chunk_size=sequence_chunk_size,
+        )
+        pair = SubnetworkPair.initialize(
+            target.shapes, 4, resolve_ranks(target.names, 2), "cp", torch.Generator().manual_seed(0)
+        )
+        return source.batch(inputs, generator=torch.Generator().manual_seed(1)), pair
+
+    whole, pair = batch_and_pair(None)
+    chunked, chunked_pair = batch_and_pair(2)
+    assert isinstance(whole, StructuredGradients) and isinstance(chunked, ChunkedGradients)
+    assert [p().n_samples for p in chunked.parts] == [12, 6]
+    assert chunked.n_samples == whole.n_samples == 18
+    result, mask = step_losses(pair, whole, 0.3)
+    getattr(result, loss).backward()
+    c_result, c_mask = chunked_step(chunked_pair, chunked, 0.3, loss)
+    assert torch.equal(mask, c_mask)
+    for name in ("paper", "pooled_squared"):
+        torch.testing.assert_close(getattr(c_result, name), getattr(result, name).detach())
+    for p, q in zip(pair.parameters(), chunked_pair.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max())
+
+
 def test_decomposition_with_sample_chunks_matches_whole_batches():
     """Training and evaluation through chunk_size (Trainer and evaluate on ChunkedGradients)
     follow the unchunked run."""

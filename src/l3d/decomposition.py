@@ -56,6 +56,7 @@ def build(
         per_token=config.per_token,
         method=config.gradient_method,
         chunk_size=config.chunk_size,
+        sequence_chunk_size=config.sequence_chunk_size,
     )
     generator = torch.Generator().manual_seed(config.seed)
     # Factors are drawn on the CPU so a seed gives the same initialisation on every device.
@@ -256,6 +257,7 @@ class Decomposition:
             per_token=self.config.per_token,
             method=method,
             chunk_size=self.config.chunk_size,
+            sequence_chunk_size=self.config.sequence_chunk_size,
         )
 
     @torch.no_grad()

@@ -224,10 +224,12 @@ class GradientSource:
         per_token: bool,
         method: Literal["auto", "jacobian", "vmap", "structured"],
         chunk_size: int | None,
+        sequence_chunk_size: int | None = None,
     ) -> None:
         self.target, self.dataset = target, dataset
         self.divergence, self.reference = divergence, reference
         self.per_token, self.chunk_size = per_token, chunk_size
+        self.sequence_chunk_size = sequence_chunk_size
         self._validate()
         self.plan = None  # structured.StructuredPlan when method == 'structured'
         self.method = self._choose(method)
@@ -385,15 +387,18 @@ class GradientSource:
             )
 
         n = batch_size_of(inputs)
-        step = self.chunk_size
-        if self.per_token or step is None or n <= step:
+        # Per-token samples are chunked by whole sequences: token t's gradient needs positions <= t.
+        step = self.sequence_chunk_size if self.per_token else self.chunk_size
+        if step is None or n <= step:
             return signals(inputs, references)
         # Sample chunks: references are drawn once for the whole batch (from a forward without
-        # graph), so every chunk, in either pass of the step, sees the same ones.
+        # graph; per-token references come from any valid position of any sequence), so every
+        # chunk, in either pass of the step, sees the same ones.
         if callable(references):
             references = references(self.target.outputs(inputs))
         parts = [
             functools.partial(signals, take(inputs, slice(i, i + step)), references[i : i + step])
             for i in range(0, n, step)
         ]
-        return ChunkedGradients(parts, n)
+        n_samples = int(token_mask(inputs).sum()) if self.per_token else n
+        return ChunkedGradients(parts, n_samples)
