@@ -21,6 +21,10 @@ Settings (issue 5):
   cbig, cbig-chunked  (c) with batch 4096, whole or in sample chunks of 512 (chunk_size):
       the memory the chunks save
 
+--matmul-precision highest,medium runs every method at each float32 matmul precision (torch's
+setting, which the trainer applies through L3DConfig.matmul_precision) and also prints the fast
+path at the lower precision against the floor at 'highest' (the model's plain pass as users run it).
+
 Time: median of --repeats steps after --warmup steps, wall clock and process CPU time (the latter
 is less sensitive to other load on a shared machine). Peak memory: the process's peak
 resident set size minus its size after building the model and data (CPU), or the CUDA allocator's
@@ -217,12 +221,15 @@ def authors_step(target, pair, config, divergence, batch, generator, chunk) -> C
     return step
 
 
-def worker(name: str, method: str, warmup: int, repeats: int, device: str) -> dict:
+def worker(name: str, method: str, warmup: int, repeats: int, device: str, precision: str) -> dict:
     torch.manual_seed(0)
     if name == "a":
         # Microsecond-sized ops: extra threads only add synchronisation (the trainer does the same).
         torch.set_num_threads(1)
+    # Every method runs at the same precision: globally, and in the trainer's steps via the config.
+    torch.set_float32_matmul_precision(precision)
     model, data, config, batch, chunk = setting(name)
+    config = config.replace(matmul_precision=precision)
     model = model.to(device).eval()
     data, batch = to_device(data, device), to_device(batch, device)
     cuda = device.startswith("cuda")
@@ -247,6 +254,7 @@ def worker(name: str, method: str, warmup: int, repeats: int, device: str) -> di
     return {
         "setting": name,
         "method": method,
+        "precision": precision,
         "detail": detail,
         "median_s": statistics.median(times),
         "times_s": times,
@@ -269,11 +277,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per (setting, method)")
+    parser.add_argument(
+        "--matmul-precision",
+        default="highest",
+        help="comma-separated float32 matmul precisions (highest, high, medium) to run every "
+        "method at (torch.set_float32_matmul_precision)",
+    )
     parser.add_argument("--json", help="also write all results to this JSON file")
-    parser.add_argument("--worker", nargs=2, metavar=("SETTING", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("SETTING", "METHOD", "PREC"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
-        result = worker(*args.worker, args.warmup, args.repeats, args.device)
+        name, method, precision = args.worker
+        result = worker(name, method, args.warmup, args.repeats, args.device, precision)
         print("RESULT " + json.dumps(result))
         return
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "none"
@@ -283,40 +300,53 @@ def main() -> None:
         f"load average at start {os.getloadavg()[0]:.2f}"
     )
     results = []
+    precisions = args.matmul_precision.split(",")
     for name in args.settings.split(","):
-        rows = {}
-        methods = args.methods if name in ("a", "b", "c") else args.scaling_methods
-        for method in methods.split(","):
-            cmd = [sys.executable, __file__, "--worker", name, method, "--warmup", str(args.warmup)]
-            cmd += ["--repeats", str(args.repeats), "--device", args.device]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                    rows[method] = {"setting": name, "method": method, "error": err}
-                else:
-                    rows[method] = json.loads(line[len("RESULT ") :])
-            except subprocess.TimeoutExpired:
-                rows[method] = {"setting": name, "method": method, "error": "timeout"}
-            r = rows[method]
-            if "error" in r:
-                print(f"{name:4s} {method:10s} FAILED: {r['error']}", flush=True)
-            else:
-                print(
-                    f"{name:4s} {method:10s} {r['median_s'] * 1e3:10.1f} ms/step wall "
-                    f"{r['median_cpu_s'] * 1e3:10.1f} ms CPU  peak +{r['peak_mb']:8.1f} MB  "
-                    f"({r['detail']})",
-                    flush=True,
-                )
-        results += rows.values()
-        print_ratios(name, rows)
+        by_precision = {}
+        for precision in precisions:
+            methods = args.methods if name in ("a", "b", "c") else args.scaling_methods
+            rows = {m: run_worker(name, m, precision, args) for m in methods.split(",")}
+            results += rows.values()
+            label = name if len(precisions) == 1 else f"{name} at {precision}"
+            print_ratios(label, rows, rows.get("floor", {}))
+            by_precision[precision] = rows
+        if "highest" in by_precision:
+            floor = by_precision["highest"].get("floor", {})
+            for precision in [p for p in precisions if p != "highest"]:
+                label = f"{name} fast at {precision} vs floor at highest"
+                print_ratios(label, {"fast": by_precision[precision].get("fast", {})}, floor)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
 
 
-def print_ratios(name: str, rows: dict) -> None:
+def run_worker(name: str, method: str, precision: str, args: argparse.Namespace) -> dict:
+    """One (setting, method, precision) in its own process, so that its peak memory is its own."""
+    cmd = [sys.executable, __file__, "--worker", name, method, precision]
+    cmd += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device]
+    row = {"setting": name, "method": method, "precision": precision}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            row["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        else:
+            row = json.loads(line[len("RESULT ") :])
+    except subprocess.TimeoutExpired:
+        row["error"] = "timeout"
+    if "error" in row:
+        print(f"{name:4s} {method:10s} {precision:8s} FAILED: {row['error']}", flush=True)
+    else:
+        print(
+            f"{name:4s} {method:10s} {precision:8s} {row['median_s'] * 1e3:10.1f} ms/step wall "
+            f"{row['median_cpu_s'] * 1e3:10.1f} ms CPU  peak +{row['peak_mb']:8.1f} MB  "
+            f"({row['detail']})",
+            flush=True,
+        )
+    return row
+
+
+def print_ratios(name: str, rows: dict, floor: dict) -> None:
     fast = rows.get("fast", {})
     if "median_s" not in fast:
         return
@@ -326,7 +356,6 @@ def print_ratios(name: str, rows: dict) -> None:
             wall = rows[other]["median_s"] / fast["median_s"]
             cpu = rows[other]["median_cpu_s"] / fast["median_cpu_s"]
             parts.append(f"{wall:.1f}x faster than {other} (CPU time {cpu:.1f}x)")
-    floor = rows.get("floor", {})
     if "median_s" in floor:
         wall = fast["median_s"] / floor["median_s"]
         cpu = fast["median_cpu_s"] / floor["median_cpu_s"]

@@ -1,0 +1,76 @@
+"""How far one L3D training step moves when float32 matrix products run at a lower precision.
+
+For a bench_step setting, computes one step's losses and every factor gradient of V_in and V_out
+at torch's float32 matmul precisions 'highest', 'high' and 'medium' (L3DConfig.matmul_precision),
+and in float64 as the reference, on the same batch and references. Prints each one's relative
+error against float64: 'highest' shows the float32 rounding floor, so a lower precision is as
+accurate as float32 when its error is of the same order.
+
+    python benchmarks/precision_check.py --setting c
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from bench_step import setting
+
+from l3d.algorithm import SubnetworkPair, matmul_precision, step_losses
+from l3d.divergences import kl, mse, random_other
+from l3d.gradients import GradientSource
+from l3d.model import Dataset, Target, resolve_ranks
+
+
+def one_step(model, data, config, dtype: torch.dtype, precision: str) -> tuple[dict, list]:
+    """Losses and factor gradients of one step, model and factors in `dtype`."""
+    model = model.to(dtype)
+    data = data.to(dtype) if torch.is_floating_point(data) else data
+    target = Target.create(model, config.params)
+    source = GradientSource(
+        target,
+        Dataset(data, config.batch_size),
+        kl if config.divergence == "kl" else mse,
+        random_other,
+        per_token=config.per_token,
+        method="structured",
+        chunk_size=config.chunk_size,
+    )
+    pair = SubnetworkPair.initialize(
+        target.shapes,
+        config.n_subnetworks,
+        resolve_ranks(target.names, config.rank),
+        config.factorization,
+        torch.Generator().manual_seed(0),
+    )
+    pair = pair.to(dtype)
+    with matmul_precision(precision):
+        batch = next(source.epoch(torch.Generator().manual_seed(1), shuffle=False))
+        result, _ = step_losses(pair, batch, config.top_k)
+        getattr(result, config.loss).backward()
+    losses = {"paper": result.paper.item(), "pooled_squared": result.pooled_squared.item()}
+    return losses, [p.grad.double() for p in pair.parameters()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", default="c")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, data, config, _, _ = setting(args.setting)
+    model.eval()
+    ref_losses, ref_grads = one_step(model, data, config, torch.float64, "highest")
+    print(f"# setting {args.setting}: float64 losses {ref_losses}")
+    for precision in ("highest", "high", "medium"):
+        losses, grads = one_step(model, data, config, torch.float32, precision)
+        loss_err = max(abs(losses[k] - v) / abs(v) for k, v in ref_losses.items())
+        num = sum((g - r).pow(2).sum() for g, r in zip(grads, ref_grads)).sqrt()
+        grad_err = (num / sum(r.pow(2).sum() for r in ref_grads).sqrt()).item()
+        print(
+            f"float32 at {precision:8s} loss rel. error {loss_err:.2e}, "
+            f"factor-gradient rel. error {grad_err:.2e}"
+        )
+
+
+if __name__ == "__main__":
+    main()
