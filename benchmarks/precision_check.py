@@ -25,7 +25,8 @@ from l3d.model import Dataset, Target, resolve_ranks
 def one_step(model, data, config, dtype: torch.dtype, precision: str) -> tuple[dict, list]:
     """Losses and factor gradients of one step, model and factors in `dtype`."""
     model = model.to(dtype)
-    data = data.to(dtype) if torch.is_floating_point(data) else data
+    if isinstance(data, torch.Tensor):  # token ids (a dict) stay integers
+        data = data.to(dtype)
     target = Target.create(model, config.params)
     source = GradientSource(
         target,
