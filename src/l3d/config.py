@@ -62,7 +62,12 @@ class L3DConfig(BaseModel):
     batch_size: int = Field(
         default=32, ge=2, description="Samples per batch (sequences if per_token)."
     )
-    lr: float = Field(default=0.01, gt=0)
+    lr: float = Field(
+        default=0.01,
+        gt=0,
+        description="AdamW learning rate: 0.01 is the paper's toy value; use about 1e-3 for layers "
+        "hundreds of units wide (docs/algorithm.md, 'Learning rate and layer width').",
+    )
     optimizer: Literal["adamw", "adam"] = Field(
         default="adamw",
         description="'adamw' (paper) or 'adam' without weight decay (authors' code).",
