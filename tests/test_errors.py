@@ -56,6 +56,24 @@ def test_unknown_matmul_precision_lists_the_choices(mlp, precision):
         run(mlp, torch.randn(8, 4), matmul_precision=precision)
 
 
+@pytest.mark.parametrize(
+    "data,said",
+    [
+        (
+            torch.randn(8, 5),
+            r"\(tensor float32 \(2, 5\)\): mat1 and mat2 shapes cannot be multiplied",
+        ),
+        (torch.randint(0, 3, (8, 4)), r"\(tensor int64 \(2, 4\)\): .*dtype"),
+    ],
+)
+def test_data_that_does_not_fit_the_model_names_the_inputs(mlp, data, said):
+    with pytest.raises(L3DError, match=said + r".*matches the model's input"):
+        run(mlp, data)
+    trained = run(mlp, torch.randn(8, 4))
+    with pytest.raises(L3DError, match="the model fails on the data's first samples"):
+        trained.coefficients(data)
+
+
 def test_unknown_option_names_the_close_key(mlp):
     with pytest.raises(L3DError, match="unknown config key 'warmstart_epochs'.*warm_start_epochs"):
         run(mlp, torch.randn(8, 4), warmstart_epochs=3)

@@ -117,6 +117,17 @@ class ChunkedGradients:
         return torch.cat([chunk.sq_norms() for chunk in self.chunks()])
 
 
+def _describe_inputs(inputs: Inputs) -> str:
+    """'tensor float32 (2, 5)' or 'dict {input_ids: int64 (2, 16), ...}'."""
+
+    def one(t: Tensor) -> str:
+        return f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+
+    if isinstance(inputs, Tensor):
+        return f"tensor {one(inputs)}"
+    return "dict {" + ", ".join(f"{k}: {one(v)}" for k, v in inputs.items()) + "}"
+
+
 def _check_finite(g: Tensor, name: str) -> None:
     if not torch.isfinite(g).all():
         raise L3DError(
@@ -244,7 +255,16 @@ class GradientSource:
 
     def _validate(self) -> None:
         batch = to_device(take(self._first_batch(), slice(0, 2)), self.dataset.device)
-        outputs = self.target.outputs(batch)
+        try:
+            outputs = self.target.outputs(batch)
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            # A data/model mismatch (feature count, dtype, missing key) surfaces as torch's error
+            # deep inside the model; name the inputs so the user can see which side is wrong.
+            raise L3DError(
+                f"the model fails on the data's first samples ({_describe_inputs(batch)}): "
+                f"{str(err).splitlines()[0]}. Check that the data matches the model's input "
+                "(feature count, dtype, dict keys)"
+            ) from err
         if self.per_token and outputs.dim() != 3:
             raise L3DError(
                 f"per_token=True needs outputs shaped (batch, seq, vocab); the model returned "
