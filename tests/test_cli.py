@@ -349,3 +349,25 @@ def test_step_callback_sees_every_training_step():
     )
     assert len(seen) == decomposition.history[-1]["step"] == 4 * 4  # 200 samples / 50, 4 epochs
     assert sum(seen) == 4 * 200
+
+
+def test_a_truncated_factor_file_is_a_one_line_error_naming_it(finished_run, tmp_path, capsys):
+    """A crash or a partial copy can truncate a saved file: report and load must name it."""
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    factors = copy / "decomposition" / "subnetworks.safetensors"
+    factors.write_bytes(factors.read_bytes()[:100])
+    assert main(["report", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{factors} is not a readable safetensors file" in err
+    with pytest.raises(l3d.L3DError, match="truncated or corrupted"):
+        l3d.load(copy / "decomposition", TMS(5, 2))
+
+
+def test_a_data_file_that_is_not_safetensors_is_named(tmp_path, capsys):
+    data = tmp_path / "data.safetensors"
+    data.write_text("x,y\n1,2\n")  # e.g. a CSV saved under the wrong name
+    config = _write(tmp_path / "c.yaml", {**TINY, "data": {"file": str(data)}})
+    assert main(["decompose", str(config), "--out", str(tmp_path / "run"), "-q"]) == 2
+    assert f"data file {data} is not a readable safetensors file" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -368,13 +369,28 @@ def load(
         Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
         Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
     )
-    tensors = load_file(str(files[2]))
+    tensors = load_tensors(files[2], "subnetwork factors")
     p_act = tensors.pop("p_active")
     pair.load_state_dict(tensors)
     pair.to(next(model.parameters()).device)
     ev = meta["evaluation"]
     evaluation = Evaluation(p_act, ev["loss_paper"], ev["loss_pooled_squared"], ev["n_samples"])
     return Decomposition(config, pair, meta["history"], evaluation, model, divergence, reference)
+
+
+def load_tensors(path: str | Path, what: str) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, or an L3DError naming the file when it is missing or
+    not a valid safetensors file (truncated by a crash, or another format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise L3DError(f"{what} {path} does not exist")
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise L3DError(
+            f"{what} {path} is not a readable safetensors file ({err}): it may be truncated or "
+            "corrupted; restore it, or re-create it"
+        ) from None
 
 
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:

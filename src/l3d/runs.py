@@ -34,12 +34,12 @@ from typing import Any, Literal
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from l3d.algorithm import StepResult, Trainer
 from l3d.config import L3DConfig
-from l3d.decomposition import Decomposition, load, run
+from l3d.decomposition import Decomposition, load, load_tensors, run
 from l3d.divergences import DIVERGENCES, Divergence, ReferenceFn
 from l3d.errors import L3DError
 
@@ -358,7 +358,7 @@ def build_model(source: ModelSource, run_dir: RunDir | None = None) -> nn.Module
         if run_dir is not None and run_dir.model_weights.is_file():
             init_seed = json.loads(run_dir.model_info.read_text())["init_seed"]
             model = spec.make(init_seed)[0]
-            model.load_state_dict(load_file(str(run_dir.model_weights)))
+            model.load_state_dict(load_tensors(run_dir.model_weights, "toy model weights"))
             return model.eval()
         from l3d.experiments.registry import train_toy_model
 
@@ -390,7 +390,7 @@ def build_data(source: DataSource, model_source: ModelSource) -> Any:
         )
         return spec.sample(options["n_samples"], torch.Generator().manual_seed(options["seed"]))
     if source.file is not None:
-        tensors = load_file(source.file)
+        tensors = load_tensors(source.file, "data file")
         key = source.options.get("key")
         if key is None:
             return tensors if len(tensors) > 1 else next(iter(tensors.values()))
@@ -413,7 +413,7 @@ def build_labels(source: DataSource) -> Any:
     if source.labels is None:
         return None
     if source.file is not None and ":" not in source.labels:
-        tensors = load_file(source.file)
+        tensors = load_tensors(source.file, "data file")
         if source.labels not in tensors:
             raise L3DError(
                 f"{source.file} has no labels tensor '{source.labels}'; it has {', '.join(tensors)}"
@@ -598,7 +598,7 @@ def load_checkpoint(directory: Path) -> dict | None:
     meta = json.loads(index.read_text())
     if meta.get("version") != CHECKPOINT_VERSION:
         raise L3DError(f"{index} has checkpoint version {meta.get('version')}, expected 1")
-    return unflatten_state(load_file(str(directory / meta["tensors"])), meta)
+    return unflatten_state(load_tensors(directory / meta["tensors"], "checkpoint"), meta)
 
 
 # Running -------------------------------------------------------------------------------------

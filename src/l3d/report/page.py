@@ -14,11 +14,11 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from l3d.algorithm import SubnetworkPair
 from l3d.config import L3DConfig
+from l3d.decomposition import load_tensors
 from l3d.errors import L3DError
 from l3d.report import plots
 from l3d.runs import RunDir
@@ -117,7 +117,7 @@ def _load_v_out(run_dir: RunDir) -> tuple[L3DConfig, dict, Subnetworks, np.ndarr
         Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
         Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
     )
-    tensors = load_file(str(folder / "subnetworks.safetensors"))
+    tensors = load_tensors(folder / "subnetworks.safetensors", "subnetwork factors")
     p_active = tensors.pop("p_active").numpy()
     pair.load_state_dict(tensors)
     return config, meta, pair.v_out, p_active
