@@ -138,3 +138,29 @@ def test_iterable_of_batches_with_labels_is_accepted(mlp):
     batches = [(torch.randn(8, 4), torch.zeros(8)) for _ in range(3)]
     d = run(mlp, batches, epochs=2)
     assert d.evaluation.n_samples == 24
+
+
+def test_model_returning_a_dict_is_not_blamed_on_the_data():
+    class DictModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.fc1(x)}
+
+    with pytest.raises(L3DError, match="the model returned dict") as err:
+        run(DictModel(), torch.randn(8, 4))
+    assert "matches the model's input" not in str(err.value)
+
+
+@pytest.mark.parametrize("k", [3, -1, 1.0])
+def test_subnetwork_index_out_of_range(mlp, k):
+    trained = run(mlp, torch.randn(8, 4))
+    for ask in (
+        trained.v_out,
+        trained.v_in,
+        lambda k: trained.intervene(torch.randn(2, 4), k, 0.1),
+    ):
+        with pytest.raises(L3DError, match=rf"subnetwork index {k!r} out of range.*0\.\.2"):
+            ask(k)

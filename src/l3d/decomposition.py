@@ -230,12 +230,19 @@ class Decomposition:
     @torch.no_grad()
     def v_out(self, k: int) -> dict[str, Tensor]:
         """Subnetwork k (unit global L2 norm) as {param_name: tensor shaped like the parameter}."""
-        return self.subnetworks.v_out.direction(k)
+        return self.subnetworks.v_out.direction(self._check_index(k))
 
     @torch.no_grad()
     def v_in(self, k: int) -> dict[str, Tensor]:
         """Subnetwork k's encoder direction, {param_name: tensor shaped like the parameter}."""
-        return self.subnetworks.v_in.direction(k)
+        return self.subnetworks.v_in.direction(self._check_index(k))
+
+    def _check_index(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.n_subnetworks:
+            raise L3DError(
+                f"subnetwork index {k!r} out of range: use an int in 0..{self.n_subnetworks - 1}"
+            )
+        return k
 
     # Questions about samples -------------------------------------------------------------
     def gradient_source(self, inputs: object, method: str | None = None) -> GradientSource:

@@ -257,6 +257,8 @@ class GradientSource:
         batch = to_device(take(self._first_batch(), slice(0, 2)), self.dataset.device)
         try:
             outputs = self.target.outputs(batch)
+        except L3DError:
+            raise  # already names the problem (e.g. an unsupported output type)
         except (RuntimeError, TypeError, ValueError, IndexError) as err:
             # A data/model mismatch (feature count, dtype, missing key) surfaces as torch's error
             # deep inside the model; name the inputs so the user can see which side is wrong.
