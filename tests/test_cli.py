@@ -174,6 +174,19 @@ def test_existing_run_folder_is_not_overwritten(finished_run, capsys):
     assert f"l3d decompose --resume {finished_run}" in capsys.readouterr().err
 
 
+def test_a_run_that_failed_before_any_work_can_be_started_again(tmp_path, capsys):
+    """A config error found at run time (bad data options) leaves no work to protect: after the
+    fix, the same command starts over instead of demanding --resume (which replays the bad config)
+    or --overwrite."""
+    bad = {**TINY, "data": {"toy": "tms", "options": {"n_sample": 200}}}
+    out = str(tmp_path / "run")
+    assert main(["decompose", str(_write(tmp_path / "c.yaml", bad)), "--out", out, "-q"]) == 2
+    assert "unknown options ['n_sample']" in capsys.readouterr().err
+    fixed = {**TINY, "l3d": {**TINY["l3d"], "epochs": 1}}
+    assert main(["decompose", str(_write(tmp_path / "c.yaml", fixed)), "--out", out, "-q"]) == 0
+    assert runs.RunDir(Path(out)).finished
+
+
 def test_intervene_rejects_a_subnetwork_out_of_range(finished_run, capsys):
     assert main(["intervene", str(finished_run), "--subnetwork", "7", "--delta", "1"]) == 2
     assert "this run has subnetworks 0..4" in capsys.readouterr().err

@@ -709,6 +709,14 @@ class _StepBar:
 def create_run(spec: RunSpec, path: str | Path, *, overwrite: bool = False) -> RunDir:
     """A fresh run folder holding the resolved spec."""
     run_dir = RunDir(Path(path))
+    # A run that failed before its first epoch (bad data options, a missing file) saved no work:
+    # starting over lets the user fix the config and re-run the same command.
+    started = (
+        (run_dir.metrics.is_file() and run_dir.metrics.stat().st_size > 0)
+        or run_dir.checkpoint.exists()
+        or run_dir.decomposition.exists()
+    )
+    overwrite = overwrite or (run_dir.config.exists() and not started)
     if run_dir.config.exists() and not overwrite:
         raise L3DError(
             f"'{run_dir.path}' already holds a run: continue it with "
