@@ -140,18 +140,23 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def make_step(method: str, model, data, config: L3DConfig, batch, chunk) -> tuple[Callable, str]:
-    """A closure running one step of `method`, and what it ran (e.g. the path 'auto' chose)."""
-    divergence = kl if config.divergence == "kl" else mse
-    target = Target.create(model, config.params)
-    generator = torch.Generator().manual_seed(1)
-    pair = SubnetworkPair.initialize(
+def initial_pair(target: Target, config: L3DConfig) -> SubnetworkPair:
+    """The same seeded V_in, V_out for every method of a setting."""
+    return SubnetworkPair.initialize(
         target.shapes,
         config.n_subnetworks,
         resolve_ranks(target.names, config.rank),
         config.factorization,
         torch.Generator().manual_seed(0),
     )
+
+
+def make_step(method: str, model, data, config: L3DConfig, batch, chunk) -> tuple[Callable, str]:
+    """A closure running one step of `method`, and what it ran (e.g. the path 'auto' chose)."""
+    divergence = kl if config.divergence == "kl" else mse
+    target = Target.create(model, config.params)
+    generator = torch.Generator().manual_seed(1)
+    pair = initial_pair(target, config)
     if method in ("fast", "torchfunc"):
         source = GradientSource(
             target,

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_step import setting
+from bench_step import initial_pair, setting
 
-from l3d.algorithm import SubnetworkPair, matmul_precision, step_losses
+from l3d.algorithm import matmul_precision, step_losses
 from l3d.divergences import kl, mse, random_other
 from l3d.gradients import GradientSource
-from l3d.model import Dataset, Target, resolve_ranks
+from l3d.model import Dataset, Target
 
 
 def one_step(model, data, config, dtype: torch.dtype, precision: str) -> tuple[dict, list]:
@@ -37,14 +37,7 @@ def one_step(model, data, config, dtype: torch.dtype, precision: str) -> tuple[d
         method="structured",
         chunk_size=config.chunk_size,
     )
-    pair = SubnetworkPair.initialize(
-        target.shapes,
-        config.n_subnetworks,
-        resolve_ranks(target.names, config.rank),
-        config.factorization,
-        torch.Generator().manual_seed(0),
-    )
-    pair = pair.to(dtype)
+    pair = initial_pair(target, config).to(dtype)
     with matmul_precision(precision):
         batch = next(source.epoch(torch.Generator().manual_seed(1), shuffle=False))
         result, _ = step_losses(pair, batch, config.top_k)

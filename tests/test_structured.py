@@ -315,12 +315,26 @@ def test_training_run_matches_generic_path():
             torch.testing.assert_close(v, generic.v_out(k)[name], rtol=0, atol=1e-3)
 
 
+def assert_chunked_step_matches(whole, pair, chunked, chunked_pair, loss: str) -> None:
+    """The two-pass chunked step gives the whole batch's top-k mask, both losses and the trained
+    loss's factor gradients."""
+    from l3d.algorithm import chunked_step
+
+    result, mask = step_losses(pair, whole, 0.3)
+    getattr(result, loss).backward()
+    c_result, c_mask = chunked_step(chunked_pair, chunked, 0.3, loss)
+    assert torch.equal(mask, c_mask)
+    for name in ("paper", "pooled_squared"):
+        torch.testing.assert_close(getattr(c_result, name), getattr(result, name).detach())
+    for p, q in zip(pair.parameters(), chunked_pair.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max())
+
+
 @pytest.mark.parametrize("loss", ["paper", "pooled_squared"])
 def test_sample_chunks_match_the_whole_batch(loss):
     """chunk_size on the structured path: the two-pass chunked step gives the whole batch's losses,
     top-k mask and factor gradients (uneven chunks, and a zero-gradient sample that the paper
     loss must skip with the batch's live count)."""
-    from l3d.algorithm import chunked_step
     from l3d.gradients import ChunkedGradients
 
     torch.manual_seed(0)
@@ -351,14 +365,7 @@ def test_sample_chunks_match_the_whole_batch(loss):
     chunked, chunked_pair = batch_and_pair(4)
     assert isinstance(whole, StructuredGradients) and isinstance(chunked, ChunkedGradients)
     assert [p().n_samples for p in chunked.parts] == [4, 4, 2]
-    result, mask = step_losses(pair, whole, 0.3)
-    getattr(result, loss).backward()
-    c_result, c_mask = chunked_step(chunked_pair, chunked, 0.3, loss)
-    assert torch.equal(mask, c_mask)
-    for name in ("paper", "pooled_squared"):
-        torch.testing.assert_close(getattr(c_result, name), getattr(result, name).detach())
-    for p, q in zip(pair.parameters(), chunked_pair.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max())
+    assert_chunked_step_matches(whole, pair, chunked, chunked_pair, loss)
     torch.testing.assert_close(chunked.sq_norms(), whole.sq_norms())
     g_sq = chunked.sq_norms()
     assert g_sq[6] < torch.finfo(g_sq.dtype).eps * g_sq.max()  # not live: skipped by 'paper'
@@ -368,7 +375,6 @@ def test_sample_chunks_match_the_whole_batch(loss):
 def test_sequence_chunks_match_the_whole_batch_per_token(loss):
     """sequence_chunk_size with per-token samples: chunks of whole sequences (padding included)
     give the whole batch's references, losses, top-k mask and factor gradients."""
-    from l3d.algorithm import chunked_step
     from l3d.gradients import ChunkedGradients
 
     torch.manual_seed(0)
@@ -397,14 +403,7 @@ def test_sequence_chunks_match_the_whole_batch_per_token(loss):
     assert isinstance(whole, StructuredGradients) and isinstance(chunked, ChunkedGradients)
     assert [p().n_samples for p in chunked.parts] == [12, 6]
     assert chunked.n_samples == whole.n_samples == 18
-    result, mask = step_losses(pair, whole, 0.3)
-    getattr(result, loss).backward()
-    c_result, c_mask = chunked_step(chunked_pair, chunked, 0.3, loss)
-    assert torch.equal(mask, c_mask)
-    for name in ("paper", "pooled_squared"):
-        torch.testing.assert_close(getattr(c_result, name), getattr(result, name).detach())
-    for p, q in zip(pair.parameters(), chunked_pair.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max())
+    assert_chunked_step_matches(whole, pair, chunked, chunked_pair, loss)
 
 
 def test_decomposition_with_sample_chunks_matches_whole_batches():
