@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from l3d.algorithm import SubnetworkPair
 from l3d.config import L3DConfig
+from l3d.core.algorithm import SubnetworkPair
 from l3d.report import write_report
 
 

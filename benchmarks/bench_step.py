@@ -53,11 +53,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
-from l3d.algorithm import SubnetworkPair, Trainer, batch_top_k
 from l3d.config import L3DConfig
-from l3d.divergences import kl, mse, random_other
-from l3d.gradients import GradientSource, draw_references, sample_outputs
-from l3d.model import Dataset, Target, resolve_ranks, to_device, token_mask
+from l3d.core.algorithm import SubnetworkPair, batch_top_k
+from l3d.core.divergences import kl, mse, random_other
+from l3d.core.gradients import GradientSource, draw_references, sample_outputs
+from l3d.core.model import Target, resolve_ranks
+from l3d.core.samples import Dataset, to_device, token_mask
+from l3d.core.trainer import Trainer
 
 METHODS = ("fast", "torchfunc", "authors", "floor")
 
@@ -160,9 +162,9 @@ def make_step(method: str, model, data, config: L3DConfig, batch, chunk) -> tupl
     if method in ("fast", "torchfunc"):
         source = GradientSource(
             target,
-            Dataset(data, config.batch_size),
             divergence,
             random_other,
+            dataset=Dataset(data, config.batch_size),
             per_token=config.per_token,
             method="auto" if method == "fast" else "vmap",
             chunk_size=config.chunk_size,

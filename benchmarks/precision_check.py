@@ -16,10 +16,12 @@ import argparse
 import torch
 from bench_step import initial_pair, setting
 
-from l3d.algorithm import matmul_precision, step_losses
-from l3d.divergences import kl, mse, random_other
-from l3d.gradients import GradientSource
-from l3d.model import Dataset, Target
+from l3d.core.algorithm import step_losses
+from l3d.core.divergences import kl, mse, random_other
+from l3d.core.gradients import GradientSource
+from l3d.core.model import Target
+from l3d.core.samples import Dataset
+from l3d.core.trainer import matmul_precision
 
 
 def one_step(model, data, config, dtype: torch.dtype, precision: str) -> tuple[dict, list]:
@@ -30,9 +32,9 @@ def one_step(model, data, config, dtype: torch.dtype, precision: str) -> tuple[d
     target = Target.create(model, config.params)
     source = GradientSource(
         target,
-        Dataset(data, config.batch_size),
         kl if config.divergence == "kl" else mse,
         random_other,
+        dataset=Dataset(data, config.batch_size),
         per_token=config.per_token,
         method="structured",
         chunk_size=config.chunk_size,

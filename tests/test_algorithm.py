@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import l3d
-from l3d import algorithm
-from l3d.algorithm import batch_top_k, losses, n_kept, reconstruction_sq_errors
-from l3d.subnetworks import Subnetworks
+from l3d.core import trainer
+from l3d.core.algorithm import batch_top_k, losses, n_kept, reconstruction_sq_errors
+from l3d.core.subnetworks import Subnetworks
 
 
 @pytest.mark.parametrize("k", [0.01, 0.1, 0.25, 0.5, 1.0])
@@ -143,13 +143,13 @@ def test_lr_schedule_and_warm_start(mlp):
 
 def test_matmul_precision_covers_the_training_steps_and_is_restored(mlp, monkeypatch):
     seen = []
-    original = algorithm.step_losses
+    original = trainer.step_losses
 
     def spy(*args, **kwargs):
         seen.append(torch.get_float32_matmul_precision())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(algorithm, "step_losses", spy)
+    monkeypatch.setattr(trainer, "step_losses", spy)
     x = torch.randn(64, 4)
     kw = dict(
         params=["fc1.weight", "fc2.weight"],
@@ -174,7 +174,7 @@ def test_matmul_precision_covers_the_training_steps_and_is_restored(mlp, monkeyp
 
 def test_matmul_precision_is_restored_when_the_block_raises():
     before = torch.get_float32_matmul_precision()
-    with pytest.raises(RuntimeError), algorithm.matmul_precision("medium"):
+    with pytest.raises(RuntimeError), trainer.matmul_precision("medium"):
         assert torch.get_float32_matmul_precision() == "medium"
         raise RuntimeError
     assert torch.get_float32_matmul_precision() == before

@@ -12,21 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from l3d import Decomposition, analysis, decompose
-from l3d.analysis import (
-    generate,
-    impacts,
-    intervention_effect,
-    output_derivative,
-    perturbed,
-    random_subnetworks,
-    sample_positions,
-    top_logits,
-    top_sample_purity,
-    top_samples,
-    write_analysis,
-)
-from l3d.divergences import kl
+from l3d import Decomposition, decompose
+from l3d.analysis import generate, top_logits, top_sample_purity, top_samples, write_analysis
+from l3d.core.divergences import kl
+from l3d.core.samples import SampleRows
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +51,23 @@ def brute_force_coefficients(d, x, references):
 
 def test_impact_is_mean_of_absolute_coefficients_over_references(classifier):
     d, x = classifier
-    (impact,) = impacts(d, x, n_references=3, seed=5, chunk_size=len(x))
+    impact = d.impact(x, n_references=3, seed=5, chunk_size=len(x))
     per_reference = [d.coefficients(x, seed=5 + j) for j in range(3)]
     assert torch.allclose(impact, torch.stack(per_reference).abs().mean(0), atol=1e-6)
     # Absolute value before the mean (eq. 10-11), not |mean|: the two differ here.
     assert not torch.allclose(impact, torch.stack(per_reference).mean(0).abs(), atol=1e-4)
 
 
-def test_impact_from_factors_equals_impact_from_dense_directions(classifier, monkeypatch):
+def test_impact_from_factors_equals_impact_from_dense_gradients_and_directions(classifier):
     d, x = classifier
-    (dense,) = impacts(d, x, n_references=2, seed=1)
-    monkeypatch.setattr(analysis, "DENSE_ELEMENTS", 0)  # too big to form: contract CP factors
-    (factored,) = impacts(d, x, n_references=2, seed=1)
-    assert torch.allclose(dense, factored, atol=1e-5)
+    factored = d.impact(x, n_references=2, seed=1, chunk_size=len(x))
+    source = d.gradient_source(x)
+    v_in = {n: t.flatten(1) for n, t in d.subnetworks.v_in.materialize().items()}
+    dense = 0
+    for j in range(2):
+        grads = source.batch(x, None, torch.Generator().manual_seed(1 + j)).dense()
+        dense = dense + sum(grads[n].flatten(1) @ v.T for n, v in v_in.items()).abs()
+    assert torch.allclose(factored, dense / 2, atol=1e-5)
 
 
 def test_impact_matches_brute_force_with_a_fixed_reference(classifier):
@@ -83,7 +76,7 @@ def test_impact_matches_brute_force_with_a_fixed_reference(classifier):
         d.config, d.subnetworks, d.history, d.evaluation, d.model,
         reference=lambda outputs, generator: torch.zeros_like(outputs),
     )  # fmt: skip
-    (impact,) = impacts(uniform, x, n_references=2, chunk_size=5)  # chunks 5,5,5,5,4
+    impact = uniform.impact(x, n_references=2, chunk_size=5)  # chunks 5,5,5,5,4
     expected = brute_force_coefficients(d, x, torch.zeros(len(x), 5)).abs()
     assert impact.shape == (24, 4)
     assert torch.allclose(impact, expected, atol=1e-5)
@@ -91,7 +84,7 @@ def test_impact_matches_brute_force_with_a_fixed_reference(classifier):
 
 def test_random_baseline_directions_have_the_same_shapes_and_unit_norm(classifier):
     d, _ = classifier
-    baseline = random_subnetworks(d, seed=3)
+    baseline = d.subnetworks.v_out.random_like(seed=3)
     assert baseline.shapes == d.subnetworks.v_out.shapes
     assert baseline.ranks == d.subnetworks.v_out.ranks
     assert torch.allclose(baseline.sq_norms(), torch.ones(4), atol=1e-5)
@@ -107,7 +100,7 @@ def test_top_samples_and_purity_against_hand_computed_values():
 def test_top_logits_equal_finite_differences_of_the_softmax(classifier):
     d, x = classifier
     samples = torch.tensor([3, 7, 11])
-    derivative = output_derivative(d, x, 2, samples)
+    derivative = d.output_derivative(x, 2, samples)
     eps = 1e-3
     plus = F.softmax(d.intervene(x[samples], 2, eps), -1)
     minus = F.softmax(d.intervene(x[samples], 2, -eps), -1)
@@ -128,14 +121,14 @@ def test_intervention_effect_and_weights_restored(classifier):
     d, x = classifier
     before = {n: p.detach().clone() for n, p in d.model.named_parameters()}
     samples = torch.arange(6)
-    with perturbed(d, 1, 0.5) as model:
+    with d.perturbed(1, 0.5) as model:
         moved = model(x[:6])
     for n, p in d.model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert torch.allclose(moved, d.intervene(x[:6], 1, 0.5), atol=1e-6)
     p0 = F.log_softmax(d.model(x[:6]), -1)
     expected = (p0.exp() * (p0 - F.log_softmax(moved, -1))).sum(-1)
-    effects = intervention_effect(d, x, 1, [0.0, 0.5], samples)
+    effects = d.output_change(x, 1, [0.0, 0.5], samples)
     assert effects.shape == (2, 6)
     assert torch.allclose(effects[0], torch.zeros(6), atol=1e-6)
     assert torch.allclose(effects[1], expected.detach(), atol=1e-6)
@@ -202,11 +195,11 @@ def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_pat
         model, data, params=BLOCK, n_subnetworks=2, rank=1, epochs=1, batch_size=3,
         divergence="kl", per_token=True, progress=False,
     )  # fmt: skip
-    positions = sample_positions(data, per_token=True)
+    positions = SampleRows.of(data, per_token=True).positions(len(ids))
     assert positions.shape[0] == int(mask.sum()) and mask[positions[:, 0], positions[:, 1]].all()
 
     samples = torch.tensor([0, 4, 9])
-    derivative = output_derivative(d, data, 1, samples)
+    derivative = d.output_derivative(data, 1, samples)
     eps = 1e-3
     plus = F.softmax(d.intervene(data, 1, eps), -1)
     minus = F.softmax(d.intervene(data, 1, -eps), -1)

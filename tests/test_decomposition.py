@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import l3d
-from l3d.divergences import kl
+from l3d.core.divergences import kl
 
 
 @pytest.fixture

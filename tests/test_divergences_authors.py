@@ -4,10 +4,11 @@ grad_W [1/2 MSE(f(x_i), y_ref) + 1/2 MSE(f(x_i), 0)] with y_ref detached."""
 import pytest
 import torch
 
-from l3d.divergences import DIVERGENCES, resolve_divergence
-from l3d.gradients import GradientSource
-from l3d.model import Dataset, Target
-from l3d.subnetworks import Subnetworks
+from l3d.core.divergences import DIVERGENCES, get_divergence
+from l3d.core.gradients import GradientSource
+from l3d.core.model import Target
+from l3d.core.samples import Dataset
+from l3d.core.subnetworks import Subnetworks
 from l3d.toys import TMCS
 
 NAMES = ["W_in", "W_out", "b"]
@@ -28,9 +29,9 @@ def projections(model: TMCS, x: torch.Tensor, refs: torch.Tensor, divergence: st
     """<V_k, g_i> (n, n_v) from the library's gradient source, and the subnetworks V."""
     source = GradientSource(
         Target.create(model, NAMES),
-        Dataset(x, batch_size=len(x)),
-        resolve_divergence(divergence)[1],
+        divergence,
         lambda outputs, generator: refs,
+        dataset=Dataset(x, batch_size=len(x)),
         per_token=False,
         method=method,
         chunk_size=None,
@@ -60,4 +61,4 @@ def test_mse_authors_gradient_matches_backward_loop_and_differs_from_mse(method)
 
 
 def test_mse_authors_is_a_named_divergence():
-    assert resolve_divergence("mse_authors") == ("mse_authors", DIVERGENCES["mse_authors"])
+    assert get_divergence("mse_authors") is DIVERGENCES["mse_authors"]

@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-from l3d.algorithm import evaluate
 from l3d.config import L3DConfig
+from l3d.core.algorithm import evaluate
+from l3d.core.resampling import set_direction_, stale_subnetworks
+from l3d.core.subnetworks import Subnetworks
 from l3d.decomposition import build
 from l3d.errors import L3DError
 from l3d.experiments import EXPERIMENTS, run_experiment
 from l3d.experiments.registry import get_spec, train_toy_model
 from l3d.experiments.suite import results_table
-from l3d.resampling import Resampler, set_direction_, stale_subnetworks
-from l3d.subnetworks import Subnetworks
 from l3d.toys import TMS, sparse_features
 
 
@@ -122,26 +122,28 @@ def test_stale_subnetworks_are_the_dead_and_the_less_active_duplicate():
     assert stale_subnetworks(subs, torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.9) == [0]
 
 
-def test_resampler_revives_a_dead_subnetwork():
+@pytest.mark.parametrize("method", ["jacobian", "vmap", "structured"])
+def test_resampling_revives_a_dead_subnetwork_on_every_gradient_path(method):
     x = sparse_features(256, 5, generator=torch.Generator().manual_seed(0))
     model = TMS(5, 2, seed=1)
-    config = L3DConfig.create(params=["W_in", "W_out", "b"], n_subnetworks=6, top_k=0.2, epochs=3)
+    base = dict(params=["W_in", "W_out", "b"], n_subnetworks=6, top_k=0.2, epochs=3)
 
-    def train(resampler):
+    def train(**resampling):
+        config = L3DConfig.create(**base, gradient_method=method, **resampling)
         _, source, trainer = build(model, x, config)
+        assert source.method == method
         with torch.no_grad():  # V_in_5 = 0: c_5 = 0, never in the top-k, and never gets a gradient
             for f in trainer.pair.v_in.tensors:
                 f.modes[0][5] = 0
         for _ in range(config.epochs):
-            record = trainer.run_epoch()
-            if resampler:
-                resampler(trainer, record)
-        return evaluate(trainer.pair, source, config.top_k, 0).p_active
+            trainer.run_epoch()
+        return evaluate(trainer.pair, source, config.top_k, 0).p_active, trainer.history
 
-    assert train(None)[5] == 0
-    resampler = Resampler(every=1, until=2)
-    assert train(resampler)[5] > 0
-    assert resampler.log[0] == {"epoch": 1, "subnetworks": [5]}
+    p_act, history = train()
+    assert p_act[5] == 0 and not any("resampled" in r for r in history)
+    p_act, history = train(resample_every=1, resample_until=2)
+    assert p_act[5] > 0
+    assert [r.get("resampled") for r in history] == [[5], None, None]
 
 
 def test_unit_probe_pool_gives_every_unit_enough_single_unit_samples():

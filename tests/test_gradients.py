@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from l3d.divergences import kl, mse, random_other
-from l3d.gradients import GradientSource, per_sample_gradients
-from l3d.model import Dataset, Target
+from l3d.core.divergences import kl, mse, random_other
+from l3d.core.gradients import GradientSource, per_sample_gradients
+from l3d.core.model import Target
+from l3d.core.samples import Dataset
 
 
 def loop_gradients(model, names, inputs, references, divergence):
@@ -76,7 +77,13 @@ def test_jacobian_cache_equals_vmap(mlp):
     target = Target.create(mlp, ["fc1.weight", "fc2.bias"])
     sources = [
         GradientSource(
-            target, Dataset(x, 16), kl, random_other, per_token=False, method=m, chunk_size=None
+            target,
+            kl,
+            random_other,
+            dataset=Dataset(x, 16),
+            per_token=False,
+            method=m,
+            chunk_size=None,
         )
         for m in ("jacobian", "vmap")
     ]

@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("transformers")
 
 from l3d import L3DError, hf, run
-from l3d.divergences import kl
-from l3d.gradients import per_sample_gradients
-from l3d.model import Target, select_parameters
+from l3d.core.divergences import kl
+from l3d.core.gradients import per_sample_gradients
+from l3d.core.model import Target, select_parameters
 
 WORDS = [
     "<pad>", "<eos>", "once", "upon", "a", "time", "there", "was", "cat", "dog", "big", "small",

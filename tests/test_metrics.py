@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from l3d.algorithm import Evaluation, SubnetworkPair
 from l3d.config import L3DConfig
+from l3d.core.algorithm import Evaluation, SubnetworkPair
+from l3d.core.resampling import set_direction_
 from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
 from l3d.experiments import metrics as M
-from l3d.resampling import set_direction_
 from l3d.toys import TMS, feature_groups, feature_parameter_mask, sparse_features
 
 

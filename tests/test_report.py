@@ -23,8 +23,6 @@ import yaml
 from l3d import runs
 from l3d.cli import main
 from l3d.report import plots
-from l3d.report.page import direction
-from l3d.subnetworks import Subnetworks
 
 TINY = {
     "model": {"python": "l3d.toys:TMS", "options": {"n_features": 5, "n_hidden": 2}},
@@ -97,17 +95,6 @@ def html_escaped(text: str) -> str:
     import html
 
     return html.escape(text, quote=True)
-
-
-def test_direction_from_factors_equals_the_dense_subnetwork():
-    """Oracle: Subnetworks.direction, which materialises every subnetwork at once."""
-    shapes = {"w": (3, 4), "b": (4,), "k": (2, 3, 2)}
-    for factorization in ("cp", "tucker"):
-        subnetworks = Subnetworks(shapes, 5, {"w": 2, "b": 1, "k": 2}, factorization)
-        for k in range(5):
-            expected = subnetworks.direction(k)
-            for name, factors in zip(subnetworks.names, subnetworks.tensors):
-                torch.testing.assert_close(direction(factors, k), expected[name])
 
 
 def test_max_abs_pooling_keeps_each_blocks_largest_entry():

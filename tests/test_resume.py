@@ -31,9 +31,11 @@ TINY = {
         "batch_size": 32,
         "lr": 0.01,
         "seed": 3,
+        # Resampling runs between epochs (epochs 15 and 20 here): a resumed run must replay it.
+        "resample_every": 5,
+        "resample_until": 40,
     },
-    # Resampling (epochs 15 and 20 here) runs in the epoch callback: a resumed run must replay it.
-    "run": {"checkpoint_seconds": 0, "progress": False, "resample": {"every": 5, "until": 40}},
+    "run": {"checkpoint_seconds": 0, "progress": False},
 }
 
 

@@ -9,11 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from l3d.algorithm import SubnetworkPair, step_losses
-from l3d.divergences import kl, mse, random_other
-from l3d.gradients import DenseGradients, GradientSource, draw_references, per_sample_gradients
-from l3d.model import Dataset, Target, resolve_ranks, token_mask
-from l3d.structured import StructuredGradients, StructuredPlan, structured_gradients
+from l3d.core.algorithm import SubnetworkPair, step_losses
+from l3d.core.divergences import Reference, kl, mse, random_other
+from l3d.core.gradients import DenseGradients, GradientSource, per_sample_gradients
+from l3d.core.gradients.structured import StructuredGradients, StructuredPlan, structured_gradients
+from l3d.core.model import Target, resolve_ranks
+from l3d.core.samples import Dataset, SampleRows
+
+RANDOM = Reference("random", random_other)
 
 
 def assert_matches_oracle(
@@ -31,8 +34,8 @@ def assert_matches_oracle(
     target = Target.create(model, patterns)
     plan = StructuredPlan.create(target)
     outputs = target.outputs(inputs)
-    mask = token_mask(inputs) if per_token else None
-    refs = draw_references(outputs, mask, per_token, random_other, torch.Generator().manual_seed(1))
+    rows = SampleRows.of(inputs, per_token)
+    refs = RANDOM.draw(outputs, rows, torch.Generator().manual_seed(1))
     fast = structured_gradients(
         target, inputs, refs, divergence, plan=plan, per_token=per_token, chunk_size=chunk_size
     )
@@ -41,6 +44,12 @@ def assert_matches_oracle(
     )
     assert isinstance(fast, StructuredGradients)
     assert fast.n_samples == oracle.n_samples
+    # The gradients formed from the signals (what resampling reads) are the oracle's.
+    dense = fast.dense()
+    assert set(dense) == set(oracle.grads)
+    for name, g in oracle.grads.items():
+        scale_g = g.abs().max().item() + 1e-12
+        torch.testing.assert_close(dense[name], g, rtol=1e-4, atol=1e-5 * scale_g)
     pair = SubnetworkPair.initialize(
         target.shapes,
         4,
@@ -213,7 +222,7 @@ class Mixed(nn.Module):
 
 def test_mixed_supported_and_unsupported_modules(caplog):
     torch.manual_seed(0)
-    with caplog.at_level(logging.INFO, logger="l3d.structured"):
+    with caplog.at_level(logging.INFO, logger="l3d.core.gradients.structured"):
         plan = assert_matches_oracle(Mixed(), torch.randn(8, 4), divergence=kl, rank=2)
     assert plan.paths["fc1.weight"] == "structured (linear)"
     assert plan.paths["act.weight"].startswith("generic")
@@ -254,9 +263,9 @@ def test_auto_picks_structured_and_vmap_forces_generic():
     def source(method):
         return GradientSource(
             target,
-            Dataset(data, 6),
             mse,
             random_other,
+            dataset=Dataset(data, 6),
             per_token=False,
             method=method,
             chunk_size=None,
@@ -272,9 +281,9 @@ def test_auto_picks_structured_and_vmap_forces_generic():
 
 def test_chunked_contractions_match(monkeypatch):
     """A tiny intermediate budget forces one sequence per chunk; results are unchanged."""
-    import l3d.structured
+    import l3d.core.gradients.structured
 
-    monkeypatch.setattr(l3d.structured, "CHUNK_ELEMENTS", 50)
+    monkeypatch.setattr(l3d.core.gradients.structured, "CHUNK_ELEMENTS", 50)
     torch.manual_seed(0)
     assert_matches_oracle(ConvNet(), torch.randn(3, 4, 7, 7), rank=2)
     assert_matches_oracle(TokenModel(), token_batch(), ["mix.weight"], kl, per_token=True, rank=3)
@@ -318,7 +327,7 @@ def test_training_run_matches_generic_path():
 def assert_chunked_step_matches(whole, pair, chunked, chunked_pair, loss: str) -> None:
     """The two-pass chunked step gives the whole batch's top-k mask, both losses and the trained
     loss's factor gradients."""
-    from l3d.algorithm import chunked_step
+    from l3d.core.algorithm import chunked_step
 
     result, mask = step_losses(pair, whole, 0.3)
     getattr(result, loss).backward()
@@ -335,23 +344,23 @@ def test_sample_chunks_match_the_whole_batch(loss):
     """chunk_size on the structured path: the two-pass chunked step gives the whole batch's losses,
     top-k mask and factor gradients (uneven chunks, and a zero-gradient sample that the paper
     loss must skip with the batch's live count)."""
-    from l3d.gradients import ChunkedGradients
+    from l3d.core.gradients import ChunkedGradients
 
     torch.manual_seed(0)
     model = MLPWithNorm().eval()
     data = torch.randn(10, 4)
     target = Target.create(model, ["*"])
-    refs = draw_references(
-        target.outputs(data), None, False, random_other, torch.Generator().manual_seed(1)
+    refs = RANDOM.draw(
+        target.outputs(data), SampleRows.of(data, False), torch.Generator().manual_seed(1)
     )
     refs[6] = target.outputs(data[6:7])[0]  # sample 6: reference = own output, g = 0
 
     def batch_and_pair(chunk_size):
         source = GradientSource(
             target,
-            Dataset(data, 10),
             mse,
             random_other,
+            dataset=Dataset(data, 10),
             per_token=False,
             method="structured",
             chunk_size=chunk_size,
@@ -375,7 +384,7 @@ def test_sample_chunks_match_the_whole_batch(loss):
 def test_sequence_chunks_match_the_whole_batch_per_token(loss):
     """sequence_chunk_size with per-token samples: chunks of whole sequences (padding included)
     give the whole batch's references, losses, top-k mask and factor gradients."""
-    from l3d.gradients import ChunkedGradients
+    from l3d.core.gradients import ChunkedGradients
 
     torch.manual_seed(0)
     model = TokenModel().eval()
@@ -385,9 +394,9 @@ def test_sequence_chunks_match_the_whole_batch_per_token(loss):
     def batch_and_pair(sequence_chunk_size):
         source = GradientSource(
             target,
-            Dataset(inputs, 3),
             kl,
             random_other,
+            dataset=Dataset(inputs, 3),
             per_token=True,
             method="structured",
             chunk_size=4,

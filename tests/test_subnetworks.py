@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from l3d.subnetworks import Subnetworks, max_rank
+from l3d.core.subnetworks import Subnetworks, max_rank
 
 SHAPES = {"w": (3, 4), "conv": (2, 3, 2, 2), "b": (5,)}
 
@@ -93,9 +93,9 @@ def test_direction_is_shaped_like_the_parameter_and_checks_range():
 def test_gram_and_its_gradient_equal_dense(factorization, triangle_min, monkeypatch):
     """The factor Gram (block triangle or one product) and its own backward ((dP + dP^T) F) equal
     autograd through the dense directions, for a non-symmetric upstream gradient too."""
-    import l3d.subnetworks
+    import l3d.core.subnetworks
 
-    monkeypatch.setattr(l3d.subnetworks, "TRIANGLE_MIN", triangle_min)
+    monkeypatch.setattr(l3d.core.subnetworks, "TRIANGLE_MIN", triangle_min)
     s = make(factorization, rank=3, n_v=5)  # 15 rows: uneven blocks of 4, 4, 4, 3
     weights = torch.randn(
         s.n_subnetworks, s.n_subnetworks, generator=torch.Generator().manual_seed(2)
@@ -108,3 +108,14 @@ def test_gram_and_its_gradient_equal_dense(factorization, triangle_min, monkeypa
     dense = torch.autograd.grad((flat_v @ flat_v.T * weights).sum(), params)
     for gf, gd in zip(fast, dense):
         torch.testing.assert_close(gf, gd, rtol=1e-4, atol=1e-5)
+
+
+def test_one_direction_from_factors_equals_the_materialised_subnetwork():
+    """Oracle: materialize(), which forms every subnetwork at once."""
+    shapes = {"w": (3, 4), "b": (4,), "k": (2, 3, 2)}
+    for factorization in ("cp", "tucker"):
+        subnetworks = Subnetworks(shapes, 5, {"w": 2, "b": 1, "k": 2}, factorization)
+        dense = subnetworks.materialize()
+        for k in range(5):
+            for name, d in subnetworks.direction(k).items():
+                torch.testing.assert_close(d, dense[name][k])

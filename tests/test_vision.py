@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from l3d import L3DError
+from l3d.core.divergences import kl
+from l3d.core.gradients import per_sample_gradients
+from l3d.core.model import Target, select_parameters
 from l3d.demos.digits_cnn import DigitsNet, InvertedResidual
-from l3d.divergences import kl
-from l3d.gradients import per_sample_gradients
-from l3d.model import Target, select_parameters
 from l3d.vision import (
     check_classifier,
     get_preset,

@@ -7,124 +7,21 @@ A sample is one row of `Decomposition.coefficients`: an input, or with per_token
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from itertools import pairwise
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor
-from torch.func import jvp
 
+from l3d import io
+from l3d.core.samples import Inputs, SampleRows, batch_size_of
 from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
-from l3d.model import Inputs, batch_size_of, take, to_device, token_mask
-from l3d.subnetworks import Subnetworks
 
 # Samples: addressing rows of the coefficient matrix ------------------------------------------
-
-
-def sample_positions(inputs: Inputs, per_token: bool) -> Tensor:
-    """(n_samples, 2) long: (input row, token position) of each sample, in coefficient-row order.
-    Without per_token the position is 0."""
-    n = batch_size_of(inputs)
-    if not per_token:
-        return torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], 1)
-    mask = token_mask(inputs)
-    if mask is None:
-        ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
-        mask = torch.ones(ids.shape[:2], dtype=torch.bool)
-    return torch.nonzero(mask.cpu())
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    """Consecutive slices of at most `size` rows, none with a single row (a lone input has no
-    other sample to serve as its reference), so the last remainder joins the previous chunk."""
-    bounds = [*range(0, n, max(size, 2)), n]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:
-        bounds.pop(-2)
-    return [slice(a, b) for a, b in pairwise(bounds)]
-
-
-def random_subnetworks(decomposition: Decomposition, seed: int = 0) -> Subnetworks:
-    """Unit-norm random directions with the decomposition's tensors, ranks and factorisation: the
-    baseline against which the learned subnetworks' top samples are judged."""
-    v_out = decomposition.subnetworks.v_out
-    generator = torch.Generator().manual_seed(seed)
-    baseline = Subnetworks(
-        v_out.shapes, v_out.n_subnetworks, v_out.ranks, v_out.factorization, generator
-    )
-    baseline.normalize_()
-    return baseline.to(decomposition.device)
-
-
-# Impact --------------------------------------------------------------------------------------
-
-# Largest dense (n_v x n_w) direction matrix formed to project gradients with one matmul.
-DENSE_ELEMENTS = 1 << 28
-
-
-def _projector(subnetworks: Subnetworks) -> Callable[[dict[str, Tensor]], Tensor]:
-    """grads {name: (n_s, *shape)} -> <V_k, g_s> (n_s, n_v). Analysis projects many gradients on
-    fixed directions, so it forms V densely once (a matmul per tensor) when that fits; contracting
-    CP factors with every gradient instead costs about rank x more."""
-    n_w = sum(math.prod(shape) for shape in subnetworks.shapes.values())
-    if subnetworks.n_subnetworks * n_w > DENSE_ELEMENTS:
-        return subnetworks.inner
-    with torch.no_grad():
-        dense = {n: d.flatten(1) for n, d in subnetworks.materialize().items()}
-
-    def project(grads: dict[str, Tensor]) -> Tensor:
-        return sum(grads[n].flatten(1) @ d.T for n, d in dense.items())
-
-    return project
-
-
-@torch.no_grad()
-def impacts(
-    decomposition: Decomposition,
-    inputs: Inputs,
-    directions: Sequence[Subnetworks] | None = None,
-    *,
-    n_references: int = 10,
-    seed: int = 0,
-    chunk_size: int | None = None,
-    progress: bool = False,
-) -> list[Tensor]:
-    """I(x_i, v_k) = mean over n_references references of |v_k · ∇_W D(f(x_i), y_ref)| (eq. 10-11,
-    absolute value before the mean) for each set of directions (default: the decomposition's V_in),
-    each (n_samples, n_v). The per-sample gradients of a chunk and reference are computed once and
-    projected on every set, so a random-direction baseline costs no extra backward passes.
-
-    References follow the decomposition's strategy within each chunk of `chunk_size` inputs
-    (default: the training batch size), as during training.
-    """
-    from tqdm.auto import tqdm
-
-    if n_references < 1:
-        raise L3DError(f"n_references must be >= 1; got {n_references}")
-    projectors = [_projector(v) for v in directions or [decomposition.subnetworks.v_in]]
-    decomposition.model.eval()
-    n = batch_size_of(inputs)
-    chunks = _chunks(n, chunk_size or decomposition.config.batch_size)
-    totals: list[list[Tensor]] = [[] for _ in projectors]
-    for c, rows in enumerate(tqdm(chunks, desc="impact", unit="chunk", disable=not progress)):
-        chunk = to_device(take(inputs, rows), decomposition.device)
-        source = decomposition.gradient_source(chunk, method="vmap")  # dense: any direction set
-        sums = [0.0] * len(projectors)
-        for j in range(n_references):
-            generator = torch.Generator().manual_seed(seed + c * n_references + j)
-            grads = source.batch(chunk, None, generator).grads
-            sums = [s + project(grads).abs() for s, project in zip(sums, projectors)]
-        for total, s in zip(totals, sums):
-            total.append((s / n_references).cpu())
-    return [torch.cat(t) for t in totals]
 
 
 def top_samples(impact: Tensor, n_top: int) -> Tensor:
@@ -147,43 +44,6 @@ def top_sample_purity(impact: Tensor, labels: Sequence[Any], n_top: int) -> Tens
 # Top logits ----------------------------------------------------------------------------------
 
 
-def _probabilities(decomposition: Decomposition) -> Callable[[Tensor], Tensor]:
-    """Outputs as the divergence sees them: probabilities for 'kl', raw outputs otherwise."""
-    if decomposition.config.divergence == "kl":
-        return lambda y: F.softmax(y, dim=-1)
-    return lambda y: y
-
-
-def output_derivative(
-    decomposition: Decomposition,
-    inputs: Inputs,
-    k: int,
-    samples: Tensor,
-    direction: dict[str, Tensor] | None = None,
-) -> Tensor:
-    """d softmax(f(x_i, W0 + δ v_k)) / dδ at δ = 0 (raw outputs unless the divergence is 'kl')
-    for the given sample indices, as a forward-mode JVP along V_out_k: (len(samples), n_out).
-    direction: V_out_k if already materialised (forming it costs n_v x n_w work)."""
-    positions = sample_positions(inputs, decomposition.config.per_token)[samples]
-    rows, where = torch.unique(positions[:, 0], return_inverse=True)
-    sub = to_device(take(inputs, rows), decomposition.device)
-    target = decomposition.target
-    direction = decomposition.v_out(k) if direction is None else direction
-    tangent = {n: direction[n] for n in target.names}
-    probabilities = _probabilities(decomposition)
-
-    def outputs(params: dict[str, Tensor]) -> Tensor:
-        return probabilities(target.forward(sub, params))
-
-    with torch.no_grad():
-        _, d_out = jvp(outputs, (target.w0,), (tangent,))
-    if decomposition.config.per_token:
-        d_out = d_out[where, positions[:, 1].to(d_out.device)]
-    else:
-        d_out = d_out[where].flatten(1)
-    return d_out.cpu()
-
-
 def top_logits(
     decomposition: Decomposition,
     inputs: Inputs,
@@ -196,7 +56,7 @@ def top_logits(
     d softmax / dδ along V_out_k, its n_logits largest ('positive') and most negative ('negative')
     entries as (indices, values), positive and negative values only. A direction's sign is arbitrary,
     so both lists matter."""
-    mean = output_derivative(decomposition, inputs, k, samples, direction).mean(0)
+    mean = decomposition.output_derivative(inputs, k, samples, direction).mean(0)
     n_logits = min(n_logits, mean.numel())
     pos, neg = mean.topk(n_logits), (-mean).topk(n_logits)
     up, down = pos.values > 0, neg.values > 0
@@ -207,63 +67,6 @@ def top_logits(
 
 
 # Interventions -------------------------------------------------------------------------------
-
-
-@contextmanager
-def perturbed(decomposition: Decomposition, k: int, delta: float):
-    """The model's weights set to W0 + δ v_k (eq. 9) inside the block, restored afterwards, so any
-    method of the model (generate, predict, ...) runs on the intervened network."""
-    params = dict(decomposition.model.named_parameters())
-    direction = decomposition.v_out(k)
-    try:
-        with torch.no_grad():
-            for name, w0 in decomposition.target.w0.items():
-                params[name].copy_(w0 + delta * direction[name])
-        yield decomposition.model
-    finally:
-        with torch.no_grad():
-            for name, w0 in decomposition.target.w0.items():
-                params[name].copy_(w0)
-
-
-def weight_norm(decomposition: Decomposition) -> float:
-    """Global L2 norm of the decomposed tensors at W0: the natural scale for δ."""
-    return math.sqrt(sum(float(w.pow(2).sum()) for w in decomposition.target.w0.values()))
-
-
-@torch.no_grad()
-def intervention_effect(
-    decomposition: Decomposition,
-    inputs: Inputs,
-    k: int,
-    deltas: Sequence[float],
-    samples: Tensor,
-    direction: dict[str, Tensor] | None = None,
-) -> Tensor:
-    """Per δ and sample, how far moving to W0 + δ v_k moves its output: KL(p(W0) ‖ p(W0 + δ v_k))
-    for 'kl', else the mean squared change of the outputs. (len(deltas), len(samples))."""
-    positions = sample_positions(inputs, decomposition.config.per_token)[samples]
-    rows, where = torch.unique(positions[:, 0], return_inverse=True)
-    sub = to_device(take(inputs, rows), decomposition.device)
-    direction = decomposition.v_out(k) if direction is None else direction
-    w0 = decomposition.target.w0
-
-    def sample_outputs(params: dict[str, Tensor] | None) -> Tensor:
-        out = decomposition.target.forward(sub, params)
-        if decomposition.config.per_token:
-            return out[where, positions[:, 1].to(out.device)]
-        return out[where].flatten(1)
-
-    before = sample_outputs(None)
-    effects = []
-    for delta in deltas:
-        after = sample_outputs({n: w + delta * direction[n] for n, w in w0.items()})
-        if decomposition.config.divergence == "kl":
-            log_p, log_q = F.log_softmax(before, -1), F.log_softmax(after, -1)
-            effects.append((log_p.exp() * (log_p - log_q)).sum(-1))
-        else:
-            effects.append((after - before).pow(2).mean(-1))
-    return torch.stack(effects).cpu()
 
 
 @torch.no_grad()
@@ -295,7 +98,7 @@ def generate(
 
     if k is None:
         return run()
-    with perturbed(decomposition, k, delta):
+    with decomposition.perturbed(k, delta):
         return run()
 
 
@@ -435,15 +238,14 @@ def write_analysis(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_token = decomposition.config.per_token
-    positions = sample_positions(inputs, per_token)
+    positions = SampleRows.of(inputs, per_token).positions(batch_size_of(inputs))
     sample_labels = _sample_labels(labels, inputs, positions)
     is_image = _is_image_batch(inputs, per_token)
 
     directions = [decomposition.subnetworks.v_in]
     if baseline and sample_labels is not None:
-        directions.append(random_subnetworks(decomposition, seed + 1))
-    measured = impacts(
-        decomposition,
+        directions.append(decomposition.subnetworks.v_out.random_like(seed + 1))
+    measured = decomposition.impacts(
         inputs,
         directions,
         n_references=n_references,
@@ -455,7 +257,7 @@ def write_analysis(
     n_samples, n_v = impact.shape
     top = top_samples(impact, n_top)
     p_active = decomposition.p_active.cpu()
-    delta = intervention_scale * weight_norm(decomposition)
+    delta = intervention_scale * decomposition.weight_norm()
     random_samples = _random_samples(positions, max(4 * n_top, 64), seed)
 
     def logit_label(i: int) -> str:
@@ -501,7 +303,7 @@ def write_analysis(
         logits = top_logits(decomposition, inputs, k, top[k], n_logits, direction)
         # Top and random samples in one pass: a forward at W0 and one per δ.
         both = torch.cat([top[k], random_samples])
-        effects = intervention_effect(decomposition, inputs, k, (-delta, delta), both, direction)
+        effects = decomposition.output_change(inputs, k, (-delta, delta), both, direction)
         effect_top = effects[:, : len(top[k])].mean(1).tolist()
         effect_all = effects[:, len(top[k]) :].mean(1).tolist()
         records.append(
@@ -552,7 +354,9 @@ def write_analysis(
                 [r["intervention"]["selectivity"] for r in records if not r["dead"]] or [0.0]
             ).median()
         ),
-        "weight_norm": weight_norm(decomposition),
+        "weight_norm": decomposition.weight_norm(),
+        "change_label": decomposition.divergence.change_label,
+        "derivative_label": decomposition.divergence.derivative_label,
     }
     if sample_labels is not None:
         live = p_active > 0
@@ -569,10 +373,10 @@ def write_analysis(
     tensors = {"impact": impact, "sample_positions": positions}
     if len(measured) > 1:
         tensors["impact_random_directions"] = measured[1]
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "impact.safetensors"))
-    (out / "analysis.json").write_text(json.dumps(result, indent=1))
+    io.save_tensors(out / "impact.safetensors", tensors)
+    io.write_json(out / "analysis.json", result)
     _plot_p_active(p_active, out / "p_active.png")
-    (out / "analysis.md").write_text(_markdown(result, is_image))
+    io.write_text(out / "analysis.md", _markdown(result, is_image))
     return result
 
 
@@ -614,8 +418,7 @@ def _markdown(result: dict, is_image: bool) -> str:
             else:
                 shown = f"sample {e['sample']}"
             lines.append(f"| {e['impact']:.4g} | {shown} | {_cell(e['label'] or '')} |")
-        what = "d softmax/dδ" if s["divergence"] == "kl" else "d output/dδ"
-        change = "KL" if s["divergence"] == "kl" else "mean squared output change"
+        what, change = s["derivative_label"], s["change_label"]
         up = ", ".join(
             f"`{_cell(t['label'])}` {t['value']:+.3g}" for t in r["top_logits"]["positive"]
         )

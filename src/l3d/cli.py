@@ -233,7 +233,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _inputs(run, n_samples: int | None):
-    from l3d.model import take
+    from l3d.core.samples import take
     from l3d.runs import as_inputs
 
     inputs = as_inputs(run.data)
@@ -283,7 +283,7 @@ def _intervene(args: argparse.Namespace) -> int:
     folder = run.run_dir.interventions
     folder.mkdir(parents=True, exist_ok=True)
     for k in args.subnetwork:
-        change = runs.output_change(run, inputs, k, args.delta)
+        change = run.decomposition.output_change(inputs, k, args.delta)
         result = {
             "subnetwork": k,
             "divergence": run.decomposition.config.divergence,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,6 +123,22 @@ class L3DConfig(BaseModel):
         "use bfloat16 arithmetic (about 2x faster steps; accuracy depends on the backend, see "
         "docs/performance.md). Evaluation and analysis always run at 'highest'.",
     )
+    resample_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="Every this many epochs, re-initialise dead subnetworks (never in the top-k) "
+        "and the less active of near-duplicates at the gradient residual of the worst-"
+        "reconstructed samples (docs/algorithm.md, resampling). None = never.",
+    )
+    resample_until: int | None = Field(
+        default=None, ge=1, description="No resampling from this epoch on (None = epochs)."
+    )
+    resample_duplicate_cos: float = Field(
+        default=0.9, gt=0, le=1, description="|cos| of two V_out above which they are duplicates."
+    )
+    resample_min_p_active: float = Field(
+        default=0.0, ge=0, le=1, description="Subnetworks with P_act at most this are dead."
+    )
     seed: int = 0
     device: str = "cpu"
 
@@ -163,7 +181,7 @@ class L3DConfig(BaseModel):
         try:
             return cls(**fields)
         except ValidationError as err:
-            raise L3DError(_describe(err)) from None
+            raise L3DError(describe_validation_error(err, cls)) from None
 
     def replace(self, **changes: Any) -> L3DConfig:
         return type(self).create(**{**self.model_dump(), **changes})
@@ -191,25 +209,28 @@ class L3DConfig(BaseModel):
         return cls.create(**data)
 
 
-def _describe(err: ValidationError) -> str:
+def describe_validation_error(
+    err: ValidationError,
+    root: type[BaseModel],
+    sections: Mapping[str, type[BaseModel]] | None = None,
+) -> str:
+    """Pydantic's report as one line, with close matches for misspelt keys among the fields of
+    the innermost section (by name in `sections`, else `root`) the key sits in."""
+    sections = sections or {}
     parts = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = [str(p) for p in e["loc"]]
+        where = ".".join(loc) or "config"
         if e["type"] == "extra_forbidden":
-            close = _close(str(e["loc"][-1]), list(L3DConfig.model_fields))
-            parts.append(f"unknown config key '{where}'{close}")
+            parent = next((sections[p] for p in reversed(loc[:-1]) if p in sections), root)
+            options = list(parent.model_fields)
+            close = difflib.get_close_matches(loc[-1], options, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(options)}"
+            parts.append(f"unknown config key '{where}' ({hint})")
         elif e["type"] == "missing":
             parts.append(f"missing required config key '{where}'")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"config key '{where}': {msg} (got {e.get('input')!r})")
+            got = f" (got {e['input']!r})" if e["type"] != "value_error" else ""
+            parts.append(f"config key '{where}': {msg}{got}")
     return "; ".join(parts)
-
-
-def _close(name: str, options: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, options, n=3)
-    return (
-        f" (did you mean {', '.join(close)}?)" if close else f" (valid keys: {', '.join(options)})"
-    )

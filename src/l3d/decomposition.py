@@ -1,31 +1,39 @@
 """`decompose(model, data, ...)` runs L3D; a `Decomposition` holds the learned subnetworks and
-answers the questions of Section 2.5: coefficients, impact, P_act, interventions. Saved as
-safetensors (factors) + JSON/YAML (config, metadata, history); nothing is pickled."""
+answers the questions of Section 2.5, each defined here once: coefficients, impact, P_act,
+interventions and how far they move outputs. The CLI, the analysis, the experiments and the
+report all ask through it. Saved through `l3d.io` (safetensors + JSON/YAML; nothing pickled)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.func import jvp
 
-from l3d.algorithm import Evaluation, StepResult, SubnetworkPair, Trainer, evaluate
+from l3d import io
 from l3d.config import L3DConfig
-from l3d.divergences import Divergence, ReferenceFn, resolve_divergence, resolve_reference
+from l3d.core.algorithm import Evaluation, SubnetworkPair, evaluate
+from l3d.core.divergences import (
+    Divergence,
+    DivergenceFn,
+    Reference,
+    ReferenceFn,
+    get_divergence,
+    get_reference,
+)
+from l3d.core.gradients import GradientSource, Method
+from l3d.core.model import Target, resolve_device, resolve_ranks
+from l3d.core.samples import Dataset, Inputs, SampleRows, batch_size_of, take, to_device
+from l3d.core.subnetworks import Subnetworks
+from l3d.core.trainer import StepResult, Trainer
 from l3d.errors import L3DError
-from l3d.gradients import GradientSource
-from l3d.model import Dataset, Inputs, Target, resolve_device, resolve_ranks, to_device
-from l3d.structured import StructuredPlan
-from l3d.subnetworks import Subnetworks
 
-FORMAT_VERSION = 1
 EpochCallback = Callable[[Trainer, dict], None]
 
 
@@ -35,11 +43,35 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, unit="epoch", desc="L3D", dynamic_ncols=True)
 
 
+def gradient_source(
+    target: Target,
+    config: L3DConfig,
+    divergence: Divergence,
+    reference: Reference,
+    *,
+    dataset: Dataset | None = None,
+    example: Inputs | None = None,
+    method: str | Method | None = None,
+) -> GradientSource:
+    """The one place a GradientSource is configured from an L3DConfig (method: config's default)."""
+    return GradientSource(
+        target,
+        divergence,
+        reference,
+        per_token=config.per_token,
+        method=config.gradient_method if method is None else method,
+        chunk_size=config.chunk_size,
+        sequence_chunk_size=config.sequence_chunk_size,
+        dataset=dataset,
+        example=example,
+    )
+
+
 def build(
     model: nn.Module,
     data: object,
     config: L3DConfig,
-    divergence: Divergence | None = None,
+    divergence: DivergenceFn | None = None,
     reference: ReferenceFn | None = None,
 ) -> tuple[Target, GradientSource, Trainer]:
     """Everything a run needs, validated, before any training: the pieces behind `decompose`."""
@@ -47,17 +79,10 @@ def build(
     model.to(device)
     target = Target.create(model, config.params)
     ranks = resolve_ranks(target.names, config.rank)
-    _, divergence_fn = resolve_divergence(divergence or config.divergence)
-    _, reference_fn = resolve_reference(reference or config.reference, config.divergence)
-    source = GradientSource(
-        target,
-        Dataset(data, config.batch_size, device),
-        divergence_fn,
-        reference_fn,
-        per_token=config.per_token,
-        method=config.gradient_method,
-        chunk_size=config.chunk_size,
-        sequence_chunk_size=config.sequence_chunk_size,
+    div = get_divergence(divergence or config.divergence)
+    ref = get_reference(reference or config.reference, div)
+    source = gradient_source(
+        target, config, div, ref, dataset=Dataset(data, config.batch_size, device)
     )
     generator = torch.Generator().manual_seed(config.seed)
     # Factors are drawn on the CPU so a seed gives the same initialisation on every device.
@@ -75,7 +100,7 @@ def decompose(
     n_subnetworks: int,
     rank: int | dict[str, int] = 1,
     top_k: float = 0.1,
-    divergence: str | Divergence = "mse",
+    divergence: str | DivergenceFn = "mse",
     reference: str | ReferenceFn = "random",
     epochs: int = 100,
     batch_size: int = 32,
@@ -95,18 +120,18 @@ def decompose(
     divergence: 'mse', 'kl' (KL(p_ref || p_i) on logits), 'mse_authors' (the authors' toy code's
         gradient, to match their published numbers) or a callable (output, reference) -> scalar.
     reference: 'random' (another sample's output), 'mean', 'uniform' or a callable.
-    options: any other L3DConfig field (factorization, loss, per_token, warm_start_epochs, ...).
+    options: any other L3DConfig field (factorization, loss, per_token, warm_start_epochs,
+        resample_every, ...).
     callback: called as callback(trainer, epoch_record) after every epoch.
     """
-    div_name = resolve_divergence(divergence)[0]
-    ref_name = resolve_reference(reference, div_name)[0]
+    div = get_divergence(divergence)
     config = L3DConfig.create(
         params=[params] if isinstance(params, str) else list(params),
         n_subnetworks=n_subnetworks,
         rank=rank,
         top_k=top_k,
-        divergence=div_name,
-        reference=ref_name,
+        divergence=div.name,
+        reference=get_reference(reference, div).name,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -130,7 +155,7 @@ def run(
     data: object,
     config: L3DConfig,
     *,
-    divergence: Divergence | None = None,
+    divergence: DivergenceFn | None = None,
     reference: ReferenceFn | None = None,
     progress: bool = True,
     callback: EpochCallback | None = None,
@@ -139,12 +164,9 @@ def run(
 ) -> Decomposition:
     """Run L3D from a config (the entry point for config files and resumed runs).
 
+    divergence, reference: the callables of a config that names 'custom:...' ones.
     step_callback: called with each training step's StepResult (per-step progress of long epochs).
     """
-    if config.divergence.startswith("custom:") and divergence is None:
-        raise L3DError(f"config names divergence '{config.divergence}': pass the callable")
-    if config.reference.startswith("custom:") and reference is None:
-        raise L3DError(f"config names reference '{config.reference}': pass the callable")
     was_training = model.training
     model.eval()  # batch statistics would make samples interact; BatchNorm uses running stats.
     try:
@@ -175,6 +197,15 @@ def run(
     )
 
 
+def _chunks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` rows, none with a single row (a lone input has no
+    other sample to serve as its reference), so the last remainder joins the previous chunk."""
+    bounds = [*range(0, n, max(size, 2)), n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:
+        bounds.pop(-2)
+    return [slice(a, b) for a, b in pairwise(bounds)]
+
+
 class Decomposition:
     """The learned subnetworks of one L3D run and what can be asked of them."""
 
@@ -185,7 +216,7 @@ class Decomposition:
         history: list[dict],
         evaluation: Evaluation,
         model: nn.Module,
-        divergence: Divergence | None = None,
+        divergence: DivergenceFn | None = None,
         reference: ReferenceFn | None = None,
     ) -> None:
         self.config = config
@@ -193,9 +224,10 @@ class Decomposition:
         self.history = history
         self.evaluation = evaluation
         self.model = model
-        self._divergence = divergence
-        self._reference = reference
+        self.divergence = get_divergence(divergence or config.divergence)
+        self.reference = get_reference(reference or config.reference, self.divergence)
         self.target = Target.create(model, subnetworks.v_out.names)
+        self._source: GradientSource | None = None
 
     # What was learned --------------------------------------------------------------------
     @property
@@ -244,29 +276,30 @@ class Decomposition:
             )
         return k
 
-    # Questions about samples -------------------------------------------------------------
-    def gradient_source(self, inputs: object, method: str | None = None) -> GradientSource:
-        """Per-sample gradients of `inputs` under this decomposition's divergence and reference
-        strategy: `.batch(inputs, references, generator)` gives them for one batch.
+    def weight_norm(self) -> float:
+        """Global L2 norm of the decomposed tensors at W0: the natural scale for δ."""
+        return math.sqrt(sum(float(w.pow(2).sum()) for w in self.target.w0.values()))
 
-        method: an L3DConfig.gradient_method, or None for one-off use: the structured path where
+    # Questions about samples -------------------------------------------------------------
+    def gradient_source(self, inputs: Inputs) -> GradientSource:
+        """Per-sample gradients under this decomposition's divergence and reference strategy:
+        `.batch(inputs, references, generator)` gives them for one batch of any inputs.
+
+        Built and validated once, on the first inputs asked about: the structured backend where
         a decomposed tensor supports it (ResidMLP's 1000 x 50 layers: dense per-sample gradients
         took 2.5 s per 1000 samples), else torch.func; the cached Jacobians only pay off when the
         same samples come back epoch after epoch."""
-        if method is None:
-            method = "structured" if StructuredPlan.create(self.target).sites else "vmap"
-        _, div = resolve_divergence(self._divergence or self.config.divergence)
-        _, ref = resolve_reference(self._reference or self.config.reference, self.config.divergence)
-        return GradientSource(
-            self.target,
-            Dataset(inputs, self.config.batch_size, self.device),
-            div,
-            ref,
-            per_token=self.config.per_token,
-            method=method,
-            chunk_size=self.config.chunk_size,
-            sequence_chunk_size=self.config.sequence_chunk_size,
-        )
+        if self._source is None:
+            self.model.eval()
+            self._source = gradient_source(
+                self.target,
+                self.config,
+                self.divergence,
+                self.reference,
+                example=to_device(inputs, self.device),
+                method=Method.AUTO,
+            )
+        return self._source
 
     @torch.no_grad()
     def coefficients(
@@ -275,137 +308,232 @@ class Decomposition:
         """c = V_in . grad_W D(f(x_i), y_ref) per sample, (n_samples, n_v) (eq. 3).
 
         references: reference outputs shaped like the model's outputs for `inputs` (detached), or
-        None to draw them with the configured strategy (seeded by `seed`, default config.seed).
-        With per_token, rows are the valid (sequence, position) samples in order.
+        None to draw them with the configured strategy among `inputs` (seeded by `seed`, default
+        config.seed). With per_token, rows are the valid (sequence, position) samples in order.
         """
         self.model.eval()
-        source = self.gradient_source(inputs)
+        inputs = to_device(inputs, self.device)
         generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         references = None if references is None else references.to(self.device)
-        batch = source.batch(to_device(inputs, self.device), references, generator)
+        batch = self.gradient_source(inputs).batch(inputs, references, generator)
         return batch.project(self.subnetworks.v_in)
 
     @torch.no_grad()
     def evaluate(self, data: object, seed: int = 0, top_k: float | None = None) -> Evaluation:
         """P_act and both losses on any data (e.g. held-out samples), batched as in training."""
         self.model.eval()
-        source = self.gradient_source(data, method="auto")
+        source = gradient_source(
+            self.target,
+            self.config,
+            self.divergence,
+            self.reference,
+            dataset=Dataset(data, self.config.batch_size, self.device),
+            method=Method.AUTO,
+        )
         return evaluate(self.subnetworks, source, top_k or self.config.top_k, seed)
 
     @torch.no_grad()
-    def impact(self, inputs: Inputs, n_references: int = 10, seed: int = 0) -> Tensor:
+    def impact(
+        self,
+        inputs: Inputs,
+        n_references: int = 10,
+        seed: int = 0,
+        *,
+        chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> Tensor:
         """I(x_i, v_k) = mean over n_references random references of |V_in_k . grad D| (eq. 10-11):
-        the absolute value is taken before the mean, as the paper defines it. (n_samples, n_v)."""
-        total = None
-        for j in range(n_references):
-            c = self.coefficients(inputs, seed=seed + j).abs()
-            total = c if total is None else total + c
-        return total / n_references
+        the absolute value is taken before the mean, as the paper defines it. (n_samples, n_v).
+        See `impacts` for how references are drawn."""
+        return self.impacts(
+            inputs,
+            [self.subnetworks.v_in],
+            n_references=n_references,
+            seed=seed,
+            chunk_size=chunk_size,
+            progress=progress,
+        )[0]
 
     @torch.no_grad()
-    def intervene(self, inputs: Inputs, k: int, delta: float) -> Tensor:
-        """f(x, W0 + delta * v_k): the model's outputs with subnetwork k's unit direction added (eq. 9)."""
-        direction = self.v_out(k)
-        params = {n: w + delta * direction[n] for n, w in self.target.w0.items()}
-        return self.target.forward(inputs, params)
+    def impacts(
+        self,
+        inputs: Inputs,
+        directions: Sequence[Subnetworks],
+        *,
+        n_references: int = 10,
+        seed: int = 0,
+        chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> list[Tensor]:
+        """The impact (see `impact`) of each set of directions, each (n_samples, n_v): the
+        per-sample gradients of a chunk and reference are computed once and projected on every
+        set, so a random-direction baseline costs no extra backward passes.
+
+        References follow the decomposition's strategy within each chunk of `chunk_size` inputs
+        (default: the training batch size), as during training; chunk c's reference j is drawn
+        with seed `seed + c * n_references + j`.
+        """
+        from tqdm.auto import tqdm
+
+        if n_references < 1:
+            raise L3DError(f"n_references must be >= 1; got {n_references}")
+        self.model.eval()
+        chunks = _chunks(batch_size_of(inputs), chunk_size or self.config.batch_size)
+        totals: list[list[Tensor]] = [[] for _ in directions]
+        for c, rows in enumerate(tqdm(chunks, desc="impact", unit="chunk", disable=not progress)):
+            chunk = to_device(take(inputs, rows), self.device)
+            source = self.gradient_source(chunk)
+            sums: list[Tensor | None] = [None] * len(directions)
+            for j in range(n_references):
+                generator = torch.Generator().manual_seed(seed + c * n_references + j)
+                batch = source.batch(chunk, None, generator)
+                for i, v in enumerate(directions):
+                    c_abs = batch.project(v).abs()
+                    sums[i] = c_abs if sums[i] is None else sums[i] + c_abs
+            for total, s in zip(totals, sums):
+                assert s is not None
+                total.append((s / n_references).cpu())
+        return [torch.cat(t) for t in totals]
+
+    # Interventions (Section 2.5, eq. 9) ----------------------------------------------------
+    def _direction(self, k: int, direction: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        return self.v_out(k) if direction is None else direction
+
+    @torch.no_grad()
+    def intervene(
+        self,
+        inputs: Inputs,
+        k: int,
+        delta: float,
+        *,
+        params: Iterable[str] | None = None,
+        direction: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """f(x, W0 + delta * v_k): the model's outputs with subnetwork k's unit direction added
+        (eq. 9), on the tensors `params` only (default: all decomposed). direction: V_out_k if
+        already materialised, or any other direction to move along."""
+        moved = self.target.moved(self._direction(k, direction), delta, params)
+        return self.target.forward(to_device(inputs, self.device), moved)
+
+    def _sample_inputs(self, inputs: Inputs, samples: Tensor | None) -> tuple[Inputs, Callable]:
+        """The inputs holding the given sample rows (all if None), and a map from those inputs'
+        outputs to the samples' output rows (n_samples, n_out)."""
+        n = batch_size_of(inputs)
+        rows = SampleRows.of(inputs, self.config.per_token)
+        if samples is None:
+            return inputs, lambda out: rows.rows(out).flatten(1)
+        positions = rows.positions(n)[samples]
+        needed, where = torch.unique(positions[:, 0], return_inverse=True)
+
+        def select(out: Tensor) -> Tensor:
+            if self.config.per_token:
+                return out[where.to(out.device), positions[:, 1].to(out.device)]
+            return out[where.to(out.device)].flatten(1)
+
+        return take(inputs, needed), select
+
+    @torch.no_grad()
+    def output_change(
+        self,
+        inputs: Inputs,
+        k: int,
+        deltas: Sequence[float],
+        samples: Tensor | None = None,
+        direction: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """How far moving to W0 + delta * v_k moves each sample's output, per delta and sample:
+        the divergence's intervention distance (KL(p(W0) || p(W0 + delta v_k)) for 'kl', the
+        mean squared change otherwise), 0 at delta = 0. (len(deltas), n_samples).
+
+        samples: indices of sample rows (as in `coefficients`) to measure, default all; only the
+        inputs holding them are run. direction: V_out_k if already materialised."""
+        sub, select = self._sample_inputs(inputs, samples)
+        direction = self._direction(k, direction)
+        base = select(self.intervene(sub, k, 0.0, direction=direction))
+        changes = [
+            self.divergence.distance(select(self.intervene(sub, k, d, direction=direction)), base)
+            for d in deltas
+        ]
+        return torch.stack(changes).cpu()
+
+    def output_derivative(
+        self,
+        inputs: Inputs,
+        k: int,
+        samples: Tensor | None = None,
+        direction: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """d read(f(x_i, W0 + delta v_k)) / d delta at delta = 0, the outputs as the divergence
+        reads them (softmax for 'kl', raw otherwise), by a forward-mode JVP along V_out_k:
+        (n_samples, n_out) for the given sample rows (default all)."""
+        sub, select = self._sample_inputs(inputs, samples)
+        sub = to_device(sub, self.device)
+        tangent = self._direction(k, direction)
+
+        def outputs(params: dict[str, Tensor]) -> Tensor:
+            return self.divergence.read(self.target.forward(sub, params))
+
+        with torch.no_grad():
+            _, d_out = jvp(outputs, (self.target.w0,), ({n: tangent[n] for n in self.names},))
+        return select(d_out).cpu()
+
+    @contextmanager
+    def perturbed(self, k: int, delta: float) -> Iterator[nn.Module]:
+        """The model's weights set to W0 + delta * v_k (eq. 9) inside the block, restored after,
+        so any method of the model (generate, predict, ...) runs on the intervened network."""
+        params = dict(self.model.named_parameters())
+        moved = self.target.moved(self.v_out(k), delta)
+        try:
+            with torch.no_grad():
+                for name in self.names:
+                    params[name].copy_(moved[name])
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for name, w0 in self.target.w0.items():
+                    params[name].copy_(w0)
 
     # Persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write config.yaml, decomposition.json and subnetworks.safetensors to `directory`, each
-        atomically (written to a temporary file, then renamed)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            k: v.detach().cpu().contiguous() for k, v in self.subnetworks.state_dict().items()
+        atomically (l3d.io)."""
+        evaluation = {
+            "loss_paper": self.evaluation.loss_paper,
+            "loss_pooled_squared": self.evaluation.loss_pooled_squared,
+            "n_samples": self.evaluation.n_samples,
+            "dead_subnetworks": self.dead_subnetworks,
         }
-        tensors["p_active"] = self.p_active.cpu().contiguous()
-        _atomic(directory / "subnetworks.safetensors", lambda p: save_file(tensors, str(p)))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "names": self.names,
-            "shapes": {n: list(s) for n, s in self.shapes.items()},
-            "ranks": self.ranks,
-            "evaluation": {
-                "loss_paper": self.evaluation.loss_paper,
-                "loss_pooled_squared": self.evaluation.loss_pooled_squared,
-                "n_samples": self.evaluation.n_samples,
-                "dead_subnetworks": self.dead_subnetworks,
-            },
-            "history": self.history,
-        }
-        _atomic(
-            directory / "decomposition.json", lambda p: p.write_text(json.dumps(meta, indent=1))
+        return io.save_decomposition(
+            directory, self.config, self.subnetworks, self.p_active, evaluation, self.history
         )
-        _atomic(directory / "config.yaml", lambda p: p.write_text(self.config.to_yaml()))
-        return directory
 
 
 def load(
     directory: str | Path,
     model: nn.Module,
     *,
-    divergence: Divergence | None = None,
+    divergence: DivergenceFn | None = None,
     reference: ReferenceFn | None = None,
 ) -> Decomposition:
     """Load a saved decomposition against `model`, refusing a model whose decomposed tensors have
     different names or shapes."""
-    directory = Path(directory)
-    files = [
-        directory / f for f in ("config.yaml", "decomposition.json", "subnetworks.safetensors")
-    ]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise L3DError(f"{directory} is not a saved decomposition: missing {', '.join(missing)}")
-    config = L3DConfig.from_yaml(files[0])
-    meta = json.loads(files[1].read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise L3DError(f"{directory} has format version {meta.get('format_version')}, expected 1")
+    saved = io.read_decomposition(directory)
     params = dict(model.named_parameters())
     problems = []
-    for name, shape in meta["shapes"].items():
+    for name, shape in saved.shapes.items():
         if name not in params:
             problems.append(f"'{name}' is not a parameter of this model")
-        elif tuple(params[name].shape) != tuple(shape):
-            problems.append(f"'{name}' has shape {tuple(params[name].shape)}, saved {tuple(shape)}")
+        elif tuple(params[name].shape) != shape:
+            problems.append(f"'{name}' has shape {tuple(params[name].shape)}, saved {shape}")
     if problems:
         raise L3DError(
             f"the decomposition in {directory} does not fit this model: " + "; ".join(problems)
         )
-    shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
-    pair = SubnetworkPair(
-        Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
-        Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
+    pair = saved.subnetworks.to(next(model.parameters()).device)
+    ev = saved.meta["evaluation"]
+    evaluation = Evaluation(
+        saved.p_active, ev["loss_paper"], ev["loss_pooled_squared"], ev["n_samples"]
     )
-    tensors = load_tensors(files[2], "subnetwork factors")
-    p_act = tensors.pop("p_active")
-    pair.load_state_dict(tensors)
-    pair.to(next(model.parameters()).device)
-    ev = meta["evaluation"]
-    evaluation = Evaluation(p_act, ev["loss_paper"], ev["loss_pooled_squared"], ev["n_samples"])
-    return Decomposition(config, pair, meta["history"], evaluation, model, divergence, reference)
-
-
-def load_tensors(path: str | Path, what: str) -> dict[str, Tensor]:
-    """The tensors of a safetensors file, or an L3DError naming the file when it is missing or
-    not a valid safetensors file (truncated by a crash, or another format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise L3DError(f"{what} {path} does not exist")
-    try:
-        return load_file(str(path))
-    except SafetensorError as err:
-        raise L3DError(
-            f"{what} {path} is not a readable safetensors file ({err}): it may be truncated or "
-            "corrupted; restore it, or re-create it"
-        ) from None
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return Decomposition(
+        saved.config, pair, saved.meta["history"], evaluation, model, divergence, reference
+    )

@@ -220,7 +220,7 @@ class LMPreset:
 
 PRESETS: dict[str, LMPreset] = {
     # The paper's language-model run as the authors' code ran it
-    # (reference/authors-code-vs-paper.md): block h.4 (the text says 7; appendix and code say 4),
+    # (docs/authors-code.md): block h.4 (the text says 7; appendix and code say 4),
     # attention q/k/v/out weights and out bias at rank 25 each, 262,400 parameters.
     "tinystories-8m": LMPreset(
         model="roneneldan/TinyStories-8M",

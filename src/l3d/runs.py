@@ -21,10 +21,8 @@ import difflib
 import importlib
 import importlib.util
 import json
-import os
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,11 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from l3d.algorithm import StepResult, Trainer
-from l3d.config import L3DConfig
-from l3d.decomposition import Decomposition, load, load_tensors, run
-from l3d.divergences import DIVERGENCES, Divergence, ReferenceFn
+from l3d.config import L3DConfig, describe_validation_error
+from l3d.core.divergences import DivergenceFn, ReferenceFn, is_custom
+from l3d.core.trainer import StepResult, Trainer
+from l3d.decomposition import Decomposition, load, run
 from l3d.errors import L3DError
+from l3d.io import atomic_write, load_tensors
 
 CHECKPOINT_VERSION = 1
 
@@ -113,15 +112,6 @@ class DataSource(_Frozen):
         return self
 
 
-class Resampling(_Frozen):
-    """Re-initialise dead and duplicate subnetworks during training (l3d.resampling.Resampler)."""
-
-    every: int = Field(ge=1, description="Epochs between resamplings.")
-    until: int = Field(ge=1, description="No resampling from this epoch on.")
-    duplicate_cos: float = Field(default=0.9, gt=0, le=1)
-    min_p_active: float = Field(default=0.0, ge=0, le=1)
-
-
 class RunOptions(_Frozen):
     checkpoint_seconds: float = Field(
         default=60,
@@ -134,10 +124,6 @@ class RunOptions(_Frozen):
         default="none", description="Also log metrics to Weights & Biases or TensorBoard."
     )
     project: str = Field(default="l3d", description="wandb project name.")
-    resample: Resampling | None = Field(
-        default=None,
-        description="Resample dead/duplicate subnetworks, e.g. {every: 20, until: 100}.",
-    )
 
 
 class RunSpec(_Frozen):
@@ -158,7 +144,7 @@ class RunSpec(_Frozen):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise L3DError(_describe(err)) from None
+            raise L3DError(describe_validation_error(err, cls, _SECTIONS)) from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -177,29 +163,6 @@ def _exactly_one(source: BaseModel, keys: tuple[str, ...], section: str) -> None
     if len(given) != 1:
         found = f"got {', '.join(given)}" if given else "got none"
         raise ValueError(f"'{section}' needs exactly one of {', '.join(keys)} ({found})")
-
-
-def _describe(err: ValidationError) -> str:
-    """Pydantic's report as one line, with close matches for misspelt keys."""
-    parts = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        where = ".".join(loc) or "config"
-        if e["type"] == "extra_forbidden":
-            # The innermost section the key sits in, for close matches among its fields.
-            sections = {**_SECTIONS, "resample": Resampling}
-            parent = next((sections[p] for p in reversed(loc[:-1]) if p in sections), RunSpec)
-            options = list(parent.model_fields)
-            close = difflib.get_close_matches(loc[-1], options, n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(options)}"
-            parts.append(f"unknown config key '{where}' ({hint})")
-        elif e["type"] == "missing":
-            parts.append(f"missing required config key '{where}'")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = f" (got {e['input']!r})" if e["type"] != "value_error" else ""
-            parts.append(f"config key '{where}': {msg}{got}")
-    return "; ".join(parts)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -422,12 +385,12 @@ def build_labels(source: DataSource) -> Any:
     return import_object(source.labels, "labels")()
 
 
-def resolve_custom(config: L3DConfig) -> tuple[Divergence | None, ReferenceFn | None]:
+def resolve_custom(config: L3DConfig) -> tuple[DivergenceFn | None, ReferenceFn | None]:
     """'custom:module:function' divergences and references, imported from the config."""
     out = []
     for name in (config.divergence, config.reference):
-        if name.startswith("custom:"):
-            out.append(import_object(name.removeprefix("custom:"), "custom function"))
+        if is_custom(name):
+            out.append(import_object(name.split(":", 1)[1], "custom function"))
         else:
             out.append(None)
     return out[0], out[1]
@@ -437,7 +400,7 @@ def as_inputs(data: Any) -> Any:
     """The run's data as one tensor or dict of tensors (batches concatenated), for analysis."""
     if isinstance(data, (Tensor, dict)):
         return data
-    from l3d.model import _as_inputs
+    from l3d.core.samples import _as_inputs
 
     batches = [_as_inputs(b) for b in data]
     if isinstance(batches[0], Tensor):
@@ -510,22 +473,6 @@ class RunDir:
                 if i < len(lines) - 1:
                     raise L3DError(f"{self.metrics} line {i + 1} is not JSON") from None
         return records
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename over `path`: a
-    reader (or a resumed run after a kill) sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; run folders are meant to be shared
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # Checkpoints: Trainer.state_dict() flattened into tensors + JSON ------------------------------
@@ -673,7 +620,7 @@ class _StepBar:
     for runs whose epochs are long (a language model: hundreds of steps per epoch)."""
 
     def __init__(self, config: L3DConfig, data: Any, enabled: bool) -> None:
-        from l3d.model import Dataset
+        from l3d.core.samples import Dataset
 
         self.loss, self.bar, self.shown = config.loss, None, 0.0
         if enabled:
@@ -772,21 +719,9 @@ def _execute(
     _truncate_metrics(run_dir, done)
     snapshot: list[tuple[dict, dict]] = []  # the state after the last whole epoch
     start = last_save = time.time()
-    resampler = None
-    if spec.run.resample is not None:
-        from l3d.resampling import Resampler
-
-        r = spec.run.resample
-        resampler = Resampler(r.every, r.until, r.duplicate_cos, r.min_p_active, seed=spec.l3d.seed)
 
     def on_epoch(trainer: Trainer, record: dict) -> None:
         nonlocal last_save
-        if resampler is not None:
-            # Seeded by the epoch and reads only the trainer's state, so resuming replays it.
-            before = len(resampler.log)
-            resampler(trainer, record)
-            if len(resampler.log) > before:
-                record = {**record, "resampled": resampler.log[-1]["subnetworks"]}
         snapshot[:] = [flatten_state(trainer.state_dict())]
         line = {**record, "time": time.time(), "elapsed": time.time() - start}
         with run_dir.metrics.open("a") as f:
@@ -854,25 +789,3 @@ def open_run(path: str | Path) -> LoadedRun:
     divergence, reference = resolve_custom(spec.l3d)
     decomposition = load(run_dir.decomposition, model, divergence=divergence, reference=reference)
     return LoadedRun(run_dir, spec, model, build_data(spec.data, spec.model), decomposition)
-
-
-def output_change(run: LoadedRun, inputs: Any, k: int, deltas: list[float]) -> Tensor:
-    """D(f(x_i, W0 + delta v_k), f(x_i, W0)) per delta and sample, (n_deltas, n_samples): how far
-    each sample's output moves when subnetwork k is intervened on (Section 2.5, eq. 9). Uses the
-    run's divergence (MSE or KL), so the numbers read on the scale of the decomposition's loss."""
-    from l3d.model import token_mask
-
-    config = run.decomposition.config
-    divergence = DIVERGENCES.get(config.divergence, DIVERGENCES["mse"])
-    base = run.decomposition.intervene(inputs, k, 0.0)
-    rows = []
-    for delta in deltas:
-        moved = run.decomposition.intervene(inputs, k, delta)
-        if config.per_token:
-            mask = token_mask(inputs)
-            a = moved[mask] if mask is not None else moved.flatten(0, 1)
-            b = base[mask] if mask is not None else base.flatten(0, 1)
-        else:
-            a, b = moved.flatten(1), base.flatten(1)
-        rows.append(torch.vmap(divergence)(a, b).cpu())
-    return torch.stack(rows)

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
+from l3d.core.model import select_parameters
 from l3d.errors import L3DError, lookup
-from l3d.model import select_parameters
 
 # torchvision's ImageNet normalisation, used by its pretrained classifiers.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -114,7 +114,7 @@ class VisionPreset:
 
 
 PRESETS: dict[str, VisionPreset] = {
-    # The paper's vision run as the authors' code ran it (reference/authors-code-vs-paper.md):
+    # The paper's vision run as the authors' code ran it (docs/authors-code.md):
     # all 13 tensors of features.7 (about 22k parameters), eval-mode BatchNorm, KL over classes.
     "mobilenet-v3-small": VisionPreset(
         model="torchvision mobilenet_v3_small, ImageNet weights",

@@ -8,8 +8,8 @@ from pathlib import Path
 from torch import nn
 
 from l3d.config import L3DConfig
+from l3d.core.samples import Inputs
 from l3d.decomposition import Decomposition, run
-from l3d.model import Inputs
 
 ANALYSIS_SUMMARY = (
     "loss_paper",

@@ -14,12 +14,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from l3d.algorithm import batch_top_k, evaluate
+from l3d.core.algorithm import batch_top_k
+from l3d.core.model import Target
 from l3d.decomposition import Decomposition
-from l3d.divergences import resolve_divergence, resolve_reference
 from l3d.errors import L3DError
-from l3d.gradients import GradientSource
-from l3d.model import Dataset, Target
 
 DELTAS = (0.25, 0.5, 1.0, 2.0)
 """Intervention sizes |delta| (subnetworks are unit vectors in parameter space)."""
@@ -30,19 +28,7 @@ DELTAS = (0.25, 0.5, 1.0, 2.0)
 
 def heldout_losses(decomposition: Decomposition, inputs: Tensor, seed: int) -> dict:
     """Both loss forms and P_act on held-out inputs (fresh random references, training batch size)."""
-    config = decomposition.config
-    _, divergence = resolve_divergence(config.divergence)
-    _, reference = resolve_reference(config.reference, config.divergence)
-    source = GradientSource(
-        decomposition.target,
-        Dataset(inputs, config.batch_size),
-        divergence,
-        reference,
-        per_token=False,
-        method="auto",
-        chunk_size=config.chunk_size,
-    )
-    ev = evaluate(decomposition.subnetworks, source, config.top_k, seed)
+    ev = decomposition.evaluate(inputs, seed=seed)
     return {
         "loss_pooled_squared": ev.loss_pooled_squared,
         "loss_paper": ev.loss_paper,
@@ -210,8 +196,7 @@ def _deltas_along(
     delta: float,
     params: list[str] | None = None,
 ) -> Tensor:
-    names = params if params is not None else list(direction)
-    moved = {n: w + delta * direction[n] if n in names else w for n, w in target.w0.items()}
+    moved = target.moved(direction, delta, params)
     return (target.forward(inputs, moved) - target.forward(inputs)).abs().flatten(1)
 
 

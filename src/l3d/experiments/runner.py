@@ -12,19 +12,17 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from l3d.algorithm import single_thread_if
 from l3d.config import L3DConfig
+from l3d.core.trainer import single_thread_if
 from l3d.decomposition import Decomposition, run
 from l3d.errors import L3DError
 from l3d.experiments import metrics as M
 from l3d.experiments.figures import experiment_figures, seed_figures
 from l3d.experiments.registry import N_DECOMPOSE, ExperimentSpec, Toy, get_spec, train_toy_model
-from l3d.resampling import Resampler
 from l3d.runs import apply_overrides
 from l3d.toys import TMS, feature_parameter_mask
 
 Settings = Literal["paper", "improved"]
-RESAMPLE_KEYS = ("resample_every", "resample_until")
 OUTPUT_SELECTIVITY_SUMMARY = (("active", "0.25"), ("active", "1.0"), ("all", "1.0"))
 """(samples, delta) of the output-wise selectivity in the summary: small and large interventions on
 the unit's samples, and the large one on all samples."""
@@ -77,8 +75,7 @@ def with_overrides(spec: ExperimentSpec, settings: Settings, overrides: dict) ->
     """The spec with `overrides` replacing fields of its `settings` profile; unknown or invalid
     fields fail here, before any training, with the config's close-match message."""
     fields = {**settings_for(spec, settings, quick=False), **overrides}
-    l3d_fields = {k: v for k, v in fields.items() if k not in RESAMPLE_KEYS}
-    L3DConfig.create(params=["override-check"], **l3d_fields)
+    L3DConfig.create(params=["override-check"], **fields)
     return dataclasses.replace(spec, **{settings: fields})
 
 
@@ -87,14 +84,15 @@ def decompose_toy(
 ) -> tuple[Decomposition, list[dict]]:
     """L3D on all of the toy's parameters (Appendix B.4: biases included); also returns the log of
     re-initialised subnetworks."""
-    l3d_fields = {k: v for k, v in fields.items() if k not in RESAMPLE_KEYS}
     params = [n for n, _ in toy.model.named_parameters()]
-    config = L3DConfig.create(params=params, seed=seed, **l3d_fields)
-    callback = None
-    if "resample_every" in fields:
-        callback = Resampler(fields["resample_every"], fields["resample_until"], seed=seed)
-    decomposition = run(toy.model, inputs, config, progress=False, callback=callback)
-    return decomposition, callback.log if callback else []
+    config = L3DConfig.create(params=params, seed=seed, **fields)
+    decomposition = run(toy.model, inputs, config, progress=False)
+    resampled = [
+        {"epoch": r["epoch"] + 1, "subnetworks": r["resampled"]}
+        for r in decomposition.history
+        if "resampled" in r
+    ]
+    return decomposition, resampled
 
 
 SINGLE_THREAD_PARAMS = 20_000

@@ -14,15 +14,13 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from l3d.algorithm import SubnetworkPair
+from l3d import io
 from l3d.config import L3DConfig
-from l3d.decomposition import load_tensors
+from l3d.core.subnetworks import Subnetworks
 from l3d.errors import L3DError
 from l3d.report import plots
 from l3d.runs import RunDir
-from l3d.subnetworks import Subnetworks, _TensorFactors
 
 # Samples counted as "most affected" when an intervention's selectivity is summarised.
 N_TOP_INTERVENTION = 10
@@ -87,40 +85,15 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-@torch.no_grad()
-def direction(factors: _TensorFactors, k: int) -> Tensor:
-    """Subnetwork k's dense tensor from one tensor's factors, (*param_shape), without forming the
-    other subnetworks (an embedding matrix times n_v would not fit in memory)."""
-    modes = "abcdefgh"[: len(factors.work_shape)]
-    if factors.core is None:
-        subs = ",".join(f"r{a}" for a in modes)
-        dense = torch.einsum(f"{subs}->{modes}", *[f[k] for f in factors.modes])
-    else:
-        ranks = "ABCDEFGH"[: len(modes)]
-        subs = ranks + "," + ",".join(f"{r}{a}" for r, a in zip(ranks, modes))
-        dense = torch.einsum(f"{subs}->{modes}", factors.core[k], *[f[k] for f in factors.modes])
-    return dense.reshape(factors.shape)
-
-
 def _load_v_out(run_dir: RunDir) -> tuple[L3DConfig, dict, Subnetworks, np.ndarray]:
     """The saved V_out factors and P_act, read without building the model."""
-    folder = run_dir.decomposition
     if not run_dir.finished:
         raise L3DError(
             f"'{run_dir.path}' has no finished decomposition: run or resume "
             f"`l3d decompose --resume {run_dir.path}` first"
         )
-    config = L3DConfig.from_yaml(folder / "config.yaml")
-    meta = json.loads((folder / "decomposition.json").read_text())
-    shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
-    pair = SubnetworkPair(
-        Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
-        Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
-    )
-    tensors = load_tensors(folder / "subnetworks.safetensors", "subnetwork factors")
-    p_active = tensors.pop("p_active").numpy()
-    pair.load_state_dict(tensors)
-    return config, meta, pair.v_out, p_active
+    saved = io.read_decomposition(run_dir.decomposition)
+    return saved.config, saved.meta, saved.subnetworks.v_out, saved.p_active.numpy()
 
 
 class _Assets:
@@ -152,7 +125,8 @@ def _img(src: str, alt: str, size: tuple[int, int] | None = None) -> str:
 
 
 def _heatmaps(v_out: Subnetworks, k: int, assets: _Assets) -> str:
-    dense = {n: direction(t, k).numpy() for n, t in zip(v_out.names, v_out.tensors)}
+    with torch.no_grad():
+        dense = {n: d.numpy() for n, d in v_out.direction(k).items()}
     scale = max(float(np.abs(d).max()) for d in dense.values())
     shares = {n: float((d**2).sum()) for n, d in dense.items()}
     total = sum(shares.values()) or 1.0
@@ -365,5 +339,5 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 <script>{_SCRIPT}</script>
 </body></html>
 """
-    (out / "index.html").write_text(page, encoding="utf-8")
+    io.write_text(out / "index.html", page)
     return out / "index.html"

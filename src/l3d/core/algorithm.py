@@ -1,4 +1,5 @@
-"""Algorithm 1 of the paper: learn V_in, V_out so that a batch top-k of c = V_in g reconstructs g.
+"""Algorithm 1 of the paper, the mathematics of one step: batch top-k, the reconstruction error
+through the Gram identity, both losses, and evaluation. The trainer (trainer.py) runs the steps.
 
 One training step (Section 2.4):
   c = V_in g                         coefficients, (n_s, n_v)
@@ -11,17 +12,13 @@ One training step (Section 2.4):
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from l3d.config import L3DConfig
-from l3d.gradients import ChunkedGradients, DenseGradients, GradientBatch, GradientSource
-from l3d.subnetworks import Subnetworks
+from l3d.core.gradients import ChunkedGradients, DenseGradients, GradientBatch, GradientSource
+from l3d.core.subnetworks import Subnetworks
 
 
 def n_kept(top_k: float, n_coefficients: int) -> int:
@@ -44,7 +41,7 @@ def batch_top_k(coeffs: Tensor, top_k: float) -> Tensor:
 def reconstruction_sq_errors(
     c: Tensor, d: Tensor, g_sq: Tensor, gram: Tensor, mask: Tensor
 ) -> Tensor:
-    """||g_i - sum_{k in top-k(i)} c_ik V_out_k||^2 per sample, (n_s,), via design/math.md section 4."""
+    """||g_i - sum_{k in top-k(i)} c_ik V_out_k||^2 per sample, (n_s,), via docs/math.md section 4."""
     c_kept = c * mask
     cross = (c_kept * d).sum(1)
     quad = ((c_kept @ gram) * c_kept).sum(1)  # c^T G c per sample
@@ -57,6 +54,17 @@ class Losses:
     """mean over samples of ||g_i - g^_i|| / ||g_i|| (eq. 8 per sample); zero-gradient samples skipped."""
     pooled_squared: Tensor
     """sum_i ||g_i - g^_i||^2 / sum_i ||g_i||^2: the authors' code, behind every published number."""
+
+    def __add__(self, other: Losses) -> Losses:
+        """Chunk shares of one batch add up to the batch's losses (see `losses`)."""
+        return Losses(self.paper + other.paper, self.pooled_squared + other.pooled_squared)
+
+    def detach(self) -> Losses:
+        return Losses(self.paper.detach(), self.pooled_squared.detach())
+
+    def get(self, name: str) -> Tensor:
+        """The loss named as in L3DConfig.loss."""
+        return self.paper if name == "paper" else self.pooled_squared
 
 
 def _live(g_sq: Tensor, g_sq_max: Tensor) -> Tensor:
@@ -76,6 +84,32 @@ def losses(sq_errors: Tensor, g_sq: Tensor, batch_g_sq: Tensor | None = None) ->
     n_live = live.sum() if batch_g_sq is g_sq else _live(batch_g_sq, g_sq_max).sum()
     paper = torch.where(live, ratio, 0.0).sum() / n_live.clamp_min(1)
     return Losses(paper=paper, pooled_squared=pooled)
+
+
+@dataclass
+class LossSums:
+    """Both losses pooled over many batches (not averaged over batches): evaluation's form."""
+
+    sq_errors: float = 0.0
+    g_sq: float = 0.0
+    ratios: float = 0.0
+    n_live: int = 0
+
+    def add(self, sq_errors: Tensor, g_sq: Tensor) -> None:
+        """One batch's ||g_i - g^_i||^2 and ||g_i||^2 (liveness judged within the batch)."""
+        live = _live(g_sq, g_sq.max())
+        self.sq_errors += sq_errors.sum().item()
+        self.g_sq += g_sq.sum().item()
+        self.ratios += (sq_errors[live] / g_sq[live]).sqrt().sum().item()
+        self.n_live += int(live.sum())
+
+    @property
+    def paper(self) -> float:
+        return self.ratios / max(self.n_live, 1)
+
+    @property
+    def pooled_squared(self) -> float:
+        return self.sq_errors / max(self.g_sq, 1e-30)
 
 
 class SubnetworkPair(nn.Module):
@@ -101,39 +135,6 @@ class SubnetworkPair(nn.Module):
         v_in = Subnetworks(shapes, n_subnetworks, ranks, factorization, generator)
         v_in.copy_(v_out)
         return cls(v_in, v_out)
-
-
-@contextmanager
-def single_thread_if(enabled: bool) -> Iterator[None]:
-    """Run the block with one intra-op CPU thread, restoring the caller's setting after."""
-    if not enabled:
-        yield
-        return
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n_threads)
-
-
-@contextmanager
-def matmul_precision(precision: str) -> Iterator[None]:
-    """Run the block at torch's float32 matmul `precision`, restoring the caller's after."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-@dataclass(frozen=True)
-class StepResult:
-    losses: Losses
-    active: Tensor
-    """(n_v,) number of samples in which each subnetwork was in the top-k."""
-    n_samples: int
 
 
 # With dense gradients, a step materialises the directions when n_v x n_w is at most this, or
@@ -188,7 +189,7 @@ def chunked_step(
     mask_all = batch_top_k(c_all, top_k)
     gram = v_out.gram()
     gram_leaf = gram.detach().requires_grad_()
-    totals = {"paper": 0.0, "pooled_squared": 0.0}
+    total: Losses | None = None
     start = 0
     for part in batch.parts:
         chunk = part()
@@ -199,112 +200,11 @@ def chunked_step(
         share = losses(
             reconstruction_sq_errors(c, d, g_sq, gram_leaf, mask_all[rows]), g_sq, g_sq_all
         )
-        getattr(share, loss_name).backward()
-        for name in totals:
-            totals[name] = totals[name] + getattr(share, name).detach()
+        share.get(loss_name).backward()
+        total = share.detach() if total is None else total + share.detach()
     gram.backward(gram_leaf.grad)
-    return Losses(**totals), mask_all
-
-
-class Trainer:
-    """Runs Algorithm 1. State (subnetworks, optimiser, schedule, RNG, epoch) is all in
-    `state_dict()`, so a run can be checkpointed and resumed to the same result."""
-
-    def __init__(self, config: L3DConfig, source: GradientSource, pair: SubnetworkPair) -> None:
-        self.config, self.source, self.pair = config, source, pair
-        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        wd = config.weight_decay if config.optimizer == "adamw" else 0.0
-        # The fused kernel updates every factor in one call: on toy problems the per-tensor
-        # optimiser loop otherwise costs about as much as the rest of the step.
-        self.optimizer = opt_cls(pair.parameters(), lr=config.lr, weight_decay=wd, fused=True)
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
-        self.epoch = 0
-        self.step = 0
-        self.history: list[dict] = []
-
-    def lr_at(self, step: int, epoch: int) -> float:
-        c = self.config
-        n = (step if c.lr_decay_unit == "step" else epoch) // c.lr_decay_every
-        return c.lr * c.lr_decay**n
-
-    def top_k_at(self, epoch: int) -> float:
-        c = self.config
-        return c.warm_start_top_k if epoch < c.warm_start_epochs else c.top_k
-
-    def train_step(self, batch: GradientBatch) -> StepResult:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step, self.epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with matmul_precision(self.config.matmul_precision):
-            if isinstance(batch, ChunkedGradients):
-                result, mask = chunked_step(
-                    self.pair, batch, self.top_k_at(self.epoch), self.config.loss
-                )
-            else:
-                result, mask = step_losses(self.pair, batch, self.top_k_at(self.epoch))
-                getattr(result, self.config.loss).backward()
-        self.optimizer.step()
-        self.pair.v_out.normalize_()
-        self.step += 1
-        return StepResult(
-            losses=Losses(result.paper.detach(), result.pooled_squared.detach()),
-            active=mask.sum(0).cpu(),
-            n_samples=batch.n_samples,
-        )
-
-    def _tiny(self) -> bool:
-        """Small enough that every op is a few microseconds: extra CPU threads only add
-        synchronisation, and on a shared machine they stall the step by orders of magnitude."""
-        v = self.pair.v_out
-        return self.config.device == "cpu" and v.n_subnetworks * v.n_weights <= DENSE_DIRECTIONS_MAX
-
-    def run_epoch(self, on_step: Callable[[StepResult], None] | None = None) -> dict:
-        start = time.perf_counter()
-        totals = {"paper": 0.0, "pooled_squared": 0.0}
-        active = torch.zeros(self.config.n_subnetworks)
-        n_batches = n_samples = 0
-        lr = self.lr_at(self.step, self.epoch)
-        # The precision also covers the model's forward and backward that produce the gradients.
-        with single_thread_if(self._tiny()), matmul_precision(self.config.matmul_precision):
-            for batch in self.source.epoch(self.generator):
-                r = self.train_step(batch)
-                totals["paper"] += r.losses.paper.item()
-                totals["pooled_squared"] += r.losses.pooled_squared.item()
-                active += r.active
-                n_batches += 1
-                n_samples += r.n_samples
-                if on_step is not None:
-                    on_step(r)
-        record = {
-            "epoch": self.epoch,
-            "step": self.step,
-            "loss_paper": totals["paper"] / max(n_batches, 1),
-            "loss_pooled_squared": totals["pooled_squared"] / max(n_batches, 1),
-            "lr": lr,
-            "top_k": self.top_k_at(self.epoch),
-            "live_subnetworks": int((active > 0).sum()),
-            "seconds": time.perf_counter() - start,
-        }
-        self.history.append(record)
-        self.epoch += 1
-        return record
-
-    def state_dict(self) -> dict:
-        return {
-            "pair": self.pair.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "history": list(self.history),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pair.load_state_dict(state["pair"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.epoch, self.step = state["epoch"], state["step"]
-        self.history = list(state["history"])
+    assert total is not None
+    return total, mask_all
 
 
 @dataclass(frozen=True)
@@ -325,22 +225,17 @@ def evaluate(pair: SubnetworkPair, source: GradientSource, top_k: float, seed: i
     generator = torch.Generator().manual_seed(seed)
     counts = torch.zeros(pair.v_in.n_subnetworks)
     gram = pair.v_out.gram()
-    sq_err = g_sq_total = ratio_sum = 0.0
-    n = n_live = 0
+    sums = LossSums()
+    n = 0
     for batch in source.epoch(generator, shuffle=True):
         c, d, g_sq = batch.project(pair.v_in), batch.project(pair.v_out), batch.sq_norms()
         mask = batch_top_k(c, top_k)
-        e = reconstruction_sq_errors(c, d, g_sq, gram, mask)
+        sums.add(reconstruction_sq_errors(c, d, g_sq, gram, mask), g_sq)
         counts += mask.sum(0).cpu()
         n += batch.n_samples
-        sq_err += e.sum().item()
-        g_sq_total += g_sq.sum().item()
-        live = g_sq > torch.finfo(g_sq.dtype).eps * g_sq.max()
-        ratio_sum += (e[live] / g_sq[live]).sqrt().sum().item()
-        n_live += int(live.sum())
     return Evaluation(
         p_active=counts / max(n, 1),
-        loss_paper=ratio_sum / max(n_live, 1),
-        loss_pooled_squared=sq_err / max(g_sq_total, 1e-30),
+        loss_paper=sums.paper,
+        loss_pooled_squared=sums.pooled_squared,
         n_samples=n,
     )

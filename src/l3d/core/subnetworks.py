@@ -2,7 +2,7 @@
 
 A `Subnetworks` module holds n_v directions in the space of the selected parameter tensors. It never
 needs the dense (n_v x n_w) matrix: inner products with per-sample gradients, the Gram matrix and the
-norms are all contracted from the factors (design/math.md sections 2 and 4). Every operation is
+norms are all contracted from the factors (docs/math.md sections 2 and 4). Every operation is
 vectorised over subnetworks; the only Python loop is over the (few) decomposed tensors.
 """
 
@@ -18,9 +18,9 @@ Factorization = Literal["cp", "tucker"]
 
 # Axis letters for einsum strings: s = sample, k / l = subnetwork, r / q = CP rank,
 # a..h = tensor modes, and per-mode Tucker ranks from the upper-case alphabet.
-_MODES = "abcdefgh"
-_TUCKER_K = "ABCDEFGH"
-_TUCKER_L = "IJKLMNOP"
+MODES = "abcdefgh"
+TUCKER_K = "ABCDEFGH"
+TUCKER_L = "IJKLMNOP"
 
 
 def max_rank(shape: tuple[int, ...], factorization: Factorization) -> int:
@@ -39,7 +39,7 @@ class _ModeGram(torch.autograd.Function):
 
     P = F F^T with F = f viewed as (n_v R, d) is symmetric, so its backward is one product,
     dF = (dP + dP^T) F, where autograd through the einsum would form one per operand (the mode
-    Grams of V_out carry most of a structured step's FLOPs: design/math.md section 4).
+    Grams of V_out carry most of a structured step's FLOPs: docs/math.md section 4).
     """
 
     @staticmethod
@@ -71,7 +71,7 @@ class _ModeGram(torch.autograd.Function):
         return ((grad + grad.T) @ f.reshape(n, -1)).view_as(f)
 
 
-class _TensorFactors(nn.Module):
+class TensorFactors(nn.Module):
     """The factors of all n_v subnetworks for one parameter tensor."""
 
     def __init__(
@@ -87,8 +87,8 @@ class _TensorFactors(nn.Module):
         self.shape = tuple(shape)
         # A 0-d parameter is handled as a 1-element vector.
         self.work_shape = self.shape or (1,)
-        if len(self.work_shape) > len(_MODES):
-            raise ValueError(f"tensors with more than {len(_MODES)} dims are not supported")
+        if len(self.work_shape) > len(MODES):
+            raise ValueError(f"tensors with more than {len(MODES)} dims are not supported")
         self.factorization = factorization
         self.rank = min(rank, max_rank(self.work_shape, factorization))
         n_v, m = n_subnetworks, len(self.work_shape)
@@ -119,9 +119,9 @@ class _TensorFactors(nn.Module):
         """Subscripts and tensors that, contracted, give V (subnetwork axis k, mode axes a, b, ...)."""
         if self.core is None:
             r = rank_letters[0]
-            return [f"{k}{r}{_MODES[j]}" for j in range(self._m)], list(self.modes)
+            return [f"{k}{r}{MODES[j]}" for j in range(self._m)], list(self.modes)
         subs = [k + rank_letters[: self._m]]
-        subs += [f"{k}{rank_letters[j]}{_MODES[j]}" for j in range(self._m)]
+        subs += [f"{k}{rank_letters[j]}{MODES[j]}" for j in range(self._m)]
         return subs, [self.core, *self.modes]
 
     def materialize(self) -> Tensor:
@@ -132,15 +132,15 @@ class _TensorFactors(nn.Module):
             f = self.modes
             dense = f[0].sum(1) if self._m == 1 else f[0].transpose(1, 2) @ f[1]
         else:
-            subs, ops = self._operands("k", "r" if self.core is None else _TUCKER_K)
-            dense = torch.einsum(",".join(subs) + "->k" + _MODES[: self._m], *ops)
+            subs, ops = self._operands("k", "r" if self.core is None else TUCKER_K)
+            dense = torch.einsum(",".join(subs) + "->k" + MODES[: self._m], *ops)
         return dense.reshape(dense.shape[0], *self.shape)
 
     def inner(self, grads: Tensor) -> Tensor:
         """<V_k, g_s> for dense per-sample tensors grads (n_s, *shape) -> (n_s, n_v)."""
-        subs, ops = self._operands("k", "r" if self.core is None else _TUCKER_K)
+        subs, ops = self._operands("k", "r" if self.core is None else TUCKER_K)
         g = grads.reshape(grads.shape[0], *self.work_shape)
-        return torch.einsum(f"s{_MODES[: self._m]}," + ",".join(subs) + "->sk", g, *ops)
+        return torch.einsum(f"s{MODES[: self._m]}," + ",".join(subs) + "->sk", g, *ops)
 
     def gram(self) -> Tensor:
         """G_kl = <V_k, V_l> from factors, (n_v, n_v); through the dense directions instead when
@@ -157,7 +157,7 @@ class _TensorFactors(nn.Module):
                 m = _ModeGram.apply(f)  # (n_v, R, n_v, R)
                 prod = m if prod is None else prod * m
             return prod.sum(dim=(1, 3))
-        k_r, l_r = _TUCKER_K[: self._m], _TUCKER_L[: self._m]
+        k_r, l_r = TUCKER_K[: self._m], TUCKER_L[: self._m]
         subs = [f"k{k_r}", f"l{l_r}"] + [f"k{k_r[j]}l{l_r[j]}" for j in range(self._m)]
         mats = [_ModeGram.apply(f) for f in self.modes]
         return torch.einsum(",".join(subs) + "->kl", self.core, self.core, *mats)
@@ -170,10 +170,44 @@ class _TensorFactors(nn.Module):
                 m = f @ f.transpose(1, 2)  # (n_v, R, R): "kra,kqa->krq"
                 prod = m if prod is None else prod * m
             return prod.sum(dim=(1, 2))
-        k_r, l_r = _TUCKER_K[: self._m], _TUCKER_L[: self._m]
+        k_r, l_r = TUCKER_K[: self._m], TUCKER_L[: self._m]
         subs = [f"k{k_r}", f"k{l_r}"] + [f"k{k_r[j]}{l_r[j]}" for j in range(self._m)]
         mats = [torch.einsum("kpa,kqa->kpq", f, f) for f in self.modes]
         return torch.einsum(",".join(subs) + "->k", self.core, self.core, *mats)
+
+    def direction(self, k: int) -> Tensor:
+        """Subnetwork k's dense tensor, (*shape), without forming the other subnetworks (an
+        embedding matrix times n_v may not fit in memory)."""
+        modes = MODES[: self._m]
+        if self.core is None:
+            subs = ",".join(f"r{a}" for a in modes)
+            dense = torch.einsum(f"{subs}->{modes}", *[f[k] for f in self.modes])
+        else:
+            ranks = TUCKER_K[: self._m]
+            subs = ranks + "," + ",".join(f"{r}{a}" for r, a in zip(ranks, modes))
+            dense = torch.einsum(f"{subs}->{modes}", self.core[k], *[f[k] for f in self.modes])
+        return dense.reshape(self.shape)
+
+    def split(self, out_mode: int) -> tuple[Tensor, Tensor]:
+        """V_k = sum_r L_kr (x) M_kr with L on the output mode: L (n_v, R', d_out) and
+        M (n_v, R', prod of the other dims in tensor order). CP: R' = R and M is the outer product
+        of the other modes' factors; Tucker: R' = the output mode's rank, M = core times the
+        others. The structured backend contracts L with output-gradients and M with inputs."""
+        others = [j for j in range(self._m) if j != out_mode]
+        if self.core is None:
+            L = self.modes[out_mode]
+            if len(others) == 1:
+                return L, self.modes[others[0]]
+            subs = ",".join(f"kr{MODES[j]}" for j in others)
+            M = torch.einsum(
+                f"{subs}->kr{''.join(MODES[j] for j in others)}", *[self.modes[j] for j in others]
+            )
+            return L, M.reshape(M.shape[0], M.shape[1], -1)
+        ranks = TUCKER_K[: self._m]
+        subs = [f"k{ranks}"] + [f"k{ranks[j]}{MODES[j]}" for j in others]
+        out = f"k{ranks[out_mode]}{''.join(MODES[j] for j in others)}"
+        M = torch.einsum(",".join(subs) + "->" + out, self.core, *[self.modes[j] for j in others])
+        return self.modes[out_mode], M.reshape(M.shape[0], M.shape[1], -1)
 
     @torch.no_grad()
     def scale_(self, factor: Tensor) -> None:
@@ -182,7 +216,7 @@ class _TensorFactors(nn.Module):
         target.mul_(factor.reshape(-1, *[1] * (target.dim() - 1)))
 
     @torch.no_grad()
-    def copy_(self, other: _TensorFactors) -> None:
+    def copy_(self, other: TensorFactors) -> None:
         for mine, theirs in zip(self.parameters(), other.parameters()):
             mine.copy_(theirs)
 
@@ -205,7 +239,7 @@ class Subnetworks(nn.Module):
         self.n_subnetworks = n_subnetworks
         self.factorization = factorization
         self.tensors = nn.ModuleList(
-            _TensorFactors(shapes[n], n_subnetworks, ranks[n], factorization, generator, dtype)
+            TensorFactors(shapes[n], n_subnetworks, ranks[n], factorization, generator, dtype)
             for n in self.names
         )
 
@@ -239,7 +273,7 @@ class Subnetworks(nn.Module):
         """Subnetwork k as {name: tensor shaped like the parameter}."""
         if not 0 <= k < self.n_subnetworks:
             raise IndexError(f"subnetwork {k} out of range: there are {self.n_subnetworks}")
-        return {n: d[k] for n, d in self.materialize().items()}
+        return {n: t.direction(k) for n, t in zip(self.names, self.tensors)}
 
     def inner(self, grads: dict[str, Tensor]) -> Tensor:
         """sum_tensors <V_k, g_s> for dense per-sample gradients {name: (n_s, *shape)} -> (n_s, n_v)."""
@@ -258,7 +292,7 @@ class Subnetworks(nn.Module):
         """Project each subnetwork onto the unit sphere in the global L2 norm (Section 2.4).
 
         The authors' code instead rescales with sqrt of the sum of per-tensor norms, whose fixed point
-        is not L2 = 1 (reference/authors-code-vs-paper.md); we use the paper's unit vector.
+        is not L2 = 1 (docs/authors-code.md); we use the paper's unit vector.
         """
         factor = self.sq_norms().clamp_min(eps).rsqrt()
         # Spread the scale over tensors equally so no tensor's factors shrink towards zero alone:
@@ -270,3 +304,13 @@ class Subnetworks(nn.Module):
     def copy_(self, other: Subnetworks) -> None:
         for mine, theirs in zip(self.tensors, other.tensors):
             mine.copy_(theirs)
+
+    def random_like(self, seed: int) -> Subnetworks:
+        """Unit-norm random directions with these tensors, ranks and factorisation: a baseline
+        against which learned subnetworks are judged."""
+        generator = torch.Generator().manual_seed(seed)
+        baseline = Subnetworks(
+            self.shapes, self.n_subnetworks, self.ranks, self.factorization, generator
+        )
+        baseline.normalize_()
+        return baseline.to(next(self.parameters()).device)

@@ -4,53 +4,71 @@ With as many subnetworks as circuits, Algorithm 1 often ends with one subnetwork
 top-k) or two subnetworks sharing one circuit while another circuit has none. Sparse-autoencoder
 practice answers the same failure by resampling: every few epochs, point each dead or duplicate
 subnetwork at the gradient residual g_i - g^_i of a sample that the others reconstruct worst, as a
-rank-limited direction, and reset its optimiser state. Plugged in as the epoch callback of
-`l3d.decompose` / `l3d.run`, so Algorithm 1 itself is unchanged.
+rank-limited direction, and reset its optimiser state. An option of the trainer
+(L3DConfig.resample_every), between epochs, so Algorithm 1's steps are unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from l3d.algorithm import Trainer, batch_top_k, evaluate
-from l3d.subnetworks import Subnetworks
+from l3d.config import L3DConfig
+from l3d.core.algorithm import SubnetworkPair, batch_top_k, evaluate
+from l3d.core.gradients import GradientSource
+from l3d.core.subnetworks import Subnetworks
 
 
 @dataclass
 class Resampler:
-    """Epoch callback: after every `every` epochs while epoch < `until`, re-initialise subnetworks
-    that were never in the top-k (P_act = 0) or whose V_out has |cosine| > `duplicate_cos` with a
-    more active one. `log` records (epoch, indices) of each resampling."""
+    """After every `every` epochs while epoch < `until`, re-initialise subnetworks that were never
+    in the top-k (P_act <= min_p_active) or whose V_out has |cosine| > `duplicate_cos` with a more
+    active one. An option of the trainer (L3DConfig.resample_every), so every run path has it."""
 
     every: int
     until: int
     duplicate_cos: float = 0.9
     min_p_active: float = 0.0
     seed: int = 0
-    log: list = field(default_factory=list)
 
-    def __call__(self, trainer: Trainer, record: dict) -> None:
-        epoch = trainer.epoch  # already advanced past the finished epoch
+    @classmethod
+    def from_config(cls, config: L3DConfig) -> Resampler | None:
+        if config.resample_every is None:
+            return None
+        until = config.epochs if config.resample_until is None else config.resample_until
+        return cls(
+            config.resample_every,
+            until,
+            config.resample_duplicate_cos,
+            config.resample_min_p_active,
+            seed=config.seed,
+        )
+
+    def __call__(
+        self,
+        pair: SubnetworkPair,
+        source: GradientSource,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        top_k: float,
+    ) -> list[int]:
+        """Resample after `epoch` epochs if one is due; the resampled subnetworks' indices."""
         if epoch % self.every or epoch >= self.until:
-            return
-        top_k = trainer.top_k_at(epoch)
-        p_act = evaluate(trainer.pair, trainer.source, top_k, self.seed + epoch).p_active
-        chosen = stale_subnetworks(trainer.pair.v_out, p_act, self.duplicate_cos, self.min_p_active)
+            return []
+        p_act = evaluate(pair, source, top_k, self.seed + epoch).p_active
+        chosen = stale_subnetworks(pair.v_out, p_act, self.duplicate_cos, self.min_p_active)
         if not chosen:
-            return
-        directions = residual_directions(trainer, top_k, len(chosen), self.seed + epoch)
-        if not directions:
-            return
+            return []
+        directions = residual_directions(pair, source, top_k, len(chosen), self.seed + epoch)
         chosen = chosen[: len(directions)]
         for k, direction in zip(chosen, directions):
-            set_direction_(trainer.pair.v_out, k, direction)
-        trainer.pair.v_out.normalize_()
-        copy_rows_(trainer.pair.v_in, trainer.pair.v_out, chosen)  # as at initialisation
-        reset_optimizer_rows_(trainer.optimizer, chosen)
-        self.log.append({"epoch": epoch, "subnetworks": chosen})
+            set_direction_(pair.v_out, k, direction)
+        pair.v_out.normalize_()
+        copy_rows_(pair.v_in, pair.v_out, chosen)  # as at initialisation
+        reset_optimizer_rows_(optimizer, chosen)
+        return chosen
 
 
 @torch.no_grad()
@@ -72,18 +90,17 @@ def stale_subnetworks(
 
 @torch.no_grad()
 def residual_directions(
-    trainer: Trainer, top_k: float, n: int, seed: int
+    pair: SubnetworkPair, source: GradientSource, top_k: float, n: int, seed: int
 ) -> list[dict[str, Tensor]]:
     """Up to n gradient residuals g_i - g^_i {name: tensor}, of the worst-reconstructed samples
-    (at most one per batch, mutually |cos| < 0.9). Needs dense gradients; [] otherwise."""
+    (at most one per batch, mutually |cos| < 0.9). Every backend's batch gives its dense
+    gradients for this (the structured one forms them from its signals, one batch at a time)."""
     generator = torch.Generator().manual_seed(seed)
-    dense_out = trainer.pair.v_out.materialize()  # {name: (n_v, *shape)}
+    dense_out = pair.v_out.materialize()  # {name: (n_v, *shape)}
     candidates: list[tuple[float, dict[str, Tensor]]] = []
-    for batch in trainer.source.epoch(generator):
-        grads = getattr(batch, "grads", None)
-        if grads is None:
-            return []
-        c = batch.project(trainer.pair.v_in)
+    for batch in source.epoch(generator):
+        grads = batch.dense()
+        c = batch.project(pair.v_in)
         kept = c * batch_top_k(c, top_k)  # (n_s, n_v)
         residual = {
             name: g - torch.einsum("sk,k...->s...", kept, dense_out[name])

@@ -2,12 +2,12 @@
 
 For the layers that hold almost all weights, one sample's gradient is a sum of outer products of
 the layer's input a_s and output-gradient delta_s over the positions s it is applied at
-(design/math.md section 1): Linear and GPT-2 Conv1D (s = tokens), Conv2d (s = output pixels, a_s
+(docs/math.md section 1): Linear and GPT-2 Conv1D (s = tokens), Conv2d (s = output pixels, a_s
 the unfolded input patch, per group), Embedding (a_s the one-hot token). So the coefficients
 <V_k, g_i> = sum_s sum_r (L_kr . delta_is)(M_kr . a_is) come from the factors directly (section 2),
 with V_k = sum_r L_kr (x) M_kr split into its output-side factor L and the rest M. Bias and
 LayerNorm vectors are small: their per-sample gradients are formed exactly (sum_s delta_s, and
-sum_s delta_s * xhat_s). Any other tensor takes the generic torch.func path (gradients.py); which
+sum_s delta_s * xhat_s). Any other tensor takes the generic torch.func path (torchfunc.py); which
 path each tensor takes is logged and kept in `StructuredPlan.paths`.
 
 The signals come from one forward with hooks and one backward of sum_i D_i (samples do not
@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from l3d.divergences import Divergence
-from l3d.errors import L3DError
-from l3d.gradients import per_sample_gradients
-from l3d.model import Inputs, Target, token_mask
-from l3d.subnetworks import _MODES, _TUCKER_K, Subnetworks, _TensorFactors
+from l3d.core.divergences import DivergenceFn, check_references
+from l3d.core.gradients.batch import check_finite_gradients
+from l3d.core.gradients.torchfunc import per_sample_gradients
+from l3d.core.model import Target
+from l3d.core.samples import Inputs, SampleRows
+from l3d.core.subnetworks import Subnetworks, TensorFactors
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,8 @@ class _MatrixSignal:
     delta: Tensor
     a: Tensor
     out_mode: int
+    shape: tuple[int, ...]
+    """The weight's shape."""
     groups: int = 1
 
     @property
@@ -179,32 +182,10 @@ def _conv_delta(module: nn.Conv2d, delta: Tensor) -> Tensor:
 # Factor algebra ----------------------------------------------------------------------------
 
 
-def _split_factors(tf: _TensorFactors, out_mode: int) -> tuple[Tensor, Tensor]:
-    """V_k = sum_r L_kr (x) M_kr with L on the output mode: L (n_v, R', d_out) and
-    M (n_v, R', prod of the other dims in tensor order). CP: R' = R and M is the outer product of
-    the other modes' factors; Tucker: R' = the output mode's rank, M = core times the others."""
-    m = len(tf.work_shape)
-    others = [j for j in range(m) if j != out_mode]
-    if tf.core is None:
-        L = tf.modes[out_mode]
-        if len(others) == 1:
-            return L, tf.modes[others[0]]
-        subs = ",".join(f"kr{_MODES[j]}" for j in others)
-        M = torch.einsum(
-            f"{subs}->kr{''.join(_MODES[j] for j in others)}", *[tf.modes[j] for j in others]
-        )
-        return L, M.reshape(M.shape[0], M.shape[1], -1)
-    ranks = _TUCKER_K[:m]
-    subs = [f"k{ranks}"] + [f"k{ranks[j]}{_MODES[j]}" for j in others]
-    out = f"k{ranks[out_mode]}{''.join(_MODES[j] for j in others)}"
-    M = torch.einsum(",".join(subs) + "->" + out, tf.core, *[tf.modes[j] for j in others])
-    return tf.modes[out_mode], M.reshape(M.shape[0], M.shape[1], -1)
-
-
-def _project_matrix(sig: _MatrixSignal, tf: _TensorFactors) -> Tensor:
-    """<V_k, g_(t,i)>, (T, n, n_v), from a, delta and the factors (design/math.md section 2).
+def _project_matrix(sig: _MatrixSignal, tf: TensorFactors) -> Tensor:
+    """<V_k, g_(t,i)>, (T, n, n_v), from a, delta and the factors (docs/math.md section 2).
     Sequences are processed in chunks so that no intermediate exceeds CHUNK_ELEMENTS."""
-    L, M = _split_factors(tf, sig.out_mode)  # (K, R, out), (K, R, in)
+    L, M = tf.split(sig.out_mode)  # (K, R, out), (K, R, in)
     k, r = L.shape[:2]
     L = L.reshape(k, r, sig.groups, -1)  # (K, R, G, out_g)
     t, n, s, g, out_g = sig.delta.shape
@@ -261,6 +242,20 @@ def _sq_norms_matrix(sig: _MatrixSignal) -> Tensor:
     return _cat(parts, 1)
 
 
+def _dense_matrix(sig: _MatrixSignal) -> Tensor:
+    """The weight's per-sample gradients sum_s delta_s (x) a_s themselves, (T, n, *shape)."""
+    t, n = sig.delta.shape[:2]
+    if sig.is_embedding:  # row a_s of the (vocab, dim) table receives delta_s
+        d = sig.delta[:, :, :, 0]  # (T, n, S, dim)
+        index = sig.a[None, :, :, None].expand(t, -1, -1, d.shape[-1])
+        return d.new_zeros(t, n, *sig.shape).scatter_add_(2, index, d)
+    g = torch.einsum("tnsgo,nsgi->tngoi", sig.delta, sig.a)
+    g = g.reshape(t, n, -1, g.shape[-1])  # (T, n, out, in): output channels group-major
+    if sig.out_mode == 1:
+        g = g.transpose(2, 3)
+    return g.reshape(t, n, *sig.shape)
+
+
 def _chunks(n: int, per_sequence: int) -> list[slice]:
     """Slices of the n sequences, each holding at most CHUNK_ELEMENTS intermediate elements."""
     step = max(1, CHUNK_ELEMENTS // max(per_sequence, 1))
@@ -275,19 +270,19 @@ class StructuredGradients:
     """A GradientBatch whose weight gradients stay factored as (a, delta) pairs.
 
     matrices: {name: _MatrixSignal}; vectors: {name: (n_samples, *shape)} exact per-sample
-    gradients of biases, LayerNorm vectors and generic-path tensors. `keep` (n, T) marks which
-    (sequence, position) pairs are samples, in the row order of the generic path.
+    gradients of biases, LayerNorm vectors and generic-path tensors; `rows` maps (sequence,
+    position) pairs to samples, in the row order of the generic path.
     """
 
     matrices: dict[str, _MatrixSignal]
     vectors: dict[str, Tensor]
-    keep: Tensor | None
+    rows: SampleRows
     n_samples: int
 
     def _rows(self, x: Tensor) -> Tensor:
-        """(T, n, ...) -> (n_samples, ...) in sample order (sequence-major, then position)."""
+        """(T, n, ...) -> (n_samples, ...); T is the sequence length with per_token, else 1."""
         x = x.transpose(0, 1)
-        return x.flatten(0, 1) if self.keep is None else x[self.keep]
+        return self.rows.rows(x) if self.rows.per_token else x[:, 0]
 
     def project(self, subnetworks: Subnetworks) -> Tensor:
         factors = dict(zip(subnetworks.names, subnetworks.tensors))
@@ -309,6 +304,11 @@ class StructuredGradients:
             s = g.flatten(1).pow(2).sum(1)
             total = s if total is None else total + s
         return total
+
+    def dense(self) -> dict[str, Tensor]:
+        """The per-sample gradients formed from the signals, {name: (n_samples, *shape)}."""
+        grads = {name: self._rows(_dense_matrix(sig)) for name, sig in self.matrices.items()}
+        return {**grads, **self.vectors}
 
 
 # Capture -------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def structured_gradients(
     target: Target,
     inputs: Inputs,
     references: Tensor | Callable[[Tensor], Tensor],
-    divergence: Divergence,
+    divergence: DivergenceFn,
     *,
     plan: StructuredPlan,
     per_token: bool = False,
@@ -388,13 +388,8 @@ def structured_gradients(
         recorder.remove()
     if callable(references):
         references = references(outputs.detach())
-    if references.shape != outputs.shape:
-        raise L3DError(
-            f"references have shape {tuple(references.shape)}, but the model's outputs for "
-            f"these inputs have shape {tuple(outputs.shape)}: pass one reference output per sample"
-        )
-    references = references.detach()
-    mask = token_mask(inputs) if per_token else None
+    references = check_references(references, outputs)
+    rows = SampleRows.of(inputs, per_token)
     batch = outputs.shape[0]
     for site in list(plan.sites):
         if any(o.shape[:1] != (batch,) for o in recorder.outputs[site.module_name]):
@@ -409,8 +404,9 @@ def structured_gradients(
         flat_ref = references.flatten(0, 1) if per_token else references
         values = vmap(divergence)(flat_y, flat_ref)
         (dd_dy,) = torch.autograd.grad(values.sum(), y)  # each sample's dD_i/dy_i in its row
-    if mask is not None:
-        dd_dy = dd_dy * mask.unsqueeze(-1).to(dd_dy.dtype)
+    weights = rows.weights(dd_dy)
+    if weights is not None:  # positions that are no sample send no gradient
+        dd_dy = dd_dy * weights
 
     if not site_outputs:
         deltas: list[Tensor] = []
@@ -454,12 +450,8 @@ def structured_gradients(
         ]
 
     matrices, vectors = _signals(plan, recorder, deltas, batch)
-    if not per_token:
-        n_samples = batch
-    else:
-        n_samples = batch * outputs.shape[1] if mask is None else int(mask.sum())
-    rows = StructuredGradients(matrices, {}, mask, n_samples)
-    vectors = {n: rows._rows(v) for n, v in vectors.items()}
+    result = StructuredGradients(matrices, {}, rows, rows.count(batch))
+    vectors = {n: result._rows(v) for n, v in vectors.items()}
     if plan.generic:
         sub = Target(
             target.model,
@@ -473,13 +465,9 @@ def structured_gradients(
             )
         )
     for name, g in vectors.items():
-        if not torch.isfinite(g).all():
-            raise L3DError(
-                f"per-sample gradients of '{name}' contain NaN/inf: the model or divergence is "
-                "not finite at W0 on this batch (check inputs, logits and log-probabilities)"
-            )
-    rows.vectors = vectors
-    return rows
+        check_finite_gradients(g, name)
+    result.vectors = vectors
+    return result
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
@@ -539,7 +527,7 @@ def _signals(
             out_mode = 1 if site.kind in ("conv1d", "embedding") else 0
             groups = m.groups if site.kind == "conv2d" else 1
             matrices[site.tensors["weight"]] = _MatrixSignal(
-                _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, groups
+                _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, tuple(m.weight.shape), groups
             )
         if "bias" in site.tensors:
             b = sum(d.sum(2).flatten(2) for d in bias_parts)  # (T, n, out)

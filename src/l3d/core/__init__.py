@@ -1,0 +1,5 @@
+"""The algorithm's core (paper Sections 2.2-2.5): no I/O, plotting or command line.
+
+Layers, lowest first: samples -> model -> divergences -> subnetworks -> gradients -> algorithm ->
+resampling -> trainer. Each module imports only those before it.
+"""

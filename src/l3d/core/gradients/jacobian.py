@@ -1,0 +1,91 @@
+"""The cached-Jacobian backend: W0 is frozen, so each sample's output Jacobian J_i = df(x_i)/dW is
+fixed. Cache it once and form g_i = J_i^T dD/dy(y_i, y_ref) by the chain rule for any divergence
+and any reference (docs/math.md section 6). For small models an epoch is then a few matrix products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.func import grad, jacrev, vmap
+
+from l3d.core.divergences import Divergence, Reference
+from l3d.core.gradients.batch import DenseGradients, check_finite_gradients
+from l3d.core.gradients.torchfunc import unsqueeze
+from l3d.core.model import Target
+from l3d.core.samples import Dataset, SampleRows, to_device
+from l3d.errors import L3DError
+
+
+def cache_bytes(target: Target, n_samples: int, n_out: int) -> int:
+    """Memory of the cached float32 Jacobians of n_samples samples."""
+    return 4 * n_samples * n_out * sum(w.numel() for w in target.w0.values())
+
+
+class JacobianCache:
+    """Every sample's output Jacobian at W0, (n, n_out, n_w), tensors concatenated in target order
+    as DenseGradients.flat; built on the first epoch."""
+
+    def __init__(self, target: Target, dataset: Dataset, chunk_size: int | None) -> None:
+        if dataset.inputs is None:
+            raise L3DError(
+                "gradient_method='jacobian' needs the data as one tensor (or dict of tensors) and "
+                "per_token=False; use 'vmap' or 'auto'"
+            )
+        self.target, self.dataset, self.chunk_size = target, dataset, chunk_size
+        self._jacobian: Tensor | None = None
+        self._outputs: Tensor | None = None
+
+    def _build(self) -> tuple[Tensor, Tensor]:
+        if self._jacobian is None or self._outputs is None:
+
+            def sample_output(params, x):
+                return self.target.forward(unsqueeze(x), params)[0]
+
+            jac = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=self.chunk_size or 256)
+            inputs = to_device(self.dataset.inputs, self.dataset.device)
+            jacobians = jac(self.target.w0, inputs)
+            self._outputs = self.target.outputs(inputs)
+            for name, j in jacobians.items():
+                if not torch.isfinite(j).all():
+                    raise L3DError(f"output Jacobians of '{name}' contain NaN/inf at W0")
+            n, n_out = self._outputs.shape[0], self._outputs[0].numel()
+            self._jacobian = torch.cat([j.reshape(n, n_out, -1) for j in jacobians.values()], 2)
+        return self._jacobian, self._outputs
+
+    def epoch(
+        self,
+        divergence: Divergence,
+        reference: Reference,
+        generator: torch.Generator,
+        shuffle: bool,
+    ) -> Iterator[DenseGradients]:
+        """The whole epoch's gradients in one pass: references are drawn batch by batch (the same
+        random stream as drawing them lazily), then g = J^T dD/dy is one product for all samples,
+        so a training step only slices its rows."""
+        jacobian, all_outputs = self._build()
+        n = self.dataset.n_samples
+        assert n is not None
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        bs = self.dataset.batch_size
+        batches = [order[s : s + bs] for s in range(0, n, bs) if len(order[s : s + bs]) >= 2]
+        index = torch.cat(batches).to(self.dataset.device)
+        outputs = all_outputs[index]  # (n_used, *out)
+        rows = SampleRows(False, None)
+        refs = torch.cat(
+            [
+                reference.draw(outputs[s : s + len(b)], rows, generator)
+                for s, b in zip(range(0, n, bs), batches)
+            ]
+        )
+        dd_dy = vmap(grad(divergence.fn))(outputs, refs).flatten(1)  # (n_used, n_out)
+        # Contract in dataset order (no copy of the Jacobians), then gather the rows in batch order.
+        dd_dy_data = dd_dy.new_zeros(n, dd_dy.shape[1]).index_copy_(0, index, dd_dy)
+        flat = torch.einsum("so,sow->sw", dd_dy_data, jacobian)[index]  # (n_used, n_w)
+        check_finite_gradients(flat, "the decomposed tensors")
+        for s, b in zip(range(0, n, bs), batches):
+            yield DenseGradients.from_flat(
+                flat[s : s + len(b)], self.target.shapes, check_finite=False
+            )

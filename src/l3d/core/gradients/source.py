@@ -1,0 +1,230 @@
+"""Per-sample divergence gradients g_i = grad_W D(f(x_i, W), y_ref) at the frozen weights W0 (eq. 2),
+one `GradientBatch` per data batch with freshly drawn references (Algorithm 1, lines 3-6).
+
+Three exact backends, all O(batch) work (the authors' code uses an O(batch^2) batch-jacobian),
+chosen once through `Method`:
+- torchfunc ('vmap'): vmap(grad(D o f)) for any model and tensor; the test oracle.
+- jacobian: each sample's output Jacobian cached at W0, g_i = J_i^T dD/dy (small models).
+- structured: weight gradients kept factored as layer inputs and output-gradients.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from l3d.core.divergences import (
+    Divergence,
+    DivergenceFn,
+    Reference,
+    ReferenceFn,
+    check_references,
+    get_divergence,
+    get_reference,
+)
+from l3d.core.gradients.batch import ChunkedGradients, DenseGradients, GradientBatch
+from l3d.core.gradients.jacobian import JacobianCache, cache_bytes
+from l3d.core.gradients.structured import StructuredPlan, structured_gradients
+from l3d.core.gradients.torchfunc import per_sample_gradients
+from l3d.core.model import Target
+from l3d.core.samples import (
+    Dataset,
+    Inputs,
+    SampleRows,
+    batch_size_of,
+    describe_inputs,
+    take,
+    to_device,
+)
+from l3d.errors import L3DError
+
+# Budget for the cached output Jacobians of the 'jacobian' method under gradient_method='auto'.
+JACOBIAN_CACHE_BYTES = 1 << 30
+
+
+class Method(str, enum.Enum):
+    """L3DConfig.gradient_method (compares equal to its string)."""
+
+    AUTO = "auto"
+    JACOBIAN = "jacobian"
+    VMAP = "vmap"
+    STRUCTURED = "structured"
+
+
+# A batch's references: given, or drawn from the outputs of the batch's own forward.
+References = Tensor | Callable[[Tensor], Tensor]
+
+
+class GradientSource:
+    """Per-sample gradients of one target under one divergence and reference strategy.
+
+    dataset: the data that `epoch` iterates over (training, evaluation); None for a source that
+    only answers `batch` (coefficients and impact of given inputs). `example`: inputs to validate
+    model, data and divergence on when there is no dataset. Validation runs once, here.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        divergence: Divergence | DivergenceFn | str,
+        reference: Reference | ReferenceFn | str,
+        *,
+        per_token: bool,
+        method: str | Method = Method.AUTO,
+        chunk_size: int | None = None,
+        sequence_chunk_size: int | None = None,
+        dataset: Dataset | None = None,
+        example: Inputs | None = None,
+    ) -> None:
+        self.target, self.dataset = target, dataset
+        self.divergence = get_divergence(divergence)
+        self.reference = get_reference(reference, self.divergence)
+        self.per_token, self.chunk_size = per_token, chunk_size
+        self.sequence_chunk_size = sequence_chunk_size
+        if example is None:
+            if dataset is None:
+                raise ValueError("a GradientSource needs a dataset or example inputs")
+            example = self._first_batch(dataset)
+        self._validate(example)
+        self.plan: StructuredPlan | None = None
+        self._cache: JacobianCache | None = None
+        self.method = self._choose(Method(method), example)
+
+    @staticmethod
+    def _first_batch(dataset: Dataset) -> Inputs:
+        batch = next(iter(dataset.batches(None, shuffle=False)), None)
+        if batch is None:
+            raise L3DError("data yielded no batch with at least 2 samples")
+        return batch
+
+    def _validate(self, example: Inputs) -> None:
+        device = next(iter(self.target.w0.values())).device
+        batch = to_device(take(example, slice(0, 2)), device)
+        try:
+            outputs = self.target.outputs(batch)
+        except L3DError:
+            raise  # already names the problem (e.g. an unsupported output type)
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            # A data/model mismatch (feature count, dtype, missing key) surfaces as torch's error
+            # deep inside the model; name the inputs so the user can see which side is wrong.
+            raise L3DError(
+                f"the model fails on the data's first samples ({describe_inputs(batch)}): "
+                f"{str(err).splitlines()[0]}. Check that the data matches the model's input "
+                "(feature count, dtype, dict keys)"
+            ) from err
+        if self.per_token and outputs.dim() != 3:
+            raise L3DError(
+                f"per_token=True needs outputs shaped (batch, seq, vocab); the model returned "
+                f"{tuple(outputs.shape)}"
+            )
+        self.n_out = outputs[0, 0].numel() if self.per_token else outputs[0].numel()
+        sample = outputs[0, 0] if self.per_token else outputs[0]
+        other = outputs[1, 0] if self.per_token else outputs[1]
+        self.divergence.check(sample, other)
+
+    def _choose(self, method: Method, example: Inputs) -> Method:
+        cacheable = self.dataset is not None and self.dataset.inputs is not None
+        cacheable = cacheable and not self.per_token
+        match method:
+            case Method.JACOBIAN:
+                if not cacheable:
+                    raise L3DError(
+                        "gradient_method='jacobian' needs the data as one tensor (or dict of "
+                        "tensors) and per_token=False; use 'vmap' or 'auto'"
+                    )
+                return self._use_cache()
+            case Method.VMAP:
+                return Method.VMAP
+            case Method.STRUCTURED:
+                self.plan = StructuredPlan.create(self.target)
+                return Method.STRUCTURED
+            case Method.AUTO:
+                if cacheable:
+                    assert self.dataset is not None and self.dataset.n_samples is not None
+                    need = cache_bytes(self.target, self.dataset.n_samples, self.n_out)
+                    if need <= JACOBIAN_CACHE_BYTES:
+                        return self._use_cache()
+                plan = StructuredPlan.create(self.target)
+                # The structured path when at least one tensor can use it; the rest of the
+                # tensors fall back to torch.func inside it.
+                if plan.sites:
+                    self.plan = plan
+                    return Method.STRUCTURED
+                return Method.VMAP
+
+    def _use_cache(self) -> Method:
+        assert self.dataset is not None
+        self._cache = JacobianCache(self.target, self.dataset, self.chunk_size)
+        return Method.JACOBIAN
+
+    def epoch(self, generator: torch.Generator, shuffle: bool = True) -> Iterator[GradientBatch]:
+        """One pass over the dataset's batches, each with freshly drawn references."""
+        if self.dataset is None:
+            raise ValueError("this GradientSource has no dataset to iterate over")
+        if self._cache is not None:
+            yield from self._cache.epoch(self.divergence, self.reference, generator, shuffle)
+            return
+        for inputs in self.dataset.batches(generator, shuffle):
+            yield self.batch(inputs, generator=generator)
+
+    def batch(
+        self,
+        inputs: Inputs,
+        references: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> GradientBatch:
+        """Gradients for an explicit batch; references default to the configured strategy, drawn
+        with `generator` (default: seed 0)."""
+        rows = SampleRows.of(inputs, self.per_token)
+        refs: References
+        if references is None:
+            gen = generator or torch.Generator().manual_seed(0)
+
+            def refs(outputs: Tensor) -> Tensor:
+                return self.reference.draw(outputs, rows, gen)
+
+        else:
+            refs = references
+        if self.method is Method.STRUCTURED:
+            return self._structured(inputs, refs, rows)
+        outputs = self.target.outputs(inputs)
+        refs = refs(outputs) if callable(refs) else check_references(refs, outputs)
+        grads = per_sample_gradients(
+            self.target,
+            inputs,
+            refs,
+            self.divergence.fn,
+            per_token=self.per_token,
+            chunk_size=self.chunk_size,
+        )
+        return DenseGradients(grads)
+
+    def _structured(self, inputs: Inputs, refs: References, rows: SampleRows) -> GradientBatch:
+        assert self.plan is not None
+        signals = functools.partial(
+            structured_gradients,
+            self.target,
+            divergence=self.divergence.fn,
+            plan=self.plan,
+            per_token=self.per_token,
+            chunk_size=self.chunk_size,
+        )
+        n = batch_size_of(inputs)
+        # Per-token samples are chunked by whole sequences: token t's gradient needs positions <= t.
+        step = self.sequence_chunk_size if self.per_token else self.chunk_size
+        if step is None or n <= step:
+            return signals(inputs, refs)
+        # Sample chunks: references are drawn once for the whole batch (from a forward without
+        # graph; per-token references come from any valid position of any sequence), so every
+        # chunk, in either pass of the step, sees the same ones.
+        if callable(refs):
+            refs = refs(self.target.outputs(inputs))
+        parts = [
+            functools.partial(signals, take(inputs, slice(i, i + step)), refs[i : i + step])
+            for i in range(0, n, step)
+        ]
+        return ChunkedGradients(parts, rows.count(n))

@@ -1,0 +1,126 @@
+"""The frozen model under decomposition: parameter selection, ranks per tensor, and functional
+calls at W0 or at W0 moved along a direction."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from l3d.core.samples import Inputs
+from l3d.errors import L3DError
+
+
+def select_parameters(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Names of the model's parameters matched by exact names or glob patterns, in model order."""
+    patterns = list(patterns)
+    if not patterns:
+        raise L3DError(
+            "no parameter tensors given: pass names or globs, e.g. params=['fc1.weight']"
+        )
+    names = [n for n, _ in model.named_parameters()]
+    selected: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+            hint = f" Close matches: {', '.join(close)}." if close else ""
+            listing = ", ".join(names[:40]) + (" ..." if len(names) > 40 else "")
+            raise L3DError(
+                f"params pattern '{pattern}' matches no parameter of the model.{hint} "
+                f"The model's parameters are: {listing}"
+            )
+        selected += [h for h in hits if h not in selected]
+    return [n for n in names if n in selected]
+
+
+def resolve_device(device: str) -> torch.device:
+    """The run's device, refusing one that this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise L3DError(f"unknown device '{device}': use 'cpu', 'cuda' or 'cuda:N'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise L3DError(f"device '{device}' requested, but CUDA is not available here: use 'cpu'")
+    return dev
+
+
+def resolve_ranks(names: list[str], rank: int | Mapping[str, int]) -> dict[str, int]:
+    """Per-tensor rank from an int or a {name or glob: rank} mapping (first matching key wins)."""
+    if isinstance(rank, int):
+        return {n: rank for n in names}
+    ranks = {}
+    for n in names:
+        match = next(
+            (r for key, r in rank.items() if n == key or fnmatch.fnmatchcase(n, key)), None
+        )
+        if match is None:
+            raise L3DError(
+                f"rank mapping {dict(rank)} gives no rank for tensor '{n}': add its name or a glob "
+                "such as '*' as a default"
+            )
+        ranks[n] = match
+    unused = [k for k in rank if not any(n == k or fnmatch.fnmatchcase(n, k) for n in names)]
+    if unused:
+        raise L3DError(f"rank keys {unused} match no decomposed tensor; decomposed: {names}")
+    return ranks
+
+
+def output_tensor(output: object) -> Tensor:
+    """The model's prediction: a tensor, an object with .logits (HuggingFace), or a tuple's first item."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise L3DError(
+        f"the model returned {type(output).__name__}; L3D needs a tensor, an object with .logits, "
+        "or a tuple whose first item is the output tensor"
+    )
+
+
+@dataclass
+class Target:
+    """The model frozen at W0, with the names of the tensors under decomposition."""
+
+    model: nn.Module
+    names: list[str]
+    w0: dict[str, Tensor]
+    frozen: dict[str, Tensor]
+    """The model's other parameters, detached: constants, so no gradient ever reaches the model."""
+
+    @classmethod
+    def create(cls, model: nn.Module, patterns: Iterable[str]) -> Target:
+        names = select_parameters(model, patterns)
+        params = dict(model.named_parameters())
+        w0 = {n: params[n].detach().clone() for n in names}
+        frozen = {n: p.detach() for n, p in params.items() if n not in w0}
+        return cls(model, names, w0, frozen)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(w.shape) for n, w in self.w0.items()}
+
+    def forward(self, inputs: Inputs, params: dict[str, Tensor] | None = None) -> Tensor:
+        """f(inputs, W) with W = W0 except the given tensors; batch-first output tensor."""
+        params = self.w0 if params is None else params
+        args = (inputs,) if isinstance(inputs, Tensor) else ()
+        kwargs = {} if isinstance(inputs, Tensor) else dict(inputs)
+        return output_tensor(functional_call(self.model, {**self.frozen, **params}, args, kwargs))
+
+    @torch.no_grad()
+    def outputs(self, inputs: Inputs) -> Tensor:
+        return self.forward(inputs)
+
+    def moved(
+        self, direction: dict[str, Tensor], delta: float, names: Iterable[str] | None = None
+    ) -> dict[str, Tensor]:
+        """W0 + delta * direction (eq. 9), on `names` only (default: every decomposed tensor)."""
+        names = set(self.names if names is None else names)
+        return {n: w + delta * direction[n] if n in names else w for n, w in self.w0.items()}

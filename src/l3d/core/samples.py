@@ -1,0 +1,190 @@
+"""Samples: the user's data as batches of inputs, and the one map from a batch to its sample rows.
+
+A sample is one row of the coefficient matrix c (Section 2.3): an input, or with per_token a
+(sequence, position) pair whose attention mask is 1 (Section 3.5.1: each token of a language model
+is a sample; padding never is). `SampleRows` is the only code that turns (batch, seq, ...) tensors
+into (n_samples, ...) rows and back; every backend, the references and the analysis go through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from l3d.errors import L3DError
+
+Inputs = Tensor | dict[str, Tensor]
+
+
+def describe_inputs(inputs: Inputs) -> str:
+    """'tensor float32 (2, 5)' or 'dict {input_ids: int64 (2, 16), ...}' for error messages."""
+
+    def one(t: Tensor) -> str:
+        return f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+
+    if isinstance(inputs, Tensor):
+        return f"tensor {one(inputs)}"
+    return "dict {" + ", ".join(f"{k}: {one(v)}" for k, v in inputs.items()) + "}"
+
+
+def batch_size_of(inputs: Inputs) -> int:
+    return (inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))).shape[0]
+
+
+def take(inputs: Inputs, index: Tensor | slice) -> Inputs:
+    if isinstance(inputs, Tensor):
+        return inputs[index]
+    return {k: v[index] for k, v in inputs.items()}
+
+
+def to_device(inputs: Inputs, device: torch.device | str) -> Inputs:
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _as_inputs(batch: object) -> Inputs:
+    """A batch as given by the user: a tensor, a dict of tensors, or a (inputs, labels...) tuple."""
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]  # L3D is unsupervised: labels from a DataLoader are ignored.
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping) and all(isinstance(v, Tensor) for v in batch.values()):
+        return dict(batch)
+    raise L3DError(
+        f"a data batch is a {type(batch).__name__}; L3D takes a tensor of inputs, a dict of tensors "
+        "(e.g. input_ids + attention_mask), or an iterable of such batches"
+    )
+
+
+def check_finite(inputs: Inputs, what: str = "data") -> None:
+    tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs.values())
+    for t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise L3DError(
+                f"{what} contains {bad} NaN/inf values: clean or drop those samples first"
+            )
+
+
+class Dataset:
+    """The user's data as re-iterable batches: a tensor / dict of tensors (shuffled and batched
+    here, seeded) or an iterable of batches (used as given, each epoch)."""
+
+    def __init__(self, data: object, batch_size: int, device: str | torch.device = "cpu") -> None:
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        if isinstance(data, (Tensor, Mapping)):
+            self.inputs: Inputs | None = _as_inputs(data)
+            self.batches_given = None
+            n = batch_size_of(self.inputs)
+            if n < 2:
+                raise L3DError(
+                    f"L3D needs at least 2 samples (each sample's reference is another sample); got {n}"
+                )
+            check_finite(self.inputs)
+        else:
+            if not isinstance(data, Iterable):
+                raise L3DError(
+                    f"data is a {type(data).__name__}; pass a tensor of inputs, a dict of tensors, "
+                    "or an iterable of batches"
+                )
+            if iter(data) is data:
+                raise L3DError(
+                    "data is a one-shot iterator, but L3D iterates over it once per epoch: pass a "
+                    "list of batches or a DataLoader"
+                )
+            self.inputs = None
+            self.batches_given = data
+
+    @property
+    def n_samples(self) -> int | None:
+        return None if self.inputs is None else batch_size_of(self.inputs)
+
+    def batches(self, generator: torch.Generator | None, shuffle: bool = True) -> Iterator[Inputs]:
+        if self.inputs is None:
+            for batch in self.batches_given:
+                inputs = _as_inputs(batch)
+                if batch_size_of(inputs) < 2:
+                    continue  # a lone sample has no other sample to serve as its reference
+                check_finite(inputs, "a data batch")
+                yield to_device(inputs, self.device)
+            return
+        n = batch_size_of(self.inputs)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size]
+            if len(index) >= 2:
+                yield to_device(take(self.inputs, index), self.device)
+
+    def n_batches(self) -> int | None:
+        if self.inputs is None:
+            try:
+                return len(self.batches_given)  # type: ignore[arg-type]
+            except TypeError:
+                return None
+        n = batch_size_of(self.inputs)
+        full, rest = divmod(n, self.batch_size)
+        return full + (rest >= 2)
+
+
+@dataclass(frozen=True)
+class SampleRows:
+    """Which entries of a batch's outputs are samples, and the map to and from sample rows.
+
+    Without per_token every input is one sample. With per_token, outputs are (batch, seq, ...) and
+    `mask` (batch, seq) marks the positions that are samples: the attention mask when the inputs
+    carry one, else every position. Rows are ordered sequence-major, then by position.
+    """
+
+    per_token: bool
+    mask: Tensor | None
+    """(batch, seq) bool with per_token; None without."""
+
+    @classmethod
+    def of(cls, inputs: Inputs, per_token: bool) -> SampleRows:
+        if not per_token:
+            return cls(False, None)
+        if isinstance(inputs, dict) and "attention_mask" in inputs:
+            return cls(True, inputs["attention_mask"].bool())
+        ids = inputs["input_ids"] if isinstance(inputs, dict) and "input_ids" in inputs else None
+        if ids is None:
+            ids = inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))
+        if ids.dim() < 2:
+            raise L3DError(
+                f"per_token=True needs inputs shaped (batch, seq, ...); got {describe_inputs(inputs)}"
+            )
+        return cls(True, torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device))
+
+    def count(self, batch: int) -> int:
+        """Number of samples in a batch of `batch` inputs."""
+        return batch if self.mask is None else int(self.mask.sum())
+
+    def rows(self, x: Tensor) -> Tensor:
+        """(batch, seq, ...) -> (n_samples, ...) with per_token; unchanged (batch, ...) without."""
+        return x if self.mask is None else x[self.mask.to(x.device)]
+
+    def fill(self, rows: Tensor, full: Tensor) -> Tensor:
+        """Inverse of `rows`: a copy of `full` (shaped like the batch's outputs) whose sample
+        entries are replaced by `rows`; entries that are no sample keep full's value."""
+        if self.mask is None:
+            return rows.reshape(full.shape)
+        out = full.clone()
+        out[self.mask.to(full.device)] = rows
+        return out
+
+    def weights(self, like: Tensor) -> Tensor | None:
+        """(batch, seq, 1) 0/1 factors that zero what is no sample, or None when all are."""
+        if self.mask is None:
+            return None
+        return self.mask.to(like.device, like.dtype).unsqueeze(-1)
+
+    def positions(self, batch: int) -> Tensor:
+        """(n_samples, 2) long: (input row, token position) of each sample, in row order; the
+        position is 0 without per_token."""
+        if self.mask is None:
+            return torch.stack([torch.arange(batch), torch.zeros(batch, dtype=torch.long)], 1)
+        return torch.nonzero(self.mask.cpu())

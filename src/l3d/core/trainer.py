@@ -1,0 +1,166 @@
+"""The trainer: runs Algorithm 1's steps over epochs with the paper's schedule (AdamW, learning-rate
+decay, warm start, unit-norm projection of V_out), optional resampling, and a state that checkpoints
+and resumes to the same result."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from l3d.config import L3DConfig
+from l3d.core.algorithm import (
+    DENSE_DIRECTIONS_MAX,
+    Losses,
+    SubnetworkPair,
+    chunked_step,
+    step_losses,
+)
+from l3d.core.gradients import ChunkedGradients, GradientBatch, GradientSource
+from l3d.core.resampling import Resampler
+
+
+@contextmanager
+def single_thread_if(enabled: bool) -> Iterator[None]:
+    """Run the block with one intra-op CPU thread, restoring the caller's setting after."""
+    if not enabled:
+        yield
+        return
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+@contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """Run the block at torch's float32 matmul `precision`, restoring the caller's after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    losses: Losses
+    active: Tensor
+    """(n_v,) number of samples in which each subnetwork was in the top-k."""
+    n_samples: int
+
+
+class Trainer:
+    """Runs Algorithm 1. State (subnetworks, optimiser, schedule, RNG, epoch) is all in
+    `state_dict()`, so a run can be checkpointed and resumed to the same result."""
+
+    def __init__(self, config: L3DConfig, source: GradientSource, pair: SubnetworkPair) -> None:
+        self.config, self.source, self.pair = config, source, pair
+        self.resampler = Resampler.from_config(config)
+        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        wd = config.weight_decay if config.optimizer == "adamw" else 0.0
+        # The fused kernel updates every factor in one call: on toy problems the per-tensor
+        # optimiser loop otherwise costs about as much as the rest of the step.
+        self.optimizer = opt_cls(pair.parameters(), lr=config.lr, weight_decay=wd, fused=True)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict] = []
+
+    def lr_at(self, step: int, epoch: int) -> float:
+        c = self.config
+        n = (step if c.lr_decay_unit == "step" else epoch) // c.lr_decay_every
+        return c.lr * c.lr_decay**n
+
+    def top_k_at(self, epoch: int) -> float:
+        c = self.config
+        return c.warm_start_top_k if epoch < c.warm_start_epochs else c.top_k
+
+    def train_step(self, batch: GradientBatch) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step, self.epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with matmul_precision(self.config.matmul_precision):
+            if isinstance(batch, ChunkedGradients):
+                result, mask = chunked_step(
+                    self.pair, batch, self.top_k_at(self.epoch), self.config.loss
+                )
+            else:
+                result, mask = step_losses(self.pair, batch, self.top_k_at(self.epoch))
+                result.get(self.config.loss).backward()
+        self.optimizer.step()
+        self.pair.v_out.normalize_()
+        self.step += 1
+        return StepResult(
+            losses=result.detach(),
+            active=mask.sum(0).cpu(),
+            n_samples=batch.n_samples,
+        )
+
+    def _tiny(self) -> bool:
+        """Small enough that every op is a few microseconds: extra CPU threads only add
+        synchronisation, and on a shared machine they stall the step by orders of magnitude."""
+        v = self.pair.v_out
+        return self.config.device == "cpu" and v.n_subnetworks * v.n_weights <= DENSE_DIRECTIONS_MAX
+
+    def run_epoch(self, on_step: Callable[[StepResult], None] | None = None) -> dict:
+        start = time.perf_counter()
+        totals = {"paper": 0.0, "pooled_squared": 0.0}
+        active = torch.zeros(self.config.n_subnetworks)
+        n_batches = n_samples = 0
+        lr = self.lr_at(self.step, self.epoch)
+        # The precision also covers the model's forward and backward that produce the gradients.
+        with single_thread_if(self._tiny()), matmul_precision(self.config.matmul_precision):
+            for batch in self.source.epoch(self.generator):
+                r = self.train_step(batch)
+                totals["paper"] += r.losses.paper.item()
+                totals["pooled_squared"] += r.losses.pooled_squared.item()
+                active += r.active
+                n_batches += 1
+                n_samples += r.n_samples
+                if on_step is not None:
+                    on_step(r)
+        record = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss_paper": totals["paper"] / max(n_batches, 1),
+            "loss_pooled_squared": totals["pooled_squared"] / max(n_batches, 1),
+            "lr": lr,
+            "top_k": self.top_k_at(self.epoch),
+            "live_subnetworks": int((active > 0).sum()),
+            "seconds": time.perf_counter() - start,
+        }
+        self.epoch += 1
+        if self.resampler is not None:
+            # Seeded by the epoch and reads only the trainer's state, so a resumed run replays it.
+            resampled = self.resampler(
+                self.pair, self.source, self.optimizer, self.epoch, self.top_k_at(self.epoch)
+            )
+            if resampled:
+                record["resampled"] = resampled
+        self.history.append(record)
+        return record
+
+    def state_dict(self) -> dict:
+        return {
+            "pair": self.pair.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pair.load_state_dict(state["pair"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = list(state["history"])
