@@ -381,14 +381,18 @@ def test_sample_chunks_match_the_whole_batch(loss):
 
 
 @pytest.mark.parametrize("loss", ["paper", "pooled_squared"])
-def test_sequence_chunks_match_the_whole_batch_per_token(loss):
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_sequence_chunks_match_the_whole_batch_per_token(loss, with_mask):
     """sequence_chunk_size with per-token samples: chunks of whole sequences (padding included)
-    give the whole batch's references, losses, top-k mask and factor gradients."""
+    give the whole batch's references, losses, top-k mask and factor gradients; token ids without
+    an attention mask make every position a sample."""
     from l3d.core.gradients import ChunkedGradients
 
     torch.manual_seed(0)
     model = TokenModel().eval()
     inputs = token_batch()  # 3 sequences with 5, 7 and 6 valid tokens
+    if not with_mask:
+        inputs = inputs["input_ids"]  # 3 x 7 tokens, all samples
     target = Target.create(model, ["embed.weight", "mix.*", "norm.*", "head.weight"])
 
     def batch_and_pair(sequence_chunk_size):
@@ -410,8 +414,9 @@ def test_sequence_chunks_match_the_whole_batch_per_token(loss):
     whole, pair = batch_and_pair(None)
     chunked, chunked_pair = batch_and_pair(2)
     assert isinstance(whole, StructuredGradients) and isinstance(chunked, ChunkedGradients)
-    assert [p().n_samples for p in chunked.parts] == [12, 6]
-    assert chunked.n_samples == whole.n_samples == 18
+    sizes, total = ([12, 6], 18) if with_mask else ([14, 7], 21)
+    assert [p().n_samples for p in chunked.parts] == sizes
+    assert chunked.n_samples == whole.n_samples == total
     assert_chunked_step_matches(whole, pair, chunked, chunked_pair, loss)
 
 
