@@ -383,16 +383,14 @@ class Decomposition:
         for c, rows in enumerate(tqdm(chunks, desc="impact", unit="chunk", disable=not progress)):
             chunk = to_device(take(inputs, rows), self.device)
             source = self.gradient_source(chunk)
-            sums: list[Tensor | None] = [None] * len(directions)
+            sums: list[Tensor] = []
             for j in range(n_references):
                 generator = torch.Generator().manual_seed(seed + c * n_references + j)
                 batch = source.batch(chunk, None, generator)
-                for i, v in enumerate(directions):
-                    c_abs = batch.project(v).abs()
-                    sums[i] = c_abs if sums[i] is None else sums[i] + c_abs
-            for total, s in zip(totals, sums):
-                assert s is not None
-                total.append((s / n_references).cpu())
+                c_abs = [batch.project(v).abs() for v in directions]
+                sums = c_abs if not sums else [s + a for s, a in zip(sums, c_abs)]
+            for parts, s in zip(totals, sums):
+                parts.append((s / n_references).cpu())
         return [torch.cat(t) for t in totals]
 
     # Interventions (Section 2.5, eq. 9) ----------------------------------------------------
@@ -474,7 +472,7 @@ class Decomposition:
             return self.divergence.read(self.target.forward(sub, params))
 
         with torch.no_grad():
-            _, d_out = jvp(outputs, (self.target.w0,), ({n: tangent[n] for n in self.names},))
+            d_out = jvp(outputs, (self.target.w0,), ({n: tangent[n] for n in self.names},))[1]
         return select(d_out).cpu()
 
     @contextmanager

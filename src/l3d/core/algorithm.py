@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from l3d.core.gradients import ChunkedGradients, DenseGradients, GradientBatch, GradientSource
-from l3d.core.subnetworks import Subnetworks
+from l3d.core.subnetworks import Factorization, Subnetworks
 
 
 def n_kept(top_k: float, n_coefficients: int) -> int:
@@ -125,7 +125,7 @@ class SubnetworkPair(nn.Module):
         shapes: dict[str, tuple[int, ...]],
         n_subnetworks: int,
         ranks: dict[str, int],
-        factorization: str,
+        factorization: Factorization,
         generator: torch.Generator,
     ) -> SubnetworkPair:
         """Random factors; V_out normalised; V_in starts equal to V_out, so the first coefficients
@@ -146,15 +146,14 @@ DENSE_DIRECTIONS_MAX = 1 << 20
 def step_losses(pair: SubnetworkPair, batch: GradientBatch, top_k: float) -> tuple[Losses, Tensor]:
     """Losses and top-k mask for one batch (differentiable in the subnetworks)."""
     v_in, v_out = pair.v_in, pair.v_out
-    dense = (
+    if (
         isinstance(batch, DenseGradients)
         and list(batch.grads) == v_out.names
         and (
             v_out.n_subnetworks * v_out.n_weights <= DENSE_DIRECTIONS_MAX
             or v_out.n_subnetworks <= batch.n_samples
         )
-    )
-    if dense:
+    ):
         g = batch.flatten()  # (n_s, n_w)
         v_in_flat, v_out_flat = v_in.materialize_flat(), v_out.materialize_flat()  # (n_v, n_w)
         c, d, gram = g @ v_in_flat.T, g @ v_out_flat.T, v_out_flat @ v_out_flat.T

@@ -18,7 +18,7 @@ from torch import Tensor
 from l3d.config import L3DConfig
 from l3d.core.algorithm import SubnetworkPair, batch_top_k, evaluate
 from l3d.core.gradients import GradientSource
-from l3d.core.subnetworks import Subnetworks
+from l3d.core.subnetworks import Subnetworks, total
 
 
 @dataclass
@@ -106,7 +106,7 @@ def residual_directions(
             name: g - torch.einsum("sk,k...->s...", kept, dense_out[name])
             for name, g in grads.items()
         }
-        errors = sum(r.flatten(1).pow(2).sum(1) for r in residual.values())
+        errors = total(r.flatten(1).pow(2).sum(1) for r in residual.values())
         i = int(errors.argmax())
         candidates.append((float(errors[i]), {name: r[i] for name, r in residual.items()}))
     candidates.sort(key=lambda item: -item[0])
@@ -128,7 +128,7 @@ def _flat(direction: dict[str, Tensor]) -> Tensor:
 def set_direction_(subnetworks: Subnetworks, k: int, direction: dict[str, Tensor]) -> None:
     """Set subnetwork k's factors to the best low-rank fit of `direction` per tensor: a truncated
     SVD for matrices, the vector itself for 1-d tensors, a random direction otherwise (CP only)."""
-    for name, factors in zip(subnetworks.names, subnetworks.tensors):
+    for name, factors in zip(subnetworks.names, subnetworks.factors):
         target = direction[name].reshape(factors.work_shape)
         if factors.core is not None or target.dim() > 2:
             continue

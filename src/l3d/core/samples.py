@@ -105,7 +105,7 @@ class Dataset:
         return None if self.inputs is None else batch_size_of(self.inputs)
 
     def batches(self, generator: torch.Generator | None, shuffle: bool = True) -> Iterator[Inputs]:
-        if self.inputs is None:
+        if self.batches_given is not None:
             for batch in self.batches_given:
                 inputs = _as_inputs(batch)
                 if batch_size_of(inputs) < 2:
@@ -113,6 +113,7 @@ class Dataset:
                 check_finite(inputs, "a data batch")
                 yield to_device(inputs, self.device)
             return
+        assert self.inputs is not None
         n = batch_size_of(self.inputs)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):

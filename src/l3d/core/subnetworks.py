@@ -8,8 +8,11 @@ vectorised over subnetworks; the only Python loop is over the (few) decomposed t
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal
+import operator
+from collections.abc import Iterable
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +24,11 @@ Factorization = Literal["cp", "tucker"]
 MODES = "abcdefgh"
 TUCKER_K = "ABCDEFGH"
 TUCKER_L = "IJKLMNOP"
+
+
+def total(tensors: Iterable[Tensor]) -> Tensor:
+    """The sum of a non-empty iterable of tensors (typed, unlike sum() with its 0 start)."""
+    return functools.reduce(operator.add, tensors)
 
 
 def max_rank(shape: tuple[int, ...], factorization: Factorization) -> int:
@@ -151,12 +159,9 @@ class TensorFactors(nn.Module):
         if n_v * (max(ranks) + n_v) * numel < factored:
             dense = self.materialize().reshape(n_v, -1)
             return dense @ dense.T
-        if self.core is None:
-            prod = None
-            for f in self.modes:
-                m = _ModeGram.apply(f)  # (n_v, R, n_v, R)
-                prod = m if prod is None else prod * m
-            return prod.sum(dim=(1, 3))
+        if self.core is None:  # the CP Gram is the elementwise product of the mode Grams
+            mode_grams = (cast(Tensor, _ModeGram.apply(f)) for f in self.modes)  # (n_v, R, n_v, R)
+            return functools.reduce(operator.mul, mode_grams).sum(dim=(1, 3))
         k_r, l_r = TUCKER_K[: self._m], TUCKER_L[: self._m]
         subs = [f"k{k_r}", f"l{l_r}"] + [f"k{k_r[j]}l{l_r[j]}" for j in range(self._m)]
         mats = [_ModeGram.apply(f) for f in self.modes]
@@ -165,11 +170,8 @@ class TensorFactors(nn.Module):
     def sq_norms(self) -> Tensor:
         """||V_k||^2 per subnetwork, (n_v,), without the off-diagonal Gram work."""
         if self.core is None:
-            prod = None
-            for f in self.modes:
-                m = f @ f.transpose(1, 2)  # (n_v, R, R): "kra,kqa->krq"
-                prod = m if prod is None else prod * m
-            return prod.sum(dim=(1, 2))
+            mode_grams = (f @ f.transpose(1, 2) for f in self.modes)  # (n_v, R, R): "kra,kqa->krq"
+            return functools.reduce(operator.mul, mode_grams).sum(dim=(1, 2))
         k_r, l_r = TUCKER_K[: self._m], TUCKER_L[: self._m]
         subs = [f"k{k_r}", f"k{l_r}"] + [f"k{k_r[j]}{l_r[j]}" for j in range(self._m)]
         mats = [torch.einsum("kpa,kqa->kpq", f, f) for f in self.modes]
@@ -204,9 +206,11 @@ class TensorFactors(nn.Module):
             )
             return L, M.reshape(M.shape[0], M.shape[1], -1)
         ranks = TUCKER_K[: self._m]
-        subs = [f"k{ranks}"] + [f"k{ranks[j]}{MODES[j]}" for j in others]
+        core_subs = [f"k{ranks}"] + [f"k{ranks[j]}{MODES[j]}" for j in others]
         out = f"k{ranks[out_mode]}{''.join(MODES[j] for j in others)}"
-        M = torch.einsum(",".join(subs) + "->" + out, self.core, *[self.modes[j] for j in others])
+        M = torch.einsum(
+            ",".join(core_subs) + "->" + out, self.core, *[self.modes[j] for j in others]
+        )
         return self.modes[out_mode], M.reshape(M.shape[0], M.shape[1], -1)
 
     @torch.no_grad()
@@ -244,22 +248,27 @@ class Subnetworks(nn.Module):
         )
 
     @property
+    def factors(self) -> list[TensorFactors]:
+        """The factors of each decomposed tensor, in `names` order."""
+        return cast(list[TensorFactors], list(self.tensors))
+
+    @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: t.shape for n, t in zip(self.names, self.tensors)}
+        return {n: t.shape for n, t in zip(self.names, self.factors)}
 
     @property
     def ranks(self) -> dict[str, int]:
         """Effective rank per tensor (the requested rank capped at the tensor's largest)."""
-        return {n: t.rank for n, t in zip(self.names, self.tensors)}
+        return {n: t.rank for n, t in zip(self.names, self.factors)}
 
     def materialize(self) -> dict[str, Tensor]:
         """Dense directions {name: (n_v, *shape)}. Costs n_v x n_w memory: for inspection only."""
-        return {n: t.materialize() for n, t in zip(self.names, self.tensors)}
+        return {n: t.materialize() for n, t in zip(self.names, self.factors)}
 
     @property
     def n_weights(self) -> int:
         """n_w: parameters over all decomposed tensors."""
-        return sum(math.prod(t.shape) for t in self.tensors)
+        return sum(math.prod(t.shape) for t in self.factors)
 
     def materialize_flat(self) -> Tensor:
         """Dense directions as one (n_v, n_w) matrix, tensors concatenated in `names` order.
@@ -267,25 +276,25 @@ class Subnetworks(nn.Module):
         Differentiable; for small n_v x n_w it turns projections and the Gram matrix into single
         matrix products, far fewer kernel launches than the per-tensor contractions.
         """
-        return torch.cat([t.materialize().reshape(self.n_subnetworks, -1) for t in self.tensors], 1)
+        return torch.cat([t.materialize().reshape(self.n_subnetworks, -1) for t in self.factors], 1)
 
     def direction(self, k: int) -> dict[str, Tensor]:
         """Subnetwork k as {name: tensor shaped like the parameter}."""
         if not 0 <= k < self.n_subnetworks:
             raise IndexError(f"subnetwork {k} out of range: there are {self.n_subnetworks}")
-        return {n: t.direction(k) for n, t in zip(self.names, self.tensors)}
+        return {n: t.direction(k) for n, t in zip(self.names, self.factors)}
 
     def inner(self, grads: dict[str, Tensor]) -> Tensor:
         """sum_tensors <V_k, g_s> for dense per-sample gradients {name: (n_s, *shape)} -> (n_s, n_v)."""
-        return sum(t.inner(grads[n]) for n, t in zip(self.names, self.tensors))
+        return total(t.inner(grads[n]) for n, t in zip(self.names, self.factors))
 
     def gram(self) -> Tensor:
         """G = V V^T, (n_v, n_v), summed over tensors."""
-        return sum(t.gram() for t in self.tensors)
+        return total(t.gram() for t in self.factors)
 
     def sq_norms(self) -> Tensor:
         """Global squared L2 norm of each subnetwork over all its tensors, (n_v,)."""
-        return sum(t.sq_norms() for t in self.tensors)
+        return total(t.sq_norms() for t in self.factors)
 
     @torch.no_grad()
     def normalize_(self, eps: float = 1e-12) -> None:
@@ -297,12 +306,12 @@ class Subnetworks(nn.Module):
         factor = self.sq_norms().clamp_min(eps).rsqrt()
         # Spread the scale over tensors equally so no tensor's factors shrink towards zero alone:
         # scaling every tensor of subnetwork k by the same factor scales V_k by that factor.
-        for t in self.tensors:
+        for t in self.factors:
             t.scale_(factor)
 
     @torch.no_grad()
     def copy_(self, other: Subnetworks) -> None:
-        for mine, theirs in zip(self.tensors, other.tensors):
+        for mine, theirs in zip(self.factors, other.factors):
             mine.copy_(theirs)
 
     def random_like(self, seed: int) -> Subnetworks:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -127,7 +128,7 @@ class Trainer:
                 n_samples += r.n_samples
                 if on_step is not None:
                     on_step(r)
-        record = {
+        record: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self.step,
             "loss_paper": totals["paper"] / max(n_batches, 1),

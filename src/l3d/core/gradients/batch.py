@@ -8,14 +8,14 @@ never materialises the (samples x parameters) array.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from l3d.core.subnetworks import Subnetworks
+from l3d.core.subnetworks import Subnetworks, total
 from l3d.errors import L3DError
 
 
@@ -89,7 +89,7 @@ class DenseGradients:
 
     def sq_norms(self) -> Tensor:
         if self._sq_norms is None:
-            self._sq_norms = sum(g.flatten(1).pow(2).sum(1) for g in self.grads.values())
+            self._sq_norms = total(g.flatten(1).pow(2).sum(1) for g in self.grads.values())
         return self._sq_norms
 
     def dense(self) -> dict[str, Tensor]:
@@ -105,7 +105,7 @@ class ChunkedGradients:
     called: a training step takes two passes over the chunks (algorithm.chunked_step).
     """
 
-    parts: list[Callable[[], GradientBatch]]
+    parts: Sequence[Callable[[], GradientBatch]]
     n_samples: int
 
     def chunks(self) -> Iterator[GradientBatch]:

@@ -45,6 +45,7 @@ class JacobianCache:
                 return self.target.forward(unsqueeze(x), params)[0]
 
             jac = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=self.chunk_size or 256)
+            assert self.dataset.inputs is not None  # checked in __init__
             inputs = to_device(self.dataset.inputs, self.dataset.device)
             jacobians = jac(self.target.w0, inputs)
             self._outputs = self.target.outputs(inputs)

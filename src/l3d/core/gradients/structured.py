@@ -20,11 +20,13 @@ through it gives every token's cotangent, and only the cheap part below it runs 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ from l3d.core.gradients.batch import check_finite_gradients
 from l3d.core.gradients.torchfunc import per_sample_gradients
 from l3d.core.model import Target
 from l3d.core.samples import Inputs, SampleRows
-from l3d.core.subnetworks import Subnetworks, TensorFactors
+from l3d.core.subnetworks import Subnetworks, TensorFactors, total
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +119,9 @@ class StructuredPlan:
                 reason = f"parameter '{local}' of {type(module).__name__}"
             elif uses[id(params[name])] > 1:
                 reason = "tied to another module's parameter"
-            if reason is not None:
+            if module is None or kind is None or reason is not None:
                 generic.append(name)
-                paths[name] = f"generic torch.func ({reason})"
+                paths[name] = f"generic torch.func ({reason or 'not supported'})"
                 continue
             site = by_module.setdefault(module_name, _Site(module_name, module, kind, {}))
             site.tensors[local] = name
@@ -165,7 +167,7 @@ def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
         x,
         module.kernel_size,
         dilation=module.dilation,
-        padding=module.padding,
+        padding=cast(tuple[int, int], module.padding),  # str padding takes the generic path
         stride=module.stride,
     )  # (n, C * kh * kw, L), channel-major
     g = module.groups
@@ -285,25 +287,17 @@ class StructuredGradients:
         return self.rows.rows(x) if self.rows.per_token else x[:, 0]
 
     def project(self, subnetworks: Subnetworks) -> Tensor:
-        factors = dict(zip(subnetworks.names, subnetworks.tensors))
-        total = None
-        for name, sig in self.matrices.items():
-            c = self._rows(_project_matrix(sig, factors[name]))
-            total = c if total is None else total + c
-        for name, g in self.vectors.items():
-            c = factors[name].inner(g)
-            total = c if total is None else total + c
-        return total
+        factors = dict(zip(subnetworks.names, subnetworks.factors))
+        matrices = (
+            self._rows(_project_matrix(sig, factors[n])) for n, sig in self.matrices.items()
+        )
+        vectors = (factors[n].inner(g) for n, g in self.vectors.items())
+        return total(itertools.chain(matrices, vectors))
 
     def sq_norms(self) -> Tensor:
-        total = None
-        for sig in self.matrices.values():
-            s = self._rows(_sq_norms_matrix(sig))
-            total = s if total is None else total + s
-        for g in self.vectors.values():
-            s = g.flatten(1).pow(2).sum(1)
-            total = s if total is None else total + s
-        return total
+        matrices = (self._rows(_sq_norms_matrix(sig)) for sig in self.matrices.values())
+        vectors = (g.flatten(1).pow(2).sum(1) for g in self.vectors.values())
+        return total(itertools.chain(matrices, vectors))
 
     def dense(self) -> dict[str, Tensor]:
         """The per-sample gradients formed from the signals, {name: (n_samples, *shape)}."""
@@ -498,38 +492,41 @@ def _signals(
                 dd = d.reshape(t, batch, -1, 1, out)
                 aa = _as_positions(a, batch, a.shape[-1]).unsqueeze(2)
             elif site.kind == "conv2d":
-                dd = _conv_delta(m, d)
-                aa = _conv_patches(m, a)
+                dd = _conv_delta(cast(nn.Conv2d, m), d)
+                aa = _conv_patches(cast(nn.Conv2d, m), a)
             elif site.kind == "embedding":
                 dd = d.reshape(t, batch, -1, 1, d.shape[-1])
                 aa = a.reshape(batch, -1)
-                if m.padding_idx is not None:  # the padding row never receives gradient
-                    dd = dd * (aa != m.padding_idx)[None, :, :, None, None].to(dd.dtype)
+                padding_idx = cast(nn.Embedding, m).padding_idx
+                if padding_idx is not None:  # the padding row never receives gradient
+                    dd = dd * (aa != padding_idx)[None, :, :, None, None].to(dd.dtype)
             else:  # layernorm
-                shape = m.normalized_shape
-                size = math.prod(shape)
-                xhat = F.layer_norm(a, shape, None, None, m.eps)
+                norm = cast(nn.LayerNorm, m)
+                size = math.prod(norm.normalized_shape)
+                xhat = F.layer_norm(a, norm.normalized_shape, None, None, norm.eps)
                 dd = d.reshape(t, batch, -1, size)
                 aa = xhat.reshape(batch, -1, size)
             weight_parts.append(dd)
             a_parts.append(aa)
             bias_parts.append(dd)
         if site.kind == "layernorm":
-            shape = tuple(m.normalized_shape)
+            shape = tuple(cast(nn.LayerNorm, m).normalized_shape)
             if "weight" in site.tensors:
-                w = sum(torch.einsum("tnsf,nsf->tnf", d, a) for d, a in zip(weight_parts, a_parts))
+                w = total(
+                    torch.einsum("tnsf,nsf->tnf", d, a) for d, a in zip(weight_parts, a_parts)
+                )
                 vectors[site.tensors["weight"]] = w.reshape(*w.shape[:2], *shape)
             if "bias" in site.tensors:
-                b = sum(d.sum(2) for d in bias_parts)
+                b = total(d.sum(2) for d in bias_parts)
                 vectors[site.tensors["bias"]] = b.reshape(*b.shape[:2], *shape)
             continue
         if "weight" in site.tensors:
             out_mode = 1 if site.kind in ("conv1d", "embedding") else 0
-            groups = m.groups if site.kind == "conv2d" else 1
+            groups = cast(nn.Conv2d, m).groups if site.kind == "conv2d" else 1
+            weight = cast(Tensor, m.weight)
             matrices[site.tensors["weight"]] = _MatrixSignal(
-                _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, tuple(m.weight.shape), groups
+                _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, tuple(weight.shape), groups
             )
         if "bias" in site.tensors:
-            b = sum(d.sum(2).flatten(2) for d in bias_parts)  # (T, n, out)
-            vectors[site.tensors["bias"]] = b
+            vectors[site.tensors["bias"]] = total(d.sum(2).flatten(2) for d in bias_parts)
     return matrices, vectors
