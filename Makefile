@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m l3d.demo --out runs/demo
+	$(PY) -m l3d.demos.tms --out runs/demo
 
 # The report's browser tests use headless Chromium: try Debian's package (needs root), quietly;
 # never fail here (the tests skip with a message when it is missing).

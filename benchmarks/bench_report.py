@@ -11,22 +11,19 @@ and the size of the page and its images.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from l3d import io
 from l3d.config import L3DConfig
 from l3d.core.algorithm import SubnetworkPair
 from l3d.report import write_report
 
 
 def fake_run(run: Path, n_subnetworks: int = 100, rank: int = 25) -> None:
-    folder = run / "decomposition"
-    folder.mkdir(parents=True)
     shapes = {f"transformer.h.4.attn.attention.{p}_proj.weight": (256, 256) for p in "qkv"}
     shapes |= {"transformer.h.4.attn.attention.out_proj.weight": (256, 256)}
     shapes |= {"transformer.h.4.attn.attention.out_proj.bias": (256,)}
@@ -35,10 +32,8 @@ def fake_run(run: Path, n_subnetworks: int = 100, rank: int = 25) -> None:
     )
     ranks = {n: rank for n in shapes}
     pair = SubnetworkPair.initialize(shapes, n_subnetworks, ranks, "cp", torch.Generator())
-    tensors = {k: v.detach().contiguous() for k, v in pair.state_dict().items()}
     p_active = torch.rand(n_subnetworks, generator=torch.Generator().manual_seed(0)) * 0.2
     p_active[: n_subnetworks // 10] = 0
-    save_file({**tensors, "p_active": p_active}, str(folder / "subnetworks.safetensors"))
     history = [
         {
             "epoch": i,
@@ -52,21 +47,13 @@ def fake_run(run: Path, n_subnetworks: int = 100, rank: int = 25) -> None:
         }
         for i in range(100)
     ]
-    meta = {
-        "format_version": 1,
-        "names": list(shapes),
-        "shapes": {n: list(s) for n, s in shapes.items()},
-        "ranks": ranks,
-        "evaluation": {
-            "loss_paper": history[-1]["loss_paper"],
-            "loss_pooled_squared": history[-1]["loss_pooled_squared"],
-            "n_samples": 160_000,
-            "dead_subnetworks": list(range(n_subnetworks // 10)),
-        },
-        "history": history,
+    evaluation = {
+        "loss_paper": history[-1]["loss_paper"],
+        "loss_pooled_squared": history[-1]["loss_pooled_squared"],
+        "n_samples": 160_000,
+        "dead_subnetworks": list(range(n_subnetworks // 10)),
     }
-    (folder / "decomposition.json").write_text(json.dumps(meta))
-    config.to_yaml(folder / "config.yaml")
+    io.save_decomposition(run / "decomposition", config, pair, p_active, evaluation, history)
 
 
 def main() -> None:

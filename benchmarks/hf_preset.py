@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from l3d import hf, run
-from l3d.analysis import generate, write_analysis
+from l3d.analysis import AnalysisOptions, generate, write_analysis
 
 
 class IdTokenizer:
@@ -64,7 +64,11 @@ def main() -> None:
         analysed = {k: v[: args.n_analysis] for k, v in data.items()}
         start = time.perf_counter()
         analysis = write_analysis(
-            decomposition, analysed, out, tokenizer=IdTokenizer(), n_references=args.n_references
+            decomposition,
+            analysed,
+            out,
+            tokenizer=IdTokenizer(),
+            options=AnalysisOptions(n_references=args.n_references),
         )
         analysis_seconds = time.perf_counter() - start
         start = time.perf_counter()

@@ -13,7 +13,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from l3d import Decomposition, decompose
-from l3d.analysis import generate, top_logits, top_sample_purity, top_samples, write_analysis
+from l3d.analysis import (
+    AnalysisOptions,
+    generate,
+    top_logits,
+    top_sample_purity,
+    top_samples,
+    write_analysis,
+)
 from l3d.core.divergences import kl
 from l3d.core.samples import SampleRows
 
@@ -141,8 +148,8 @@ def test_write_analysis_files_sorted_by_p_active_with_dead_flags(classifier, tmp
     dead = Decomposition(d.config, d.subnetworks, d.history, evaluation, d.model)
     labels = [i % 3 for i in range(len(x))]
     result = write_analysis(
-        dead, x, tmp_path, labels=labels, class_names=["zero", "one", "two"], n_top=4,
-        n_references=2, progress=False,
+        dead, x, tmp_path, labels=labels, class_names=["zero", "one", "two"],
+        options=AnalysisOptions(n_top=4, n_references=2, progress=False),
     )  # fmt: skip
     saved = json.loads((tmp_path / "analysis.json").read_text())
     assert saved == json.loads(json.dumps(result))
@@ -173,7 +180,8 @@ def test_write_analysis_on_images_saves_grids(tmp_path):
     d = decompose(
         net, x, params=["0.*"], n_subnetworks=2, rank=1, epochs=1, divergence="kl", progress=False
     )
-    result = write_analysis(d, x, tmp_path, n_top=3, n_references=1, progress=False)
+    options = AnalysisOptions(n_top=3, n_references=1, progress=False)
+    result = write_analysis(d, x, tmp_path, options=options)
     for record in result["subnetworks"]:
         assert (tmp_path / record["grid"]).is_file()
         for e in record["top_samples"]:
@@ -210,9 +218,8 @@ def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_pat
         def decode(self, token_ids):
             return " ".join(WORDS[i] for i in token_ids)
 
-    result = write_analysis(
-        d, data, tmp_path, tokenizer=Words(), n_top=3, n_references=1, progress=False
-    )
+    options = AnalysisOptions(n_top=3, n_references=1, progress=False)
+    result = write_analysis(d, data, tmp_path, tokenizer=Words(), options=options)
     for e in result["subnetworks"][0]["top_samples"]:
         row, pos = positions[e["sample"]].tolist()
         assert e["token"] == WORDS[ids[row, pos]]

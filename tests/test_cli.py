@@ -257,7 +257,7 @@ def test_installed_script_prints_no_traceback_for_a_user_error(tmp_path):
 
 @pytest.mark.slow
 def test_toy_model_source_is_trained_once_and_kept_in_the_run(tmp_path, monkeypatch):
-    """`model: {toy: tms}` trains the paper's toy through the experiment registry; the run folder
+    """`model: {toy: tms}` trains the paper's toy through the toy registry; the run folder
     keeps its weights, so reopening the run rebuilds the same model without training."""
     monkeypatch.setenv("L3D_CACHE", str(tmp_path / "cache"))
     spec = {**TINY, "model": {"toy": "tms", "options": {"seed": 0}}}
@@ -265,7 +265,7 @@ def test_toy_model_source_is_trained_once_and_kept_in_the_run(tmp_path, monkeypa
     assert main(["decompose", str(config), "--out", str(tmp_path / "run"), "-q"]) == 0
     trained = runs.open_run(tmp_path / "run").model.state_dict()
     shutil.rmtree(tmp_path / "cache")
-    monkeypatch.setattr("l3d.experiments.registry.train_toy_model", None)  # must not be called
+    monkeypatch.setattr("l3d.toys.registry.train_toy_model", None)  # must not be called
     reopened = runs.open_run(tmp_path / "run").model.state_dict()
     assert json.loads((tmp_path / "run" / "model.json").read_text())["toy"] == "tms"
     for name, value in trained.items():

@@ -12,9 +12,10 @@ from l3d.core.subnetworks import Subnetworks
 from l3d.decomposition import build
 from l3d.errors import L3DError
 from l3d.experiments import EXPERIMENTS, run_experiment
-from l3d.experiments.registry import get_spec, train_toy_model
+from l3d.experiments.registry import get_spec
 from l3d.experiments.suite import results_table
 from l3d.toys import TMS, sparse_features
+from l3d.toys.registry import TOYS, Toy, get_toy, train_toy_model
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,14 @@ def test_registry_names_the_issue_toys():
         "squares_wide",
         "resid_mlp",
     }
+    assert list(TOYS) == list(EXPERIMENTS)  # each experiment decomposes the toy of its name
+    assert all(spec.toy is TOYS[name] for name, spec in EXPERIMENTS.items())
     with pytest.raises(L3DError, match="did you mean .*tmcs"):
         get_spec("tmsc")
 
 
 def test_toy_is_trained_once_then_loaded_from_the_cache(cache):
-    spec = get_spec("tms")
+    spec = get_toy("tms")
     first = train_toy_model(spec, 1)
     files = list(cache.glob("toys/tms-seed1-*.safetensors"))
     assert len(files) == 1
@@ -150,7 +153,6 @@ def test_unit_probe_pool_gives_every_unit_enough_single_unit_samples():
     from torch import nn
 
     from l3d.experiments import metrics as M
-    from l3d.experiments.registry import Toy
     from l3d.experiments.runner import MIN_SAMPLES_PER_UNIT, unit_probe_pool
     from l3d.toys import feature_groups
 
@@ -169,8 +171,3 @@ def test_unit_probe_pool_gives_every_unit_enough_single_unit_samples():
     pool = unit_probe_pool(many, heldout, 0)
     after = torch.bincount(M.single_unit_samples(pool, many.units) + 1, minlength=41)[1:]
     assert after.min() >= MIN_SAMPLES_PER_UNIT and len(pool) <= 10_000
-
-
-def test_resid_mlp_experiment_decomposes_the_peers_bias_free_mlp():
-    model, _, _ = get_spec("resid_mlp").make(0)
-    assert [n for n, _ in model.named_parameters()] == ["mlp_in.weight", "mlp_out.weight"]

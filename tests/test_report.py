@@ -22,7 +22,7 @@ import yaml
 
 from l3d import runs
 from l3d.cli import main
-from l3d.report import plots
+from l3d.report import heatmaps
 
 TINY = {
     "model": {"python": "l3d.toys:TMS", "options": {"n_features": 5, "n_hidden": 2}},
@@ -65,7 +65,9 @@ def hostile_run(tmp_path_factory) -> Path:
     path = run_dir / "analysis" / "analysis.json"
     analysis = json.loads(path.read_text())
     (run_dir / "analysis" / "images").mkdir()
-    (run_dir / "analysis" / "images" / "digit.png").write_bytes(plots.heatmap_png(np.eye(8), 1.0))
+    (run_dir / "analysis" / "images" / "digit.png").write_bytes(
+        heatmaps.heatmap_png(np.eye(8), 1.0)
+    )
     for i, entry in enumerate(analysis["subnetworks"]):
         payload = PAYLOADS[i % len(PAYLOADS)]
         for sample in entry["top_samples"]:
@@ -100,13 +102,13 @@ def html_escaped(text: str) -> str:
 def test_max_abs_pooling_keeps_each_blocks_largest_entry():
     rng = np.random.default_rng(0)
     matrix = rng.normal(size=(7, 10))
-    pooled = plots.pool_max_abs(matrix, max_side=3)
+    pooled = heatmaps.pool_max_abs(matrix, max_side=3)
     assert pooled.shape == (3, 3)
     for i in range(3):
         for j in range(3):
             block = matrix[3 * i : 3 * i + 3, 4 * j : 4 * j + 4]
             assert pooled[i, j] == block.flat[np.abs(block).argmax()]
-    assert plots.pool_max_abs(matrix, max_side=10) is matrix
+    assert heatmaps.pool_max_abs(matrix, max_side=10) is matrix
 
 
 def test_report_of_an_unfinished_run_is_a_clear_error(tmp_path, capsys):
@@ -449,7 +451,7 @@ def test_heatmap_colours_positive_red_negative_blue_zero_white():
 
     from PIL import Image
 
-    png = plots.heatmap_png(np.array([[2.0, -2.0, 0.0, 9.0]]), scale=2.0)
+    png = heatmaps.heatmap_png(np.array([[2.0, -2.0, 0.0, 9.0]]), scale=2.0)
     image = Image.open(io.BytesIO(png)).convert("RGB")
     assert image.size == (4, 1)
     (r1, g1, b1), (r2, _, b2), white, clipped = (image.getpixel((i, 0)) for i in range(4))

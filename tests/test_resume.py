@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from l3d import runs
+from l3d import io, runs
 from l3d.cli import main
 from l3d.decomposition import build
 
@@ -182,11 +182,11 @@ def test_checkpoint_round_trip_restores_trainer_exactly(tmp_path, monkeypatch):
     for (name, a), b in zip(trainer.pair.state_dict().items(), restored.pair.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
-    def killed_mid_write(tensors, filename):
+    def killed_mid_write(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half a safetensors file")
         raise KeyboardInterrupt  # the process dies before the rename
 
-    monkeypatch.setattr(runs, "save_file", killed_mid_write)
+    monkeypatch.setattr(io, "save_file", killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
         runs.save_checkpoint(tmp_path, *runs.flatten_state(trainer.state_dict()))
     assert runs.load_checkpoint(tmp_path)["epoch"] == 2

@@ -1,7 +1,9 @@
 """Toy models and their data (Section 3, Appendix B.3)."""
 
+import pytest
 import torch
 
+from l3d.errors import L3DError
 from l3d.toys import (
     TMCS,
     TMS,
@@ -13,6 +15,7 @@ from l3d.toys import (
     sparse_features,
     train_toy,
 )
+from l3d.toys.registry import TOYS, get_toy
 
 
 def test_sparse_features_have_no_empty_rows_and_the_right_density():
@@ -83,3 +86,18 @@ def test_resid_mlp_identity_path_and_labels():
         "mlp_out.bias",
     ]
     assert torch.equal(resid_mlp_labels(torch.tensor([-1.0, 2.0])), torch.tensor([-1.0, 4.0]))
+
+
+def test_registry_makes_each_named_toy_and_names_close_matches():
+    for name, spec in TOYS.items():
+        x = spec.sample(8, torch.Generator().manual_seed(0))
+        model, label, _ = spec.make(0)
+        assert x.shape[1] == spec.units.shape[1], name
+        assert model(x).shape == label(x).shape, name
+    with pytest.raises(L3DError, match="did you mean .*tmcs"):
+        get_toy("tmsc")
+
+
+def test_resid_mlp_toy_is_the_peers_bias_free_mlp():
+    model, _, _ = get_toy("resid_mlp").make(0)
+    assert [n for n, _ in model.named_parameters()] == ["mlp_in.weight", "mlp_out.weight"]

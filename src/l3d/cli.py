@@ -244,7 +244,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from l3d import runs
 
     try:
-        from l3d.analysis import write_analysis
+        from l3d.analysis import AnalysisOptions, write_analysis
     except ImportError as err:
         raise L3DError(f"analysis (l3d.analysis) is not available: {err}") from None
     run = runs.open_run(args.run_dir)
@@ -261,17 +261,16 @@ def _analyze(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         labels=labels,
         class_names=run.spec.data.class_names,
-        n_top=args.n_top,
-        n_references=args.n_references,
-        progress=not args.quiet,
+        options=AnalysisOptions(
+            n_top=args.n_top, n_references=args.n_references, progress=not args.quiet
+        ),
     )
     _say(args, f"analysis in {run.run_dir.analysis}")
     return 0
 
 
 def _intervene(args: argparse.Namespace) -> int:
-    from l3d import runs
-    from l3d.report.plots import intervention_png
+    from l3d import plots, runs
 
     run = runs.open_run(args.run_dir)
     n_v = run.decomposition.n_subnetworks
@@ -292,7 +291,7 @@ def _intervene(args: argparse.Namespace) -> int:
             "change": change.tolist(),
         }
         (folder / f"subnetwork_{k}.json").write_text(json.dumps(result))
-        (folder / f"subnetwork_{k}.png").write_bytes(intervention_png(result))
+        (folder / f"subnetwork_{k}.png").write_bytes(plots.png(plots.intervention_figure(result)))
         _say(args, f"subnetwork {k}: {folder / f'subnetwork_{k}.json'}")
     return 0
 

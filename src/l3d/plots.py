@@ -1,20 +1,88 @@
-"""Figures (matplotlib, Agg backend): training curves, P_act bars, subnetwork network diagrams."""
+"""Every figure of l3d: training curves, P_act, subnetwork diagrams, image grids, interventions.
+
+Drawn with matplotlib's object API (`Figure`, no pyplot): no global backend is set or needed, so
+nothing opens a window and a notebook's own backend is left alone. A figure becomes a PNG file
+(`save`, written atomically through l3d.io) or PNG bytes (`png`, for the HTML report).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.image import imsave
 from torch import Tensor
+
+from l3d import io
+
+
+def subplots(
+    nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **options: Any
+) -> tuple[Figure, Any]:
+    """A new figure and its axes, as `pyplot.subplots` gives them, without pyplot."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **options)
+
+
+def save(fig: Figure, path: str | Path, dpi: int = 110, *, tight: bool = True) -> Path:
+    """Write `fig` to the PNG file `path` atomically, laid out tightly first unless tight=False."""
+    if tight:
+        fig.tight_layout()
+    io.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
+    return Path(path)
+
+
+def png(fig: Figure) -> bytes:
+    """`fig` as PNG bytes, cropped to its content (images embedded in the report)."""
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+# P_act -----------------------------------------------------------------------------------------
+
+
+def p_active_figure(
+    p_active: Tensor | np.ndarray, *, sort: bool = True, histogram: bool = False
+) -> Figure:
+    """P_act of each subnetwork as bars, dead ones (P_act = 0) in red; largest first when sort,
+    else by index. histogram: a histogram of P_act beside the bars."""
+    values = np.asarray(p_active)
+    if sort:
+        values = np.sort(values)[::-1]
+    width = max(4.0, 0.06 * len(values) + 2)
+    fig, axes = subplots(1, 1 + histogram, figsize=(width + 4 * histogram, 3), squeeze=False)
+    if histogram:
+        axes[0, 0].hist(values, bins=min(50, max(10, len(values) // 2)), color="tab:blue")
+        axes[0, 0].set_xlabel("P_act")
+        axes[0, 0].set_ylabel("subnetworks")
+    ax = axes[0, -1]
+    colors = ["tab:red" if v == 0 else "tab:blue" for v in values]
+    ax.bar(np.arange(len(values)), values, color=colors, width=0.9)
+    order = "sorted by P_act" if sort else "by index"
+    ax.set_xlabel(f"subnetwork ({order}; dead in red)")
+    ax.set_ylabel("P_act")
+    return fig
+
+
+def plot_p_active(p_active: Tensor | np.ndarray, path: str | Path, *, sort: bool = False) -> Path:
+    """The P_act figure (`p_active_figure`, without histogram) as a PNG file."""
+    return save(p_active_figure(p_active, sort=sort), path)
+
+
+# Training --------------------------------------------------------------------------------------
 
 
 def plot_training_curve(history: list[dict], path: str | Path, title: str = "L3D training") -> Path:
     """Both loss forms per epoch (log scale) with the learning rate on a twin axis."""
     epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     ax.plot(epochs, [r["loss_paper"] for r in history], label="paper: mean ‖g−ĝ‖/‖g‖")
     ax.plot(
         epochs, [r["loss_pooled_squared"] for r in history], label="pooled squared Σ‖g−ĝ‖²/Σ‖g‖²"
@@ -28,10 +96,28 @@ def plot_training_curve(history: list[dict], path: str | Path, title: str = "L3D
     lr_ax.set_yscale("log")
     lr_ax.set_ylabel("learning rate", color="grey")
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path, dpi=120)
+
+
+def loss_curves_figure(records: list[dict]) -> Figure:
+    """Both losses (log scale) and live subnetworks per epoch."""
+    fig, (ax, ax_live) = subplots(1, 2, figsize=(8, 3))
+    epochs = [r["epoch"] + 1 for r in records]
+    for key, label in (("loss_paper", "paper (eq. 8)"), ("loss_pooled_squared", "pooled squared")):
+        values = [r[key] for r in records]
+        ax.plot(epochs, values, label=label)
+    if records and all(r["loss_paper"] > 0 and r["loss_pooled_squared"] > 0 for r in records):
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reconstruction loss")
+    ax.legend()
+    ax_live.plot(epochs, [r["live_subnetworks"] for r in records], color="tab:green")
+    ax_live.set_xlabel("epoch")
+    ax_live.set_ylabel("live subnetworks")
+    return fig
+
+
+# Subnetworks -----------------------------------------------------------------------------------
 
 
 def _draw_layer(ax, weight: Tensor, x0: float, x1: float, y_in, y_out, scale: float) -> None:
@@ -59,7 +145,7 @@ def plot_mlp_subnetworks(
     red > 0, blue < 0), node rings for biases. layers: (weight name (out, in), bias name or None)
     in forward order."""
     n = len(directions)
-    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 3.2), squeeze=False)
+    fig, axes = subplots(1, n, figsize=(2.4 * n, 3.2), squeeze=False)
     for k, (ax, v) in enumerate(zip(axes[0], directions)):
         scale = max(float(t.abs().max()) for t in v.values()) or 1.0
         sizes = [v[layers[0][0]].shape[1]] + [v[w].shape[0] for w, _ in layers]
@@ -87,18 +173,67 @@ def plot_mlp_subnetworks(
                 ax.text(end + offset, y, f"{prefix}{i}", ha=side, va="center", fontsize=7)
         ax.set_title(titles[k] if titles else f"subnetwork {k}", fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save(fig, path, dpi=120)
+
+
+# Images ----------------------------------------------------------------------------------------
+
+
+def _displayable(image: Tensor) -> np.ndarray:
+    """A (channels, height, width) image scaled to [0, 1] (inputs are often normalised), as
+    (height, width) for one channel or (height, width, channels)."""
+    x = image.detach().float().cpu()
+    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+
+
+def save_image(image: Tensor, path: str | Path) -> Path:
+    """One input image as a PNG file, one pixel per entry (grey for one channel)."""
+    array = _displayable(image)
+    cmap = "gray" if array.ndim == 2 else None
+    io.atomic_write(path, lambda p: imsave(p, array, cmap=cmap, format="png"))
     return Path(path)
 
 
-def plot_p_active(p_active: Tensor, path: str | Path) -> Path:
-    fig, ax = plt.subplots(figsize=(max(3, 0.35 * len(p_active)), 2.5))
-    ax.bar(range(len(p_active)), p_active.tolist(), color="tab:green")
-    ax.set_xlabel("subnetwork")
-    ax.set_ylabel("P_act")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+def plot_image_grid(
+    images: Sequence[Tensor], titles: Sequence[str], path: str | Path, title: str
+) -> Path:
+    """Images in rows of at most five, each with its title, under one heading."""
+    cols = min(5, len(images))
+    rows = math.ceil(len(images) / cols)
+    fig, axes = subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label in zip(axes.flat, images, titles):
+        ax.imshow(_displayable(image), cmap="gray")
+        ax.set_title(label, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return save(fig, path)
+
+
+# Interventions ---------------------------------------------------------------------------------
+
+
+def intervention_figure(result: dict) -> Figure:
+    """Output change per sample for each delta, samples ordered by the subnetwork's impact
+    (most affected first), as in the paper's intervention figures (Section 3, Figure 3).
+    result: as `l3d intervene` saves it (subnetwork, divergence, deltas, impact, change)."""
+    impact = np.asarray(result["impact"])
+    order = np.argsort(-impact, kind="stable")
+    change = np.asarray(result["change"])[:, order]
+    fig, (ax, ax_impact) = subplots(1, 2, figsize=(8, 3))
+    cmap = colormaps["viridis"]
+    n = len(result["deltas"])
+    for i, (delta, row) in enumerate(zip(result["deltas"], change)):
+        color = cmap(i / max(n - 1, 1))
+        ax.plot(np.arange(len(row)), row, ".", markersize=3, color=color, label=f"δ={delta:g}")
+    ax.set_xlabel("sample, by impact (highest first)")
+    ax.set_ylabel(f"output change ({result['divergence']})")
+    ax.set_yscale("symlog", linthresh=1e-6)
+    ax.legend(fontsize="small")
+    ax_impact.plot(np.arange(len(order)), impact[order], color="black")
+    ax_impact.set_xlabel("sample, by impact (highest first)")
+    ax_impact.set_ylabel("impact I(x, v_k)")
+    ax_impact.set_yscale("symlog", linthresh=1e-6)
+    fig.suptitle(f"intervening on subnetwork {result['subnetwork']}")
+    return fig

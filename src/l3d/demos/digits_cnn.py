@@ -8,17 +8,16 @@ paper's vision settings (Section 3.5.2: all tensors of a middle block, KL over c
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
 from l3d.demos.common import decompose_and_analyze
+from l3d.io import save_tensors, write_json
 from l3d.vision import check_classifier, ranks_by_fraction
 
 BLOCK = "features.3.*"
@@ -153,9 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     train(model, x_train, y_train, args.train_epochs, args.seed)
     train_seconds = time.perf_counter() - start
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors")
-    )
+    save_tensors(out / "model.safetensors", model.state_dict())
     test_accuracy = accuracy(model, x_test, y_test)
     check_classifier(model, x_test)
 
@@ -200,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
             for r in analysis["subnetworks"]
         ],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     print(
         f"test accuracy {test_accuracy:.3f}; L3D loss {summary['loss_pooled_squared']:.3f} (pooled "
         f"squared); top-{args.n_top} purity {summary['purity']:.3f} vs random directions "

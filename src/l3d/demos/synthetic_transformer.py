@@ -17,7 +17,6 @@ Every sequence starts with a task-marker token:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 
 from l3d.config import L3DConfig
 from l3d.demos.common import decompose_and_analyze
+from l3d.io import load_tensors, write_json
 
 TASKS = ("copy", "reverse", "induction", "count")
 PAD, SEP = 0, 1
@@ -145,11 +145,9 @@ def restricted_purity(
     """Task purity of top samples drawn only from tokens after the task marker (position > 0),
     or only from answer positions, for the learned and the random directions: the marker token
     alone names the task, so a subnetwork keyed to it would be pure trivially."""
-    from safetensors.torch import load_file
-
     from l3d.analysis import top_sample_purity
 
-    saved = load_file(str(analysis_dir / "impact.safetensors"))
+    saved = load_tensors(analysis_dir / "impact.safetensors", "the analysis's impacts")
     rows, positions = saved["sample_positions"].unbind(1)
     labels = tasks[rows].tolist()
     result = {}
@@ -248,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
             for r in analysis["subnetworks"]
         ],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     print(
         f"L3D loss {s['loss_pooled_squared']:.3f} (pooled squared); top-{args.n_top} task purity "
         f"{s['purity']:.3f} vs random directions {s['purity_random_directions']:.3f} "

@@ -6,22 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import colormaps
 
 from l3d.decomposition import Decomposition
 from l3d.experiments.metrics import dense_directions
-from l3d.experiments.registry import ExperimentSpec, Toy
+from l3d.experiments.registry import ExperimentSpec
+from l3d.plots import save, subplots
 from l3d.toys import TMS
+from l3d.toys.registry import Toy
 
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+TAB10 = colormaps["tab10"]
 
 
 def subnetwork_maps(decomposition: Decomposition, result: dict, path: Path, max_rows: int = 16):
@@ -33,7 +28,7 @@ def subnetwork_maps(decomposition: Decomposition, result: dict, path: Path, max_
     order = order[:max_rows]
     p_act = result["p_active"]
     names = list(directions)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(order),
         len(names),
         figsize=(1.8 * len(names) + 1, 1.1 * len(order) + 0.6),
@@ -54,7 +49,7 @@ def subnetwork_maps(decomposition: Decomposition, result: dict, path: Path, max_
         label = f"v{k}" + (f"→u{unit}" if unit is not None else "") + f"\nP={p_act[k]:.2f}"
         axes[row, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle("Subnetworks (V_out), rows matched to units", fontsize=9)
-    _save(fig, path)
+    save(fig, path)
 
 
 def encoder_directions(model: TMS, decomposition: Decomposition, result: dict, path: Path):
@@ -62,8 +57,8 @@ def encoder_directions(model: TMS, decomposition: Decomposition, result: dict, p
     w = model.W_in.detach().numpy()
     v = dense_directions(decomposition)["W_in"].numpy()
     assignment = result["parameter_recovery"]["assignment"]
-    fig, ax = plt.subplots(figsize=(4, 4))
-    colors = plt.cm.tab10(np.arange(w.shape[1]) % 10)
+    fig, ax = subplots(figsize=(4, 4))
+    colors = TAB10(np.arange(w.shape[1]) % 10)
     for j, k in enumerate(assignment):
         ax.arrow(0, 0, *w[:, j], color=colors[j], width=0.01, alpha=0.4, length_includes_head=True)
         col = v[k][:, j]
@@ -76,15 +71,15 @@ def encoder_directions(model: TMS, decomposition: Decomposition, result: dict, p
     ax.set_aspect("equal")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("Encoder: model (arrows) vs subnetwork (dashed)", fontsize=9)
-    _save(fig, path)
+    save(fig, path)
 
 
 def intervention_plot(result: dict, path: Path):
     """Mean |Δ output| on each unit's samples (solid) and on the rest (dashed) vs delta."""
     data = result["intervention_curves"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = subplots(figsize=(5, 3.5))
     for i, c in enumerate(data["curves"]):
-        color = plt.cm.tab10(i % 10)
+        color = TAB10(i % 10)
         ax.plot(
             data["deltas"], c["matched"], color=color, label=f"u{c['unit']} (v{c['subnetwork']})"
         )
@@ -93,7 +88,7 @@ def intervention_plot(result: dict, path: Path):
     ax.set_ylabel("mean |Δ output|")
     ax.set_title("Interventions: unit's samples (solid) vs others (dashed)", fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save(fig, path)
 
 
 def output_intervention_plot(result: dict, path: Path):
@@ -104,7 +99,7 @@ def output_intervention_plot(result: dict, path: Path):
     curves = data["curves"]
     keys = [k for k in ("per_output", "per_output_hidden_only") if k in curves[0]]
     titles = {"per_output": "all tensors", "per_output_hidden_only": "hidden layers only"}
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(keys), len(curves), figsize=(2.6 * len(curves), 2.4 * len(keys)), squeeze=False
     )
     for row, key in enumerate(keys):
@@ -114,7 +109,7 @@ def output_intervention_plot(result: dict, path: Path):
             for i in range(changes.shape[1]):
                 if i != c["unit"]:
                     ax.plot(data["deltas"], changes[:, i], color="0.6", lw=0.8)
-            ax.plot(data["deltas"], changes[:, c["unit"]], color=plt.cm.tab10(col % 10), lw=2)
+            ax.plot(data["deltas"], changes[:, c["unit"]], color=TAB10(col % 10), lw=2)
             ax.set_title(f"u{c['unit']} (v{c['subnetwork']}), {titles[key]}", fontsize=8)
             ax.set_xlabel("δ", fontsize=8)
             ax.tick_params(labelsize=7)
@@ -122,13 +117,13 @@ def output_intervention_plot(result: dict, path: Path):
     fig.suptitle(
         "Interventions on the unit's samples: own output (colour) vs others (grey)", fontsize=9
     )
-    _save(fig, path)
+    save(fig, path)
 
 
 def grid_plot(result: dict, path: Path):
     grid = result["intervention_grid"]
     panels = ["only_first", "only_second", "neither"]
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+    fig, axes = subplots(1, 3, figsize=(10, 3.2))
     deltas = grid["deltas"]
     vmax = max(np.max(grid[p]) for p in panels)
     for ax, p in zip(axes, panels):
@@ -144,37 +139,34 @@ def grid_plot(result: dict, path: Path):
         ax.set_xlabel(f"δ on v{grid['subnetworks'][1]} (u{grid['units'][1]})")
         ax.set_ylabel(f"δ on v{grid['subnetworks'][0]} (u{grid['units'][0]})")
     fig.colorbar(im, ax=axes, shrink=0.8, label="mean |Δ output|")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, tight=False)
 
 
 def probe_plot(result: dict, path: Path):
     att = np.array(result["one_hot_probe"]["attribution"])
-    fig, ax = plt.subplots(
-        figsize=(min(1 + 0.35 * att.shape[1], 14), min(1 + 0.35 * att.shape[0], 14))
-    )
+    fig, ax = subplots(figsize=(min(1 + 0.35 * att.shape[1], 14), min(1 + 0.35 * att.shape[0], 14)))
     ax.imshow(att, cmap="Greys", vmin=0, vmax=1, aspect="auto")
     ax.set_xlabel("subnetwork")
     ax.set_ylabel("one-hot unit")
     errs = result["one_hot_probe"]["errors"]
     ax.set_title(f"One-hot probe |c| (row-normalised); errors@0.1 = {errs['0.1']}", fontsize=9)
-    _save(fig, path)
+    save(fig, path)
 
 
 def coefficient_scatter(result: dict, path: Path):
     coef = result["coefficients"]
     est, true = np.array(coef["a_hat"]).ravel(), np.array(coef["a_true"]).ravel()
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = subplots(figsize=(4, 4))
     ax.scatter(true, est, s=8)
     ax.set_xlabel("true A entry")
     ax.set_ylabel("â from the subnetwork (eq. 12)")
     ax.set_title(f"Coefficient recovery: r = {coef['pearson_r']:.3f}", fontsize=9)
-    _save(fig, path)
+    save(fig, path)
 
 
 def training_curve(result: dict, path: Path):
     hist = result["history"]
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = subplots(figsize=(5, 3))
     epochs = [h["epoch"] for h in hist]
     ax.plot(epochs, [h["loss_pooled_squared"] for h in hist], label="pooled squared")
     ax.plot(epochs, [h["loss_paper"] for h in hist], label="eq. 8")
@@ -184,7 +176,7 @@ def training_curve(result: dict, path: Path):
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save(fig, path)
 
 
 def seed_figures(
@@ -213,9 +205,9 @@ def experiment_figures(spec: ExperimentSpec, report: dict, out: Path):
     key = sweeps[0]["key"]
     xs = [p[key] for p in sweeps[0]["points"]]
     losses = np.array([[p["loss_pooled_squared"] for p in s["points"]] for s in sweeps])
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = subplots(figsize=(4.5, 3.2))
     ax.errorbar(xs, losses.mean(0), yerr=losses.std(0), marker="o", capsize=3)
     ax.set_xlabel(key.replace("n_subnetworks", "number of subnetworks"))
     ax.set_ylabel("held-out pooled squared loss")
     ax.set_title(f"{spec.name}: loss vs {key}", fontsize=9)
-    _save(fig, out / f"loss_vs_{key}.png")
+    save(fig, out / f"loss_vs_{key}.png")

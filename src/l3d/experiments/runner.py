@@ -4,7 +4,6 @@ the ground-truth metrics on held-out samples, and write metrics.json, figures an
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Literal
@@ -18,9 +17,11 @@ from l3d.decomposition import Decomposition, run
 from l3d.errors import L3DError
 from l3d.experiments import metrics as M
 from l3d.experiments.figures import experiment_figures, seed_figures
-from l3d.experiments.registry import N_DECOMPOSE, ExperimentSpec, Toy, get_spec, train_toy_model
-from l3d.runs import apply_overrides
+from l3d.experiments.registry import N_DECOMPOSE, ExperimentSpec, get_spec
+from l3d.io import write_json, write_text
+from l3d.runs.spec import apply_overrides
 from l3d.toys import TMS, feature_parameter_mask
+from l3d.toys.registry import Toy, train_toy_model
 
 Settings = Literal["paper", "improved"]
 OUTPUT_SELECTIVITY_SUMMARY = (("active", "0.25"), ("active", "1.0"), ("all", "1.0"))
@@ -230,7 +231,7 @@ def run_seed(
     spec: ExperimentSpec, seed: int, settings: Settings, quick: bool, out_dir: Path, sweep: bool
 ) -> dict:
     start = time.perf_counter()
-    toy = train_toy_model(spec, seed)
+    toy = train_toy_model(spec.toy, seed)
     toy_seconds = time.perf_counter() - start
     # Toy-sized products only lose to a second thread's synchronisation (on a shared 2-core
     # machine, metrics ran 2.5x slower with two); ResidMLP's 1000-wide ones still gain from it.
@@ -375,8 +376,7 @@ def run_experiment(
     """Run experiment `name` for each seed; write out_dir/metrics.json, figures and summary.md.
 
     quick: a few epochs (smoke test), no sweep; sweep: run the rank / count sweep (first seed);
-    overrides: L3DConfig fields (or resample_every / resample_until) replacing the profile's,
-    e.g. {"divergence": "mse_authors"}.
+    overrides: L3DConfig fields replacing the profile's, e.g. {"divergence": "mse_authors"}.
 
     Returns {"summary": ..., "seeds": [per-seed metrics]}."""
     spec = get_spec(name)
@@ -395,10 +395,10 @@ def run_experiment(
     summary = summarize(spec, results, settings)
     summary["overrides"] = dict(overrides or {})
     report = {"summary": summary, "seeds": results}
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+    write_json(out_dir / "metrics.json", report)
 
     experiment_figures(spec, report, out_dir)
-    (out_dir / "summary.md").write_text(summary_markdown(spec, summary, results))
+    write_text(out_dir / "summary.md", summary_markdown(spec, summary, results))
     return report
 
 

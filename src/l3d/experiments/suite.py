@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from l3d.experiments.runner import (
     parse_seeds,
     run_experiment,
 )
+from l3d.io import write_json, write_text
 
 SUITE_ORDER = ("tms", "tms40", "tmcs", "higher_rank", "squares", "squares_wide", "resid_mlp")
 
@@ -40,10 +40,10 @@ def run_suite(
         seconds[name] = time.perf_counter() - start
         summaries[name] = report["summary"]
     table = results_table(summaries, seconds)
-    (out_dir / "results.md").write_text(table)
+    write_text(out_dir / "results.md", table)
     result = {"settings": settings, "seeds": list(seeds), "quick": quick}
     result |= {"summaries": summaries, "seconds": seconds}
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    write_json(out_dir / "results.json", result)
     return result
 
 

@@ -15,12 +15,12 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
-from l3d import io
+from l3d import io, plots
 from l3d.config import L3DConfig
 from l3d.core.subnetworks import Subnetworks
 from l3d.errors import L3DError
-from l3d.report import plots
-from l3d.runs import RunDir
+from l3d.report.heatmaps import as_matrix, heatmap_png, pool_max_abs
+from l3d.runs.folder import RunDir
 
 # Samples counted as "most affected" when an intervention's selectivity is summarised.
 N_TOP_INTERVENTION = 10
@@ -132,8 +132,8 @@ def _heatmaps(v_out: Subnetworks, k: int, assets: _Assets) -> str:
     total = sum(shares.values()) or 1.0
     figures = []
     for i, (name, values) in enumerate(dense.items()):
-        src = assets.png(f"v_out_{k}_{i}.png", plots.heatmap_png(values, scale))
-        rows, cols = plots.pool_max_abs(plots.as_matrix(values)).shape
+        src = assets.png(f"v_out_{k}_{i}.png", heatmap_png(values, scale))
+        rows, cols = pool_max_abs(as_matrix(values)).shape
         # Whole-pixel-ish blocks: the short side at least 48 px, the long side at most 480 px.
         zoom = min(max(48 / min(rows, cols), 1.0), 480 / max(rows, cols))
         shape = "×".join(str(s) for s in values.shape) or "scalar"
@@ -211,7 +211,7 @@ def _analysis_stats(entry: dict) -> str:
 
 
 def _intervention(result: dict, k: int, assets: _Assets) -> str:
-    src = assets.png(f"intervention_{k}.png", plots.intervention_png(result))
+    src = assets.png(f"intervention_{k}.png", plots.png(plots.intervention_figure(result)))
     impact = np.asarray(result["impact"])
     change = np.asarray(result["change"])
     top = np.argsort(-impact, kind="stable")[:N_TOP_INTERVENTION]
@@ -274,11 +274,17 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         "<section id=overview><h2>Overview</h2>",
         _summary_table(overview),
         "<h3>Training</h3>",
-        _img(assets.png("loss_curves.png", plots.loss_curves_png(records)), "loss curves")
+        _img(
+            assets.png("loss_curves.png", plots.png(plots.loss_curves_figure(records))),
+            "loss curves",
+        )
         if records
         else "<p>no metrics logged</p>",
         "<h3>P_act</h3>",
-        _img(assets.png("p_active.png", plots.p_active_png(p_active)), "P_act histogram"),
+        _img(
+            assets.png("p_active.png", plots.png(plots.p_active_figure(p_active, histogram=True))),
+            "P_act histogram",
+        ),
         "<h3>Dead subnetworks</h3><p>",
         ", ".join(f'<a href="#subnetwork-{k}">{k}</a>' for k in dead) or "none",
         "</p>",

@@ -80,16 +80,3 @@ def train_toy(
     if tied:
         model.tie_()
     return log
-
-
-def feature_norm_shares(directions: list[dict[str, Tensor]], model: TMS) -> Tensor:
-    """(n_subnetworks, n_features): share of subnetwork k's squared norm that lies on feature j's
-    own parameters. A perfect feature-j subnetwork scores 1 on j. Unlike cosines of 2-D encoder
-    columns (where almost any direction is near some feature), this cannot be matched by chance."""
-    masks = feature_parameter_mask(model)
-    shares = []
-    for v in directions:
-        total = sum(t.pow(2).sum() for t in v.values())
-        on = sum((v[n].pow(2)[None] * masks[n]).flatten(1).sum(1) for n in masks)
-        shares.append(on / total)
-    return torch.stack(shares)

@@ -1,56 +1,32 @@
 """The README's main job: decompose the toy model of superposition (Section 3.1) and show that each
 subnetwork is one feature's circuit.
 
-    python -m l3d.demo --out runs/demo
+    python -m l3d.demos.tms --out runs/demo
 
-Trains TMS 5-2 (relu(W^T W x + b), features U[0,1] active with probability 0.05), decomposes it into
-5 rank-1 subnetworks at the paper's settings (Appendix B.4), and writes to --out: a table matching
-subnetworks to features (printed and in summary.md), metrics.json, figures, and the decomposition.
+Trains TMS 5-2 (relu(W^T W x + b), features U[0,1] active with probability 0.05) through the toy
+registry, decomposes it into 5 rank-1 subnetworks at the paper's settings (Appendix B.4), and writes
+to --out: a table matching subnetworks to features (printed and in summary.md), metrics.json,
+figures, and the decomposition.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from scipy.optimize import linear_sum_assignment
 
 import l3d
+from l3d.experiments import metrics as M
+from l3d.io import write_json, write_text
 from l3d.plots import plot_mlp_subnetworks, plot_p_active, plot_training_curve
-from l3d.toys import TMS, sparse_features, train_toy
-from l3d.toys.tms import feature_norm_shares
+from l3d.toys import feature_parameter_mask
+from l3d.toys.registry import get_toy, train_toy_model
 
-
-def trained_tms(cache: Path, seed: int) -> tuple[TMS, int]:
-    """A TMS 5-2 whose every feature is embedded (column norm > 0.5). Some seeds leave a feature
-    unembedded; those are skipped deterministically. Cached in `cache`."""
-    path = cache / "tms-5-2.safetensors"
-    if path.is_file():
-        model = TMS()
-        model.load_state_dict(load_file(str(path)))
-        with safe_open(str(path), "pt") as f:
-            return model, int(f.metadata()["toy_seed"])
-    data = sparse_features(10_000, 5, generator=torch.Generator().manual_seed(seed))
-    for toy_seed in range(seed, seed + 20):
-        model = TMS(seed=toy_seed)
-        train_toy(model, data, data, tied=True, seed=toy_seed)
-        if (model.W_in.detach().norm(dim=0) > 0.5).all():
-            cache.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-            save_file(state, str(path), metadata={"toy_seed": str(toy_seed)})
-            return model, toy_seed
-    raise RuntimeError("no toy seed embedded all 5 features")
-
-
-def match_features(shares: torch.Tensor) -> list[tuple[int, int]]:
-    """One-to-one subnetwork -> feature matching maximising total norm share (Hungarian)."""
-    rows, cols = linear_sum_assignment(shares.numpy(), maximize=True)
-    return sorted(zip(rows.tolist(), cols.tolist()))
+RECOVERED_SHARE = 0.9
+"""A feature is recovered when its subnetwork holds more than this share of its squared norm on
+the feature's own parameters."""
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,10 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
-    model, toy_seed = trained_tms(out / "toy", args.seed + 1)
+    # The toy's own data and training seed is seed + 1; cached in out/toy.
+    toy = train_toy_model(get_toy("tms"), args.seed + 1, cache=out / "toy")
+    model, toy_seed = toy.model, toy.info["init_seed"]
     g = torch.Generator().manual_seed(1000 + args.seed)
-    train_x = sparse_features(1000, 5, generator=g)
-    held_out = sparse_features(1000, 5, generator=g)
+    train_x = toy.sample(1000, g)
+    held_out = toy.sample(1000, g)
     print(f"TMS 5-2 trained (toy seed {toy_seed}); decomposing into 5 rank-1 subnetworks ...")
 
     decomposition = l3d.decompose(
@@ -75,12 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
         epochs=args.epochs, batch_size=32, lr=0.01, seed=args.seed, progress=not args.quiet,
     )  # fmt: skip
     test = decomposition.evaluate(held_out, seed=args.seed)
-    directions = [decomposition.v_out(k) for k in range(5)]
-    shares = feature_norm_shares(directions, model)
-    matching = match_features(shares)
+    # (feature, subnetwork) share of the subnetwork's squared norm on the feature's own parameters
+    shares = M.parameter_share(M.dense_directions(decomposition), feature_parameter_mask(model)).T
+    recovery = M.recovery(shares, threshold=RECOVERED_SHARE)
+    matching = sorted((k, j) for j, k in enumerate(recovery["assignment"]))
 
     rows = [
-        {"subnetwork": k, "feature": j, "norm_share": float(shares[k, j]),
+        {"subnetwork": k, "feature": j, "norm_share": float(shares[j, k]),
          "p_active": float(test.p_active[k])}
         for k, j in matching
     ]  # fmt: skip
@@ -90,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"| {r['subnetwork']} | {r['feature']} | {r['norm_share']:.3f} | {r['p_active']:.3f} |"
         for r in rows
     ]
-    recovered = sum(r["norm_share"] > 0.9 for r in rows)
+    recovered = recovery["n_recovered"]
     summary = [
         "# L3D on the toy model of superposition (5 features, 2 hidden)",
         "",
@@ -98,15 +77,15 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Held-out loss (1000 samples): paper form mean ‖g−ĝ‖/‖g‖ = {test.loss_paper:.3f}; "
         f"pooled squared Σ‖g−ĝ‖²/Σ‖g‖² = {test.loss_pooled_squared:.3f} (the paper reports 0.19).",
-        f"Features recovered (norm share > 0.9): {recovered} of 5. "
+        f"Features recovered (norm share > {RECOVERED_SHARE}): {recovered} of 5. "
         f"Dead subnetworks: {decomposition.dead_subnetworks or 'none'}.",
     ]
     print("\n".join(summary[2:]))
 
     plot_training_curve(decomposition.history, out / "training_curve.png", "L3D on TMS 5-2")
     plot_mlp_subnetworks(
-        directions, [("W_in", None), ("W_out", "b")], out / "subnetworks.png",
-        titles=[f"subnetwork {k} → feature {j}" for k, j in matching],
+        [decomposition.v_out(k) for k in range(5)], [("W_in", None), ("W_out", "b")],
+        out / "subnetworks.png", titles=[f"subnetwork {k} → feature {j}" for k, j in matching],
     )  # fmt: skip
     plot_p_active(test.p_active, out / "p_active.png")
     decomposition.save(out / "decomposition")
@@ -121,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         "features_recovered": recovered,
         "seconds": time.perf_counter() - start,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "summary.md", "\n".join(summary) + "\n")
     print(f"Wrote {out}/: summary.md, metrics.json, subnetworks.png, training_curve.png, "
           f"p_active.png, decomposition/ ({metrics['seconds']:.0f} s)")  # fmt: skip
     return metrics

@@ -1,0 +1,165 @@
+"""The quantities of an analysis, computed from a decomposition and its inputs: tensors in, tensors
+(or numbers) out, no files and no figures.
+
+A sample is one row of `Decomposition.coefficients`: an input, or with per_token a valid
+(sequence, position) pair; `positions` (from `SampleRows.positions`) maps sample rows to
+(input, position).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from l3d.core.samples import Inputs, batch_size_of
+from l3d.decomposition import Decomposition
+from l3d.errors import L3DError
+
+# Samples ---------------------------------------------------------------------------------------
+
+
+def top_samples(impact: Tensor, n_top: int) -> Tensor:
+    """(n_v, n_top) sample indices of largest impact per subnetwork, largest first."""
+    n_top = min(n_top, impact.shape[0])
+    return impact.topk(n_top, dim=0).indices.T
+
+
+def top_sample_purity(impact: Tensor, labels: Sequence[Any], n_top: int) -> Tensor:
+    """(n_v,) fraction of each subnetwork's n_top highest-impact samples that share their most
+    common label: 1 means the subnetwork's top samples all come from one class or task."""
+    if len(labels) != impact.shape[0]:
+        raise L3DError(f"{len(labels)} labels for {impact.shape[0]} samples: give one per sample")
+    top = top_samples(impact, n_top)
+    return torch.tensor(
+        [Counter(labels[int(i)] for i in row).most_common(1)[0][1] / len(row) for row in top]
+    )
+
+
+def sample_labels(labels: Sequence[Any] | None, inputs: Inputs, positions: Tensor) -> list | None:
+    """Labels per sample from labels per input (broadcast to its tokens) or per sample."""
+    if labels is None:
+        return None
+    labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+    if len(labels) == positions.shape[0]:
+        return labels
+    if len(labels) == batch_size_of(inputs):
+        return [labels[int(r)] for r in positions[:, 0]]
+    raise L3DError(
+        f"{len(labels)} labels for {batch_size_of(inputs)} inputs and {positions.shape[0]} "
+        "samples: give one label per input or per sample"
+    )
+
+
+def random_samples(positions: Tensor, n: int, seed: int) -> Tensor:
+    """About n random samples from whole random inputs: every input costs a forward pass however
+    many of its tokens are used, so per-token samples come from as few sequences as possible."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = positions[:, 0]
+    chosen = torch.zeros(len(rows), dtype=torch.bool)
+    for row in torch.randperm(int(rows.max()) + 1, generator=generator).tolist():
+        chosen |= rows == row
+        if int(chosen.sum()) >= n:
+            break
+    return torch.nonzero(chosen).flatten()
+
+
+# Top logits ------------------------------------------------------------------------------------
+
+
+def top_logits(
+    decomposition: Decomposition,
+    inputs: Inputs,
+    k: int,
+    samples: Tensor,
+    n_logits: int = 10,
+    direction: dict[str, Tensor] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The outputs subnetwork k pushes up and down on its samples: the mean over `samples` of
+    d softmax / dδ along V_out_k, its n_logits largest ('positive') and most negative ('negative')
+    entries as (indices, values), positive and negative values only. A direction's sign is arbitrary,
+    so both lists matter."""
+    mean = decomposition.output_derivative(inputs, k, samples, direction).mean(0)
+    n_logits = min(n_logits, mean.numel())
+    pos, neg = mean.topk(n_logits), (-mean).topk(n_logits)
+    up, down = pos.values > 0, neg.values > 0
+    return {
+        "positive": (pos.indices[up], pos.values[up]),
+        "negative": (neg.indices[down], -neg.values[down]),
+    }
+
+
+# Interventions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InterventionEffect:
+    """Mean output change (the divergence's distance) at W0 - δ v_k and W0 + δ v_k, on a
+    subnetwork's top samples and on random samples."""
+
+    delta: float
+    top: tuple[float, float]
+    """(minus, plus) on the top samples."""
+    random: tuple[float, float]
+    """(minus, plus) on the random samples."""
+
+    @property
+    def selectivity(self) -> float:
+        """The larger change on the top samples over the larger change on random samples."""
+        return max(self.top) / max(max(self.random), 1e-30)
+
+
+def intervention_effect(
+    decomposition: Decomposition,
+    inputs: Inputs,
+    k: int,
+    delta: float,
+    top: Tensor,
+    random: Tensor,
+    direction: dict[str, Tensor] | None = None,
+) -> InterventionEffect:
+    """How far W0 ± delta v_k moves the outputs of the `top` samples and of the `random` ones
+    (sample rows), both measured in one pass: a forward at W0 and one per sign."""
+    effects = decomposition.output_change(
+        inputs, k, (-delta, delta), torch.cat([top, random]), direction
+    )
+    on_top = effects[:, : len(top)].mean(1).tolist()
+    on_random = effects[:, len(top) :].mean(1).tolist()
+    return InterventionEffect(delta, (on_top[0], on_top[1]), (on_random[0], on_random[1]))
+
+
+@torch.no_grad()
+def generate(
+    decomposition: Decomposition,
+    tokenizer: Any,
+    prompt: str,
+    k: int | None = None,
+    delta: float = 0.0,
+    max_new_tokens: int = 20,
+) -> str:
+    """Greedy continuation of `prompt` by the LM at W0 + δ v_k (at W0 when k is None)."""
+    model = decomposition.model
+    if not hasattr(model, "generate"):
+        raise L3DError(
+            f"{type(model).__name__} has no .generate(): text generation needs a causal LM"
+        )
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(decomposition.device)
+
+    def run() -> str:
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        )
+        return tokenizer.decode(out[0, ids.shape[1] :].tolist())
+
+    if k is None:
+        return run()
+    with decomposition.perturbed(k, delta):
+        return run()

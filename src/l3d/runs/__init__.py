@@ -1,0 +1,58 @@
+"""Runs driven by config files: the run spec (model source, data source, `l3d:` hyperparameters),
+the run folder, its metrics log and atomic safetensors checkpoints, and resuming after a stop.
+
+- `spec`: the config file's schema, `--set` overrides, path resolution;
+- `sources`: the model, data, labels and custom functions the spec names;
+- `folder`: the run folder's layout and metrics log (light: the report reads run folders);
+- `checkpoint`: the trainer state as safetensors + JSON;
+- `execution`: running a folder to the end (resuming, signals, tracking) and opening it again.
+"""
+
+from l3d.runs.checkpoint import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
+from l3d.runs.execution import Interrupted, LoadedRun, execute, open_run
+from l3d.runs.folder import RunDir, create_run
+from l3d.runs.sources import (
+    as_inputs,
+    build_data,
+    build_labels,
+    build_model,
+    import_object,
+    load_tokenizer,
+    resolve_custom,
+)
+from l3d.runs.spec import (
+    DataSource,
+    ModelSource,
+    RunOptions,
+    RunSpec,
+    apply_overrides,
+    load_spec,
+    read_yaml,
+)
+
+__all__ = [
+    "DataSource",
+    "Interrupted",
+    "LoadedRun",
+    "ModelSource",
+    "RunDir",
+    "RunOptions",
+    "RunSpec",
+    "apply_overrides",
+    "as_inputs",
+    "build_data",
+    "build_labels",
+    "build_model",
+    "create_run",
+    "execute",
+    "flatten_state",
+    "import_object",
+    "load_checkpoint",
+    "load_spec",
+    "load_tokenizer",
+    "open_run",
+    "read_yaml",
+    "resolve_custom",
+    "save_checkpoint",
+    "unflatten_state",
+]

@@ -1,0 +1,176 @@
+"""What a run spec's sources name, built: the model (a toy of l3d.toys.registry, a HuggingFace
+model, or a Python function), the data, the labels, and custom divergence / reference functions."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from l3d.config import L3DConfig
+from l3d.core.divergences import DivergenceFn, ReferenceFn, is_custom
+from l3d.errors import L3DError
+from l3d.io import load_tensors, save_tensors, write_json
+from l3d.runs.folder import RunDir
+from l3d.runs.spec import DataSource, ModelSource
+from l3d.toys import registry as toys
+
+
+def import_object(target: str, what: str) -> Callable:
+    """The function named by 'package.module:name' or 'path/to/file.py:name'."""
+    module_name, sep, name = target.rpartition(":")
+    if not sep or not module_name or not name:
+        raise L3DError(
+            f"{what} '{target}' must look like 'package.module:function' or 'file.py:function'"
+        )
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise L3DError(f"{what} '{target}': file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise L3DError(f"{what} '{target}': cannot import {module_name} ({err})") from None
+    if not hasattr(module, name):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise L3DError(f"{what} '{target}': {module_name} has no '{name}'{hint}")
+    return getattr(module, name)
+
+
+def _call(fn: Callable, options: dict, what: str) -> Any:
+    try:
+        return fn(**options)
+    except TypeError as err:
+        if "argument" in str(err):
+            raise L3DError(f"{what}: bad options {options}: {err}") from None
+        raise
+
+
+def _options(options: dict, allowed: dict, what: str) -> dict:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise L3DError(f"{what}: unknown options {unknown}; valid: {', '.join(allowed)}")
+    return {**allowed, **options}
+
+
+def _hf():
+    try:
+        return importlib.import_module("l3d.hf")
+    except ImportError as err:
+        raise L3DError(
+            f"hf sources need l3d.hf and transformers ({err}): pip install 'l3d[hf]'"
+        ) from None
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of an hf model source (for text data and for showing tokens in analyses)."""
+    return _hf().load_tokenizer(name_or_path)
+
+
+def build_model(source: ModelSource, run_dir: RunDir | None = None) -> nn.Module:
+    """The model of a run. A toy is trained by the toy registry (cached there) and its weights are
+    kept in the run folder, so resuming or analysing a run never retrains it."""
+    if source.toy is not None:
+        return _toy_model(source, run_dir)
+    if source.hf is not None:
+        return _call(
+            lambda **o: _hf().load_causal_lm(source.hf, **o), source.options, f"hf '{source.hf}'"
+        )
+    model = _call(import_object(source.python, "model"), source.options, source.python)
+    if not isinstance(model, nn.Module):
+        raise L3DError(
+            f"model '{source.python}' returned {type(model).__name__}, not a torch module"
+        )
+    return model
+
+
+def _toy_model(source: ModelSource, run_dir: RunDir | None) -> nn.Module:
+    spec = toys.get_toy(source.toy)
+    options = _options(source.options, {"seed": 0}, f"toy model '{source.toy}'")
+    if run_dir is not None and run_dir.model_weights.is_file():
+        init_seed = json.loads(run_dir.model_info.read_text())["init_seed"]
+        model = spec.make(init_seed)[0]
+        model.load_state_dict(load_tensors(run_dir.model_weights, "toy model weights"))
+        return model.eval()
+    toy = toys.train_toy_model(spec, options["seed"])
+    if run_dir is not None:
+        save_tensors(run_dir.model_weights, toy.model.state_dict())
+        write_json(run_dir.model_info, {"toy": source.toy, "init_seed": toy.info["init_seed"]})
+    return toy.model
+
+
+def build_data(source: DataSource, model_source: ModelSource) -> Any:
+    """The inputs of a run: a tensor, a dict of tensors, or a re-iterable of batches."""
+    if source.toy is not None:
+        spec = toys.get_toy(source.toy)
+        options = _options(
+            source.options, {"n_samples": 1000, "seed": 1}, f"toy data '{source.toy}'"
+        )
+        return spec.sample(options["n_samples"], torch.Generator().manual_seed(options["seed"]))
+    if source.file is not None:
+        tensors = load_tensors(source.file, "data file")
+        key = source.options.get("key")
+        if key is None:
+            return tensors if len(tensors) > 1 else next(iter(tensors.values()))
+        if key not in tensors:
+            raise L3DError(f"{source.file} has no tensor '{key}'; it has {', '.join(tensors)}")
+        return tensors[key]
+    if source.text is not None:
+        if model_source.hf is None:
+            raise L3DError("data 'text' is tokenized by the model's tokenizer: use an hf model")
+        options = dict(source.options)
+        tokenizer = load_tokenizer(options.pop("tokenizer", model_source.hf))
+        return _call(
+            lambda **o: _hf().token_dataset(source.text, tokenizer, **o), options, "data 'text'"
+        )
+    return _call(import_object(source.python, "data"), source.options, source.python)
+
+
+def build_labels(source: DataSource) -> Any:
+    """The labels named by the data source, or None."""
+    if source.labels is None:
+        return None
+    if source.file is not None and ":" not in source.labels:
+        tensors = load_tensors(source.file, "data file")
+        if source.labels not in tensors:
+            raise L3DError(
+                f"{source.file} has no labels tensor '{source.labels}'; it has {', '.join(tensors)}"
+            )
+        return tensors[source.labels].tolist()
+    return import_object(source.labels, "labels")()
+
+
+def resolve_custom(config: L3DConfig) -> tuple[DivergenceFn | None, ReferenceFn | None]:
+    """'custom:module:function' divergences and references, imported from the config."""
+    out = []
+    for name in (config.divergence, config.reference):
+        if is_custom(name):
+            out.append(import_object(name.split(":", 1)[1], "custom function"))
+        else:
+            out.append(None)
+    return out[0], out[1]
+
+
+def as_inputs(data: Any) -> Any:
+    """The run's data as one tensor or dict of tensors (batches concatenated), for analysis."""
+    if isinstance(data, (Tensor, dict)):
+        return data
+    from l3d.core.samples import _as_inputs
+
+    batches = [_as_inputs(b) for b in data]
+    if isinstance(batches[0], Tensor):
+        return torch.cat(batches)
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}

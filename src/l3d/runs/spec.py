@@ -1,0 +1,209 @@
+"""The run spec: a run config file's schema (model source, data source, `l3d:` hyperparameters, run
+options), `--set` overrides, and the resolution of its relative paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from l3d.config import L3DConfig, describe_validation_error
+from l3d.errors import L3DError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSource(_Frozen):
+    """Where the model comes from: exactly one of `toy`, `hf`, `python`."""
+
+    toy: str | None = Field(
+        default=None,
+        description="A trained toy of the paper by experiment name (tms, tms40, tmcs, "
+        "higher_rank, squares, resid_mlp); options: seed.",
+    )
+    hf: str | None = Field(
+        default=None, description="A HuggingFace causal LM name or local path (via l3d.hf)."
+    )
+    python: str | None = Field(
+        default=None,
+        description="'package.module:function' or 'path/to/file.py:function' returning the model.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the toy, loader or function."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelSource:
+        _exactly_one(self, ("toy", "hf", "python"), "model")
+        return self
+
+
+class DataSource(_Frozen):
+    """Where the inputs come from: exactly one of `toy`, `file`, `text`, `python`."""
+
+    toy: str | None = Field(
+        default=None,
+        description="Inputs of a toy experiment by name, e.g. 'tms'; options: n_samples, seed.",
+    )
+    file: str | None = Field(
+        default=None,
+        description="A .safetensors file: its tensor `key` (options), or all tensors as a dict.",
+    )
+    text: str | None = Field(
+        default=None,
+        description="A UTF-8 text file of documents (one per line unless options.separator), "
+        "tokenized by the hf model's tokenizer.",
+    )
+    python: str | None = Field(
+        default=None, description="'module:function' returning a tensor, dict or batches."
+    )
+    options: dict[str, Any] = Field(default_factory=dict)
+    labels: str | None = Field(
+        default=None,
+        description="One label per input, for the analysis's top-sample purity: a tensor name in "
+        "the data file, or 'module:function' returning them.",
+    )
+    class_names: list[str] | None = Field(
+        default=None, description="Names of integer labels and of the model's output classes."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> DataSource:
+        _exactly_one(self, ("toy", "file", "text", "python"), "data")
+        return self
+
+
+class RunOptions(_Frozen):
+    checkpoint_seconds: float = Field(
+        default=60,
+        ge=0,
+        description="Write a checkpoint after an epoch once this many seconds have passed since "
+        "the last one (0: after every epoch); always at the end and on Ctrl-C/SIGTERM.",
+    )
+    progress: bool = Field(default=True, description="Show a progress bar (--quiet turns it off).")
+    tracking: Literal["none", "wandb", "tensorboard"] = Field(
+        default="none", description="Also log metrics to Weights & Biases or TensorBoard."
+    )
+    project: str = Field(default="l3d", description="wandb project name.")
+
+
+class RunSpec(_Frozen):
+    """A whole run: what to decompose, on which data, with which hyperparameters."""
+
+    model: ModelSource
+    data: DataSource
+    l3d: L3DConfig
+    run: RunOptions = Field(default_factory=RunOptions)
+
+    @classmethod
+    def create(cls, data: object) -> RunSpec:
+        if not isinstance(data, dict):
+            raise L3DError(
+                f"a run config is a YAML mapping with sections model, data, l3d (and run); "
+                f"got {type(data).__name__}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise L3DError(describe_validation_error(err, cls, _SECTIONS)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelSource,
+    "data": DataSource,
+    "l3d": L3DConfig,
+    "run": RunOptions,
+}
+
+
+def _exactly_one(source: BaseModel, keys: tuple[str, ...], section: str) -> None:
+    given = [k for k in keys if getattr(source, k) is not None]
+    if len(given) != 1:
+        found = f"got {', '.join(given)}" if given else "got none"
+        raise ValueError(f"'{section}' needs exactly one of {', '.join(keys)} ({found})")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set key=value` overrides (values parsed as YAML). A bare L3DConfig field name such
+    as `epochs=5` means `l3d.epochs`."""
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise L3DError(f"--set takes key=value, e.g. --set l3d.epochs=5; got '{item}'")
+        path = key.split(".")
+        if path[0] not in _SECTIONS and path[0] in L3DConfig.model_fields:
+            path = ["l3d", *path]
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise L3DError(f"--set {key}: '{part}' is not a section in the config")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise L3DError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise L3DError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise L3DError(f"{path} must be a YAML mapping with sections model, data, l3d")
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
+    """Read a run config, apply overrides, and make its relative paths absolute (relative to the
+    config file), so the resolved spec in the run folder works from anywhere."""
+    path = Path(path)
+    spec = RunSpec.create(apply_overrides(read_yaml(path), list(overrides)))
+    base = path.resolve().parent
+    model = spec.model.model_copy(update={"python": _absolute(spec.model.python, base)})
+    data = spec.data.model_copy(
+        update={
+            "python": _absolute(spec.data.python, base),
+            "labels": _absolute(spec.data.labels, base),
+            "file": _absolute_file(spec.data.file, base),
+            "text": _absolute_file(spec.data.text, base),
+        }
+    )
+    return spec.model_copy(update={"model": model, "data": data})
+
+
+def _absolute_file(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise L3DError(f"data file '{value}' does not exist (looked for {path})")
+    return str(path)
+
+
+def _absolute(target: str | None, base: Path) -> str | None:
+    """'file.py:fn' relative to the config's folder becomes absolute; module paths stay."""
+    if target is None or ":" not in target:
+        return target
+    module, _, fn = target.rpartition(":")
+    if module.endswith(".py") and not Path(module).is_absolute():
+        return f"{base / module}:{fn}"
+    return target
