@@ -5,7 +5,6 @@ SIGTERM saves a checkpoint and exits with 128 + the signal number."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -233,8 +232,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _inputs(run, n_samples: int | None):
-    from l3d.core.samples import take
-    from l3d.runs import as_inputs
+    from l3d.core.samples import as_inputs, take
 
     inputs = as_inputs(run.data)
     return inputs if n_samples is None else take(inputs, slice(0, n_samples))
@@ -270,7 +268,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _intervene(args: argparse.Namespace) -> int:
-    from l3d import plots, runs
+    from l3d import io, plots, runs
 
     run = runs.open_run(args.run_dir)
     n_v = run.decomposition.n_subnetworks
@@ -290,8 +288,8 @@ def _intervene(args: argparse.Namespace) -> int:
             "impact": impact[:, k].tolist(),
             "change": change.tolist(),
         }
-        (folder / f"subnetwork_{k}.json").write_text(json.dumps(result))
-        (folder / f"subnetwork_{k}.png").write_bytes(plots.png(plots.intervention_figure(result)))
+        io.write_json(folder / f"subnetwork_{k}.json", result)
+        io.write_bytes(folder / f"subnetwork_{k}.png", plots.png(plots.intervention_figure(result)))
         _say(args, f"subnetwork {k}: {folder / f'subnetwork_{k}.json'}")
     return 0
 

@@ -52,8 +52,25 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda p: p.write_bytes(data))
+
+
 def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=1))
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON file's content, or an L3DError naming the file when it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise L3DError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise L3DError(
+            f"{what} {path} is not valid JSON ({err}): restore or re-create it"
+        ) from None
 
 
 def save_tensors(
@@ -133,10 +150,7 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
     if missing:
         raise L3DError(f"{directory} is not a saved decomposition: missing {', '.join(missing)}")
     config = L3DConfig.from_yaml(files[0])
-    try:
-        meta = json.loads(files[1].read_text())
-    except json.JSONDecodeError as err:
-        raise L3DError(f"{files[1]} is not valid JSON ({err}): restore or re-create it") from None
+    meta = read_json(files[1], "decomposition metadata")
     if meta.get("format_version") != FORMAT_VERSION:
         raise L3DError(
             f"{directory} has format version {meta.get('format_version')}, "

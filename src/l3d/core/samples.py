@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -46,7 +47,7 @@ def to_device(inputs: Inputs, device: torch.device | str) -> Inputs:
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def _as_inputs(batch: object) -> Inputs:
+def batch_inputs(batch: object) -> Inputs:
     """A batch as given by the user: a tensor, a dict of tensors, or a (inputs, labels...) tuple."""
     if isinstance(batch, (tuple, list)) and batch:
         batch = batch[0]  # L3D is unsupervised: labels from a DataLoader are ignored.
@@ -58,6 +59,20 @@ def _as_inputs(batch: object) -> Inputs:
         f"a data batch is a {type(batch).__name__}; L3D takes a tensor of inputs, a dict of tensors "
         "(e.g. input_ids + attention_mask), or an iterable of such batches"
     )
+
+
+def as_inputs(data: object) -> Inputs:
+    """All of the user's data as one tensor or dict of tensors (batches concatenated): for the
+    analysis, which addresses samples by row."""
+    if isinstance(data, (Tensor, Mapping)):
+        return batch_inputs(data)
+    if not isinstance(data, Iterable):
+        raise L3DError(f"data is a {type(data).__name__}; pass a tensor, a dict or batches")
+    batches = [batch_inputs(b) for b in data]
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.cat([cast(Tensor, b) for b in batches])
+    return {k: torch.cat([cast(dict, b)[k] for b in batches]) for k in first}
 
 
 def check_finite(inputs: Inputs, what: str = "data") -> None:
@@ -78,7 +93,7 @@ class Dataset:
         self.batch_size = batch_size
         self.device = torch.device(device)
         if isinstance(data, (Tensor, Mapping)):
-            self.inputs: Inputs | None = _as_inputs(data)
+            self.inputs: Inputs | None = batch_inputs(data)
             self.batches_given = None
             n = batch_size_of(self.inputs)
             if n < 2:
@@ -107,7 +122,7 @@ class Dataset:
     def batches(self, generator: torch.Generator | None, shuffle: bool = True) -> Iterator[Inputs]:
         if self.batches_given is not None:
             for batch in self.batches_given:
-                inputs = _as_inputs(batch)
+                inputs = batch_inputs(batch)
                 if batch_size_of(inputs) < 2:
                     continue  # a lone sample has no other sample to serve as its reference
                 check_finite(inputs, "a data batch")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import json
 import shutil
 from pathlib import Path
 from urllib.parse import quote
@@ -104,7 +103,7 @@ class _Assets:
         (out / "img").mkdir(parents=True, exist_ok=True)
 
     def png(self, name: str, data: bytes) -> str:
-        (self.out / "img" / name).write_bytes(data)
+        io.write_bytes(self.out / "img" / name, data)
         return f"img/{quote(name)}"
 
     def copy(self, source_root: Path, relative: str) -> str | None:
@@ -250,11 +249,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     assets = _Assets(out)
     records = run.metrics_records() or meta["history"]
     analysis_file = run.analysis / "analysis.json"
-    analysis = json.loads(analysis_file.read_text()) if analysis_file.is_file() else {}
+    analysis = io.read_json(analysis_file, "analysis") if analysis_file.is_file() else {}
     by_index = {s["index"]: s for s in analysis.get("subnetworks", [])}
     interventions = {}
     for path in sorted(run.interventions.glob("subnetwork_*.json")):
-        result = json.loads(path.read_text())
+        result = io.read_json(path, "intervention result")
         interventions[int(result["subnetwork"])] = result
 
     dead = [int(k) for k in np.flatnonzero(p_active == 0)]

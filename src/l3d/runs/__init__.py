@@ -12,7 +12,6 @@ from l3d.runs.checkpoint import flatten_state, load_checkpoint, save_checkpoint,
 from l3d.runs.execution import Interrupted, LoadedRun, execute, open_run
 from l3d.runs.folder import RunDir, create_run
 from l3d.runs.sources import (
-    as_inputs,
     build_data,
     build_labels,
     build_model,
@@ -39,7 +38,6 @@ __all__ = [
     "RunOptions",
     "RunSpec",
     "apply_overrides",
-    "as_inputs",
     "build_data",
     "build_labels",
     "build_model",

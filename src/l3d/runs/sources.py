@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from l3d.config import L3DConfig
 from l3d.core.divergences import DivergenceFn, ReferenceFn, is_custom
@@ -162,15 +162,3 @@ def resolve_custom(config: L3DConfig) -> tuple[DivergenceFn | None, ReferenceFn 
         else:
             out.append(None)
     return out[0], out[1]
-
-
-def as_inputs(data: Any) -> Any:
-    """The run's data as one tensor or dict of tensors (batches concatenated), for analysis."""
-    if isinstance(data, (Tensor, dict)):
-        return data
-    from l3d.core.samples import _as_inputs
-
-    batches = [_as_inputs(b) for b in data]
-    if isinstance(batches[0], Tensor):
-        return torch.cat(batches)
-    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
