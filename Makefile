@@ -29,6 +29,7 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m ruff check $(LINT_DIRS)
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 test-slow: $(STAMP) browser

@@ -70,7 +70,8 @@ def main() -> None:
     size = sum(f.stat().st_size for f in files)
     print(f"report of 100 subnetworks x 5 tensors: {seconds:.1f} s")
     print(
-        f"{len(files)} files, {size / 1e6:.1f} MB in all, index.html {page.stat().st_size / 1e6:.2f} MB"
+        f"{len(files)} files, {size / 1e6:.1f} MB in all, "
+        f"index.html {page.stat().st_size / 1e6:.2f} MB"
     )
 
 

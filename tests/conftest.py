@@ -22,8 +22,8 @@ class SmallMLP(nn.Module):
 
 
 class TinyTokenModel(nn.Module):
-    """(batch, seq) token ids -> (batch, seq, vocab) logits; positions mix causally (a running mean),
-    so each token's divergence reaches the parameters through every earlier position."""
+    """(batch, seq) token ids -> (batch, seq, vocab) logits; positions mix causally (a running
+    mean), so each token's divergence reaches the parameters through every earlier position."""
 
     def __init__(self, vocab: int = 7, dim: int = 5) -> None:
         super().__init__()

@@ -1,4 +1,5 @@
-"""`l3d` from config file to report on a toy model; bad configs give one-line errors, exit code 2."""
+"""`l3d` from config file to report on a toy model; bad configs give one-line errors, exit
+code 2."""
 
 from __future__ import annotations
 
@@ -208,7 +209,9 @@ def test_python_sources_and_relative_paths(tmp_path, monkeypatch):
         "import torch\n"
         "def model(width):\n"
         "    torch.manual_seed(0)\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Tanh(), torch.nn.Linear(width, 2))\n"
+        "    return torch.nn.Sequential(\n"
+        "        torch.nn.Linear(3, width), torch.nn.Tanh(), torch.nn.Linear(width, 2)\n"
+        "    )\n"
         "def data(n):\n"
         "    return torch.randn(n, 3, generator=torch.Generator().manual_seed(0))\n"
     )

@@ -1,6 +1,7 @@
 """The experiment runner end to end (reduced), the registry, and dead-subnetwork resampling."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from l3d.core.subnetworks import Subnetworks
 from l3d.decomposition import build
 from l3d.errors import L3DError
 from l3d.experiments import EXPERIMENTS, run_experiment
-from l3d.experiments.registry import get_spec
+from l3d.experiments.registry import PROFILES, get_spec, load_experiments, load_profile
 from l3d.experiments.suite import results_table
 from l3d.toys import TMS, sparse_features
 from l3d.toys.registry import TOYS, Toy, get_toy, train_toy_model
@@ -41,6 +42,87 @@ def test_registry_names_the_issue_toys():
     assert all(spec.toy is TOYS[name] for name, spec in EXPERIMENTS.items())
     with pytest.raises(L3DError, match="did you mean .*tmcs"):
         get_spec("tmsc")
+
+
+def test_every_shipped_profile_validates_and_follows_the_improved_schedule():
+    assert sorted(p.stem for p in PROFILES.glob("*.yaml")) == sorted(["common", *TOYS])
+    assert load_experiments(PROFILES) == EXPERIMENTS
+    for name, spec in EXPERIMENTS.items():
+        for fields in (spec.paper, spec.improved):
+            assert L3DConfig.create(params=["*"], **fields).n_subnetworks >= 1
+        # docs/toys.md: decay and resample every 10 % of the epochs, resample in the first half
+        epochs = spec.improved["epochs"]
+        assert spec.improved["lr_decay_every"] == spec.improved["resample_every"] == epochs // 10
+        assert spec.improved["resample_until"] == epochs // 2, name
+        assert spec.paper["epochs"] == 1000 and spec.paper["lr_decay_unit"] == "step"
+    assert EXPERIMENTS["squares"].sweep == ("n_subnetworks", (3, 5, 10, 15))
+    assert EXPERIMENTS["squares"].sweep_overrides == {"rank": 1}
+
+
+@pytest.mark.parametrize(
+    "l3d, extra, message",
+    [
+        ("topk: 0.2", "", r"improved\.l3d: unknown config key 'topk' \(did you mean top_k\?\)$"),
+        ("top_k: 2", "", r"improved\.l3d: config key 'top_k': must be in \(0, 1\]"),
+        ("seed: 3", "", r"improved\.l3d: 'seed' is set by the experiment runner"),
+        ("", "sweeep: {}", r"unknown config key 'sweeep' \(did you mean sweep\?\)$"),
+        ("", "sweep: {key: rnak, values: [1]}", r"sweep .*'rnak' \(did you mean rank\?\)$"),
+        ("top_k: [0.1", "", r"not valid YAML at line 3"),
+    ],
+)
+def test_a_profile_typo_is_a_one_line_error_naming_the_file(tmp_path, l3d, extra, message):
+    path = tmp_path / "tms.yaml"
+    path.write_text(
+        "paper: {l3d: {n_subnetworks: 5}}\n"
+        f"improved:\n  l3d: {{n_subnetworks: 5, {l3d}}}\n{extra}\n"
+    )
+    with pytest.raises(L3DError, match=f"^{re.escape(str(path))}: {message}") as err:
+        load_profile(path, TOYS["tms"])
+    assert "\n" not in str(err.value)
+
+
+def test_a_profile_folder_needs_one_profile_per_toy(tmp_path):
+    for source in PROFILES.glob("*.yaml"):
+        (tmp_path / source.name).write_text(source.read_text())
+    (tmp_path / "tmss.yaml").write_text((PROFILES / "tms.yaml").read_text())
+    with pytest.raises(L3DError, match=r"tmss.yaml: .*unknown toy 'tmss' \(did you mean tms"):
+        load_experiments(tmp_path)
+    (tmp_path / "tmss.yaml").unlink()
+    (tmp_path / "tmcs.yaml").unlink()
+    with pytest.raises(L3DError, match="no experiment profile for toy tmcs"):
+        load_experiments(tmp_path)
+
+
+def test_python_m_l3d_experiments_is_l3d_experiment(tmp_path, monkeypatch, capsys):
+    from l3d import experiments
+    from l3d.experiments.__main__ import main
+
+    calls = []
+
+    def run_named(name, seeds, out, **options):
+        calls.append((name, seeds, out, options))
+        (tmp_path / "summary.md").write_text("| table |")
+        return tmp_path / "summary.md"
+
+    monkeypatch.setattr(experiments, "run_named", run_named)
+    argv = ["tms", "--seeds", "1,2", "--out", "o", "--settings", "improved", "--quick"]
+    assert main([*argv, "--no-sweep", "--set", "top_k=0.2"]) == 0
+    assert calls == [
+        (
+            "tms",
+            "1,2",
+            "o",
+            {
+                "settings": "improved",
+                "quick": True,
+                "sweep": False,
+                "progress": True,
+                "set_options": ["top_k=0.2"],
+            },
+        )
+    ]
+    assert "| table |" in capsys.readouterr().out
+    assert main(["--list"]) == 0 and "resid_mlp" in capsys.readouterr().out
 
 
 def test_toy_is_trained_once_then_loaded_from_the_cache(cache):

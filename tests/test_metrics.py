@@ -182,7 +182,8 @@ def test_coefficient_recovery_is_exact_for_true_paths():
     hidden = torch.randn(3, 4, generator=g)
     w_in = torch.stack([hidden * torch.eye(4)[i] for i in range(4)])  # input i's column only
     u = torch.randn(4, 3, generator=g)
-    # W_out part of subnetwork i: A[:, i] (x) (its hidden code), scaled arbitrarily and sign-flipped.
+    # W_out part of subnetwork i: A[:, i] (x) (its hidden code), scaled arbitrarily and
+    # sign-flipped.
     w_out = torch.stack(
         [-(i + 1.0) * torch.outer(a[:, i], u[i]) / (u[i] @ hidden[:, i]) for i in range(4)]
     )

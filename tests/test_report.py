@@ -307,8 +307,9 @@ def test_report_in_headless_chromium(hostile_run, browser, tmp_path):
 
 @pytest.mark.slow
 def test_language_model_run_end_to_end_in_the_browser(tmp_path, browser):
-    """A tiny causal LM and a byte-level BPE tokenizer, trained offline on a text file one of whose
-    lines is a `<script>`: decompose, analyze, intervene, report; the page shows the line as text."""
+    """A tiny causal LM and a byte-level BPE tokenizer, trained offline on a text file one of
+    whose lines is a `<script>`: decompose, analyze, intervene, report; the page shows the line as
+    text."""
     pytest.importorskip("transformers")
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast

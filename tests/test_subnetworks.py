@@ -1,4 +1,5 @@
-"""CP / Tucker materialisation, contractions, Gram matrix and unit-norm projection against formulas."""
+"""CP / Tucker materialisation, contractions, Gram matrix and unit-norm projection against
+formulas."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The `l3d` command: decompose from a config file, resume, run the toy suite, analyse, intervene and
-write an HTML report. User errors print one line and exit with status 2; a run stopped by Ctrl-C or
-SIGTERM saves a checkpoint and exits with 128 + the signal number."""
+"""The `l3d` command: decompose from a config file, resume, run the toy suite, analyse, intervene
+and write an HTML report. User errors print one line and exit with status 2; a run stopped by
+Ctrl-C or SIGTERM saves a checkpoint and exits with 128 + the signal number."""
 
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "experiment",
         help="run a toy experiment of the paper (or all of them)",
-        description="Run one of the paper's toy experiments, or `all`, over seeds; writes "
-        "metrics.json, figures and summary.md.",
+        description="Run one of the paper's toy experiments, or `suite` for all of them, over "
+        "seeds with the settings of its profile (l3d/experiments/profiles/*.yaml); writes "
+        "metrics.json, figures and summary.md. `python -m l3d.experiments` is this command.",
         epilog=EXPERIMENT_EXAMPLES,
         formatter_class=fmt,
     )
@@ -101,15 +102,16 @@ def _parser() -> argparse.ArgumentParser:
         "improved profile (default for the suite)",
     )
     p.add_argument("--quick", action="store_true", help="a few epochs: a smoke test")
+    p.add_argument("--no-sweep", action="store_true", help="skip the rank / subnetwork-count sweep")
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="replace one setting of the profile (an L3DConfig field), e.g. --set "
-        "divergence=mse_authors; repeatable; not for the suite",
+        "divergence=mse_authors --set top_k=0.2; repeatable; not for the suite",
     )
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
     p = sub.add_parser(
         "analyze",
@@ -188,8 +190,8 @@ def _decompose(args: argparse.Namespace) -> int:
     except runs.Interrupted as stop:
         epochs = runs.RunDir(run_dir.path).spec().l3d.epochs
         print(
-            f"l3d decompose: stopped by {stop} with {stop.epoch} of {epochs} epochs done; checkpoint "
-            f"saved. Continue with: l3d decompose --resume {run_dir.path}",
+            f"l3d decompose: stopped by {stop} with {stop.epoch} of {epochs} epochs done; "
+            f"checkpoint saved. Continue with: l3d decompose --resume {run_dir.path}",
             file=sys.stderr,
         )
         return 128 + stop.signum
@@ -222,6 +224,7 @@ def _experiment(args: argparse.Namespace) -> int:
         args.out,
         settings=args.settings,
         quick=args.quick,
+        sweep=not args.no_sweep,
         progress=not args.quiet,
         set_options=args.set,
     )

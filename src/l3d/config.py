@@ -23,7 +23,8 @@ class L3DConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     params: tuple[str, ...] = Field(
-        description="Parameter names or glob patterns ('layers.*.weight') of the tensors to decompose."
+        description="Parameter names or glob patterns ('layers.*.weight') of the tensors to "
+        "decompose."
     )
     n_subnetworks: int = Field(ge=1, description="Number of subnetworks n_v.")
     rank: int | dict[str, int] = Field(

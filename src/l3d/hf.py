@@ -80,7 +80,8 @@ def vocab_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "vocab_size", None):
         return int(config.vocab_size)
-    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lm: Any = model  # a transformers model: get_output_embeddings() is not nn.Module's
+    embeddings = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if embeddings is None:
         raise L3DError(
             f"cannot tell the vocabulary size of a {type(model).__name__}: give it a "
@@ -161,7 +162,8 @@ def token_dataset(
         tokens, or with chunk=True consecutive windows covering the whole document.
     Shorter sequences are right-padded; padded positions have attention_mask 0 and are never
     samples. Documents with fewer than min_tokens tokens are skipped.
-    Returns {'input_ids': (n_sequences, seq_len) long, 'attention_mask': (n_sequences, seq_len) long}.
+    Returns {'input_ids': (n_sequences, seq_len) long,
+             'attention_mask': (n_sequences, seq_len) long}.
     """
     if seq_len < 1:
         raise L3DError(f"seq_len must be >= 1; got {seq_len}")
@@ -224,7 +226,9 @@ PRESETS: dict[str, LMPreset] = {
     # attention q/k/v/out weights and out bias at rank 25 each, 262,400 parameters.
     "tinystories-8m": LMPreset(
         model="roneneldan/TinyStories-8M",
-        description="TinyStories-8M, attention of block h.4, 100 subnetworks of rank 25 (Section 3.5.1)",
+        description=(
+            "TinyStories-8M, attention of block h.4, 100 subnetworks of rank 25 (Section 3.5.1)"
+        ),
         seq_len=16,
         n_sequences=10_000,
         dataset="roneneldan/TinyStories (train split), first 16 tokens of each story",

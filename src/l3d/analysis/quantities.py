@@ -81,8 +81,8 @@ def top_logits(
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """The outputs subnetwork k pushes up and down on its samples: the mean over `samples` of
     d softmax / dδ along V_out_k, its n_logits largest ('positive') and most negative ('negative')
-    entries as (indices, values), positive and negative values only. A direction's sign is arbitrary,
-    so both lists matter."""
+    entries as (indices, values), positive and negative values only. A direction's sign is
+    arbitrary, so both lists matter."""
     mean = decomposition.output_derivative(inputs, k, samples, direction).mean(0)
     n_logits = min(n_logits, mean.numel())
     pos, neg = mean.topk(n_logits), (-mean).topk(n_logits)
@@ -142,7 +142,7 @@ def generate(
     max_new_tokens: int = 20,
 ) -> str:
     """Greedy continuation of `prompt` by the LM at W0 + δ v_k (at W0 when k is None)."""
-    model = decomposition.model
+    model: Any = decomposition.model  # a transformers LM: generate() is not nn.Module's
     if not hasattr(model, "generate"):
         raise L3DError(
             f"{type(model).__name__} has no .generate(): text generation needs a causal LM"

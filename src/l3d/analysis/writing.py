@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -103,13 +103,13 @@ def write_analysis(
     with torch.no_grad():
         dense = decomposition.subnetworks.v_out.materialize()  # once: (n_v, *shape) per tensor
 
-    records = []
+    records: list[dict[str, Any]] = []
     for k in range(n_v):
         samples = [describe.sample(s, float(impact[s, k])) for s in top[k].tolist()]
         direction = {n: d[k] for n, d in dense.items()}
         logits = top_logits(decomposition, inputs, k, top[k], options.n_logits, direction)
         effect = intervention_effect(decomposition, inputs, k, delta, top[k], random, direction)
-        record = {
+        record: dict[str, Any] = {
             "index": k,
             "p_active": float(p_active[k]),
             "dead": bool(p_active[k] == 0),
@@ -227,9 +227,13 @@ class _Describer:
         if self.images is not None:
             if row not in self.saved:
                 self.saved[row] = f"images/sample_{row:06d}.png"
-                plots.save_image(self.inputs[row], self.images / self.saved[row])
+                plots.save_image(self._image(row), self.images / self.saved[row])
             entry["image"] = self.saved[row]
         return entry
+
+    def _image(self, row: int) -> Tensor:
+        """Input `row` of an image batch (`images` is set only for one, a tensor)."""
+        return cast(Tensor, self.inputs)[row]
 
     def output(self, i: int) -> str:
         """The name of output i: its token for a language model, else its class name."""
@@ -242,7 +246,7 @@ class _Describer:
         assert self.images is not None
         path = f"grids/subnetwork_{k:03d}.png"
         plots.plot_image_grid(
-            [self.inputs[int(self.positions[s, 0])] for s in top.tolist()],
+            [self._image(int(self.positions[s, 0])) for s in top.tolist()],
             [f"{e['label'] or ''} {e['impact']:.2g}".strip() for e in samples],
             self.images / path,
             f"subnetwork {k}: P_act {p_active:.3f}",
@@ -268,8 +272,8 @@ def _markdown(result: dict, is_image: bool) -> str:
     lines = [
         "# Subnetwork analysis",
         "",
-        f"{s['n_subnetworks']} subnetworks ({s['n_dead']} dead) on {s['n_samples']} samples; impact "
-        f"averaged over {s['n_references']} references. Reconstruction loss: "
+        f"{s['n_subnetworks']} subnetworks ({s['n_dead']} dead) on {s['n_samples']} samples; "
+        f"impact averaged over {s['n_references']} references. Reconstruction loss: "
         f"{s['loss_paper']:.4f} (paper), {s['loss_pooled_squared']:.4f} (pooled squared).",
         "",
     ]

@@ -41,7 +41,8 @@ def batch_top_k(coeffs: Tensor, top_k: float) -> Tensor:
 def reconstruction_sq_errors(
     c: Tensor, d: Tensor, g_sq: Tensor, gram: Tensor, mask: Tensor
 ) -> Tensor:
-    """||g_i - sum_{k in top-k(i)} c_ik V_out_k||^2 per sample, (n_s,), via docs/math.md section 4."""
+    """||g_i - sum_{k in top-k(i)} c_ik V_out_k||^2 per sample, (n_s,), via docs/math.md
+    section 4."""
     c_kept = c * mask
     cross = (c_kept * d).sum(1)
     quad = ((c_kept @ gram) * c_kept).sum(1)  # c^T G c per sample
@@ -51,9 +52,11 @@ def reconstruction_sq_errors(
 @dataclass(frozen=True)
 class Losses:
     paper: Tensor
-    """mean over samples of ||g_i - g^_i|| / ||g_i|| (eq. 8 per sample); zero-gradient samples skipped."""
+    """mean over samples of ||g_i - g^_i|| / ||g_i|| (eq. 8 per sample); zero-gradient samples
+    skipped."""
     pooled_squared: Tensor
-    """sum_i ||g_i - g^_i||^2 / sum_i ||g_i||^2: the authors' code, behind every published number."""
+    """sum_i ||g_i - g^_i||^2 / sum_i ||g_i||^2: the authors' code, behind every published
+    number."""
 
     def __add__(self, other: Losses) -> Losses:
         """Chunk shares of one batch add up to the batch's losses (see `losses`)."""

@@ -98,7 +98,8 @@ class Divergence:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise L3DError(
                 f"the divergence must return a scalar tensor for one sample (output shape "
-                f"{tuple(output.shape)}), but returned {shape}; reduce over output dims, e.g. .mean()"
+                f"{tuple(output.shape)}), but returned {shape}; reduce over output dims, "
+                "e.g. .mean()"
             )
 
 
@@ -134,7 +135,8 @@ def get_divergence(divergence: str | DivergenceFn | Divergence) -> Divergence:
 
 
 def random_other(outputs: Tensor, generator: torch.Generator) -> Tensor:
-    """Each sample's reference is another sample of the batch, uniformly, never itself (Section 2.2)."""
+    """Each sample's reference is another sample of the batch, uniformly, never itself
+    (Section 2.2)."""
     n = outputs.shape[0]
     shift = torch.randint(1, n, (n,), generator=generator)
     return outputs[(torch.arange(n) + shift) % n]

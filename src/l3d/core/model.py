@@ -72,7 +72,8 @@ def resolve_ranks(names: list[str], rank: int | Mapping[str, int]) -> dict[str, 
 
 
 def output_tensor(output: object) -> Tensor:
-    """The model's prediction: a tensor, an object with .logits (HuggingFace), or a tuple's first item."""
+    """The model's prediction: a tensor, an object with .logits (HuggingFace), or a tuple's first
+    item."""
     if isinstance(output, Tensor):
         return output
     if hasattr(output, "logits"):

@@ -1,4 +1,4 @@
-"""Re-initialise dead and duplicate subnetworks during training (a fix for Section 3.3.2's failures).
+"""Re-initialise dead and duplicate subnetworks during training (fixes Section 3.3.2's failures).
 
 With as many subnetworks as circuits, Algorithm 1 often ends with one subnetwork dead (never in the
 top-k) or two subnetworks sharing one circuit while another circuit has none. Sparse-autoencoder

@@ -56,8 +56,8 @@ def batch_inputs(batch: object) -> Inputs:
     if isinstance(batch, Mapping) and all(isinstance(v, Tensor) for v in batch.values()):
         return dict(batch)
     raise L3DError(
-        f"a data batch is a {type(batch).__name__}; L3D takes a tensor of inputs, a dict of tensors "
-        "(e.g. input_ids + attention_mask), or an iterable of such batches"
+        f"a data batch is a {type(batch).__name__}; L3D takes a tensor of inputs, a dict of "
+        "tensors (e.g. input_ids + attention_mask), or an iterable of such batches"
     )
 
 
@@ -98,7 +98,8 @@ class Dataset:
             n = batch_size_of(self.inputs)
             if n < 2:
                 raise L3DError(
-                    f"L3D needs at least 2 samples (each sample's reference is another sample); got {n}"
+                    "L3D needs at least 2 samples (each sample's reference is another sample); "
+                    f"got {n}"
                 )
             check_finite(self.inputs)
         else:
@@ -171,7 +172,8 @@ class SampleRows:
             ids = inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))
         if ids.dim() < 2:
             raise L3DError(
-                f"per_token=True needs inputs shaped (batch, seq, ...); got {describe_inputs(inputs)}"
+                "per_token=True needs inputs shaped (batch, seq, ...); "
+                f"got {describe_inputs(inputs)}"
             )
         return cls(True, torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device))
 

@@ -1,9 +1,10 @@
-"""Low-rank subnetwork directions: one CP or Tucker factorisation per decomposed tensor (Appendix B.1).
+"""Low-rank subnetwork directions: one CP or Tucker factorisation per decomposed tensor
+(Appendix B.1).
 
-A `Subnetworks` module holds n_v directions in the space of the selected parameter tensors. It never
-needs the dense (n_v x n_w) matrix: inner products with per-sample gradients, the Gram matrix and the
-norms are all contracted from the factors (docs/math.md sections 2 and 4). Every operation is
-vectorised over subnetworks; the only Python loop is over the (few) decomposed tensors.
+A `Subnetworks` module holds n_v directions in the space of the selected parameter tensors. It
+never needs the dense (n_v x n_w) matrix: inner products with per-sample gradients, the Gram matrix
+and the norms are all contracted from the factors (docs/math.md sections 2 and 4). Every operation
+is vectorised over subnetworks; the only Python loop is over the (few) decomposed tensors.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class TensorFactors(nn.Module):
 
     # einsum operand lists -------------------------------------------------------------------
     def _operands(self, k: str, rank_letters: str) -> tuple[list[str], list[Tensor]]:
-        """Subscripts and tensors that, contracted, give V (subnetwork axis k, mode axes a, b, ...)."""
+        """Subscripts and tensors that, contracted, give V (subnetwork axis k, mode axes a, b,
+        ...)."""
         if self.core is None:
             r = rank_letters[0]
             return [f"{k}{r}{MODES[j]}" for j in range(self._m)], list(self.modes)
@@ -215,7 +217,8 @@ class TensorFactors(nn.Module):
 
     @torch.no_grad()
     def scale_(self, factor: Tensor) -> None:
-        """Multiply subnetwork k's direction in this tensor by factor[k] (V is linear in one factor)."""
+        """Multiply subnetwork k's direction in this tensor by factor[k] (V is linear in one
+        factor)."""
         target = self.modes[0] if self.core is None else self.core
         target.mul_(factor.reshape(-1, *[1] * (target.dim() - 1)))
 
@@ -226,7 +229,8 @@ class TensorFactors(nn.Module):
 
 
 class Subnetworks(nn.Module):
-    """n_v low-rank directions over a set of named parameter tensors (V_in or V_out of the paper)."""
+    """n_v low-rank directions over a set of named parameter tensors (V_in or V_out of the
+    paper)."""
 
     def __init__(
         self,
@@ -285,7 +289,8 @@ class Subnetworks(nn.Module):
         return {n: t.direction(k) for n, t in zip(self.names, self.factors)}
 
     def inner(self, grads: dict[str, Tensor]) -> Tensor:
-        """sum_tensors <V_k, g_s> for dense per-sample gradients {name: (n_s, *shape)} -> (n_s, n_v)."""
+        """sum_tensors <V_k, g_s> for dense per-sample gradients {name: (n_s, *shape)} ->
+        (n_s, n_v)."""
         return total(t.inner(grads[n]) for n, t in zip(self.names, self.factors))
 
     def gram(self) -> Tensor:
@@ -300,8 +305,8 @@ class Subnetworks(nn.Module):
     def normalize_(self, eps: float = 1e-12) -> None:
         """Project each subnetwork onto the unit sphere in the global L2 norm (Section 2.4).
 
-        The authors' code instead rescales with sqrt of the sum of per-tensor norms, whose fixed point
-        is not L2 = 1 (docs/authors-code.md); we use the paper's unit vector.
+        The authors' code instead rescales with sqrt of the sum of per-tensor norms, whose fixed
+        point is not L2 = 1 (docs/authors-code.md); we use the paper's unit vector.
         """
         factor = self.sq_norms().clamp_min(eps).rsqrt()
         # Spread the scale over tensors equally so no tensor's factors shrink towards zero alone:

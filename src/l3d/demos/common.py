@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from argparse import ArgumentParser, Namespace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from l3d.config import L3DConfig
@@ -22,6 +24,33 @@ ANALYSIS_SUMMARY = (
     "majority_label_fraction",
 )
 """The analysis summary's fields that each demo's summary.json repeats."""
+
+
+def demo_arguments(
+    doc: str, *, epochs: int, n_subnetworks: int, extra: Callable[[ArgumentParser], None]
+) -> Callable[[list[str] | None], Namespace]:
+    """The command-line options every model demo shares (output folder, seed, L3D epochs and
+    subnetworks, analysis sizes, CPU threads), plus the demo's own (`extra`); parsing also applies
+    --threads."""
+
+    def parse(argv: list[str] | None) -> Namespace:
+        parser = ArgumentParser(description=doc.splitlines()[0])
+        parser.add_argument("--out", type=Path, required=True, help="output folder")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--epochs", type=int, default=epochs, help="L3D epochs")
+        parser.add_argument("--n-subnetworks", type=int, default=n_subnetworks)
+        parser.add_argument("--n-top", type=int, default=20)
+        parser.add_argument("--n-references", type=int, default=10)
+        parser.add_argument(
+            "--threads", type=int, default=None, help="torch CPU threads (1 on busy machines)"
+        )
+        extra(parser)
+        args = parser.parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return args
+
+    return parse
 
 
 def decompose_and_analyze(

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
-from l3d.demos.common import decompose_and_analyze
+from l3d.demos.common import decompose_and_analyze, demo_arguments
 from l3d.io import save_tensors, write_json
 from l3d.vision import check_classifier, ranks_by_fraction
 
@@ -129,20 +128,10 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-epochs", type=int, default=15)
-    parser.add_argument("--epochs", type=int, default=30, help="L3D epochs")
-    parser.add_argument("--n-subnetworks", type=int, default=20)
-    parser.add_argument("--n-top", type=int, default=20)
-    parser.add_argument("--n-references", type=int, default=10)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (1 on busy shared machines)"
-    )
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--train-epochs", type=int, default=15)
+
+    args = demo_arguments(__doc__ or "", epochs=30, n_subnetworks=20, extra=extra)(argv)
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"test accuracy {test_accuracy:.3f}; L3D loss {summary['loss_pooled_squared']:.3f} (pooled "
         f"squared); top-{args.n_top} purity {summary['purity']:.3f} vs random directions "
-        f"{summary['purity_random_directions']:.3f} (majority class {summary['majority_label_fraction']:.3f})"
+        f"{summary['purity_random_directions']:.3f} "
+        f"(majority class {summary['majority_label_fraction']:.3f})"
     )
     return summary
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
-from l3d.demos.common import decompose_and_analyze
+from l3d.core.subnetworks import total
+from l3d.demos.common import decompose_and_analyze, demo_arguments
 from l3d.io import load_tensors, write_json
 
 TASKS = ("copy", "reverse", "induction", "count")
@@ -116,9 +118,8 @@ def train(model: nn.Module, steps: int, seed: int) -> list[float]:
         logits = model(**data).logits[:, :-1]
         ce = F.cross_entropy(logits.transpose(1, 2), data["input_ids"][:, 1:], reduction="none")
         scored = answer[:, :-1]
-        loss = sum(ce[scored & (tasks == t)[:, None]].mean() for t in range(len(TASKS))) / len(
-            TASKS
-        )
+        per_task = (ce[scored & (tasks == t)[:, None]].mean() for t in range(len(TASKS)))
+        loss = total(per_task) / len(TASKS)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -161,28 +162,18 @@ def restricted_purity(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-steps", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=40, help="L3D epochs")
-    parser.add_argument(
-        "--n-per-task", type=int, default=100, help="sequences per task to decompose"
-    )
-    parser.add_argument("--n-subnetworks", type=int, default=16)
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--n-top", type=int, default=20)
-    parser.add_argument("--n-references", type=int, default=10)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (1 on busy shared machines)"
-    )
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--train-steps", type=int, default=3000)
+        parser.add_argument(
+            "--n-per-task", type=int, default=100, help="sequences per task to decompose"
+        )
+        parser.add_argument("--rank", type=int, default=4)
+
+    args = demo_arguments(__doc__ or "", epochs=40, n_subnetworks=16, extra=extra)(argv)
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.seed)
+    model: Any = build_model(args.seed)  # a transformers LM: save_pretrained() is not nn.Module's
     start = time.perf_counter()
     train(model, args.train_steps, args.seed)
     train_seconds = time.perf_counter() - start
@@ -251,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"L3D loss {s['loss_pooled_squared']:.3f} (pooled squared); top-{args.n_top} task purity "
         f"{s['purity']:.3f} vs random directions {s['purity_random_directions']:.3f} "
         f"(majority task {s['majority_label_fraction']:.3f}); tokens after the marker only: "
-        f"{summary['purity_after_marker']:.3f} vs {summary['purity_after_marker_random_directions']:.3f}; "
+        f"{summary['purity_after_marker']:.3f} vs "
+        f"{summary['purity_after_marker_random_directions']:.3f}; "
         f"answer positions only: {summary['purity_answers']:.3f} vs "
         f"{summary['purity_answers_random_directions']:.3f}"
     )

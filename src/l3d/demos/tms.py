@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -21,7 +22,7 @@ import l3d
 from l3d.experiments import metrics as M
 from l3d.io import write_json, write_text
 from l3d.plots import plot_mlp_subnetworks, plot_p_active, plot_training_curve
-from l3d.toys import feature_parameter_mask
+from l3d.toys import TMS, feature_parameter_mask
 from l3d.toys.registry import get_toy, train_toy_model
 
 RECOVERED_SHARE = 0.9
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The toy's own data and training seed is seed + 1; cached in out/toy.
     toy = train_toy_model(get_toy("tms"), args.seed + 1, cache=out / "toy")
-    model, toy_seed = toy.model, toy.info["init_seed"]
+    model, toy_seed = cast(TMS, toy.model), toy.info["init_seed"]  # the "tms" toy is a TMS
     g = torch.Generator().manual_seed(1000 + args.seed)
     train_x = toy.sample(1000, g)
     held_out = toy.sample(1000, g)

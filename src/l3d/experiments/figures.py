@@ -1,6 +1,7 @@
 """Figures of the toy experiments, after the paper's: subnetwork parameter maps (Figs 3, 5, 8),
 TMS encoder directions (Fig. S2), intervention curves per sample group and per output (Figs 4, 9,
-S8), the two-subnetwork grid (Fig. S9), coefficient scatter (Fig. 6), the one-hot probe, loss vs rank / count (Figs S5, S11)."""
+S8), the two-subnetwork grid (Fig. S9), coefficient scatter (Fig. 6), the one-hot probe, loss vs
+rank / count (Figs S5, S11)."""
 
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ def seed_figures(
     probe_plot(result, out / "probe.png")
     if "intervention_grid" in result:
         grid_plot(result, out / "intervention_grid.png")
-    if spec.tms_masks and toy.model.W_in.shape[0] == 2:
+    if spec.tms_masks and isinstance(toy.model, TMS) and toy.model.W_in.shape[0] == 2:
         encoder_directions(toy.model, decomposition, result, out / "encoder_directions.png")
     if "coefficients" in result:
         coefficient_scatter(result, out / "coefficients.png")

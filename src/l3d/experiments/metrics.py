@@ -16,6 +16,7 @@ from torch import Tensor
 
 from l3d.core.algorithm import batch_top_k
 from l3d.core.model import Target
+from l3d.core.subnetworks import total
 from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
 
@@ -27,7 +28,8 @@ DELTAS = (0.25, 0.5, 1.0, 2.0)
 
 
 def heldout_losses(decomposition: Decomposition, inputs: Tensor, seed: int) -> dict:
-    """Both loss forms and P_act on held-out inputs (fresh random references, training batch size)."""
+    """Both loss forms and P_act on held-out inputs (fresh random references, training batch
+    size)."""
     ev = decomposition.evaluate(inputs, seed=seed)
     return {
         "loss_pooled_squared": ev.loss_pooled_squared,
@@ -110,12 +112,12 @@ def parameter_share(directions: dict[str, Tensor], masks: dict[str, Tensor]) -> 
 
     directions: {param: (n_v, *shape)}; masks: {param: (n_units, *shape) bool} for the params whose
     entries belong to single units (parameters in no mask count towards the total only)."""
-    total = sum(d.pow(2).flatten(1).sum(1) for d in directions.values())  # (n_v,)
-    own = sum(
+    norms = total(d.pow(2).flatten(1).sum(1) for d in directions.values())  # (n_v,)
+    own = total(
         torch.einsum("kw,jw->kj", directions[n].pow(2).flatten(1), m.flatten(1).float())
         for n, m in masks.items()
     )
-    return own / total.clamp_min(1e-30)[:, None]
+    return own / norms.clamp_min(1e-30)[:, None]
 
 
 def mmcs(weight: Tensor, directions: Tensor) -> list[float]:

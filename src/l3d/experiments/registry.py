@@ -1,32 +1,44 @@
 """The named toy experiments: each decomposes one toy of l3d.toys.registry with the L3D settings of
 the paper (Appendix B.4) or our improved ones, and says what to measure beyond the common metrics.
 
+The settings are data, one YAML file per experiment in profiles/ (package data), read with
+yaml.safe_load and validated when this module is imported:
+
+- profiles/common.yaml: the `paper` and `improved` settings every toy shares;
+- profiles/<toy>.yaml: sections `paper` and `improved`, each an `l3d:` mapping of L3DConfig fields
+  (the `l3d:` section of a run config) added to the shared ones, without `params` (the runner
+  decomposes all of the toy's parameters) or `seed` (the experiment's seed); optionally
+  `paper_results`, `sweep` ({key, values, overrides}), `hidden_params` and `tms_masks`.
+
 Settings profiles:
 - "paper": exactly Appendix B.4 (1000 points, batch 32, 1000 epochs, AdamW lr 0.01 x0.8 every 100
   steps, k = 0.1, loss eq. 8) with the paper's subnetwork counts and ranks.
 - "improved": what we found works better per toy (docs/toys.md): the pooled squared loss the
   authors' code trains, the lr decayed per epoch, k matched to the number of circuits a sample
   uses, excess subnetworks with re-initialisation of dead or duplicate ones.
+
+A typo in a profile is a one-line L3DError naming the file and the key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from l3d.errors import lookup
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from l3d.config import L3DConfig, describe_validation_error
+from l3d.errors import L3DError, lookup
 from l3d.toys.registry import TOYS, ToySpec
 
-PAPER_L3D = {
-    "epochs": 1000,
-    "batch_size": 32,
-    "lr": 0.01,
-    "optimizer": "adamw",
-    "lr_decay": 0.8,
-    "lr_decay_every": 100,
-    "lr_decay_unit": "step",
-    "top_k": 0.1,
-    "loss": "paper",
-}
+PROFILES = Path(__file__).parent / "profiles"
+"""The shipped profiles: common.yaml and one <toy>.yaml per experiment."""
+COMMON = "common"
+SETTINGS = ("paper", "improved")
+RUNNER_FIELDS = ("params", "seed")
+"""L3DConfig fields the runner sets, never a profile."""
 N_DECOMPOSE = 1000
 """Points L3D trains on (Appendix B.4); held-out metrics use as many fresh ones."""
 
@@ -56,129 +68,141 @@ class ExperimentSpec:
         return self.toy.description
 
 
-def _improved(epochs: int, **fields) -> dict:
-    """The improved profile's common schedule (docs/toys.md): batch 32, AdamW lr 0.01 decayed
-    x0.8 every 10 % of the epochs, dead or duplicate subnetworks resampled every 10 % of the epochs
-    during the first half; `fields` are the toy's own (n_subnetworks, rank, top_k, loss, ...)."""
-    return {
-        "epochs": epochs,
-        "batch_size": 32,
-        "lr": 0.01,
-        "lr_decay": 0.8,
-        "lr_decay_every": epochs // 10,
-        "lr_decay_unit": "epoch",
-        "resample_every": epochs // 10,
-        "resample_until": epochs // 2,
-        **fields,
-    }
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-_SQUARES_HIDDEN = tuple(f"layers.{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias"))
-
-
-def _squares(name: str, **extra) -> ExperimentSpec:
-    """X -> X^2 (Section 3.4); `extra`: further spec fields."""
-    rank = {"*.weight": 2, "*.bias": 1}
-    return ExperimentSpec(
-        TOYS[name],
-        paper={**PAPER_L3D, "n_subnetworks": 5, "rank": rank},
-        improved=_improved(200, n_subnetworks=10, rank=rank, top_k=0.15, loss="pooled_squared"),
-        hidden_params=_SQUARES_HIDDEN,
-        **extra,
+class _Settings(_Frozen):
+    l3d: dict[str, Any] = Field(
+        description="L3DConfig fields (a run config's `l3d:` section) without params or seed."
     )
 
 
-EXPERIMENTS: dict[str, ExperimentSpec] = {
-    spec.name: spec
-    for spec in [
-        ExperimentSpec(
-            TOYS["tms"],
-            paper={**PAPER_L3D, "n_subnetworks": 5, "rank": 1},
-            improved=_improved(
-                200,
-                n_subnetworks=5,
-                rank=1,
-                top_k=0.25,
-                loss="pooled_squared",
-            ),
-            paper_results={"loss_pooled_squared": 0.19},
-            tms_masks=True,
-        ),
-        ExperimentSpec(
-            TOYS["tms40"],
-            paper={**PAPER_L3D, "n_subnetworks": 40, "rank": 1},
-            improved=_improved(
-                100,
-                n_subnetworks=40,
-                rank=1,
-                # 4 of 40 per sample for ~2.3 active features (0.075 left one out in a seed).
-                top_k=0.1,
-                # eq. 8 weighs every sample alike: the pooled loss is dominated by large
-                # multi-feature gradients, whose cross terms pull two subnetworks into mixtures.
-                loss="paper",
-            ),
-            tms_masks=True,
-        ),
-        ExperimentSpec(
-            TOYS["tmcs"],
-            paper={**PAPER_L3D, "n_subnetworks": 10, "rank": 1},
-            # 3x excess subnetworks take each input's cross terms with its references; the paper's
-            # loss (eq. 8) weighs samples equally, so high-norm inputs get no extra subnetworks
-            # that split their own path (docs/toys.md, TMCS).
-            improved=_improved(
-                200,
-                n_subnetworks=30,
-                rank=1,
-                top_k=0.1,
-                loss="paper",
-            ),
-            paper_results={"loss_pooled_squared": 0.064, "pearson_r": 0.92},
-        ),
-        ExperimentSpec(
-            TOYS["higher_rank"],
-            paper={**PAPER_L3D, "n_subnetworks": 10, "rank": 3},
-            improved=_improved(
-                200,
-                n_subnetworks=10,
-                rank=3,
-                top_k=0.1,
-                loss="pooled_squared",
-            ),
-            sweep=("rank", (1, 2, 3, 4, 5, 6)),
-        ),
-        _squares(
-            "squares",
-            paper_results={"loss_pooled_squared": 0.32},
-            sweep=("n_subnetworks", (3, 5, 10, 15)),
-            sweep_overrides={"rank": 1},
-        ),
-        _squares("squares_wide"),
-        ExperimentSpec(
-            TOYS["resid_mlp"],
-            paper={**PAPER_L3D, "n_subnetworks": 100, "rank": 1},
-            improved=_improved(
-                100,
-                # Two per feature: x_j > 0 and x_j < 0 switch on disjoint neurons, so a
-                # feature's gradients point along two orthogonal rank-1 directions.
-                n_subnetworks=200,
-                rank=1,
-                # 6 of 200 per sample for ~1.6 active features; the first half trains at 30 of
-                # 200, so that every subnetwork gets gradient from the few (1000) samples.
-                top_k=0.03,
-                warm_start_epochs=50,
-                warm_start_top_k=0.15,
-                loss="paper",
-                # No output nonlinearity: a random reference's output enters every gradient
-                # through the linear read-out, a term of neither sample's circuit.
-                reference="mean",
-            ),
-        ),
-    ]
-}
+class _Sweep(_Frozen):
+    key: str = Field(description="The L3DConfig field that varies, e.g. rank.")
+    values: tuple[Any, ...] = Field(min_length=1)
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="L3DConfig fields set at every point of the sweep."
+    )
+
+
+class _CommonFile(_Frozen):
+    paper: _Settings
+    improved: _Settings
+
+
+class _ProfileFile(_CommonFile):
+    paper_results: dict[str, float] = Field(
+        default_factory=dict, description="The paper's published numbers, by summary key."
+    )
+    sweep: _Sweep | None = None
+    hidden_params: tuple[str, ...] = ()
+    tms_masks: bool = False
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {"paper": _Settings, "improved": _Settings, "sweep": _Sweep}
+
+
+def _read(path: Path, schema: type[_Frozen]) -> Any:
+    """One profile file, validated by `schema` (its L3D settings are checked by the callers)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise L3DError(f"cannot read experiment profile {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise L3DError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise L3DError(
+            f"{path}: an experiment profile is a YAML mapping with sections "
+            f"{', '.join(schema.model_fields)}; got {type(data).__name__}"
+        )
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise L3DError(f"{path}: {describe_validation_error(err, schema, _SECTIONS)}") from None
+
+
+def _check(fields: dict, where: str, **required: Any) -> None:
+    """Validate profile fields with L3DConfig (`required`: stand-ins for fields a toy adds)."""
+    reserved = [k for k in RUNNER_FIELDS if k in fields]
+    if reserved:
+        raise L3DError(
+            f"{where}: '{reserved[0]}' is set by the experiment runner, not by a profile "
+            "(params: all of the toy's parameters; seed: the experiment's seed)"
+        )
+    try:
+        L3DConfig.create(**{"params": ["*"], **required, **fields})
+    except L3DError as err:
+        raise L3DError(f"{where}: {err}") from None
+
+
+def read_common(path: Path = PROFILES / f"{COMMON}.yaml") -> dict[str, dict]:
+    """The settings every toy shares: {"paper": {...}, "improved": {...}}."""
+    common = _read(path, _CommonFile)
+    out = {s: dict(getattr(common, s).l3d) for s in SETTINGS}
+    for settings, fields in out.items():
+        _check(fields, f"{path}: {settings}.l3d", n_subnetworks=1)
+    return out
+
+
+def load_profile(path: Path, toy: ToySpec, common: dict[str, dict] | None = None) -> ExperimentSpec:
+    """The experiment of one profile file: its settings added to `common` (default: the shipped
+    common.yaml) and validated with L3DConfig, sweep points included."""
+    common = read_common() if common is None else common
+    profile = _read(path, _ProfileFile)
+    settings = {s: {**common[s], **getattr(profile, s).l3d} for s in SETTINGS}
+    for name, fields in settings.items():
+        _check(fields, f"{path}: {name}.l3d")
+    sweep = profile.sweep
+    if sweep is not None:
+        for name, fields in settings.items():
+            for value in sweep.values:
+                point = {**fields, **sweep.overrides, sweep.key: value}
+                _check(point, f"{path}: sweep ({name} settings, {sweep.key}={value!r})")
+    return ExperimentSpec(
+        toy,
+        paper=settings["paper"],
+        improved=settings["improved"],
+        paper_results=dict(profile.paper_results),
+        sweep=(sweep.key, sweep.values) if sweep is not None else None,
+        sweep_overrides=dict(sweep.overrides) if sweep is not None else {},
+        hidden_params=profile.hidden_params,
+        tms_masks=profile.tms_masks,
+    )
+
+
+def load_experiments(folder: Path = PROFILES) -> dict[str, ExperimentSpec]:
+    """Every toy's experiment, in the toy registry's order, from `folder`'s profiles."""
+    common = read_common(folder / f"{COMMON}.yaml")
+    for path in sorted(folder.glob("*.yaml")):
+        if path.stem != COMMON:
+            try:
+                lookup(TOYS, path.stem, "toy")
+            except L3DError as err:
+                raise L3DError(f"{path}: a profile is named after its toy: {err}") from None
+    missing = [name for name in TOYS if not (folder / f"{name}.yaml").is_file()]
+    if missing:
+        raise L3DError(f"{folder}: no experiment profile for toy {', '.join(missing)}")
+    return {name: load_profile(folder / f"{name}.yaml", toy, common) for name, toy in TOYS.items()}
+
+
+EXPERIMENTS: dict[str, ExperimentSpec] = load_experiments()
+PAPER_L3D: dict = dict(read_common()["paper"])
+"""The paper's settings every toy shares (Appendix B.4; profiles/common.yaml)."""
 
 
 def get_spec(name: str) -> ExperimentSpec:
     return lookup(EXPERIMENTS, name, "experiment")
 
 
-__all__ = ["EXPERIMENTS", "N_DECOMPOSE", "PAPER_L3D", "ExperimentSpec", "get_spec"]
+__all__ = [
+    "EXPERIMENTS",
+    "N_DECOMPOSE",
+    "PAPER_L3D",
+    "ExperimentSpec",
+    "get_spec",
+    "load_experiments",
+    "load_profile",
+]

@@ -31,7 +31,9 @@ OUTPUT_SELECTIVITY_KEYS = {
     "selectivity_outputs": "subnetwork, all decomposed tensors",
     "selectivity_outputs_hidden_only": "subnetwork, hidden layers only (Fig. S8)",
     "selectivity_outputs_gradient": "model's own gradient direction of the output, all tensors",
-    "selectivity_outputs_gradient_hidden_only": "model's own gradient direction, hidden layers only",
+    "selectivity_outputs_gradient_hidden_only": (
+        "model's own gradient direction, hidden layers only"
+    ),
 }
 """Output-wise selectivity entries of metrics.json and how summary.md names them."""
 QUICK_EPOCHS = 30
@@ -77,7 +79,9 @@ def with_overrides(spec: ExperimentSpec, settings: Settings, overrides: dict) ->
     fields fail here, before any training, with the config's close-match message."""
     fields = {**settings_for(spec, settings, quick=False), **overrides}
     L3DConfig.create(params=["override-check"], **fields)
-    return dataclasses.replace(spec, **{settings: fields})
+    if settings == "paper":
+        return dataclasses.replace(spec, paper=fields)
+    return dataclasses.replace(spec, improved=fields)
 
 
 def decompose_toy(
@@ -281,7 +285,9 @@ def _run_seed(
 
 
 def run_sweep(spec: ExperimentSpec, toy: Toy, fields: dict, seed: int, inputs) -> dict:
-    """Held-out pooled squared loss and units recovered as one setting varies (Figs S5/S6, S10/S11)."""
+    """Held-out pooled squared loss and units recovered as one setting varies (Figs S5/S6,
+    S10/S11)."""
+    assert spec.sweep is not None, "run_sweep needs a spec with a sweep"
     key, values = spec.sweep
     heldout = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 20_000))
     probes = unit_probe_pool(toy, heldout, seed)
@@ -423,7 +429,8 @@ def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -
         f"{spec.paper_results.get('loss_pooled_squared', '-')} |",
         f"| loss eq. 8 (mean of ratios) | {fmt(summary['loss_paper'])} | - |",
         f"| units with their own subnetwork | {fmt(summary['units_recovered'], 2)} of "
-        f"{summary['n_units']} (all in {summary['seeds_all_recovered']}/{len(results)} seeds) | - |",
+        f"{summary['n_units']} (all in {summary['seeds_all_recovered']}/{len(results)} seeds)"
+        " | - |",
         f"| dead subnetworks | {fmt(summary['dead_subnetworks'], 1)} | - |",
         f"| one-hot probe errors (tol 0.1) | {fmt(summary['probe_errors_0.1'], 1)} | - |",
         f"| sample selectivity (unit's samples / others), median ratio at δ=1 | "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from l3d.errors import L3DError
 from l3d.experiments.registry import EXPERIMENTS
@@ -41,7 +42,7 @@ def run_suite(
         summaries[name] = report["summary"]
     table = results_table(summaries, seconds)
     write_text(out_dir / "results.md", table)
-    result = {"settings": settings, "seeds": list(seeds), "quick": quick}
+    result: dict[str, Any] = {"settings": settings, "seeds": list(seeds), "quick": quick}
     result |= {"summaries": summaries, "seconds": seconds}
     write_json(out_dir / "results.json", result)
     return result

@@ -31,8 +31,8 @@ def pool_max_abs(matrix: np.ndarray, max_side: int = HEATMAP_MAX_SIDE) -> np.nda
         return matrix
     padded = np.zeros((-(-rows // fr) * fr, -(-cols // fc) * fc), dtype=matrix.dtype)
     padded[:rows, :cols] = matrix
-    blocks = padded.reshape(padded.shape[0] // fr, fr, padded.shape[1] // fc, fc)
-    blocks = blocks.transpose(0, 2, 1, 3).reshape(blocks.shape[0], blocks.shape[2], fr * fc)
+    grid = padded.reshape(padded.shape[0] // fr, fr, padded.shape[1] // fc, fc)
+    blocks = grid.transpose(0, 2, 1, 3).reshape(grid.shape[0], grid.shape[2], fr * fc)
     pick = np.abs(blocks).argmax(-1)
     return np.take_along_axis(blocks, pick[..., None], -1)[..., 0]
 

@@ -57,7 +57,8 @@ main { margin-left: 15rem; padding: 1rem 2rem; max-width: 70rem; }
 section { border-top: 1px solid #ccc; padding: 0.5rem 0 1rem; }
 .dead { color: #a33; }
 body.hide-dead .is-dead { display: none; }
-.heatmaps { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; margin-bottom: 1rem; }
+.heatmaps { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start;
+            margin-bottom: 1rem; }
 .heatmaps figure { margin: 0; }
 .heatmaps img { image-rendering: pixelated; border: 1px solid #ccc; }
 figcaption { font-size: 0.8rem; color: #555; }
@@ -137,8 +138,9 @@ def _heatmaps(v_out: Subnetworks, k: int, assets: _Assets) -> str:
         zoom = min(max(48 / min(rows, cols), 1.0), 480 / max(rows, cols))
         shape = "×".join(str(s) for s in values.shape) or "scalar"
         caption = f"{name} ({shape}), {100 * shares[name] / total:.1f}% of ‖v‖²"
+        size = (round(cols * zoom), round(rows * zoom))
         figures.append(
-            f"<figure>{_img(src, f'V_out of subnetwork {k}, {name}', (round(cols * zoom), round(rows * zoom)))}"
+            f"<figure>{_img(src, f'V_out of subnetwork {k}, {name}', size)}"
             f"<figcaption>{_e(caption)}</figcaption></figure>"
         )
     return (
@@ -306,7 +308,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         )
         entry = by_index.get(k, {})
         body = [
-            f'<section class="subnetwork{" is-dead" if is_dead else ""}" id="subnetwork-{k}" {data}>',
+            f'<section class="subnetwork{" is-dead" if is_dead else ""}" '
+            f'id="subnetwork-{k}" {data}>',
             f"<h2>Subnetwork {k}{badge}</h2><p>P_act = {_fmt(p)}</p>",
             _heatmaps(v_out, k, assets),
             _analysis_stats(entry),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -21,7 +22,7 @@ CHECKPOINT_VERSION = 1
 def flatten_state(state: dict) -> tuple[dict[str, Tensor], dict]:
     """Split a Trainer.state_dict() into CPU tensor copies and a JSON-able remainder."""
     tensors = {f"pair/{k}": v.detach().cpu().clone() for k, v in state["pair"].items()}
-    optimizer_state = {}
+    optimizer_state: dict[str, dict[str, Any]] = {}  # non-tensor slots (AdamW's step)
     for index, slots in state["optimizer"]["state"].items():
         optimizer_state[str(index)] = {}
         for slot, value in slots.items():

@@ -127,7 +127,8 @@ class _StepBar:
 
 class _EpochLog:
     """The epoch callback: keeps the state after the last whole epoch, appends its metrics line
-    (also to the tracker), and checkpoints it every `checkpoint_seconds` and after the last epoch."""
+    (also to the tracker), and checkpoints it every `checkpoint_seconds` and after the last
+    epoch."""
 
     def __init__(self, run_dir: RunDir, spec: RunSpec, tracker: _Tracker) -> None:
         self.run_dir, self.tracker = run_dir, tracker

@@ -35,6 +35,8 @@ def import_object(target: str, what: str) -> Callable:
         if not path.is_file():
             raise L3DError(f"{what} '{target}': file {path} does not exist")
         spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise L3DError(f"{what} '{target}': cannot load {path} as a Python module")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
@@ -84,32 +86,32 @@ def build_model(source: ModelSource, run_dir: RunDir | None = None) -> nn.Module
     """The model of a run. A toy is trained by the toy registry (cached there) and its weights are
     kept in the run folder, so resuming or analysing a run never retrains it."""
     if source.toy is not None:
-        return _toy_model(source, run_dir)
+        return _toy_model(source.toy, source.options, run_dir)
     if source.hf is not None:
         return _call(
             lambda **o: _hf().load_causal_lm(source.hf, **o), source.options, f"hf '{source.hf}'"
         )
-    model = _call(import_object(source.python, "model"), source.options, source.python)
+    python = source.python
+    assert python is not None  # ModelSource: exactly one of toy, hf, python is set
+    model = _call(import_object(python, "model"), source.options, python)
     if not isinstance(model, nn.Module):
-        raise L3DError(
-            f"model '{source.python}' returned {type(model).__name__}, not a torch module"
-        )
+        raise L3DError(f"model '{python}' returned {type(model).__name__}, not a torch module")
     return model
 
 
-def _toy_model(source: ModelSource, run_dir: RunDir | None) -> nn.Module:
-    spec = toys.get_toy(source.toy)
-    options = _options(source.options, {"seed": 0}, f"toy model '{source.toy}'")
+def _toy_model(toy: str, toy_options: dict[str, Any], run_dir: RunDir | None) -> nn.Module:
+    spec = toys.get_toy(toy)
+    options = _options(toy_options, {"seed": 0}, f"toy model '{toy}'")
     if run_dir is not None and run_dir.model_weights.is_file():
         init_seed = json.loads(run_dir.model_info.read_text())["init_seed"]
         model = spec.make(init_seed)[0]
         model.load_state_dict(load_tensors(run_dir.model_weights, "toy model weights"))
         return model.eval()
-    toy = toys.train_toy_model(spec, options["seed"])
+    trained = toys.train_toy_model(spec, options["seed"])
     if run_dir is not None:
-        save_tensors(run_dir.model_weights, toy.model.state_dict())
-        write_json(run_dir.model_info, {"toy": source.toy, "init_seed": toy.info["init_seed"]})
-    return toy.model
+        save_tensors(run_dir.model_weights, trained.model.state_dict())
+        write_json(run_dir.model_info, {"toy": toy, "init_seed": trained.info["init_seed"]})
+    return trained.model
 
 
 def build_data(source: DataSource, model_source: ModelSource) -> Any:
@@ -136,7 +138,9 @@ def build_data(source: DataSource, model_source: ModelSource) -> Any:
         return _call(
             lambda **o: _hf().token_dataset(source.text, tokenizer, **o), options, "data 'text'"
         )
-    return _call(import_object(source.python, "data"), source.options, source.python)
+    python = source.python
+    assert python is not None  # DataSource: exactly one of toy, file, text, python is set
+    return _call(import_object(python, "data"), source.options, python)
 
 
 def build_labels(source: DataSource) -> Any:
@@ -155,7 +159,7 @@ def build_labels(source: DataSource) -> Any:
 
 def resolve_custom(config: L3DConfig) -> tuple[DivergenceFn | None, ReferenceFn | None]:
     """'custom:module:function' divergences and references, imported from the config."""
-    out = []
+    out: list[Callable | None] = []
     for name in (config.divergence, config.reference):
         if is_custom(name):
             out.append(import_object(name.split(":", 1)[1], "custom function"))

@@ -4,6 +4,7 @@ options), `--set` overrides, and the resolution of its relative paths."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,7 +172,7 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> RunSpec:
     """Read a run config, apply overrides, and make its relative paths absolute (relative to the
     config file), so the resolved spec in the run folder works from anywhere."""
     path = Path(path)

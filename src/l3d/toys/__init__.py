@@ -1,4 +1,5 @@
-"""Toy models with known subnetworks (Section 3 of the paper, plus the peers' ResidMLP) and their data."""
+"""Toy models with known subnetworks (Section 3 of the paper, plus the peers' ResidMLP) and their
+data."""
 
 from l3d.toys.data import feature_groups, grouped_features, sparse_features
 from l3d.toys.higher_rank import higher_rank_model

@@ -1,6 +1,7 @@
-"""The named toys of the paper's experiments (Section 3, plus the peers' ResidMLP): how to make each
-toy model, sample its data and train it, and its ground-truth units. Run configs name them
-(`model: {toy: tms}`), the experiments (l3d.experiments) decompose them, and the TMS demo trains one.
+"""The named toys of the paper's experiments (Section 3, plus the peers' ResidMLP): how to make
+each toy model, sample its data and train it, and its ground-truth units. Run configs name them
+(`model: {toy: tms}`), the experiments (l3d.experiments) decompose them, and the TMS demo trains
+one.
 
 Trained toys are cached (safetensors + JSON, written atomically) under $L3D_CACHE or ~/.cache/l3d.
 """
@@ -13,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -56,8 +58,8 @@ class ToySpec:
     """Returns why a trained toy is unusable (retrain with another init), or None."""
 
 
-def _tms_check(model: TMS) -> str | None:
-    norms = model.W_in.detach().norm(dim=0)
+def _tms_check(model: nn.Module) -> str | None:
+    norms = cast(TMS, model).W_in.detach().norm(dim=0)  # _tms's make() builds a TMS
     weak = [int(j) for j in torch.nonzero(norms < 0.5).flatten()]
     return f"features {weak} not embedded (W_in column norm < 0.5)" if weak else None
 

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 
 class ResidMLP(nn.Module):
+    W_E: Tensor
+
     def __init__(
         self,
         n_features: int = 100,

@@ -26,11 +26,12 @@ class Squares(nn.Module):
         sizes = [n_inputs] + [width] * n_hidden_layers + [n_inputs]
         with torch.random.fork_rng():  # nn.Linear's init takes no generator; leave the global RNG
             torch.manual_seed(seed)
-            self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+            linears = [nn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
+        self.layers = nn.ModuleList(linears)
         if activation == "elu":
             g = torch.Generator().manual_seed(seed)
             with torch.no_grad():
-                for layer in self.layers:
+                for layer in linears:
                     layer.bias.copy_(0.01 + 0.99 * torch.rand(layer.bias.shape, generator=g))
         self.act = {"gelu": nn.GELU(), "elu": nn.ELU()}[activation]
         self.activate_output = activate_output

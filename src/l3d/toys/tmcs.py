@@ -1,4 +1,5 @@
-"""Toy model of circuit superposition (TMCS, Section 3.2): relu(W_out W_in x + b) trained on y = A x.
+"""Toy model of circuit superposition (TMCS, Section 3.2): relu(W_out W_in x + b), trained on
+y = A x.
 
 Input i's circuit is column i of W_in followed by the whole decoder, so circuits share the decoder's
 parameters: a subnetwork for input i is rank 1 in W_out (its output pattern times W_in[:, i]).

@@ -7,11 +7,17 @@ W_out and b_j: a perfect subnetwork for feature j lies entirely on them.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
 
 class TMS(nn.Module):
+    W_in: nn.Parameter
+    W_out: nn.Parameter
+    b: nn.Parameter
+
     def __init__(self, n_features: int = 5, n_hidden: int = 2, seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -61,22 +67,25 @@ def train_toy(
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    tms = cast(TMS, model)  # used only when tied: tied weights are a TMS's
     log = []
     for step in range(steps):
         idx = torch.randint(0, len(inputs), (batch_size,), generator=g)
         if tied:
-            model.tie_()
+            tms.tie_()
         loss = (model(inputs[idx]) - targets[idx]).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         if tied:  # tied weights: one shared update, the average of both views' gradients
+            grad_in, grad_out = tms.W_in.grad, tms.W_out.grad
+            assert grad_in is not None and grad_out is not None  # set by backward()
             with torch.no_grad():
-                shared = (model.W_in.grad + model.W_out.grad.T) / 2
-                model.W_in.grad.copy_(shared)
-                model.W_out.grad.copy_(shared.T)
+                shared = (grad_in + grad_out.T) / 2
+                grad_in.copy_(shared)
+                grad_out.copy_(shared.T)
         opt.step()
         if step % 100 == 0:
             log.append(loss.item())
     if tied:
-        model.tie_()
+        tms.tie_()
     return log

@@ -1,5 +1,5 @@
-"""Per-sample divergence gradients g_i = grad_W D(f(x_i, W), y_ref) at the frozen weights W0 (eq. 2),
-one `GradientBatch` per data batch with freshly drawn references (Algorithm 1, lines 3-6).
+"""Per-sample divergence gradients g_i = grad_W D(f(x_i, W), y_ref) at the frozen weights W0
+(eq. 2), one `GradientBatch` per data batch with freshly drawn references (Algorithm 1, lines 3-6).
 
 Three exact backends, all O(batch) work (the authors' code uses an O(batch^2) batch-jacobian),
 chosen once through `Method`:
