@@ -93,9 +93,9 @@ def test_a_profile_folder_needs_one_profile_per_toy(tmp_path):
         load_experiments(tmp_path)
 
 
-def test_python_m_l3d_experiments_is_l3d_experiment(tmp_path, monkeypatch, capsys):
+def test_l3d_experiment_passes_every_option(tmp_path, monkeypatch, capsys):
     from l3d import experiments
-    from l3d.experiments.__main__ import main
+    from l3d.cli import main
 
     calls = []
 
@@ -106,7 +106,7 @@ def test_python_m_l3d_experiments_is_l3d_experiment(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(experiments, "run_named", run_named)
     argv = ["tms", "--seeds", "1,2", "--out", "o", "--settings", "improved", "--quick"]
-    assert main([*argv, "--no-sweep", "--set", "top_k=0.2"]) == 0
+    assert main(["experiment", *argv, "--no-sweep", "--set", "top_k=0.2"]) == 0
     assert calls == [
         (
             "tms",
@@ -122,7 +122,7 @@ def test_python_m_l3d_experiments_is_l3d_experiment(tmp_path, monkeypatch, capsy
         )
     ]
     assert "| table |" in capsys.readouterr().out
-    assert main(["--list"]) == 0 and "resid_mlp" in capsys.readouterr().out
+    assert main(["experiment", "--list"]) == 0 and "resid_mlp" in capsys.readouterr().out
 
 
 def test_toy_is_trained_once_then_loaded_from_the_cache(cache):

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run a toy experiment of the paper (or all of them)",
         description="Run one of the paper's toy experiments, or `suite` for all of them, over "
         "seeds with the settings of its profile (l3d/experiments/profiles/*.yaml); writes "
-        "metrics.json, figures and summary.md. `python -m l3d.experiments` is this command.",
+        "metrics.json, figures and summary.md.",
         epilog=EXPERIMENT_EXAMPLES,
         formatter_class=fmt,
     )

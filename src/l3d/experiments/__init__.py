@@ -4,7 +4,7 @@ ground-truth metrics on held-out samples, figures and multi-seed summaries.
     from l3d.experiments import run_experiment
     run_experiment("tms", seeds=[0, 1, 2], out_dir="runs/tms", settings="improved")
 
-or `python -m l3d.experiments tms --seeds 0,1,2 --out runs/tms`.
+or `l3d experiment tms --seeds 0,1,2 --out runs/tms`.
 """
 
 from l3d.experiments.registry import EXPERIMENTS, ExperimentSpec
