@@ -178,3 +178,34 @@ def test_matmul_precision_is_restored_when_the_block_raises():
         assert torch.get_float32_matmul_precision() == "medium"
         raise RuntimeError
     assert torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker"])
+def test_memory_estimate_counts_the_factors_exactly(factorization):
+    from l3d.core.algorithm import SubnetworkPair, training_bytes
+
+    shapes = {"a": (6, 4), "b": (6,), "c": (3, 2, 5), "d": ()}
+    ranks = {"a": 3, "b": 2, "c": 9, "d": 1}
+    pair = SubnetworkPair.initialize(shapes, 7, ranks, factorization, torch.Generator())
+    pair_bytes = sum(p.numel() * p.element_size() for p in pair.parameters())
+    # Factors, their gradients and AdamW's two moments: four times the pair.
+    assert training_bytes(shapes, 7, ranks, factorization) == 4 * pair_bytes
+
+
+def test_memory_check_names_the_device_that_is_too_small(monkeypatch):
+    from l3d import L3DError
+    from l3d.core import algorithm
+
+    sizes = {"cuda": 10**6, "cpu": 10**12}
+    monkeypatch.setattr(algorithm, "device_memory", lambda device: sizes[device.type])
+    shapes, ranks = {"w": (100, 100)}, {"w": 4}
+    # 1000 x 4 x 200 floats per set: 3.2 MB; V_in and V_out while training: 4 x 6.4 MB.
+    with pytest.raises(L3DError, match=r"needs about 26 MB .*1.0 MB of memory of cuda:0"):
+        algorithm.SubnetworkPair.initialize(
+            shapes, 1000, ranks, "cp", torch.Generator(), device="cuda:0"
+        )
+    sizes["cpu"] = 10**6  # the factors are drawn on the CPU first
+    sizes["cuda"] = 10**12
+    with pytest.raises(L3DError, match=r"of memory of cpu"):
+        algorithm.check_memory(shapes, 1000, ranks, "cp", "cuda:0")
+    algorithm.check_memory(shapes, 10, ranks, "cp", "cuda:0")

@@ -15,6 +15,7 @@ from torch import nn
 from l3d import Decomposition, decompose
 from l3d.analysis import (
     AnalysisOptions,
+    InterventionEffect,
     generate,
     top_logits,
     top_sample_purity,
@@ -235,3 +236,97 @@ def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_pat
     base = generate(d, Tokenizer(), "once upon a", max_new_tokens=3)
     assert len(base.split()) == 3
     assert generate(d, Tokenizer(), "once upon a", k=0, delta=0.0, max_new_tokens=3) == base
+
+
+class _Offset(nn.Module):
+    """`net`'s outputs times `scale` plus `offset`: with a large offset and a small scale, every
+    intervention moves the outputs by less than their float32 round-off."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.scale, self.offset = 1.0, 0.0
+
+    def forward(self, x):
+        return self.net(x) * self.scale + self.offset
+
+
+@pytest.fixture(scope="module")
+def round_off():
+    """A decomposition whose interventions change the outputs at round-off level only."""
+    torch.manual_seed(0)
+    model = _Offset(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)))
+    x = torch.randn(40, 6)
+    d = decompose(
+        model, x, params=["net.0.weight", "net.2.*"], n_subnetworks=3, epochs=1, batch_size=8,
+        divergence="kl", progress=False,
+    )  # fmt: skip
+    model.scale, model.offset = 1e-4, 1e3
+    return d, x
+
+
+def test_output_change_at_round_off_is_non_negative_and_below_the_noise_floor(round_off):
+    d, x = round_off
+    changes, floor = d.output_change_and_floor(x, 0, [-1.0, 1.0])
+    assert (changes >= 0).all()
+    # The documented rule: (100 ulps of the largest |output|, at least 1 for probabilities)^2.
+    eps = torch.finfo(torch.float32).eps
+    scale = float(d.intervene(x, 0, 0.0).abs().max())
+    assert floor == pytest.approx((100 * eps * scale) ** 2)
+    assert float(changes.max()) < floor
+    torch.testing.assert_close(changes, d.output_change(x, 0, [-1.0, 1.0]))
+
+
+def test_intervention_selectivity_below_noise_is_none_not_a_ratio():
+    effect = InterventionEffect(0.1, top=(2e-9, 3e-9), random=(0.0, 1e-12), noise_floor=1e-8)
+    assert effect.below_noise and effect.selectivity is None
+    off_target_quiet = InterventionEffect(
+        0.1, top=(0.5, 0.4), random=(1e-12, 0.0), noise_floor=1e-8
+    )
+    assert off_target_quiet.below_noise and off_target_quiet.selectivity is None
+    measured = InterventionEffect(0.1, top=(0.5, 0.4), random=(0.2, 0.1), noise_floor=1e-8)
+    assert not measured.below_noise and measured.selectivity == pytest.approx(2.5)
+    quiet_on_top = InterventionEffect(0.1, top=(0.0, 1e-9), random=(0.2, 0.1), noise_floor=1e-8)
+    assert not quiet_on_top.below_noise and quiet_on_top.selectivity == pytest.approx(5e-9)
+
+
+def test_write_analysis_reports_round_off_interventions_as_below_noise(round_off, tmp_path):
+    d, x = round_off
+    options = AnalysisOptions(n_top=4, n_references=1, progress=False)
+    result = write_analysis(d, x, tmp_path, options=options)
+    summary = json.loads((tmp_path / "analysis.json").read_text())["summary"]
+    live = [r for r in result["subnetworks"] if not r["dead"]]
+    assert live
+    for r in result["subnetworks"]:
+        i = r["intervention"]
+        assert i["below_noise"] and i["selectivity"] is None and i["noise_floor"] > 0
+        assert min(*i["top_samples"].values(), *i["random_samples"].values()) >= 0
+    assert summary["median_intervention_selectivity"] is None
+    assert summary["n_intervention_below_noise"] == len(live)
+    text = (tmp_path / "analysis.md").read_text()
+    assert "below noise" in text and f"{len(live)} of {len(live)} live" in text
+
+
+def test_write_analysis_median_selectivity_skips_below_noise(classifier, tmp_path):
+    d, x = classifier
+    options = AnalysisOptions(n_top=4, n_references=1, progress=False)
+    result = write_analysis(d, x, tmp_path, options=options)
+    summary = result["summary"]
+    ratios = [r["intervention"]["selectivity"] for r in result["subnetworks"] if not r["dead"]]
+    assert summary["n_intervention_below_noise"] == 0 and None not in ratios
+    assert summary["median_intervention_selectivity"] == pytest.approx(
+        float(torch.tensor(ratios).median())
+    )
+    for r in result["subnetworks"]:
+        i = r["intervention"]
+        assert i["top_samples"]["plus"] > 1e4 * i["noise_floor"]  # real changes: far above it
+    assert "Median intervention selectivity" in (tmp_path / "analysis.md").read_text()
+
+
+def test_write_analysis_shows_a_progress_bar_over_subnetworks(classifier, tmp_path, capsys):
+    d, x = classifier
+    write_analysis(d, x, tmp_path, options=AnalysisOptions(n_top=2, n_references=1))
+    err = capsys.readouterr().err
+    assert "analysis" in err and "4/4" in err and "subnetwork" in err
+    write_analysis(d, x, tmp_path, options=AnalysisOptions(n_top=2, n_references=1, progress=False))
+    assert capsys.readouterr().err == ""

@@ -118,3 +118,32 @@ def test_tucker_factorization_runs_and_reports_ranks(mlp):
     )
     assert d.ranks == {"fc1.weight": 2, "fc2.bias": 1}
     assert d.v_out(0)["fc1.weight"].shape == (6, 4)
+
+
+def test_output_change_is_clamped_at_zero(mlp):
+    def signed(output, reference):  # a custom divergence whose distance can be negative
+        return (output - reference).mean()
+
+    x = torch.randn(32, 4)
+    d = l3d.decompose(
+        mlp, x, params=["fc1.weight"], n_subnetworks=2, epochs=1, divergence=signed,
+        progress=False,
+    )  # fmt: skip
+    moved, base = d.intervene(x, 0, 0.5), d.intervene(x, 0, 0.0)
+    assert ((moved - base).mean(1) < 0).any()  # the raw distance is negative somewhere
+    change = d.output_change(x, 0, [0.5])
+    assert (change >= 0).all()
+    torch.testing.assert_close(change[0], (moved - base).mean(1).clamp(min=0))
+
+
+@pytest.mark.parametrize(
+    "loss, label", [("paper", "loss (eq. 8)="), ("pooled_squared", "pooled loss=")]
+)
+def test_training_bar_names_the_loss_it_shows(mlp, capsys, loss, label):
+    l3d.decompose(
+        mlp, torch.randn(32, 4), params=["fc1.weight"], n_subnetworks=2, epochs=2, loss=loss,
+        progress=True,
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert label in err and "2/2" in err
+    assert "loss=" not in err.replace(label, "")

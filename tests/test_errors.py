@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -164,3 +166,180 @@ def test_subnetwork_index_out_of_range(mlp, k):
     ):
         with pytest.raises(L3DError, match=rf"subnetwork index {k!r} out of range.*0\.\.2"):
             ask(k)
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+# Token models without per_token (issue 12, item 1) ----------------------------------------------
+
+
+def test_token_model_without_per_token_is_refused(token_model):
+    ids = torch.randint(0, 7, (8, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::2, 3:] = 0
+    for data in (ids, {"input_ids": ids, "attention_mask": mask}, {"input_ids": ids}):
+        with pytest.raises(L3DError, match=r"\(2, 5, 7\).*sequence axis.*per_token=True") as err:
+            run(token_model, data, params=["mix.weight"], divergence="kl")
+        one_line(err)
+    # With per_token the same data runs, and padding is no sample.
+    d = run(token_model, {"input_ids": ids, "attention_mask": mask}, params=["mix.weight"],
+            divergence="kl", per_token=True)  # fmt: skip
+    assert d.evaluation.n_samples == int(mask.sum())
+
+
+def test_float_sequences_without_per_token_still_run():
+    """Only token inputs are refused: a float model with a (batch, seq, d) output keeps its
+    one-sample-per-input meaning."""
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(8, 2, 4)
+    d = l3d.decompose(model, x, params=["weight"], n_subnetworks=2, epochs=1, progress=False)
+    assert d.evaluation.n_samples == 8
+
+
+# Precision (item 6) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_non_float32_model_is_refused_in_one_line(mlp, dtype):
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(
+        L3DError, match=rf"model parameters are {name}: L3D computes in float32; call model.float"
+    ) as err:
+        run(mlp.to(dtype), torch.randn(8, 4).to(dtype))
+    one_line(err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_data_is_refused_in_one_line(mlp, dtype):
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(L3DError, match=rf"data is {name}: L3D computes in float32.*\.float\(\)"):
+        run(mlp, torch.randn(8, 4).to(dtype))
+
+
+# Memory (item 7) --------------------------------------------------------------------------------
+
+
+def test_too_many_subnetworks_are_refused_before_allocating():
+    model = torch.nn.Linear(2000, 2000)
+    with pytest.raises(
+        L3DError, match=r"n_subnetworks=1000000 .*needs about 1280 GB.*reduce n_subnetworks"
+    ) as err:
+        l3d.decompose(
+            model, torch.randn(8, 2000), params=["weight"], n_subnetworks=10**6, rank=10,
+            epochs=1, progress=False,
+        )  # fmt: skip
+    one_line(err)
+
+
+def test_memory_estimate_is_checked_against_the_device(mlp, monkeypatch):
+    from l3d.core import algorithm
+
+    monkeypatch.setattr(algorithm, "device_memory", lambda device: 10_000)
+    with pytest.raises(L3DError, match=r"more than the 10 kB of memory of cpu"):
+        run(mlp, torch.randn(8, 4), n_subnetworks=200)
+    run(mlp, torch.randn(8, 4), n_subnetworks=3)  # 4 x 2 x 3 x (4 + 6) floats: fits
+
+
+# Warm start (item 8) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warm,epochs", [(5, 2), (2, 2), (1, 1)])
+def test_warm_start_must_end_before_the_last_epoch(mlp, warm, epochs):
+    with pytest.raises(
+        L3DError, match=rf"warm_start_epochs={warm} .*epochs={epochs}.*never .*top_k"
+    ) as err:
+        run(mlp, torch.randn(8, 4), epochs=epochs, warm_start_epochs=warm)
+    one_line(err)
+
+
+def test_presets_fit_their_warm_start_to_the_epochs(mlp):
+    from l3d import hf, vision
+
+    lm = hf.get_preset("tinystories-8m")
+    assert lm.config().warm_start_epochs == 10  # the paper's run: 10 of 100 epochs
+    assert lm.config(epochs=2).warm_start_epochs == 0
+    assert lm.config(epochs=50).warm_start_epochs == 5
+    assert lm.config(epochs=5, warm_start_epochs=3).warm_start_epochs == 3  # an explicit choice
+    with pytest.raises(L3DError, match="warm_start_epochs=3"):
+        lm.config(epochs=2, warm_start_epochs=3)
+    cnn = vision.get_preset("mobilenet-v3-small")
+    assert cnn.config(mlp, params=["fc1.*"], epochs=2).warm_start_epochs == 0
+    assert cnn.config(mlp, params=["fc1.*"], epochs=30).warm_start_epochs == 3
+
+
+# Strict types (item 11) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("n_subnetworks", "5"),
+        ("n_subnetworks", 5.0),
+        ("n_subnetworks", True),
+        ("per_token", "no"),
+        ("per_token", 0),
+        ("epochs", "10"),
+        ("lr", "0.01"),
+        ("lr", True),
+        ("top_k", "0.1"),
+        ("seed", 1.0),
+        ("rank", "2"),
+        ("rank", {"*": "2"}),
+        ("params", "fc1.weight"),
+        ("params", [1]),
+        ("device", 0),
+        ("chunk_size", "8"),
+        ("divergence", 1),
+    ],
+)
+def test_wrong_types_are_errors_not_coerced(field, value):
+    fields = {"params": ["fc1.weight"], "n_subnetworks": 3, field: value}
+    with pytest.raises(L3DError) as err:
+        l3d.L3DConfig.create(**fields)
+    message = one_line(err)
+    assert re.match(rf"config key '{field}[.']", message), message
+    assert repr(value) in message or repr(value)[1:-1] in message, message
+
+
+def test_right_types_are_accepted():
+    config = l3d.L3DConfig.create(
+        params=["fc1.weight", "fc2.*"], n_subnetworks=3, rank={"fc1.*": 2, "*": 1}, lr=1,
+        weight_decay=0, top_k=1,
+    )  # fmt: skip
+    assert config.params == ("fc1.weight", "fc2.*") and config.lr == 1.0
+    text = "params: [fc1.weight]\nn_subnetworks: 3\nlr: 1e-3\nper_token: true\nrank: {'*': 2}\n"
+    from_yaml = l3d.L3DConfig.from_yaml(text)
+    # YAML 1.1 reads 1e-3 (no dot) as a string; it is the one string taken as a number.
+    assert from_yaml.lr == 0.001 and from_yaml.per_token is True
+    assert l3d.L3DConfig.from_yaml(from_yaml.to_yaml()) == from_yaml
+    with pytest.raises(L3DError, match=r"config key 'n_subnetworks'.*got '5'.*without quotes"):
+        l3d.L3DConfig.from_yaml("params: [a]\nn_subnetworks: '5'\n")
+
+
+# Custom callables at load time (item 13) --------------------------------------------------------
+
+
+def test_loading_a_custom_divergence_says_to_pass_it_to_load(mlp, tmp_path):
+    def my_divergence(out, ref):
+        return (out - ref).abs().mean()
+
+    def my_reference(outputs, generator):
+        return outputs.flip(0)
+
+    x = torch.randn(8, 4)
+    run(mlp, x, divergence=my_divergence).save(tmp_path / "d")
+    with pytest.raises(
+        L3DError, match=r"custom:my_divergence.*l3d\.load\(.*divergence=my_divergence\)"
+    ) as err:
+        l3d.load(tmp_path / "d", mlp)
+    one_line(err)
+    loaded = l3d.load(tmp_path / "d", mlp, divergence=my_divergence)
+    assert loaded.coefficients(x).shape == (8, 3)
+    run(mlp, x, reference=my_reference).save(tmp_path / "r")
+    with pytest.raises(L3DError, match=r"custom:my_reference.*l3d\.load\(.*reference=my_reference"):
+        l3d.load(tmp_path / "r", mlp)
+    assert l3d.load(tmp_path / "r", mlp, reference=my_reference).coefficients(x).shape == (8, 3)

@@ -138,9 +138,40 @@ def test_toy_is_trained_once_then_loaded_from_the_cache(cache):
     assert (first.model.W_in.norm(dim=0) > 0.5).all()
 
 
-def test_quick_tms_run_recovers_every_feature(cache, tmp_path):
+def test_with_epochs_scales_every_per_epoch_interval():
+    from l3d.experiments.runner import QUICK_EPOCHS, settings_for, with_epochs
+
+    improved, paper = EXPERIMENTS["tms"].improved, EXPERIMENTS["tms"].paper
+    short = with_epochs(improved, 50)
+    assert short == {**improved, "epochs": 50, "lr_decay_every": 5, "resample_every": 5,
+                     "resample_until": 25}  # fmt: skip
+    assert with_epochs(improved, 2)["resample_every"] == 1  # never 0
+    assert with_epochs(paper, 2) == {**paper, "epochs": 2}  # per-step decay stays per step
+    assert settings_for(EXPERIMENTS["tms"], "improved", quick=True) == with_epochs(
+        improved, QUICK_EPOCHS
+    )
+
+
+def test_each_seed_has_a_stage_for_the_toy_l3d_every_metric_each_sweep_point_and_figures():
+    from l3d.experiments.runner import METRIC_STAGES, n_stages
+
+    assert n_stages(EXPERIMENTS["tms"], sweep=True) == 3 + len(METRIC_STAGES)  # no sweep
+    assert n_stages(EXPERIMENTS["squares"], sweep=True) == 3 + len(METRIC_STAGES) + 4
+    assert n_stages(EXPERIMENTS["squares"], sweep=False) == 3 + len(METRIC_STAGES)
+
+
+def test_quick_tms_run_recovers_every_feature_and_shows_its_progress(cache, tmp_path, capsys):
     out = tmp_path / "tms"
-    report = run_experiment("tms", [1], out, settings="improved", quick=True, progress=False)
+    report = run_experiment("tms", [1], out, settings="improved", quick=True, progress=True)
+    # progress: a bar over seeds, one over the seed's stages naming each, the L3D epoch bar
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("tms: 100%") and "1/1" in line for line in lines)
+    for stage in ("toy", "L3D, 30 epochs", "metrics: held-out losses", "metrics: ablation",
+                  "save and figures"):  # fmt: skip
+        assert any(line.startswith("seed 1: ") and stage in line for line in lines), stage
+    assert any(line.startswith("seed 1: 10/11 stages") and "figures" in line for line in lines)
+    epoch_bar = [line for line in lines if not line.startswith(("tms", "seed"))]
+    assert any("30/30" in line for line in epoch_bar)  # the decomposition's own bar
     seed = report["seeds"][0]
     # Each feature's matched subnetwork holds > 0.9 of its norm on that feature's own parameters.
     assert min(seed["parameter_recovery"]["matched_share"]) > 0.9

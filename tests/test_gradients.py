@@ -106,3 +106,61 @@ def test_random_reference_is_never_the_sample_itself():
     for _ in range(200):
         counts += torch.bincount(random_other(outputs, g)[:, 0].long(), minlength=50)
     assert (counts > 0).all()
+
+
+def test_auto_uses_the_jacobian_cache_only_for_small_outputs():
+    """Building the cache costs one backward pass per output element per sample: 'auto' takes it
+    only up to JACOBIAN_MAX_OUTPUTS outputs per sample (every toy), else the structured path."""
+    from l3d.core.gradients.source import JACOBIAN_MAX_OUTPUTS, Method
+
+    def method(n_out, requested="auto"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, n_out)
+        )
+        source = GradientSource(
+            Target.create(model, ["0.weight"]), mse, random_other, per_token=False,
+            method=requested, dataset=Dataset(torch.randn(8, 4), 4),
+        )  # fmt: skip
+        return source.method
+
+    assert method(JACOBIAN_MAX_OUTPUTS) is Method.JACOBIAN
+    assert method(JACOBIAN_MAX_OUTPUTS + 1) is Method.STRUCTURED
+    assert method(JACOBIAN_MAX_OUTPUTS + 1, "jacobian") is Method.JACOBIAN  # asked for: honoured
+
+
+def test_jacobian_cache_built_in_chunks_is_the_one_vmap(mlp):
+    """The cache is built chunk by chunk (for its progress bar): bitwise what one chunked vmap over
+    all samples gave."""
+    from torch.func import jacrev, vmap
+
+    from l3d.core.gradients.jacobian import JacobianCache
+
+    x = torch.randn(10, 4)
+    target = Target.create(mlp, ["fc1.weight", "fc2.bias"])
+    cache = JacobianCache(target, Dataset(x, 4), chunk_size=3)
+    jacobian, outputs = cache._build()
+
+    def sample_output(params, xi):
+        return target.forward(xi[None], params)[0]
+
+    whole = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=3)(target.w0, x)
+    expected = torch.cat([j.reshape(10, 3, -1) for j in whole.values()], 2)
+    assert torch.equal(jacobian, expected) and torch.equal(outputs, target.outputs(x))
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_jacobian_cache_shows_progress_when_slow(mlp, monkeypatch, capsys, progress):
+    from l3d.core.gradients import jacobian
+
+    monkeypatch.setattr(jacobian, "PROGRESS_DELAY_SECONDS", 0.0)
+    source = GradientSource(
+        Target.create(mlp, ["fc1.weight"]), mse, random_other, per_token=False,
+        method="jacobian", dataset=Dataset(torch.randn(12, 4), 4), chunk_size=5, progress=progress,
+    )  # fmt: skip
+    list(source.epoch(torch.Generator().manual_seed(0)))
+    err = capsys.readouterr().err
+    if progress:
+        assert "Jacobian cache" in err and "/12 " in err and "sample/s" in err
+    else:
+        assert "Jacobian cache" not in err

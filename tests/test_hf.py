@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import l3d
 from l3d import L3DError, hf, run
 from l3d.core.divergences import kl
 from l3d.core.gradients import per_sample_gradients
@@ -199,3 +200,43 @@ def test_synthetic_transformer_demo_subnetworks_are_purer_than_random_directions
     assert min(summary["answer_accuracy"].values()) > 0.5
     assert summary["purity"] > summary["purity_random_directions"] + 0.1
     assert hf.load_causal_lm(tmp_path / "model").config.vocab_size == synthetic_transformer.VOCAB
+
+
+def test_causal_lm_without_per_token_is_refused(saved_lm):
+    _, model = saved_lm
+    ids = torch.randint(2, len(WORDS), (6, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::2, 4:] = 0
+    for data in (ids, {"input_ids": ids, "attention_mask": mask}):
+        with pytest.raises(L3DError, match=r"sequence axis.*per_token=True") as err:
+            l3d.decompose(
+                model, data, params=BLOCK[:1], n_subnetworks=2, divergence="kl", epochs=1,
+                batch_size=4, progress=False,
+            )  # fmt: skip
+        assert "\n" not in str(err.value)
+
+
+def test_missing_local_folder_is_named_before_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for missing in (
+        tmp_path / "no" / "model",
+        str(tmp_path / "no" / "model"),
+        "./model",
+        "~/x/y/z",
+    ):
+        for load in (hf.load_causal_lm, hf.load_tokenizer):
+            with pytest.raises(
+                L3DError,
+                match=r"^cannot load a \w+( LM)? from '.*': no such folder\. .*save_pretrained",
+            ) as err:
+                load(missing)
+            assert "Repo id" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prepare_fits_the_presets_warm_start_to_the_epochs(saved_lm, tmp_path):
+    path, _ = saved_lm
+    text = tmp_path / "t.txt"
+    text.write_text("once upon a time there was\nthe cat sat\nthe big dog ran\n")
+    setup = hf.prepare(path, text, params=BLOCK, n_subnetworks=2, rank=1, epochs=2)
+    assert setup.config.epochs == 2 and setup.config.warm_start_epochs == 0
+    assert hf.prepare(path, text, params=BLOCK, n_subnetworks=2).config.warm_start_epochs == 10

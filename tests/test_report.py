@@ -460,3 +460,16 @@ def test_heatmap_colours_positive_red_negative_blue_zero_white():
     assert b2 > 90 and r2 < 10  # -scale: dark blue
     assert min(white) > 240
     assert clipped == (r1, g1, b1)  # beyond the scale: clipped to the end of the colour map
+
+
+def test_report_of_a_folder_that_is_not_a_run_says_what_to_pass(hostile_run, tmp_path, capsys):
+    saved = hostile_run / "decomposition"
+    assert main(["report", str(saved)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"'{saved}' is a saved decomposition, not a run folder: pass its run folder" in err
+    assert not (saved / "report").exists()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert main(["report", str(plain)]) == 2
+    assert f"'{plain}' is not a run folder: it has no config.yaml" in capsys.readouterr().err

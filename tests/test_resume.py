@@ -199,3 +199,135 @@ def test_resume_of_a_finished_run_says_so(reference_run, capsys):
     assert main(["decompose", "--resume", str(reference_run)]) == 0
     assert "already finished" in capsys.readouterr().err
     assert (reference_run / "decomposition" / "subnetworks.safetensors").read_bytes() == before
+
+
+def _stopped_copy(reference_run: Path, tmp_path: Path) -> Path:
+    """A copy of the finished reference run as if stopped after its last checkpoint (no saved
+    decomposition yet): `--resume` goes through the checkpoint."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(reference_run, copy)
+    shutil.rmtree(copy / "decomposition")
+    return copy
+
+
+def test_resume_refuses_a_config_edited_since_the_checkpoint(reference_run, tmp_path, capsys):
+    run = _stopped_copy(reference_run, tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["l3d"]["lr"] = 0.05
+    config["data"]["options"]["n_samples"] = 64
+    config["run"]["checkpoint_seconds"] = 30  # run options may change: not part of the hash
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["decompose", "--resume", str(run), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{run / 'config.yaml'} changed since the checkpoint" in err
+    assert "data.options.n_samples: 128 -> 64" in err and "l3d.lr: 0.01 -> 0.05" in err, err
+    assert "run.checkpoint_seconds" not in err
+    assert not (run / "decomposition").exists()
+    # Restoring the config (run options changed are fine) resumes.
+    config["l3d"]["lr"], config["data"]["options"]["n_samples"] = 0.01, 128
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["decompose", "--resume", str(run), "-q"]) == 0
+    assert runs.RunDir(run).finished
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.update(epoch="60"), "key 'epoch': Input should be a valid integer"),
+        (lambda s: s.pop("optimizer_state"), "key 'optimizer_state': Field required"),
+        (lambda s: s.update(history=s["history"][:3]), "history has 3 records for epoch 60"),
+        (lambda s: s.update(tensors="../../etc/passwd"), "key 'tensors'"),
+        (lambda s: s["param_groups"][0].update(lr="fast"), "param_groups"),
+        (lambda s: s["optimizer_state"].update(x={}), "optimizer_state"),
+        (lambda s: s.pop("tensors") and s.update(version=2), "checkpoint version 2"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"version": 1, "epoch": 2', "is not valid JSON"),
+    ],
+)
+def test_a_hand_edited_checkpoint_index_is_a_one_line_error_naming_it(
+    reference_run, tmp_path, capsys, edit, message
+):
+    run = _stopped_copy(reference_run, tmp_path)
+    index = run / "checkpoint" / "state.json"
+    if isinstance(edit, str):
+        index.write_text(edit)
+    else:
+        state = json.loads(index.read_text())
+        edit(state)
+        index.write_text(json.dumps(state))
+    assert main(["decompose", "--resume", str(run), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(index) in err and message in err, err
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
+    deadline = time.time() + 120
+    while _checkpoint_epoch(run_dir) < 1:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the run never checkpointed"
+        time.sleep(0.02)
+
+
+def test_a_second_run_on_a_busy_folder_is_refused_naming_the_pid(tmp_path):
+    """Two processes on one run folder: the second gets one line naming the first's pid and
+    changes nothing; once the first is killed (its lock dies with it) a resume works."""
+    config = _config(tmp_path, epochs=100_000)
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(
+        _cli("decompose", str(config), "--out", str(run_dir), "-q"),
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        _wait_for_checkpoint(first, run_dir)
+        config_before = (run_dir / "config.yaml").read_bytes()
+        seconds = [  # at once: each spends most of its time importing torch
+            subprocess.Popen(_cli(*argv, "-q"), stderr=subprocess.PIPE, text=True, env=ENV)
+            for argv in (
+                ["decompose", "--resume", str(run_dir)],
+                ["decompose", str(config), "--out", str(run_dir), "--overwrite"],
+                ["decompose", str(config), "--out", str(run_dir)],
+            )
+        ]
+        for second in seconds:
+            _, err = second.communicate(timeout=120)
+            assert second.returncode == 2, err
+            assert err.count("\n") == 1, err
+            assert f"is in use by another l3d process (pid {first.pid})" in err
+        assert first.poll() is None
+        assert (run_dir / "config.yaml").read_bytes() == config_before
+        epochs = [r["epoch"] for r in runs.RunDir(run_dir).metrics_records()]
+        assert epochs == list(range(len(epochs)))  # one writer: no repeated epochs
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    # The dead process's lock does not block; its pid may still be in the lock file.
+    done = _checkpoint_epoch(run_dir)
+    resumed = subprocess.Popen(
+        _cli("decompose", "--resume", str(run_dir)), stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    deadline = time.time() + 120
+    while _checkpoint_epoch(run_dir) <= done:
+        assert resumed.poll() is None, resumed.communicate()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    resumed.terminate()
+    _, err = resumed.communicate(timeout=60)
+    assert resumed.returncode == 128 + signal.SIGTERM, err
+    assert f"resuming {run_dir} from epoch {done}" in err
+
+
+def test_the_lock_is_reentrant_and_released(tmp_path):
+    run_dir = runs.RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    with run_dir.lock():
+        with run_dir.lock():  # execute() inside the CLI's lock
+            pass
+        assert (run_dir.path / ".lock").read_text().strip() == str(os.getpid())
+    with run_dir.lock():
+        pass

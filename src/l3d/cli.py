@@ -5,12 +5,18 @@ Ctrl-C or SIGTERM saves a checkpoint and exits with 128 + the signal number."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 from l3d.errors import L3DError
 
 EXIT_USER_ERROR = 2
+# Samples whose output change `l3d intervene` prints against all samples' (as the report does).
+N_TOP_IMPACT = 10
 
 MAIN_EXAMPLES = """examples:
   l3d decompose examples/tms.yaml --out runs/tms     # Ctrl-C saves; --resume runs/tms continues
@@ -35,6 +41,7 @@ EXPERIMENT_EXAMPLES = """examples:
 ANALYZE_EXAMPLES = """examples:
   l3d analyze runs/tms
   l3d analyze runs/tms --n-top 20 --n-samples 2000
+  l3d analyze runs/tms --out /tmp/tms-analysis    # when the run folder is read-only
 """
 INTERVENE_EXAMPLES = """examples:
   l3d intervene runs/tms --subnetwork 0 --delta 0.5 1 2
@@ -46,10 +53,36 @@ REPORT_EXAMPLES = """examples:
 """
 
 
+class _UsageError(Exception):
+    """A command line argparse refuses, shown as one line like every user error."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{message} (see `{prog} --help`)")
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without its multi-line usage dump: an error is one line (main prints it)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self.prog, message)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of samples, references, top samples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from l3d import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="l3d",
         description="Local Loss Landscape Decomposition: find sparsely active subnetworks in "
         "parameter space (Chrisman, Bushnaq, Sharkey 2025).",
@@ -117,31 +150,40 @@ def _parser() -> argparse.ArgumentParser:
         "analyze",
         help="per-subnetwork P_act, impact, top samples, top logits",
         description="Analyse a finished run: writes RUN_DIR/analysis/analysis.json (+ Markdown, "
-        "PNG) with each subnetwork's P_act, top samples by impact and top logits.",
+        "PNG) with each subnetwork's P_act, top samples by impact and top logits, and prints "
+        "the headline numbers.",
         epilog=ANALYZE_EXAMPLES,
         formatter_class=fmt,
     )
     p.add_argument("run_dir")
-    p.add_argument("--n-top", type=int, default=10, help="top samples per subnetwork")
-    p.add_argument("--n-references", type=int, default=10, help="references averaged in impact")
-    p.add_argument("--n-samples", type=int, help="analyse only the first N samples")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--out", help="analysis folder (default: RUN_DIR/analysis, read by the report)")
+    p.add_argument("--n-top", type=_positive_int, default=10, help="top samples per subnetwork")
+    p.add_argument(
+        "--n-references", type=_positive_int, default=10, help="references averaged in impact"
+    )
+    p.add_argument("--n-samples", type=_positive_int, help="analyse only the first N samples")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
 
     p = sub.add_parser(
         "intervene",
         help="move the weights along subnetworks and measure the output change",
         description="For each subnetwork K and step D, compute D(f(x, W0 + D v_K), f(x, W0)) "
         "per sample (eq. 9) and each sample's impact; writes "
-        "RUN_DIR/interventions/subnetwork_K.json and .png.",
+        "RUN_DIR/interventions/subnetwork_K.json and .png and prints, per step, the mean change "
+        "on the subnetwork's top-impact samples and on all samples.",
         epilog=INTERVENE_EXAMPLES,
         formatter_class=fmt,
     )
     p.add_argument("run_dir")
     p.add_argument("--subnetwork", type=int, nargs="+", required=True, metavar="K")
     p.add_argument("--delta", type=float, nargs="+", required=True, metavar="D")
-    p.add_argument("--n-samples", type=int, default=1000, help="samples to measure (first N)")
-    p.add_argument("--n-references", type=int, default=10, help="references averaged in impact")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument(
+        "--n-samples", type=_positive_int, default=1000, help="samples to measure (first N)"
+    )
+    p.add_argument(
+        "--n-references", type=_positive_int, default=10, help="references averaged in impact"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
 
     p = sub.add_parser(
         "report",
@@ -154,13 +196,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir")
     p.add_argument("--out", help="report folder (default: RUN_DIR/report)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no messages")
     return parser
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
     if not getattr(args, "quiet", False):
         print(message, file=sys.stderr)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
+
+
+@contextlib.contextmanager
+def _quiet_libraries(args: argparse.Namespace, spec: Any) -> Iterator[None]:
+    """With -q, silence transformers (its "Loading weights" bar, hub download bars, warnings)
+    while a run with a HuggingFace model works; restored afterwards."""
+    uses_hf = spec.model.hf is not None or spec.data.text is not None
+    if not getattr(args, "quiet", False) or not uses_hf:
+        yield
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the hf source says how to install it
+        yield
+        return
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _decompose(args: argparse.Namespace) -> int:
@@ -172,17 +242,29 @@ def _decompose(args: argparse.Namespace) -> int:
                 "--resume RUN_DIR continues a run as configured: drop CONFIG/--set/--out"
             )
         run_dir = runs.RunDir(Path(args.resume))
-        run_dir.spec()  # a clear error if this is not a run folder
+        spec = run_dir.spec()  # a clear error if this is not a run folder
         if run_dir.finished:
             _say(args, f"{run_dir.path} is already finished: {run_dir.decomposition}")
             return 0
+        runs.writable_folder(run_dir.path, "run")
     else:
         if not args.config:
             raise L3DError("give a run config (l3d decompose CONFIG.yaml) or --resume RUN_DIR")
         spec = runs.load_spec(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-        run_dir = runs.create_run(spec, out, overwrite=args.overwrite)
-        _say(args, f"run folder: {run_dir.path}")
+        run_dir = runs.RunDir(runs.writable_folder(out, "run"))
+    # The lock from before the folder is (re)made to the end: a second process on the same folder
+    # gets one line naming this one's pid, and cannot clear or mix this run's files.
+    with run_dir.lock(), _quiet_libraries(args, spec):
+        if not args.resume:
+            run_dir = runs.create_run(spec, run_dir.path, overwrite=args.overwrite)
+            _say(args, f"run folder: {run_dir.path}")
+        return _run(args, run_dir)
+
+
+def _run(args: argparse.Namespace, run_dir: Any) -> int:
+    from l3d import runs
+
     try:
         decomposition = runs.execute(
             run_dir, progress=False if args.quiet else None, log=lambda m: _say(args, m)
@@ -248,53 +330,102 @@ def _analyze(args: argparse.Namespace) -> int:
         from l3d.analysis import AnalysisOptions, write_analysis
     except ImportError as err:
         raise L3DError(f"analysis (l3d.analysis) is not available: {err}") from None
-    run = runs.open_run(args.run_dir)
-    tokenizer = None
-    if run.spec.model.hf is not None:
-        tokenizer = runs.load_tokenizer(run.spec.data.options.get("tokenizer", run.spec.model.hf))
-    labels = runs.build_labels(run.spec.data)
-    if labels is not None and args.n_samples is not None:
-        labels = labels[: args.n_samples]
-    write_analysis(
-        run.decomposition,
-        _inputs(run, args.n_samples),
-        run.run_dir.analysis,
-        tokenizer=tokenizer,
-        labels=labels,
-        class_names=run.spec.data.class_names,
-        options=AnalysisOptions(
-            n_top=args.n_top, n_references=args.n_references, progress=not args.quiet
-        ),
-    )
-    _say(args, f"analysis in {run.run_dir.analysis}")
+    run_dir = runs.RunDir(Path(args.run_dir))
+    run_dir.require_finished()
+    out = runs.writable_folder(Path(args.out) if args.out else run_dir.analysis, "analysis")
+    with _quiet_libraries(args, run_dir.spec()):
+        run = runs.open_run(run_dir.path)
+        tokenizer = None
+        if run.spec.model.hf is not None:
+            tokenizer = runs.load_tokenizer(
+                run.spec.data.options.get("tokenizer", run.spec.model.hf)
+            )
+        labels = runs.build_labels(run.spec.data)
+        if labels is not None and args.n_samples is not None:
+            labels = labels[: args.n_samples]
+        result = write_analysis(
+            run.decomposition,
+            _inputs(run, args.n_samples),
+            out,
+            tokenizer=tokenizer,
+            labels=labels,
+            class_names=run.spec.data.class_names,
+            options=AnalysisOptions(
+                n_top=args.n_top, n_references=args.n_references, progress=not args.quiet
+            ),
+        )
+    _say(args, _analysis_headline(result["summary"]))
+    _say(args, f"analysis in {out}")
     return 0
+
+
+def _analysis_headline(summary: dict) -> str:
+    """The numbers to read first: samples, dead subnetworks, selectivity, purity if labelled."""
+    median = summary.get("median_intervention_selectivity")
+    below = summary.get("n_intervention_below_noise") or 0
+    selectivity = "none measurable (below noise)" if median is None else _fmt(median)
+    if below and median is not None:
+        selectivity += f" ({below} below noise, not counted)"
+    parts = [
+        f"analysed {summary['n_samples']} samples: dead subnetworks "
+        f"{summary['n_dead']}/{summary['n_subnetworks']}",
+        f"median intervention selectivity {selectivity}",
+    ]
+    if "purity" in summary:
+        random = summary.get("purity_random_directions")
+        baseline = f" (random directions {_fmt(random)})" if random is not None else ""
+        parts.append(f"top-{summary['n_top']} sample purity {_fmt(summary['purity'])}{baseline}")
+    return ", ".join(parts)
 
 
 def _intervene(args: argparse.Namespace) -> int:
     from l3d import io, plots, runs
 
-    run = runs.open_run(args.run_dir)
-    n_v = run.decomposition.n_subnetworks
-    bad = [k for k in args.subnetwork if not 0 <= k < n_v]
-    if bad:
-        raise L3DError(f"--subnetwork {bad} out of range: this run has subnetworks 0..{n_v - 1}")
-    inputs = _inputs(run, args.n_samples)
-    impact = run.decomposition.impact(inputs, n_references=args.n_references).cpu()
-    folder = run.run_dir.interventions
-    folder.mkdir(parents=True, exist_ok=True)
-    for k in args.subnetwork:
-        change = run.decomposition.output_change(inputs, k, args.delta)
-        result = {
-            "subnetwork": k,
-            "divergence": run.decomposition.config.divergence,
-            "deltas": args.delta,
-            "impact": impact[:, k].tolist(),
-            "change": change.tolist(),
-        }
-        io.write_json(folder / f"subnetwork_{k}.json", result)
-        io.write_bytes(folder / f"subnetwork_{k}.png", plots.png(plots.intervention_figure(result)))
-        _say(args, f"subnetwork {k}: {folder / f'subnetwork_{k}.json'}")
+    run_dir = runs.RunDir(Path(args.run_dir))
+    run_dir.require_finished()
+    folder = runs.writable_folder(run_dir.interventions, "interventions")
+    with _quiet_libraries(args, run_dir.spec()):
+        run = runs.open_run(run_dir.path)
+        n_v = run.decomposition.n_subnetworks
+        bad = [k for k in args.subnetwork if not 0 <= k < n_v]
+        if bad:
+            raise L3DError(
+                f"--subnetwork {bad} out of range: this run has subnetworks 0..{n_v - 1}"
+            )
+        inputs = _inputs(run, args.n_samples)
+        impact = run.decomposition.impact(inputs, n_references=args.n_references).cpu()
+        label = run.decomposition.divergence.change_label
+        for k in args.subnetwork:
+            change = run.decomposition.output_change(inputs, k, args.delta).cpu()
+            result = {
+                "subnetwork": k,
+                "divergence": run.decomposition.config.divergence,
+                "deltas": args.delta,
+                "impact": impact[:, k].tolist(),
+                "change": change.tolist(),
+            }
+            path = folder / f"subnetwork_{k}.json"
+            io.write_json(path, result)
+            figure = plots.intervention_figure(result)
+            io.write_bytes(folder / f"subnetwork_{k}.png", plots.png(figure))
+            _say(args, f"subnetwork {k} ({label}; {path}):")
+            for line in _intervention_headline(impact[:, k], change, args.delta):
+                _say(args, f"  {line}")
     return 0
+
+
+def _intervention_headline(impact: Any, change: Any, deltas: list[float]) -> list[str]:
+    """Per step: the mean output change on the subnetwork's top-impact samples against all."""
+    top = impact.argsort(descending=True, stable=True)[:N_TOP_IMPACT]
+    lines = []
+    for delta, row in zip(deltas, change):
+        on_top, on_all = float(row[top].mean()), float(row.mean())
+        ratio = f" ({on_top / on_all:.3g}×)" if on_all > 0 else ""
+        lines.append(
+            f"δ = {delta:g}: {on_top:.3g} on its {len(top)} top-impact samples, "
+            f"{on_all:.3g} on all {len(row)}{ratio}"
+        )
+    return lines
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -314,12 +445,33 @@ COMMANDS = {
 }
 
 
+# File-system failures that are the user's to fix (a folder made read-only or full mid-run):
+# one line naming the file, like every user error, never a traceback.
+_FILE_ERRNOS = {
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+    errno.EISDIR, errno.EEXIST,
+}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as err:
+        print(f"{err.prog}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         return COMMANDS[args.command](args)
     except L3DError as err:
         print(f"l3d {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:
+        if err.errno not in _FILE_ERRNOS or not err.filename:
+            raise
+        print(
+            f"l3d {args.command}: error: cannot access '{err.filename}' ({err.strerror}): make "
+            "its folder writable (or free space) and run the command again",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"l3d {args.command}: interrupted", file=sys.stderr)

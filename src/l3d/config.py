@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from l3d.errors import L3DError
+
+# A float that YAML 1.1 (PyYAML) reads as a string: an exponent without a dot, as in 1e-3.
+_YAML_EXPONENT = re.compile(r"[-+]?(\d+|\d*\.\d+)[eE][-+]?\d+")
 
 
 class L3DConfig(BaseModel):
@@ -18,16 +31,21 @@ class L3DConfig(BaseModel):
 
     Where the authors' code behaves differently, the option that reproduces it is named in the
     field's description (see docs/algorithm.md).
+
+    Types are strict (a config file's `n_subnetworks: "5"` or `per_token: "no"` is an error, not
+    coerced): an int is accepted where a float belongs, a list for `params`, and, because PyYAML
+    reads an exponent without a dot (`lr: 1e-3`) as a string, such a string for a float.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    params: tuple[str, ...] = Field(
+    params: tuple[StrictStr, ...] = Field(
+        strict=False,  # a YAML list; the names themselves stay strict strings
         description="Parameter names or glob patterns ('layers.*.weight') of the tensors to "
-        "decompose."
+        "decompose.",
     )
     n_subnetworks: int = Field(ge=1, description="Number of subnetworks n_v.")
-    rank: int | dict[str, int] = Field(
+    rank: StrictInt | dict[StrictStr, StrictInt] = Field(
         default=1,
         description="Rank of every tensor of every subnetwork, or a mapping from parameter name or "
         "glob to rank (first match wins). Capped at the tensor's largest possible rank.",
@@ -88,7 +106,8 @@ class L3DConfig(BaseModel):
     warm_start_epochs: int = Field(
         default=0,
         ge=0,
-        description="Epochs at warm_start_top_k before top_k (authors' code: 1-10).",
+        description="Epochs at warm_start_top_k before top_k (authors' code: 1-10); fewer than "
+        "epochs.",
     )
     warm_start_top_k: float = Field(default=0.999)
     gradient_method: Literal["auto", "jacobian", "vmap", "structured"] = Field(
@@ -143,6 +162,22 @@ class L3DConfig(BaseModel):
     seed: int = 0
     device: str = "cpu"
 
+    @field_validator(
+        "top_k",
+        "warm_start_top_k",
+        "lr",
+        "weight_decay",
+        "lr_decay",
+        "resample_duplicate_cos",
+        "resample_min_p_active",
+        mode="before",
+    )
+    @classmethod
+    def _yaml_exponent(cls, value: Any) -> Any:
+        if isinstance(value, str) and _YAML_EXPONENT.fullmatch(value.strip()):
+            return float(value)
+        return value
+
     @field_validator("top_k", "warm_start_top_k")
     @classmethod
     def _fraction(cls, value: float) -> float:
@@ -151,6 +186,22 @@ class L3DConfig(BaseModel):
                 f"must be in (0, 1]: the fraction of all coefficients kept per batch; got {value}"
             )
         return value
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank_type(cls, value: Any) -> Any:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if is_int(value) or (
+            isinstance(value, Mapping)
+            and all(isinstance(k, str) and is_int(v) for k, v in value.items())
+        ):
+            return value
+        raise ValueError(
+            "must be an int or a mapping of parameter name or glob to int, e.g. {'fc1.*': 2} "
+            f"(got {_short_repr(value)}); write numbers without quotes"
+        )
 
     @field_validator("rank")
     @classmethod
@@ -176,15 +227,26 @@ class L3DConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _warm_start_ends(self) -> L3DConfig:
+        if self.warm_start_epochs and self.warm_start_epochs >= self.epochs:
+            raise ValueError(
+                f"warm_start_epochs={self.warm_start_epochs} with epochs={self.epochs}: the run "
+                f"would never train at top_k={self.top_k}, only at warm_start_top_k="
+                f"{self.warm_start_top_k}; use fewer warm-start epochs than epochs (e.g. "
+                f"warm_start_epochs={self.epochs // 10}) or more epochs"
+            )
+        return self
+
     @classmethod
-    def create(cls, **fields: Any) -> L3DConfig:
+    def create(cls, /, **fields: Any) -> L3DConfig:
         """Build a config, turning pydantic's report into a one-line L3DError."""
         try:
             return cls(**fields)
         except ValidationError as err:
             raise L3DError(describe_validation_error(err, cls)) from None
 
-    def replace(self, **changes: Any) -> L3DConfig:
+    def replace(self, /, **changes: Any) -> L3DConfig:
         return type(self).create(**{**self.model_dump(), **changes})
 
     def to_yaml(self, path: str | Path | None = None) -> str:
@@ -197,17 +259,52 @@ class L3DConfig(BaseModel):
     def from_yaml(cls, source: str | Path) -> L3DConfig:
         """Load from a YAML file (a Path, or a one-line string) or from multi-line YAML text."""
         if isinstance(source, str) and "\n" in source:
-            text = source
+            text, name = source, "the config text"
         elif Path(source).is_file():
-            text = Path(source).read_text()
+            name = str(source)
+            try:
+                text = Path(source).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise L3DError(f"cannot read config file {name}: {_one_line(str(err))}") from None
         else:
-            raise L3DError(f"config file not found: {source}")
-        data = yaml.safe_load(text)
+            raise L3DError(f"config file not found: {_one_line(str(source))}")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise L3DError(f"{name} is not valid YAML{where}: {_one_line(problem)}") from None
         if not isinstance(data, dict):
             raise L3DError(
                 f"config must be a YAML mapping of field: value; got {type(data).__name__}"
             )
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:
+            raise L3DError(
+                f"config key {_short_repr(odd[0])} is not a field name: keys are names such as "
+                "n_subnetworks"
+            )
         return cls.create(**data)
+
+
+def with_changes(preset: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """A preset's config fields with `changes` applied. When the changes set `epochs` but not
+    `warm_start_epochs`, the preset's warm start keeps its share of the epochs (10 of 100 epochs
+    become 1 of 10, 0 of 2), at most epochs - 1, so the run still ends at the sparse top_k."""
+    fields = {**preset, **changes}
+    warm = preset.get("warm_start_epochs", 0)
+    if "epochs" in changes and "warm_start_epochs" not in changes and warm:
+        epochs = changes["epochs"]
+        if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1:
+            preset_epochs = preset.get("epochs", field_default("epochs"))
+            fields["warm_start_epochs"] = min(epochs - 1, round(warm * epochs / preset_epochs))
+    return fields
+
+
+def field_default(name: str) -> Any:
+    """The default of an L3DConfig field."""
+    return L3DConfig.model_fields[name].default
 
 
 def describe_validation_error(
@@ -220,8 +317,9 @@ def describe_validation_error(
     sections = sections or {}
     parts = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        where = ".".join(loc) or "config"
+        loc = [_one_line(str(p)) for p in e["loc"]]
+        where = ".".join(loc)
+        msg = _one_line(e["msg"].removeprefix("Value error, "))
         if e["type"] == "extra_forbidden":
             parent = next((sections[p] for p in reversed(loc[:-1]) if p in sections), root)
             options = list(parent.model_fields)
@@ -230,8 +328,40 @@ def describe_validation_error(
             parts.append(f"unknown config key '{where}' ({hint})")
         elif e["type"] == "missing":
             parts.append(f"missing required config key '{where}'")
+        elif not where and e["type"] == "value_error":
+            parts.append(f"config: {msg}")  # a rule across fields (a model validator)
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = f" (got {e['input']!r})" if e["type"] != "value_error" else ""
-            parts.append(f"config key '{where}': {msg}{got}")
+            got = "" if e["type"] == "value_error" else f" (got {_short_repr(e['input'])})"
+            if _quoted(e["input"], e["type"]):
+                got += ", a string: write the value without quotes"
+            parts.append(f"config key '{where or 'config'}': {msg}{got}")
     return "; ".join(parts)
+
+
+_BOOLEANS = {"true", "false", "yes", "no", "on", "off", "y", "n", "1", "0"}
+
+
+def _quoted(value: Any, error_type: str) -> bool:
+    """A string that reads as the number or boolean the field wants: a quoted YAML value."""
+    if not isinstance(value, str):
+        return False
+    if error_type == "bool_type":
+        return value.strip().lower() in _BOOLEANS
+    if error_type in ("int_type", "float_type"):
+        try:
+            (int if error_type == "int_type" else float)(value)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+def _one_line(text: str) -> str:
+    """Text with any line breaks (a YAML key may hold one) turned into spaces."""
+    lines = text.splitlines()
+    return " ".join(line.strip() for line in lines) if len(lines) > 1 else "".join(lines)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

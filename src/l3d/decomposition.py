@@ -6,6 +6,7 @@ report all ask through it. Saved through `l3d.io` (safetensors + JSON/YAML; noth
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import pairwise
@@ -35,6 +36,13 @@ from l3d.core.trainer import StepResult, Trainer
 from l3d.errors import L3DError
 
 EpochCallback = Callable[[Trainer, dict], None]
+
+LOSS_LABELS = {"paper": "loss (eq. 8)", "pooled_squared": "pooled loss"}
+"""How the training bar names the loss it trains (L3DConfig.loss)."""
+
+NOISE_ULPS = 100
+"""Round-off allowed in model outputs, in units in the last place of the largest output: an output
+change below (NOISE_ULPS * eps * scale)^2 is indistinguishable from round-off (`output_change`)."""
 
 
 def _progress(total: int, enabled: bool):
@@ -178,7 +186,10 @@ def run(
             while trainer.epoch < config.epochs:
                 record = trainer.run_epoch(on_step=step_callback)
                 bar.set_postfix(
-                    loss=f"{record['loss_' + config.loss]:.4f}", live=record["live_subnetworks"]
+                    {
+                        LOSS_LABELS[config.loss]: f"{record['loss_' + config.loss]:.4f}",
+                        "live": record["live_subnetworks"],
+                    }
                 )
                 bar.update(1)
                 if callback is not None:
@@ -228,6 +239,9 @@ class Decomposition:
         self.reference = get_reference(reference or config.reference, self.divergence)
         self.target = Target.create(model, subnetworks.v_out.names)
         self._source: GradientSource | None = None
+        self.w0_fingerprint: dict[str, dict] | None = None
+        """The fingerprint `save` records (io.fingerprint); None: that of `target.w0`. `load`
+        keeps the saved one, so re-saving never vouches for other weights."""
 
     # What was learned --------------------------------------------------------------------
     @property
@@ -441,18 +455,51 @@ class Decomposition:
     ) -> Tensor:
         """How far moving to W0 + delta * v_k moves each sample's output, per delta and sample:
         the divergence's intervention distance (KL(p(W0) || p(W0 + delta v_k)) for 'kl', the
-        mean squared change otherwise), 0 at delta = 0. (len(deltas), n_samples).
+        mean squared change otherwise), 0 at delta = 0. (len(deltas), n_samples), float32.
 
-        samples: indices of sample rows (as in `coefficients`) to measure, default all; only the
-        inputs holding them are run. direction: V_out_k if already materialised."""
+        Computed in float64 from the model's outputs and clamped at 0, so round-off never makes a
+        change negative (see `output_change_and_floor` for the level below which a change is
+        round-off). samples: indices of sample rows (as in `coefficients`) to measure, default
+        all; only the inputs holding them are run. direction: V_out_k if already materialised."""
+        return self.output_change_and_floor(inputs, k, deltas, samples, direction)[0]
+
+    @torch.no_grad()
+    def output_change_and_floor(
+        self,
+        inputs: Inputs,
+        k: int,
+        deltas: Sequence[float],
+        samples: Tensor | None = None,
+        direction: dict[str, Tensor] | None = None,
+    ) -> tuple[Tensor, float]:
+        """`output_change` and its noise floor: the largest change that round-off in the outputs
+        alone can produce, (NOISE_ULPS * eps * scale)^2 with eps the outputs' machine epsilon
+        (float32: 1.19e-7) and scale the largest |output| of the measured samples at W0, at least
+        1 when the divergence reads probabilities (softmax is computed at that scale). Errors of
+        NOISE_ULPS ulps of the scale in every output give a mean squared change or a KL (about
+        half the p-weighted variance of the logit errors) at most this large; changes below it
+        do not measure the subnetwork."""
         sub, select = self._sample_inputs(inputs, samples)
         direction = self._direction(k, direction)
         base = select(self.intervene(sub, k, 0.0, direction=direction))
+        scale = float(base.abs().max()) if base.numel() else 0.0
+        if self.divergence.on_probabilities:
+            scale = max(scale, 1.0)
+        eps = torch.finfo(base.dtype).eps if base.is_floating_point() else 0.0
+        floor = (NOISE_ULPS * eps * scale) ** 2
         changes = [
-            self.divergence.distance(select(self.intervene(sub, k, d, direction=direction)), base)
+            self._distance(select(self.intervene(sub, k, d, direction=direction)), base)
             for d in deltas
         ]
-        return torch.stack(changes).cpu()
+        return torch.stack(changes).cpu(), floor
+
+    def _distance(self, moved: Tensor, base: Tensor) -> Tensor:
+        """The divergence's distance per row, in float64 (float32 KL of nearly equal logits is
+        round-off of either sign), clamped at 0 and returned as float32."""
+        if moved.device.type == "mps":  # no float64 there
+            moved, base = moved.cpu(), base.cpu()
+        distance = self.divergence.distance(moved.double(), base.double())
+        return distance.clamp(min=0).float()
 
     def output_derivative(
         self,
@@ -501,8 +548,15 @@ class Decomposition:
             "n_samples": self.evaluation.n_samples,
             "dead_subnetworks": self.dead_subnetworks,
         }
+        fingerprint = self.w0_fingerprint or io.fingerprint(self.target.w0)
         return io.save_decomposition(
-            directory, self.config, self.subnetworks, self.p_active, evaluation, self.history
+            directory,
+            self.config,
+            self.subnetworks,
+            self.p_active,
+            evaluation,
+            self.history,
+            fingerprint,
         )
 
 
@@ -512,9 +566,14 @@ def load(
     *,
     divergence: DivergenceFn | None = None,
     reference: ReferenceFn | None = None,
+    allow_other_weights: bool = False,
 ) -> Decomposition:
     """Load a saved decomposition against `model`, refusing a model whose decomposed tensors have
-    different names or shapes."""
+    different names or shapes, or other values than those decomposed (their fingerprint, saved
+    in decomposition.json, differs) unless allow_other_weights=True: coefficients, impacts and
+    interventions of subnetworks learned on other weights are silently wrong.
+
+    divergence, reference: the callables of a decomposition made with custom ones."""
     saved = io.read_decomposition(directory)
     params = dict(model.named_parameters())
     problems = []
@@ -527,11 +586,34 @@ def load(
         raise L3DError(
             f"the decomposition in {directory} does not fit this model: " + "; ".join(problems)
         )
+    fingerprint = saved.fingerprint
+    if fingerprint is None:
+        warnings.warn(
+            f"{directory} was saved without a fingerprint of its weights (an older l3d): make "
+            "sure the model has the weights it was decomposed on; save it again to add one",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif not allow_other_weights:
+        now = io.fingerprint({n: params[n] for n in saved.shapes})
+        # The hash decides (sums of a reduction may differ in the last bit across thread counts).
+        other = [
+            n for n in saved.shapes if (fingerprint.get(n) or {}).get("sha256") != now[n]["sha256"]
+        ]
+        if other:
+            raise L3DError(
+                f"the decomposition in {directory} was made on other weights: "
+                f"{', '.join(other)} differ{'s' if len(other) == 1 else ''} from the decomposed "
+                "tensors (same shapes, other values); load it with the model it was made on, or "
+                "pass l3d.load(..., allow_other_weights=True) to use it anyway"
+            )
     pair = saved.subnetworks.to(next(model.parameters()).device)
     ev = saved.meta["evaluation"]
     evaluation = Evaluation(
         saved.p_active, ev["loss_paper"], ev["loss_pooled_squared"], ev["n_samples"]
     )
-    return Decomposition(
+    decomposition = Decomposition(
         saved.config, pair, saved.meta["history"], evaluation, model, divergence, reference
     )
+    decomposition.w0_fingerprint = fingerprint
+    return decomposition

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from l3d.config import L3DConfig
+from l3d.config import L3DConfig, with_changes
 from l3d.errors import L3DError, lookup
 
 
@@ -33,6 +33,25 @@ def _transformers():
 # Loading -------------------------------------------------------------------------------------
 
 
+def _check_folder(name_or_path: str | Path, what: str) -> None:
+    """A name that can only be a local path (a Path, absolute, ./ ../ ~, more than one '/', or a
+    backslash: a hub id is 'name' or 'namespace/name') must exist; say so before the hub's text."""
+    text = str(name_or_path)
+    path_like = (
+        isinstance(name_or_path, Path)
+        or text.startswith((".", "~", "/"))
+        or text.count("/") > 1
+        or "\\" in text
+        or Path(text).is_absolute()
+    )
+    path = Path(text).expanduser()
+    if path_like and not path.exists():
+        raise L3DError(
+            f"cannot load a {what} from '{text}': no such folder. Pass the folder it was saved to "
+            "with save_pretrained, or a hub name such as 'roneneldan/TinyStories-8M'"
+        )
+
+
 def load_causal_lm(
     name_or_path: str | Path,
     *,
@@ -44,6 +63,7 @@ def load_causal_lm(
     Eager attention: it is plain tensor code that torch.func (vmap over samples, jacrev over
     tokens) can transform, and it is exact (no fused-kernel approximations) on every device.
     """
+    _check_folder(name_or_path, "causal LM")
     transformers = _transformers()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -61,6 +81,7 @@ def load_causal_lm(
 def load_tokenizer(name_or_path: str | Path) -> Any:
     """The tokenizer saved with a model; a missing pad token is set to the EOS token (padding is
     masked out of every computation, so its id never matters)."""
+    _check_folder(name_or_path, "tokenizer")
     transformers = _transformers()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(name_or_path))
@@ -216,8 +237,10 @@ class LMPreset:
     l3d: dict[str, Any] = field(default_factory=dict)
 
     def config(self, **changes: Any) -> L3DConfig:
-        """The preset's L3DConfig, with any field overridden."""
-        return L3DConfig.create(**{**self.l3d, **changes})
+        """The preset's L3DConfig, with any field overridden. Fewer `epochs` than the preset's
+        scale its warm start by the same factor (10 of 100 epochs: 1 of 10, 0 of 2), unless
+        `warm_start_epochs` is given too."""
+        return L3DConfig.create(**with_changes(self.l3d, changes))
 
 
 PRESETS: dict[str, LMPreset] = {
@@ -310,7 +333,11 @@ def prepare(
     **changes: Any,
 ) -> LMSetup:
     """Load a causal LM and its tokenizer by name or path, build the token dataset and the preset's
-    config (any L3DConfig field in `changes` overrides it), checking vocabularies agree."""
+    config (any L3DConfig field in `changes` overrides it), checking vocabularies agree.
+
+    `epochs` fewer than the preset's scale its warm start to the same share (the paper's 10 of
+    100 epochs: 0 of `epochs=2`), so a short run still trains at the sparse top_k; pass
+    `warm_start_epochs` to choose it yourself."""
     spec = get_preset(preset)
     model = load_causal_lm(name_or_path)
     tok = load_tokenizer(tokenizer or name_or_path)

@@ -5,12 +5,15 @@ to a temporary file beside its target, is flushed to disk and renamed over the t
 (or a run resumed after a kill) sees the old file or the new one, never half of one.
 
 A saved decomposition is a folder holding config.yaml (the L3DConfig), decomposition.json (format
-version, tensor names, shapes, ranks, final evaluation, history) and subnetworks.safetensors (the
-V_in and V_out factors as `v_in.*` / `v_out.*`, and `p_active`).
+version, tensor names, shapes, ranks, a fingerprint of the decomposed weights W0, final
+evaluation, history) and subnetworks.safetensors (the V_in and V_out factors as `v_in.*` /
+`v_out.*`, and `p_active`). Reading one checks every file against the others, so a hand edit or a
+truncated file is one L3DError naming the file, never a traceback from deep inside torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -99,19 +104,39 @@ def load_tensors(path: str | Path, what: str) -> dict[str, Tensor]:
 # The save format of a decomposition ------------------------------------------------------------
 
 
+def fingerprint(tensors: dict[str, Tensor]) -> dict[str, dict[str, float | str]]:
+    """Per tensor: the float64 sum and sum of squares and the sha256 of the bytes of its float32
+    CPU copy. Cheap, and exact: any changed entry changes the hash (the sums say how much)."""
+    result: dict[str, dict[str, float | str]] = {}
+    for name, t in tensors.items():
+        w = t.detach().to("cpu", torch.float32).contiguous()
+        w64 = w.double()
+        result[name] = {
+            "sum": float(w64.sum()),
+            "sum_sq": float(w64.pow(2).sum()),
+            "sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest(),
+        }
+    return result
+
+
 @dataclass
 class SavedDecomposition:
     """What a decomposition folder holds, read without any model."""
 
     config: L3DConfig
     meta: dict
-    """decomposition.json: names, shapes, ranks, evaluation, history."""
+    """decomposition.json: names, shapes, ranks, W0 fingerprint, evaluation, history."""
     subnetworks: SubnetworkPair
     p_active: Tensor
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(s) for n, s in self.meta["shapes"].items()}
+
+    @property
+    def fingerprint(self) -> dict[str, dict] | None:
+        """The fingerprint of W0 when saved (None in files written before fingerprints)."""
+        return self.meta.get("w0_fingerprint")
 
 
 def save_decomposition(
@@ -121,47 +146,171 @@ def save_decomposition(
     p_active: Tensor,
     evaluation: dict,
     history: list[dict],
+    w0_fingerprint: dict[str, dict] | None = None,
 ) -> Path:
-    """Write the three files of a saved decomposition to `directory`, each atomically."""
+    """Write the three files of a saved decomposition to `directory`, each atomically; a target
+    that is a file or not writable is an L3DError naming it."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise L3DError(
+            f"cannot save the decomposition to {directory}: it is a file, not a folder; "
+            "choose a new or existing folder"
+        )
     v_out = subnetworks.v_out
-    save_tensors(
-        directory / "subnetworks.safetensors", {**subnetworks.state_dict(), "p_active": p_active}
-    )
     meta = {
         "format_version": FORMAT_VERSION,
         "names": v_out.names,
         "shapes": {n: list(s) for n, s in v_out.shapes.items()},
         "ranks": v_out.ranks,
+        "w0_fingerprint": w0_fingerprint,
         "evaluation": evaluation,
         "history": history,
     }
-    write_json(directory / "decomposition.json", meta)
-    write_text(directory / "config.yaml", config.to_yaml())
+    if w0_fingerprint is None:
+        del meta["w0_fingerprint"]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_tensors(
+            directory / "subnetworks.safetensors",
+            {**subnetworks.state_dict(), "p_active": p_active},
+        )
+        write_json(directory / "decomposition.json", meta)
+        write_text(directory / "config.yaml", config.to_yaml())
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        where = f" ({err.filename})" if isinstance(err, OSError) and err.filename else ""
+        raise L3DError(
+            f"cannot save the decomposition to {directory}: {reason}{where}; choose a writable "
+            "folder"
+        ) from None
     return directory
 
 
 def read_decomposition(directory: str | Path) -> SavedDecomposition:
-    """The saved config, metadata, factors and P_act of a decomposition folder."""
+    """The saved config, metadata, factors and P_act of a decomposition folder, each file checked
+    against the others."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise L3DError(f"saved decomposition {directory} does not exist (or is not a folder)")
     files = [directory / f for f in SAVED_FILES]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
+        inner = directory / "decomposition"
+        if (inner / "decomposition.json").is_file() or (directory / "metrics.jsonl").is_file():
+            raise L3DError(
+                f"{directory} is not a saved decomposition: this is a run folder: load {inner} "
+                f"(or use l3d.runs.open_run('{directory}'), which also rebuilds model and data)"
+            )
         raise L3DError(f"{directory} is not a saved decomposition: missing {', '.join(missing)}")
-    config = L3DConfig.from_yaml(files[0])
-    meta = read_json(files[1], "decomposition metadata")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise L3DError(
-            f"{directory} has format version {meta.get('format_version')}, "
-            f"expected {FORMAT_VERSION}"
-        )
+    config = _read_config(files[0])
+    meta = _read_meta(files[1])
     shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
-    pair = SubnetworkPair(
-        Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
-        Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
-    )
+    try:
+        pair = SubnetworkPair(
+            Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
+            Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
+        )
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise L3DError(
+            f"{files[1]} and {files[0]} do not describe valid subnetworks ({err}): restore them "
+            "or re-create the decomposition"
+        ) from None
     tensors = load_tensors(files[2], "subnetwork factors")
-    p_active = tensors.pop("p_active")
+    p_active = tensors.pop("p_active", None)
+    _check_factors(pair.state_dict(), tensors, files, config)
+    if p_active is None or tuple(p_active.shape) != (config.n_subnetworks,):
+        found = "no p_active" if p_active is None else f"p_active of shape {tuple(p_active.shape)}"
+        raise L3DError(
+            f"{files[2]} has {found}, expected {config.n_subnetworks} values "
+            f"(n_subnetworks in {files[0]}): restore the files or re-create the decomposition"
+        )
     pair.load_state_dict(tensors)
     return SavedDecomposition(config, meta, pair, p_active)
+
+
+def _read_config(path: Path) -> L3DConfig:
+    """config.yaml as an L3DConfig; YAML or validation problems name the file."""
+    try:
+        return L3DConfig.from_yaml(path)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(err, yaml.constructor.ConstructorError):
+            raise L3DError(
+                f"{path} holds a YAML tag that is not plain data ({problem}{where}): l3d never "
+                "builds python objects from files; remove the tag or restore the file"
+            ) from None
+        raise L3DError(
+            f"{path} is not valid YAML ({problem}{where}): restore it or re-create the "
+            "decomposition"
+        ) from None
+    except L3DError as err:
+        raise L3DError(f"{path}: {err}: restore it or re-create the decomposition") from None
+
+
+def _read_meta(path: Path) -> dict:
+    """decomposition.json, its structure checked (a hand edit is one line naming the file)."""
+    meta = read_json(path, "decomposition metadata")
+
+    def bad(what: str) -> L3DError:
+        return L3DError(f"{path}: {what}: restore it or re-create the decomposition")
+
+    if not isinstance(meta, dict):
+        raise bad(f"expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise bad(
+            f"format version {meta.get('format_version')}, expected {FORMAT_VERSION} (written by "
+            "another version of l3d?)"
+        )
+    shapes, ranks = meta.get("shapes"), meta.get("ranks")
+    if (
+        not isinstance(shapes, dict)
+        or not shapes
+        or not all(
+            isinstance(s, list) and s and all(_positive_int(d) for d in s) for s in shapes.values()
+        )
+    ):
+        raise bad("'shapes' must map each tensor name to a list of positive sizes")
+    if not isinstance(ranks, dict) or set(ranks) != set(shapes):
+        raise bad(f"'ranks' must give a rank for each tensor of 'shapes' ({', '.join(shapes)})")
+    if not all(_positive_int(r) for r in ranks.values()):
+        raise bad(f"'ranks' must be positive integers; got {ranks}")
+    evaluation = meta.get("evaluation")
+    needed = ("loss_paper", "loss_pooled_squared", "n_samples")
+    if not isinstance(evaluation, dict) or any(k not in evaluation for k in needed):
+        raise bad(f"'evaluation' must hold {', '.join(needed)}")
+    if not isinstance(meta.get("history"), list):
+        raise bad("'history' must be a list of epoch records")
+    fingerprint = meta.get("w0_fingerprint")
+    if fingerprint is not None and not (
+        isinstance(fingerprint, dict) and all(isinstance(v, dict) for v in fingerprint.values())
+    ):
+        raise bad("'w0_fingerprint' must map tensor names to {sum, sum_sq, sha256}")
+    return meta
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_factors(
+    expected: dict[str, Tensor], found: dict[str, Tensor], files: list[Path], config: L3DConfig
+) -> None:
+    """The factors in the safetensors file have the names and shapes that config.yaml
+    (n_subnetworks, factorization) and decomposition.json (shapes, ranks) imply."""
+    problems = [f"{k} is missing" for k in expected if k not in found]
+    problems += [f"{k} is unexpected" for k in found if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(found[k].shape)}, expected {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    if problems:
+        more = f"; {len(problems) - 2} more" if len(problems) > 2 else ""
+        raise L3DError(
+            f"{files[2]} does not match {files[1].name} (shapes, ranks) and {files[0].name} "
+            f"(n_subnetworks={config.n_subnetworks}, factorization={config.factorization}): "
+            f"{'; '.join(problems[:2])}{more}; was one edited? Restore them or re-create the "
+            "decomposition"
+        )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from l3d.config import L3DConfig
+from l3d.config import L3DConfig, with_changes
 from l3d.core.model import select_parameters
 from l3d.errors import L3DError, lookup
 
@@ -107,10 +107,11 @@ class VisionPreset:
 
     def config(self, model: nn.Module, **changes: Any) -> L3DConfig:
         """The preset's L3DConfig for this model (ranks from its tensor shapes), any field
-        overridden by `changes`."""
+        overridden by `changes`. Fewer `epochs` than the preset's scale its warm start by the
+        same factor (10 of 100 epochs: 1 of 10), unless `warm_start_epochs` is given too."""
         params = changes.get("params", self.l3d["params"])
         rank = ranks_by_fraction(model, params, self.rank_fraction)
-        return L3DConfig.create(**{**self.l3d, "rank": rank, **changes})
+        return L3DConfig.create(**with_changes({**self.l3d, "rank": rank}, changes))
 
 
 PRESETS: dict[str, VisionPreset] = {

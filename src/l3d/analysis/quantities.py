@@ -99,18 +99,30 @@ def top_logits(
 @dataclass(frozen=True)
 class InterventionEffect:
     """Mean output change (the divergence's distance) at W0 - δ v_k and W0 + δ v_k, on a
-    subnetwork's top samples and on random samples."""
+    subnetwork's top samples and on random samples, and the noise floor below which a change is
+    round-off (`Decomposition.output_change_and_floor`)."""
 
     delta: float
     top: tuple[float, float]
     """(minus, plus) on the top samples."""
     random: tuple[float, float]
     """(minus, plus) on the random samples."""
+    noise_floor: float = 0.0
+    """The largest change that round-off in the outputs alone can produce."""
 
     @property
-    def selectivity(self) -> float:
-        """The larger change on the top samples over the larger change on random samples."""
-        return max(self.top) / max(max(self.random), 1e-30)
+    def below_noise(self) -> bool:
+        """The change on random samples is below the noise floor (so the ratio would divide by
+        round-off): true whenever both are."""
+        return max(self.random) <= self.noise_floor
+
+    @property
+    def selectivity(self) -> float | None:
+        """The larger change on the top samples over the larger change on random samples, or
+        None when `below_noise`."""
+        if self.below_noise or max(self.random) <= 0:
+            return None
+        return max(self.top) / max(self.random)
 
 
 def intervention_effect(
@@ -124,12 +136,12 @@ def intervention_effect(
 ) -> InterventionEffect:
     """How far W0 ± delta v_k moves the outputs of the `top` samples and of the `random` ones
     (sample rows), both measured in one pass: a forward at W0 and one per sign."""
-    effects = decomposition.output_change(
+    effects, floor = decomposition.output_change_and_floor(
         inputs, k, (-delta, delta), torch.cat([top, random]), direction
     )
     on_top = effects[:, : len(top)].mean(1).tolist()
     on_random = effects[:, len(top) :].mean(1).tolist()
-    return InterventionEffect(delta, (on_top[0], on_top[1]), (on_random[0], on_random[1]))
+    return InterventionEffect(delta, (on_top[0], on_top[1]), (on_random[0], on_random[1]), floor)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from l3d import io, plots
 from l3d.analysis.quantities import (
@@ -36,11 +37,13 @@ class AnalysisOptions:
     intervention_scale: interventions use δ = ±scale · ‖W0‖ (norm of the decomposed tensors) and
         report the output change on the subnetwork's top samples and on random samples;
         selectivity is the larger of the first over the larger of the second (0.02 gave the most
-        selective interventions on the digits demo; far larger steps leave the local regime).
+        selective interventions on the digits demo; far larger steps leave the local regime),
+        or None ("below noise") when the change on random samples is below the noise floor of
+        `Decomposition.output_change_and_floor`.
     baseline: with labels, also measure the purity of random directions of the same ranks.
     seed: seeds the references, the random samples and the random directions.
     chunk_size: inputs per chunk of the impact (default: the training batch size).
-    progress: show a progress bar while measuring impact.
+    progress: show progress bars (impact, then the subnetworks' samples, logits, interventions).
     """
 
     n_top: int = 10
@@ -104,7 +107,8 @@ def write_analysis(
         dense = decomposition.subnetworks.v_out.materialize()  # once: (n_v, *shape) per tensor
 
     records: list[dict[str, Any]] = []
-    for k in range(n_v):
+    bar = tqdm(range(n_v), desc="analysis", unit="subnetwork", disable=not options.progress)
+    for k in bar:
         samples = [describe.sample(s, float(impact[s, k])) for s in top[k].tolist()]
         direction = {n: d[k] for n, d in dense.items()}
         logits = top_logits(decomposition, inputs, k, top[k], options.n_logits, direction)
@@ -129,6 +133,8 @@ def write_analysis(
         records.append(record)
 
     records.sort(key=lambda r: -r["p_active"])
+    live_effects = [r["intervention"] for r in records if not r["dead"]]
+    ratios = [i["selectivity"] for i in live_effects if not i["below_noise"]]
     summary: dict[str, Any] = {
         "n_samples": n_samples,
         "n_subnetworks": n_v,
@@ -140,11 +146,11 @@ def write_analysis(
         "loss_paper": decomposition.evaluation.loss_paper,
         "loss_pooled_squared": decomposition.evaluation.loss_pooled_squared,
         "intervention_delta": delta,
-        "median_intervention_selectivity": float(
-            torch.tensor(
-                [r["intervention"]["selectivity"] for r in records if not r["dead"]] or [0.0]
-            ).median()
+        # Over live subnetworks whose interventions measure above round-off (None if none).
+        "median_intervention_selectivity": (
+            float(torch.tensor(ratios).median()) if ratios else None
         ),
+        "n_intervention_below_noise": len(live_effects) - len(ratios),
         "weight_norm": decomposition.weight_norm(),
         "change_label": decomposition.divergence.change_label,
         "derivative_label": decomposition.divergence.derivative_label,
@@ -259,6 +265,8 @@ def _intervention_record(effect: InterventionEffect) -> dict[str, Any]:
         "delta": effect.delta,
         "top_samples": {"minus": effect.top[0], "plus": effect.top[1]},
         "random_samples": {"minus": effect.random[0], "plus": effect.random[1]},
+        "noise_floor": effect.noise_floor,
+        "below_noise": effect.below_noise,
         "selectivity": effect.selectivity,
     }
 
@@ -289,7 +297,19 @@ def _markdown(result: dict, is_image: bool) -> str:
             + f"; most common label overall: {s['majority_label_fraction']:.3f}.",
             "",
         ]
-    lines += ["![P_act per subnetwork](p_active.png)", ""]
+    n_live = s["n_subnetworks"] - s["n_dead"]
+    median = s["median_intervention_selectivity"]
+    lines += [
+        f"Median intervention selectivity over {n_live - s['n_intervention_below_noise']} of "
+        f"{n_live} live subnetworks: "
+        + ("none measurable" if median is None else f"**{median:.3g}**")
+        + f" (δ = ±{s['intervention_delta']:.3g}; {s['n_intervention_below_noise']} of {n_live} "
+        "live below noise, not counted: their change on random samples is below the round-off "
+        "floor).",
+        "",
+        "![P_act per subnetwork](p_active.png)",
+        "",
+    ]
     for r in result["subnetworks"]:
         flag = " — **dead**" if r["dead"] else ""
         purity = f", purity {r['purity']:.2f}" if "purity" in r else ""
@@ -313,6 +333,11 @@ def _markdown(result: dict, is_image: bool) -> str:
             f"`{_cell(t['label'])}` {t['value']:+.3g}" for t in r["top_logits"]["negative"]
         )
         i = r["intervention"]
+        selectivity = (
+            f"selectivity below noise: changes under the round-off floor {i['noise_floor']:.3g}"
+            if i["below_noise"]
+            else f"selectivity {i['selectivity']:.3g}"
+        )
         lines += [
             "",
             f"Pushes up ({what}): {up}",
@@ -322,7 +347,7 @@ def _markdown(result: dict, is_image: bool) -> str:
             f"Intervention δ = ±{i['delta']:.3g}: {change} on top samples "
             f"{i['top_samples']['minus']:.3g} / {i['top_samples']['plus']:.3g}, on random samples "
             f"{i['random_samples']['minus']:.3g} / {i['random_samples']['plus']:.3g} "
-            f"(selectivity {i['selectivity']:.3g}).",
+            f"({selectivity}).",
             "",
         ]
     return "\n".join(lines)

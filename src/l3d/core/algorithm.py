@@ -12,13 +12,15 @@ One training step (Section 2.4):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from l3d.core.gradients import ChunkedGradients, DenseGradients, GradientBatch, GradientSource
-from l3d.core.subnetworks import Factorization, Subnetworks
+from l3d.core.subnetworks import Factorization, Subnetworks, factor_numel
+from l3d.errors import L3DError
 
 
 def n_kept(top_k: float, n_coefficients: int) -> int:
@@ -115,6 +117,57 @@ class LossSums:
         return self.sq_errors / max(self.g_sq, 1e-30)
 
 
+def training_bytes(
+    shapes: dict[str, tuple[int, ...]],
+    n_subnetworks: int,
+    ranks: dict[str, int],
+    factorization: Factorization,
+) -> int:
+    """Memory the subnetworks take while training: V_in and V_out (float32), their gradients and
+    AdamW's two moment estimates, i.e. four times the pair's factors."""
+    one_set = sum(factor_numel(shapes[n], n_subnetworks, ranks[n], factorization) for n in shapes)
+    return 4 * (2 * one_set * 4)
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of a device in bytes: the machine's physical memory for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _size(n_bytes: float) -> str:
+    unit = next((u for u in ("GB", "MB", "kB") if n_bytes >= _UNITS[u]), "B")
+    value = n_bytes / _UNITS[unit]
+    return f"{value:.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+
+
+_UNITS = {"GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1.0}
+
+
+def check_memory(
+    shapes: dict[str, tuple[int, ...]],
+    n_subnetworks: int,
+    ranks: dict[str, int],
+    factorization: Factorization,
+    device: torch.device | str | None = None,
+) -> None:
+    """Refuse, before allocating, subnetworks whose training state exceeds the device's memory
+    (and, on another device, factors that exceed the CPU's, where they are drawn)."""
+    device = torch.device("cpu" if device is None else device)
+    need = training_bytes(shapes, n_subnetworks, ranks, factorization)
+    checks = [(device, need)] + ([(torch.device("cpu"), need // 4)] if device.type != "cpu" else [])
+    for where, n_bytes in checks:
+        available = device_memory(where)
+        if n_bytes > available:
+            raise L3DError(
+                f"n_subnetworks={n_subnetworks} of these ranks needs about {_size(need)} for V_in, "
+                f"V_out, their gradients and AdamW state, more than the {_size(available)} of "
+                f"memory of {where}: reduce n_subnetworks, the ranks or the decomposed tensors "
+                "(params)"
+            )
+
+
 class SubnetworkPair(nn.Module):
     """V_in (encode gradients into coefficients) and V_out (decode, unit-norm subnetworks)."""
 
@@ -130,9 +183,13 @@ class SubnetworkPair(nn.Module):
         ranks: dict[str, int],
         factorization: Factorization,
         generator: torch.Generator,
+        device: torch.device | str | None = None,
     ) -> SubnetworkPair:
-        """Random factors; V_out normalised; V_in starts equal to V_out, so the first coefficients
-        are the projections <v_k, g_i> (as in the authors' code), then the two train separately."""
+        """Random factors (on the CPU); V_out normalised; V_in starts equal to V_out, so the first
+        coefficients are the projections <v_k, g_i> (as in the authors' code), then the two train
+        separately. First refuses a pair whose training state would not fit in the memory of
+        `device` (the CPU when None; see `check_memory`)."""
+        check_memory(shapes, n_subnetworks, ranks, factorization, device)
         v_out = Subnetworks(shapes, n_subnetworks, ranks, factorization, generator)
         v_out.normalize_()
         v_in = Subnetworks(shapes, n_subnetworks, ranks, factorization, generator)

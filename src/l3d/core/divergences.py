@@ -119,6 +119,16 @@ def is_custom(name: str) -> bool:
     return name.startswith(CUSTOM)
 
 
+def _not_saved(kind: str, name: str) -> str:
+    """The error for a config naming a user callable, which is recorded by name only."""
+    fn = name.removeprefix(CUSTOM) if name.removeprefix(CUSTOM).isidentifier() else "fn"
+    return (
+        f"the config names {kind} '{name}', a function that is not saved with it: pass the "
+        f"callable again, as l3d.load(path, model, {kind}={fn}) or l3d.run(model, data, config, "
+        f"{kind}={fn})"
+    )
+
+
 def get_divergence(divergence: str | DivergenceFn | Divergence) -> Divergence:
     """A registered divergence by name, or a user callable (output, reference) -> scalar, whose
     interventions are measured by the callable itself (it should be 0 at equal outputs)."""
@@ -127,7 +137,7 @@ def get_divergence(divergence: str | DivergenceFn | Divergence) -> Divergence:
     if callable(divergence):
         return Divergence(custom_name(divergence), divergence, False, divergence)
     if is_custom(divergence):
-        raise L3DError(f"the config names divergence '{divergence}': pass the callable")
+        raise L3DError(_not_saved("divergence", divergence))
     return lookup(DIVERGENCES, divergence, "divergence")
 
 
@@ -209,7 +219,7 @@ def get_reference(reference: str | ReferenceFn | Reference, divergence: Divergen
     if callable(reference):
         return Reference(custom_name(reference), reference)
     if is_custom(reference):
-        raise L3DError(f"the config names reference '{reference}': pass the callable")
+        raise L3DError(_not_saved("reference", reference))
     strategy = lookup(REFERENCES, reference, "reference")
     return Reference(reference, strategy(divergence))
 

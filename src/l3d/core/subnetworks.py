@@ -39,6 +39,19 @@ def max_rank(shape: tuple[int, ...], factorization: Factorization) -> int:
     return math.prod(shape) // max(shape)
 
 
+def factor_numel(
+    shape: tuple[int, ...], n_subnetworks: int, rank: int, factorization: Factorization
+) -> int:
+    """Number of factor entries of n_subnetworks directions in one tensor (as TensorFactors
+    allocates them), computed without allocating."""
+    work_shape = tuple(shape) or (1,)
+    rank = min(rank, max_rank(work_shape, factorization))
+    if factorization == "cp":
+        return n_subnetworks * rank * sum(work_shape)
+    ranks = [min(rank, d) for d in work_shape]
+    return n_subnetworks * (math.prod(ranks) + sum(r * d for r, d in zip(ranks, work_shape)))
+
+
 # Mode Grams with at least this many rows (n_v R) multiply only their lower block triangle.
 TRIANGLE_MIN = 256
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +39,24 @@ OUTPUT_SELECTIVITY_KEYS = {
 """Output-wise selectivity entries of metrics.json and how summary.md names them."""
 QUICK_EPOCHS = 30
 """Epochs of a quick run (smoke tests, CI): the schedule is compressed to fit."""
+METRIC_STAGES = (
+    "held-out losses",
+    "unit matching",
+    "sample selectivity",
+    "output selectivity",
+    "intervention curves",
+    "intervention grid",
+    "one-hot probe",
+    "ablation",
+)
+"""The stages of `measure`, in order, as the progress bar names them (a stage a toy does not
+have passes at once)."""
+Stage = Callable[[str], None]
+"""Called with the name of the stage that starts (progress reporting)."""
+
+
+def _no_stage(name: str) -> None:
+    pass
 
 
 def settings_for(spec: ExperimentSpec, settings: Settings, quick: bool) -> dict:
@@ -47,13 +66,21 @@ def settings_for(spec: ExperimentSpec, settings: Settings, quick: bool) -> dict:
         raise L3DError(f"unknown settings '{settings}': use 'paper' or 'improved'")
     fields = dict(spec.paper if settings == "paper" else spec.improved)
     if quick and fields["epochs"] > QUICK_EPOCHS:
-        scale = QUICK_EPOCHS / fields["epochs"]
-        fields["epochs"] = QUICK_EPOCHS
-        for key in ("resample_every", "resample_until", "warm_start_epochs"):
-            if fields.get(key):
-                fields[key] = max(1, round(fields[key] * scale))
-        if fields.get("lr_decay_unit") == "epoch":
-            fields["lr_decay_every"] = max(1, round(fields["lr_decay_every"] * scale))
+        fields = with_epochs(fields, QUICK_EPOCHS)
+    return fields
+
+
+def with_epochs(fields: dict, epochs: int) -> dict:
+    """Profile fields run for `epochs` epochs instead: every per-epoch interval (resampling, warm
+    start, a per-epoch lr decay) scaled by the same factor; per-step decay intervals are left
+    alone."""
+    scale = epochs / fields["epochs"]
+    fields = {**fields, "epochs": epochs}
+    for key in ("resample_every", "resample_until", "warm_start_epochs"):
+        if fields.get(key):
+            fields[key] = max(1, round(fields[key] * scale))
+    if fields.get("lr_decay_unit") == "epoch":
+        fields["lr_decay_every"] = max(1, round(fields["lr_decay_every"] * scale))
     return fields
 
 
@@ -85,13 +112,13 @@ def with_overrides(spec: ExperimentSpec, settings: Settings, overrides: dict) ->
 
 
 def decompose_toy(
-    toy: Toy, fields: dict, seed: int, inputs: torch.Tensor
+    toy: Toy, fields: dict, seed: int, inputs: torch.Tensor, progress: bool = False
 ) -> tuple[Decomposition, list[dict]]:
     """L3D on all of the toy's parameters (Appendix B.4: biases included); also returns the log of
-    re-initialised subnetworks."""
+    re-initialised subnetworks. progress: the decomposition's epoch bar."""
     params = [n for n, _ in toy.model.named_parameters()]
     config = L3DConfig.create(params=params, seed=seed, **fields)
-    decomposition = run(toy.model, inputs, config, progress=False)
+    decomposition = run(toy.model, inputs, config, progress=progress)
     resampled = [
         {"epoch": r["epoch"] + 1, "subnetworks": r["resampled"]}
         for r in decomposition.history
@@ -121,14 +148,23 @@ def unit_probe_pool(toy: Toy, heldout: torch.Tensor, seed: int) -> torch.Tensor:
     return toy.sample(n, torch.Generator().manual_seed(seed + 30_000))
 
 
-def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: int) -> dict:
-    """Every ground-truth metric of one decomposition on fresh held-out samples."""
+def measure(
+    spec: ExperimentSpec,
+    toy: Toy,
+    decomposition: Decomposition,
+    seed: int,
+    stage: Stage = _no_stage,
+) -> dict:
+    """Every ground-truth metric of one decomposition on fresh held-out samples; `stage` is told
+    each of METRIC_STAGES as it starts."""
     heldout = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 20_000))
+    stage(METRIC_STAGES[0])
     out: dict = {"heldout": M.heldout_losses(decomposition, heldout, seed + 3)}
     out["train_losses"] = {
         "loss_pooled_squared": decomposition.evaluation.loss_pooled_squared,
         "loss_paper": decomposition.evaluation.loss_paper,
     }
+    stage(METRIC_STAGES[1])
     probes = unit_probe_pool(toy, heldout, seed)
     out["unit_probe_samples"] = len(probes)
     impacts = M.unit_impacts(decomposition, probes, toy.units)
@@ -152,6 +188,7 @@ def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: 
             directions["W_in"], directions["W_out"], toy.info["A"], live
         )
     hidden = list(spec.hidden_params) or None
+    stage(METRIC_STAGES[2])
     out["selectivity_samples"] = M.sample_selectivity(decomposition, heldout, toy.units, assignment)
     if hidden:
         out["selectivity_samples_hidden_only"] = M.sample_selectivity(
@@ -161,6 +198,7 @@ def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: 
     # elementwise (TMS, X^2, ResidMLP), not for y = A x (TMCS, higher-rank), where every input
     # reaches every output.
     output_matched = "A" not in toy.info
+    stage(METRIC_STAGES[3])
     if output_matched:
         out["selectivity_outputs"] = M.output_selectivity(
             decomposition, heldout, toy.units, assignment
@@ -177,14 +215,18 @@ def measure(spec: ExperimentSpec, toy: Toy, decomposition: Decomposition, seed: 
             out["selectivity_outputs_gradient_hidden_only"] = M.gradient_output_selectivity(
                 decomposition, heldout, toy.units, params=hidden
             )
+    stage(METRIC_STAGES[4])
     out["intervention_curves"] = intervention_curves(
         decomposition, heldout, toy, assignment, per_output=output_matched, hidden=hidden
     )
+    stage(METRIC_STAGES[5])
     if toy.units.shape[0] >= 2:
         out["intervention_grid"] = M.intervention_grid(
             decomposition, heldout, toy.units, (0, 1), assignment, torch.linspace(-2, 2, 9)
         )
+    stage(METRIC_STAGES[6])
     out["one_hot_probe"] = M.one_hot_probe(decomposition, toy.units)
+    stage(METRIC_STAGES[7])
     out["ablation"] = M.ablation_check(decomposition, heldout)
     out["p_active"] = out["heldout"]["p_active"]
     out["dead_subnetworks"] = out["heldout"]["dead_subnetworks"]
@@ -231,17 +273,66 @@ def _mean_over(change: torch.Tensor, rows: torch.Tensor) -> list[float]:
     return (change[rows].mean(0) if rows.any() else change.new_zeros(change.shape[1])).tolist()
 
 
+class SeedProgress:
+    """One seed's stages as a progress bar (below the seeds' bar, which has the ETA over seeds):
+    the toy, L3D (the decomposition's own epoch bar, with its ETA, below this one), each of
+    METRIC_STAGES, each sweep point, and saving with figures; the running stage named beside it."""
+
+    def __init__(self, seed: int, n_stages: int, enabled: bool) -> None:
+        self.bar = tqdm(
+            total=n_stages,
+            desc=f"seed {seed}",
+            unit="stage",
+            leave=False,
+            disable=not enabled,
+            dynamic_ncols=True,
+            bar_format="{desc}: {n_fmt}/{total_fmt} stages |{bar}| [{elapsed}{postfix}]",
+        )
+        self.enabled = enabled
+        self._started = False
+
+    def __call__(self, name: str) -> None:
+        if self._started:
+            self.bar.update(1)  # the previous stage is done
+        self._started = True
+        # always drawn: tqdm skips redraws within 0.1 s, and a stage may then run for minutes
+        self.bar.set_postfix_str(name, refresh=True)
+
+    def close(self) -> None:
+        self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+
+def n_stages(spec: ExperimentSpec, sweep: bool) -> int:
+    """Stages of one seed: toy, L3D, METRIC_STAGES, the sweep's points, save and figures."""
+    return 3 + len(METRIC_STAGES) + (len(spec.sweep[1]) if spec.sweep and sweep else 0)
+
+
 def run_seed(
-    spec: ExperimentSpec, seed: int, settings: Settings, quick: bool, out_dir: Path, sweep: bool
+    spec: ExperimentSpec,
+    seed: int,
+    settings: Settings,
+    quick: bool,
+    out_dir: Path,
+    sweep: bool,
+    progress: bool = False,
 ) -> dict:
-    start = time.perf_counter()
-    toy = train_toy_model(spec.toy, seed)
-    toy_seconds = time.perf_counter() - start
-    # Toy-sized products only lose to a second thread's synchronisation (on a shared 2-core
-    # machine, metrics ran 2.5x slower with two); ResidMLP's 1000-wide ones still gain from it.
-    n_params = sum(p.numel() for p in toy.model.parameters())
-    with single_thread_if(n_params < SINGLE_THREAD_PARAMS):
-        return _run_seed(spec, toy, toy_seconds, seed, settings, quick, out_dir, sweep)
+    """One seed: toy, decomposition, metrics, the sweep (when `sweep` and not `quick`), figures.
+    progress: a bar over the seed's stages and the decomposition's epoch bar."""
+    sweep = bool(spec.sweep) and sweep and not quick
+    stages = SeedProgress(seed, n_stages(spec, sweep), progress)
+    try:
+        stages("toy")
+        start = time.perf_counter()
+        toy = train_toy_model(spec.toy, seed)
+        toy_seconds = time.perf_counter() - start
+        # Toy-sized products only lose to a second thread's synchronisation (on a shared 2-core
+        # machine, metrics ran 2.5x slower with two); ResidMLP's 1000-wide ones still gain.
+        n_params = sum(p.numel() for p in toy.model.parameters())
+        with single_thread_if(n_params < SINGLE_THREAD_PARAMS):
+            return _run_seed(spec, toy, toy_seconds, seed, settings, quick, out_dir, sweep, stages)
+    finally:
+        stages.close()
 
 
 def _run_seed(
@@ -253,11 +344,13 @@ def _run_seed(
     quick: bool,
     out_dir: Path,
     sweep: bool,
+    stages: SeedProgress,
 ) -> dict:
     inputs = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 10_000))
     fields = settings_for(spec, settings, quick)
+    stages(f"L3D, {fields['epochs']} epochs")
     start = time.perf_counter()
-    decomposition, resampled = decompose_toy(toy, fields, seed, inputs)
+    decomposition, resampled = decompose_toy(toy, fields, seed, inputs, stages.enabled)
     l3d_seconds = time.perf_counter() - start
     start = time.perf_counter()
     result = {
@@ -269,24 +362,32 @@ def _run_seed(
             {k: r[k] for k in ("epoch", "loss_pooled_squared", "loss_paper", "live_subnetworks")}
             for r in decomposition.history
         ],
-        **measure(spec, toy, decomposition, seed),
+        **measure(spec, toy, decomposition, seed, lambda name: stages(f"metrics: {name}")),
     }
-    if spec.sweep and sweep and not quick:
-        result["sweep"] = run_sweep(spec, toy, fields, seed, inputs)
+    if sweep:
+        result["sweep"] = run_sweep(spec, toy, fields, seed, inputs, stages)
     result["seconds"] = {
         "toy": toy_seconds,
         "l3d": l3d_seconds,
         "metrics_and_sweep": time.perf_counter() - start,
     }
+    stages("save and figures")
     decomposition.save(out_dir / f"seed{seed}" / "decomposition")
 
     seed_figures(spec, toy, decomposition, result, out_dir / f"seed{seed}")
     return result
 
 
-def run_sweep(spec: ExperimentSpec, toy: Toy, fields: dict, seed: int, inputs) -> dict:
+def run_sweep(
+    spec: ExperimentSpec,
+    toy: Toy,
+    fields: dict,
+    seed: int,
+    inputs: torch.Tensor,
+    stages: SeedProgress | None = None,
+) -> dict:
     """Held-out pooled squared loss and units recovered as one setting varies (Figs S5/S6,
-    S10/S11)."""
+    S10/S11); `stages` is told each point as it starts (and shows its epoch bar)."""
     assert spec.sweep is not None, "run_sweep needs a spec with a sweep"
     key, values = spec.sweep
     heldout = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 20_000))
@@ -294,7 +395,10 @@ def run_sweep(spec: ExperimentSpec, toy: Toy, fields: dict, seed: int, inputs) -
     points = []
     for value in values:
         swept = {**fields, **spec.sweep_overrides, key: value}
-        decomposition, _ = decompose_toy(toy, swept, seed, inputs)
+        if stages is not None:
+            stages(f"sweep {key}={value}")
+        progress = stages is not None and stages.enabled
+        decomposition, _ = decompose_toy(toy, swept, seed, inputs, progress)
         losses = M.heldout_losses(decomposition, heldout, seed + 3)
         share = M.impact_share(M.unit_impacts(decomposition, probes, toy.units))
         rec = M.recovery(share) if share.shape[1] >= share.shape[0] else {"n_recovered": None}
@@ -382,7 +486,9 @@ def run_experiment(
     """Run experiment `name` for each seed; write out_dir/metrics.json, figures and summary.md.
 
     quick: a few epochs (smoke test), no sweep; sweep: run the rank / count sweep (first seed);
-    overrides: L3DConfig fields replacing the profile's, e.g. {"divergence": "mse_authors"}.
+    overrides: L3DConfig fields replacing the profile's, e.g. {"divergence": "mse_authors"};
+    progress: a bar over seeds (with the ETA), one over each seed's stages (SeedProgress) and the
+    decomposition's epoch bar.
 
     Returns {"summary": ..., "seeds": [per-seed metrics]}."""
     spec = get_spec(name)
@@ -394,10 +500,11 @@ def run_experiment(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for i, seed in enumerate(tqdm(list(seeds), desc=name, unit="seed", disable=not progress)):
+    seeds_bar = tqdm(list(seeds), desc=name, unit="seed", disable=not progress, dynamic_ncols=True)
+    for i, seed in enumerate(seeds_bar):
         # The sweep (6 or 4 more decompositions) runs on the first seed only, to keep the suite
         # within its time budget.
-        results.append(run_seed(spec, seed, settings, quick, out_dir, sweep and i == 0))
+        results.append(run_seed(spec, seed, settings, quick, out_dir, sweep and i == 0, progress))
     summary = summarize(spec, results, settings)
     summary["overrides"] = dict(overrides or {})
     report = {"summary": summary, "seeds": results}

@@ -13,13 +13,15 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
+import yaml
 
 from l3d import io, plots
 from l3d.config import L3DConfig
 from l3d.core.subnetworks import Subnetworks
 from l3d.errors import L3DError
 from l3d.report.heatmaps import as_matrix, heatmap_png, pool_max_abs
-from l3d.runs.folder import RunDir
+from l3d.runs.folder import RunDir, writable_folder
+from l3d.runs.spec import yaml_error
 
 # Samples counted as "most affected" when an intervention's selectivity is summarised.
 N_TOP_INTERVENTION = 10
@@ -92,7 +94,10 @@ def _load_v_out(run_dir: RunDir) -> tuple[L3DConfig, dict, Subnetworks, np.ndarr
             f"'{run_dir.path}' has no finished decomposition: run or resume "
             f"`l3d decompose --resume {run_dir.path}` first"
         )
-    saved = io.read_decomposition(run_dir.decomposition)
+    try:
+        saved = io.read_decomposition(run_dir.decomposition)
+    except yaml.YAMLError as err:  # a hand-edited decomposition/config.yaml
+        raise yaml_error(run_dir.decomposition / "config.yaml", err) from None
     return saved.config, saved.meta, saved.subnetworks.v_out, saved.p_active.numpy()
 
 
@@ -241,10 +246,10 @@ def _summary_table(items: dict) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write RUN_DIR/report/index.html (or OUT/index.html) and its images; returns the page."""
     run = RunDir(Path(run_dir))
-    if not run.path.is_dir():
-        raise L3DError(f"run folder '{run_dir}' does not exist")
+    if not run.finished:
+        run.require()  # says what the folder is: missing, an experiment's, a saved decomposition
     config, meta, v_out, p_active = _load_v_out(run)
-    out = Path(out) if out is not None else run.report
+    out = writable_folder(Path(out) if out is not None else run.report, "report")
     if out.exists():
         for stale in ("img", "assets"):
             shutil.rmtree(out / stale, ignore_errors=True)

@@ -3,14 +3,22 @@ the run folder, its metrics log and atomic safetensors checkpoints, and resuming
 
 - `spec`: the config file's schema, `--set` overrides, path resolution;
 - `sources`: the model, data, labels and custom functions the spec names;
-- `folder`: the run folder's layout and metrics log (light: the report reads run folders);
-- `checkpoint`: the trainer state as safetensors + JSON;
-- `execution`: running a folder to the end (resuming, signals, tracking) and opening it again.
+- `folder`: the run folder's layout, metrics log and lock (light: the report reads run folders);
+- `checkpoint`: the trainer state as safetensors + JSON, with the config it was made with;
+- `execution`: running a folder to the end (resuming, signals, tracking) and opening it again
+  (`open_run`).
 """
 
-from l3d.runs.checkpoint import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
+from l3d.runs.checkpoint import (
+    config_changes,
+    config_hash,
+    flatten_state,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_state,
+)
 from l3d.runs.execution import Interrupted, LoadedRun, execute, open_run
-from l3d.runs.folder import RunDir, create_run
+from l3d.runs.folder import RunDir, create_run, writable_folder
 from l3d.runs.sources import (
     build_data,
     build_labels,
@@ -41,6 +49,8 @@ __all__ = [
     "build_data",
     "build_labels",
     "build_model",
+    "config_changes",
+    "config_hash",
     "create_run",
     "execute",
     "flatten_state",
@@ -53,4 +63,5 @@ __all__ = [
     "resolve_custom",
     "save_checkpoint",
     "unflatten_state",
+    "writable_folder",
 ]

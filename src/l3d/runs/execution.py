@@ -1,6 +1,6 @@
-"""Running a run folder to the end: build its model and data, continue from the last checkpoint,
-log every epoch, checkpoint on time and on SIGINT/SIGTERM, save the decomposition; and opening a
-finished run for analysis."""
+"""Running a run folder to the end: lock it, build its model and data, continue from the last
+checkpoint (if made with the same config), log every epoch, checkpoint on time and on
+SIGINT/SIGTERM, save the decomposition; and opening a finished run for analysis."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import nn
 
 from l3d.config import L3DConfig
@@ -22,7 +23,10 @@ from l3d.errors import L3DError
 from l3d.runs.checkpoint import flatten_state, load_checkpoint, save_checkpoint
 from l3d.runs.folder import RunDir
 from l3d.runs.sources import build_data, build_model, resolve_custom
-from l3d.runs.spec import RunOptions, RunSpec
+from l3d.runs.spec import RunOptions, RunSpec, yaml_error
+
+# How the step bar labels the trained loss (L3DConfig.loss).
+LOSS_LABELS = {"paper": "loss (eq. 8)", "pooled_squared": "pooled loss"}
 
 
 class Interrupted(Exception):
@@ -90,30 +94,40 @@ class _Tracker:
 
 
 class _StepBar:
-    """A second progress bar over the steps of the current epoch, with its ETA and the latest loss,
-    for runs whose epochs are long (a language model: hundreds of steps per epoch)."""
+    """A second progress bar over the steps of the current epoch ("steps of epoch 3/50"), with its
+    ETA and the latest loss labelled by the trained form, for runs whose epochs are long (a
+    language model: hundreds of steps per epoch)."""
 
-    def __init__(self, config: L3DConfig, data: Any, enabled: bool) -> None:
-        self.loss, self.bar, self.shown = config.loss, None, 0.0
+    def __init__(self, config: L3DConfig, data: Any, enabled: bool, first_epoch: int = 0) -> None:
+        self.loss, self.bar, self.shown, self.epochs = config.loss, None, 0.0, config.epochs
+        self.label = LOSS_LABELS.get(config.loss, f"loss ({config.loss})")
         if enabled:
             from tqdm.auto import tqdm
 
             total = Dataset(data, config.batch_size).n_batches()
-            self.bar = tqdm(total=total, position=1, leave=False, unit="step", desc="epoch")
+            self.bar = tqdm(
+                total=total, position=1, leave=False, unit="step", desc=self._desc(first_epoch)
+            )
+
+    def _desc(self, epoch: int) -> str:
+        return f"steps of epoch {epoch + 1}/{self.epochs}"
 
     def step(self, result: StepResult) -> None:
         if self.bar is None:
             return
         self.bar.update(1)
         if time.time() - self.shown > 0.5:  # reading the loss synchronises an accelerator
-            self.bar.set_postfix(loss=f"{getattr(result.losses, self.loss).item():.4f}")
+            loss = getattr(result.losses, self.loss).item()
+            self.bar.set_postfix({self.label: f"{loss:.4f}"})
             self.shown = time.time()
 
     def wrap(self, on_epoch: Callable[[Trainer, dict], None]) -> Callable[[Trainer, dict], None]:
         def callback(trainer: Trainer, record: dict) -> None:
             on_epoch(trainer, record)
-            if self.bar is not None:
+            if self.bar is not None and trainer.epoch < self.epochs:  # not past the last
                 self.bar.reset()
+                self.bar.set_description_str(self._desc(trainer.epoch))
+                self.shown = 0.0
 
         return callback
 
@@ -131,15 +145,18 @@ class _EpochLog:
     epoch."""
 
     def __init__(self, run_dir: RunDir, spec: RunSpec, tracker: _Tracker) -> None:
-        self.run_dir, self.tracker = run_dir, tracker
+        self.run_dir, self.tracker, self.config = run_dir, tracker, spec.resolved()
         self.every, self.epochs = spec.run.checkpoint_seconds, spec.l3d.epochs
         self.snapshot: tuple[dict, dict] | None = None
         self.start = self.last_save = time.time()
 
     def __call__(self, trainer: Trainer, record: dict) -> None:
-        self.snapshot = flatten_state(trainer.state_dict())
+        snapshot = flatten_state(trainer.state_dict())
         line = {**record, "time": time.time(), "elapsed": time.time() - self.start}
         self.run_dir.append_metrics(line)
+        # Only now the snapshot a stop saves: a signal before the line is written must not save
+        # this epoch's state without its line (the resumed run would lack that epoch's metrics).
+        self.snapshot = snapshot
         self.tracker.log(line)
         now = time.time()
         if now - self.last_save >= self.every or trainer.epoch == self.epochs:
@@ -148,7 +165,7 @@ class _EpochLog:
 
     def save(self) -> None:
         if self.snapshot is not None:
-            save_checkpoint(self.run_dir.checkpoint, *self.snapshot)
+            save_checkpoint(self.run_dir.checkpoint, *self.snapshot, config=self.config)
 
     def epoch(self, default: int) -> int:
         """The epoch of the last snapshot (`default` before the first)."""
@@ -160,15 +177,18 @@ def execute(
 ) -> Decomposition:
     """Run (or continue) the decomposition of a run folder to the end and save it.
 
-    Continues from the last checkpoint if there is one. On SIGINT/SIGTERM the state after the last
+    Continues from the last checkpoint if there is one, and refuses one made with another config
+    (model, data and l3d sections). Holds the folder's lock throughout: another process running
+    the same folder is an L3DError naming its pid. On SIGINT/SIGTERM the state after the last
     whole epoch is checkpointed and `Interrupted` is raised. `log` gets progress messages.
     """
     spec = run_dir.spec()
-    tracker = _Tracker(spec.run, run_dir, spec)  # first: a missing wandb fails before any work
-    try:
-        return _execute(run_dir, spec, tracker, progress, log)
-    finally:
-        tracker.close()
+    with run_dir.lock():
+        tracker = _Tracker(spec.run, run_dir, spec)  # first: a missing wandb fails before work
+        try:
+            return _execute(run_dir, spec, tracker, progress, log)
+        finally:
+            tracker.close()
 
 
 def _execute(
@@ -178,17 +198,18 @@ def _execute(
     progress: bool | None,
     log: Callable[[str], None],
 ) -> Decomposition:
+    # The checkpoint first: a config edited since is refused before a model is built.
+    state = load_checkpoint(run_dir.checkpoint, spec.resolved(), run_dir.config)
     model = build_model(spec.model, run_dir)
     data = build_data(spec.data, spec.model)
     divergence, reference = resolve_custom(spec.l3d)
-    state = load_checkpoint(run_dir.checkpoint)
     done = 0 if state is None else state["epoch"]
     if state is not None:
         log(f"resuming {run_dir.path} from epoch {done} of {spec.l3d.epochs}")
     run_dir.truncate_metrics(done)
     on_epoch = _EpochLog(run_dir, spec, tracker)
     show = spec.run.progress if progress is None else progress
-    with _stop_on_signals(), _StepBar(spec.l3d, data, show) as step_bar:
+    with _stop_on_signals(), _StepBar(spec.l3d, data, show, done) as step_bar:
         try:
             decomposition = run(
                 model,
@@ -224,15 +245,18 @@ class LoadedRun:
 
 
 def open_run(path: str | Path) -> LoadedRun:
+    """A finished run folder of `l3d decompose`, opened in Python: its resolved spec, the model
+    (a toy from the folder's saved weights, other models rebuilt from the config), the data and
+    the saved decomposition, loaded against that model."""
     run_dir = RunDir(Path(path))
-    if not run_dir.path.is_dir():
-        raise L3DError(f"run folder '{path}' does not exist")
+    run_dir.require_finished()
     spec = run_dir.spec()
-    if not run_dir.finished:
-        raise L3DError(
-            f"'{path}' has no finished decomposition yet: run `l3d decompose --resume {path}`"
-        )
     model = build_model(spec.model, run_dir)
     divergence, reference = resolve_custom(spec.l3d)
-    decomposition = load(run_dir.decomposition, model, divergence=divergence, reference=reference)
+    try:
+        decomposition = load(
+            run_dir.decomposition, model, divergence=divergence, reference=reference
+        )
+    except yaml.YAMLError as err:  # a hand-edited decomposition/config.yaml
+        raise yaml_error(run_dir.decomposition / "config.yaml", err) from None
     return LoadedRun(run_dir, spec, model, build_data(spec.data, spec.model), decomposition)

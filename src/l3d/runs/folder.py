@@ -7,18 +7,52 @@ A run folder holds:
   checkpoint/        state.json + state-EPOCH.safetensors: the trainer after a whole epoch
   decomposition/     the final Decomposition.save
   analysis/, interventions/, report/   written by `l3d analyze`, `l3d intervene`, `l3d report`
+  .lock              held (flock) by the process running the folder, holding its pid
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from l3d.errors import L3DError
 from l3d.io import write_text
 from l3d.runs.spec import RunSpec, read_yaml
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None  # type: ignore[assignment]
+
+# Run folders whose lock this process holds (resolved path -> depth), so the CLI can lock a folder
+# before creating the run and `execute` can lock it again.
+_HELD: dict[Path, int] = {}
+
+
+def writable_folder(path: str | Path, what: str) -> Path:
+    """`path` as a folder that exists and can be written (made if missing), or an L3DError naming
+    it: a read-only folder, or a path under a file, fails here and not midway through the work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise L3DError(
+            f"cannot write to '{path}': it is a file, not a folder; choose another {what} folder"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".l3d-write-test-"):
+            pass
+    except OSError as err:
+        raise L3DError(
+            f"cannot write to '{path}' ({err.strerror or err}): choose another {what} folder, or "
+            "make it writable"
+        ) from None
+    return path
 
 
 @dataclass(frozen=True)
@@ -66,13 +100,115 @@ class RunDir:
         return self.path / "tensorboard"
 
     @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    @property
     def finished(self) -> bool:
         return (self.decomposition / "decomposition.json").is_file()
 
+    def require(self) -> None:
+        """An L3DError saying what the folder is when it is not a run folder: missing, an
+        `l3d experiment` output folder, a saved decomposition, or a folder without config.yaml."""
+        if not self.path.is_dir():
+            raise L3DError(f"run folder '{self.path}' does not exist")
+        if self._has("decomposition.json"):  # it has a config.yaml too: the L3DConfig
+            parent = self.path.parent
+            hint = (
+                f"pass its run folder '{parent}'"
+                if (parent / "config.yaml").is_file() and parent.name != ""
+                else "load it in Python with l3d.load(path, model)"
+            )
+            raise L3DError(f"'{self.path}' is a saved decomposition, not a run folder: {hint}")
+        if self.config.is_file():
+            return
+        results = [n for n in ("metrics.json", "summary.md", "results.json") if self._has(n)]
+        if results:
+            summary = self.path / ("summary.md" if self._has("summary.md") else "results.md")
+            raise L3DError(
+                f"'{self.path}' is an `l3d experiment` output folder ({', '.join(results)}), not "
+                f"a run folder: its results are in {summary}; to analyse or report a toy, "
+                "decompose it into a run folder (`l3d decompose CONFIG --out RUN_DIR` with "
+                "`model: {toy: NAME}`, see examples/tms.yaml) and pass RUN_DIR"
+            )
+        raise L3DError(
+            f"'{self.path}' is not a run folder: it has no config.yaml (make one with "
+            "`l3d decompose CONFIG --out RUN_DIR`)"
+        )
+
+    def require_finished(self) -> None:
+        """require(), and a saved decomposition (else: how to finish the run)."""
+        self.require()
+        if not self.finished:
+            raise L3DError(
+                f"'{self.path}' has no finished decomposition yet: run "
+                f"`l3d decompose --resume {self.path}`"
+            )
+
+    def _has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
     def spec(self) -> RunSpec:
-        if not self.config.is_file():
-            raise L3DError(f"'{self.path}' is not a run folder: it has no config.yaml")
+        self.require()
         return RunSpec.create(read_yaml(self.config))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for this process (an flock on RUN_DIR/.lock, which holds our pid) until
+        the block ends. Another process holding it is an L3DError naming its pid. The operating
+        system drops the lock when its process dies, so a killed run never blocks the next one.
+        Re-entrant within a process."""
+        key = self.path.resolve()
+        if fcntl is None or key in _HELD:
+            _HELD[key] = _HELD.get(key, 0) + 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+                if not _HELD[key]:
+                    del _HELD[key]
+            return
+        fd = self._acquire()
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            with contextlib.suppress(OSError):
+                self.lock_file.unlink()  # while still locked: a waiting process retries
+            os.close(fd)  # releases the lock
+
+    def _acquire(self) -> int:
+        assert fcntl is not None
+        while True:
+            try:
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise L3DError(
+                    f"cannot write to '{self.path}' ({err.strerror or err}): the run folder must "
+                    "be writable"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise L3DError(
+                    f"'{self.path}' is in use by another l3d process (pid {owner}): wait for it "
+                    f"to end or stop it (kill {owner}); two runs in one folder would mix their "
+                    "files"
+                ) from None
+            # The holder before us may have removed the file after we opened it: then our lock is
+            # on a file nobody else sees, so try again on the current one.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.lock_file))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+            os.close(fd)
 
     def metrics_records(self) -> list[dict]:
         """The metric lines; a last line cut short by a kill mid-write is skipped."""
@@ -82,10 +218,17 @@ class RunDir:
         lines = [line for line in self.metrics.read_text().splitlines() if line.strip()]
         for i, line in enumerate(lines):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 if i < len(lines) - 1:
                     raise L3DError(f"{self.metrics} line {i + 1} is not JSON") from None
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise L3DError(
+                    f"{self.metrics} line {i + 1} is not a metrics record (a JSON object with an "
+                    "integer 'epoch'): restore the file, or delete the line"
+                )
+            records.append(record)
         return records
 
     def append_metrics(self, record: dict) -> None:

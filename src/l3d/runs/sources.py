@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ from torch import nn
 
 from l3d.config import L3DConfig
 from l3d.core.divergences import DivergenceFn, ReferenceFn, is_custom
-from l3d.errors import L3DError
-from l3d.io import load_tensors, save_tensors, write_json
+from l3d.errors import L3DError, lookup
+from l3d.io import load_tensors, read_json, save_tensors, write_json
 from l3d.runs.folder import RunDir
 from l3d.runs.spec import DataSource, ModelSource
 from l3d.toys import registry as toys
@@ -99,11 +98,23 @@ def build_model(source: ModelSource, run_dir: RunDir | None = None) -> nn.Module
     return model
 
 
+def _toy(name: str) -> toys.ToySpec:
+    """The toy a run config names (`model: {toy: NAME}`, `data: {toy: NAME}`)."""
+    lookup(toys.TOYS, name, "toy")  # an unknown name: "unknown toy 'tmss' (did you mean tms?)"
+    return toys.get_toy(name)
+
+
 def _toy_model(toy: str, toy_options: dict[str, Any], run_dir: RunDir | None) -> nn.Module:
-    spec = toys.get_toy(toy)
+    spec = _toy(toy)
     options = _options(toy_options, {"seed": 0}, f"toy model '{toy}'")
     if run_dir is not None and run_dir.model_weights.is_file():
-        init_seed = json.loads(run_dir.model_info.read_text())["init_seed"]
+        info = read_json(run_dir.model_info, "toy model info")
+        init_seed = info.get("init_seed") if isinstance(info, dict) else None
+        if type(init_seed) is not int:
+            raise L3DError(
+                f"toy model info {run_dir.model_info} has no integer 'init_seed': restore it, or "
+                "delete it and model.safetensors to retrain the toy"
+            )
         model = spec.make(init_seed)[0]
         model.load_state_dict(load_tensors(run_dir.model_weights, "toy model weights"))
         return model.eval()
@@ -117,7 +128,7 @@ def _toy_model(toy: str, toy_options: dict[str, Any], run_dir: RunDir | None) ->
 def build_data(source: DataSource, model_source: ModelSource) -> Any:
     """The inputs of a run: a tensor, a dict of tensors, or a re-iterable of batches."""
     if source.toy is not None:
-        spec = toys.get_toy(source.toy)
+        spec = _toy(source.toy)
         options = _options(
             source.options, {"n_samples": 1000, "seed": 1}, f"toy data '{source.toy}'"
         )

@@ -116,6 +116,12 @@ class RunSpec(_Frozen):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def resolved(self) -> dict[str, Any]:
+        """The sections that decide a run's result (model, data, l3d) as plain JSON data: what a
+        checkpoint records, so a resume can refuse a config edited since (`run` options such as
+        checkpoint_seconds may change)."""
+        return self.model_dump(mode="json", include={"model", "data", "l3d"})
+
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelSource,
@@ -164,12 +170,18 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise L3DError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        raise yaml_error(path, err) from None
     if not isinstance(data, dict):
         raise L3DError(f"{path} must be a YAML mapping with sections model, data, l3d")
     return data
+
+
+def yaml_error(path: str | Path, err: yaml.YAMLError) -> L3DError:
+    """One line naming the file and the line of a YAML syntax error or of a refused tag (such as
+    `!!python/object`: files are read with yaml.safe_load, which never builds Python objects)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    return L3DError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}")
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> RunSpec:

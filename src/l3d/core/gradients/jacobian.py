@@ -10,13 +10,17 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vmap
+from tqdm.auto import tqdm
 
 from l3d.core.divergences import Divergence, Reference
 from l3d.core.gradients.batch import DenseGradients, check_finite_gradients
 from l3d.core.gradients.torchfunc import unsqueeze
 from l3d.core.model import Target
-from l3d.core.samples import Dataset, SampleRows, to_device
+from l3d.core.samples import Dataset, SampleRows, batch_size_of, take, to_device
 from l3d.errors import L3DError
+
+# The cache's progress bar appears once a build has taken this long (toys build in well under it).
+PROGRESS_DELAY_SECONDS = 3.0
 
 
 def cache_bytes(target: Target, n_samples: int, n_out: int) -> int:
@@ -28,13 +32,16 @@ class JacobianCache:
     """Every sample's output Jacobian at W0, (n, n_out, n_w), tensors concatenated in target order
     as DenseGradients.flat; built on the first epoch."""
 
-    def __init__(self, target: Target, dataset: Dataset, chunk_size: int | None) -> None:
+    def __init__(
+        self, target: Target, dataset: Dataset, chunk_size: int | None, progress: bool = True
+    ) -> None:
         if dataset.inputs is None:
             raise L3DError(
                 "gradient_method='jacobian' needs the data as one tensor (or dict of tensors) and "
                 "per_token=False; use 'vmap' or 'auto'"
             )
         self.target, self.dataset, self.chunk_size = target, dataset, chunk_size
+        self.progress = progress
         self._jacobian: Tensor | None = None
         self._outputs: Tensor | None = None
 
@@ -44,15 +51,33 @@ class JacobianCache:
             def sample_output(params, x):
                 return self.target.forward(unsqueeze(x), params)[0]
 
-            jac = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=self.chunk_size or 256)
+            step = self.chunk_size or 256
+            jac = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=step)
             assert self.dataset.inputs is not None  # checked in __init__
             inputs = to_device(self.dataset.inputs, self.dataset.device)
-            jacobians = jac(self.target.w0, inputs)
+            n = batch_size_of(inputs)
+            # Chunk by chunk, as vmap's chunk_size would (the same products), to show progress:
+            # one backward pass per output element per sample can take minutes.
+            parts = []
+            with tqdm(
+                total=n,
+                desc="Jacobian cache",
+                unit="sample",
+                delay=PROGRESS_DELAY_SECONDS,
+                disable=not self.progress,
+                leave=False,
+                dynamic_ncols=True,
+            ) as bar:
+                for start in range(0, n, step):
+                    parts.append(jac(self.target.w0, take(inputs, slice(start, start + step))))
+                    bar.update(min(step, n - start))
+            jacobians = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+            del parts
             self._outputs = self.target.outputs(inputs)
             for name, j in jacobians.items():
                 if not torch.isfinite(j).all():
                     raise L3DError(f"output Jacobians of '{name}' contain NaN/inf at W0")
-            n, n_out = self._outputs.shape[0], self._outputs[0].numel()
+            n_out = self._outputs[0].numel()
             self._jacobian = torch.cat([j.reshape(n, n_out, -1) for j in jacobians.values()], 2)
         return self._jacobian, self._outputs
 

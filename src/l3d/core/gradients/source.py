@@ -44,6 +44,11 @@ from l3d.errors import L3DError
 
 # Budget for the cached output Jacobians of the 'jacobian' method under gradient_method='auto'.
 JACOBIAN_CACHE_BYTES = 1 << 30
+# Under 'auto', the cache also needs at most this many outputs per sample: building it costs one
+# backward pass per output element per sample (jacrev), so its cost grows with n_out where the
+# other paths' do not (a tiny causal LM's 16 x 100 logits per sequence: 5 s against 0.02 s for
+# one epoch). Every toy of the paper (at most 100 outputs) stays on it.
+JACOBIAN_MAX_OUTPUTS = 128
 
 
 class Method(str, enum.Enum):
@@ -79,8 +84,10 @@ class GradientSource:
         sequence_chunk_size: int | None = None,
         dataset: Dataset | None = None,
         example: Inputs | None = None,
+        progress: bool = True,
     ) -> None:
         self.target, self.dataset = target, dataset
+        self.progress = progress
         self.divergence = get_divergence(divergence)
         self.reference = get_reference(reference, self.divergence)
         self.per_token, self.chunk_size = per_token, chunk_size
@@ -104,6 +111,7 @@ class GradientSource:
     def _validate(self, example: Inputs) -> None:
         device = next(iter(self.target.w0.values())).device
         batch = to_device(take(example, slice(0, 2)), device)
+        self._check_precision(batch)
         try:
             outputs = self.target.outputs(batch)
         except L3DError:
@@ -121,10 +129,37 @@ class GradientSource:
                 f"per_token=True needs outputs shaped (batch, seq, vocab); the model returned "
                 f"{tuple(outputs.shape)}"
             )
+        if not self.per_token and outputs.dim() >= 3 and _token_inputs(batch):
+            # One sample per sequence would sum the divergence over positions, padding included.
+            raise L3DError(
+                f"the model returns {tuple(outputs.shape)} for token inputs, a sequence axis: "
+                "pass per_token=True, so that each (sequence, position) is one sample and "
+                "padding (attention_mask 0) is none"
+            )
         self.n_out = outputs[0, 0].numel() if self.per_token else outputs[0].numel()
         sample = outputs[0, 0] if self.per_token else outputs[0]
         other = outputs[1, 0] if self.per_token else outputs[1]
         self.divergence.check(sample, other)
+
+    def _check_precision(self, batch: Inputs) -> None:
+        """L3D computes in float32: other parameter or half-precision data dtypes fail deep in a
+        step (e.g. 'BFloat16 != float'), so refuse them here."""
+        params = [*self.target.w0.values(), *self.target.frozen.values()]
+        odd = next(
+            (p.dtype for p in params if p.is_floating_point() and p.dtype != torch.float32), None
+        )
+        if odd is not None:
+            raise L3DError(
+                f"model parameters are {_dtype_name(odd)}: L3D computes in float32; call "
+                "model.float() before decomposing (and pass float32 data)"
+            )
+        tensors = [batch] if isinstance(batch, Tensor) else list(batch.values())
+        half = next((t.dtype for t in tensors if t.dtype in (torch.float16, torch.bfloat16)), None)
+        if half is not None:
+            raise L3DError(
+                f"data is {_dtype_name(half)}: L3D computes in float32; pass the data as float32 "
+                "(data.float())"
+            )
 
     def _choose(self, method: Method, example: Inputs) -> Method:
         cacheable = self.dataset is not None and self.dataset.inputs is not None
@@ -143,7 +178,7 @@ class GradientSource:
                 self.plan = StructuredPlan.create(self.target)
                 return Method.STRUCTURED
             case Method.AUTO:
-                if cacheable:
+                if cacheable and self.n_out <= JACOBIAN_MAX_OUTPUTS:
                     assert self.dataset is not None and self.dataset.n_samples is not None
                     need = cache_bytes(self.target, self.dataset.n_samples, self.n_out)
                     if need <= JACOBIAN_CACHE_BYTES:
@@ -158,7 +193,7 @@ class GradientSource:
 
     def _use_cache(self) -> Method:
         assert self.dataset is not None
-        self._cache = JacobianCache(self.target, self.dataset, self.chunk_size)
+        self._cache = JacobianCache(self.target, self.dataset, self.chunk_size, self.progress)
         return Method.JACOBIAN
 
     def epoch(self, generator: torch.Generator, shuffle: bool = True) -> Iterator[GradientBatch]:
@@ -228,3 +263,14 @@ class GradientSource:
             for i in range(0, n, step)
         ]
         return ChunkedGradients(parts, rows.count(n))
+
+
+def _token_inputs(inputs: Inputs) -> bool:
+    """Token ids: an integer tensor, or a dict with input_ids or an attention_mask."""
+    if isinstance(inputs, Tensor):
+        return not inputs.is_floating_point() and not inputs.is_complex()
+    return "input_ids" in inputs or "attention_mask" in inputs
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,255 @@
+"""The save format under faults: other weights, hand edits, truncation, unwritable targets, run
+folders and custom divergences each get one L3DError line naming the file and the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import l3d
+from conftest import SmallMLP
+from l3d import L3DError, io
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A decomposition of SmallMLP (seed 0) saved once; tests edit copies of its folder."""
+    torch.manual_seed(0)
+    model = SmallMLP()
+    d = l3d.decompose(
+        model, torch.randn(48, 4), params=["fc1.weight", "fc2.weight"], n_subnetworks=3,
+        rank=1, epochs=1, progress=False,
+    )  # fmt: skip
+    return d.save(tmp_path_factory.mktemp("saved") / "decomposition")
+
+
+@pytest.fixture
+def folder(saved, tmp_path):
+    copy = tmp_path / "decomposition"
+    shutil.copytree(saved, copy)
+    return copy
+
+
+def model() -> SmallMLP:
+    torch.manual_seed(0)
+    return SmallMLP()
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+def edit_json(path, **changes):
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    path.write_text(json.dumps(meta))
+
+
+# Item 5: other weights of the same shapes -----------------------------------------------------
+
+
+def test_saved_file_records_a_fingerprint_of_the_decomposed_weights(folder):
+    meta = json.loads((folder / "decomposition.json").read_text())
+    fingerprint = meta["w0_fingerprint"]
+    assert set(fingerprint) == {"fc1.weight", "fc2.weight"}
+    w = model().fc1.weight.detach()
+    assert fingerprint["fc1.weight"] == io.fingerprint({"fc1.weight": w})["fc1.weight"]
+    assert set(fingerprint["fc1.weight"]) == {"sum", "sum_sq", "sha256"}
+    assert fingerprint["fc1.weight"]["sum"] == pytest.approx(float(w.double().sum()))
+
+
+def test_load_refuses_other_weights_of_the_same_shapes_unless_allowed(folder):
+    other = model()
+    with torch.no_grad():
+        other.fc2.weight[0, 0] += 1e-3  # one entry of one decomposed tensor
+        other.fc1.bias += 1.0  # not decomposed: not checked
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, other)
+    message = one_line(err)
+    assert "fc2.weight" in message and "fc1.weight" not in message
+    assert "allow_other_weights=True" in message and str(folder) in message
+    loaded = l3d.load(folder, other, allow_other_weights=True)
+    assert loaded.n_subnetworks == 3
+    # Saving again keeps the fingerprint of the weights the subnetworks were learned on.
+    loaded.save(folder.parent / "again")
+    with pytest.raises(L3DError, match="fc2.weight"):
+        l3d.load(folder.parent / "again", other)
+    l3d.load(folder.parent / "again", model())
+
+
+def test_files_saved_before_fingerprints_still_load(folder):
+    meta = json.loads((folder / "decomposition.json").read_text())
+    del meta["w0_fingerprint"]
+    (folder / "decomposition.json").write_text(json.dumps(meta))
+    other = model()
+    with torch.no_grad():
+        other.fc2.weight += 1.0
+    with pytest.warns(UserWarning, match="without a fingerprint"):
+        l3d.load(folder, other)
+
+
+# Item 9: hand edits and truncation ------------------------------------------------------------
+
+
+def test_decomposition_json_with_a_syntax_error(folder):
+    path = folder / "decomposition.json"
+    path.write_text(path.read_text() + "}")
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, model())
+    assert f"{path} is not valid JSON" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    "changes, said",
+    [
+        ({"ranks": {"fc1.weight": 2, "fc2.weight": 1}}, "v_in.tensors.0"),
+        ({"shapes": {"fc1.weight": [6, 5], "fc2.weight": [3, 6]}}, "v_in.tensors.0"),
+        ({"ranks": {"fc1.weight": "x", "fc2.weight": 1}}, "'ranks'"),
+        ({"ranks": {"fc1.weight": 1}}, "'ranks'"),
+        ({"shapes": [[6, 4]]}, "'shapes'"),
+        ({"evaluation": {}}, "'evaluation'"),
+        ({"history": 3}, "'history'"),
+        ({"format_version": 7}, "format version 7"),
+    ],
+)
+def test_edited_decomposition_json_is_one_line_naming_it(folder, changes, said):
+    edit_json(folder / "decomposition.json", **changes)
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, model())
+    message = one_line(err)
+    assert said in message and "decomposition.json" in message
+
+
+def test_decomposition_json_that_is_not_a_mapping(folder):
+    (folder / "decomposition.json").write_text("[1, 2]")
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, model())
+    assert "decomposition.json" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    "old, new, said",
+    [
+        ("n_subnetworks: 3", "n_subnetworks: 4", "n_subnetworks"),
+        ("factorization: cp", "factorization: tucker", "factorization"),
+        ("n_subnetworks: 3", "n_subnetworks: 0", "n_subnetworks"),
+        ("seed: 0", "seed: 0\nextra: !!python/object:collections.OrderedDict {}", "YAML"),
+        ("seed: 0", "seed: [0", "YAML"),
+    ],
+)
+def test_edited_config_yaml_is_one_line_naming_it(folder, old, new, said):
+    path = folder / "config.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, model())
+    message = one_line(err)
+    assert said in message and path.name in message and str(folder) in message
+
+
+@pytest.mark.parametrize("keep", [0, 0.05, 0.5, 0.99])
+def test_truncated_factor_file_is_one_line_naming_it(folder, keep):
+    path = folder / "subnetworks.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, model())
+    assert f"{path} is not a readable safetensors file" in one_line(err)
+
+
+def test_factor_file_without_p_active(folder):
+    path = folder / "subnetworks.safetensors"
+    tensors = io.load_tensors(path, "factors")
+    del tensors["p_active"]
+    io.save_tensors(path, tensors)
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, model())
+    assert "p_active" in one_line(err) and str(path) in str(err.value)
+
+
+# Item 10: saving onto a file or an unwritable folder ------------------------------------------
+
+
+def test_save_onto_an_existing_file(saved, tmp_path):
+    d = l3d.load(saved, model())
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    with pytest.raises(L3DError) as err:
+        d.save(target)
+    message = one_line(err)
+    assert str(target) in message and "is a file" in message
+    with pytest.raises(L3DError) as err:
+        d.save(target / "below")
+    assert str(target) in one_line(err)
+
+
+def test_save_into_an_unwritable_folder(saved, tmp_path, monkeypatch):
+    d = l3d.load(saved, model())
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", refuse)
+    with pytest.raises(L3DError) as err:
+        d.save(tmp_path / "out")
+    message = one_line(err)
+    assert str(tmp_path / "out") in message and "Permission denied" in message
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anyway")
+def test_save_into_a_read_only_folder(saved, tmp_path):
+    d = l3d.load(saved, model())
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for target in (locked, locked / "new"):
+            with pytest.raises(L3DError) as err:
+                d.save(target)
+            assert str(target) in one_line(err)
+    finally:
+        locked.chmod(0o755)
+
+
+# Items 13 and 14: what load says about custom divergences and run folders ---------------------
+
+
+def test_load_of_a_custom_divergence_says_to_pass_it(tmp_path):
+    def my_divergence(output, reference):
+        return (output - reference).abs().mean()
+
+    net = model()
+    d = l3d.decompose(
+        net, torch.randn(16, 4), params=["fc1.weight"], n_subnetworks=2, epochs=1,
+        divergence=my_divergence, progress=False,
+    )  # fmt: skip
+    d.save(tmp_path / "custom")
+    with pytest.raises(L3DError) as err:
+        l3d.load(tmp_path / "custom", net)
+    assert "divergence=" in one_line(err)
+    loaded = l3d.load(tmp_path / "custom", net, divergence=my_divergence)
+    x = torch.randn(5, 4)
+    assert torch.equal(loaded.coefficients(x), d.coefficients(x))
+
+
+def test_load_of_a_run_folder_points_to_its_decomposition(saved, tmp_path):
+    run = tmp_path / "runs" / "tms"
+    shutil.copytree(saved, run / "decomposition")
+    (run / "config.yaml").write_text("l3d: {}\n")
+    with pytest.raises(L3DError) as err:
+        l3d.load(run, model())
+    message = one_line(err)
+    assert "this is a run folder" in message
+    assert f"load {run / 'decomposition'}" in message and "l3d.runs.open_run" in message
+
+
+def test_load_of_a_missing_folder(tmp_path):
+    with pytest.raises(L3DError, match="does not exist"):
+        l3d.load(tmp_path / "nowhere", model())
