@@ -602,3 +602,13 @@ def test_a_file_system_error_midway_is_one_line_naming_the_file(finished_run, mo
     monkeypatch.setattr(runs, "execute", lambda *a, **k: (_ for _ in ()).throw(OSError("other")))
     with pytest.raises(OSError, match="other"):  # not a file error of the user's: not hidden
         main(["decompose", str(config), "--out", str(out), "--overwrite", "-q"])
+
+
+def test_intervention_headline_gives_no_ratio_within_round_off():
+    from l3d.cli import _intervention_headline
+
+    impact = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    change = torch.tensor([[4e-12, 1e-12, 0.0, 0.0], [4.0, 1.0, 0.0, 0.0]])
+    lines = _intervention_headline(impact, change, [0.1, 1.0], floor=1e-9)
+    assert lines[0].endswith("(below noise)") and "×" not in lines[0]
+    assert "below noise" not in lines[1] and lines[1].endswith("×)")

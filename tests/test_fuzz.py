@@ -169,11 +169,6 @@ def _printable(text: str) -> str:
 SPEC = "model: {toy: tms}\ndata: {toy: tms}\nl3d: {params: [a], n_subnetworks: 2}\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runs/spec.py: apply_overrides deep-copies through JSON (a YAML date, set or binary "
-    "value raises TypeError); read_yaml prints a reader error over two lines (issue 12)",
-)
 @pytest.mark.parametrize(
     "text",
     [

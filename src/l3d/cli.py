@@ -396,31 +396,35 @@ def _intervene(args: argparse.Namespace) -> int:
         impact = run.decomposition.impact(inputs, n_references=args.n_references).cpu()
         label = run.decomposition.divergence.change_label
         for k in args.subnetwork:
-            change = run.decomposition.output_change(inputs, k, args.delta).cpu()
+            change, floor = run.decomposition.output_change_and_floor(inputs, k, args.delta)
             result = {
                 "subnetwork": k,
                 "divergence": run.decomposition.config.divergence,
                 "deltas": args.delta,
                 "impact": impact[:, k].tolist(),
                 "change": change.tolist(),
+                "noise_floor": floor,
             }
             path = folder / f"subnetwork_{k}.json"
             io.write_json(path, result)
             figure = plots.intervention_figure(result)
             io.write_bytes(folder / f"subnetwork_{k}.png", plots.png(figure))
             _say(args, f"subnetwork {k} ({label}; {path}):")
-            for line in _intervention_headline(impact[:, k], change, args.delta):
+            for line in _intervention_headline(impact[:, k], change, args.delta, floor):
                 _say(args, f"  {line}")
     return 0
 
 
-def _intervention_headline(impact: Any, change: Any, deltas: list[float]) -> list[str]:
-    """Per step: the mean output change on the subnetwork's top-impact samples against all."""
+def _intervention_headline(
+    impact: Any, change: Any, deltas: list[float], floor: float
+) -> list[str]:
+    """Per step: the mean output change on the subnetwork's top-impact samples against all (no
+    ratio when the change on all samples is within round-off: `noise_floor`)."""
     top = impact.argsort(descending=True, stable=True)[:N_TOP_IMPACT]
     lines = []
     for delta, row in zip(deltas, change):
         on_top, on_all = float(row[top].mean()), float(row.mean())
-        ratio = f" ({on_top / on_all:.3g}×)" if on_all > 0 else ""
+        ratio = f" ({on_top / on_all:.3g}×)" if on_all > floor else " (below noise)"
         lines.append(
             f"δ = {delta:g}: {on_top:.3g} on its {len(top)} top-impact samples, "
             f"{on_all:.3g} on all {len(row)}{ratio}"

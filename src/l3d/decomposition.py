@@ -60,8 +60,10 @@ def gradient_source(
     dataset: Dataset | None = None,
     example: Inputs | None = None,
     method: str | Method | None = None,
+    progress: bool = True,
 ) -> GradientSource:
-    """The one place a GradientSource is configured from an L3DConfig (method: config's default)."""
+    """The one place a GradientSource is configured from an L3DConfig (method: config's default;
+    progress: bars for slow set-up such as building the Jacobian cache)."""
     return GradientSource(
         target,
         divergence,
@@ -72,6 +74,7 @@ def gradient_source(
         sequence_chunk_size=config.sequence_chunk_size,
         dataset=dataset,
         example=example,
+        progress=progress,
     )
 
 
@@ -81,6 +84,7 @@ def build(
     config: L3DConfig,
     divergence: DivergenceFn | None = None,
     reference: ReferenceFn | None = None,
+    progress: bool = True,
 ) -> tuple[Target, GradientSource, Trainer]:
     """Everything a run needs, validated, before any training: the pieces behind `decompose`."""
     device = resolve_device(config.device)
@@ -89,13 +93,12 @@ def build(
     ranks = resolve_ranks(target.names, config.rank)
     div = get_divergence(divergence or config.divergence)
     ref = get_reference(reference or config.reference, div)
-    source = gradient_source(
-        target, config, div, ref, dataset=Dataset(data, config.batch_size, device)
-    )
+    dataset = Dataset(data, config.batch_size, device)
+    source = gradient_source(target, config, div, ref, dataset=dataset, progress=progress)
     generator = torch.Generator().manual_seed(config.seed)
     # Factors are drawn on the CPU so a seed gives the same initialisation on every device.
     pair = SubnetworkPair.initialize(
-        target.shapes, config.n_subnetworks, ranks, config.factorization, generator
+        target.shapes, config.n_subnetworks, ranks, config.factorization, generator, device
     ).to(device)
     return target, source, Trainer(config, source, pair)
 
@@ -178,7 +181,7 @@ def run(
     was_training = model.training
     model.eval()  # batch statistics would make samples interact; BatchNorm uses running stats.
     try:
-        _target, source, trainer = build(model, data, config, divergence, reference)
+        _target, source, trainer = build(model, data, config, divergence, reference, progress)
         if trainer_state is not None:
             trainer.load_state_dict(trainer_state)
         with _progress(config.epochs, progress) as bar:

@@ -222,11 +222,13 @@ def _intervention(result: dict, k: int, assets: _Assets) -> str:
     change = np.asarray(result["change"])
     top = np.argsort(-impact, kind="stable")[:N_TOP_INTERVENTION]
     rest = np.setdiff1d(np.arange(len(impact)), top)
+    # Runs written before the noise floor existed: only an exact 0 is below it.
+    floor = float(result.get("noise_floor", 0.0))
     rows = []
     for delta, row in zip(result["deltas"], change):
         on_top = float(row[top].mean()) if len(top) else 0.0
         on_rest = float(row[rest].mean()) if len(rest) else 0.0
-        ratio = _fmt(on_top / on_rest) if on_rest > 0 else "∞"
+        ratio = _fmt(on_top / on_rest) if on_rest > floor else "below noise"
         rows.append(
             f"<tr><td>{_fmt(delta)}</td><td>{_fmt(on_top)}</td><td>{_fmt(on_rest)}</td>"
             f"<td>{ratio}</td></tr>"

@@ -3,7 +3,7 @@ options), `--set` overrides, and the resolution of its relative paths."""
 
 from __future__ import annotations
 
-import json
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -141,11 +141,11 @@ def _exactly_one(source: BaseModel, keys: tuple[str, ...], section: str) -> None
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `--set key=value` overrides (values parsed as YAML). A bare L3DConfig field name such
     as `epochs=5` means `l3d.epochs`."""
-    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    data = copy.deepcopy(data)  # YAML may hold dates, sets or bytes: not a JSON round trip
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise L3DError(f"--set takes key=value, e.g. --set l3d.epochs=5; got '{item}'")
+            raise L3DError(f"--set takes key=value, e.g. --set l3d.epochs=5; got {item!r}")
         path = key.split(".")
         if path[0] not in _SECTIONS and path[0] in L3DConfig.model_fields:
             path = ["l3d", *path]
@@ -157,7 +157,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise L3DError(f"--set {key}: '{part}' is not a section in the config")
+                raise L3DError(f"--set {key!r}: {part!r} is not a section in the config")
             node = child
         node[path[-1]] = value
     return data
@@ -181,7 +181,8 @@ def yaml_error(path: str | Path, err: yaml.YAMLError) -> L3DError:
     `!!python/object`: files are read with yaml.safe_load, which never builds Python objects)."""
     mark = getattr(err, "problem_mark", None)
     where = f" at line {mark.line + 1}" if mark is not None else ""
-    return L3DError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}")
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line
+    return L3DError(f"{path} is not valid YAML{where}: {problem}")
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> RunSpec:
