@@ -15,7 +15,7 @@ from torch import nn
 
 from l3d.config import L3DConfig
 from l3d.core.divergences import DivergenceFn, ReferenceFn, is_custom
-from l3d.errors import L3DError, lookup
+from l3d.errors import L3DError
 from l3d.io import load_tensors, read_json, save_tensors, write_json
 from l3d.runs.folder import RunDir
 from l3d.runs.spec import DataSource, ModelSource
@@ -100,7 +100,6 @@ def build_model(source: ModelSource, run_dir: RunDir | None = None) -> nn.Module
 
 def _toy(name: str) -> toys.ToySpec:
     """The toy a run config names (`model: {toy: NAME}`, `data: {toy: NAME}`)."""
-    lookup(toys.TOYS, name, "toy")  # an unknown name: "unknown toy 'tmss' (did you mean tms?)"
     return toys.get_toy(name)
 
 

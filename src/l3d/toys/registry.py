@@ -172,8 +172,8 @@ TOYS: dict[str, ToySpec] = {
 
 
 def get_toy(name: str) -> ToySpec:
-    """The toy of experiment `name` (tms, tms40, tmcs, higher_rank, squares, ...)."""
-    return lookup(TOYS, name, "experiment")
+    """The toy named `name` (tms, tms40, tmcs, higher_rank, squares, ...)."""
+    return lookup(TOYS, name, "toy")
 
 
 def cache_dir() -> Path:
