@@ -66,7 +66,7 @@ class L3DConfig(BaseModel):
     reference: str = Field(
         default="random",
         description="'random' (another sample's output from the batch, never the sample itself), "
-        "'mean', 'uniform', or 'custom:<name>'.",
+        "'mean', 'uniform', 'counterpart' (contrastive pairs: l3d.pairs), or 'custom:<name>'.",
     )
     per_token: bool = Field(
         default=False,

@@ -205,10 +205,25 @@ class Reference:
         return rows.fill(refs.detach(), outputs.detach())
 
 
+def counterpart(divergence: Divergence) -> ReferenceFn:
+    """Contrastive pairs (Section 4.2): each sample's reference is its counterpart's output,
+    given with the data (`l3d.pairs`), never drawn from the batch."""
+
+    def reference(outputs: Tensor, generator: torch.Generator) -> Tensor:
+        raise L3DError(
+            "this decomposition's references are the outputs of each input's counterpart "
+            "(contrastive pairs): use l3d.pairs.pair_coefficients(decomposition, inputs, "
+            "counterparts), or pass references= explicitly"
+        )
+
+    return reference
+
+
 REFERENCES: dict[str, Callable[[Divergence], ReferenceFn]] = {
     "random": lambda divergence: random_other,
     "mean": batch_mean,
     "uniform": uniform,
+    "counterpart": counterpart,
 }
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from l3d.core.samples import Inputs
+from l3d.core.samples import SAMPLE_MASK, Inputs
 from l3d.errors import L3DError
 
 
@@ -113,6 +113,7 @@ class Target:
         params = self.w0 if params is None else params
         args = (inputs,) if isinstance(inputs, Tensor) else ()
         kwargs = {} if isinstance(inputs, Tensor) else dict(inputs)
+        kwargs.pop(SAMPLE_MASK, None)  # which positions are samples: L3D's, not the model's
         return output_tensor(functional_call(self.model, {**self.frozen, **params}, args, kwargs))
 
     @torch.no_grad()

@@ -19,6 +19,10 @@ from l3d.errors import L3DError
 
 Inputs = Tensor | dict[str, Tensor]
 
+SAMPLE_MASK = "l3d_sample_mask"
+"""An inputs dict entry (batch, seq) bool that restricts per-token samples to some positions
+(contrastive pairs: the positions where the answer differs); never passed to the model."""
+
 
 def describe_inputs(inputs: Inputs) -> str:
     """'tensor float32 (2, 5)' or 'dict {input_ids: int64 (2, 16), ...}' for error messages."""
@@ -85,13 +89,33 @@ def check_finite(inputs: Inputs, what: str = "data") -> None:
             )
 
 
+@dataclass(frozen=True)
+class Referenced:
+    """Inputs with a fixed reference output per input (contrastive pairs, paper Section 4.2: the
+    counterpart's output at W0), instead of references drawn from the batch."""
+
+    inputs: Inputs
+    references: Tensor
+    """(n, *output shape), detached, aligned with the inputs' rows."""
+
+
 class Dataset:
     """The user's data as re-iterable batches: a tensor / dict of tensors (shuffled and batched
-    here, seeded) or an iterable of batches (used as given, each epoch)."""
+    here, seeded), `Referenced` inputs (batched with their references), or an iterable of batches
+    (used as given, each epoch)."""
 
     def __init__(self, data: object, batch_size: int, device: str | torch.device = "cpu") -> None:
         self.batch_size = batch_size
         self.device = torch.device(device)
+        self.references: Tensor | None = None
+        if isinstance(data, Referenced):
+            n = batch_size_of(data.inputs)
+            if data.references.shape[0] != n:
+                raise L3DError(
+                    f"{data.references.shape[0]} references for {n} inputs: give one per input"
+                )
+            self.references = data.references.detach()
+            data = data.inputs
         if isinstance(data, (Tensor, Mapping)):
             self.inputs: Inputs | None = batch_inputs(data)
             self.batches_given = None
@@ -121,13 +145,20 @@ class Dataset:
         return None if self.inputs is None else batch_size_of(self.inputs)
 
     def batches(self, generator: torch.Generator | None, shuffle: bool = True) -> Iterator[Inputs]:
+        for inputs, _ in self.referenced_batches(generator, shuffle):
+            yield inputs
+
+    def referenced_batches(
+        self, generator: torch.Generator | None, shuffle: bool = True
+    ) -> Iterator[tuple[Inputs, Tensor | None]]:
+        """Batches with their fixed references (None when references are drawn per batch)."""
         if self.batches_given is not None:
             for batch in self.batches_given:
                 inputs = batch_inputs(batch)
                 if batch_size_of(inputs) < 2:
                     continue  # a lone sample has no other sample to serve as its reference
                 check_finite(inputs, "a data batch")
-                yield to_device(inputs, self.device)
+                yield to_device(inputs, self.device), None
             return
         assert self.inputs is not None
         n = batch_size_of(self.inputs)
@@ -135,7 +166,11 @@ class Dataset:
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
             if len(index) >= 2:
-                yield to_device(take(self.inputs, index), self.device)
+                refs = None if self.references is None else self.references[index]
+                yield (
+                    to_device(take(self.inputs, index), self.device),
+                    (None if refs is None else refs.to(self.device)),
+                )
 
     def n_batches(self) -> int | None:
         if self.inputs is None:
@@ -165,6 +200,11 @@ class SampleRows:
     def of(cls, inputs: Inputs, per_token: bool) -> SampleRows:
         if not per_token:
             return cls(False, None)
+        if isinstance(inputs, dict) and SAMPLE_MASK in inputs:
+            mask = inputs[SAMPLE_MASK].bool()
+            if "attention_mask" in inputs:
+                mask = mask & inputs["attention_mask"].bool()
+            return cls(True, mask)
         if isinstance(inputs, dict) and "attention_mask" in inputs:
             return cls(True, inputs["attention_mask"].bool())
         ids = inputs["input_ids"] if isinstance(inputs, dict) and "input_ids" in inputs else None

@@ -100,12 +100,15 @@ class JacobianCache:
         index = torch.cat(batches).to(self.dataset.device)
         outputs = all_outputs[index]  # (n_used, *out)
         rows = SampleRows(False, None)
-        refs = torch.cat(
-            [
-                reference.draw(outputs[s : s + len(b)], rows, generator)
-                for s, b in zip(range(0, n, bs), batches)
-            ]
-        )
+        if self.dataset.references is not None:  # fixed references (pairs)
+            refs = self.dataset.references.to(outputs.device)[index]
+        else:
+            refs = torch.cat(
+                [
+                    reference.draw(outputs[s : s + len(b)], rows, generator)
+                    for s, b in zip(range(0, n, bs), batches)
+                ]
+            )
         dd_dy = vmap(grad(divergence.fn))(outputs, refs).flatten(1)  # (n_used, n_out)
         # Contract in dataset order (no copy of the Jacobians), then gather the rows in batch order.
         dd_dy_data = dd_dy.new_zeros(n, dd_dy.shape[1]).index_copy_(0, index, dd_dy)

@@ -203,8 +203,8 @@ class GradientSource:
         if self._cache is not None:
             yield from self._cache.epoch(self.divergence, self.reference, generator, shuffle)
             return
-        for inputs in self.dataset.batches(generator, shuffle):
-            yield self.batch(inputs, generator=generator)
+        for inputs, references in self.dataset.referenced_batches(generator, shuffle):
+            yield self.batch(inputs, references, generator)
 
     def batch(
         self,

@@ -1,0 +1,213 @@
+"""Contrastive-pair decomposition (paper Section 4.2): decompose the gradients of the divergence
+between curated pairs of inputs, g_i = grad_W D(f(x_i, W), f(x'_i, W0)) at W0, with the
+counterpart's output as the (detached) reference, into a few low-rank subnetworks.
+
+Pairs that differ in one behaviour only (a clean and a corrupted prompt, an image and its edited
+copy) isolate the parameters behind that behaviour, as activation patching does in activation
+space. `top_k=None` lifts the sparsity constraint: every coefficient is kept, so the loss is a
+plain rank-n_v reconstruction of the pair gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from l3d.config import L3DConfig
+from l3d.core.divergences import DivergenceFn, get_divergence
+from l3d.core.model import Target
+from l3d.core.samples import (
+    SAMPLE_MASK,
+    Inputs,
+    Referenced,
+    SampleRows,
+    batch_size_of,
+    describe_inputs,
+    take,
+    to_device,
+)
+from l3d.decomposition import Decomposition, run
+from l3d.errors import L3DError
+
+
+def _shapes(inputs: Inputs) -> dict[str, tuple[int, ...]]:
+    if isinstance(inputs, Tensor):
+        return {"inputs": tuple(inputs.shape)}
+    return {k: tuple(v.shape) for k, v in inputs.items() if k != SAMPLE_MASK}
+
+
+def _cat(parts: Sequence[Inputs]) -> Inputs:
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat([p for p in parts if isinstance(p, Tensor)])
+    return {k: torch.cat([p[k] for p in parts if isinstance(p, dict)]) for k in first}
+
+
+def _with_positions(inputs: Inputs, positions: Tensor | None) -> Inputs:
+    """The inputs with `positions` (batch, seq) as the per-token sample mask."""
+    if positions is None:
+        return inputs
+    if not isinstance(inputs, dict):
+        raise L3DError(
+            "positions= restricts per-token samples of dict inputs (input_ids, attention_mask, "
+            "...): pass the inputs as a dict, e.g. {'input_ids': ids}"
+        )
+    first = next(iter(inputs.values()))
+    if positions.shape != first.shape[:2] or positions.dtype != torch.bool:
+        raise L3DError(
+            f"positions must be a bool tensor shaped (batch, seq) = {tuple(first.shape[:2])} "
+            f"marking the positions to compare; got {positions.dtype} {tuple(positions.shape)}"
+        )
+    return {**inputs, SAMPLE_MASK: positions}
+
+
+@torch.no_grad()
+def counterpart_outputs(model: nn.Module, counterparts: Inputs, batch_size: int = 256) -> Tensor:
+    """f(x', W0) for every counterpart, in chunks, in eval mode: the pairs' fixed references."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        target = Target.create(model, [next(n for n, _ in model.named_parameters())])
+        n = batch_size_of(counterparts)
+        parts = [
+            target.outputs(to_device(take(counterparts, slice(i, i + batch_size)), device))
+            for i in range(0, n, batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts).detach()
+
+
+def pair_data(
+    model: nn.Module,
+    inputs: Inputs,
+    counterparts: Inputs | Sequence[Inputs],
+    *,
+    symmetric: bool = False,
+    positions: Tensor | None = None,
+    batch_size: int = 256,
+) -> Referenced:
+    """The pairs as data for `l3d.run`: each input with its counterpart's output as reference.
+
+    counterparts: shaped like `inputs` (one counterpart per input), or a list of such (several
+        counterparts per input: each makes its own pairs).
+    symmetric: also decompose each pair the other way round (x' against x).
+    positions: (batch, seq) bool, per-token models only: the positions compared (e.g. the answer
+        token); the others are no samples. Aligned by position between input and counterpart.
+    """
+    sets: list[Inputs] = (
+        list(counterparts)
+        if isinstance(counterparts, (list, tuple))
+        else [cast(Inputs, counterparts)]
+    )
+    if not sets:
+        raise L3DError("no counterparts given: pass one input per input, or a list of such")
+    for c in sets:
+        if _shapes(c) != _shapes(inputs):
+            raise L3DError(
+                f"counterparts ({describe_inputs(c)}) must have the inputs' shapes "
+                f"({describe_inputs(inputs)}): one counterpart per input, aligned by row"
+            )
+    firsts: list[Inputs] = [inputs] * len(sets)
+    seconds: list[Inputs] = sets
+    if symmetric:
+        firsts, seconds = [*firsts, *sets], [*seconds, *([inputs] * len(sets))]
+    own = _cat([_with_positions(x, positions) for x in firsts])
+    references = counterpart_outputs(model, _cat(seconds), batch_size)
+    return Referenced(own, references)
+
+
+def decompose_pairs(
+    model: nn.Module,
+    inputs: Inputs,
+    counterparts: Inputs | Sequence[Inputs],
+    *,
+    params: Iterable[str] | str,
+    n_subnetworks: int,
+    rank: int | dict[str, int] = 1,
+    top_k: float | None = None,
+    divergence: str | DivergenceFn = "mse",
+    symmetric: bool = False,
+    positions: Tensor | None = None,
+    epochs: int = 100,
+    batch_size: int = 32,
+    lr: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> Decomposition:
+    """Decompose the pair gradients grad_W D(f(x_i), f(x'_i)) at W0 into `n_subnetworks` low-rank
+    subnetworks (Section 4.2). Arguments as `l3d.decompose`, plus those of `pair_data`; top_k=None
+    keeps every coefficient (no sparsity: a plain low-rank reconstruction). The result is an
+    ordinary Decomposition (save, load, analysis, report) whose reference is 'counterpart'."""
+    div = get_divergence(divergence)
+    config = L3DConfig.create(
+        params=[params] if isinstance(params, str) else list(params),
+        n_subnetworks=n_subnetworks,
+        rank=rank,
+        top_k=1.0 if top_k is None else top_k,
+        divergence=div.name,
+        reference="counterpart",
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        **options,
+    )
+    data = pair_data(model, inputs, counterparts, symmetric=symmetric, positions=positions)
+    custom = divergence if callable(divergence) else None
+    return run(model, data, config, divergence=custom, progress=progress)
+
+
+def pair_coefficients(
+    decomposition: Decomposition,
+    inputs: Inputs,
+    counterparts: Inputs,
+    positions: Tensor | None = None,
+) -> Tensor:
+    """c = V_in . grad_W D(f(x_i), f(x'_i)) per pair sample, (n_samples, n_v)."""
+    data = pair_data(decomposition.model, inputs, counterparts, positions=positions)
+    return decomposition.coefficients(data.inputs, references=data.references)
+
+
+@torch.no_grad()
+def patching_scores(
+    decomposition: Decomposition,
+    inputs: Inputs,
+    counterparts: Inputs,
+    *,
+    positions: Tensor | None = None,
+    deltas: Tensor | None = None,
+) -> Tensor:
+    """For each subnetwork k, the fraction of the pairs' output difference that moving along it
+    closes: (D0 - min_delta D(delta)) / D0, with D(delta) the mean over pair samples of
+    D(f(x_i, W0 + delta v_k), f(x'_i, W0)) and D0 = D(0); in [0, 1], (n_v,). deltas: the steps
+    tried, default 81 values in [-2, 2] x ||W0|| (norm of the decomposed tensors)."""
+    data = pair_data(decomposition.model, inputs, counterparts, positions=positions)
+    x = to_device(data.inputs, decomposition.device)
+    refs = data.references.to(decomposition.device)
+    rows = SampleRows.of(x, decomposition.config.per_token)
+    if deltas is None:
+        deltas = torch.linspace(-2, 2, 81) * decomposition.weight_norm()
+    distance = decomposition.divergence.fn
+
+    def mean_divergence(outputs: Tensor) -> float:
+        a, b = rows.rows(outputs), rows.rows(refs)
+        return float(torch.vmap(distance)(a.flatten(1), b.flatten(1)).mean())
+
+    base = mean_divergence(decomposition.intervene(x, 0, 0.0))
+    if base <= 0:
+        raise L3DError("the pairs' outputs are identical: there is no difference to close")
+    scores = []
+    for k in range(decomposition.n_subnetworks):
+        direction = decomposition.v_out(k)
+        best = min(
+            mean_divergence(decomposition.intervene(x, k, float(d), direction=direction))
+            for d in deltas
+        )
+        scores.append(max(0.0, (base - best) / base))
+    return torch.tensor(scores)
