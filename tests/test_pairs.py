@@ -1,0 +1,158 @@
+"""Contrastive-pair decomposition (l3d.pairs) against brute force and known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import l3d
+from l3d.core.divergences import kl
+from l3d.errors import L3DError
+from l3d.pairs import pair_coefficients, pair_data, patching_scores
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    x = torch.randn(24, 6)
+    counterparts = x + 0.5 * torch.randn(24, 6)
+    d = l3d.decompose_pairs(
+        net, x, counterparts, params=["0.weight", "2.*"], n_subnetworks=3, rank=2,
+        epochs=3, batch_size=8, divergence="kl", progress=False,
+    )  # fmt: skip
+    return d, x, counterparts
+
+
+def test_pair_coefficients_equal_a_loop_of_backward_calls(classifier):
+    d, x, counterparts = classifier
+    params = dict(d.model.named_parameters())
+    v_in = d.subnetworks.v_in.materialize()
+    expected = []
+    for i in range(len(x)):
+        d.model.zero_grad()
+        with torch.no_grad():
+            reference = d.model(counterparts[i : i + 1])[0]  # detached counterpart output
+        kl(d.model(x[i : i + 1])[0], reference).backward()
+        expected.append(sum((v_in[n] * params[n].grad).flatten(1).sum(1) for n in d.names))
+    torch.testing.assert_close(pair_coefficients(d, x, counterparts), torch.stack(expected))
+    assert d.config.reference == "counterpart" and d.config.top_k == 1.0
+
+
+def test_symmetric_and_several_counterparts_make_their_own_pairs(classifier):
+    d, x, counterparts = classifier
+    data = pair_data(d.model, x, [counterparts, 2 * counterparts], symmetric=True)
+    assert data.references.shape == (4 * len(x), 5)
+    with torch.no_grad():
+        torch.testing.assert_close(data.references[: len(x)], d.model(counterparts))
+        torch.testing.assert_close(data.references[len(x) : 2 * len(x)], d.model(2 * counterparts))
+        torch.testing.assert_close(data.references[2 * len(x) : 3 * len(x)], d.model(x))
+    torch.testing.assert_close(data.inputs[2 * len(x) : 3 * len(x)], counterparts)
+
+
+def test_no_sparsity_finds_the_one_direction_the_pair_gradients_span():
+    """f(x) = W x, x = a_i e_0, x' = 0: every pair gradient of the MSE is a multiple of the fixed
+    matrix W e_0 e_0^T, so one rank-1 subnetwork reconstructs all of them."""
+    torch.manual_seed(1)
+    net = nn.Linear(4, 3, bias=False)
+    a = torch.rand(64, 1) + 0.5
+    x = torch.cat([a, torch.zeros(64, 3)], dim=1)
+    d = l3d.decompose_pairs(
+        net, x, torch.zeros_like(x), params=["weight"], n_subnetworks=1, rank=1,
+        epochs=60, batch_size=16, lr=0.05, loss="pooled_squared", progress=False,
+    )  # fmt: skip
+    expected = torch.outer(net.weight.detach()[:, 0], torch.eye(4)[0])
+    v = d.v_out(0)["weight"]
+    cosine = float((v * expected).sum() / (v.norm() * expected.norm()))
+    assert abs(cosine) > 0.999
+    assert d.evaluation.loss_pooled_squared < 1e-4
+
+
+class TokenModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids).cumsum(1)
+        return self.head(torch.tanh(h))
+
+
+def test_per_token_pairs_use_only_the_given_positions():
+    torch.manual_seed(2)
+    model = TokenModel()
+    ids = torch.randint(0, 7, (6, 5))
+    other = ids.clone()
+    other[:, 2] = (ids[:, 2] + 1) % 7  # the pairs differ from position 2 on
+    positions = torch.zeros(6, 5, dtype=torch.bool)
+    positions[:, 4] = True  # compare the last token only
+    d = l3d.decompose_pairs(
+        model, {"input_ids": ids}, {"input_ids": other}, params=["head.weight"],
+        n_subnetworks=2, epochs=2, batch_size=3, divergence="kl", per_token=True,
+        positions=positions, progress=False,
+    )  # fmt: skip
+    c = pair_coefficients(d, {"input_ids": ids}, {"input_ids": other}, positions=positions)
+    assert c.shape == (6, 2)  # one sample per pair: its last position
+    assert d.evaluation.n_samples == 6
+    # The same pairs over every position: position 4's rows are the masked run's rows.
+    all_positions = pair_coefficients(d, {"input_ids": ids}, {"input_ids": other})
+    torch.testing.assert_close(all_positions.view(6, 5, 2)[:, 4], c)
+
+
+def test_patching_score_is_one_for_the_subnetwork_that_is_the_difference():
+    """With a rank-1 linear model W0 = c u v^T and counterparts x' = 1.5 x, f(x') = f(x, 1.5 W0):
+    moving W0 by 0.5 c along the unit direction u v^T closes the whole difference, so a
+    subnetwork set to that direction scores 1; scores always lie in [0, 1]."""
+    torch.manual_seed(3)
+    net = nn.Linear(3, 2, bias=False)
+    x = torch.randn(32, 3)
+    d = l3d.decompose_pairs(
+        net, x, 1.5 * x, params=["weight"], n_subnetworks=2, epochs=30, batch_size=8,
+        progress=False,
+    )  # fmt: skip
+    w0 = net.weight.detach()
+    u, s, vh = torch.linalg.svd(w0 / w0.norm())
+    with torch.no_grad():  # W0 made rank 1, subnetwork 0 set to u v^T
+        net.weight.copy_(s[0] * torch.outer(u[:, 0], vh[0]) * w0.norm())
+        d.target.w0["weight"].copy_(net.weight)
+        d.subnetworks.v_out.factors[0].modes[0][0, 0] = u[:, 0]
+        d.subnetworks.v_out.factors[0].modes[1][0, 0] = vh[0]
+    scores = patching_scores(d, x, 1.5 * x, deltas=torch.linspace(-3, 3, 601))
+    assert scores[0] > 0.999
+    assert float(scores.min()) >= 0 and float(scores.max()) <= 1
+
+
+@pytest.mark.parametrize(
+    ("counterparts", "positions", "message"),
+    [
+        (torch.zeros(5, 6), None, "must have the inputs' shapes"),
+        (torch.zeros(24, 7), None, "must have the inputs' shapes"),
+        ([], None, "no counterparts given"),
+        (torch.zeros(24, 6), torch.ones(24, 3, dtype=torch.bool), "positions= restricts"),
+    ],
+)
+def test_bad_pairs_are_one_line_errors(classifier, counterparts, positions, message):
+    d, x, _ = classifier
+    with pytest.raises(L3DError, match=message) as err:
+        pair_data(d.model, x, counterparts, positions=positions)
+    assert "\n" not in str(err.value)
+
+
+def test_positions_of_the_wrong_shape_are_refused():
+    model = TokenModel()
+    ids = {"input_ids": torch.randint(0, 7, (4, 5))}
+    with pytest.raises(L3DError, match=r"positions must be a bool tensor shaped \(batch, seq\)"):
+        pair_data(model, ids, ids, positions=torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_a_pair_decomposition_saves_and_loads(classifier, tmp_path):
+    d, x, counterparts = classifier
+    d.save(tmp_path / "pairs")
+    loaded = l3d.load(tmp_path / "pairs", d.model)
+    torch.testing.assert_close(
+        pair_coefficients(loaded, x, counterparts), pair_coefficients(d, x, counterparts)
+    )
+    with pytest.raises(L3DError, match="counterpart"):
+        loaded.coefficients(x)  # references of pairs come with the pairs, not from the batch
