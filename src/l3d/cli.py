@@ -323,6 +323,17 @@ def _inputs(run, n_samples: int | None):
     return inputs if n_samples is None else take(inputs, slice(0, n_samples))
 
 
+def _refuse_pairs(run_dir: Any) -> None:
+    """Analysis draws references from batches; a pair run's are its counterparts' outputs."""
+    if run_dir.spec().data.pairs is not None:
+        raise L3DError(
+            f"{run_dir.path} decomposed contrastive pairs (data.pairs): analysis of pair runs is "
+            "not supported yet; in Python, run = l3d.runs.open_run(RUN_DIR), then "
+            "l3d.pairs.pair_coefficients(run.decomposition, inputs, counterparts) and "
+            "l3d.pairs.patching_scores(...)"
+        )
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from l3d import runs
 
@@ -332,6 +343,7 @@ def _analyze(args: argparse.Namespace) -> int:
         raise L3DError(f"analysis (l3d.analysis) is not available: {err}") from None
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
+    _refuse_pairs(run_dir)
     out = runs.writable_folder(Path(args.out) if args.out else run_dir.analysis, "analysis")
     with _quiet_libraries(args, run_dir.spec()):
         run = runs.open_run(run_dir.path)
@@ -383,6 +395,7 @@ def _intervene(args: argparse.Namespace) -> int:
 
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
+    _refuse_pairs(run_dir)
     folder = runs.writable_folder(run_dir.interventions, "interventions")
     with _quiet_libraries(args, run_dir.spec()):
         run = runs.open_run(run_dir.path)

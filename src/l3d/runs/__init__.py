@@ -30,6 +30,7 @@ from l3d.runs.sources import (
 from l3d.runs.spec import (
     DataSource,
     ModelSource,
+    PairSource,
     RunOptions,
     RunSpec,
     apply_overrides,
@@ -42,6 +43,7 @@ __all__ = [
     "Interrupted",
     "LoadedRun",
     "ModelSource",
+    "PairSource",
     "RunDir",
     "RunOptions",
     "RunSpec",

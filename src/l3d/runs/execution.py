@@ -201,7 +201,7 @@ def _execute(
     # The checkpoint first: a config edited since is refused before a model is built.
     state = load_checkpoint(run_dir.checkpoint, spec.resolved(), run_dir.config)
     model = build_model(spec.model, run_dir)
-    data = build_data(spec.data, spec.model)
+    data = build_data(spec.data, spec.model, model)  # with pairs: the counterparts' outputs
     divergence, reference = resolve_custom(spec.l3d)
     done = 0 if state is None else state["epoch"]
     if state is not None:
@@ -235,7 +235,9 @@ def _execute(
 
 @dataclass
 class LoadedRun:
-    """A finished run, ready for analysis, interventions and reports."""
+    """A finished run, ready for analysis, interventions and reports. `data` is as built for the
+    run: with `data.pairs`, `Referenced` (inputs and their counterparts' outputs: pass
+    `references=data.references` to `decomposition.coefficients`)."""
 
     run_dir: RunDir
     spec: RunSpec
@@ -252,6 +254,7 @@ def open_run(path: str | Path) -> LoadedRun:
     run_dir.require_finished()
     spec = run_dir.spec()
     model = build_model(spec.model, run_dir)
+    data = build_data(spec.data, spec.model, model)  # with pairs: references at W0, as in the run
     divergence, reference = resolve_custom(spec.l3d)
     try:
         decomposition = load(
@@ -259,4 +262,4 @@ def open_run(path: str | Path) -> LoadedRun:
         )
     except yaml.YAMLError as err:  # a hand-edited decomposition/config.yaml
         raise yaml_error(run_dir.decomposition / "config.yaml", err) from None
-    return LoadedRun(run_dir, spec, model, build_data(spec.data, spec.model), decomposition)
+    return LoadedRun(run_dir, spec, model, data, decomposition)

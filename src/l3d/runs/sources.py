@@ -1,24 +1,27 @@
 """What a run spec's sources name, built: the model (a toy of l3d.toys.registry, a HuggingFace
-model, or a Python function), the data, the labels, and custom divergence / reference functions."""
+model, or a Python function), the data (with contrastive pairs: `l3d.pairs.pair_data`), the labels,
+and custom divergence / reference functions."""
 
 from __future__ import annotations
 
 import difflib
 import importlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from l3d.config import L3DConfig
 from l3d.core.divergences import DivergenceFn, ReferenceFn, is_custom
+from l3d.core.samples import Inputs
 from l3d.errors import L3DError
 from l3d.io import load_tensors, read_json, save_tensors, write_json
+from l3d.pairs import pair_data
 from l3d.runs.folder import RunDir
-from l3d.runs.spec import DataSource, ModelSource
+from l3d.runs.spec import Counterpart, DataSource, ModelSource, PairSource
 from l3d.toys import registry as toys
 
 
@@ -124,8 +127,23 @@ def _toy_model(toy: str, toy_options: dict[str, Any], run_dir: RunDir | None) ->
     return trained.model
 
 
-def build_data(source: DataSource, model_source: ModelSource) -> Any:
-    """The inputs of a run: a tensor, a dict of tensors, or a re-iterable of batches."""
+def build_data(
+    source: DataSource, model_source: ModelSource, model: nn.Module | None = None
+) -> Any:
+    """The data of a run: a tensor, a dict of tensors, or a re-iterable of batches; with
+    `data.pairs`, `l3d.pairs.pair_data` of the inputs and their counterparts, whose outputs under
+    `model` are the references."""
+    inputs = _build_inputs(source, model_source)
+    if source.pairs is None:
+        return inputs
+    if model is None:
+        raise L3DError(
+            "data.pairs: the counterparts' outputs need the model: call build_data(..., model)"
+        )
+    return _pair_data(source, source.pairs, inputs, model)
+
+
+def _build_inputs(source: DataSource, model_source: ModelSource) -> Any:
     if source.toy is not None:
         spec = _toy(source.toy)
         options = _options(
@@ -136,6 +154,14 @@ def build_data(source: DataSource, model_source: ModelSource) -> Any:
         tensors = load_tensors(source.file, "data file")
         key = source.options.get("key")
         if key is None:
+            # The pairs' own tensors (counterparts, positions) in the same file are no inputs.
+            taken = set(source.pairs.names()) if source.pairs is not None else set()
+            tensors = {k: v for k, v in tensors.items() if k not in taken}
+            if not tensors:
+                raise L3DError(
+                    f"{source.file} holds only the pairs' tensors ({', '.join(sorted(taken))}): "
+                    "add the inputs"
+                )
             return tensors if len(tensors) > 1 else next(iter(tensors.values()))
         if key not in tensors:
             raise L3DError(f"{source.file} has no tensor '{key}'; it has {', '.join(tensors)}")
@@ -151,6 +177,71 @@ def build_data(source: DataSource, model_source: ModelSource) -> Any:
     python = source.python
     assert python is not None  # DataSource: exactly one of toy, file, text, python is set
     return _call(import_object(python, "data"), source.options, python)
+
+
+def _pair_data(source: DataSource, pairs: PairSource, inputs: Any, model: nn.Module) -> Any:
+    """`l3d.pairs.pair_data` of the inputs and the counterparts (and positions) `pairs` names."""
+    if not isinstance(inputs, (Tensor, Mapping)):
+        raise L3DError(
+            f"data.pairs needs the inputs as one tensor or one dict of tensors, a row per input "
+            f"aligned with its counterparts, not {type(inputs).__name__} (an iterable of batches)"
+        )
+    file_tensors: dict[str, Tensor] = {}
+
+    def tensor_or_call(name: str, what: str) -> Any:
+        if ":" in name:
+            return import_object(name, what)()
+        if source.file is None:
+            raise L3DError(
+                f"{what} '{name}' names a tensor of the data file, but the data is not a file: "
+                "give 'module:function' returning it"
+            )
+        if not file_tensors:
+            file_tensors.update(load_tensors(source.file, "data file"))
+        if name not in file_tensors:
+            raise L3DError(
+                f"{source.file} has no tensor '{name}' ({what}); it has {', '.join(file_tensors)}"
+            )
+        return file_tensors[name]
+
+    def one_set(item: Counterpart) -> list[Inputs]:
+        what = "data.pairs.counterparts"
+        if isinstance(item, dict):
+            return [{key: tensor_or_call(name, what) for key, name in item.items()}]
+        value = tensor_or_call(item, what)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if not isinstance(v, Tensor) and not (
+                isinstance(v, Mapping) and all(isinstance(t, Tensor) for t in v.values())
+            ):
+                raise L3DError(
+                    f"{what} '{item}' gave a {type(v).__name__}: give a tensor or a dict of "
+                    "tensors shaped like the inputs (or a list of such)"
+                )
+        return [v if isinstance(v, Tensor) else dict(v) for v in values]
+
+    items = pairs.counterparts if isinstance(pairs.counterparts, list) else [pairs.counterparts]
+    sets = [c for item in items for c in one_set(item)]
+    positions = None
+    if pairs.positions is not None:
+        positions = tensor_or_call(pairs.positions, "data.pairs.positions")
+        if not isinstance(positions, Tensor):
+            raise L3DError(
+                f"data.pairs.positions '{pairs.positions}' gave a {type(positions).__name__}: "
+                "give a bool (batch, seq) tensor"
+            )
+        if isinstance(inputs, Tensor):
+            raise L3DError(
+                "data.pairs.positions marks per-token positions of dict inputs (input_ids, "
+                "attention_mask, ...), but the inputs are one tensor: drop positions"
+            )
+    return pair_data(
+        model,
+        inputs if isinstance(inputs, Tensor) else dict(inputs),
+        sets if len(sets) > 1 else sets[0],
+        symmetric=pairs.symmetric,
+        positions=positions,
+    )
 
 
 def build_labels(source: DataSource) -> Any:

@@ -4,7 +4,7 @@ options), `--set` overrides, and the resolution of its relative paths."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,8 +44,64 @@ class ModelSource(_Frozen):
         return self
 
 
+# A counterpart set: a tensor name in the data file or 'module:function' (returning a tensor, a
+# dict, or a list of such), or a mapping from each input key to a tensor name (dict inputs).
+Counterpart = str | dict[str, str]
+
+
+class PairSource(_Frozen):
+    """Contrastive pairs (paper Section 4.2, `l3d.pairs.pair_data`): each input's counterpart,
+    whose output at W0 is that input's fixed reference (`l3d.reference: counterpart`)."""
+
+    counterparts: Counterpart | list[Counterpart] = Field(
+        description="The counterparts, one per input and shaped like the inputs: a tensor name in "
+        "the data file, {input key: tensor name} for dict inputs, 'module:function' returning "
+        "them, or a list of such (several counterparts per input: each makes its own pairs)."
+    )
+    symmetric: bool = Field(
+        default=False, description="Also decompose each pair the other way round (x' against x)."
+    )
+    positions: str | None = Field(
+        default=None,
+        description="Per-token models: a bool (batch, seq) tensor name in the data file, or "
+        "'module:function' returning it, marking the positions compared; the others are no "
+        "samples.",
+    )
+
+    @model_validator(mode="after")
+    def _some(self) -> PairSource:
+        if isinstance(self.counterparts, list) and not self.counterparts:
+            raise ValueError("counterparts is an empty list: name at least one counterpart set")
+        return self
+
+    def names(self) -> list[str]:
+        """The data file's tensors that belong to the pairs, not to the inputs: those the
+        counterparts and positions name, less the inputs' keys in {input key: tensor name}
+        counterparts (a counterpart may keep an input, as {a: a, b: b_changed})."""
+        sets = self.counterparts if isinstance(self.counterparts, list) else [self.counterparts]
+        names = [n for c in sets for n in ([c] if isinstance(c, str) else c.values())]
+        if self.positions is not None:
+            names.append(self.positions)
+        keys = {k for c in sets if isinstance(c, dict) for k in c}
+        return [n for n in names if ":" not in n and n not in keys]
+
+    def resolved(self, resolve: Callable[[str], str]) -> PairSource:
+        """These pairs with `resolve` applied to every name (relative 'file.py:fn' paths)."""
+
+        def one(c: Counterpart) -> Counterpart:
+            return resolve(c) if isinstance(c, str) else {k: resolve(v) for k, v in c.items()}
+
+        counterparts = self.counterparts
+        new = (
+            [one(c) for c in counterparts] if isinstance(counterparts, list) else one(counterparts)
+        )
+        positions = None if self.positions is None else resolve(self.positions)
+        return self.model_copy(update={"counterparts": new, "positions": positions})
+
+
 class DataSource(_Frozen):
-    """Where the inputs come from: exactly one of `toy`, `file`, `text`, `python`."""
+    """Where the inputs come from: exactly one of `toy`, `file`, `text`, `python`; optionally their
+    counterparts (`pairs`)."""
 
     toy: str | None = Field(
         default=None,
@@ -71,6 +127,11 @@ class DataSource(_Frozen):
     )
     class_names: list[str] | None = Field(
         default=None, description="Names of integer labels and of the model's output classes."
+    )
+    pairs: PairSource | None = Field(
+        default=None,
+        description="Contrastive pairs: the inputs' counterparts, whose outputs are the "
+        "references (needs l3d.reference: counterpart).",
     )
 
     @model_validator(mode="after")
@@ -101,6 +162,22 @@ class RunSpec(_Frozen):
     l3d: L3DConfig
     run: RunOptions = Field(default_factory=RunOptions)
 
+    @model_validator(mode="after")
+    def _pairs_and_reference(self) -> RunSpec:
+        counterpart = self.l3d.reference == "counterpart"
+        if self.data.pairs is not None and not counterpart:
+            given = "" if "reference" in self.l3d.model_fields_set else ", the default"
+            raise ValueError(
+                "data.pairs makes each input's reference its counterpart's output: set "
+                f"l3d.reference: counterpart (got '{self.l3d.reference}'{given})"
+            )
+        if counterpart and self.data.pairs is None:
+            raise ValueError(
+                "l3d.reference: counterpart needs data.pairs (the inputs' counterparts, e.g. "
+                "pairs: {counterparts: NAME}); see docs/cli.md"
+            )
+        return self
+
     @classmethod
     def create(cls, data: object) -> RunSpec:
         if not isinstance(data, dict):
@@ -111,7 +188,7 @@ class RunSpec(_Frozen):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise L3DError(describe_validation_error(err, cls, _SECTIONS)) from None
+            raise L3DError(describe_validation_error(err, cls, _KEY_SECTIONS)) from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -119,8 +196,12 @@ class RunSpec(_Frozen):
     def resolved(self) -> dict[str, Any]:
         """The sections that decide a run's result (model, data, l3d) as plain JSON data: what a
         checkpoint records, so a resume can refuse a config edited since (`run` options such as
-        checkpoint_seconds may change)."""
-        return self.model_dump(mode="json", include={"model", "data", "l3d"})
+        checkpoint_seconds may change). `data.pairs` only when given: checkpoints made before
+        it existed keep their hash."""
+        resolved = self.model_dump(mode="json", include={"model", "data", "l3d"})
+        if resolved["data"]["pairs"] is None:
+            del resolved["data"]["pairs"]
+        return resolved
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {
@@ -129,6 +210,8 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "l3d": L3DConfig,
     "run": RunOptions,
 }
+# Where a misspelt key's close matches are looked up (sub-sections too).
+_KEY_SECTIONS: dict[str, type[BaseModel]] = {**_SECTIONS, "pairs": PairSource}
 
 
 def _exactly_one(source: BaseModel, keys: tuple[str, ...], section: str) -> None:
@@ -198,6 +281,9 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> RunSpec:
             "labels": _absolute(spec.data.labels, base),
             "file": _absolute_file(spec.data.file, base),
             "text": _absolute_file(spec.data.text, base),
+            "pairs": None
+            if spec.data.pairs is None
+            else spec.data.pairs.resolved(lambda name: _absolute(name, base) or name),
         }
     )
     return spec.model_copy(update={"model": model, "data": data})

@@ -1,0 +1,327 @@
+"""Contrastive pairs in run configs (`data.pairs`, `l3d.reference: counterpart`): a TMS pairs file
+decomposed with `l3d decompose`, stopped and resumed bit-identically, equal to
+`l3d.pairs.decompose_pairs` and `pair_coefficients`; bad pair configs are one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import l3d
+from l3d import runs
+from l3d.cli import main
+from l3d.core.samples import Referenced
+from l3d.pairs import decompose_pairs, pair_coefficients
+from l3d.runs import execution
+from l3d.toys import TMS, sparse_features
+
+N_FEATURES, N_HIDDEN = 5, 2
+SPEC = {
+    "model": {
+        "python": "l3d.toys:TMS",
+        "options": {"n_features": N_FEATURES, "n_hidden": N_HIDDEN},
+    },
+    "data": {
+        "file": "pairs.safetensors",
+        "options": {"key": "inputs"},
+        "pairs": {"counterparts": "counterparts", "symmetric": False, "positions": None},
+    },
+    "l3d": {
+        "params": ["W_in", "W_out", "b"],
+        "n_subnetworks": 2,
+        "top_k": 1.0,
+        "reference": "counterpart",
+        "epochs": 4,
+        "batch_size": 16,
+        "lr": 0.01,
+        "seed": 3,
+    },
+    "run": {"checkpoint_seconds": 0, "progress": False},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine their spin-waits cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse TMS inputs and their counterparts: the same inputs with feature 0 zeroed."""
+    inputs = sparse_features(
+        64, N_FEATURES, p_active=0.4, generator=torch.Generator().manual_seed(0)
+    )
+    counterparts = inputs.clone()
+    counterparts[:, 0] = 0
+    return inputs, counterparts
+
+
+def _config(folder: Path, spec: dict | None = None, **tensors: torch.Tensor) -> Path:
+    """A pairs file (the inputs and counterparts of `_pairs`, plus `tensors`) and a config."""
+    inputs, counterparts = _pairs()
+    save_file(
+        {"inputs": inputs, "counterparts": counterparts, **tensors},
+        str(folder / "pairs.safetensors"),
+    )
+    path = folder / "pairs.yaml"
+    path.write_text(yaml.safe_dump(SPEC if spec is None else spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pairs")
+    config = _config(folder)
+    assert main(["decompose", str(config), "--out", str(folder / "run"), "-q"]) == 0
+    return folder / "run"
+
+
+def _factors(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "decomposition" / "subnetworks.safetensors"))
+
+
+def _assert_same_factors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_pairs_config_decomposes_the_pairs_like_decompose_pairs(pair_run):
+    inputs, counterparts = _pairs()
+    options = {k: v for k, v in SPEC["l3d"].items() if k != "reference"}
+    direct = decompose_pairs(TMS(N_FEATURES, N_HIDDEN), inputs, counterparts, **options)
+    assert direct.config.reference == "counterpart"
+    _assert_same_factors(_factors(pair_run), {k: v.cpu() for k, v in _saved(direct).items()})
+
+
+def _saved(decomposition: l3d.Decomposition) -> dict[str, torch.Tensor]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        decomposition.save(folder)
+        return load_file(str(Path(folder) / "subnetworks.safetensors"))
+
+
+def test_the_saved_decomposition_gives_the_pair_coefficients(pair_run):
+    inputs, counterparts = _pairs()
+    run = runs.open_run(pair_run)
+    assert isinstance(run.data, Referenced)
+    got = run.decomposition.coefficients(run.data.inputs, references=run.data.references)
+    loaded = l3d.load(pair_run / "decomposition", TMS(N_FEATURES, N_HIDDEN))
+    expected = pair_coefficients(loaded, inputs, counterparts)
+    assert got.shape == (64, 2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    same = (inputs == counterparts).all(1)  # feature 0 was off: no difference, no gradient
+    assert 0 < int(same.sum()) < 64
+    assert float(got[same].abs().max()) == 0 and float(got[~same].abs().sum()) > 0
+
+
+def test_a_stopped_pairs_run_resumes_bit_identically(pair_run, tmp_path, monkeypatch, capsys):
+    config = _config(tmp_path)
+    original = execution._EpochLog.__call__
+
+    def stop_after_two(self, trainer, record):
+        original(self, trainer, record)
+        if trainer.epoch == 2:
+            raise runs.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(execution._EpochLog, "__call__", stop_after_two)
+    out = tmp_path / "run"
+    assert main(["decompose", str(config), "--out", str(out), "-q"]) == 128 + signal.SIGTERM
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(execution._EpochLog, "__call__", original)
+    assert main(["decompose", "--resume", str(out), "-q"]) == 0
+    _assert_same_factors(_factors(out), _factors(pair_run))
+
+    def losses(run: Path) -> list[float]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss_paper"] for line in lines]
+
+    assert losses(out) == losses(pair_run) and len(losses(out)) == 4
+
+    before = (out / "decomposition" / "subnetworks.safetensors").read_bytes()
+    assert main(["decompose", "--resume", str(out)]) == 0
+    assert "already finished" in capsys.readouterr().err
+    assert (out / "decomposition" / "subnetworks.safetensors").read_bytes() == before
+
+
+def test_a_pairs_run_gets_a_report(pair_run, tmp_path):
+    assert main(["report", str(pair_run), "--out", str(tmp_path / "report"), "-q"]) == 0
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["analyze"],
+        ["intervene", "--subnetwork", "0", "--delta", "1"],
+    ],
+)
+def test_analysis_of_a_pairs_run_says_it_is_not_supported_yet(pair_run, capsys, argv):
+    assert main([argv[0], str(pair_run), *argv[1:], "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "analysis of pair runs is not supported yet" in err
+    assert "pair_coefficients" in err and "patching_scores" in err
+    assert not (pair_run / "analysis").exists() and not (pair_run / "interventions").exists()
+
+
+BATCHES = """
+import torch
+
+def batches():
+    return [torch.rand(8, 5) for _ in range(4)]
+
+def words():
+    return ["not", "tensors"]
+"""
+
+
+def _spec(data=None, pairs=None, **l3d_changes) -> dict:
+    spec = copy.deepcopy(SPEC)
+    spec["data"].update(data or {})
+    spec["data"]["pairs"].update(pairs or {})
+    spec["l3d"].update(l3d_changes)
+    return spec
+
+
+def _without(section: str, key: str) -> dict:
+    spec = copy.deepcopy(SPEC)
+    del spec[section][key]
+    return spec
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (_spec(reference="random"), "set l3d.reference: counterpart (got 'random')"),
+        (_without("l3d", "reference"), "(got 'random', the default)"),
+        (_without("data", "pairs"), "l3d.reference: counterpart needs data.pairs"),
+        (_spec(pairs={"countreparts": "x"}), "did you mean counterparts"),
+        (_spec(pairs={"counterparts": []}), "counterparts is an empty list"),
+        (
+            _spec(data={"file": None, "options": {}, "python": "batches.py:batches"}),
+            "data.pairs needs the inputs as one tensor or one dict of tensors",
+        ),
+        (
+            _spec(data={"file": None, "options": {}, "toy": "tms"}),
+            "names a tensor of the data file, but the data is not a file",
+        ),
+        (_spec(pairs={"counterparts": "missing"}), "has no tensor 'missing'"),
+        (_spec(pairs={"counterparts": "short"}), "must have the inputs' shapes"),
+        (_spec(pairs={"counterparts": "batches.py:words"}), "gave a str"),
+        (_spec(pairs={"positions": "short"}), "but the inputs are one tensor: drop positions"),
+    ],
+    ids=[
+        "other-reference",
+        "default-reference",
+        "counterpart-without-pairs",
+        "misspelt-key",
+        "no-counterparts",
+        "batches",
+        "not-a-file",
+        "missing-tensor",
+        "wrong-shape",
+        "not-tensors",
+        "positions-of-a-tensor",
+    ],
+)
+def test_bad_pair_configs_are_one_line_errors(tmp_path, capsys, spec, message):
+    (tmp_path / "batches.py").write_text(BATCHES)
+    config = _config(tmp_path, spec, short=torch.zeros(3, N_FEATURES))
+    assert main(["decompose", str(config), "--out", str(tmp_path / "run"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert err.startswith("l3d decompose: error: ") and message in err, err
+
+
+def test_pair_tensors_in_the_data_file_are_not_inputs(tmp_path):
+    """Without options.key, the file's tensors other than the pairs' are the inputs."""
+    config = _config(tmp_path, _spec(data={"options": {}}))
+    spec = runs.load_spec(config)
+    data = runs.build_data(spec.data, spec.model, TMS(N_FEATURES, N_HIDDEN))
+    assert isinstance(data, Referenced)
+    assert torch.equal(data.inputs, _pairs()[0])
+
+
+TWO_INPUTS = """
+import torch
+from torch import nn
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, a, b):
+        return self.lin(a) - self.lin(b)
+
+
+def make():
+    torch.manual_seed(0)
+    return Two()
+"""
+
+
+def test_dict_inputs_take_their_counterparts_by_key_and_several_sets(tmp_path):
+    """{input key: tensor name} counterparts for dict inputs; a list makes several sets, each its
+    own pairs; with symmetric each pair also the other way round."""
+    (tmp_path / "two.py").write_text(TWO_INPUTS)
+    g = torch.Generator().manual_seed(1)
+    a, b, a2, b2 = (torch.rand(6, 5, generator=g) for _ in range(4))
+    save_file({"a": a, "b": b, "ca": a2, "cb": b2}, str(tmp_path / "pairs.safetensors"))
+    spec = {
+        "model": {"python": "two.py:make"},
+        "data": {
+            "file": "pairs.safetensors",
+            "pairs": {
+                "counterparts": [{"a": "ca", "b": "cb"}, {"a": "a", "b": "cb"}],
+                "symmetric": True,
+            },
+        },
+        "l3d": {"params": ["lin.weight"], "n_subnetworks": 2, "reference": "counterpart"},
+    }
+    (tmp_path / "pairs.yaml").write_text(yaml.safe_dump(spec))
+    spec = runs.load_spec(tmp_path / "pairs.yaml")
+    model = runs.build_model(spec.model)
+    data = runs.build_data(spec.data, spec.model, model)
+    assert isinstance(data, Referenced) and isinstance(data.inputs, dict)
+    assert sorted(data.inputs) == ["a", "b"]  # ca, cb are the pairs', not inputs
+    assert data.references.shape == (24, 3)  # 2 sets x 6 pairs x both ways
+    with torch.no_grad():
+        torch.testing.assert_close(data.references[:6], model(a2, b2))
+        torch.testing.assert_close(data.references[6:12], model(a, b2))
+        torch.testing.assert_close(data.references[12:], model(a, b).repeat(2, 1))
+    torch.testing.assert_close(data.inputs["a"], torch.cat([a, a, a2, a]))
+
+
+def test_the_docs_pairs_example_is_a_valid_run_spec():
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    section = text.split("### Contrastive pairs", 1)[1]
+    block = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", section, flags=re.S)[0])
+    spec = runs.RunSpec.create({"model": SPEC["model"], **block})
+    assert spec.data.pairs is not None and spec.data.pairs.names() == ["counterparts"]
+    assert spec.l3d.reference == "counterpart"
+
+
+def test_checkpoints_of_runs_without_pairs_keep_their_config_hash():
+    """A run stopped before data.pairs existed still resumes: its resolved config (and hash)
+    has no 'pairs' key."""
+    spec = runs.RunSpec.create(
+        {**_without("data", "pairs"), "l3d": _without("l3d", "reference")["l3d"]}
+    )
+    assert "pairs" not in spec.resolved()["data"]
+    assert "pairs" in runs.RunSpec.create(SPEC).resolved()["data"]
