@@ -182,11 +182,14 @@ def patching_scores(
     *,
     positions: Tensor | None = None,
     deltas: Tensor | None = None,
+    directions: Sequence[dict[str, Tensor]] | None = None,
 ) -> Tensor:
     """For each subnetwork k, the fraction of the pairs' output difference that moving along it
     closes: (D0 - min_delta D(delta)) / D0, with D(delta) the mean over pair samples of
     D(f(x_i, W0 + delta v_k), f(x'_i, W0)) and D0 = D(0); in [0, 1], (n_v,). deltas: the steps
-    tried, default 81 values in [-2, 2] x ||W0|| (norm of the decomposed tensors)."""
+    tried, default 81 values in [-2, 2] x ||W0|| (norm of the decomposed tensors). directions:
+    other unit directions to score the same way ({param: tensor} each; e.g. baselines), instead
+    of the subnetworks."""
     data = pair_data(decomposition.model, inputs, counterparts, positions=positions)
     x = to_device(data.inputs, decomposition.device)
     refs = data.references.to(decomposition.device)
@@ -202,11 +205,12 @@ def patching_scores(
     base = mean_divergence(decomposition.intervene(x, 0, 0.0))
     if base <= 0:
         raise L3DError("the pairs' outputs are identical: there is no difference to close")
+    if directions is None:
+        directions = [decomposition.v_out(k) for k in range(decomposition.n_subnetworks)]
     scores = []
-    for k in range(decomposition.n_subnetworks):
-        direction = decomposition.v_out(k)
+    for direction in directions:
         best = min(
-            mean_divergence(decomposition.intervene(x, k, float(d), direction=direction))
+            mean_divergence(decomposition.intervene(x, 0, float(d), direction=direction))
             for d in deltas
         )
         scores.append(max(0.0, (base - best) / base))
