@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
 from l3d.core.divergences import get_divergence
+from l3d.core.gradients import per_sample_gradients
+from l3d.core.model import Target
 from l3d.decomposition import Decomposition
 from l3d.experiments import metrics as M
 from l3d.io import write_json, write_text
@@ -112,17 +113,12 @@ def mixed_pairs(toy: Toy, n: int, generator: torch.Generator) -> tuple[Tensor, T
 
 
 def pair_gradients(model: nn.Module, inputs: Tensor, counterparts: Tensor) -> dict[str, Tensor]:
-    """grad_W D(f(x_i, W), f(x'_i, W0)) at W0 per pair, {param: (n, *shape)} (torch.func)."""
-    params = {n: p.detach() for n, p in model.named_parameters() if n in PARAMS}
-    with torch.no_grad():
-        references = model(counterparts)
+    """grad_W D(f(x_i, W), f(x'_i, W0)) at W0 per pair, {param: (n, *shape)}: the library's
+    torch.func per-sample gradients of the pairs `decompose_pairs` sees."""
+    data = pair_data(model, inputs, counterparts)
+    target = Target.create(model, PARAMS)
     divergence = get_divergence(DIVERGENCE).fn
-
-    def one(p: dict[str, Tensor], x: Tensor, reference: Tensor) -> Tensor:
-        return divergence(functional_call(model, p, (x[None],))[0], reference)
-
-    grads: dict[str, Tensor] = vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, references)
-    return grads
+    return per_sample_gradients(target, data.inputs, data.references, divergence)
 
 
 def singular_directions(grads: dict[str, Tensor], n: int) -> dict[str, Tensor]:
@@ -163,7 +159,6 @@ def match(directions: dict[str, Tensor], masks: dict[str, Tensor]) -> dict:
     return {"assignment": recovery["assignment"], "share": recovery["matched_share"]}
 
 
-@torch.no_grad()
 def one_direction(directions: dict[str, Tensor], k: int) -> dict[str, Tensor]:
     return {p: d[k] for p, d in directions.items()}
 
