@@ -55,11 +55,13 @@ from torch.func import jacrev, vmap
 
 from l3d.config import L3DConfig
 from l3d.core.algorithm import SubnetworkPair, batch_top_k
-from l3d.core.divergences import kl, mse, random_other
-from l3d.core.gradients import GradientSource, draw_references, sample_outputs
+from l3d.core.divergences import Reference, kl, mse, random_other
+from l3d.core.gradients import GradientSource
 from l3d.core.model import Target, resolve_ranks
-from l3d.core.samples import Dataset, to_device, token_mask
+from l3d.core.samples import Dataset, SampleRows, to_device
 from l3d.core.trainer import Trainer
+
+RANDOM = Reference("random", random_other)
 
 METHODS = ("fast", "torchfunc", "authors", "floor")
 
@@ -186,16 +188,14 @@ def make_step(method: str, model, data, config: L3DConfig, batch, chunk) -> tupl
         return step, source.method + (f", chunks of {n_chunk}" if chunked else "")
     if method == "floor":
         params = {n: w.clone().requires_grad_() for n, w in target.w0.items()}
-        mask = token_mask(batch) if config.per_token else None
+        rows = SampleRows.of(batch, config.per_token)
 
         def step() -> None:
             outputs = target.forward(batch, params)
-            refs = draw_references(
-                outputs.detach(), mask, config.per_token, random_other, generator
-            )
-            rows = sample_outputs(outputs, mask, config.per_token)
-            ref_rows = sample_outputs(refs, mask, config.per_token)
-            vmap(divergence)(rows, ref_rows).sum().backward()
+            refs = RANDOM.draw(outputs.detach(), rows, generator)
+            vmap(divergence)(
+                rows.rows(outputs).flatten(1), rows.rows(refs).flatten(1)
+            ).sum().backward()
 
         return step, "forward+backward"
     return authors_step(target, pair, config, divergence, batch, generator, chunk), "batch jacrev"
@@ -204,17 +204,17 @@ def make_step(method: str, model, data, config: L3DConfig, batch, chunk) -> tupl
 def authors_step(target, pair, config, divergence, batch, generator, chunk) -> Callable:
     """The authors' step, minimally: g from a jacrev over the batch's per-sample divergences (each
     row a backward through the whole batch), dense V, dense decode and dense normalisation."""
-    mask = token_mask(batch) if config.per_token else None
+    rows = SampleRows.of(batch, config.per_token)
     opt = torch.optim.Adam(pair.parameters(), lr=config.lr)
     with torch.no_grad():
         outputs = target.forward(batch)
 
     def divergences(params: dict[str, Tensor], refs: Tensor) -> Tensor:
-        rows = sample_outputs(target.forward(batch, params), mask, config.per_token)
-        return vmap(divergence)(rows, sample_outputs(refs, mask, config.per_token))
+        outputs = rows.rows(target.forward(batch, params)).flatten(1)
+        return vmap(divergence)(outputs, rows.rows(refs).flatten(1))
 
     def step() -> None:
-        refs = draw_references(outputs, mask, config.per_token, random_other, generator)
+        refs = RANDOM.draw(outputs, rows, generator)
         jac = jacrev(divergences, chunk_size=chunk)(target.w0, refs)
         g = torch.cat([j.flatten(1) for j in jac.values()], 1)  # (n_s, n_w)
         v_in, v_out = pair.v_in.materialize_flat(), pair.v_out.materialize_flat()  # (n_v, n_w)
