@@ -101,13 +101,8 @@ def build_model(source: ModelSource, run_dir: RunDir | None = None) -> nn.Module
     return model
 
 
-def _toy(name: str) -> toys.ToySpec:
-    """The toy a run config names (`model: {toy: NAME}`, `data: {toy: NAME}`)."""
-    return toys.get_toy(name)
-
-
 def _toy_model(toy: str, toy_options: dict[str, Any], run_dir: RunDir | None) -> nn.Module:
-    spec = _toy(toy)
+    spec = toys.get_toy(toy)
     options = _options(toy_options, {"seed": 0}, f"toy model '{toy}'")
     if run_dir is not None and run_dir.model_weights.is_file():
         info = read_json(run_dir.model_info, "toy model info")
@@ -145,7 +140,7 @@ def build_data(
 
 def _build_inputs(source: DataSource, model_source: ModelSource) -> Any:
     if source.toy is not None:
-        spec = _toy(source.toy)
+        spec = toys.get_toy(source.toy)
         options = _options(
             source.options, {"n_samples": 1000, "seed": 1}, f"toy data '{source.toy}'"
         )
