@@ -106,7 +106,7 @@ def test_l3d_experiment_passes_every_option(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(experiments, "run_named", run_named)
     argv = ["tms", "--seeds", "1,2", "--out", "o", "--settings", "improved", "--quick"]
-    assert main(["experiment", *argv, "--no-sweep", "--set", "top_k=0.2"]) == 0
+    assert main(["experiment", *argv, "--no-sweep", "--no-controls", "--set", "top_k=0.2"]) == 0
     assert calls == [
         (
             "tms",
@@ -118,6 +118,7 @@ def test_l3d_experiment_passes_every_option(tmp_path, monkeypatch, capsys):
                 "sweep": False,
                 "progress": True,
                 "set_options": ["top_k=0.2"],
+                "controls": False,
             },
         )
     ]
@@ -158,6 +159,42 @@ def test_each_seed_has_a_stage_for_the_toy_l3d_every_metric_each_sweep_point_and
     assert n_stages(EXPERIMENTS["tms"], sweep=True) == 3 + len(METRIC_STAGES)  # no sweep
     assert n_stages(EXPERIMENTS["squares"], sweep=True) == 3 + len(METRIC_STAGES) + 4
     assert n_stages(EXPERIMENTS["squares"], sweep=False) == 3 + len(METRIC_STAGES)
+    assert n_stages(EXPERIMENTS["squares"], sweep=False, controls=True) == 5 + len(METRIC_STAGES)
+
+
+def test_random_network_control_and_cross_seed_stability(cache):
+    from l3d.experiments.runner import (
+        N_DECOMPOSE,
+        control_markdown,
+        decompose_toy,
+        measure,
+        random_control,
+        settings_for,
+        stability,
+    )
+
+    spec = EXPERIMENTS["tms"]
+    toy = train_toy_model(spec.toy, 1)
+    fields = settings_for(spec, "improved", quick=True)
+    inputs = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(10_001))
+    decomposition, _ = decompose_toy(toy, fields, 1, inputs)
+    trained = measure(spec, toy, decomposition, 1)
+    control = random_control(spec, toy, fields, 1, inputs, trained)
+    # The control decomposes an untrained TMS: different weights, so different numbers ...
+    assert control["control"]["loss_pooled_squared"] != trained["heldout"]["loss_pooled_squared"]
+    assert control["trained"]["mean_matched_share"] == pytest.approx(
+        sum(trained["recovery"]["matched_share"]) / 5
+    )
+    # ... and the trained TMS's features are far more selective than a random network's.
+    assert (
+        control["gain_selectivity"] > 2
+        and "selectivity_median_ratio_delta1" not in (control["small_gaps"])
+    )
+    stable = stability(toy, fields, 1, inputs, decomposition)
+    assert stable["second_seed"] == 2 and len(stable["matched_cosines"]) == 5
+    assert stable["mmcs"] > 0.9  # TMS's five features are found again from another seed
+    lines = "\n".join(control_markdown({"control": {"seed": 1, **control}, "stability": stable}))
+    assert "random network" in lines and "Cross-seed stability" in lines
 
 
 def test_quick_tms_run_recovers_every_feature_and_shows_its_progress(cache, tmp_path, capsys):
@@ -184,7 +221,9 @@ def test_quick_tms_run_recovers_every_feature_and_shows_its_progress(cache, tmp_
     assert (out / "seed1/decomposition/subnetworks.safetensors").is_file()
     header, _, row = results_table({"tms": report["summary"]}, {"tms": 1.0}).splitlines()
     assert header.count("|") == row.count("|") and "output selectivity" in header
-    assert "| - |" not in row.split("|", 10)[-1]  # TMS has MMCS and output selectivity
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert "-" not in cells[7:13]  # TMS has MMCS and output selectivity
+    assert cells[13:15] == ["-", "-"]  # a quick run has no random-network control
 
 
 def test_bad_settings_and_seeds_are_one_line_errors(cache, tmp_path):

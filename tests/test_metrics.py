@@ -197,3 +197,76 @@ def test_coefficient_recovery_is_exact_for_true_paths():
 def test_mean_std():
     assert M.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
     assert M.mean_std([2.0]) == (2.0, 0.0)
+
+
+def test_unit_matching_does_not_pick_a_near_empty_twin():
+    # Subnetwork 2 has almost no impact, all of it on unit 0: its share is 1.0, yet subnetwork 0
+    # does unit 0's work at share 0.95.
+    impacts = torch.tensor([[0.95, 0.02, 1e-4], [0.05, 0.98, 0.0]])
+    share = M.impact_share(impacts)
+    assert M.recovery(share)["assignment"][0] == 2  # matching on the share alone is fooled
+    rec = M.unit_recovery(impacts)
+    assert rec["assignment"] == [0, 1]
+    assert rec["matched_share"] == pytest.approx([0.95, 0.98], abs=1e-3)
+
+
+def test_recovery_reports_strict_thresholds():
+    share = torch.tensor([[0.95, 0.0, 0.0], [0.05, 0.85, 0.0], [0.0, 0.15, 0.6]])
+    rec = M.recovery(share)
+    assert rec["n_recovered"] == 3
+    assert rec["n_recovered_at"] == {"0.5": 3, "0.8": 2, "0.9": 1}
+    assert rec["min_matched_share"] == pytest.approx(0.6)
+
+
+def test_matched_cosines_finds_permuted_and_flipped_subnetworks():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 30, generator=g)
+    b = torch.cat([-a[[2, 0, 3, 1]] * 3.0, torch.randn(2, 30, generator=g)])
+    assert M.matched_cosines(a, b) == pytest.approx([1.0] * 4, abs=1e-6)
+
+
+def test_matched_cosines_brute_force():
+    import itertools
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g)
+    cos = (
+        torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+    ).abs()
+    best = max(
+        itertools.permutations(range(5), 3), key=lambda c: sum(cos[i, j] for i, j in enumerate(c))
+    )
+    assert sum(M.matched_cosines(a, b)) == pytest.approx(
+        float(sum(cos[i, j] for i, j in enumerate(best)))
+    )
+
+
+def test_per_sample_ablation_against_a_loop():
+    g = torch.Generator().manual_seed(2)
+    coeffs = torch.randn(6, 4, generator=g)
+    active = coeffs.abs() > 0.8
+    active[0] = False  # a sample with no active subnetwork is left out
+    changes = torch.rand(6, 4, generator=g) + 0.1
+    out = M._per_sample_ablation(coeffs, active, changes, seed=3)
+    draw = torch.rand(active.shape, generator=torch.Generator().manual_seed(3))
+    ratios = []
+    for i in range(6):
+        on = [k for k in range(4) if active[i, k]]
+        off = [k for k in range(4) if not active[i, k]]
+        if not on or not off:
+            continue
+        top = max(on, key=lambda k: coeffs[i, k].abs())
+        other = max(off, key=lambda k: draw[i, k])
+        ratios.append(float(changes[i, top] / changes[i, other]))
+    assert out["n_samples"] == len(ratios)
+    assert out["median_ratio"] == pytest.approx(float(torch.tensor(ratios).median()))
+    assert out["fraction_active_larger"] == pytest.approx(sum(r > 1 for r in ratios) / len(ratios))
+
+
+def test_own_subnetworks_pass_the_per_sample_ablation():
+    _, dec = tms_with_own_subnetworks(ORDER)
+    x = sparse_features(300, 5, generator=torch.Generator().manual_seed(1))
+    per_sample = M.ablation_check(dec, x, deltas=(0.5,))["0.5"]["per_sample"]
+    assert per_sample["n_samples"] > 50
+    assert per_sample["median_ratio"] > 10
+    assert per_sample["fraction_active_larger"] > 0.95

@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few epochs: a smoke test")
     p.add_argument("--no-sweep", action="store_true", help="skip the rank / subnetwork-count sweep")
     p.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="skip the random-network control and the second decomposition seed (cross-seed "
+        "stability) run on the first seed",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -309,6 +315,7 @@ def _experiment(args: argparse.Namespace) -> int:
         sweep=not args.no_sweep,
         progress=not args.quiet,
         set_options=args.set,
+        controls=not args.no_controls,
     )
     if not args.quiet and summary.is_file():
         print(summary.read_text())

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -90,21 +91,42 @@ def impact_share(impacts: Tensor) -> Tensor:
     return impacts / impacts.sum(0, keepdim=True).clamp_min(1e-30)
 
 
-def recovery(share: Tensor, threshold: float = 0.5) -> dict:
-    """Each unit gets its own subnetwork when the subnetwork matched to it (Hungarian on `share`)
-    puts more than `threshold` of its impact on that unit: two subnetworks on one unit leave
-    another unit matched to a subnetwork that is not its own."""
-    assignment = match_units(share)
+def matching_score(impacts: Tensor) -> Tensor:
+    """(n_units, n_v): share x coverage, what units are matched to subnetworks on. The share alone
+    is 1 for a near-empty twin whose tiny impact happens to fall on one unit; the coverage (the
+    part of unit j's impact that subnetwork k carries) makes the matching pick the subnetwork that
+    both is pure and does the unit's work."""
+    coverage = impacts / impacts.sum(1, keepdim=True).clamp_min(1e-30)
+    return impact_share(impacts) * coverage
+
+
+SHARE_THRESHOLDS = (0.5, 0.8, 0.9)
+"""Matched shares reported besides the headline count: > 0.5 is lenient (two subnetworks can
+split a unit 0.6 / 0.4 and still count), 0.8 and 0.9 ask for purity."""
+
+
+def recovery(share: Tensor, threshold: float = 0.5, score: Tensor | None = None) -> dict:
+    """Each unit gets its own subnetwork when the subnetwork matched to it (Hungarian on `score`,
+    default `share`) puts more than `threshold` of its impact on that unit: two subnetworks on one
+    unit leave another unit matched to a subnetwork that is not its own."""
+    assignment = match_units(share if score is None else score)
     per_unit = [float(share[j, k]) for j, k in enumerate(assignment)]
     recovered = [s > threshold for s in per_unit]
     return {
         "assignment": assignment,
         "matched_share": per_unit,
+        "min_matched_share": min(per_unit),
         "recovered": recovered,
         "n_recovered": int(sum(recovered)),
+        "n_recovered_at": {str(t): sum(s > t for s in per_unit) for t in SHARE_THRESHOLDS},
         "n_units": len(assignment),
         "all_recovered": all(recovered),
     }
+
+
+def unit_recovery(impacts: Tensor) -> dict:
+    """`recovery` of units from their impacts (n_units, n_v), matched on `matching_score`."""
+    return recovery(impact_share(impacts), score=matching_score(impacts))
 
 
 def parameter_share(directions: dict[str, Tensor], masks: dict[str, Tensor]) -> Tensor:
@@ -118,6 +140,18 @@ def parameter_share(directions: dict[str, Tensor], masks: dict[str, Tensor]) -> 
         for n, m in masks.items()
     )
     return own / norms.clamp_min(1e-30)[:, None]
+
+
+def matched_cosines(a: Tensor, b: Tensor) -> list[float]:
+    """|cos| between each row of `a` and the row of `b` it is matched to (Hungarian on |cos|),
+    for the min(len(a), len(b)) matched rows of `a` in order. Sign-free: a subnetwork's sign is
+    arbitrary. Two decompositions of one model from different seeds give 1.0 for every
+    subnetwork when they find the same subnetworks in any order (cross-seed stability).
+
+    a: (n_a, n_weights); b: (n_b, n_weights), e.g. flattened V_out directions."""
+    cos = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T  # (n_a, n_b)
+    rows, cols = linear_sum_assignment(cos.abs().cpu().numpy(), maximize=True)
+    return [float(cos[r, c].abs()) for r, c in zip(rows, cols)]
 
 
 def mmcs(weight: Tensor, directions: Tensor) -> list[float]:
@@ -404,11 +438,16 @@ def one_hot_probe(
 
 @torch.no_grad()
 def ablation_check(
-    decomposition: Decomposition, inputs: Tensor, deltas: tuple[float, ...] = (0.5, 1.0)
+    decomposition: Decomposition,
+    inputs: Tensor,
+    deltas: tuple[float, ...] = (0.5, 1.0),
+    seed: int = 0,
 ) -> dict:
     """Answer to the critique of first-order attribution: for each held-out sample, perturbing along
     the subnetworks L3D calls active for it (batch top-k over the held-out set, random references)
-    should move its output far more than perturbing along the ones it calls inactive."""
+    should move its output far more than perturbing along the ones it calls inactive. Pooled over
+    all (sample, subnetwork) pairs and per sample (`per_sample`; seed: its random inactive
+    subnetworks)."""
     coeffs = decomposition.coefficients(inputs)
     active = batch_top_k(coeffs, decomposition.config.top_k)  # (n_samples, n_v)
     out = {}
@@ -430,8 +469,33 @@ def ablation_check(
             "mean_change_active": m_active,
             "mean_change_inactive": m_inactive,
             "ratio": m_active / max(m_inactive, 1e-12),
+            "per_sample": _per_sample_ablation(coeffs, active, changes, seed),
         }
     return out
+
+
+def _per_sample_ablation(coeffs: Tensor, active: Tensor, changes: Tensor, seed: int) -> dict:
+    """The pooled ratio can be carried by a few samples; here each sample compares its own
+    top-active subnetwork (largest |c| among the active) with one random inactive subnetwork.
+
+    coeffs, active, changes: (n_samples, n_v)."""
+    both = active.any(1) & (~active).any(1)
+    top = coeffs.abs().masked_fill(~active, -1.0).argmax(1)
+    draw = torch.rand(active.shape, generator=torch.Generator().manual_seed(seed))
+    other = draw.masked_fill(active, -1.0).argmax(1)  # uniform among the inactive ones
+    rows = torch.arange(len(coeffs))[both]
+    moved_top, moved_other = changes[rows, top[rows]], changes[rows, other[rows]]
+    if len(rows) == 0:
+        return {
+            "n_samples": 0,
+            "median_ratio": float("nan"),
+            "fraction_active_larger": float("nan"),
+        }
+    return {
+        "n_samples": len(rows),
+        "median_ratio": float((moved_top / moved_other.clamp_min(1e-12)).median()),
+        "fraction_active_larger": float((moved_top > moved_other).float().mean()),
+    }
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

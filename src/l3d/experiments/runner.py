@@ -170,7 +170,7 @@ def measure(
     impacts = M.unit_impacts(decomposition, probes, toy.units)
     share = M.impact_share(impacts)
     out["impact_share"] = share.tolist()
-    out["recovery"] = M.recovery(share)
+    out["recovery"] = M.unit_recovery(impacts)
     assignment = out["recovery"]["assignment"]
     directions = M.dense_directions(decomposition)
     if spec.tms_masks:
@@ -227,7 +227,7 @@ def measure(
     stage(METRIC_STAGES[6])
     out["one_hot_probe"] = M.one_hot_probe(decomposition, toy.units)
     stage(METRIC_STAGES[7])
-    out["ablation"] = M.ablation_check(decomposition, heldout)
+    out["ablation"] = M.ablation_check(decomposition, heldout, seed=seed + 4)
     out["p_active"] = out["heldout"]["p_active"]
     out["dead_subnetworks"] = out["heldout"]["dead_subnetworks"]
     return out
@@ -303,9 +303,11 @@ class SeedProgress:
         self.bar.close()
 
 
-def n_stages(spec: ExperimentSpec, sweep: bool) -> int:
-    """Stages of one seed: toy, L3D, METRIC_STAGES, the sweep's points, save and figures."""
-    return 3 + len(METRIC_STAGES) + (len(spec.sweep[1]) if spec.sweep and sweep else 0)
+def n_stages(spec: ExperimentSpec, sweep: bool, controls: bool = False) -> int:
+    """Stages of one seed: toy, L3D, METRIC_STAGES, the sweep's points, the random-network
+    control and the second decomposition seed, save and figures."""
+    n_sweep = len(spec.sweep[1]) if spec.sweep and sweep else 0
+    return 3 + len(METRIC_STAGES) + n_sweep + (2 if controls else 0)
 
 
 def run_seed(
@@ -316,11 +318,14 @@ def run_seed(
     out_dir: Path,
     sweep: bool,
     progress: bool = False,
+    controls: bool = False,
 ) -> dict:
-    """One seed: toy, decomposition, metrics, the sweep (when `sweep` and not `quick`), figures.
+    """One seed: toy, decomposition, metrics, the sweep (when `sweep` and not `quick`), the
+    random-network control and cross-seed stability (when `controls` and not `quick`), figures.
     progress: a bar over the seed's stages and the decomposition's epoch bar."""
     sweep = bool(spec.sweep) and sweep and not quick
-    stages = SeedProgress(seed, n_stages(spec, sweep), progress)
+    controls = controls and not quick
+    stages = SeedProgress(seed, n_stages(spec, sweep, controls), progress)
     try:
         stages("toy")
         start = time.perf_counter()
@@ -330,7 +335,9 @@ def run_seed(
         # machine, metrics ran 2.5x slower with two); ResidMLP's 1000-wide ones still gain.
         n_params = sum(p.numel() for p in toy.model.parameters())
         with single_thread_if(n_params < SINGLE_THREAD_PARAMS):
-            return _run_seed(spec, toy, toy_seconds, seed, settings, quick, out_dir, sweep, stages)
+            return _run_seed(
+                spec, toy, toy_seconds, seed, settings, quick, out_dir, sweep, controls, stages
+            )
     finally:
         stages.close()
 
@@ -344,6 +351,7 @@ def _run_seed(
     quick: bool,
     out_dir: Path,
     sweep: bool,
+    controls: bool,
     stages: SeedProgress,
 ) -> dict:
     inputs = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 10_000))
@@ -366,6 +374,11 @@ def _run_seed(
     }
     if sweep:
         result["sweep"] = run_sweep(spec, toy, fields, seed, inputs, stages)
+    if controls:
+        stages("control: random network")
+        result["control"] = random_control(spec, toy, fields, seed, inputs, result)
+        stages("stability: second decomposition seed")
+        result["stability"] = stability(toy, fields, seed, inputs, decomposition)
     result["seconds"] = {
         "toy": toy_seconds,
         "l3d": l3d_seconds,
@@ -376,6 +389,87 @@ def _run_seed(
 
     seed_figures(spec, toy, decomposition, result, out_dir / f"seed{seed}")
     return result
+
+
+CONTROL_SEED_OFFSET = 50_000
+"""The random-network control's weights come from the toy's own initialisation at seed + this."""
+STABILITY_SEED_OFFSET = 1
+"""The second decomposition of the same toy runs at decomposition seed + this."""
+SMALL_GAP_SHARE = 0.1
+SMALL_GAP_SELECTIVITY = 2.0
+"""A metric is flagged when the trained model beats its random-network control by less than
+this (matched share: difference; selectivity: ratio)."""
+
+
+def random_control(
+    spec: ExperimentSpec, toy: Toy, fields: dict, seed: int, inputs: torch.Tensor, trained: dict
+) -> dict:
+    """The same decomposition of an untrained copy of the toy (its architecture at a random
+    initialisation), with each headline metric's gap to the trained model's (`trained`: its
+    `measure` result). A random network decomposes too, often to a lower loss (its gradients are
+    simpler), and a sparse input still touches only its own columns of W_in, so a low loss or a
+    high share says little on its own: only the gap to this control is evidence of learned
+    structure."""
+    model, _, _ = spec.toy.make(seed + CONTROL_SEED_OFFSET)
+    control_toy = dataclasses.replace(toy, model=model.eval())
+    decomposition, _ = decompose_toy(control_toy, fields, seed, inputs)
+    heldout = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 20_000))
+    probes = unit_probe_pool(toy, heldout, seed)
+    rec = M.unit_recovery(M.unit_impacts(decomposition, probes, toy.units))
+    sel = M.sample_selectivity(decomposition, heldout, toy.units, rec["assignment"], (1.0,))
+    control = {
+        "loss_pooled_squared": M.heldout_losses(decomposition, heldout, seed + 3)[
+            "loss_pooled_squared"
+        ],
+        "mean_matched_share": sum(rec["matched_share"]) / len(rec["matched_share"]),
+        "selectivity_median_ratio_delta1": sel["1.0"]["median_ratio"],
+    }
+    mine = {
+        "loss_pooled_squared": trained["heldout"]["loss_pooled_squared"],
+        "mean_matched_share": sum(trained["recovery"]["matched_share"])
+        / len(trained["recovery"]["matched_share"]),
+        "selectivity_median_ratio_delta1": trained["selectivity_samples"]["1.0"]["median_ratio"],
+    }
+    share_gap = mine["mean_matched_share"] - control["mean_matched_share"]
+    selectivity_gain = mine["selectivity_median_ratio_delta1"] / max(
+        control["selectivity_median_ratio_delta1"], 1e-12
+    )
+    return {
+        "control": control,
+        "trained": mine,
+        "gap_mean_matched_share": share_gap,
+        "gain_selectivity": selectivity_gain,
+        "small_gaps": [
+            name
+            for name, small in (
+                ("mean_matched_share", share_gap < SMALL_GAP_SHARE),
+                ("selectivity_median_ratio_delta1", selectivity_gain < SMALL_GAP_SELECTIVITY),
+            )
+            if small
+        ],
+    }
+
+
+def stability(
+    toy: Toy, fields: dict, seed: int, inputs: torch.Tensor, decomposition: Decomposition
+) -> dict:
+    """Cross-seed stability: decompose the same toy again from another decomposition seed and
+    match the two sets of live V_out directions (Hungarian on |cos|, the peers' MMCS between
+    runs). 1.0 means the same subnetworks were found in both."""
+    second, _ = decompose_toy(toy, fields, seed + STABILITY_SEED_OFFSET, inputs)
+
+    def live_directions(d: Decomposition) -> torch.Tensor:
+        with torch.no_grad():
+            flat = d.subnetworks.v_out.materialize_flat()  # (n_v, n_weights)
+        return flat[d.p_active > 0]
+
+    cosines = M.matched_cosines(live_directions(decomposition), live_directions(second))
+    return {
+        "second_seed": seed + STABILITY_SEED_OFFSET,
+        "matched_cosines": cosines,
+        "mmcs": sum(cosines) / len(cosines) if cosines else float("nan"),
+        "min": min(cosines, default=float("nan")),
+    }
 
 
 def run_sweep(
@@ -400,14 +494,14 @@ def run_sweep(
         progress = stages is not None and stages.enabled
         decomposition, _ = decompose_toy(toy, swept, seed, inputs, progress)
         losses = M.heldout_losses(decomposition, heldout, seed + 3)
-        share = M.impact_share(M.unit_impacts(decomposition, probes, toy.units))
-        rec = M.recovery(share) if share.shape[1] >= share.shape[0] else {"n_recovered": None}
+        impacts = M.unit_impacts(decomposition, probes, toy.units)
+        rec = M.unit_recovery(impacts) if impacts.shape[1] >= impacts.shape[0] else {}
         points.append(
             {
                 key: value,
                 "loss_pooled_squared": losses["loss_pooled_squared"],
                 "loss_paper": losses["loss_paper"],
-                "n_recovered": rec["n_recovered"],
+                "n_recovered": rec.get("n_recovered"),
             }
         )
     return {"key": key, "overrides": spec.sweep_overrides, "points": points}
@@ -433,6 +527,11 @@ def summarize(spec: ExperimentSpec, results: list[dict], settings: Settings) -> 
         "loss_pooled_squared": stat(lambda r: r["heldout"]["loss_pooled_squared"]),
         "loss_paper": stat(lambda r: r["heldout"]["loss_paper"]),
         "units_recovered": stat(lambda r: r["recovery"]["n_recovered"]),
+        **{
+            f"units_recovered_at_{t}": stat(lambda r, t=t: r["recovery"]["n_recovered_at"][str(t)])
+            for t in M.SHARE_THRESHOLDS[1:]
+        },
+        "min_matched_share": stat(lambda r: r["recovery"]["min_matched_share"]),
         "n_units": results[0]["recovery"]["n_units"],
         "seeds_all_recovered": sum(r["recovery"]["all_recovered"] for r in results),
         "dead_subnetworks": stat(lambda r: len(r["dead_subnetworks"])),
@@ -443,9 +542,21 @@ def summarize(spec: ExperimentSpec, results: list[dict], settings: Settings) -> 
             lambda r: r.get("selectivity_samples", r.get("selectivity"))["1.0"]["median_ratio"]
         ),
         "ablation_ratio_delta0.5": stat(lambda r: r["ablation"]["0.5"]["ratio"]),
+        "ablation_per_sample_median_ratio_delta0.5": stat(
+            lambda r: r["ablation"]["0.5"]["per_sample"]["median_ratio"]
+        ),
+        "ablation_per_sample_fraction_active_larger_delta0.5": stat(
+            lambda r: r["ablation"]["0.5"]["per_sample"]["fraction_active_larger"]
+        ),
         "seconds_l3d": stat(lambda r: r["seconds"]["l3d"]),
         "paper": spec.paper_results,
     }
+    controlled = [r for r in results if "control" in r]
+    if controlled:
+        summary["control"] = {"seed": controlled[0]["seed"], **controlled[0]["control"]}
+        summary["stability"] = {
+            k: v for k, v in controlled[0]["stability"].items() if k != "matched_cosines"
+        }
     if spec.tms_masks:
         summary["mmcs"] = stat(lambda r: r["mmcs"])
         summary["parameter_units_recovered"] = stat(
@@ -482,10 +593,13 @@ def run_experiment(
     sweep: bool = True,
     progress: bool = True,
     overrides: dict | None = None,
+    controls: bool = True,
 ) -> dict:
     """Run experiment `name` for each seed; write out_dir/metrics.json, figures and summary.md.
 
-    quick: a few epochs (smoke test), no sweep; sweep: run the rank / count sweep (first seed);
+    quick: a few epochs (smoke test), no sweep or controls; sweep: run the rank / count sweep
+    (first seed); controls: decompose a random-network control and a second decomposition seed
+    (first seed);
     overrides: L3DConfig fields replacing the profile's, e.g. {"divergence": "mse_authors"};
     progress: a bar over seeds (with the ETA), one over each seed's stages (SeedProgress) and the
     decomposition's epoch bar.
@@ -504,7 +618,12 @@ def run_experiment(
     for i, seed in enumerate(seeds_bar):
         # The sweep (6 or 4 more decompositions) runs on the first seed only, to keep the suite
         # within its time budget.
-        results.append(run_seed(spec, seed, settings, quick, out_dir, sweep and i == 0, progress))
+        first = i == 0
+        results.append(
+            run_seed(
+                spec, seed, settings, quick, out_dir, sweep and first, progress, controls and first
+            )
+        )
     summary = summarize(spec, results, settings)
     summary["overrides"] = dict(overrides or {})
     report = {"summary": summary, "seeds": results}
@@ -513,6 +632,37 @@ def run_experiment(
     experiment_figures(spec, report, out_dir)
     write_text(out_dir / "summary.md", summary_markdown(spec, summary, results))
     return report
+
+
+def control_markdown(summary: dict) -> list[str]:
+    """The random-network control and cross-seed stability (first seed) as a Markdown table."""
+    c, st = summary["control"], summary["stability"]
+    flag = lambda name: " **(small gap)**" if name in c["small_gaps"] else ""  # noqa: E731
+    rows = [
+        ("pooled squared loss", "loss_pooled_squared", "{:.3f}"),
+        ("mean matched impact share", "mean_matched_share", "{:.3f}"),
+        ("sample selectivity, median ratio at δ=1", "selectivity_median_ratio_delta1", "{:.1f}"),
+    ]
+    lines = [
+        "",
+        f"Random-network control (seed {c['seed']}: the same decomposition of the toy's "
+        "architecture at random weights; a low loss alone is no evidence of structure):",
+        "",
+        "| metric | trained | random network |",
+        "|---|---|---|",
+    ]
+    for what, key, form in rows:
+        lines.append(
+            f"| {what}{flag(key)} | {form.format(c['trained'][key])} | "
+            f"{form.format(c['control'][key])} |"
+        )
+    lines += [
+        "",
+        f"Cross-seed stability (seed {c['seed']} decomposed again at seed {st['second_seed']}): "
+        f"Hungarian-matched |cos| of the live V_out directions, mean {st['mmcs']:.3f}, "
+        f"min {st['min']:.3f}.",
+    ]
+    return lines
 
 
 def fmt(stat: dict, digits: int = 3) -> str:
@@ -542,8 +692,16 @@ def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -
         f"| one-hot probe errors (tol 0.1) | {fmt(summary['probe_errors_0.1'], 1)} | - |",
         f"| sample selectivity (unit's samples / others), median ratio at δ=1 | "
         f"{fmt(summary['selectivity_median_ratio_delta1'], 1)} | - |",
-        f"| ablation: active / inactive output change at δ=0.5 | "
+        f"| units whose matched subnetwork has impact share > 0.8 / > 0.9 | "
+        f"{fmt(summary['units_recovered_at_0.8'], 2)} / {fmt(summary['units_recovered_at_0.9'], 2)}"
+        " | - |",
+        f"| min matched impact share | {fmt(summary['min_matched_share'])} | - |",
+        f"| ablation: active / inactive output change at δ=0.5 (pooled) | "
         f"{fmt(summary['ablation_ratio_delta0.5'], 1)} | - |",
+        f"| ablation per sample: top-active / random inactive, median ratio at δ=0.5 "
+        f"(share of samples where the active one moves more) | "
+        f"{fmt(summary['ablation_per_sample_median_ratio_delta0.5'], 1)} "
+        f"({fmt(summary['ablation_per_sample_fraction_active_larger_delta0.5'])}) | - |",
     ]
     if "mmcs" in summary:
         lines.append(f"| MMCS (peer convention) | {fmt(summary['mmcs'])} | - |")
@@ -572,6 +730,8 @@ def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -
                     f"| {fmt(summary[name], 1)} | - |"
                 )
     lines.append(f"| L3D seconds per seed | {fmt(summary['seconds_l3d'], 1)} | - |")
+    if "control" in summary:
+        lines += control_markdown(summary)
     sweeps = [r["sweep"] for r in results if "sweep" in r]
     if sweeps:
         key = sweeps[0]["key"]

@@ -28,15 +28,23 @@ def run_suite(
     settings: Settings = "improved",
     experiments: tuple[str, ...] = SUITE_ORDER,
     progress: bool = True,
+    controls: bool = True,
 ) -> dict:
-    """Run each experiment into out_dir/NAME and write out_dir/results.md and results.json."""
+    """Run each experiment into out_dir/NAME and write out_dir/results.md and results.json;
+    controls: the random-network control and cross-seed stability of each (first seed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries, seconds = {}, {}
     for name in experiments:
         start = time.perf_counter()
         report = run_experiment(
-            name, seeds, out_dir / name, settings=settings, quick=quick, progress=progress
+            name,
+            seeds,
+            out_dir / name,
+            settings=settings,
+            quick=quick,
+            progress=progress,
+            controls=controls,
         )
         seconds[name] = time.perf_counter() - start
         summaries[name] = report["summary"]
@@ -58,6 +66,7 @@ def run_named(
     sweep: bool = True,
     progress: bool = True,
     set_options: list[str] | tuple[str, ...] = (),
+    controls: bool = True,
 ) -> Path:
     """What both experiment commands run: experiment `name`, or every one for 'suite' / 'all',
     from command-line values (seeds '0,1,2', `--set KEY=VALUE` options); returns the Markdown
@@ -67,7 +76,14 @@ def run_named(
     if name in ("suite", "all"):
         if overrides:
             raise L3DError("--set applies to one experiment, not the suite")
-        run_suite(out, seed_list, quick=quick, settings=settings or "improved", progress=progress)
+        run_suite(
+            out,
+            seed_list,
+            quick=quick,
+            settings=settings or "improved",
+            progress=progress,
+            controls=controls,
+        )
         return out / "results.md"
     run_experiment(
         name,
@@ -78,6 +94,7 @@ def run_named(
         sweep=sweep,
         progress=progress,
         overrides=overrides,
+        controls=controls,
     )
     return out / "summary.md"
 
@@ -87,14 +104,17 @@ def results_table(summaries: dict, seconds: dict) -> str:
     lines = [
         "| experiment | pooled sq. loss (ours) | paper | loss eq. 8 | units recovered | "
         "seeds all recovered | Pearson r (paper 0.92) | MMCS | probe errors @0.1 | "
-        "output selectivity δ=0.25 | sample selectivity δ=1 | ablation ratio | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "output selectivity δ=0.25 | sample selectivity δ=1 | ablation ratio | "
+        "units at share > 0.9 | random-network control: share, selectivity | "
+        "cross-seed MMCS | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summaries.items():
         paper = s["paper"].get("loss_pooled_squared", "-")
         # output j's change over the other outputs' (toys whose unit j owns output j)
         output_key = "selectivity_outputs_active_median_ratio_delta0.25"
         output = fmt(s[output_key], 1) if output_key in s else "-"
+        stable = f"{s['stability']['mmcs']:.3f}" if "stability" in s else "-"
         lines.append(
             f"| {name} | {fmt(s['loss_pooled_squared'])} | {paper} | {fmt(s['loss_paper'])} | "
             f"{fmt(s['units_recovered'], 1)} / {s['n_units']} | "
@@ -103,9 +123,25 @@ def results_table(summaries: dict, seconds: dict) -> str:
             f"{fmt(s['mmcs']) if 'mmcs' in s else '-'} | "
             f"{fmt(s['probe_errors_0.1'], 1)} | {output} | "
             f"{fmt(s['selectivity_median_ratio_delta1'], 1)} | "
-            f"{fmt(s['ablation_ratio_delta0.5'], 1)} | {seconds[name]:.0f} |"
+            f"{fmt(s['ablation_ratio_delta0.5'], 1)} | "
+            f"{fmt(s['units_recovered_at_0.9'], 1)} | {_control_cell(s)} | {stable} | "
+            f"{seconds[name]:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _control_cell(summary: dict) -> str:
+    """Trained vs random-network mean matched share and selectivity, flagged when the gap is
+    small."""
+    if "control" not in summary:
+        return "-"
+    c = summary["control"]
+    flag = " (small gap)" if c["small_gaps"] else ""
+    return (
+        f"{c['trained']['mean_matched_share']:.2f} vs {c['control']['mean_matched_share']:.2f}, "
+        f"{c['trained']['selectivity_median_ratio_delta1']:.1f} vs "
+        f"{c['control']['selectivity_median_ratio_delta1']:.1f}{flag}"
+    )
 
 
 __all__ = ["EXPERIMENTS", "run_named", "run_suite"]
