@@ -20,6 +20,7 @@ from torch.func import jvp
 from l3d import io
 from l3d.config import L3DConfig
 from l3d.core.algorithm import Evaluation, SubnetworkPair, evaluate
+from l3d.core.distributed import Group
 from l3d.core.divergences import (
     Divergence,
     DivergenceFn,
@@ -177,6 +178,8 @@ def run(
 
     divergence, reference: the callables of a config that names 'custom:...' ones.
     step_callback: called with each training step's StepResult (per-step progress of long epochs).
+    Under an initialised torch.distributed process group, every rank calls `run` with the same
+    arguments and takes its shard of every batch (docs/distributed.md); all return the same result.
     """
     was_training = model.training
     model.eval()  # batch statistics would make samples interact; BatchNorm uses running stats.
@@ -184,7 +187,8 @@ def run(
         _target, source, trainer = build(model, data, config, divergence, reference, progress)
         if trainer_state is not None:
             trainer.load_state_dict(trainer_state)
-        with _progress(config.epochs, progress) as bar:
+        lead = trainer.group is None or trainer.group.lead
+        with _progress(config.epochs, progress and lead) as bar:
             bar.update(trainer.epoch)
             while trainer.epoch < config.epochs:
                 record = trainer.run_epoch(on_step=step_callback)
@@ -197,7 +201,7 @@ def run(
                 bar.update(1)
                 if callback is not None:
                     callback(trainer, record)
-        final = evaluate(trainer.pair, source, config.top_k, config.seed + 2)
+        final = evaluate(trainer.pair, source, config.top_k, config.seed + 2, trainer.group)
     finally:
         model.train(was_training)
     return Decomposition(
@@ -337,7 +341,8 @@ class Decomposition:
 
     @torch.no_grad()
     def evaluate(self, data: object, seed: int = 0, top_k: float | None = None) -> Evaluation:
-        """P_act and both losses on any data (e.g. held-out samples), batched as in training."""
+        """P_act and both losses on any data (e.g. held-out samples), batched as in training; under
+        a process group, each rank evaluates its shard of every batch."""
         self.model.eval()
         source = gradient_source(
             self.target,
@@ -347,7 +352,7 @@ class Decomposition:
             dataset=Dataset(data, self.config.batch_size, self.device),
             method=Method.AUTO,
         )
-        return evaluate(self.subnetworks, source, top_k or self.config.top_k, seed)
+        return evaluate(self.subnetworks, source, top_k or self.config.top_k, seed, Group.current())
 
     @torch.no_grad()
     def impact(
@@ -388,16 +393,22 @@ class Decomposition:
 
         References follow the decomposition's strategy within each chunk of `chunk_size` inputs
         (default: the training batch size), as during training; chunk c's reference j is drawn
-        with seed `seed + c * n_references + j`.
+        with seed `seed + c * n_references + j`. Under a process group, each rank computes a
+        contiguous range of chunks and every rank returns all of them.
         """
         from tqdm.auto import tqdm
 
         if n_references < 1:
             raise L3DError(f"n_references must be >= 1; got {n_references}")
         self.model.eval()
-        chunks = _chunks(batch_size_of(inputs), chunk_size or self.config.batch_size)
+        size = chunk_size or self.config.batch_size
+        chunks = list(enumerate(_chunks(batch_size_of(inputs), size)))
+        group = Group.current()
+        if group is not None:
+            chunks = chunks[group.shard(len(chunks))]
+            progress = progress and group.lead
         totals: list[list[Tensor]] = [[] for _ in directions]
-        for c, rows in enumerate(tqdm(chunks, desc="impact", unit="chunk", disable=not progress)):
+        for c, rows in tqdm(chunks, desc="impact", unit="chunk", disable=not progress):
             chunk = to_device(take(inputs, rows), self.device)
             source = self.gradient_source(chunk)
             sums: list[Tensor] = []
@@ -408,7 +419,12 @@ class Decomposition:
                 sums = c_abs if not sums else [s + a for s, a in zip(sums, c_abs)]
             for parts, s in zip(totals, sums):
                 parts.append((s / n_references).cpu())
-        return [torch.cat(t) for t in totals]
+        n_v = [d.n_subnetworks for d in directions]
+        mine = [torch.cat(t) if t else torch.zeros(0, n) for t, n in zip(totals, n_v)]
+        if group is None:
+            return mine
+        every, _ = group.gather_rows(torch.cat(mine, 1))  # one gather for all sets
+        return [part.contiguous() for part in every.split(n_v, 1)]
 
     # Interventions (Section 2.5, eq. 9) ----------------------------------------------------
     def _direction(self, k: int, direction: dict[str, Tensor] | None) -> dict[str, Tensor]:

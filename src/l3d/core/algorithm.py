@@ -8,6 +8,10 @@ One training step (Section 2.4):
   ||g - g^||^2 = ||g||^2 - 2 sum_k c_k d_k + c^T G c,   d = V_out g, G = V_out V_out^T
   loss = mean_i ||g_i - g^_i|| / ||g_i||  (paper, eq. 8)  or  sum ||g - g^||^2 / sum ||g||^2 (code)
   AdamW step on V_in, V_out; then V_out rows projected to unit L2 norm.
+
+Under a process group (core/distributed.py) each rank holds a shard of the batch: `select` gathers
+|c| and ||g_i||^2 of every rank, so the top-k and the normalisers are the whole batch's, and a
+rank's `losses` are its share of the batch's (the trainer sums shares and gradients over ranks).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from l3d.core.distributed import Group
 from l3d.core.gradients import ChunkedGradients, DenseGradients, GradientBatch, GradientSource
 from l3d.core.subnetworks import Factorization, Subnetworks, factor_numel
 from l3d.errors import L3DError
@@ -38,6 +43,32 @@ def batch_top_k(coeffs: Tensor, top_k: float) -> Tensor:
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask[flat.topk(n_kept(top_k, flat.numel())).indices] = True
     return mask.view_as(coeffs)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The batch top-k of one step, over the whole batch (all ranks' shards)."""
+
+    mask: Tensor
+    """(n_s, n_v) bool: which of this rank's coefficients are kept."""
+    batch_g_sq: Tensor
+    """(N,) ||g_i||^2 of every sample of the batch: the loss normalisers."""
+    active: Tensor
+    """(n_v,) number of the batch's samples in which each subnetwork is kept."""
+    n_samples: int
+    """N, the batch's samples on all ranks."""
+
+
+def select(c: Tensor, g_sq: Tensor, top_k: float, group: Group | None = None) -> Selection:
+    """Batch top-k of c (n_s, n_v) over the whole batch: with a group, over the gathered |c| of
+    every rank (exactly round(k N) of all N samples' coefficients), each rank keeping its rows."""
+    if group is None:
+        mask = batch_top_k(c, top_k)
+        return Selection(mask, g_sq, mask.sum(0), c.shape[0])
+    # One gather: |c| with ||g_i||^2 as an extra column, (N, n_v + 1).
+    both, rows = group.gather_rows(torch.cat([c.detach().abs(), g_sq.detach()[:, None]], 1))
+    mask_all = batch_top_k(both[:, :-1], top_k)
+    return Selection(mask_all[rows], both[:, -1], mask_all.sum(0), both.shape[0])
 
 
 def reconstruction_sq_errors(
@@ -100,13 +131,23 @@ class LossSums:
     ratios: float = 0.0
     n_live: int = 0
 
-    def add(self, sq_errors: Tensor, g_sq: Tensor) -> None:
-        """One batch's ||g_i - g^_i||^2 and ||g_i||^2 (liveness judged within the batch)."""
-        live = _live(g_sq, g_sq.max())
+    def add(self, sq_errors: Tensor, g_sq: Tensor, batch_g_sq: Tensor | None = None) -> None:
+        """One batch's ||g_i - g^_i||^2 and ||g_i||^2 (liveness judged within the batch, whose
+        ||g_i||^2 are `batch_g_sq` when these rows are one rank's shard of it)."""
+        live = _live(g_sq, (g_sq if batch_g_sq is None else batch_g_sq).max())
         self.sq_errors += sq_errors.sum().item()
         self.g_sq += g_sq.sum().item()
         self.ratios += (sq_errors[live] / g_sq[live]).sqrt().sum().item()
         self.n_live += int(live.sum())
+
+    def all_reduce(self, group: Group) -> None:
+        """Sum every rank's sums into each rank's."""
+        local = torch.tensor(
+            [self.sq_errors, self.g_sq, self.ratios, self.n_live], dtype=torch.float64
+        )
+        (summed,) = group.all_reduce_sum([local])
+        self.sq_errors, self.g_sq, self.ratios = (float(v) for v in summed[:3])
+        self.n_live = int(summed[3])
 
     @property
     def paper(self) -> float:
@@ -203,8 +244,11 @@ class SubnetworkPair(nn.Module):
 DENSE_DIRECTIONS_MAX = 1 << 20
 
 
-def step_losses(pair: SubnetworkPair, batch: GradientBatch, top_k: float) -> tuple[Losses, Tensor]:
-    """Losses and top-k mask for one batch (differentiable in the subnetworks)."""
+def step_losses(
+    pair: SubnetworkPair, batch: GradientBatch, top_k: float, group: Group | None = None
+) -> tuple[Losses, Selection]:
+    """Losses (differentiable in the subnetworks) and top-k for one batch; with a group, this
+    rank's share of the losses of the batch whose shard `batch` is."""
     v_in, v_out = pair.v_in, pair.v_out
     if (
         isinstance(batch, DenseGradients)
@@ -219,16 +263,21 @@ def step_losses(pair: SubnetworkPair, batch: GradientBatch, top_k: float) -> tup
         c, d, gram = g @ v_in_flat.T, g @ v_out_flat.T, v_out_flat @ v_out_flat.T
     else:
         c, d, gram = batch.project(v_in), batch.project(v_out), v_out.gram()
-    mask = batch_top_k(c, top_k)
     g_sq = batch.sq_norms()
-    return losses(reconstruction_sq_errors(c, d, g_sq, gram, mask), g_sq), mask
+    chosen = select(c, g_sq, top_k, group)
+    sq_errors = reconstruction_sq_errors(c, d, g_sq, gram, chosen.mask)
+    return losses(sq_errors, g_sq, chosen.batch_g_sq), chosen
 
 
 def chunked_step(
-    pair: SubnetworkPair, batch: ChunkedGradients, top_k: float, loss_name: str
-) -> tuple[Losses, Tensor]:
-    """Losses (detached) and top-k mask of a batch processed in sample chunks, with the gradient
-    of loss `loss_name` accumulated into the factors' .grad.
+    pair: SubnetworkPair,
+    batch: ChunkedGradients,
+    top_k: float,
+    loss_name: str,
+    group: Group | None = None,
+) -> tuple[Losses, Selection]:
+    """Losses (detached) and top-k of a batch processed in sample chunks, with the gradient of
+    loss `loss_name` accumulated into the factors' .grad (with a group: this rank's shares).
 
     The batch top-k and the loss normalisers need every sample's c_ik and ||g_i||^2, so pass 1
     computes them chunk by chunk without graph; pass 2 recomputes each chunk with graph and runs
@@ -244,8 +293,8 @@ def chunked_step(
             c_parts.append(chunk.project(v_in))
             g_sq_parts.append(chunk.sq_norms())
             del chunk  # before the next chunk is computed: one chunk's signals at a time
-    c_all, g_sq_all = torch.cat(c_parts), torch.cat(g_sq_parts)
-    mask_all = batch_top_k(c_all, top_k)
+    local_g_sq = torch.cat(g_sq_parts)
+    chosen = select(torch.cat(c_parts), local_g_sq, top_k, group)
     gram = v_out.gram()
     gram_leaf = gram.detach().requires_grad_()
     total: Losses | None = None
@@ -254,16 +303,18 @@ def chunked_step(
         chunk = part()
         rows = slice(start, start + chunk.n_samples)
         start += chunk.n_samples
-        c, d, g_sq = chunk.project(v_in), chunk.project(v_out), g_sq_all[rows]
+        c, d, g_sq = chunk.project(v_in), chunk.project(v_out), local_g_sq[rows]
         del chunk
         share = losses(
-            reconstruction_sq_errors(c, d, g_sq, gram_leaf, mask_all[rows]), g_sq, g_sq_all
+            reconstruction_sq_errors(c, d, g_sq, gram_leaf, chosen.mask[rows]),
+            g_sq,
+            chosen.batch_g_sq,
         )
         share.get(loss_name).backward()
         total = share.detach() if total is None else total + share.detach()
     gram.backward(gram_leaf.grad)
     assert total is not None
-    return total, mask_all
+    return total, chosen
 
 
 @dataclass(frozen=True)
@@ -278,20 +329,29 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(pair: SubnetworkPair, source: GradientSource, top_k: float, seed: int) -> Evaluation:
+def evaluate(
+    pair: SubnetworkPair,
+    source: GradientSource,
+    top_k: float,
+    seed: int,
+    group: Group | None = None,
+) -> Evaluation:
     """One pass over the data with fresh references and the training batch size: P_act and both
-    losses pooled over the whole pass (not averaged over batches)."""
+    losses pooled over the whole pass (not averaged over batches). With a group, each rank takes
+    its shard of every batch and all ranks return the whole pass's result."""
     generator = torch.Generator().manual_seed(seed)
     counts = torch.zeros(pair.v_in.n_subnetworks)
     gram = pair.v_out.gram()
     sums = LossSums()
     n = 0
-    for batch in source.epoch(generator, shuffle=True):
+    for batch in source.epoch(generator, shuffle=True, group=group):
         c, d, g_sq = batch.project(pair.v_in), batch.project(pair.v_out), batch.sq_norms()
-        mask = batch_top_k(c, top_k)
-        sums.add(reconstruction_sq_errors(c, d, g_sq, gram, mask), g_sq)
-        counts += mask.sum(0).cpu()
-        n += batch.n_samples
+        chosen = select(c, g_sq, top_k, group)
+        sums.add(reconstruction_sq_errors(c, d, g_sq, gram, chosen.mask), g_sq, chosen.batch_g_sq)
+        counts += chosen.active.cpu()
+        n += chosen.n_samples
+    if group is not None:
+        sums.all_reduce(group)
     return Evaluation(
         p_active=counts / max(n, 1),
         loss_paper=sums.paper,

@@ -1,6 +1,10 @@
 """The trainer: runs Algorithm 1's steps over epochs with the paper's schedule (AdamW, learning-rate
 decay, warm start, unit-norm projection of V_out), optional resampling, and a state that checkpoints
-and resumes to the same result."""
+and resumes to the same result.
+
+Under an initialised process group (core/distributed.py) the trainer is data parallel: each rank
+steps on its shard of every batch and the summed gradients make every rank's step the same, so
+the state (and its checkpoint) does not depend on the number of ranks."""
 
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ from l3d.config import L3DConfig
 from l3d.core.algorithm import (
     DENSE_DIRECTIONS_MAX,
     Losses,
+    Selection,
     SubnetworkPair,
     chunked_step,
     step_losses,
 )
+from l3d.core.distributed import Group
 from l3d.core.gradients import ChunkedGradients, GradientBatch, GradientSource
 from l3d.core.resampling import Resampler
 
@@ -56,14 +62,25 @@ class StepResult:
     active: Tensor
     """(n_v,) number of samples in which each subnetwork was in the top-k."""
     n_samples: int
+    """Samples of the whole batch (all ranks)."""
 
 
 class Trainer:
     """Runs Algorithm 1. State (subnetworks, optimiser, schedule, RNG, epoch) is all in
-    `state_dict()`, so a run can be checkpointed and resumed to the same result."""
+    `state_dict()`, so a run can be checkpointed and resumed to the same result. group: the
+    data-parallel process group (default: the initialised one, if any)."""
 
-    def __init__(self, config: L3DConfig, source: GradientSource, pair: SubnetworkPair) -> None:
+    def __init__(
+        self,
+        config: L3DConfig,
+        source: GradientSource,
+        pair: SubnetworkPair,
+        group: Group | None = None,
+    ) -> None:
         self.config, self.source, self.pair = config, source, pair
+        self.group = Group.current() if group is None else group
+        if self.group is not None:
+            self.group.check_same(self._fingerprint(), "decomposed weights, data or factors")
         self.resampler = Resampler.from_config(config)
         opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         wd = config.weight_decay if config.optimizer == "adamw" else 0.0
@@ -74,6 +91,15 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.history: list[dict] = []
+
+    def _fingerprint(self) -> Tensor:
+        """Sums of W0, the factors and the data held in memory: equal on every rank that will
+        step on the same global batches."""
+        tensors = [*self.source.target.w0.values(), *self.pair.parameters()]
+        data = self.source.dataset.inputs if self.source.dataset is not None else None
+        if data is not None:
+            tensors += [data] if isinstance(data, Tensor) else list(data.values())
+        return torch.stack([t.detach().double().sum().cpu() for t in tensors])
 
     def lr_at(self, step: int, epoch: int) -> float:
         c = self.config
@@ -89,21 +115,33 @@ class Trainer:
             group["lr"] = self.lr_at(self.step, self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
         with matmul_precision(self.config.matmul_precision):
+            top_k = self.top_k_at(self.epoch)
+            chosen: Selection
             if isinstance(batch, ChunkedGradients):
-                result, mask = chunked_step(
-                    self.pair, batch, self.top_k_at(self.epoch), self.config.loss
-                )
+                result, chosen = chunked_step(self.pair, batch, top_k, self.config.loss, self.group)
             else:
-                result, mask = step_losses(self.pair, batch, self.top_k_at(self.epoch))
+                result, chosen = step_losses(self.pair, batch, top_k, self.group)
                 result.get(self.config.loss).backward()
+        result = result.detach()
+        if self.group is not None:
+            result = self._sum_over_ranks(result)
         self.optimizer.step()
         self.pair.v_out.normalize_()
         self.step += 1
-        return StepResult(
-            losses=result.detach(),
-            active=mask.sum(0).cpu(),
-            n_samples=batch.n_samples,
+        return StepResult(losses=result, active=chosen.active.cpu(), n_samples=chosen.n_samples)
+
+    def _sum_over_ranks(self, shares: Losses) -> Losses:
+        """Every rank's gradient and loss shares summed, in one all-reduce: each rank then holds
+        the whole batch's gradient and takes the same step."""
+        assert self.group is not None
+        params = list(self.pair.parameters())
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        *summed, paper, pooled = self.group.all_reduce_sum(
+            [*grads, shares.paper.reshape(1), shares.pooled_squared.reshape(1)]
         )
+        for p, g in zip(params, summed):
+            p.grad = g
+        return Losses(paper=paper[0], pooled_squared=pooled[0])
 
     def _tiny(self) -> bool:
         """Small enough that every op is a few microseconds: extra CPU threads only add
@@ -119,7 +157,7 @@ class Trainer:
         lr = self.lr_at(self.step, self.epoch)
         # The precision also covers the model's forward and backward that produce the gradients.
         with single_thread_if(self._tiny()), matmul_precision(self.config.matmul_precision):
-            for batch in self.source.epoch(self.generator):
+            for batch in self.source.epoch(self.generator, group=self.group):
                 r = self.train_step(batch)
                 totals["paper"] += r.losses.paper.item()
                 totals["pooled_squared"] += r.losses.pooled_squared.item()

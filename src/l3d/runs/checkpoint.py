@@ -3,8 +3,9 @@ state) and JSON (epoch, step, history, optimizer settings), written atomically.
 
 A checkpoint holds the trainer at an epoch boundary, so a resumed run with the same seed ends with
 the same factors as an uninterrupted one. It also records the resolved config it was made with
-(`config`, and its sha256 `config_hash`), so a resume refuses a config edited since. Nothing is
-pickled.
+(`config`, and its sha256 `config_hash`), so a resume refuses a config edited since, and the number
+of processes that made it (`world_size`): the state is that of every rank, so a run resumes with
+any number. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class _Index(BaseModel):
     tensors: StrictStr = Field(pattern=r"^state-\d+\.safetensors$")
     config_hash: StrictStr | None = None
     config: dict[str, Any] | None = None
+    world_size: StrictInt | None = Field(default=None, ge=1)
 
 
 def config_hash(config: dict) -> str:
@@ -116,17 +118,21 @@ def unflatten_state(tensors: dict[str, Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(
-    directory: Path, tensors: dict[str, Tensor], meta: dict, config: dict | None = None
+    directory: Path,
+    tensors: dict[str, Tensor],
+    meta: dict,
+    config: dict | None = None,
+    world_size: int = 1,
 ) -> None:
     """Tensors first, then state.json naming them: state.json is the commit point, so a kill at
     any moment leaves the previous complete checkpoint in force. `config`: the run's resolved
-    config (RunSpec.resolved()), recorded with its hash."""
+    config (RunSpec.resolved()), recorded with its hash; `world_size`: the run's processes."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"state-{meta['epoch']:06d}.safetensors"
     save_tensors(directory / name, tensors)
     if config is not None:
         meta = {**meta, "config_hash": config_hash(config), "config": config}
-    write_json(directory / "state.json", {**meta, "tensors": name})
+    write_json(directory / "state.json", {**meta, "tensors": name, "world_size": world_size})
     for old in directory.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink()

@@ -1,10 +1,14 @@
 """Running a run folder to the end: lock it, build its model and data, continue from the last
 checkpoint (if made with the same config), log every epoch, checkpoint on time and on
-SIGINT/SIGTERM, save the decomposition; and opening a finished run for analysis."""
+SIGINT/SIGTERM, save the decomposition; and opening a finished run for analysis.
+
+Under torchrun (`process_group`) or any initialised process group, the processes make one data
+parallel run: every rank trains, rank 0 alone locks and writes the folder (docs/distributed.md)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -12,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 
 from l3d.config import L3DConfig
+from l3d.core.distributed import Group, RankLost
 from l3d.core.samples import Dataset
 from l3d.core.trainer import StepResult, Trainer
 from l3d.decomposition import Decomposition, load, run
@@ -51,11 +58,31 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
-class _Tracker:
-    """Optional wandb / TensorBoard logging, imported only when asked for."""
+@contextlib.contextmanager
+def process_group() -> Iterator[Group | None]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment), join its process group for the block,
+    so that its processes make one distributed run: gloo for CPU tensors and, where CUDA exists,
+    NCCL for CUDA tensors with one GPU per local rank. An initialised group is used as it is."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield Group.current()
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # what 'cuda' means here
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend)
+    try:
+        yield Group.current()
+    finally:
+        dist.destroy_process_group()
 
-    def __init__(self, options: RunOptions, run_dir: RunDir, spec: RunSpec) -> None:
-        self.kind, self._writer, self._wandb = options.tracking, None, None
+
+class _Tracker:
+    """Optional wandb / TensorBoard logging, imported only when asked for (by rank 0 only)."""
+
+    def __init__(self, options: RunOptions, run_dir: RunDir, spec: RunSpec, lead: bool) -> None:
+        self.kind = options.tracking if lead else None
+        self._writer, self._wandb = None, None
         if self.kind == "wandb":
             try:
                 import wandb
@@ -142,17 +169,30 @@ class _StepBar:
 class _EpochLog:
     """The epoch callback: keeps the state after the last whole epoch, appends its metrics line
     (also to the tracker), and checkpoints it every `checkpoint_seconds` and after the last
-    epoch."""
+    epoch. In a distributed run only rank 0 keeps and writes; the others count epochs."""
 
-    def __init__(self, run_dir: RunDir, spec: RunSpec, tracker: _Tracker) -> None:
+    def __init__(
+        self, run_dir: RunDir, spec: RunSpec, tracker: _Tracker, group: Group | None
+    ) -> None:
         self.run_dir, self.tracker, self.config = run_dir, tracker, spec.resolved()
         self.every, self.epochs = spec.run.checkpoint_seconds, spec.l3d.epochs
+        self.world_size = 1 if group is None else group.size
+        self.lead = group is None or group.lead
         self.snapshot: tuple[dict, dict] | None = None
+        self.done: int | None = None
         self.start = self.last_save = time.time()
 
     def __call__(self, trainer: Trainer, record: dict) -> None:
+        if not self.lead:
+            self.done = trainer.epoch
+            return
         snapshot = flatten_state(trainer.state_dict())
-        line = {**record, "time": time.time(), "elapsed": time.time() - self.start}
+        line = {
+            **record,
+            "world_size": self.world_size,
+            "time": time.time(),
+            "elapsed": time.time() - self.start,
+        }
         self.run_dir.append_metrics(line)
         # Only now the snapshot a stop saves: a signal before the line is written must not save
         # this epoch's state without its line (the resumed run would lack that epoch's metrics).
@@ -165,11 +205,18 @@ class _EpochLog:
 
     def save(self) -> None:
         if self.snapshot is not None:
-            save_checkpoint(self.run_dir.checkpoint, *self.snapshot, config=self.config)
+            save_checkpoint(
+                self.run_dir.checkpoint,
+                *self.snapshot,
+                config=self.config,
+                world_size=self.world_size,
+            )
 
     def epoch(self, default: int) -> int:
         """The epoch of the last snapshot (`default` before the first)."""
-        return default if self.snapshot is None else self.snapshot[1]["epoch"]
+        if self.snapshot is not None:
+            return self.snapshot[1]["epoch"]
+        return default if self.done is None else self.done
 
 
 def execute(
@@ -181,12 +228,19 @@ def execute(
     (model, data and l3d sections). Holds the folder's lock throughout: another process running
     the same folder is an L3DError naming its pid. On SIGINT/SIGTERM the state after the last
     whole epoch is checkpointed and `Interrupted` is raised. `log` gets progress messages.
+
+    Under an initialised process group every rank calls this: rank 0 locks, logs and writes;
+    another rank that stops (killed, failed) stops the run with a `RankLost` after rank 0 has
+    saved the last whole epoch's state.
     """
     spec = run_dir.spec()
+    group = Group.current()
+    lead = group is None or group.lead
     with run_dir.lock():
-        tracker = _Tracker(spec.run, run_dir, spec)  # first: a missing wandb fails before work
+        # First: a missing wandb fails before work.
+        tracker = _Tracker(spec.run, run_dir, spec, lead)
         try:
-            return _execute(run_dir, spec, tracker, progress, log)
+            return _execute(run_dir, spec, tracker, progress, log if lead else _silent, group)
         finally:
             tracker.close()
 
@@ -197,18 +251,23 @@ def _execute(
     tracker: _Tracker,
     progress: bool | None,
     log: Callable[[str], None],
+    group: Group | None,
 ) -> Decomposition:
+    lead = group is None or group.lead
     # The checkpoint first: a config edited since is refused before a model is built.
     state = load_checkpoint(run_dir.checkpoint, spec.resolved(), run_dir.config)
-    model = build_model(spec.model, run_dir)
+    # Rank 0 first: a toy is trained once, and the other ranks read its saved weights.
+    with group.lead_first() if group is not None else contextlib.nullcontext():
+        model = build_model(spec.model, run_dir)
     data = build_data(spec.data, spec.model, model)  # with pairs: the counterparts' outputs
     divergence, reference = resolve_custom(spec.l3d)
     done = 0 if state is None else state["epoch"]
     if state is not None:
         log(f"resuming {run_dir.path} from epoch {done} of {spec.l3d.epochs}")
-    run_dir.truncate_metrics(done)
-    on_epoch = _EpochLog(run_dir, spec, tracker)
-    show = spec.run.progress if progress is None else progress
+    if lead:
+        run_dir.truncate_metrics(done)
+    on_epoch = _EpochLog(run_dir, spec, tracker, group)
+    show = (spec.run.progress if progress is None else progress) and lead
     with _stop_on_signals(), _StepBar(spec.l3d, data, show, done) as step_bar:
         try:
             decomposition = run(
@@ -222,15 +281,26 @@ def _execute(
                 trainer_state=state,
                 step_callback=step_bar.step,
             )
-        except Interrupted as stop:
-            # A second Ctrl-C or SIGTERM must not cut the save short.
+        except (Interrupted, RankLost) as stop:
+            # A second Ctrl-C or SIGTERM (torchrun stopping the ranks) must not cut the save short.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             on_epoch.save()
-            stop.epoch = on_epoch.epoch(done)
+            epoch = on_epoch.epoch(done)
+            if isinstance(stop, RankLost):
+                raise RankLost(
+                    f"{stop}; the checkpoint of epoch {epoch} is kept: continue with `l3d "
+                    f"decompose --resume {run_dir.path}` (on any number of processes)"
+                ) from None
+            stop.epoch = epoch
             raise
-    decomposition.save(run_dir.decomposition)
+    if lead:
+        decomposition.save(run_dir.decomposition)
     return decomposition
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
 
 
 @dataclass

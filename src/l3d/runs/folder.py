@@ -8,6 +8,10 @@ A run folder holds:
   decomposition/     the final Decomposition.save
   analysis/, interventions/, report/   written by `l3d analyze`, `l3d intervene`, `l3d report`
   .lock              held (flock) by the process running the folder, holding its pid
+
+In a distributed run (core/distributed.py) rank 0 alone locks and writes the folder; the other
+ranks read it (config, checkpoint, a toy's weights) once rank 0 has written it, so every rank needs
+the folder on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from l3d.core.distributed import Group
 from l3d.errors import L3DError
 from l3d.io import write_text
 from l3d.runs.spec import RunSpec, read_yaml
@@ -157,26 +162,30 @@ class RunDir:
         """Hold the folder for this process (an flock on RUN_DIR/.lock, which holds our pid) until
         the block ends. Another process holding it is an L3DError naming its pid. The operating
         system drops the lock when its process dies, so a killed run never blocks the next one.
-        Re-entrant within a process."""
+        Re-entrant within a process. In a distributed run rank 0 holds it for all ranks, and its
+        failure to take it stops them all."""
         key = self.path.resolve()
-        if fcntl is None or key in _HELD:
-            _HELD[key] = _HELD.get(key, 0) + 1
+        if key in _HELD:
+            _HELD[key] += 1
             try:
                 yield
             finally:
                 _HELD[key] -= 1
-                if not _HELD[key]:
-                    del _HELD[key]
             return
-        fd = self._acquire()
+        group = Group.current()
+        fd: int | None = None
+        with group.lead_first() if group is not None else contextlib.nullcontext():
+            if fcntl is not None and (group is None or group.lead):
+                fd = self._acquire()
         _HELD[key] = 1
         try:
             yield
         finally:
             del _HELD[key]
-            with contextlib.suppress(OSError):
-                self.lock_file.unlink()  # while still locked: a waiting process retries
-            os.close(fd)  # releases the lock
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    self.lock_file.unlink()  # while still locked: a waiting process retries
+                os.close(fd)  # releases the lock
 
     def _acquire(self) -> int:
         assert fcntl is not None
@@ -243,8 +252,16 @@ class RunDir:
 
 
 def create_run(spec: RunSpec, path: str | Path, *, overwrite: bool = False) -> RunDir:
-    """A fresh run folder holding the resolved spec."""
-    run_dir = RunDir(Path(path))
+    """A fresh run folder holding the resolved spec (in a distributed run: made by rank 0, the
+    other ranks waiting until it is)."""
+    group = Group.current()
+    with group.lead_first() if group is not None else contextlib.nullcontext():
+        if group is None or group.lead:
+            _create(spec, RunDir(Path(path)), overwrite)
+    return RunDir(Path(path))
+
+
+def _create(spec: RunSpec, run_dir: RunDir, overwrite: bool) -> None:
     # A run that failed before its first epoch (bad data options, a missing file) saved no work:
     # starting over lets the user fix the config and re-run the same command.
     started = (
@@ -272,4 +289,3 @@ def create_run(spec: RunSpec, path: str | Path, *, overwrite: bool = False) -> R
             shutil.rmtree(folder, ignore_errors=True)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     write_text(run_dir.config, spec.to_yaml())
-    return run_dir

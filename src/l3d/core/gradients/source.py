@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from l3d.core.distributed import Group
 from l3d.core.divergences import (
     Divergence,
     DivergenceFn,
@@ -196,15 +197,45 @@ class GradientSource:
         self._cache = JacobianCache(self.target, self.dataset, self.chunk_size, self.progress)
         return Method.JACOBIAN
 
-    def epoch(self, generator: torch.Generator, shuffle: bool = True) -> Iterator[GradientBatch]:
-        """One pass over the dataset's batches, each with freshly drawn references."""
+    def epoch(
+        self, generator: torch.Generator, shuffle: bool = True, group: Group | None = None
+    ) -> Iterator[GradientBatch]:
+        """One pass over the dataset's batches, each with freshly drawn references. With a
+        process group, every rank draws the same batches and yields its shard of each."""
         if self.dataset is None:
             raise ValueError("this GradientSource has no dataset to iterate over")
         if self._cache is not None:
-            yield from self._cache.epoch(self.divergence, self.reference, generator, shuffle)
+            for whole in self._cache.epoch(self.divergence, self.reference, generator, shuffle):
+                if group is None:
+                    yield whole
+                else:  # every rank holds the cache: its rows of the whole batch's gradients
+                    flat = whole.flatten()[group.shard(whole.n_samples)]
+                    yield DenseGradients.from_flat(flat, self.target.shapes, check_finite=False)
             return
         for inputs, references in self.dataset.referenced_batches(generator, shuffle):
-            yield self.batch(inputs, references, generator)
+            if group is None:
+                yield self.batch(inputs, references, generator)
+                continue
+            if references is None:
+                # Drawn from the whole batch (one forward of it on every rank, no exchange), with
+                # the generator every rank shares: the single process's references, sharded.
+                with torch.no_grad():
+                    outputs = self.target.outputs(inputs)
+                rows = SampleRows.of(inputs, self.per_token)
+                references = self.reference.draw(outputs, rows, generator)
+            mine = group.shard(batch_size_of(inputs))
+            shard = take(inputs, mine)
+            if SampleRows.of(shard, self.per_token).count(mine.stop - mine.start) == 0:
+                yield self._no_samples()
+            else:
+                yield self.batch(shard, references[mine])
+
+    def _no_samples(self) -> DenseGradients:
+        """A shard without samples (a batch smaller than the group, or all padding): the rank
+        still takes part in the step's collectives, with (0, n_w) gradients."""
+        w = next(iter(self.target.w0.values()))
+        n_w = sum(w.numel() for w in self.target.w0.values())
+        return DenseGradients.from_flat(w.new_zeros(0, n_w), self.target.shapes)
 
     def batch(
         self,

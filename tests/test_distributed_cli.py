@@ -1,0 +1,212 @@
+"""`torchrun --nproc-per-node 2 -m l3d decompose` is one distributed run (CPU, gloo): stopped by
+SIGTERM it resumes with 1 or 2 processes to the single-process result, and a rank that dies ends
+the job with a non-zero exit, a one-line reason and an intact checkpoint. Slow: each launch of
+torchrun and its workers takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from l3d import runs
+from test_distributed import ATOL, RTOL, free_port
+
+SLOW_MODEL = """
+import time
+
+from l3d.toys import TMS
+
+
+class SlowTMS(TMS):
+    \"\"\"TMS whose forward takes 20 ms longer, so that a test can stop a run of few steps.\"\"\"
+
+    def forward(self, x):
+        time.sleep(0.02)
+        return super().forward(x)
+"""
+# Few steps: round-off that differs between 1 and 2 processes grows with the number of steps.
+SPEC = {
+    "model": {"python": "SLOW:SlowTMS", "options": {"n_features": 5, "n_hidden": 2}},
+    "data": {"toy": "tms", "options": {"n_samples": 96, "seed": 1}},
+    "l3d": {
+        "params": ["W_in", "W_out", "b"],
+        "n_subnetworks": 5,
+        "epochs": 8,
+        "batch_size": 32,
+        "lr": 0.01,
+        "seed": 3,
+        "gradient_method": "vmap",
+        "resample_every": 3,
+        "resample_until": 7,
+    },
+    "run": {"checkpoint_seconds": 0, "progress": False},
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _l3d(*args: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "l3d", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "l3d",
+        *args,
+    ]
+
+
+def _checkpoint_epoch(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "checkpoint" / "state.json").read_text())["epoch"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of the worker of `rank` among the launcher's children."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == launcher.pid and (
+            f"RANK={rank}".encode() in environ
+        ):
+            return int(pid)
+    return None
+
+
+def _start(config: Path, run_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        _l3d("decompose", str(config), "--out", str(run_dir), nproc=2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    deadline = time.time() + 120
+    while _checkpoint_epoch(run_dir) < 2 and proc.poll() is None:
+        assert time.time() < deadline, "the run never reached its first checkpoints"
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1]
+    return proc
+
+
+def _resume(run_dir: Path, nproc: int) -> None:
+    done = subprocess.run(
+        _l3d("decompose", "--resume", str(run_dir), nproc=nproc),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    a = load_file(str(run_dir / "decomposition" / "subnetworks.safetensors"))
+    b = load_file(str(reference / "decomposition" / "subnetworks.safetensors"))
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=ATOL, rtol=RTOL, msg=key)
+    mine, theirs = runs.RunDir(run_dir).metrics_records(), runs.RunDir(reference).metrics_records()
+    assert [r["epoch"] for r in mine] == list(range(SPEC["l3d"]["epochs"]))
+    for x, y in zip(mine, theirs):
+        assert x["step"] == y["step"] and x.get("resampled") == y.get("resampled")
+        assert x["loss_paper"] == pytest.approx(y["loss_paper"], abs=ATOL, rel=RTOL)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    """The config and its uninterrupted single-process run."""
+    folder = tmp_path_factory.mktemp("cli")
+    (folder / "slow_tms.py").write_text(SLOW_MODEL)
+    spec = json.loads(json.dumps(SPEC).replace("SLOW", str(folder / "slow_tms.py")))
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs.execute(
+            runs.create_run(runs.load_spec(config), folder / "reference"),
+            progress=False,
+            log=lambda m: None,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return config, folder / "reference"
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_with_one_or_two_processes(tmp_path, setup):
+    config, reference = setup
+    stopped = tmp_path / "stopped"
+    proc = _start(config, stopped)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"l3d decompose --resume {stopped}" in err
+    epoch = _checkpoint_epoch(stopped)
+    assert 2 <= epoch < SPEC["l3d"]["epochs"], err
+    assert json.loads((stopped / "checkpoint" / "state.json").read_text())["world_size"] == 2
+    assert not (stopped / "decomposition").exists()
+    assert not (stopped / ".lock").exists()
+
+    again = tmp_path / "again"
+    shutil.copytree(stopped, again)
+    _resume(stopped, nproc=1)
+    _assert_same_run(stopped, reference)
+    _resume(again, nproc=2)
+    _assert_same_run(again, reference)
+    records = runs.RunDir(again).metrics_records()
+    assert {r["world_size"] for r in records} == {2}
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_stops_the_job_and_keeps_the_checkpoint(tmp_path, setup):
+    config, reference = setup
+    run_dir = tmp_path / "run"
+    proc = _start(config, run_dir)
+    victim = _rank_pid(proc, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "lost contact with the other ranks" in err, err
+    assert f"l3d decompose --resume {run_dir}" in err
+    assert not (run_dir / "decomposition").exists()
+    state = runs.load_checkpoint(run_dir / "checkpoint")
+    assert state is not None and state["epoch"] >= 2
+    _resume(run_dir, nproc=1)
+    _assert_same_run(run_dir, reference)
+
+
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_other_commands_refuse_torchrun(command, tmp_path, monkeypatch, capsys):
+    """Only `decompose` is distributed: under torchrun the others would each do all the work."""
+    from l3d.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([command, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"l3d {command}: error: `l3d {command}` runs in one process: launch it without torchrun "
+        "(only `l3d decompose` is distributed; see docs/distributed.md)\n"
+    )
