@@ -1,11 +1,13 @@
-"""`l3d report RUN_DIR`: a static HTML report of a run, readable offline (no network, no CDN).
+"""`l3d report RUN_DIR`: a static HTML dashboard of a run, readable offline (no network, no CDN).
 
-index.html with its images in img/ and assets/ beside it: an overview (loss curves, P_act
-histogram, dead subnetworks, config) and one section per subnetwork (V_out heatmaps per tensor,
-top samples or image grids, top logits of both signs, intervention plots), with navigation and
-sorting by P_act. Every string that comes from data, tokenizers or configs is HTML-escaped.
+index.html: the run's numbers, losses, P_act and co-activation, and one sortable, searchable row
+per subnetwork (P_act, mean impact, dead, matched ground-truth unit for toys, an impact sparkline,
+top tokens / labels / features, selectivity). subnetworks/K.html: one page per subnetwork (impact
+histogram, top and quantile examples with whole-context shading, outputs it moves, interventions
+with their noise floor, co-active and similar subnetworks, V_out heatmaps). Every string that
+comes from data, tokenizers or configs is HTML-escaped.
 """
 
-from l3d.report.page import write_report
+from l3d.report.page import headline, write_report
 
-__all__ = ["write_report"]
+__all__ = ["headline", "write_report"]

@@ -1,0 +1,239 @@
+"""The index page: the run at a glance (numbers, losses, P_act, co-activation) and one table row
+per subnetwork, sortable by any numeric column, searchable by its top tokens / labels / features,
+with dead ones hideable. Rows are rendered in P_act order on the server, so the page needs no
+script to be read and an anchor (index.html#subnetwork-3) lands on its row at once."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from l3d import plots
+from l3d.report import svg
+from l3d.report.data import RunData, top_rows, top_terms, unit_name
+from l3d.report.heatmaps import heatmap_png, pool_max_abs
+from l3d.report.html import Assets, e, fmt, img, page, png_size, table
+
+SCRIPT = """
+const body = document.querySelector("#subnetworks tbody");
+const rows = Array.from(body.rows);
+const search = document.getElementById("search");
+const hideDead = document.getElementById("hide-dead");
+const count = document.getElementById("count");
+let sortKey = "pActive", descending = true;
+function value(row) {
+  const v = row.dataset[sortKey];
+  return v === undefined || v === "" ? -Infinity : parseFloat(v);
+}
+function sortRows() {
+  rows.sort((a, b) => (descending ? value(b) - value(a) : value(a) - value(b)));
+  body.append(...rows);
+  document.querySelectorAll("th[data-key]").forEach((th) => {
+    const on = th.dataset.key === sortKey;
+    th.setAttribute("aria-sort", on ? (descending ? "descending" : "ascending") : "none");
+  });
+}
+function filterRows() {
+  const query = search.value.trim().toLowerCase();
+  let shown = 0;
+  for (const row of rows) {
+    const keep = (!query || row.dataset.search.includes(query)) &&
+      !(hideDead.checked && row.dataset.dead === "1");
+    row.hidden = !keep;
+    shown += keep;
+  }
+  count.textContent = shown + " of " + rows.length + " shown";
+}
+document.querySelectorAll("th[data-key]").forEach((th) => {
+  th.addEventListener("click", () => {
+    descending = th.dataset.key === sortKey ? !descending : th.dataset.key !== "index";
+    sortKey = th.dataset.key;
+    sortRows();
+  });
+  th.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      th.click();
+    }
+  });
+});
+search.addEventListener("input", filterRows);
+hideDead.addEventListener("change", filterRows);
+filterRows();
+"""
+
+STYLE = """
+#subnetworks { width: 100%; }
+#subnetworks th[data-key] { cursor: pointer; user-select: none; white-space: nowrap; }
+#subnetworks th[aria-sort="descending"]::after { content: " ▼"; }
+#subnetworks th[aria-sort="ascending"]::after { content: " ▲"; }
+#subnetworks tr:target { background: #fff3c4; }
+#subnetworks td.terms { font-family: ui-monospace, monospace; font-size: 0.8rem;
+                        white-space: pre-wrap; max-width: 28rem; }
+.controls { display: flex; gap: 1.2rem; align-items: center; margin: 0.6rem 0; }
+.controls input[type=search] { width: 18rem; padding: 0.2rem 0.4rem; }
+#subnetworks tbody tr:hover { background: #f4f8ff; }
+#subnetworks tr[data-dead="1"] { color: #999; }
+"""
+
+
+def write_index(
+    data: RunData,
+    coactive: np.ndarray | None,
+    units: list[tuple[int, float]] | None,
+    assets: Assets,
+) -> str:
+    """The HTML of index.html."""
+    p_active = data.p_active
+    ev = data.meta["evaluation"]
+    n_dead = int((p_active == 0).sum())
+    overview: dict[str, object] = {
+        "subnetworks": f"{data.n_v} ({n_dead} dead)",
+        "loss (paper, eq. 8)": fmt(ev["loss_paper"]),
+        "loss (pooled squared)": fmt(ev["loss_pooled_squared"]),
+        "evaluated samples": ev["n_samples"],
+        "epochs run": len(data.records),
+        "tensors": ", ".join(
+            f"{n} {tuple(s)} rank {data.meta['ranks'][n]}" for n, s in data.meta["shapes"].items()
+        ),
+    }
+    summary = data.summary
+    if summary:
+        median = summary.get("median_intervention_selectivity")
+        overview["analysed samples"] = summary.get("n_samples")
+        overview["median intervention selectivity"] = (
+            "not measurable (below noise)" if median is None else fmt(median)
+        )
+        if "purity" in summary:
+            overview["top-sample label purity"] = fmt(summary["purity"])
+    plots_html = [
+        _figure(assets, "loss_curves.png", plots.loss_curves_figure(data.records), "losses")
+        if data.records
+        else "<p>no metrics logged</p>",
+        _figure(
+            assets,
+            "p_active.png",
+            plots.p_active_figure(p_active, histogram=True),
+            "P_act: histogram and per subnetwork",
+        ),
+    ]
+    first = [table(overview)]
+    if coactive is not None:
+        matrix = pool_max_abs(coactive)
+        # A whole-pixel zoom keeps cells crisp: up to 32 px a cell, about 400 px a side at most.
+        side = matrix.shape[0] * min(32, max(1, 400 // matrix.shape[0]))
+        src = assets.png("coactivation.png", heatmap_png(coactive, 1.0))
+        pooled = " (max pooled)" if matrix.shape != coactive.shape else ""
+        first.append(
+            f'<figure><div class="row">{img(src, "co-activation", (side, side), "pixel")}'
+            f"{svg.colour_bar(-1.0, 1.0, side)}</div><figcaption>co-activation: cosine of "
+            f"two subnetworks' impact over samples,<br>subnetworks by index{pooled}</figcaption>"
+            "</figure>"
+        )
+    notes = "".join(f'<p class="note">{e(n)}</p>' for n in data.notes)
+    run_config = data.run.config
+    config_text = run_config.read_text() if run_config.is_file() else data.config.to_yaml()
+    body = (
+        f"<h1>{e(_title(data))}</h1>{notes}"
+        f'<div class="row">{"".join(first)}</div>'
+        f'<div class="row">{"".join(plots_html)}</div>'
+        f"<h2>Subnetworks</h2>{_table(data, units)}"
+        f"<details><summary>config</summary><pre>{e(config_text)}</pre></details>"
+    )
+    header = f"<strong>{e(_title(data))}</strong><span>{data.n_v} subnetworks</span>"
+    return page(_title(data), header, body, SCRIPT, STYLE)
+
+
+def _title(data: RunData) -> str:
+    return f"L3D report: {data.run.path.resolve().name}"
+
+
+def _figure(assets: Assets, name: str, figure: Figure, caption: str) -> str:
+    data = plots.png(figure)
+    src = assets.png(name, data)
+    # Shown at 70 %: both run-level plots then fit beside each other on a laptop screen.
+    width, height = png_size(data)
+    size = (round(0.7 * width), round(0.7 * height))
+    return f"<figure>{img(src, caption, size)}<figcaption>{e(caption)}</figcaption></figure>"
+
+
+def _table(data: RunData, units: list[tuple[int, float]] | None) -> str:
+    has_impact = data.impact is not None
+    # (sort key, title, numeric): numeric columns are right-aligned like their cells.
+    columns = [("index", "#", True), ("pActive", "P_act", True)]
+    if has_impact:
+        columns += [("impact", "mean impact", True)]
+    columns += [("dead", "dead", False)]
+    if units is not None:
+        columns += [("unitShare", "matched unit", False)]
+    if has_impact:
+        columns += [("", "impact histogram", False), ("", _terms_header(data), False)]
+    if data.summary:
+        columns += [("selectivity", "selectivity", True)]
+    head = "".join(_th(key, title, numeric) for key, title, numeric in columns)
+    order = np.argsort(-data.p_active, kind="stable")
+    rows = [_row(data, int(k), units) for k in order]
+    return (
+        '<div class="controls"><input type="search" id="search" placeholder="search top '
+        'tokens, labels, features, #index" aria-label="search"><label><input type="checkbox" '
+        'id="hide-dead"> hide dead</label><span id="count"></span></div>'
+        f'<table id="subnetworks"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
+        "</table>"
+    )
+
+
+def _th(key: str, title: str, numeric: bool) -> str:
+    sort = f' data-key="{key}" tabindex="0"' if key else ""  # sortable, also by keyboard
+    if key == "pActive":  # the order the rows are written in
+        sort += ' aria-sort="descending"'
+    align = ' class="num"' if numeric else ""
+    return f"<th{sort}{align}>{e(title)}</th>"
+
+
+def _terms_header(data: RunData) -> str:
+    samples = data.samples
+    if samples is None:
+        return "top samples"
+    if samples.kind == "text":
+        return "top tokens"
+    if samples.labels is not None:
+        return "top labels"
+    return "top features" if samples.kind == "vector" else "top samples"
+
+
+def _row(data: RunData, k: int, units: list[tuple[int, float]] | None) -> str:
+    p = float(data.p_active[k])
+    dead = p == 0
+    entry = data.entry(k)
+    attrs = {"index": str(k), "p-active": f"{p:.6g}", "dead": "1" if dead else "0"}
+    cells = [
+        f'<td class="num"><a href="subnetworks/{k}.html">#{k}</a></td>',
+        f'<td class="num">{fmt(p)}</td>',
+    ]
+    search = [f"#{k}"]
+    if data.impact is not None:
+        column = data.impact[:, k]
+        attrs["impact"] = f"{float(column.mean()):.6g}"
+        cells.append(f'<td class="num">{fmt(float(column.mean()))}</td>')
+    cells.append(f"<td>{'<span class=dead>dead</span>' if dead else ''}</td>")
+    if units is not None and data.units is not None:
+        u, share = units[k]
+        name = unit_name(data.units, u)
+        attrs["unit-share"] = f"{share:.6g}"
+        search.append(name)
+        cells.append(f"<td>{e(name)} <span class=note>{100 * share:.0f}%</span></td>")
+    if data.impact is not None:
+        column = data.impact[:, k]
+        terms = top_terms(data, top_rows(column, 10)) if column.max() > 0 else []
+        search += terms
+        cells.append(f"<td>{svg.sparkline(column)}</td>")
+        cells.append(f'<td class="terms">{" ".join(f"[{e(t)}]" for t in terms)}</td>')
+    if data.summary:
+        effect = entry.get("intervention") or {}
+        selectivity = effect.get("selectivity")
+        attrs["selectivity"] = "" if selectivity is None else f"{float(selectivity):.6g}"
+        shown = "below noise" if effect and selectivity is None else fmt(selectivity)
+        cells.append(f'<td class="num">{shown}</td>')
+    attrs["search"] = " ".join(search).lower()
+    data_attrs = " ".join(f'data-{key}="{e(value)}"' for key, value in attrs.items())
+    return f'<tr class="subnetwork" id="subnetwork-{k}" {data_attrs}>{"".join(cells)}</tr>'
