@@ -1,0 +1,118 @@
+"""What the finetuning demos share: every edit method in one harness (l3d.finetuning's), evaluated
+along its training steps, and the summary of a trade-off at a constraint.
+
+Methods: L3D scalars (alpha along the chosen subnetworks), L3D factors (alpha and their factors),
+random directions of the same ranks (the control: the adapter form without the subnetworks), LoRA
+rank 1 and 4 through peft on the same tensors, and full finetuning of the same tensors. Each gets
+the same data, objective, steps and Adam optimiser, and a grid of learning rates of the same size:
+the adapters that train only alpha (a few numbers moving along unit-norm directions of a block
+whose norm is ~10) get their own grid (`alpha_lrs`), the others share `lrs`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from l3d.decomposition import Decomposition
+from l3d.finetuning import Edit, Objective, baseline, finetune
+
+METHODS = ("l3d_scalars", "l3d_factors", "random_directions", "lora_r1", "lora_r4", "full")
+LABELS = {
+    "l3d_scalars": "L3D scalars",
+    "l3d_factors": "L3D factors",
+    "random_directions": "random directions",
+    "lora_r1": "LoRA r1",
+    "lora_r4": "LoRA r4",
+    "full": "full FT",
+}
+SCALAR_METHODS = ("l3d_scalars", "random_directions")
+Evaluate = Callable[[Edit], dict[str, float]]
+
+
+def learning_rates(method: str, lrs: str, alpha_lrs: str) -> list[float]:
+    """The learning-rate grid of a method, from comma-separated command-line values."""
+    return [float(v) for v in (alpha_lrs if method in SCALAR_METHODS else lrs).split(",")]
+
+
+def run_method(
+    method: str,
+    decomposition: Decomposition,
+    data: object,
+    *,
+    subnetworks: Sequence[int],
+    objective: Objective,
+    steps: int,
+    lr: float,
+    seed: int,
+    evaluate: Evaluate,
+    eval_every: int,
+    retain: object | None = None,
+    retain_weight: float = 1.0,
+    batch_size: int | None = None,
+) -> dict:
+    """Train one method and evaluate it every `eval_every` steps: {method, lr, seed,
+    n_trainable, seconds, curve: [{step, **evaluate(edit)}], delta_norm}."""
+    curve: list[dict] = []
+
+    def record(step: int, edit: Edit) -> None:
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                curve.append({"step": step, **evaluate(edit)})
+
+    def train(edit_fn: Callable[..., Edit], **options: Any) -> Edit:
+        return edit_fn(
+            decomposition,
+            data,
+            objective=objective,
+            steps=steps,
+            lr=lr,
+            retain=retain,
+            retain_weight=retain_weight,
+            batch_size=batch_size,
+            seed=seed,
+            progress=False,
+            callback=record,
+            **options,
+        )
+
+    start = time.perf_counter()
+    if method in ("l3d_scalars", "l3d_factors", "random_directions"):
+        directions = None
+        if method == "random_directions":
+            directions = decomposition.subnetworks.v_out.random_like(10_000 + seed)
+        mode = "factors" if method == "l3d_factors" else "scalars"
+        edit = train(finetune, subnetworks=subnetworks, train=mode, directions=directions)
+    elif method.startswith("lora_r"):
+        edit = train(baseline, method="lora", rank=int(method.removeprefix("lora_r")))
+    else:
+        edit = train(baseline, method="full")
+    with torch.no_grad():
+        delta_norm = sum(n**2 for n in edit.delta_norms().values()) ** 0.5
+    return {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "n_trainable": edit.n_trainable,
+        "seconds": time.perf_counter() - start,
+        "curve": curve,
+        "delta_norm": delta_norm,
+    }
+
+
+def best_under(
+    runs: list[dict], method: str, seed: int, score: str, constraint: Callable[[dict], bool]
+) -> dict | None:
+    """The evaluated checkpoint of `method` and `seed` (over its learning rates and steps) with
+    the highest `score` among those meeting `constraint`, with its lr; None if none does."""
+    best = None
+    for run in runs:
+        if run["method"] != method or run["seed"] != seed:
+            continue
+        for point in run["curve"]:
+            if constraint(point) and (best is None or point[score] > best[score]):
+                best = {**point, "lr": run["lr"]}
+    return best

@@ -1,0 +1,236 @@
+"""Finetuning along subnetworks on the synthetic multi-task transformer: remove one task (push its
+answer predictions to the uniform distribution, so its answer loss rises towards chance) while
+keeping the other tasks' accuracy, moving the weights only along the subnetworks selected by
+impact on that task's samples. Compared with LoRA rank 1 and 4, full finetuning of the same block
+and random directions, each over the same learning rates, steps and retain term.
+
+The trade-off curve is the removed task's answer loss against the other tasks' answer accuracy
+(relative to the frozen model's) at every evaluated step; the summary takes, per method and seed,
+the largest target loss at retain accuracy >= 0.99 of the frozen model's.
+
+    python -m l3d.demos.finetune_transformer --out runs/finetune-transformer --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import l3d
+from l3d import plots
+from l3d.config import L3DConfig
+from l3d.decomposition import Decomposition
+from l3d.demos import synthetic_transformer as st
+from l3d.demos.finetune_common import LABELS, METHODS, best_under, learning_rates, run_method
+from l3d.finetuning import IGNORE, Edit, contrast_subnetworks
+from l3d.io import load_tensors, save_tensors, write_json
+
+RETAIN_FRACTION = 0.99
+
+
+def trained_model(seed: int, steps: int, folder: Path) -> nn.Module:
+    """The demo's transformer trained on all four tasks, cached in `folder`."""
+    model = st.build_model(seed)
+    path = folder / "model.safetensors"
+    if path.is_file():
+        model.load_state_dict(load_tensors(path, "cached model"))
+        return model.eval()
+    st.train(model, steps, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Clones: the tied embedding and output matrices share memory, which safetensors refuses.
+    save_tensors(path, {k: v.clone() for k, v in model.state_dict().items()})
+    return model.eval()
+
+
+def decomposition_for(
+    model: nn.Module, data: dict[str, Tensor], seed: int, epochs: int, folder: Path
+) -> Decomposition:
+    """The synthetic-transformer demo's decomposition of attention block 1 (per-token KL), cached
+    in `folder`."""
+    if (folder / "decomposition.json").is_file():
+        return l3d.load(folder, model)
+    config = L3DConfig.create(
+        params=st.BLOCK,
+        n_subnetworks=16,
+        rank=4,
+        top_k=0.1,
+        divergence="kl",
+        per_token=True,
+        batch_size=16,
+        lr=0.005,
+        epochs=epochs,
+        warm_start_epochs=min(2, epochs // 5),
+        seed=seed,
+    )
+    decomposition = l3d.run(model, data, config)
+    decomposition.save(folder)
+    return decomposition
+
+
+def next_token_labels(data: dict[str, Tensor], answer: Tensor) -> Tensor:
+    """(n, seq) the next token at answer positions, IGNORE elsewhere."""
+    labels = torch.full_like(data["input_ids"], IGNORE)
+    labels[:, :-1] = torch.where(answer[:, :-1], data["input_ids"][:, 1:], IGNORE)
+    return labels
+
+
+def evaluation(data: dict[str, Tensor], tasks: Tensor, answer: Tensor, forget: int, frozen: dict):
+    """Answer loss and accuracy of the forgotten task and mean answer accuracy of the others
+    (relative to the frozen model's) on held-out sequences."""
+    labels = next_token_labels(data, answer)
+    target_rows = (tasks == forget)[:, None] & (labels != IGNORE)
+    retain_rows = [(tasks == t)[:, None] & (labels != IGNORE) for t in range(len(st.TASKS))]
+
+    def measure(logits: Tensor) -> dict[str, float]:
+        ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        correct = (logits.argmax(-1) == labels).float()
+        others = [float(correct[rows].mean()) for t, rows in enumerate(retain_rows) if t != forget]
+        return {
+            "target_loss": float(ce[target_rows].mean()),
+            "target_accuracy": float(correct[target_rows].mean()),
+            "retain_accuracy": sum(others) / len(others),
+        }
+
+    def evaluate(edit: Edit) -> dict[str, float]:
+        result = measure(edit.forward(data))
+        result["retain_ratio"] = result["retain_accuracy"] / frozen["retain_accuracy"]
+        return result
+
+    return measure, evaluate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", default="0", help="model, data and decomposition seeds")
+    parser.add_argument("--forget", default="count", choices=st.TASKS, help="the task to remove")
+    parser.add_argument("--n-subnetworks", type=int, default=3, help="subnetworks to move along")
+    parser.add_argument("--train-steps", type=int, default=3000, help="transformer training")
+    parser.add_argument("--epochs", type=int, default=40, help="L3D epochs")
+    parser.add_argument("--n-per-task", type=int, default=100, help="sequences per task")
+    parser.add_argument("--steps", type=int, default=100, help="finetuning steps")
+    parser.add_argument("--lrs", default="0.01,0.03,0.1")
+    parser.add_argument("--alpha-lrs", default="0.03,0.1,0.3", help="lrs of alpha-only adapters")
+    parser.add_argument("--retain-weight", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=128, help="rows per finetuning step")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    forget = st.TASKS.index(args.forget)
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
+    runs: list[dict] = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        folder = args.out / f"seed{seed}"
+        start = time.perf_counter()
+        model = trained_model(seed, args.train_steps, folder)
+        data, _, _ = st.dataset(args.n_per_task, seed=seed + 1)
+        decomposition = decomposition_for(model, data, seed, args.epochs, folder / "decomposition")
+        prepare_seconds = time.perf_counter() - start
+        # Finetuning data: fresh sequences; evaluation: other fresh ones.
+        tune, tune_tasks, tune_answer = st.dataset(args.n_per_task // 2, seed=seed + 2)
+        is_target = tune_tasks == forget
+        target = {k: v[is_target] for k, v in tune.items()}
+        retain = {k: v[~is_target] for k, v in tune.items()}
+        labels = next_token_labels(target, tune_answer[is_target])
+        # Subnetworks by impact on the target task's answer tokens over the other tasks' ones.
+        chosen = contrast_subnetworks(
+            decomposition,
+            target,
+            retain,
+            args.n_subnetworks,
+            target_samples=tune_answer[is_target][target["attention_mask"].bool()],
+            retain_samples=tune_answer[~is_target][retain["attention_mask"].bool()],
+        )
+        held, held_tasks, held_answer = st.dataset(args.n_per_task, seed=seed + 3)
+        measure, _ = evaluation(held, held_tasks, held_answer, forget, {})
+        with torch.no_grad():
+            frozen = measure(model(**held).logits)
+        _, evaluate = evaluation(held, held_tasks, held_answer, forget, frozen)
+        results["seeds"][seed] = {
+            "subnetworks": chosen,
+            "frozen": frozen,
+            "chance_loss": math.log(st.VOCAB),
+            "prepare_seconds": prepare_seconds,
+            "p_active": decomposition.p_active.tolist(),
+        }
+        print(f"seed {seed}: frozen {frozen}; subnetworks {chosen}")
+        for method in args.methods.split(","):
+            for lr in learning_rates(method, args.lrs, args.alpha_lrs):
+                run = run_method(
+                    method,
+                    decomposition,
+                    (target, labels),
+                    subnetworks=chosen,
+                    objective="forget",
+                    steps=args.steps,
+                    lr=lr,
+                    seed=seed,
+                    evaluate=evaluate,
+                    eval_every=max(1, args.steps // 20),
+                    retain=retain,
+                    retain_weight=args.retain_weight,
+                    batch_size=args.batch_size,
+                )
+                runs.append(run)
+                end = run["curve"][-1]
+                print(
+                    f"seed {seed} {LABELS[method]:18s} lr {lr:<5g} params {run['n_trainable']:6d}"
+                    f"  target loss {end['target_loss']:.3f} acc {end['target_accuracy']:.3f}"
+                    f"  retain ratio {end['retain_ratio']:.4f}  ({run['seconds']:.0f} s)"
+                )
+    results["runs"] = runs
+    results["summary"] = summarize(runs, args.methods.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "results.json", results)
+    figure = plots.finetune_tradeoff_figure(
+        runs,
+        x="retain_ratio",
+        y="target_loss",
+        labels={m: LABELS[m] for m in args.methods.split(",")},
+        xlabel="other tasks' answer accuracy / frozen model's",
+        ylabel=f"answer loss of '{args.forget}' (chance {math.log(st.VOCAB):.2f})",
+        ylog=False,
+    )
+    plots.save(figure, args.out / "tradeoff.png")
+    for row in results["summary"]:
+        print(row["line"])
+    return results
+
+
+def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
+    """Per method and seed: the largest target loss among checkpoints (over learning rates and
+    steps) whose retain accuracy is >= RETAIN_FRACTION of the frozen model's."""
+    rows = []
+    for seed in sorted({r["seed"] for r in runs}):
+        for method in methods:
+            best = best_under(
+                runs, method, seed, "target_loss", lambda p: p["retain_ratio"] >= RETAIN_FRACTION
+            )
+            n = next(r["n_trainable"] for r in runs if r["method"] == method)
+            found = (
+                f"target loss {best['target_loss']:.3f} (acc {best['target_accuracy']:.3f}, "
+                f"retain {best['retain_ratio']:.4f}, lr {best['lr']:g}, step {best['step']})"
+                if best
+                else "no checkpoint keeps the retain accuracy"
+            )
+            rows.append(
+                {
+                    "seed": seed,
+                    "method": method,
+                    "n_trainable": n,
+                    "best": best,
+                    "line": f"seed {seed} {LABELS[method]:18s} params {n:6d}  {found}",
+                }
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,736 @@
+"""Finetuning along subnetworks (paper Section 4.2 "Finetuning", Appendix B.2): freeze W0 and learn
+an adapter W = W0 + sum_k alpha_k v_k over a few chosen subnetworks v_k (V_out directions), so that
+an edit moves the weights only along the handles a behaviour uses.
+
+`finetune` trains an `Adapter` (the scalars alpha, initialised at 0, and optionally the chosen
+subnetworks' low-rank factors, rank kept); `baseline` trains the comparisons in the same harness
+(same data, objective, steps and Adam optimiser): LoRA of rank r on the same tensors through the
+`peft` library, and full finetuning of the same tensors. The random-direction control is
+`finetune(..., directions=decomposition.subnetworks.v_out.random_like(seed))`.
+
+An adapter saves to a folder (adapter.json + adapter.safetensors through `l3d.io`; nothing is
+pickled), applies itself as a context manager or a permanent merge (unmerge restores the W0 copy it
+keeps, bit for bit) and reports how far it moved each tensor (||Delta W||).
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from l3d import io
+from l3d.core.divergences import Divergence
+from l3d.core.model import Target, output_tensor
+from l3d.core.samples import (
+    SAMPLE_MASK,
+    Inputs,
+    SampleRows,
+    batch_size_of,
+    describe_inputs,
+    take,
+    to_device,
+)
+from l3d.core.subnetworks import Subnetworks
+from l3d.decomposition import Decomposition
+from l3d.errors import L3DError
+
+Train = Literal["scalars", "factors"]
+Objective = Literal["labels", "forget"] | Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[int, "Edit"], None]
+
+IGNORE = -100
+"""Integer label of positions that the objective skips (as torch's cross_entropy)."""
+
+ADAPTER_FORMAT = 1
+ADAPTER_FILES = ("adapter.json", "adapter.safetensors")
+
+
+# Data and objectives --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Labelled:
+    """Inputs with a label per output row: integer class / next-token ids shaped like the outputs
+    without their last axis ((n,) for a classifier, (n, seq) for a language model; IGNORE where
+    nothing is scored), or float targets shaped like the outputs (regression)."""
+
+    inputs: Inputs
+    labels: Tensor
+
+    @classmethod
+    def of(cls, data: object) -> Labelled:
+        if isinstance(data, Labelled):
+            return data
+        if (
+            isinstance(data, (tuple, list))
+            and len(data) == 2
+            and isinstance(data[1], Tensor)
+            and isinstance(data[0], (Tensor, dict))
+        ):
+            return cls(data[0], data[1])
+        raise L3DError(
+            f"finetuning data is a {type(data).__name__}; pass (inputs, labels): a tensor or dict "
+            "of inputs and a tensor of labels (class ids, next-token ids or float targets)"
+        )
+
+
+def objective_loss(objective: Objective, outputs: Tensor, labels: Tensor) -> Tensor:
+    """The objective on a batch of outputs (n, ..., n_out) and labels (n, ...) or (n, ..., n_out):
+    'labels', the model's own loss to the given labels (cross-entropy for ids, mean squared error
+    for float targets); 'forget', cross-entropy to the uniform distribution at the labelled
+    positions (its minimum is chance, log n_classes: the bounded way to raise a behaviour's
+    loss); or a callable (outputs, labels) -> scalar."""
+    if callable(objective):
+        return objective(outputs, labels)
+    if labels.is_floating_point():
+        if objective == "forget":
+            raise L3DError(
+                "objective 'forget' needs integer labels (the positions to forget); for float "
+                "outputs use objective='labels' with the reference outputs as labels"
+            )
+        return F.mse_loss(outputs, labels)
+    scored = labels != IGNORE
+    logits = outputs[scored]
+    if objective == "labels":
+        return F.cross_entropy(logits, labels[scored])
+    return -F.log_softmax(logits, dim=-1).mean()
+
+
+def _check_objective(objective: object) -> None:
+    if not callable(objective) and objective not in ("labels", "forget"):
+        raise L3DError(
+            f"unknown objective {objective!r}: use 'labels', 'forget' or a callable "
+            "(outputs, labels) -> loss"
+        )
+
+
+def retain_distance(
+    divergence: Divergence, moved: Tensor, base: Tensor, inputs: Inputs, per_token: bool
+) -> Tensor:
+    """Mean over the retain samples of the decomposition's intervention distance between the
+    edited and the frozen outputs: KL(p(W0) || p(W)) for 'kl', the mean squared change
+    otherwise (the same measure as `Decomposition.output_change`)."""
+    rows = SampleRows.of(inputs, per_token)
+    moved_rows, base_rows = rows.rows(moved).flatten(1), rows.rows(base).flatten(1)
+    return divergence.distance(moved_rows, base_rows).mean()
+
+
+# The edits: adapter and baselines ---------------------------------------------------------------
+class Edit(ABC):
+    """A trainable change of the decomposed tensors, run by the shared harness (`train_edit`)."""
+
+    names: list[str]
+    history: list[dict]
+    """One record per training step: step, objective, retain_distance (with retain data), loss."""
+
+    @abstractmethod
+    def forward(self, inputs: Inputs) -> Tensor:
+        """The edited model's batch-first outputs, differentiable in `trainable()`."""
+
+    @abstractmethod
+    def trainable(self) -> list[Tensor]:
+        """The tensors the optimiser updates."""
+
+    @abstractmethod
+    def delta(self) -> dict[str, Tensor]:
+        """Delta W = W - W0 per decomposed tensor, shaped like it."""
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable())
+
+    @torch.no_grad()
+    def delta_norms(self) -> dict[str, float]:
+        """||Delta W||_F per decomposed tensor: how far the edit moved each."""
+        return {n: float(d.norm()) for n, d in self.delta().items()}
+
+
+class Adapter(Edit):
+    """W = W0 + sum_k alpha_k v_k over chosen subnetworks (Appendix B.2).
+
+    directions: a Subnetworks over the decomposed tensors (V_out of a decomposition, or random
+    directions for the control); only the rows `subnetworks` are kept, cast to W0's dtype.
+    train: 'scalars' learns alpha only (one number per subnetwork); 'factors' also learns the
+    chosen subnetworks' CP/Tucker factors, their rank kept.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        directions: Subnetworks,
+        subnetworks: Sequence[int],
+        train: Train = "scalars",
+    ) -> None:
+        if train not in ("scalars", "factors"):
+            raise L3DError(f"unknown train mode {train!r}: use 'scalars' or 'factors'")
+        self.subnetworks = _check_selection(subnetworks, directions.n_subnetworks)
+        self.train = train
+        self.target = Target.create(model, directions.names)
+        self.names = self.target.names
+        if self.names != directions.names or self.target.shapes != directions.shapes:
+            raise L3DError(
+                f"the directions' tensors {directions.shapes} are not the model's "
+                f"{self.target.shapes} (names, order, shapes): build them over the model's tensors"
+            )
+        w0 = next(iter(self.target.w0.values()))
+        self.directions = _rows(directions, self.subnetworks).to(w0.device, w0.dtype)
+        self.directions.requires_grad_(train == "factors")
+        self.alpha = torch.zeros(len(self.subnetworks), dtype=w0.dtype, device=w0.device)
+        self.alpha.requires_grad_(True)
+        self.merged = False
+        self.history = []
+
+    def trainable(self) -> list[Tensor]:
+        factors = list(self.directions.parameters()) if self.train == "factors" else []
+        return [self.alpha, *factors]
+
+    def delta(self) -> dict[str, Tensor]:
+        # (k, *shape) dense directions of the few chosen subnetworks, combined by alpha (k,).
+        dense = self.directions.materialize()
+        return {n: torch.einsum("k,k...->...", self.alpha, dense[n]) for n in self.names}
+
+    def weights(self) -> dict[str, Tensor]:
+        """W0 + Delta W per decomposed tensor."""
+        return {n: w + d for (n, w), d in zip(self.target.w0.items(), self.delta().values())}
+
+    def forward(self, inputs: Inputs) -> Tensor:
+        """f(inputs, W0 + sum_k alpha_k v_k), differentiable in the adapter's parameters."""
+        return self.target.forward(inputs, self.weights())
+
+    @property
+    def model(self) -> nn.Module:
+        return self.target.model
+
+    @contextmanager
+    def applied(self) -> Iterator[nn.Module]:
+        """The model with the adapter merged inside the block, W0 restored after."""
+        self.merge()
+        try:
+            yield self.model
+        finally:
+            self.unmerge()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write W0 + Delta W into the model's parameters (permanent until `unmerge`)."""
+        if self.merged:
+            raise L3DError("the adapter is already merged: unmerge() it first")
+        params = dict(self.model.named_parameters())
+        for name, w in self.weights().items():
+            params[name].copy_(w)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the model's parameters to the W0 copy taken when the adapter was made."""
+        if not self.merged:
+            raise L3DError("the adapter is not merged: nothing to unmerge")
+        params = dict(self.model.named_parameters())
+        for name, w0 in self.target.w0.items():
+            params[name].copy_(w0)
+        self.merged = False
+
+    # Persistence -------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """adapter.json (format, tensors, shapes, subnetworks, train mode, ranks, the W0
+        fingerprint, ||Delta W||, history) and adapter.safetensors (alpha, factors)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"alpha": self.alpha.detach()}
+        tensors |= {f"directions.{k}": v.detach() for k, v in self.directions.state_dict().items()}
+        io.save_tensors(directory / ADAPTER_FILES[1], tensors)
+        meta = {
+            "format_version": ADAPTER_FORMAT,
+            "names": self.names,
+            "shapes": {n: list(s) for n, s in self.target.shapes.items()},
+            "subnetworks": self.subnetworks,
+            "train": self.train,
+            "factorization": self.directions.factorization,
+            "ranks": self.directions.ranks,
+            "w0_fingerprint": io.fingerprint(self.target.w0),
+            "n_trainable": self.n_trainable,
+            "delta_norms": self.delta_norms(),
+            "history": self.history,
+        }
+        io.write_json(directory / ADAPTER_FILES[0], meta)
+        return directory
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, model: nn.Module, *, allow_other_weights: bool = False
+    ) -> Adapter:
+        """An adapter saved by `save`, against `model` at the W0 it was trained on (its tensors'
+        fingerprint must match unless allow_other_weights=True)."""
+        directory = Path(directory)
+        meta = io.read_json(directory / ADAPTER_FILES[0], "adapter description")
+        tensors = io.load_tensors(directory / ADAPTER_FILES[1], "adapter weights")
+        if meta.get("format_version") != ADAPTER_FORMAT or "alpha" not in tensors:
+            raise L3DError(f"{directory} is not an l3d adapter folder: re-create it with save()")
+        params = dict(model.named_parameters())
+        shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+        wrong = [n for n, s in shapes.items() if n not in params or tuple(params[n].shape) != s]
+        if wrong:
+            raise L3DError(
+                f"the adapter in {directory} does not fit this model: {', '.join(wrong)} missing "
+                "or shaped otherwise; load it with the model it was trained on"
+            )
+        now = io.fingerprint({n: params[n] for n in shapes})
+        other = [n for n in shapes if meta["w0_fingerprint"][n]["sha256"] != now[n]["sha256"]]
+        if other and not allow_other_weights:
+            raise L3DError(
+                f"the adapter in {directory} was trained on other weights ({', '.join(other)} "
+                "differ; merged already?): load it with the model at its W0, or pass "
+                "allow_other_weights=True"
+            )
+        n_sel = len(meta["subnetworks"])
+        directions = Subnetworks(shapes, n_sel, meta["ranks"], meta["factorization"])
+        prefix = "directions."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            directions.load_state_dict(state)
+        except RuntimeError:
+            raise L3DError(
+                f"{directory}/adapter.safetensors does not match adapter.json (other tensor names "
+                "or shapes): re-create the adapter with save()"
+            ) from None
+        adapter = cls(model, directions, list(range(n_sel)), meta["train"])
+        adapter.subnetworks = list(meta["subnetworks"])
+        with torch.no_grad():
+            adapter.alpha.copy_(tensors["alpha"])
+        adapter.history = meta["history"]
+        return adapter
+
+
+class Baseline(Edit):
+    """A comparison edit of the same tensors: LoRA of rank r through `peft` (on a copy of the
+    model: the adapter layers replace the targeted modules), or full finetuning (every entry of
+    the decomposed tensors trained)."""
+
+    def __init__(self, model: nn.Module, names: list[str], method: str, rank: int = 4) -> None:
+        self.method = method
+        self.rank = rank
+        self.names = names
+        self.history = []
+        self.target = Target.create(model, names)
+        if method == "full":
+            self.weights = {n: w.clone().requires_grad_(True) for n, w in self.target.w0.items()}
+            return
+        if method != "lora":
+            raise L3DError(f"unknown baseline {method!r}: use 'lora' or 'full'")
+        from peft import LoraConfig, inject_adapter_in_model
+
+        modules = dict(model.named_modules())
+        # LoRA adapts weight matrices of Linear / Conv / Embedding modules; biases and norm
+        # scales among the decomposed tensors stay at W0 (their share of the edit is L3D's alone).
+        self.lora_modules = [
+            n.removesuffix(".weight")
+            for n in names
+            if n.endswith(".weight")
+            and isinstance(
+                modules[n.removesuffix(".weight")], (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
+            )
+            and getattr(modules[n.removesuffix(".weight")], "groups", 1) == 1
+        ]
+        if not self.lora_modules:
+            raise L3DError(
+                f"LoRA needs a Linear, Conv or Embedding weight among the tensors {names}"
+            )
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=self.lora_modules
+        )
+        self.lora_model = inject_adapter_in_model(config, copy.deepcopy(model)).eval()
+        for name, p in self.lora_model.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def forward(self, inputs: Inputs) -> Tensor:
+        if self.method == "full":
+            return self.target.forward(inputs, self.weights)
+        args = (inputs,) if isinstance(inputs, Tensor) else ()
+        kwargs = {} if isinstance(inputs, Tensor) else dict(inputs)
+        kwargs.pop(SAMPLE_MASK, None)
+        return output_tensor(self.lora_model(*args, **kwargs))
+
+    def trainable(self) -> list[Tensor]:
+        if self.method == "full":
+            return list(self.weights.values())
+        return [p for p in self.lora_model.parameters() if p.requires_grad]
+
+    def delta(self) -> dict[str, Tensor]:
+        if self.method == "full":
+            return {n: self.weights[n] - self.target.w0[n] for n in self.names}
+        modules = dict(self.lora_model.named_modules())
+        delta = {n: torch.zeros_like(w) for n, w in self.target.w0.items()}
+        for name in self.lora_modules:
+            delta[f"{name}.weight"] = modules[name].get_delta_weight("default")
+        return delta
+
+
+# Selection ------------------------------------------------------------------------------------
+def _check_selection(subnetworks: Sequence[int], n_subnetworks: int) -> list[int]:
+    chosen = list(subnetworks)
+    if not chosen:
+        raise L3DError(
+            "no subnetworks selected: pass indices, e.g. subnetworks=[0, 3], or choose them with "
+            "top_subnetworks(...) or contrast_subnetworks(...)"
+        )
+    bad: list[object] = [
+        k
+        for k in chosen
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n_subnetworks
+    ]
+    if bad:
+        raise L3DError(
+            f"subnetwork index {bad[0]!r} out of range: use ints in 0..{n_subnetworks - 1}"
+        )
+    if len(set(chosen)) != len(chosen):
+        raise L3DError(f"subnetworks {chosen} repeat an index: list each subnetwork once")
+    return chosen
+
+
+def _rows(directions: Subnetworks, rows: list[int]) -> Subnetworks:
+    """A copy of `directions` holding only the given subnetworks (same tensors, ranks, form)."""
+    kept = Subnetworks(directions.shapes, len(rows), directions.ranks, directions.factorization)
+    index = torch.tensor(rows)
+    with torch.no_grad():
+        for mine, theirs in zip(kept.parameters(), directions.parameters()):
+            mine.copy_(theirs.detach()[index.to(theirs.device)].cpu())
+    return kept
+
+
+def _mean_impact(
+    decomposition: Decomposition, inputs: Inputs, samples: Tensor | None, n_references: int
+) -> Tensor:
+    impact = decomposition.impact(inputs, n_references=n_references)  # (n_samples, n_v)
+    return (impact if samples is None else impact[samples.cpu()]).mean(0)
+
+
+def top_subnetworks(
+    decomposition: Decomposition,
+    inputs: Inputs,
+    n: int,
+    *,
+    samples: Tensor | None = None,
+    n_references: int = 10,
+) -> list[int]:
+    """The n subnetworks of largest mean impact (eq. 10-11) on `inputs`: the subnetworks this
+    behaviour uses. samples: a bool mask or indices of the impact's sample rows to average over
+    (e.g. only answer tokens), default all."""
+    score = _mean_impact(decomposition, inputs, samples, n_references)
+    return [int(k) for k in score.argsort(descending=True)[:n]]
+
+
+def contrast_subnetworks(
+    decomposition: Decomposition,
+    target: Inputs,
+    retain: Inputs,
+    n: int,
+    *,
+    target_samples: Tensor | None = None,
+    retain_samples: Tensor | None = None,
+    n_references: int = 10,
+) -> list[int]:
+    """The n subnetworks whose mean impact on `target` exceeds that on `retain` the most: used by
+    the behaviour to change, little by the behaviour to keep."""
+    on_target = _mean_impact(decomposition, target, target_samples, n_references)
+    on_retain = _mean_impact(decomposition, retain, retain_samples, n_references)
+    return [int(k) for k in (on_target - on_retain).argsort(descending=True)[:n]]
+
+
+def select_subnetworks(
+    decomposition: Decomposition,
+    how: Sequence[str],
+    target: Inputs,
+    retain: Inputs | None = None,
+) -> list[int]:
+    """Subnetworks from a command line: indices ('0', '3'), 'top:N' (the N of largest impact on
+    `target`) or 'contrast:N' (largest impact on `target` over that on `retain`)."""
+    if len(how) == 1 and ":" in how[0]:
+        rule, _, count = how[0].partition(":")
+        if rule not in ("top", "contrast") or not count.isdigit() or int(count) < 1:
+            raise L3DError(
+                f"cannot read subnetworks '{how[0]}': use indices (0 3), top:N or contrast:N"
+            )
+        if rule == "top":
+            return top_subnetworks(decomposition, target, int(count))
+        if retain is None:
+            raise L3DError("contrast:N compares the target data with retain data: give --retain")
+        return contrast_subnetworks(decomposition, target, retain, int(count))
+    try:
+        return [int(k) for k in how]
+    except ValueError:
+        raise L3DError(
+            f"cannot read subnetworks {' '.join(how)}: use indices (0 3), top:N or contrast:N"
+        ) from None
+
+
+def read_inputs(path: str | Path) -> Inputs:
+    """Inputs from a safetensors file: one tensor named 'inputs', or the model's keyword inputs
+    (e.g. 'input_ids' and 'attention_mask'); a 'labels' tensor beside them is left out."""
+    tensors = io.load_tensors(path, "finetuning data")
+    tensors.pop("labels", None)
+    if not tensors:
+        raise L3DError(f"{path} holds no inputs: name them 'inputs' or as the model's arguments")
+    return tensors["inputs"] if set(tensors) == {"inputs"} else tensors
+
+
+def read_data(path: str | Path) -> Labelled:
+    """Finetuning data from a safetensors file: the inputs (see `read_inputs`) and a tensor named
+    'labels' (see `Labelled`)."""
+    labels = io.load_tensors(path, "finetuning data").get("labels")
+    if labels is None:
+        raise L3DError(
+            f"{path} holds no tensor named 'labels': save the labels beside the inputs, e.g. "
+            "safetensors.torch.save_file({'inputs': x, 'labels': y}, path)"
+        )
+    return Labelled(read_inputs(path), labels)
+
+
+# The harness ----------------------------------------------------------------------------------
+def _check_fits(target: Target, data: Labelled) -> None:
+    """One forward at W0, refusing data that do not fit the model, and labels that do not fit its
+    outputs."""
+    try:
+        with torch.no_grad():
+            out = target.forward(take(data.inputs, slice(0, 2)))
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise L3DError(
+            f"the finetuning data ({describe_inputs(data.inputs)}) do not fit the model "
+            f"({reason}): give inputs as the model takes them"
+        ) from None
+    want = tuple(out.shape[1:]) if data.labels.is_floating_point() else tuple(out.shape[1:-1])
+    if tuple(data.labels.shape[1:]) != want or len(data.labels) != batch_size_of(data.inputs):
+        kind = "float targets" if data.labels.is_floating_point() else "integer labels"
+        raise L3DError(
+            f"{kind} shaped {tuple(data.labels.shape)} do not fit outputs shaped "
+            f"(n, {', '.join(map(str, out.shape[1:]))}): give one label per output row, "
+            f"shaped (n, {', '.join(map(str, want))})"
+        )
+
+
+def _check_weights(decomposition: Decomposition) -> None:
+    """Refuse a decomposition whose W0 is not the model's: one loaded against other weights
+    (allow_other_weights), or a model edited since (an adapter left merged)."""
+    saved = decomposition.w0_fingerprint
+    if saved is not None:
+        now = io.fingerprint(decomposition.target.w0)
+        other = [n for n in now if (saved.get(n) or {}).get("sha256") != now[n]["sha256"]]
+        if other:
+            raise L3DError(
+                f"the decomposition was made on other weights ({', '.join(other)} differ): "
+                "finetune along subnetworks of the model they were learned on"
+            )
+    params = dict(decomposition.model.named_parameters())
+    moved = [n for n, w in decomposition.target.w0.items() if not torch.equal(params[n], w)]
+    if moved:
+        raise L3DError(
+            f"the model's {', '.join(moved)} changed since the decomposition was made (an "
+            "adapter still merged?): unmerge it, or reload the model"
+        )
+
+
+def train_edit(
+    edit: Edit,
+    decomposition: Decomposition,
+    data: object,
+    *,
+    objective: Objective = "labels",
+    steps: int = 100,
+    lr: float = 0.01,
+    retain: object | None = None,
+    retain_weight: float = 1.0,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    callback: Callback | None = None,
+) -> Edit:
+    """The shared harness: Adam on objective(target) + retain_weight * retain distance, for
+    `steps` steps of minibatches of `batch_size` rows (default all), the model in eval mode
+    (BatchNorm uses its running statistics, as at W0). callback(step, edit) after each step."""
+    from tqdm.auto import tqdm
+
+    _check_objective(objective)
+    if steps < 1 or lr <= 0:
+        raise L3DError(f"steps must be >= 1 and lr > 0; got steps={steps}, lr={lr}")
+    device = next(iter(decomposition.target.w0.values())).device
+    target = Labelled.of(data)
+    target = Labelled(to_device(target.inputs, device), target.labels.to(device))
+    _check_fits(decomposition.target, target)
+    retain_inputs = None
+    if retain is not None:
+        given = retain if isinstance(retain, (Tensor, dict)) else Labelled.of(retain).inputs
+        retain_inputs = to_device(given, device)
+        try:
+            with torch.no_grad():
+                retain_base = decomposition.target.forward(retain_inputs)
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            raise L3DError(
+                f"the retain data ({describe_inputs(retain_inputs)}) do not fit the model "
+                f"({str(err).splitlines()[0]}): give inputs as the model takes them"
+            ) from None
+    was_training = decomposition.model.training
+    decomposition.model.eval()  # BatchNorm on its running statistics, dropout off: as at W0
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(edit.trainable(), lr=lr)
+    n_target = batch_size_of(target.inputs)
+    per_token = decomposition.config.per_token
+    bar = tqdm(total=steps, desc="finetune", unit="step", disable=not progress)
+    try:
+        for step in range(steps):
+            rows = _minibatch(n_target, batch_size, generator)
+            outputs = edit.forward(take(target.inputs, rows))
+            loss_target = objective_loss(objective, outputs, target.labels[rows])
+            loss = loss_target
+            record = {"step": step + 1, "objective": float(loss_target.detach())}
+            if retain_inputs is not None:
+                r_rows = _minibatch(batch_size_of(retain_inputs), batch_size, generator)
+                r_inputs = take(retain_inputs, r_rows)
+                moved = edit.forward(r_inputs)
+                distance = retain_distance(
+                    decomposition.divergence, moved, retain_base[r_rows], r_inputs, per_token
+                )
+                loss = loss + retain_weight * distance
+                record["retain_distance"] = float(distance.detach())
+            if not torch.isfinite(loss):
+                raise L3DError(f"the finetuning loss is {float(loss)} at step {step + 1}: lower lr")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            record["loss"] = float(loss.detach())
+            edit.history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4g}")
+            bar.update(1)
+            if callback is not None:
+                callback(step + 1, edit)
+    finally:
+        bar.close()
+        decomposition.model.train(was_training)
+    return edit
+
+
+def _minibatch(n: int, batch_size: int | None, generator: torch.Generator) -> Tensor | slice:
+    if batch_size is None or batch_size >= n:
+        return slice(0, n)
+    return torch.randperm(n, generator=generator)[:batch_size]
+
+
+def finetune(
+    decomposition: Decomposition,
+    data: object,
+    *,
+    subnetworks: Sequence[int],
+    objective: Objective = "labels",
+    train: Train = "scalars",
+    steps: int = 100,
+    lr: float = 0.01,
+    retain: object | None = None,
+    retain_weight: float = 1.0,
+    directions: Subnetworks | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    callback: Callback | None = None,
+) -> Adapter:
+    """Edit the decomposed model along the chosen subnetworks (Section 4.2, Appendix B.2).
+
+    data: (inputs, labels) of the behaviour to change (see `Labelled`).
+    subnetworks: indices of the subnetworks to move along (see `top_subnetworks`,
+        `contrast_subnetworks`).
+    objective: 'labels' (the model's loss to the labels), 'forget' (push the labelled positions
+        to the uniform distribution: their loss rises to chance) or a callable.
+    train: 'scalars' (alpha only) or 'factors' (alpha and the chosen subnetworks' factors).
+    retain: inputs (or (inputs, labels)) of behaviour to keep: adds retain_weight times the
+        decomposition's divergence between the edited and the frozen outputs on them.
+    directions: directions to move along instead of V_out (e.g. V_in, or
+        `decomposition.subnetworks.v_out.random_like(seed)`: the random-direction control).
+    """
+    _check_weights(decomposition)
+    adapter = Adapter(
+        decomposition.model,
+        decomposition.subnetworks.v_out if directions is None else directions,
+        subnetworks,
+        train,
+    )
+    train_edit(
+        adapter,
+        decomposition,
+        data,
+        objective=objective,
+        steps=steps,
+        lr=lr,
+        retain=retain,
+        retain_weight=retain_weight,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        callback=callback,
+    )
+    return adapter
+
+
+def baseline(
+    decomposition: Decomposition,
+    data: object,
+    *,
+    method: Literal["lora", "full"],
+    rank: int = 4,
+    objective: Objective = "labels",
+    steps: int = 100,
+    lr: float = 0.01,
+    retain: object | None = None,
+    retain_weight: float = 1.0,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    callback: Callback | None = None,
+) -> Baseline:
+    """A comparison edit of the decomposed tensors in the same harness as `finetune`: 'lora'
+    (peft LoRA of `rank` on their weight matrices) or 'full' (all their entries)."""
+    _check_weights(decomposition)
+    torch.manual_seed(seed)  # peft draws LoRA's A from the global generator
+    edit = Baseline(decomposition.model, decomposition.names, method, rank)
+    train_edit(
+        edit,
+        decomposition,
+        data,
+        objective=objective,
+        steps=steps,
+        lr=lr,
+        retain=retain,
+        retain_weight=retain_weight,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        callback=callback,
+    )
+    return edit
+
+
+def load_adapter(
+    directory: str | Path, model: nn.Module, *, allow_other_weights: bool = False
+) -> Adapter:
+    """`Adapter.load`: an adapter saved with `Adapter.save`, against `model` at its W0."""
+    return Adapter.load(directory, model, allow_other_weights=allow_other_weights)
+
+
+__all__ = [
+    "Adapter",
+    "Baseline",
+    "Edit",
+    "Labelled",
+    "baseline",
+    "contrast_subnetworks",
+    "finetune",
+    "load_adapter",
+    "read_data",
+    "read_inputs",
+    "select_subnetworks",
+    "top_subnetworks",
+]

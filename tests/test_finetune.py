@@ -1,0 +1,332 @@
+"""Finetuning along subnetworks (l3d.finetuning): the adapter against dense oracles, persistence,
+merging, errors, a tiny end-to-end edit, the baselines and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+import l3d
+from conftest import SmallMLP
+from l3d import runs
+from l3d.cli import main
+from l3d.errors import L3DError
+from l3d.finetuning import (
+    Adapter,
+    baseline,
+    contrast_subnetworks,
+    finetune,
+    load_adapter,
+    objective_loss,
+    top_subnetworks,
+)
+
+PARAMS = ["fc1.weight", "fc1.bias", "fc2.weight"]
+
+
+@pytest.fixture(scope="module")
+def decomposed() -> tuple[l3d.Decomposition, torch.Tensor]:
+    torch.manual_seed(0)
+    model = SmallMLP()
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    d = l3d.decompose(
+        model, x, params=PARAMS, n_subnetworks=6, rank=2, epochs=10, batch_size=16, progress=False
+    )
+    return d, x
+
+
+def edited_targets(model, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs with output 0 raised by 1: a float-label edit."""
+    with torch.no_grad():
+        y = model(x).clone()
+    y[:, 0] += 1.0
+    return y
+
+
+def test_zero_alpha_is_bit_equal(decomposed):
+    d, x = decomposed
+    adapter = Adapter(d.model, d.subnetworks.v_out, [0, 2])
+    expected = d.model(x)
+    assert torch.equal(adapter.forward(x), expected)
+    with adapter.applied() as model:
+        assert torch.equal(model(x), expected)
+
+
+def test_output_equals_dense_oracle(decomposed):
+    d, x = decomposed
+    adapter = Adapter(d.model, d.subnetworks.v_out, [1, 4])
+    with torch.no_grad():
+        adapter.alpha.copy_(torch.tensor([0.7, -1.3]))
+    oracle = copy.deepcopy(d.model)
+    params = dict(oracle.named_parameters())
+    with torch.no_grad():
+        for name in PARAMS:
+            params[name] += 0.7 * d.v_out(1)[name] - 1.3 * d.v_out(4)[name]
+    torch.testing.assert_close(adapter.forward(x), oracle(x), rtol=1e-5, atol=1e-6)
+    norms = adapter.delta_norms()
+    for name in PARAMS:
+        want = float((0.7 * d.v_out(1)[name] - 1.3 * d.v_out(4)[name]).norm())
+        assert norms[name] == pytest.approx(want, rel=1e-5)
+
+
+def test_alpha_gradient_matches_finite_differences(decomposed):
+    d, x = decomposed
+    model = copy.deepcopy(d.model).double()
+    adapter = Adapter(model, d.subnetworks.v_out, [0, 3, 5])
+    assert adapter.alpha.dtype == torch.float64
+    x64, y = x.double(), edited_targets(model, x.double())
+    with torch.no_grad():
+        adapter.alpha.copy_(torch.tensor([0.2, -0.1, 0.3]))
+    loss = objective_loss("labels", adapter.forward(x64), y)
+    (grad,) = torch.autograd.grad(loss, adapter.alpha)
+    eps, numeric = 1e-6, torch.zeros(3, dtype=torch.float64)
+    for k in range(3):
+        with torch.no_grad():
+            adapter.alpha[k] += eps
+            up = objective_loss("labels", adapter.forward(x64), y)
+            adapter.alpha[k] -= 2 * eps
+            down = objective_loss("labels", adapter.forward(x64), y)
+            adapter.alpha[k] += eps
+        numeric[k] = (up - down) / (2 * eps)
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("train", ["scalars", "factors"])
+def test_save_load_round_trip(decomposed, tmp_path, train):
+    d, x = decomposed
+    adapter = finetune(
+        d,
+        (x, edited_targets(d.model, x)),
+        subnetworks=[2, 0],
+        train=train,
+        steps=5,
+        lr=0.05,
+        progress=False,
+    )
+    adapter.save(tmp_path / "adapter")
+    loaded = load_adapter(tmp_path / "adapter", d.model)
+    assert loaded.subnetworks == [2, 0] and loaded.train == train
+    assert torch.equal(loaded.alpha, adapter.alpha.detach())
+    assert torch.equal(loaded.forward(x), adapter.forward(x))
+    assert loaded.history == adapter.history
+
+
+def test_merge_then_unmerge_restores_w0_exactly(decomposed):
+    d, x = decomposed
+    adapter = Adapter(d.model, d.subnetworks.v_out, [1, 2])
+    with torch.no_grad():
+        adapter.alpha.copy_(torch.tensor([1.1, -0.4]))
+    before = {n: p.detach().clone() for n, p in d.model.named_parameters()}
+    adapter.merge()
+    torch.testing.assert_close(d.model(x), adapter.forward(x))
+    assert not torch.equal(dict(d.model.named_parameters())["fc1.weight"], before["fc1.weight"])
+    with pytest.raises(L3DError, match="already merged"):
+        adapter.merge()
+    adapter.unmerge()
+    for name, p in d.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_factors_mode_trains_factors_and_keeps_rank(decomposed):
+    d, x = decomposed
+    adapter = finetune(
+        d, (x, edited_targets(d.model, x)), subnetworks=[0, 1], train="factors", steps=10, lr=0.05,
+        progress=False,
+    )  # fmt: skip
+    assert adapter.directions.ranks == d.ranks
+    trained = dict(adapter.directions.named_parameters())["tensors.0.modes.0"]
+    assert not torch.equal(trained, d.subnetworks.v_out.factors[0].modes[0][[0, 1]])
+    assert adapter.n_trainable == 2 + sum(p.numel() for p in adapter.directions.parameters())
+
+
+def one_line_error(call, match: str) -> None:
+    with pytest.raises(L3DError, match=match) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def test_bad_input_gets_one_line_errors(decomposed, tmp_path):
+    d, x = decomposed
+    data = (x, edited_targets(d.model, x))
+
+    def run(subnetworks=(0,), given=data, **kw):
+        return lambda: finetune(
+            d, given, subnetworks=list(subnetworks), steps=1, progress=False, **kw
+        )
+
+    one_line_error(run([99]), "subnetwork index 99 out of range: use ints in 0..5")
+    one_line_error(run([]), "no subnetworks selected")
+    one_line_error(run([1, 1]), "repeat an index")
+    one_line_error(run(given=(torch.randn(8, 7), torch.randn(8, 3))), "do not fit the model")
+    one_line_error(run(given=(x, torch.randn(64, 5))), "do not fit outputs")
+    one_line_error(run(given=x), "pass \\(inputs, labels\\)")
+    one_line_error(run(objective="unlearn"), "unknown objective")
+    one_line_error(run(train="all"), "unknown train mode")
+    one_line_error(run(retain=torch.randn(8, 9)), "retain data .* do not fit the model")
+
+    one_line_error(lambda: Adapter(SmallMLP(n_in=5), d.subnetworks.v_out, [0]), "not the model's")
+    d.save(tmp_path / "dec")
+    torch.manual_seed(5)
+    other = l3d.load(tmp_path / "dec", SmallMLP(), allow_other_weights=True)
+    one_line_error(
+        lambda: finetune(other, data, subnetworks=[0], steps=1, progress=False),
+        "the decomposition was made on other weights",
+    )
+    adapter = Adapter(d.model, d.subnetworks.v_out, [0])
+    adapter.save(tmp_path / "adapter")
+    one_line_error(lambda: load_adapter(tmp_path / "adapter", SmallMLP()), "other weights")
+    with torch.no_grad():
+        adapter.alpha.fill_(1.0)
+    with adapter.applied():
+        one_line_error(run([0]), "changed since the decomposition was made")
+
+
+def test_end_to_end_edit_changes_target_more_than_retain(decomposed):
+    """Raise output 0 on inputs with x_0 > 0.5 only, through the two subnetworks those inputs use
+    most: the target moves more than the other inputs, and more selectively than along random
+    directions of the same rank (the control), with no retain term to do the work."""
+    d, x = decomposed
+    region = x[:, 0] > 0.5
+    target, retain = x[region], x[~region]
+    chosen = top_subnetworks(d, target, 2)
+
+    def selectivity(directions=None) -> float:
+        adapter = finetune(
+            d, (target, edited_targets(d.model, target)), subnetworks=chosen, steps=60, lr=0.1,
+            directions=directions, progress=False,
+        )  # fmt: skip
+        assert adapter.history[-1]["objective"] < adapter.history[0]["objective"]
+        with torch.no_grad():
+            moved_target = (adapter.forward(target) - d.model(target)).pow(2).mean()
+            moved_retain = (adapter.forward(retain) - d.model(retain)).pow(2).mean()
+        return float(moved_target / moved_retain)
+
+    learned = selectivity()
+    random = [selectivity(d.subnetworks.v_out.random_like(seed)) for seed in (1, 2, 3)]
+    assert learned > 2.5
+    assert learned > 1.5 * max(random)
+
+
+def test_retain_term_keeps_retain_outputs(decomposed):
+    d, x = decomposed
+    region = x[:, 0] > 0.5
+    target, retain = x[region], x[~region]
+    data = (target, edited_targets(d.model, target))
+    kept = finetune(d, data, subnetworks=[0, 3], retain=retain, retain_weight=10.0, steps=30,
+                    lr=0.1, progress=False)  # fmt: skip
+    d.model.train()  # trained in eval mode (as at W0), the caller's mode restored after
+    free = finetune(d, data, subnetworks=[0, 3], steps=30, lr=0.1, progress=False)
+    assert d.model.training
+    d.model.eval()
+    with torch.no_grad():
+        moved = [(a.forward(retain) - d.model(retain)).pow(2).mean() for a in (kept, free)]
+    assert "retain_distance" in kept.history[-1]
+    assert moved[0] < 0.5 * moved[1]
+
+
+def test_top_subnetworks_follow_mean_impact(decomposed):
+    d, x = decomposed
+    impact = d.impact(x[:20]).mean(0)
+    assert top_subnetworks(d, x[:20], 3) == impact.argsort(descending=True)[:3].tolist()
+    contrast = impact - d.impact(x[20:40]).mean(0)
+    want = contrast.argsort(descending=True)[:2].tolist()
+    assert contrast_subnetworks(d, x[:20], x[20:40], 2) == want
+
+
+def test_lora_and_full_baselines(decomposed):
+    d, x = decomposed
+    data = (x, edited_targets(d.model, x))
+    before = {n: p.detach().clone() for n, p in d.model.named_parameters()}
+    lora = baseline(d, data, method="lora", rank=1, steps=20, lr=0.05, progress=False)
+    # peft LoRA rank 1 on fc1 (4 -> 6) and fc2 (6 -> 3): r (d_in + d_out) each; the bias stays.
+    assert lora.n_trainable == (4 + 6) + (6 + 3)
+    assert lora.history[-1]["objective"] < lora.history[0]["objective"]
+    norms = lora.delta_norms()
+    assert norms["fc1.bias"] == 0 and norms["fc1.weight"] > 0 and norms["fc2.weight"] > 0
+    full = baseline(d, data, method="full", steps=20, lr=0.01, progress=False)
+    assert full.n_trainable == 6 * 4 + 6 + 3 * 6
+    assert full.history[-1]["objective"] < full.history[0]["objective"]
+    for name, p in d.model.named_parameters():  # both trained copies, never the model
+        assert torch.equal(p, before[name]), name
+    control = finetune(
+        d, data, subnetworks=[0, 1], directions=d.subnetworks.v_out.random_like(3), steps=5,
+        progress=False,
+    )  # fmt: skip
+    assert control.n_trainable == 2
+
+
+# The command line ---------------------------------------------------------------------------------
+TINY_RUN = {
+    "model": {"python": "l3d.toys:TMS", "options": {"n_features": 5, "n_hidden": 2}},
+    "data": {"toy": "tms", "options": {"n_samples": 100, "seed": 1}},
+    "l3d": {"params": ["W_in", "W_out", "b"], "n_subnetworks": 4, "epochs": 2, "batch_size": 50},
+}
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A finished toy run, a data file (raise output 0 on 20 inputs) and a retain file."""
+    folder = tmp_path_factory.mktemp("finetune-cli")
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(TINY_RUN))
+    assert main(["decompose", str(folder / "tiny.yaml"), "--out", str(folder / "run"), "-q"]) == 0
+    model = runs.open_run(folder / "run").model
+    x = torch.rand(30, 5, generator=torch.Generator().manual_seed(2))
+    save_file({"inputs": x[:20], "labels": edited_targets(model, x[:20])}, folder / "edit.st")
+    save_file({"inputs": x[20:]}, folder / "keep.st")
+    return folder / "run", folder / "edit.st", folder / "keep.st"
+
+
+def test_cli_finetune_writes_an_adapter_and_prints_the_table(cli_run, tmp_path, capsys):
+    run, edit, keep = cli_run
+    argv = ["finetune", str(run), "--subnetworks", "contrast:2", "--data", str(edit)]
+    argv += ["--retain", str(keep), "--steps", "5", "--lr", "0.1", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    loaded = runs.open_run(run)
+    adapter = load_adapter(tmp_path / "a", loaded.model)
+    assert len(adapter.subnetworks) == 2 and len(adapter.history) == 5
+    for name, moved in adapter.delta_norms().items():
+        assert f"{name} " in printed and f"{moved:.4g}" in printed
+    assert "retain_distance" in printed and "objective" in printed
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--subnetworks", "9"], "subnetwork index 9 out of range"),
+        (["--subnetworks", "contrast:2"], "give --retain"),
+        (["--subnetworks", "best:2"], "use indices \\(0 3\\), top:N or contrast:N"),
+        (["--subnetworks", "0", "--data", "keep"], "holds no tensor named 'labels'"),
+    ],
+)
+def test_cli_finetune_bad_input_is_one_line(cli_run, tmp_path, capsys, change, message):
+    run, edit, keep = cli_run
+    argv = ["finetune", str(run), "--data", str(edit), "--out", str(tmp_path / "a"), "-q"]
+    argv += [str(keep) if c == "keep" else c for c in change]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert re.search(message, err), err
+
+
+# The demos ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_squares_demo_compares_every_method(tmp_path):
+    """The X -> X^2 demo end to end at a tiny size: every method trained, counted and summarised."""
+    from l3d.demos import finetune_common, finetune_squares
+
+    results = finetune_squares.main(
+        ["--out", str(tmp_path), "--epochs", "3", "--steps", "20", "--lrs", "0.03",
+         "--alpha-lrs", "0.3"]
+    )  # fmt: skip
+    rows = {row["method"]: row for row in results["summary"]}
+    assert set(rows) == set(finetune_common.METHODS)
+    assert rows["l3d_scalars"]["n_trainable"] == rows["random_directions"]["n_trainable"] == 1
+    assert rows["lora_r4"]["n_trainable"] == 4 * rows["lora_r1"]["n_trainable"]
+    assert (tmp_path / "tradeoff.png").is_file() and (tmp_path / "results.json").is_file()
