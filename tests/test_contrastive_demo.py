@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from l3d.demos import contrastive_tms as demo
-from l3d.pairs import pair_data, patching_scores
+from l3d.pairs import pair_data, pair_gradients, patching_scores
 from l3d.toys.registry import get_toy, train_toy_model
 
 REDUCED = ["--seeds", "0", "--epochs", "30", "--single-pairs", "300", "--mixed-pairs", "500"]
@@ -52,7 +52,7 @@ def test_baselines_use_the_pair_gradients_l3d_decomposes(tmp_path):
     ).all()
     d = demo.l3d_pairs(toy.model, x, counterparts, 2, 0, {**demo.L3D, **demo.SINGLE, "epochs": 1})
     data = pair_data(toy.model, x, counterparts)
-    ours = demo.pair_gradients(toy.model, x, counterparts)
+    ours = pair_gradients(d, x, counterparts)
     theirs = d.gradient_source(data.inputs).batch(data.inputs, data.references, g).dense()
     for name in demo.PARAMS:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6)

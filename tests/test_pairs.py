@@ -8,8 +8,17 @@ from torch import nn
 
 import l3d
 from l3d.core.divergences import kl
+from l3d.core.samples import Referenced
 from l3d.errors import L3DError
-from l3d.pairs import pair_coefficients, pair_data, patching_scores
+from l3d.pairs import (
+    pair_coefficients,
+    pair_data,
+    pair_gradients,
+    patching_scores,
+    singular_directions,
+    switch_rates,
+    unit_directions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +165,63 @@ def test_a_pair_decomposition_saves_and_loads(classifier, tmp_path):
     )
     with pytest.raises(L3DError, match="counterpart"):
         loaded.coefficients(x)  # references of pairs come with the pairs, not from the batch
+
+
+def test_pair_gradients_project_to_the_pair_coefficients(classifier):
+    d, x, counterparts = classifier
+    gradients = pair_gradients(d, x, counterparts)
+    v_in = d.subnetworks.v_in.materialize()
+    projected = sum(
+        torch.einsum("nw,kw->nk", gradients[n].flatten(1), v_in[n].flatten(1)) for n in d.names
+    )
+    torch.testing.assert_close(projected, pair_coefficients(d, x, counterparts))
+    both = pair_gradients(d, x, counterparts, symmetric=True)
+    assert all(both[n].shape == (2 * len(x), *d.shapes[n]) for n in d.names)
+
+
+def test_singular_directions_are_the_top_right_singular_vectors():
+    """Gradients that are multiples of two orthogonal directions, one in 3 of 4 samples: the top
+    singular direction is the frequent one (up to sign), then the other; unit norm each."""
+    a, b = torch.zeros(4, 3), torch.zeros(4, 3)
+    a[0, 0], b[1, 2] = 1.0, 1.0
+    scales = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    gradients = {"w": torch.stack([s * (a if i < 3 else b) for i, s in enumerate(scales)])}
+    directions = unit_directions(singular_directions(gradients, 2))
+    assert len(directions) == 2
+    torch.testing.assert_close(directions[0]["w"].abs(), a)
+    torch.testing.assert_close(directions[1]["w"].abs(), b)
+
+
+def test_switch_rates_count_the_answers_that_become_the_counterparts():
+    """f(x) = W x with W0 = I, so the answer (argmax) is the largest entry of x; counterparts swap
+    the first two entries (and so the answer). W0 + 2 v along the unit direction v = (the swap
+    permutation - diag(1, 1, 0)) / 2 is that permutation: every answer switches, none at 0."""
+    net = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.eye(3))
+    x = torch.tensor([[3.0, 1.0, 0.0], [0.5, 2.0, 0.0], [2.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    counterparts = x[:, [1, 0, 2]]  # the last pair's answer (2) is the same: not counted
+    d = l3d.decompose_pairs(
+        net, x, counterparts, params=["weight"], n_subnetworks=1, epochs=1, progress=False
+    )
+    swap = torch.tensor([[-1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [0.0, 0.0, 0.0]]) / 2
+    rates = switch_rates(
+        d, x, counterparts, torch.tensor([0.0, 1.0, 2.0]), directions=[{"weight": swap}]
+    )
+    assert rates.shape == (1, 3)
+    assert float(rates[0, 0]) == 0.0 and float(rates[0, 2]) == 1.0
+    with pytest.raises(L3DError, match="nothing to switch"):
+        switch_rates(d, x[3:], counterparts[3:], torch.tensor([1.0]))
+
+
+def test_patching_scores_take_pairs_as_data(classifier):
+    d, x, counterparts = classifier
+    deltas = torch.linspace(-1, 1, 5)
+    data = pair_data(d.model, x, counterparts)
+    torch.testing.assert_close(
+        patching_scores(d, data, deltas=deltas), patching_scores(d, x, counterparts, deltas=deltas)
+    )
+    with pytest.raises(L3DError, match="not both"):
+        patching_scores(d, Referenced(x, data.references), counterparts)
+    with pytest.raises(L3DError, match="counterparts missing"):
+        patching_scores(d, x)

@@ -18,7 +18,7 @@ import l3d
 from l3d import runs
 from l3d.cli import main
 from l3d.core.samples import Referenced
-from l3d.pairs import decompose_pairs, pair_coefficients
+from l3d.pairs import decompose_pairs, pair_coefficients, patching_scores
 from l3d.runs import execution
 from l3d.toys import TMS, sparse_features
 
@@ -160,20 +160,46 @@ def test_a_pairs_run_gets_a_report(pair_run, tmp_path):
     assert (tmp_path / "report" / "index.html").is_file()
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["analyze"],
-        ["intervene", "--subnetwork", "0", "--delta", "1"],
-    ],
-)
-def test_analysis_of_a_pairs_run_says_it_is_not_supported_yet(pair_run, capsys, argv):
-    assert main([argv[0], str(pair_run), *argv[1:], "-q"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err
-    assert "analysis of pair runs is not supported yet" in err
-    assert "pair_coefficients" in err and "patching_scores" in err
-    assert not (pair_run / "analysis").exists() and not (pair_run / "interventions").exists()
+def test_analysis_of_a_pairs_run_uses_each_inputs_counterpart(pair_run, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(pair_run), "--out", str(out), "--n-top", "5", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    assert {p.name for p in out.iterdir()} >= {
+        "analysis.json", "analysis.md", "impact.safetensors", "p_active.png",
+    }  # fmt: skip
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["summary"]["pairs"] is True and result["summary"]["n_references"] == 1
+    inputs, counterparts = _pairs()
+    loaded = l3d.load(pair_run / "decomposition", TMS(N_FEATURES, N_HIDDEN))
+    # the impact is |V_in . g| with the counterpart's output as reference, not random references
+    impact = load_file(str(out / "impact.safetensors"))["impact"]
+    expected = pair_coefficients(loaded, inputs, counterparts).abs()
+    torch.testing.assert_close(impact, expected, rtol=1e-5, atol=1e-7)
+    scores = patching_scores(loaded, inputs, counterparts)
+    for record in result["subnetworks"]:
+        assert record["patching_score"] == pytest.approx(float(scores[record["index"]]), abs=1e-6)
+        assert 0 <= record["patching_score"] <= 1
+    assert max(r["patching_score"] for r in result["subnetworks"]) > 0.5  # feature 0's circuit
+    assert "patching score" in (out / "analysis.md").read_text()
+
+
+def test_a_pairs_run_is_analysed_intervened_and_reported_in_its_folder(tmp_path, capsys):
+    config = _config(tmp_path)
+    run = tmp_path / "run"
+    assert main(["decompose", str(config), "--out", str(run), "-q"]) == 0
+    assert main(["analyze", str(run), "--n-samples", "40", "-q"]) == 0
+    assert main(["intervene", str(run), "--subnetwork", "1", "--delta", "0.5", "-q"]) == 0
+    assert main(["report", str(run), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    inputs, counterparts = _pairs()
+    loaded = l3d.load(run / "decomposition", TMS(N_FEATURES, N_HIDDEN))
+    analysis = json.loads((run / "analysis" / "analysis.json").read_text())
+    assert analysis["summary"]["n_samples"] == 40
+    intervention = json.loads((run / "interventions" / "subnetwork_1.json").read_text())
+    expected = pair_coefficients(loaded, inputs, counterparts)[:, 1].abs()
+    torch.testing.assert_close(torch.tensor(intervention["impact"]), expected)
+    assert len(intervention["change"][0]) == 64
+    assert (run / "report" / "index.html").is_file()
 
 
 BATCHES = """

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from l3d.config import L3DConfig
 from l3d.core.divergences import DivergenceFn, get_divergence
+from l3d.core.gradients import per_sample_gradients
 from l3d.core.model import Target
 from l3d.core.samples import (
     SAMPLE_MASK,
@@ -46,7 +47,7 @@ def _cat(parts: Sequence[Inputs]) -> Inputs:
     return {k: torch.cat([p[k] for p in parts if isinstance(p, dict)]) for k in first}
 
 
-def _with_positions(inputs: Inputs, positions: Tensor | None) -> Inputs:
+def with_positions(inputs: Inputs, positions: Tensor | None) -> Inputs:
     """The inputs with `positions` (batch, seq) as the per-token sample mask."""
     if positions is None:
         return inputs
@@ -116,7 +117,7 @@ def pair_data(
     seconds: list[Inputs] = sets
     if symmetric:
         firsts, seconds = [*firsts, *sets], [*seconds, *([inputs] * len(sets))]
-    own = _cat([_with_positions(x, positions) for x in firsts])
+    own = _cat([with_positions(x, positions) for x in firsts])
     references = counterpart_outputs(model, _cat(seconds), batch_size)
     return Referenced(own, references)
 
@@ -174,11 +175,29 @@ def pair_coefficients(
     return decomposition.coefficients(data.inputs, references=data.references)
 
 
+def _pairs(
+    decomposition: Decomposition,
+    inputs: Inputs | Referenced,
+    counterparts: Inputs | None,
+    positions: Tensor | None,
+) -> Referenced:
+    if isinstance(inputs, Referenced):
+        if counterparts is not None or positions is not None:
+            raise L3DError(
+                "pass the pairs either as data (Referenced, from pair_data) or as inputs and "
+                "counterparts (with positions), not both"
+            )
+        return inputs
+    if counterparts is None:
+        raise L3DError("counterparts missing: pass one counterpart per input")
+    return pair_data(decomposition.model, inputs, counterparts, positions=positions)
+
+
 @torch.no_grad()
 def patching_scores(
     decomposition: Decomposition,
-    inputs: Inputs,
-    counterparts: Inputs,
+    inputs: Inputs | Referenced,
+    counterparts: Inputs | None = None,
     *,
     positions: Tensor | None = None,
     deltas: Tensor | None = None,
@@ -189,8 +208,9 @@ def patching_scores(
     D(f(x_i, W0 + delta v_k), f(x'_i, W0)) and D0 = D(0); in [0, 1], (n_v,). deltas: the steps
     tried, default 81 values in [-2, 2] x ||W0|| (norm of the decomposed tensors). directions:
     other unit directions to score the same way ({param: tensor} each; e.g. baselines), instead
-    of the subnetworks."""
-    data = pair_data(decomposition.model, inputs, counterparts, positions=positions)
+    of the subnetworks. inputs may also be the pairs as data (`pair_data`, a pair run's data),
+    counterparts then None."""
+    data = _pairs(decomposition, inputs, counterparts, positions)
     x = to_device(data.inputs, decomposition.device)
     refs = data.references.to(decomposition.device)
     rows = SampleRows.of(x, decomposition.config.per_token)
@@ -215,3 +235,87 @@ def patching_scores(
         )
         scores.append(max(0.0, (base - best) / base))
     return torch.tensor(scores)
+
+
+@torch.no_grad()
+def switch_rates(
+    decomposition: Decomposition,
+    inputs: Inputs,
+    counterparts: Inputs,
+    deltas: Tensor,
+    *,
+    positions: Tensor | None = None,
+    directions: Sequence[dict[str, Tensor]] | None = None,
+) -> Tensor:
+    """For each direction (default: the subnetworks) and step delta, the fraction of pair samples
+    whose top output (argmax: the answer token, the class) at W0 + delta v equals the
+    counterpart's at W0: how often moving along v switches the answer to the counterpart's.
+    Counted over the pair samples whose answers differ at W0 (the others have nothing to
+    switch). (n_directions, len(deltas))."""
+    data = pair_data(decomposition.model, inputs, counterparts, positions=positions)
+    x = to_device(data.inputs, decomposition.device)
+    rows = SampleRows.of(x, decomposition.config.per_token)
+    wanted = rows.rows(data.references.to(decomposition.device)).argmax(-1)
+    differ = rows.rows(decomposition.intervene(x, 0, 0.0)).argmax(-1) != wanted
+    if not differ.any():
+        raise L3DError("every pair has the same answer (argmax) at W0: there is nothing to switch")
+    if directions is None:
+        directions = [decomposition.v_out(k) for k in range(decomposition.n_subnetworks)]
+
+    def switched(outputs: Tensor) -> float:
+        return float((rows.rows(outputs).argmax(-1) == wanted)[differ].float().mean())
+
+    return torch.tensor(
+        [
+            [switched(decomposition.intervene(x, 0, float(d), direction=v)) for d in deltas]
+            for v in directions
+        ]
+    )
+
+
+def pair_gradients(
+    decomposition: Decomposition,
+    inputs: Inputs,
+    counterparts: Inputs | Sequence[Inputs],
+    *,
+    symmetric: bool = False,
+    positions: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The dense pair gradients g_i = grad_W D(f(x_i, W), f(x'_i, W0)) at W0 that the
+    decomposition reconstructs, {param: (n_samples, *shape)}, for baselines (small models only:
+    n_samples x n_w memory)."""
+    data = pair_data(
+        decomposition.model, inputs, counterparts, symmetric=symmetric, positions=positions
+    )
+    decomposition.model.eval()
+    gradients = per_sample_gradients(
+        decomposition.target,
+        to_device(data.inputs, decomposition.device),
+        data.references.to(decomposition.device),
+        decomposition.divergence.fn,
+        per_token=decomposition.config.per_token,
+        chunk_size=decomposition.config.batch_size,
+    )
+    return {name: g.detach() for name, g in gradients.items()}
+
+
+def singular_directions(gradients: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    """The PCA baseline: the top n right singular vectors of the stacked gradients, each gradient
+    normalised to unit norm first so every pair counts alike (as eq. 8 weighs them), uncentred.
+    {param: (n, *shape)}, unit global norm each."""
+    names = list(gradients)
+    flat = torch.cat([gradients[p].flatten(1) for p in names], 1)
+    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+    sizes = [gradients[p][0].numel() for p in names]
+    return {
+        p: part.reshape(n, *gradients[p].shape[1:])
+        for p, part in zip(names, vh[:n].split(sizes, dim=1))
+    }
+
+
+def unit_directions(directions: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """{param: (n, *shape)} as a list of n directions {param: tensor}, as `patching_scores` and
+    `switch_rates` take them."""
+    n = len(next(iter(directions.values())))
+    return [{p: d[k] for p, d in directions.items()} for k in range(n)]

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from l3d.core.samples import Inputs, batch_size_of
+from l3d.core.samples import Inputs, Referenced, batch_size_of, take, to_device
+from l3d.core.subnetworks import Subnetworks
 from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
 
@@ -66,6 +67,36 @@ def random_samples(positions: Tensor, n: int, seed: int) -> Tensor:
         if int(chosen.sum()) >= n:
             break
     return torch.nonzero(chosen).flatten()
+
+
+@torch.no_grad()
+def pair_impacts(
+    decomposition: Decomposition,
+    pairs: Referenced,
+    directions: Sequence[Subnetworks],
+    *,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> list[Tensor]:
+    """The impact of each set of directions on contrastive pairs (Section 4.2): |V_k . g_i| with
+    g_i the gradient of the divergence from each input's own fixed reference, its counterpart's
+    output, in place of `Decomposition.impacts`' mean over random references (a pair has one
+    reference). (n_samples, n_v) each, in chunks of `chunk_size` inputs (default: the training
+    batch size)."""
+    from tqdm.auto import tqdm
+
+    decomposition.model.eval()
+    n, size = batch_size_of(pairs.inputs), chunk_size or decomposition.config.batch_size
+    generator = torch.Generator()  # draws nothing: every reference is given
+    parts: list[list[Tensor]] = [[] for _ in directions]
+    for start in tqdm(range(0, n, size), desc="impact", unit="chunk", disable=not progress):
+        rows = slice(start, start + size)
+        chunk = to_device(take(pairs.inputs, rows), decomposition.device)
+        references = pairs.references[rows].to(decomposition.device)
+        batch = decomposition.gradient_source(chunk).batch(chunk, references, generator)
+        for part, v in zip(parts, directions):
+            part.append(batch.project(v).abs().cpu())
+    return [torch.cat(part) for part in parts]
 
 
 # Top logits ------------------------------------------------------------------------------------

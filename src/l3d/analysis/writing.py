@@ -17,14 +17,16 @@ from l3d import io, plots
 from l3d.analysis.quantities import (
     InterventionEffect,
     intervention_effect,
+    pair_impacts,
     random_samples,
     sample_labels,
     top_logits,
     top_sample_purity,
     top_samples,
 )
-from l3d.core.samples import Inputs, SampleRows, batch_size_of
+from l3d.core.samples import Inputs, Referenced, SampleRows, batch_size_of
 from l3d.decomposition import Decomposition
+from l3d.pairs import patching_scores
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class AnalysisOptions:
 
 def write_analysis(
     decomposition: Decomposition,
-    inputs: Inputs,
+    inputs: Inputs | Referenced,
     out_dir: str | Path,
     *,
     tokenizer: Any = None,
@@ -71,6 +73,9 @@ def write_analysis(
     (input, position), and the random baseline's impact), and for images images/ and grids/.
     Returns the analysis.json content.
 
+    inputs: the inputs, or contrastive pairs as data (`l3d.pairs.pair_data`, a pair run's data):
+        then each impact uses the input's own reference (its counterpart's output) and every
+        subnetwork also gets its patching score on these pairs (`l3d.pairs.patching_scores`).
     tokenizer: decodes token ids (anything with .decode(list[int])) for per-token samples.
     labels: a class or task per input or per sample; enables top-sample purity, compared with
         random directions of the same ranks when options.baseline.
@@ -78,6 +83,8 @@ def write_analysis(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    pairs = inputs if isinstance(inputs, Referenced) else None
+    inputs = inputs.inputs if isinstance(inputs, Referenced) else inputs
     per_token = decomposition.config.per_token
     positions = SampleRows.of(inputs, per_token).positions(batch_size_of(inputs))
     labels = sample_labels(labels, inputs, positions)
@@ -89,14 +96,20 @@ def write_analysis(
     directions = [decomposition.subnetworks.v_in]
     if options.baseline and labels is not None:
         directions.append(decomposition.subnetworks.v_out.random_like(options.seed + 1))
-    measured = decomposition.impacts(
-        inputs,
-        directions,
-        n_references=options.n_references,
-        seed=options.seed,
-        chunk_size=options.chunk_size,
-        progress=options.progress,
-    )
+    if pairs is None:
+        measured = decomposition.impacts(
+            inputs,
+            directions,
+            n_references=options.n_references,
+            seed=options.seed,
+            chunk_size=options.chunk_size,
+            progress=options.progress,
+        )
+    else:
+        measured = pair_impacts(
+            decomposition, pairs, directions, chunk_size=options.chunk_size,
+            progress=options.progress,
+        )  # fmt: skip
     impact = measured[0]
     n_samples, n_v = impact.shape
     top = top_samples(impact, options.n_top)
@@ -132,6 +145,9 @@ def write_analysis(
             record["grid"] = describe.grid(k, top[k], samples, float(p_active[k]))
         records.append(record)
 
+    if pairs is not None:
+        for r, score in zip(records, patching_scores(decomposition, pairs).tolist()):
+            r["patching_score"] = score
     records.sort(key=lambda r: -r["p_active"])
     live_effects = [r["intervention"] for r in records if not r["dead"]]
     ratios = [i["selectivity"] for i in live_effects if not i["below_noise"]]
@@ -139,7 +155,8 @@ def write_analysis(
         "n_samples": n_samples,
         "n_subnetworks": n_v,
         "n_dead": sum(r["dead"] for r in records),
-        "n_references": options.n_references,
+        "n_references": 1 if pairs is not None else options.n_references,
+        "pairs": pairs is not None,
         "n_top": options.n_top,
         "per_token": per_token,
         "divergence": decomposition.config.divergence,
@@ -281,7 +298,14 @@ def _markdown(result: dict, is_image: bool) -> str:
         "# Subnetwork analysis",
         "",
         f"{s['n_subnetworks']} subnetworks ({s['n_dead']} dead) on {s['n_samples']} samples; "
-        f"impact averaged over {s['n_references']} references. Reconstruction loss: "
+        + (
+            "contrastive pairs: impact with each input's counterpart as reference, patching "
+            "score: the fraction of the pairs' mean divergence the best step along a subnetwork "
+            "closes (steps in [-2, 2] x ‖W0‖)."
+            if s.get("pairs")
+            else f"impact averaged over {s['n_references']} references."
+        )
+        + " Reconstruction loss: "
         f"{s['loss_paper']:.4f} (paper), {s['loss_pooled_squared']:.4f} (pooled squared).",
         "",
     ]
@@ -313,6 +337,8 @@ def _markdown(result: dict, is_image: bool) -> str:
     for r in result["subnetworks"]:
         flag = " — **dead**" if r["dead"] else ""
         purity = f", purity {r['purity']:.2f}" if "purity" in r else ""
+        if "patching_score" in r:
+            purity += f", patching score {r['patching_score']:.3f}"
         lines += [f"## Subnetwork {r['index']}: P_act {r['p_active']:.4f}{purity}{flag}", ""]
         if is_image and "grid" in r:
             lines += [f"![top images of subnetwork {r['index']}]({r['grid']})", ""]

@@ -35,13 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from l3d.core.divergences import get_divergence
-from l3d.core.gradients import per_sample_gradients
-from l3d.core.model import Target
 from l3d.decomposition import Decomposition
 from l3d.experiments import metrics as M
 from l3d.io import write_json, write_text
-from l3d.pairs import decompose_pairs, pair_data, patching_scores
+from l3d.pairs import (
+    decompose_pairs,
+    pair_data,
+    pair_gradients,
+    patching_scores,
+    singular_directions,
+)
 from l3d.toys import TMS, feature_parameter_mask
 from l3d.toys.registry import Toy, get_toy, train_toy_model
 
@@ -110,28 +113,6 @@ def mixed_pairs(toy: Toy, n: int, generator: torch.Generator) -> tuple[Tensor, T
 
 
 # Baselines --------------------------------------------------------------------------------------
-
-
-def pair_gradients(model: nn.Module, inputs: Tensor, counterparts: Tensor) -> dict[str, Tensor]:
-    """grad_W D(f(x_i, W), f(x'_i, W0)) at W0 per pair, {param: (n, *shape)}: the library's
-    torch.func per-sample gradients of the pairs `decompose_pairs` sees."""
-    data = pair_data(model, inputs, counterparts)
-    target = Target.create(model, PARAMS)
-    divergence = get_divergence(DIVERGENCE).fn
-    return per_sample_gradients(target, data.inputs, data.references, divergence)
-
-
-def singular_directions(grads: dict[str, Tensor], n: int) -> dict[str, Tensor]:
-    """The top n right singular vectors of the stacked pair gradients, each normalised to unit
-    norm first (the PCA baseline, uncentred): {param: (n, *shape)}, unit global norm each."""
-    flat = torch.cat([grads[p].flatten(1) for p in PARAMS], 1)
-    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    _, _, vh = torch.linalg.svd(flat, full_matrices=False)
-    sizes = [grads[p][0].numel() for p in PARAMS]
-    return {
-        p: part.reshape(n, *grads[p].shape[1:])
-        for p, part in zip(PARAMS, vh[:n].split(sizes, dim=1))
-    }
 
 
 def random_directions(
@@ -221,14 +202,14 @@ def run_seed(
             single[f"l3d_{n_v}"].append(max(shares))
             if n_v == 2:
                 single["l3d_2_other"].append(min(shares))
-        pca = singular_directions(pair_gradients(model, x, counterparts), 1)
+        pca = singular_directions(pair_gradients(d, x, counterparts), 1)
         single["pca"].append(float(M.parameter_share(pca, masks)[0, j]))
 
     # 2. one unlabelled set of mixed pairs
     x, counterparts, zeroed = mixed_pairs(toy, n_mixed, generator)
     held_out = mixed_pairs(toy, n_mixed, generator)
     main = l3d_pairs(model, x, counterparts, N_FEATURES, seed, {**fields, **MIXED})
-    pca = singular_directions(pair_gradients(model, x, counterparts), N_FEATURES)
+    pca = singular_directions(pair_gradients(main, x, counterparts), N_FEATURES)
     rand = random_directions(main.shapes, N_FEATURES, L3D["rank"], generator)
     found = {
         "l3d": match(M.dense_directions(main), masks),

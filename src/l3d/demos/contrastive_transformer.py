@@ -1,0 +1,336 @@
+"""Contrastive pairs on the synthetic multi-task transformer (paper Section 4.2): pairs of prompts
+that differ only in the task token, COPY against REVERSE on the same symbols, decomposed at the
+first answer token; moving along the found subnetworks should switch the model's answer from one
+task's to the other's and leave the other tasks alone.
+
+    python -m l3d.demos.contrastive_transformer --out runs/contrastive-transformer [--seeds 0,1]
+
+Per seed, trains the 2-layer GPT-Neo of `l3d.demos.synthetic_transformer` (same model, data and
+training), then:
+
+1. Pairs: [COPY a1..a5 SEP ...] against [REVERSE a1..a5 SEP ...] with a1 != a5, compared at the
+   SEP position only (`positions=`), where the next token is a1 for copy and a5 for reverse and
+   the two prompts differ in the task token alone (the model is causal: later tokens do not
+   matter there). KL, at the query and key weights of both blocks (`PARAMS`). Two settings: one way
+   at a time (copy prompts against their reverse counterparts, and the reverse), one subnetwork
+   without top-k; and both ways in one unlabelled set (`symmetric=True`), two subnetworks with
+   top_k 0.5.
+2. Baselines with the same number of directions: the top singular directions of the same pair
+   gradients (PCA, `singular_directions`), and random directions of the subnetworks' ranks
+   (`Subnetworks.random_like`).
+3. On held-out pairs, each way (copy -> reverse: copy prompts moved towards their reverse
+   counterparts; reverse -> copy), for each method: the patching score of its best direction
+   (`patching_scores`); the answer-switch accuracy (`switch_rates`: the answer becomes the other
+   task's) at the direction and step that switch most training pairs; and at that step the
+   other tasks' answer accuracy (induction and count; 1 at W0) and the mean KL of their answer
+   tokens from W0 (selectivity: a direction for the task switch should leave them alone).
+
+Prints the tables and writes summary.md and metrics.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from l3d.decomposition import Decomposition
+from l3d.demos import synthetic_transformer as st
+from l3d.io import write_json, write_text
+from l3d.pairs import (
+    decompose_pairs,
+    pair_gradients,
+    patching_scores,
+    singular_directions,
+    switch_rates,
+    unit_directions,
+    with_positions,
+)
+
+ANSWER = 6
+"""The SEP position: the next token is the first answer symbol (a1 for copy, a5 for reverse)."""
+OTHERS = ("induction", "count")
+PARAMS = ["transformer.h.*.attn.attention.[qk]_proj.weight"]
+"""The query and key weights of both blocks: where the SEP token reads the task marker (block 0)
+and decides which position to copy the answer from (position 1 for copy, 5 for reverse). The
+value and output weights carry which symbol it is, which differs from pair to pair."""
+L3D: dict[str, Any] = {
+    "rank": 4,
+    "divergence": "kl",
+    "per_token": True,
+    "batch_size": 16,
+    "lr": 0.01,
+    "loss": "paper",
+}
+"""Shared settings (epochs from --epochs): rank 4 as the synthetic-transformer demo, eq. 8 so that
+every pair counts alike."""
+ONE_WAY: dict[str, Any] = {"n_subnetworks": 1, "top_k": None}
+"""One behaviour (the pairs one way round): one subnetwork, no sparsity."""
+BOTH_WAYS: dict[str, Any] = {"n_subnetworks": 2, "top_k": 0.5, "symmetric": True}
+"""Both ways in one unlabelled set (`symmetric=True`): two subnetworks, one per pair (top-k)."""
+METHODS = ("l3d", "pca", "random")
+
+
+# Pairs ------------------------------------------------------------------------------------------
+
+
+def task_pairs(n: int, generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """n COPY prompts [COPY a1..a5 SEP a1..a5] with a1 != a5 (so the two tasks' first answers
+    differ), and the same tokens with the REVERSE marker, as {'input_ids', 'attention_mask'}."""
+    symbols = torch.randint(0, st.N_SYMBOLS, (4 * n, 5), generator=generator)
+    symbols = symbols[symbols[:, 0] != symbols[:, 4]][:n] + st.FIRST_SYMBOL
+    sep = torch.full((n, 1), st.SEP)
+    ids = torch.cat([torch.full((n, 1), st.MARKERS["copy"]), symbols, sep, symbols], 1)
+    swapped = ids.clone()
+    swapped[:, 0] = st.MARKERS["reverse"]
+    mask = torch.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": mask}, {
+        "input_ids": swapped,
+        "attention_mask": mask,
+    }
+
+
+def answer_positions(inputs: dict[str, Tensor]) -> Tensor:
+    """(n, seq) bool: the SEP position only."""
+    positions = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    positions[:, ANSWER] = True
+    return positions
+
+
+# Measures ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def other_tasks(
+    decomposition: Decomposition, data: dict[str, Tensor], answer: Tensor, v: dict, delta: float
+) -> dict[str, float]:
+    """The other tasks' answer accuracy at W0 + delta v, and the mean KL(p(W0) || p(W0 + delta v))
+    of their answer tokens (`output_change`)."""
+    ids = data["input_ids"]
+    logits = decomposition.intervene(data, 0, delta, direction=v)[:, :-1]
+    scored = answer[:, :-1]
+    accuracy = float((logits.argmax(-1) == ids[:, 1:])[scored].float().mean())
+    change = decomposition.output_change(with_positions(data, answer), 0, [delta], direction=v)
+    return {"accuracy": accuracy, "kl": float(change.mean())}
+
+
+def measure(
+    decomposition: Decomposition,
+    directions: list[dict[str, Tensor]],
+    train: tuple[dict, dict],
+    held_out: tuple[dict, dict],
+    others: tuple[dict[str, Tensor], Tensor],
+    deltas: Tensor,
+) -> dict[str, Any]:
+    """One way of the pairs (inputs moved towards their counterparts): the best patching score on
+    held-out pairs, the held-out switch accuracy at the (direction, step) that switches most
+    training pairs, and the other tasks at that step."""
+    fit = switch_rates(
+        decomposition, *train, deltas, positions=answer_positions(train[0]), directions=directions
+    )
+    k, step = divmod(int(fit.argmax()), len(deltas))
+    delta = float(deltas[step])
+    positions = answer_positions(held_out[0])
+    switched = switch_rates(
+        decomposition, *held_out, torch.tensor([delta]), positions=positions,
+        directions=[directions[k]],
+    )  # fmt: skip
+    patching = patching_scores(
+        decomposition, *held_out, positions=positions, deltas=deltas, directions=directions
+    )
+    kept = other_tasks(decomposition, *others, directions[k], delta)
+    return {
+        "patching": float(patching.max()),
+        "direction": k,
+        "delta": delta / decomposition.weight_norm(),
+        "switch_train": float(fit.max()),
+        "switch": float(switched[0, 0]),
+        "others_accuracy": kept["accuracy"],
+        "others_kl": kept["kl"],
+    }
+
+
+# One seed ---------------------------------------------------------------------------------------
+
+
+def baselines(
+    d: Decomposition, train: tuple[dict, dict], symmetric: bool, seed: int
+) -> dict[str, list[dict[str, Tensor]]]:
+    """The subnetworks, the top singular directions of the same pair gradients (PCA) and random
+    directions of the subnetworks' ranks, as many of each."""
+    n_v, positions = d.n_subnetworks, answer_positions(train[0])
+    gradients = pair_gradients(d, *train, symmetric=symmetric, positions=positions)
+    return {
+        "l3d": [d.v_out(k) for k in range(n_v)],
+        "pca": unit_directions(singular_directions(gradients, n_v)),
+        "random": unit_directions(d.subnetworks.v_out.random_like(seed + 1).materialize()),
+    }
+
+
+def run_seed(seed: int, *, train_steps: int, epochs: int, n_pairs: int, scale: float) -> dict:
+    """Trains the transformer for `seed`, decomposes its pairs one way at a time and both ways
+    at once, and measures every method."""
+    start = time.perf_counter()
+    model: nn.Module = st.build_model(seed)
+    st.train(model, train_steps, seed)
+    check, tasks, answer = st.dataset(50, seed=seed + 1)
+    accuracy = st.task_accuracy(model, check, tasks, answer)
+    generator = torch.Generator().manual_seed(7000 + seed)
+    copy, reverse = task_pairs(n_pairs, generator)
+    held_copy, held_reverse = task_pairs(n_pairs, generator)
+    keep = torch.isin(tasks, torch.tensor([st.TASKS.index(t) for t in OTHERS]))
+    others = ({k: v[keep] for k, v in check.items()}, answer[keep])
+    ways = {
+        "copy->reverse": ((copy, reverse), (held_copy, held_reverse)),
+        "reverse->copy": ((reverse, copy), (held_reverse, held_copy)),
+    }
+
+    def decompose(train: tuple[dict, dict], setting: dict[str, Any]) -> Decomposition:
+        return decompose_pairs(
+            model, train[0], train[1], params=PARAMS, epochs=epochs, seed=seed, progress=False,
+            positions=answer_positions(train[0]), **L3D, **setting,
+        )  # fmt: skip
+
+    result: dict[str, Any] = {"seed": seed, "answer_accuracy": accuracy}
+    both = decompose((copy, reverse), BOTH_WAYS)
+    both_directions = baselines(both, (copy, reverse), True, seed)
+    for way, (train, held_out) in ways.items():
+        one = decompose(train, ONE_WAY)
+        directions = {"one way": baselines(one, train, False, seed), "both ways": both_directions}
+        for setting, d in (("one way", one), ("both ways", both)):
+            deltas = torch.linspace(-scale, scale, 41) * d.weight_norm()
+            result.setdefault(setting, {"loss_paper": {}})["loss_paper"][way] = (
+                d.evaluation.loss_paper
+            )
+            result[setting][way] = {
+                m: measure(d, directions[setting][m], train, held_out, others, deltas)
+                for m in METHODS
+            }
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+# Tables -----------------------------------------------------------------------------------------
+
+WAYS = ("copy->reverse", "reverse->copy")
+SETTINGS = ("one way", "both ways")
+
+
+def table(results: list[dict]) -> list[str]:
+    lines = [
+        "| seed | setting | way | method | patching | switch (held-out) | switch (train) | "
+        "other tasks' accuracy | other tasks' KL | direction, step / ‖W0‖ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for setting in SETTINGS:
+            for way in WAYS:
+                for m in METHODS:
+                    e = r[setting][way][m]
+                    lines.append(
+                        f"| {r['seed']} | {setting} | {way} | {m} | {e['patching']:.3f} | "
+                        f"{e['switch']:.3f} | {e['switch_train']:.3f} | "
+                        f"{e['others_accuracy']:.3f} | {e['others_kl']:.3g} | "
+                        f"{e['direction']}, {e['delta']:+.2f} |"
+                    )
+    return lines
+
+
+def targets(results: list[dict]) -> dict[str, bool]:
+    """The demo's claims, every seed, way and setting: L3D's subnetworks close more of the pairs'
+    output difference and switch more answers than random directions of the same ranks, and the
+    other tasks keep at least 0.9 of their answers at L3D's switching step."""
+    cells = [r[s][w] for r in results for s in SETTINGS for w in WAYS]
+    return {
+        "patching_beats_random": all(c["l3d"]["patching"] > c["random"]["patching"] for c in cells),
+        "switch_beats_random": all(c["l3d"]["switch"] > c["random"]["switch"] for c in cells),
+        "other_tasks_kept": all(c["l3d"]["others_accuracy"] >= 0.9 for c in cells),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    parser.add_argument(
+        "--train-steps", type=int, default=3000, help="transformer training steps (default 3000)"
+    )
+    parser.add_argument("--epochs", type=int, default=30, help="L3D epochs (default 30)")
+    parser.add_argument(
+        "--pairs", type=int, default=300, help="pairs, as many held out (default 300)"
+    )
+    parser.add_argument(
+        "--scale", type=float, default=2.0, help="steps: 41 in [-s, s] x ||W0|| (default 2)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    start, load_before = time.perf_counter(), os.getloadavg()
+    results = []
+    for seed in seeds:
+        print(f"seed {seed}: training the transformer ({args.train_steps} steps), decomposing ...")
+        results.append(
+            run_seed(
+                seed, train_steps=args.train_steps, epochs=args.epochs, n_pairs=args.pairs,
+                scale=args.scale,
+            )
+        )  # fmt: skip
+    met = targets(results)
+    seconds, load_after = time.perf_counter() - start, os.getloadavg()
+    environment = {
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(load_after),
+        "seconds": seconds,
+    }
+    summary = [
+        "# Contrastive pairs on the synthetic multi-task transformer",
+        "",
+        f"COPY against REVERSE prompts on the same symbols, compared at the SEP token; {PARAMS}; "
+        f"L3D {L3D}, {args.epochs} epochs; one way: {ONE_WAY}, both ways: {BOTH_WAYS}. "
+        f"{args.pairs} pairs and as many held out; steps in [-{args.scale:g}, {args.scale:g}] x "
+        "||W0||.",
+        "",
+        *table(results),
+        "",
+        "Answer accuracy at W0 per seed: "
+        + "; ".join(
+            f"seed {r['seed']}: "
+            + ", ".join(f"{t} {v:.3f}" for t, v in r["answer_accuracy"].items())
+            for r in results
+        ),
+        "",
+        "Targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()) + ".",
+        "",
+        f"{seconds:.0f} s on {environment['threads']} torch thread(s), {environment['cpus']} "
+        f"CPUs, load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after.",
+    ]
+    print("\n".join(summary))
+    metrics = {
+        "seeds": seeds,
+        "settings": {
+            "params": PARAMS, "l3d": L3D, "one_way": ONE_WAY, "both_ways": BOTH_WAYS,
+            "epochs": args.epochs, "pairs": args.pairs, "scale": args.scale,
+            "train_steps": args.train_steps,
+        },
+        "results": results,
+        "targets": met,
+        "environment": environment,
+    }  # fmt: skip
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "summary.md", "\n".join(summary) + "\n")
+    print(f"Wrote {out}/summary.md and {out}/metrics.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
