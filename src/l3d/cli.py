@@ -1,12 +1,14 @@
-"""The `l3d` command: decompose from a config file, resume, run the toy suite, analyse, intervene
-and write an HTML report. User errors print one line and exit with status 2; a run stopped by
-Ctrl-C or SIGTERM saves a checkpoint and exits with 128 + the signal number."""
+"""The `l3d` command: decompose from a config file, resume, run the toy suite, analyse, intervene,
+finetune along subnetworks and write an HTML report. User errors print one line and exit with
+status 2; a run stopped by Ctrl-C or SIGTERM saves a checkpoint and exits with 128 + the signal
+number."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,9 +49,19 @@ INTERVENE_EXAMPLES = """examples:
   l3d intervene runs/tms --subnetwork 0 --delta 0.5 1 2
   l3d intervene runs/tms --subnetwork 0 1 2 --delta -1 1 --n-samples 500
 """
+FINETUNE_EXAMPLES = """examples:
+  l3d finetune runs/tms --subnetworks 0 3 --data edit.safetensors --out runs/tms/adapter
+  l3d finetune runs/tms --subnetworks contrast:2 --data edit.safetensors \\
+      --retain keep.safetensors --train factors --steps 200 --out runs/tms/adapter2
+
+A data file is safetensors with 'inputs' (or the model's keyword inputs, e.g. input_ids and
+attention_mask) and 'labels' (class or next-token ids, -100 where nothing is scored, or float
+targets shaped like the outputs); a retain file needs only the inputs.
+"""
 REPORT_EXAMPLES = """examples:
   l3d report runs/tms                      # writes runs/tms/report/index.html
   l3d report runs/tms --out /tmp/tms-report
+  l3d report runs/tms --no-analyze         # never runs the model: no examples without an analysis
 """
 
 
@@ -193,16 +205,50 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "report",
-        help="write a static HTML report of a run",
-        description="Write a self-contained static HTML report (no network): loss curves, P_act, "
-        "dead subnetworks, config, and a section per subnetwork with V_out heatmaps, top samples, "
-        "top logits and intervention plots.",
+        help="write a static HTML dashboard of a run",
+        description="Write a self-contained static HTML dashboard (no network): an index with "
+        "losses, P_act, co-activation and a sortable, searchable row per subnetwork, and a page "
+        "per subnetwork (impact histogram, top and quantile examples, outputs it moves, "
+        "interventions, related subnetworks, V_out heatmaps). Runs `l3d analyze` first when the "
+        "run has no analysis yet.",
         epilog=REPORT_EXAMPLES,
         formatter_class=fmt,
     )
     p.add_argument("run_dir")
     p.add_argument("--out", help="report folder (default: RUN_DIR/report)")
+    p.add_argument(
+        "--no-analyze",
+        action="store_true",
+        help="do not run the analysis when RUN_DIR/analysis is missing (no examples then)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no messages")
+
+    p = sub.add_parser(
+        "finetune",
+        help="edit the model along chosen subnetworks (an adapter W0 + sum_k alpha_k v_k)",
+        description="Finetune along subnetworks (paper Section 4.2, Appendix B.2): learn alpha "
+        "(and with --train factors the subnetworks' factors) so that W = W0 + sum_k alpha_k v_k "
+        "fits the data; writes the adapter (adapter.json + adapter.safetensors) to --out and "
+        "prints how far it moved each tensor.",
+        epilog=FINETUNE_EXAMPLES,
+        formatter_class=fmt,
+    )
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--subnetworks", nargs="+", required=True, metavar="K",
+        help="indices, or top:N (largest impact on --data) or contrast:N (on --data over --retain)",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, help="safetensors file of inputs and labels")
+    p.add_argument("--out", required=True, help="adapter folder")
+    p.add_argument("--retain", help="safetensors file of inputs whose outputs to keep")
+    p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain term")
+    p.add_argument("--objective", choices=["labels", "forget"], default="labels")
+    p.add_argument("--train", choices=["scalars", "factors"], default="scalars")
+    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=_positive_int, help="rows per step (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     return parser
 
 
@@ -240,6 +286,16 @@ def _quiet_libraries(args: argparse.Namespace, spec: Any) -> Iterator[None]:
 
 
 def _decompose(args: argparse.Namespace) -> int:
+    from l3d.runs.execution import process_group
+
+    # Under torchrun: one distributed run of all its processes; rank 0 speaks for it.
+    with process_group() as group:
+        if group is not None and not group.lead:
+            args.quiet = True
+        return _decompose_folder(args)
+
+
+def _decompose_folder(args: argparse.Namespace) -> int:
     from l3d import runs
 
     if args.resume:
@@ -330,15 +386,15 @@ def _inputs(run, n_samples: int | None):
     return inputs if n_samples is None else take(inputs, slice(0, n_samples))
 
 
-def _refuse_pairs(run_dir: Any) -> None:
-    """Analysis draws references from batches; a pair run's are its counterparts' outputs."""
-    if run_dir.spec().data.pairs is not None:
-        raise L3DError(
-            f"{run_dir.path} decomposed contrastive pairs (data.pairs): analysis of pair runs is "
-            "not supported yet; in Python, run = l3d.runs.open_run(RUN_DIR), then "
-            "l3d.pairs.pair_coefficients(run.decomposition, inputs, counterparts) and "
-            "l3d.pairs.patching_scores(...)"
-        )
+def _analysed(run, n_samples: int | None):
+    """The run's inputs, the first n_samples; a pair run's as pairs (`Referenced`: each input with
+    its counterpart's output, the reference it was decomposed with, paper Section 4.2)."""
+    from l3d.core.samples import Referenced, take
+
+    if not isinstance(run.data, Referenced):
+        return _inputs(run, n_samples)
+    rows = slice(0, n_samples)
+    return Referenced(take(run.data.inputs, rows), run.data.references[rows])
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -350,7 +406,6 @@ def _analyze(args: argparse.Namespace) -> int:
         raise L3DError(f"analysis (l3d.analysis) is not available: {err}") from None
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
-    _refuse_pairs(run_dir)
     out = runs.writable_folder(Path(args.out) if args.out else run_dir.analysis, "analysis")
     with _quiet_libraries(args, run_dir.spec()):
         run = runs.open_run(run_dir.path)
@@ -364,7 +419,7 @@ def _analyze(args: argparse.Namespace) -> int:
             labels = labels[: args.n_samples]
         result = write_analysis(
             run.decomposition,
-            _inputs(run, args.n_samples),
+            _analysed(run, args.n_samples),
             out,
             tokenizer=tokenizer,
             labels=labels,
@@ -399,10 +454,11 @@ def _analysis_headline(summary: dict) -> str:
 
 def _intervene(args: argparse.Namespace) -> int:
     from l3d import io, plots, runs
+    from l3d.analysis import pair_impacts
+    from l3d.core.samples import Referenced
 
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
-    _refuse_pairs(run_dir)
     folder = runs.writable_folder(run_dir.interventions, "interventions")
     with _quiet_libraries(args, run_dir.spec()):
         run = runs.open_run(run_dir.path)
@@ -412,8 +468,12 @@ def _intervene(args: argparse.Namespace) -> int:
             raise L3DError(
                 f"--subnetwork {bad} out of range: this run has subnetworks 0..{n_v - 1}"
             )
-        inputs = _inputs(run, args.n_samples)
-        impact = run.decomposition.impact(inputs, n_references=args.n_references).cpu()
+        d, inputs = run.decomposition, _analysed(run, args.n_samples)
+        if isinstance(inputs, Referenced):  # a pair run: each input's reference is given
+            impact = pair_impacts(d, inputs, [d.subnetworks.v_in])[0]
+            inputs = inputs.inputs
+        else:
+            impact = d.impact(inputs, n_references=args.n_references).cpu()
         label = run.decomposition.divergence.change_label
         for k in args.subnetwork:
             change, floor = run.decomposition.output_change_and_floor(inputs, k, args.delta)
@@ -453,14 +513,72 @@ def _intervention_headline(
 
 
 def _report(args: argparse.Namespace) -> int:
-    from l3d.report import write_report
+    from l3d import runs
+    from l3d.report import headline, write_report
 
+    run_dir = runs.RunDir(Path(args.run_dir))
+    # Examples, histograms and logits come from the analysis: make it unless told not to (a
+    # folder holding only a decomposition, without config.yaml, has no data to analyse).
+    analysed = (run_dir.analysis / "analysis.json").is_file()
+    if run_dir.finished and run_dir.config.is_file() and not analysed:
+        if args.no_analyze:
+            hint = f"run `l3d analyze {args.run_dir}`"
+            _say(args, f"no analysis: the report has no examples ({hint})")
+        else:
+            _say(args, f"no analysis yet: running `l3d analyze {args.run_dir}` first")
+            # Parsed like the command line, so the analysis gets `l3d analyze`'s own defaults.
+            _analyze(_parser().parse_args(["analyze", args.run_dir, *(["-q"] * args.quiet)]))
     path = write_report(args.run_dir, args.out)
+    _say(args, headline(args.run_dir))
     _say(args, f"report: {path}")
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from l3d import runs
+    from l3d.finetuning import finetune, read_data, read_inputs, select_subnetworks
+
+    run_dir = runs.RunDir(Path(args.run_dir))
+    run_dir.require_finished()
+    out = runs.writable_folder(Path(args.out), "adapter")
+    with _quiet_libraries(args, run_dir.spec()):
+        decomposition = runs.open_run(run_dir.path).decomposition
+        data = read_data(args.data)
+        retain = None if args.retain is None else read_inputs(args.retain)
+        chosen = select_subnetworks(decomposition, args.subnetworks, data.inputs, retain)
+        adapter = finetune(
+            decomposition,
+            data,
+            subnetworks=chosen,
+            objective=args.objective,
+            train=args.train,
+            steps=args.steps,
+            lr=args.lr,
+            retain=retain,
+            retain_weight=args.retain_weight,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+        adapter.save(out)
+    first, last = adapter.history[0], adapter.history[-1]
+    alphas = ", ".join(f"{k}: {float(a):.3g}" for k, a in zip(chosen, adapter.alpha.tolist()))
+    if not args.quiet:
+        print(f"subnetworks (alpha): {alphas}; trained numbers: {adapter.n_trainable}")
+        for key in ("objective", "retain_distance"):
+            if key in last:
+                steps = f"{_fmt(first[key])} at step 1 -> {_fmt(last[key])} at step {last['step']}"
+                print(f"{key}: {steps}")
+        print(f"{'tensor':40s} {'||W0||':>10s} {'||dW||':>10s} {'ratio':>10s}")
+        for name, moved in adapter.delta_norms().items():
+            w0 = float(decomposition.target.w0[name].norm())
+            print(f"{name:40s} {w0:10.4g} {moved:10.4g} {moved / max(w0, 1e-30):10.3g}")
+    _say(args, f"adapter saved to {out}")
+    return 0
+
+
 COMMANDS = {
+    "finetune": _finetune,
     "decompose": _decompose,
     "experiment": _experiment,
     "analyze": _analyze,
@@ -484,6 +602,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err.prog}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
+        if args.command != "decompose" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Its processes would each do all the work and write the same files.
+            raise L3DError(
+                f"`l3d {args.command}` runs in one process: launch it without torchrun (only "
+                "`l3d decompose` is distributed; see docs/distributed.md)"
+            )
         return COMMANDS[args.command](args)
     except L3DError as err:
         print(f"l3d {args.command}: error: {err}", file=sys.stderr)

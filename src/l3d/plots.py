@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from l3d import io
@@ -62,11 +63,14 @@ def p_active_figure(
         axes[0, 0].hist(values, bins=min(50, max(10, len(values) // 2)), color="tab:blue")
         axes[0, 0].set_xlabel("P_act")
         axes[0, 0].set_ylabel("subnetworks")
+        # Counts: never a "0.5 subnetworks" tick.
+        axes[0, 0].yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax = axes[0, -1]
     colors = ["tab:red" if v == 0 else "tab:blue" for v in values]
     ax.bar(np.arange(len(values)), values, color=colors, width=0.9)
     order = "sorted by P_act" if sort else "by index"
     ax.set_xlabel(f"subnetwork ({order}; dead in red)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel("P_act")
     return fig
 
@@ -89,6 +93,7 @@ def plot_training_curve(history: list[dict], path: str | Path, title: str = "L3D
     )
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel("reconstruction loss")
     ax.set_title(title)
     lr_ax = ax.twinx()
@@ -114,6 +119,8 @@ def loss_curves_figure(records: list[dict]) -> Figure:
     ax_live.plot(epochs, [r["live_subnetworks"] for r in records], color="tab:green")
     ax_live.set_xlabel("epoch")
     ax_live.set_ylabel("live subnetworks")
+    for axis in (ax.xaxis, ax_live.xaxis, ax_live.yaxis):  # epochs and counts are whole numbers
+        axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     return fig
 
 
@@ -236,4 +243,36 @@ def intervention_figure(result: dict) -> Figure:
     ax_impact.set_ylabel("impact I(x, v_k)")
     ax_impact.set_yscale("symlog", linthresh=1e-6)
     fig.suptitle(f"intervening on subnetwork {result['subnetwork']}")
+    return fig
+
+
+# Finetuning ------------------------------------------------------------------------------------
+
+
+def finetune_tradeoff_figure(
+    runs: list[dict],
+    *,
+    x: str,
+    y: str,
+    labels: dict[str, str],
+    xlabel: str,
+    ylabel: str,
+    ylog: bool = True,
+) -> Figure:
+    """The trade-off of finetuning methods (l3d.finetuning): one line per run (method, learning
+    rate, seed) through its evaluated checkpoints, x against y, one colour per method."""
+    fig, ax = subplots(figsize=(6.5, 4.5))
+    cmap = colormaps["tab10"]
+    for i, (method, label) in enumerate(labels.items()):
+        mine = [r for r in runs if r["method"] == method]
+        for j, run in enumerate(mine):
+            xs = [p[x] for p in run["curve"]]
+            ys = [p[y] for p in run["curve"]]
+            ax.plot(xs, ys, "-", marker=".", markersize=3, lw=0.8, alpha=0.7, color=cmap(i),
+                    label=label if j == 0 else None)  # fmt: skip
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small")
     return fig
