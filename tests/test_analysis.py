@@ -237,6 +237,37 @@ def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_pat
     assert len(base.split()) == 3
     assert generate(d, Tokenizer(), "once upon a", k=0, delta=0.0, max_new_tokens=3) == base
 
+    # Continuations of each live subnetwork's top samples at W0 - δ v_k, W0, W0 + δ v_k, against a
+    # loop of argmax steps on the moved model (eos masked: the columns have equal length).
+    eos = model.config.eos_token_id
+
+    def greedy(prompt: torch.Tensor, k: int, delta: float, n: int) -> str:
+        out = prompt.clone()
+        with d.perturbed(k, delta):
+            for _ in range(n):
+                logits = model(out[None]).logits[0, -1]
+                if eos is not None:
+                    logits[eos] = -float("inf")
+                out = torch.cat([out, logits.argmax()[None]])
+        return Words().decode(out[len(prompt) :].tolist())
+
+    delta = options.generation_scale * d.weight_norm()
+    assert result["summary"]["generation_delta"] == pytest.approx(delta)
+    live = [r for r in result["subnetworks"] if not r["dead"]]
+    assert live and all(1 <= len(r["generations"]) <= 2 for r in live)
+    for r in live:
+        prompts = [g["prompt"] for g in r["generations"]]
+        assert len(set(prompts)) == len(prompts)  # distinct contexts
+        for g in r["generations"]:
+            row, pos = positions[g["sample"]].tolist()
+            prompt = ids[row, : pos + 1]
+            assert g["prompt"] == Words().decode(prompt.tolist())
+            n = options.generation_tokens
+            with torch.no_grad():
+                assert g["zero"] == greedy(prompt, r["index"], 0.0, n)
+                assert g["plus"] == greedy(prompt, r["index"], delta, n)
+                assert g["minus"] == greedy(prompt, r["index"], -delta, n)
+
 
 class _Offset(nn.Module):
     """`net`'s outputs times `scale` plus `offset`: with a large offset and a small scale, every

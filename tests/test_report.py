@@ -761,6 +761,11 @@ def test_language_model_run_end_to_end_in_the_browser(tmp_path, browser):
         windows += page.eval("document.body.innerText")
         assert page.errors() == []
     assert "<script>window" in windows and "a·<b" in windows  # the hostile lines, as text
+    # Greedy continuations at -δ, W0, +δ for every live subnetwork (the analysis wrote them).
+    analysis = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    live = [r for r in analysis["subnetworks"] if not r["dead"]]
+    assert live and all(r["generations"] for r in live)
+    assert windows.count("Greedy continuations") == len(live)
     page.screenshot(tmp_path / "text.png")
 
 

@@ -185,22 +185,44 @@ def generate(
     max_new_tokens: int = 20,
 ) -> str:
     """Greedy continuation of `prompt` by the LM at W0 + δ v_k (at W0 when k is None)."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return tokenizer.decode(generate_ids(decomposition, ids, k, delta, max_new_tokens, pad))
+
+
+def can_generate(decomposition: Decomposition) -> bool:
+    """Whether the decomposed model is a causal LM with `.generate()` (transformers)."""
+    return hasattr(decomposition.model, "generate")
+
+
+@torch.no_grad()
+def generate_ids(
+    decomposition: Decomposition,
+    ids: Tensor,
+    k: int | None = None,
+    delta: float = 0.0,
+    max_new_tokens: int = 20,
+    pad_token_id: int | None = None,
+) -> list[int]:
+    """Greedy continuation (new token ids) of the prompt `ids` (seq,) by the LM at W0 + δ v_k (at
+    W0 when k is None)."""
     model: Any = decomposition.model  # a transformers LM: generate() is not nn.Module's
-    if not hasattr(model, "generate"):
+    if not can_generate(decomposition):
         raise L3DError(
             f"{type(model).__name__} has no .generate(): text generation needs a causal LM"
         )
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(decomposition.device)
+    prompt = ids.reshape(1, -1).to(decomposition.device)
 
-    def run() -> str:
+    def run() -> list[int]:
         out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
+            prompt,
+            attention_mask=torch.ones_like(prompt),
             max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,  # side-by-side columns of equal length
             do_sample=False,
-            pad_token_id=getattr(tokenizer, "pad_token_id", None),
+            pad_token_id=pad_token_id,
         )
-        return tokenizer.decode(out[0, ids.shape[1] :].tolist())
+        return out[0, prompt.shape[1] :].tolist()
 
     if k is None:
         return run()

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from l3d import io, plots
 from l3d.analysis.quantities import (
     InterventionEffect,
+    can_generate,
+    generate_ids,
     intervention_effect,
     pair_impacts,
     random_samples,
@@ -43,6 +45,13 @@ class AnalysisOptions:
         or None ("below noise") when the change on random samples is below the noise floor of
         `Decomposition.output_change_and_floor`.
     baseline: with labels, also measure the purity of random directions of the same ranks.
+    n_generations: for a causal LM with a tokenizer, greedy continuations of this many of each
+        live subnetwork's top samples (the context up to the sample token) at W0 - δ v_k, W0 and
+        W0 + δ v_k, side by side in the report; 0 for none.
+    generation_tokens: tokens generated per continuation.
+    generation_scale: δ of the continuations, as a multiple of ‖W0‖. Larger than
+        `intervention_scale`: a greedy token changes only once a logit gap is crossed, and the
+        continuations are there to show what the subnetwork does, not to measure locally.
     seed: seeds the references, the random samples and the random directions.
     chunk_size: inputs per chunk of the impact (default: the training batch size).
     progress: show progress bars (impact, then the subnetworks' samples, logits, interventions).
@@ -52,6 +61,9 @@ class AnalysisOptions:
     n_references: int = 10
     n_logits: int = 10
     intervention_scale: float = 0.02
+    n_generations: int = 2
+    generation_tokens: int = 8
+    generation_scale: float = 0.1
     baseline: bool = True
     seed: int = 0
     chunk_size: int | None = None
@@ -119,6 +131,16 @@ def write_analysis(
     with torch.no_grad():
         dense = decomposition.subnetworks.v_out.materialize()  # once: (n_v, *shape) per tensor
 
+    generating = (
+        per_token
+        and tokenizer is not None
+        and options.n_generations > 0
+        and can_generate(decomposition)
+    )
+    describe.generation = (
+        options.generation_scale * decomposition.weight_norm(),
+        options.generation_tokens,
+    )
     records: list[dict[str, Any]] = []
     bar = tqdm(range(n_v), desc="analysis", unit="subnetwork", disable=not options.progress)
     for k in bar:
@@ -143,6 +165,9 @@ def write_analysis(
         }
         if describe.images is not None:
             record["grid"] = describe.grid(k, top[k], samples, float(p_active[k]))
+        if generating and not record["dead"]:
+            prompts = describe.distinct_prompts(top[k].tolist(), options.n_generations)
+            record["generations"] = [describe.continuations(decomposition, s, k) for s in prompts]
         records.append(record)
 
     if pairs is not None:
@@ -163,6 +188,7 @@ def write_analysis(
         "loss_paper": decomposition.evaluation.loss_paper,
         "loss_pooled_squared": decomposition.evaluation.loss_pooled_squared,
         "intervention_delta": delta,
+        "generation_delta": describe.generation[0] if generating else None,
         # Over live subnetworks whose interventions measure above round-off (None if none).
         "median_intervention_selectivity": (
             float(torch.tensor(ratios).median()) if ratios else None
@@ -222,6 +248,10 @@ class _Describer:
     class_names: Sequence[str] | None
     images: Path | None
     saved: dict[int, str] = field(default_factory=dict)
+    generation: tuple[float, int] = (0.0, 0)
+    """(δ, new tokens) of `continuations`."""
+    at_w0: dict[int, str] = field(default_factory=dict)
+    """The W0 continuation of each sample's prompt, generated once for all subnetworks."""
 
     def __post_init__(self) -> None:
         if self.images is not None:
@@ -253,6 +283,44 @@ class _Describer:
                 plots.save_image(self._image(row), self.images / self.saved[row])
             entry["image"] = self.saved[row]
         return entry
+
+    def _prompt(self, s: int) -> Tensor:
+        """Sample s's context up to and including its token, (pos + 1,) ids."""
+        row, pos = (int(v) for v in self.positions[s])
+        inputs = self.inputs
+        return (inputs["input_ids"] if isinstance(inputs, dict) else inputs)[row, : pos + 1]
+
+    def distinct_prompts(self, samples: list[int], n: int) -> list[int]:
+        """The first n of `samples` whose prompts differ (a corpus repeats its lines)."""
+        chosen: list[int] = []
+        seen: set[tuple[int, ...]] = set()
+        for s in samples:
+            key = tuple(self._prompt(s).tolist())
+            if key not in seen and len(chosen) < n:
+                seen.add(key)
+                chosen.append(s)
+        return chosen
+
+    def continuations(self, decomposition: Decomposition, s: int, k: int) -> dict[str, Any]:
+        """Greedy continuations of sample s's context (up to and including its token) at
+        W0 - δ v_k, W0 and W0 + δ v_k (per-token LM samples with a tokenizer only)."""
+        ids = self._prompt(s)
+        delta, n_new = self.generation
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+
+        def text(k_: int | None, d: float) -> str:
+            return self.tokenizer.decode(generate_ids(decomposition, ids, k_, d, n_new, pad))
+
+        if s not in self.at_w0:
+            self.at_w0[s] = text(None, 0.0)
+        return {
+            "sample": s,
+            "prompt": self.tokenizer.decode(ids.tolist()),
+            "delta": delta,
+            "minus": text(k, -delta),
+            "zero": self.at_w0[s],
+            "plus": text(k, delta),
+        }
 
     def _image(self, row: int) -> Tensor:
         """Input `row` of an image batch (`images` is set only for one, a tensor)."""

@@ -46,6 +46,9 @@ ol.examples li { display: flex; gap: 0.8rem; align-items: flex-start; padding: 0
 .heatmaps figcaption { max-width: 18rem; }
 a.rel { display: inline-block; min-width: 3.5rem; }
 img.sample { width: 64px; height: 64px; object-fit: contain; }
+table.generations td { vertical-align: top; max-width: 22rem; font-family: ui-monospace, monospace;
+                       font-size: 0.85rem; white-space: pre-wrap; word-break: break-word; }
+table.generations td.changed { background: #fff3c4; }
 """
 
 
@@ -84,6 +87,7 @@ def write_page(
     parts.append(f'<div class="row">{"".join(first)}</div>')
     parts.append(_logits(entry, data.summary))
     parts.append(_effect(entry, data.summary))
+    parts.append(_generations(entry))
     if k in data.interventions:
         parts.append(_intervention(data.interventions[k], k, assets))
     elif data.summary:  # an analysed run: `l3d intervene` works on it too
@@ -103,6 +107,35 @@ def write_page(
     )
     return page(
         f"Subnetwork {k} · {data.run.path.resolve().name}", header, "".join(parts), style=STYLE
+    )
+
+
+def _generations(entry: dict) -> str:
+    """Greedy continuations of the top samples' contexts at W0 - δ v_k, W0, W0 + δ v_k, side by
+    side (written by the analysis for causal LMs)."""
+    generations = entry.get("generations")
+    if not generations:
+        return ""
+    delta = fmt(generations[0]["delta"])
+    head = (
+        f"<tr><th>prompt (top sample)</th><th>δ = −{delta}</th><th>W0</th><th>δ = +{delta}</th>"
+        "</tr>"
+    )
+    rows = "".join(
+        f'<tr><td class="gen">{e(visible(g["prompt"]))}</td>'
+        + "".join(
+            f'<td class="gen{" changed" if g[side] != g["zero"] else ""}">{e(visible(g[side]))}'
+            "</td>"
+            for side in ("minus", "zero", "plus")
+        )
+        + "</tr>"
+        for g in generations
+    )
+    return (
+        "<h2>Greedy continuations</h2><p class=note>the model's next tokens after each top "
+        "sample's context (up to and including its token), moved along V_out by −δ and +δ; "
+        "a highlighted cell differs from W0's</p>"
+        f'<table class="generations">{head}{rows}</table>'
     )
 
 
