@@ -231,6 +231,12 @@ def test_figures_count_in_whole_numbers():
         assert all(float(t).is_integer() for t in ticks), ticks
 
 
+def test_control_characters_are_shown_escaped_never_blank():
+    assert report_data.visible("\x0b") == "\\x0b"
+    assert report_data.visible("a\x0cb\u2028") == "a\\x0cb\\u2028"
+    assert report_data.visible(" \n") == "·↵" and report_data.visible("") == "∅"
+
+
 def test_matched_units_and_quantile_bands():
     x, _ = sparse_vectors(400, 4, seed=0)
     units = np.eye(4, dtype=bool)

@@ -8,6 +8,7 @@ becomes a note on the page saying how to get it, never a failed report."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,9 +335,18 @@ def token_text(samples: Samples, token_id: int) -> str:
 
 def visible(text: str) -> str:
     """A token or output name that never shows as a blank: ∅ when empty, spaces as · when it is
-    only whitespace, newlines and tabs as ↵ and →."""
+    only whitespace, newlines and tabs as ↵ and →, other control characters (vertical tab, form
+    feed, ...) as their escape, e.g. \\x0b."""
     if text == "":
         return "∅"
     if not text.strip():
         text = text.replace(" ", "·")
-    return text.replace("\n", "↵").replace("\t", "→")
+    text = text.replace("\n", "↵").replace("\t", "→")
+    return "".join(
+        _escaped(c) if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text
+    )
+
+
+def _escaped(c: str) -> str:
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
