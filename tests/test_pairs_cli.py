@@ -183,6 +183,35 @@ def test_analysis_of_a_pairs_run_uses_each_inputs_counterpart(pair_run, tmp_path
     assert "patching score" in (out / "analysis.md").read_text()
 
 
+def test_held_out_pairs_are_analysed_with_data(pair_run, tmp_path, capsys):
+    held_out = sparse_features(
+        40, N_FEATURES, p_active=0.4, generator=torch.Generator().manual_seed(7)
+    )
+    counterparts = held_out.clone()
+    counterparts[:, 0] = 0
+    path = tmp_path / "held_out.safetensors"
+    save_file({"inputs": held_out, "counterparts": counterparts}, str(path))
+    out = tmp_path / "analysis"
+    argv = ["analyze", str(pair_run), "--data", str(path), "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "analysis.json").read_text())
+    best = max(r["patching_score"] for r in result["subnetworks"])
+    assert result["summary"]["best_patching_score"] == best
+    assert f"best patching score {best:.3g}" in capsys.readouterr().err
+    assert result["summary"]["n_samples"] == 40
+    loaded = l3d.load(pair_run / "decomposition", TMS(N_FEATURES, N_HIDDEN))
+    impact = load_file(str(out / "impact.safetensors"))["impact"]
+    expected = pair_coefficients(loaded, held_out, counterparts).abs()
+    torch.testing.assert_close(impact, expected, rtol=1e-5, atol=1e-7)
+    scores = patching_scores(loaded, held_out, counterparts)
+    for record in result["subnetworks"]:
+        assert record["patching_score"] == pytest.approx(float(scores[record["index"]]), abs=1e-6)
+    capsys.readouterr()
+    assert main(["analyze", str(pair_run), "--data", str(tmp_path / "nope.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no such file" in err and len(err.splitlines()) == 1
+
+
 def test_a_pairs_run_is_analysed_intervened_and_reported_in_its_folder(tmp_path, capsys):
     config = _config(tmp_path)
     run = tmp_path / "run"
@@ -351,3 +380,12 @@ def test_checkpoints_of_runs_without_pairs_keep_their_config_hash():
     )
     assert "pairs" not in spec.resolved()["data"]
     assert "pairs" in runs.RunSpec.create(SPEC).resolved()["data"]
+
+
+def test_data_replaces_only_a_data_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"inputs": torch.zeros(2, N_FEATURES)}, str(path))
+    source = runs.DataSource(file="a.safetensors", options={"key": "inputs"})
+    assert runs.with_data_file(source, path).file == str(path)
+    with pytest.raises(l3d.L3DError, match="come from a toy"):
+        runs.with_data_file(runs.DataSource(toy="tms"), path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import os
 import sys
@@ -180,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
         "--n-references", type=_positive_int, default=10, help="references averaged in impact"
     )
     p.add_argument("--n-samples", type=_positive_int, help="analyse only the first N samples")
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        help="analyse these inputs instead of the run's: a data file with the run's tensor names "
+        "(e.g. held-out inputs, or held-out pairs for a pair run's patching scores)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
 
     p = sub.add_parser(
@@ -414,7 +421,11 @@ def _analyze(args: argparse.Namespace) -> int:
             tokenizer = runs.load_tokenizer(
                 run.spec.data.options.get("tokenizer", run.spec.model.hf)
             )
-        labels = runs.build_labels(run.spec.data)
+        source = run.spec.data
+        if args.data is not None:
+            source = runs.with_data_file(source, args.data)
+            run = dataclasses.replace(run, data=runs.build_data(source, run.spec.model, run.model))
+        labels = runs.build_labels(source)
         if labels is not None and args.n_samples is not None:
             labels = labels[: args.n_samples]
         result = write_analysis(
@@ -445,6 +456,8 @@ def _analysis_headline(summary: dict) -> str:
         f"{summary['n_dead']}/{summary['n_subnetworks']}",
         f"median intervention selectivity {selectivity}",
     ]
+    if summary.get("best_patching_score") is not None:
+        parts.append(f"best patching score {_fmt(summary['best_patching_score'])}")
     if "purity" in summary:
         random = summary.get("purity_random_directions")
         baseline = f" (random directions {_fmt(random)})" if random is not None else ""

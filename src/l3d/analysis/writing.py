@@ -195,6 +195,9 @@ def write_analysis(
         ),
         "n_intervention_below_noise": len(live_effects) - len(ratios),
         "weight_norm": decomposition.weight_norm(),
+        "best_patching_score": (
+            max(r["patching_score"] for r in records) if pairs is not None else None
+        ),
         "change_label": decomposition.divergence.change_label,
         "derivative_label": decomposition.divergence.derivative_label,
     }

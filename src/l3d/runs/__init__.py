@@ -26,6 +26,7 @@ from l3d.runs.sources import (
     import_object,
     load_tokenizer,
     resolve_custom,
+    with_data_file,
 )
 from l3d.runs.spec import (
     DataSource,
@@ -65,5 +66,6 @@ __all__ = [
     "resolve_custom",
     "save_checkpoint",
     "unflatten_state",
+    "with_data_file",
     "writable_folder",
 ]

@@ -239,6 +239,23 @@ def _pair_data(source: DataSource, pairs: PairSource, inputs: Any, model: nn.Mod
     )
 
 
+def with_data_file(source: DataSource, path: str | Path) -> DataSource:
+    """The run's data source reading `path` instead of its own file (a .safetensors file with the
+    same tensor names, or a text file for text data): e.g. held-out inputs or pairs to analyse."""
+    path = Path(path)
+    if not path.is_file():
+        raise L3DError(f"--data {path}: no such file; pass a data file like the run's")
+    if source.file is not None:
+        return source.model_copy(update={"file": str(path)})
+    if source.text is not None:
+        return source.model_copy(update={"text": str(path)})
+    kind = "a toy" if source.toy is not None else "a Python function"
+    raise L3DError(
+        f"--data replaces the run's data file, but this run's data come from {kind}; "
+        "analyse other inputs from Python (l3d.analysis.write_analysis) instead"
+    )
+
+
 def build_labels(source: DataSource) -> Any:
     """The labels named by the data source, or None."""
     if source.labels is None:
