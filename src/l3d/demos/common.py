@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from argparse import ArgumentParser, Namespace
 from collections.abc import Callable, Sequence
@@ -24,6 +25,40 @@ ANALYSIS_SUMMARY = (
     "majority_label_fraction",
 )
 """The analysis summary's fields that each demo's summary.json repeats."""
+
+
+class Clock:
+    """Wall time and machine load of a demo run, for its summary: a figure is only worth quoting
+    with the threads and the load it was measured at."""
+
+    def __init__(self) -> None:
+        self.start, self.load_before = time.perf_counter(), os.getloadavg()
+
+    def environment(self) -> dict[str, Any]:
+        """Threads, CPUs, 1/5/15-minute load averages before and now, seconds since the start."""
+        return {
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "loadavg_before": list(self.load_before),
+            "loadavg_after": list(os.getloadavg()),
+            "seconds": time.perf_counter() - self.start,
+        }
+
+
+def environment_line(environment: dict[str, Any]) -> str:
+    """`Clock.environment()` as the sentence a demo's summary.md ends with."""
+    return (
+        f"{environment['seconds']:.0f} s on {environment['threads']} torch thread(s), "
+        f"{environment['cpus']} CPUs, load average (1 min) {environment['loadavg_before'][0]:.2f} "
+        f"before, {environment['loadavg_after'][0]:.2f} after."
+    )
+
+
+def seed_list(text: str) -> list[int]:
+    """Seeds from '0,1,2' (a bad list is a one-line error)."""
+    from l3d.experiments.runner import parse_seeds  # the experiments' own parsing and message
+
+    return parse_seeds(text)
 
 
 def demo_arguments(

@@ -30,7 +30,6 @@ images (grid_seed{S}_subnetwork{K}.png) to --out.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,6 +43,7 @@ from l3d.analysis import top_logits
 from l3d.core.subnetworks import total
 from l3d.decomposition import Decomposition
 from l3d.demos import digits_cnn as dc
+from l3d.demos.common import Clock, environment_line, seed_list
 from l3d.experiments.metrics import match_units
 from l3d.io import write_json, write_text
 from l3d.pairs import (
@@ -266,11 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-top", type=int, default=20, help="top pairs per direction")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = seed_list(args.seeds)
     torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    start, load_before = time.perf_counter(), os.getloadavg()
+    clock = Clock()
     results = []
     for seed in seeds:
         print(f"seed {seed}: training the CNN ({args.train_epochs} epochs), decomposing ...")
@@ -281,14 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         )  # fmt: skip
     met = targets(results)
-    seconds, load_after = time.perf_counter() - start, os.getloadavg()
-    environment = {
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(load_after),
-        "seconds": seconds,
-    }
+    environment = clock.environment()
     summary = [
         "# Contrastive pairs on the digits CNN",
         "",
@@ -307,8 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         "Targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()) + ".",
         "",
-        f"{seconds:.0f} s on {environment['threads']} torch thread(s), {environment['cpus']} "
-        f"CPUs, load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after.",
+        environment_line(environment),
     ]
     print("\n".join(summary))
     metrics = {

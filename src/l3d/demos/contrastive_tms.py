@@ -26,7 +26,6 @@ cached in --out/toy).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from l3d.decomposition import Decomposition
+from l3d.demos.common import Clock, environment_line, seed_list
 from l3d.experiments import metrics as M
 from l3d.io import write_json, write_text
 from l3d.pairs import (
@@ -387,11 +387,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = seed_list(args.seeds)
     torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    start, load_before = time.perf_counter(), os.getloadavg()
+    clock = Clock()
 
     results = []
     for seed in seeds:
@@ -403,14 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         )  # fmt: skip
     met = targets(results)
-    seconds, load_after = time.perf_counter() - start, os.getloadavg()
-    environment: dict[str, Any] = {
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(load_after),
-        "seconds": seconds,
-    }
+    environment = clock.environment()
     summary = [
         "# Contrastive pairs on TMS 5-2",
         "",
@@ -425,9 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
         *[line for r in results for line in [*seed_table(r), ""]],
         "Targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()) + ".",
         "",
-        f"{seconds:.0f} s on {environment['threads']} torch thread(s), {environment['cpus']} "
-        f"CPUs, load average (1 min) {load_before[0]:.2f} before, "
-        f"{load_after[0]:.2f} after.",
+        environment_line(environment),
     ]
     print("\n".join(summary))
     metrics = {

@@ -31,7 +31,6 @@ Prints the tables and writes summary.md and metrics.json to --out.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 from l3d.decomposition import Decomposition
 from l3d.demos import synthetic_transformer as st
+from l3d.demos.common import Clock, environment_line, seed_list
 from l3d.io import write_json, write_text
 from l3d.pairs import (
     decompose_pairs,
@@ -269,11 +269,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = seed_list(args.seeds)
     torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    start, load_before = time.perf_counter(), os.getloadavg()
+    clock = Clock()
     results = []
     for seed in seeds:
         print(f"seed {seed}: training the transformer ({args.train_steps} steps), decomposing ...")
@@ -284,14 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         )  # fmt: skip
     met = targets(results)
-    seconds, load_after = time.perf_counter() - start, os.getloadavg()
-    environment = {
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(load_after),
-        "seconds": seconds,
-    }
+    environment = clock.environment()
     summary = [
         "# Contrastive pairs on the synthetic multi-task transformer",
         "",
@@ -311,8 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         "Targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()) + ".",
         "",
-        f"{seconds:.0f} s on {environment['threads']} torch thread(s), {environment['cpus']} "
-        f"CPUs, load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after.",
+        environment_line(environment),
     ]
     print("\n".join(summary))
     metrics = {
