@@ -164,3 +164,24 @@ def test_jacobian_cache_shows_progress_when_slow(mlp, monkeypatch, capsys, progr
         assert "Jacobian cache" in err and "/12 " in err and "sample/s" in err
     else:
         assert "Jacobian cache" not in err
+
+
+def test_sample_rows_by_index_and_one_finiteness_flag():
+    """Rows gathered with sample_index equal boolean-mask indexing (padding or none), and the
+    batched finiteness check names the first tensor with NaN/inf."""
+    from l3d import L3DError
+    from l3d.core.gradients.batch import check_finite_gradients, sample_index, to_rows
+    from l3d.core.samples import SampleRows
+
+    x = torch.randn(3, 4, 2)
+    for mask in (torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]]), torch.ones(3, 4)):
+        rows = SampleRows(True, mask.bool())
+        index, n_samples = sample_index(rows, 3)
+        assert n_samples == int(mask.sum()) and (index is None) == bool(mask.all())
+        assert torch.equal(to_rows(x, rows, index), rows.rows(x))
+    assert sample_index(SampleRows(False, None), 3) == (None, 3)
+    check_finite_gradients({"a": x, "b": x})
+    with pytest.raises(L3DError, match="'b' contain NaN/inf"):
+        check_finite_gradients(
+            {"a": x, "b": x.clone().index_fill_(0, torch.tensor([1]), torch.nan), "c": x / 0}
+        )

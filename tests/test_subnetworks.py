@@ -91,24 +91,61 @@ def test_direction_is_shaped_like_the_parameter_and_checks_range():
 
 @pytest.mark.parametrize("factorization", ["cp", "tucker"])
 @pytest.mark.parametrize("triangle_min", [1, 10**9])
-def test_gram_and_its_gradient_equal_dense(factorization, triangle_min, monkeypatch):
-    """The factor Gram (block triangle or one product) and its own backward ((dP + dP^T) F) equal
-    autograd through the dense directions, for a non-symmetric upstream gradient too."""
+@pytest.mark.parametrize("slice_elements", [1, 1 << 24])
+def test_gram_and_its_gradient_equal_dense(
+    factorization, triangle_min, slice_elements, monkeypatch
+):
+    """The factor Gram (mode Grams, or dense directions formed a slice of mode-0 rows at a time;
+    block triangle or one product) and its own backward ((dG + dG^T) D, D formed again) equal
+    autograd through the plain formula V V^T in float64, for a non-symmetric upstream gradient
+    too."""
     import l3d.core.subnetworks
 
     monkeypatch.setattr(l3d.core.subnetworks, "TRIANGLE_MIN", triangle_min)
-    s = make(factorization, rank=3, n_v=5)  # 15 rows: uneven blocks of 4, 4, 4, 3
+    monkeypatch.setattr(l3d.core.subnetworks, "DENSE_GRAM_ELEMENTS", slice_elements)
+    # 15 rows (n_v R): uneven triangle blocks of 4, 4, 4, 3. "w" and "conv" take the dense
+    # directions, the vector "b" its mode Gram.
+    s = Subnetworks(
+        SHAPES,
+        5,
+        {n: 3 for n in SHAPES},
+        factorization,
+        torch.Generator().manual_seed(0),
+        torch.float64,
+    )
     weights = torch.randn(
-        s.n_subnetworks, s.n_subnetworks, generator=torch.Generator().manual_seed(2)
+        s.n_subnetworks,
+        s.n_subnetworks,
+        generator=torch.Generator().manual_seed(2),
+        dtype=torch.float64,
     )
     params = list(s.parameters())
     gram = s.gram()
     fast = torch.autograd.grad((gram * weights).sum(), params)
     flat_v = torch.cat([d.flatten(1) for d in s.materialize().values()], 1)
-    torch.testing.assert_close(gram, flat_v @ flat_v.T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gram, flat_v @ flat_v.T)
     dense = torch.autograd.grad((flat_v @ flat_v.T * weights).sum(), params)
     for gf, gd in zip(fast, dense):
-        torch.testing.assert_close(gf, gd, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gf, gd)
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_gram_functions_gradcheck(tucker, monkeypatch):
+    """The Grams' hand-written backwards against finite differences (float64): the mode Gram with
+    its block triangle, the dense-direction Gram in slices of one mode-0 row."""
+    import l3d.core.subnetworks as subnetworks
+
+    monkeypatch.setattr(subnetworks, "TRIANGLE_MIN", 1)
+    monkeypatch.setattr(subnetworks, "DENSE_GRAM_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    modes = [randn(3, 2, 4), randn(3, 2, 3), randn(3, 2, 2)]
+    core = randn(3, 2, 2, 2) if tucker else None
+    assert torch.autograd.gradcheck(subnetworks._ModeGram.apply, (modes[0],))
+    assert torch.autograd.gradcheck(subnetworks._DenseGram.apply, (core, *modes))
 
 
 def test_one_direction_from_factors_equals_the_materialised_subnetwork():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal, cast
 
 import torch
@@ -52,8 +52,57 @@ def factor_numel(
     return n_subnetworks * (math.prod(ranks) + sum(r * d for r, d in zip(ranks, work_shape)))
 
 
-# Mode Grams with at least this many rows (n_v R) multiply only their lower block triangle.
+# Symmetric products F F^T with at least this many rows multiply only their lower block triangle.
 TRIANGLE_MIN = 256
+# Entries of one tensor's dense directions that the dense-direction Gram forms at a time: 32 MiB
+# in float32, within glibc's reused heap blocks (see structured.CHUNK_ELEMENTS; 1.15-1.4x faster
+# than 64 MiB slices on one CPU thread).
+DENSE_GRAM_ELEMENTS = 1 << 23
+
+
+def _symmetric_product(flat: Tensor, n_blocks: int) -> Tensor:
+    """F F^T, (n, n), for F (n, d). From TRIANGLE_MIN rows on, only the lower triangle of
+    n_blocks x n_blocks blocks is multiplied and the rest is its transpose: smaller blocks run
+    below matrix-product speed, the more so the longer the rows (measured on one core: 4 blocks
+    for mode Grams, 2 for the dense-direction Gram, whose rows are whole tensors)."""
+    n = flat.shape[0]
+    if n < TRIANGLE_MIN:
+        return flat @ flat.T
+    step = -(-n // n_blocks)
+    blocks = flat.split(step)
+    p = flat.new_empty(n, n)
+    for i, fi in enumerate(blocks):
+        rows = slice(i * step, i * step + len(fi))
+        for j, fj in enumerate(blocks[: i + 1]):
+            cols = slice(j * step, j * step + len(fj))
+            p[rows, cols] = fi @ fj.T
+            if j < i:
+                p[cols, rows] = p[rows, cols].T
+    return p
+
+
+def _operands(
+    core: Tensor | None, modes: Sequence[Tensor], k: str, rank_letters: str
+) -> tuple[list[str], list[Tensor]]:
+    """Subscripts and tensors that, contracted, give V (subnetwork axis k, mode axes a, b, ...)
+    from CP factors (core None) or a Tucker core and factors."""
+    m = len(modes)
+    if core is None:
+        r = rank_letters[0]
+        return [f"{k}{r}{MODES[j]}" for j in range(m)], list(modes)
+    subs = [k + rank_letters[:m]] + [f"{k}{rank_letters[j]}{MODES[j]}" for j in range(m)]
+    return subs, [core, *modes]
+
+
+def _dense(core: Tensor | None, modes: Sequence[Tensor]) -> Tensor:
+    """The dense directions, (n_v, d_1, ..., d_m), of factors (see `_operands`)."""
+    m = len(modes)
+    if core is None and m <= 2:
+        # The common vector and matrix cases as one sum / bmm: cheaper than einsum dispatch in the
+        # hot loop of small problems. (n_v, R, a) -> (n_v, a); (n_v, a, R)(n_v, R, b).
+        return modes[0].sum(1) if m == 1 else modes[0].transpose(1, 2) @ modes[1]
+    subs, ops = _operands(core, modes, "k", "r" if core is None else TUCKER_K)
+    return torch.einsum(",".join(subs) + "->k" + MODES[:m], *ops)
 
 
 class _ModeGram(torch.autograd.Function):
@@ -68,22 +117,7 @@ class _ModeGram(torch.autograd.Function):
     def forward(ctx, f: Tensor) -> Tensor:
         ctx.save_for_backward(f)
         n_v, rank = f.shape[:2]
-        n = n_v * rank
-        if n < TRIANGLE_MIN:
-            return torch.einsum("kra,lqa->krlq", f, f)
-        # Only the lower block triangle is multiplied (10 of 16 blocks); the rest is its transpose.
-        flat = f.reshape(n, -1)
-        step = -(-n // 4)
-        blocks = flat.split(step)
-        p = flat.new_empty(n, n)
-        for i, fi in enumerate(blocks):
-            rows = slice(i * step, i * step + len(fi))
-            for j, fj in enumerate(blocks[: i + 1]):
-                cols = slice(j * step, j * step + len(fj))
-                p[rows, cols] = fi @ fj.T
-                if j < i:
-                    p[cols, rows] = p[rows, cols].T
-        return p.view(n_v, rank, n_v, rank)
+        return _symmetric_product(f.reshape(n_v * rank, -1), 4).view(n_v, rank, n_v, rank)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -91,6 +125,58 @@ class _ModeGram(torch.autograd.Function):
         n = f.shape[0] * f.shape[1]
         grad = grad.reshape(n, n)
         return ((grad + grad.T) @ f.reshape(n, -1)).view_as(f)
+
+
+class _DenseGram(torch.autograd.Function):
+    """G = D D^T, (n_v, n_v), through one tensor's dense directions D (n_v, numel), from its core
+    (None for CP) and mode factors.
+
+    D restricted to rows i of mode 0 depends on mode 0's factor at i alone (CP and Tucker), so
+    D is formed a slice of mode-0 rows at a time, G = sum_slices D_j D_j^T, and at most
+    DENSE_GRAM_ELEMENTS entries of D exist at once. None is kept for the backward: each slice is
+    formed again there (n_v R numel multiply-adds, against n_v^2 numel for its Gram), and as G is
+    symmetric its backward is one product per slice, dD_j = (dG + dG^T) D_j, where autograd
+    through D D^T forms one per operand; the slice's materialisation takes dD_j to the factors.
+    """
+
+    @staticmethod
+    def forward(ctx, core: Tensor | None, *modes: Tensor) -> Tensor:
+        ctx.save_for_backward(core, *modes)
+        n_v = modes[0].shape[0]
+        gram = modes[0].new_zeros(n_v, n_v)
+        for rows in _mode0_slices(modes):
+            dense = _dense(core, [modes[0][:, :, rows], *modes[1:]])  # (n_v, rows, ...)
+            gram += _symmetric_product(dense.flatten(1), 2)
+        return gram
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        core, *modes = ctx.saved_tensors
+        sym = grad + grad.T
+        grads = [torch.zeros_like(f) for f in modes]
+        core_grad = None if core is None else torch.zeros_like(core)
+        for rows in _mode0_slices(modes):
+            with torch.enable_grad():
+                leaves = [modes[0][:, :, rows].detach().requires_grad_()]
+                leaves += [f.detach().requires_grad_() for f in modes[1:]]
+                leaf_core = None if core is None else core.detach().requires_grad_()
+                dense = _dense(leaf_core, leaves).flatten(1)  # (n_v, slice numel)
+            inputs = leaves + ([] if leaf_core is None else [leaf_core])
+            parts = torch.autograd.grad(dense, inputs, sym @ dense.detach())
+            grads[0][:, :, rows] += parts[0]
+            for g, part in zip(grads[1:], parts[1 : len(modes)]):
+                g += part
+            if core_grad is not None:
+                core_grad += parts[-1]
+        return (core_grad, *grads)
+
+
+def _mode0_slices(modes: Sequence[Tensor]) -> list[slice]:
+    """Slices of mode-0 rows whose dense directions hold at most DENSE_GRAM_ELEMENTS entries."""
+    n_v, d0 = modes[0].shape[0], modes[0].shape[2]
+    per_row = n_v * math.prod(f.shape[2] for f in modes[1:])
+    step = max(1, DENSE_GRAM_ELEMENTS // per_row)
+    return [slice(i, i + step) for i in range(0, d0, step)]
 
 
 class TensorFactors(nn.Module):
@@ -136,32 +222,16 @@ class TensorFactors(nn.Module):
             self.core = nn.Parameter(randn(n_v, *ranks) / math.sqrt(math.prod(ranks)))
         self._m = m
 
-    # einsum operand lists -------------------------------------------------------------------
-    def _operands(self, k: str, rank_letters: str) -> tuple[list[str], list[Tensor]]:
-        """Subscripts and tensors that, contracted, give V (subnetwork axis k, mode axes a, b,
-        ...)."""
-        if self.core is None:
-            r = rank_letters[0]
-            return [f"{k}{r}{MODES[j]}" for j in range(self._m)], list(self.modes)
-        subs = [k + rank_letters[: self._m]]
-        subs += [f"{k}{rank_letters[j]}{MODES[j]}" for j in range(self._m)]
-        return subs, [self.core, *self.modes]
-
     def materialize(self) -> Tensor:
         """Dense directions, (n_v, *shape)."""
-        if self.core is None and self._m <= 2:
-            # The common vector and matrix cases as one sum / bmm: cheaper than einsum dispatch
-            # in the hot loop of small problems. (n_v, R, a) -> (n_v, a); (n_v, a, R)(n_v, R, b).
-            f = self.modes
-            dense = f[0].sum(1) if self._m == 1 else f[0].transpose(1, 2) @ f[1]
-        else:
-            subs, ops = self._operands("k", "r" if self.core is None else TUCKER_K)
-            dense = torch.einsum(",".join(subs) + "->k" + MODES[: self._m], *ops)
+        dense = _dense(self.core, list(self.modes))
         return dense.reshape(dense.shape[0], *self.shape)
 
     def inner(self, grads: Tensor) -> Tensor:
         """<V_k, g_s> for dense per-sample tensors grads (n_s, *shape) -> (n_s, n_v)."""
-        subs, ops = self._operands("k", "r" if self.core is None else TUCKER_K)
+        subs, ops = _operands(
+            self.core, list(self.modes), "k", "r" if self.core is None else TUCKER_K
+        )
         g = grads.reshape(grads.shape[0], *self.work_shape)
         return torch.einsum(f"s{MODES[: self._m]}," + ",".join(subs) + "->sk", g, *ops)
 
@@ -172,8 +242,7 @@ class TensorFactors(nn.Module):
         ranks = [f.shape[1] for f in self.modes]
         factored = n_v * n_v * sum(r * r * d for r, d in zip(ranks, self.work_shape))
         if n_v * (max(ranks) + n_v) * numel < factored:
-            dense = self.materialize().reshape(n_v, -1)
-            return dense @ dense.T
+            return cast(Tensor, _DenseGram.apply(self.core, *self.modes))
         if self.core is None:  # the CP Gram is the elementwise product of the mode Grams
             mode_grams = (cast(Tensor, _ModeGram.apply(f)) for f in self.modes)  # (n_v, R, n_v, R)
             return functools.reduce(operator.mul, mode_grams).sum(dim=(1, 3))

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from l3d.core.samples import SampleRows
 from l3d.core.subnetworks import Subnetworks, total
 from l3d.errors import L3DError
 
@@ -38,12 +39,39 @@ class GradientBatch(Protocol):
         ...
 
 
-def check_finite_gradients(g: Tensor, name: str) -> None:
-    if not torch.isfinite(g).all():
+def check_finite_gradients(grads: dict[str, Tensor]) -> None:
+    """Refuse per-sample gradients {name: tensor} with NaN/inf. One flag for all tensors, so a
+    batch costs one host synchronisation (on a GPU), not one per tensor."""
+    if not grads:
+        return
+    finite = torch.stack([torch.isfinite(g).all() for g in grads.values()])
+    if not finite.all():
+        name = list(grads)[int(finite.logical_not().nonzero()[0])]
         raise L3DError(
             f"per-sample gradients of '{name}' contain NaN/inf: the model or divergence is "
             "not finite at W0 on this batch (check inputs, logits and log-probabilities)"
         )
+
+
+def sample_index(rows: SampleRows, batch: int) -> tuple[Tensor | None, int]:
+    """(index, n_samples) of a batch of `batch` inputs: index holds the sample rows' flat
+    (input * seq + position) indices with per-token samples, and is None when every position (or,
+    without per_token, every input) is a sample. Gathering with it replaces boolean-mask indexing,
+    which synchronises with the host on every call: this costs one synchronisation per batch."""
+    if rows.mask is None:
+        return None, batch
+    index = rows.mask.flatten().nonzero().squeeze(1)
+    n_samples = len(index)
+    return (None if n_samples == rows.mask.numel() else index), n_samples
+
+
+def to_rows(x: Tensor, rows: SampleRows, index: Tensor | None) -> Tensor:
+    """(batch, seq, ...) -> (n_samples, ...) with per-token samples, given `sample_index(rows)`;
+    unchanged (batch, ...) without."""
+    if not rows.per_token:
+        return x
+    x = x.flatten(0, 1)
+    return x if index is None else x.index_select(0, index)
 
 
 @dataclass
@@ -63,8 +91,7 @@ class DenseGradients:
         self.n_samples = next(iter(self.grads.values())).shape[0]
         self._sq_norms: Tensor | None = None
         if self.check_finite:
-            for name, g in self.grads.items():
-                check_finite_gradients(g, name)
+            check_finite_gradients(self.grads)
 
     @classmethod
     def from_flat(

@@ -113,7 +113,7 @@ class JacobianCache:
         # Contract in dataset order (no copy of the Jacobians), then gather the rows in batch order.
         dd_dy_data = dd_dy.new_zeros(n, dd_dy.shape[1]).index_copy_(0, index, dd_dy)
         flat = torch.einsum("so,sow->sw", dd_dy_data, jacobian)[index]  # (n_used, n_w)
-        check_finite_gradients(flat, "the decomposed tensors")
+        check_finite_gradients({"the decomposed tensors": flat})
         for s, b in zip(range(0, n, bs), batches):
             yield DenseGradients.from_flat(
                 flat[s : s + len(b)], self.target.shapes, check_finite=False

@@ -24,7 +24,7 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from l3d.core.divergences import DivergenceFn, check_references
-from l3d.core.gradients.batch import check_finite_gradients
+from l3d.core.gradients.batch import check_finite_gradients, sample_index, to_rows
 from l3d.core.gradients.torchfunc import per_sample_gradients
 from l3d.core.model import Target
 from l3d.core.samples import Inputs, SampleRows
@@ -46,8 +46,10 @@ logger = logging.getLogger(__name__)
 # the (tokens, *activation) cotangents.
 DEFAULT_TOKEN_CHUNK = 32
 # Largest intermediate (elements) of a projection: larger batches are contracted in chunks of
-# sequences, so memory stays bounded whatever the batch size.
-CHUNK_ELEMENTS = 1 << 25
+# sequences, so memory stays bounded whatever the batch size. 32 MiB in float32: glibc serves
+# blocks up to its largest mmap threshold (32 MiB) from reused heap memory, larger ones are mapped
+# and page-faulted afresh on every step (1.5x slower projections of 1024 x 256 weights, one thread).
+CHUNK_ELEMENTS = 1 << 23
 
 
 # Which tensors can take the structured path ------------------------------------------------
@@ -184,6 +186,37 @@ def _conv_delta(module: nn.Conv2d, delta: Tensor) -> Tensor:
 # Factor algebra ----------------------------------------------------------------------------
 
 
+class _TokenProjection(torch.autograd.Function):
+    """<V_k, g_(t,i)> = sum_s delta^(t)_s . (V_k a_s), (T, n, K), for one layer with per-token
+    samples, from L (K, R, out), q = M a (K, R, n S) and delta (T, n, S out), a constant.
+
+    w_k,s = V_k a_s = sum_r L_kr q_kr,s, (K, n S, out), is shared by the T token samples of a
+    sequence and is the only large intermediate. Every product is a (batched) matrix product on
+    strided views of the operands in their own layout, so neither direction makes permuted copies
+    of w or of its gradient (as einsum would), and w is not kept for the backward: the factor
+    gradients need dw_k,s = sum_t dout_t,k delta^(t)_s, formed once in the layout both read.
+    """
+
+    @staticmethod
+    def forward(ctx, L: Tensor, q: Tensor, delta: Tensor) -> Tensor:
+        k, (n, s_out) = L.shape[0], delta.shape[1:]
+        ctx.save_for_backward(L, q, delta)
+        w = torch.bmm(q.transpose(1, 2), L)  # (K, n S, out)
+        # Per sequence (T, S out) x (S out, K), batched over sequences.
+        by_sequence = torch.bmm(delta.transpose(0, 1), w.view(k, n, s_out).permute(1, 2, 0))
+        return by_sequence.transpose(0, 1)  # (T, n, K)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        L, q, delta = ctx.saved_tensors
+        (k, _, out), (n, s_out) = L.shape, delta.shape[1:]
+        # dw (K, n, S out): each sequence's (K, T) x (T, S out) product written in place.
+        grad_w = grad.new_empty(k, n, s_out)
+        torch.bmm(grad.permute(1, 2, 0), delta.transpose(0, 1), out=grad_w.transpose(0, 1))
+        grad_w = grad_w.view(k, -1, out)  # (K, n S, out)
+        return torch.bmm(q, grad_w), torch.bmm(L, grad_w.transpose(1, 2)), None
+
+
 def _project_matrix(sig: _MatrixSignal, tf: TensorFactors) -> Tensor:
     """<V_k, g_(t,i)>, (T, n, n_v), from a, delta and the factors (docs/math.md section 2).
     Sequences are processed in chunks so that no intermediate exceeds CHUNK_ELEMENTS."""
@@ -197,26 +230,36 @@ def _project_matrix(sig: _MatrixSignal, tf: TensorFactors) -> Tensor:
     parts = []
     for i in _chunks(n, per_sequence):
         a, delta = sig.a[i], sig.delta[:, i]
+        n_i = delta.shape[1]
+        # q = M_kr . a_s, (K, R, n, S, G). Factor rows times signal columns: every product here
+        # and in the backward then reads and writes the factors in their own layout.
         if sig.is_embedding:
-            q = M.permute(2, 0, 1)[a].unsqueeze(2)  # (n, S, 1, K, R): M_kr[token]
+            q = M.index_select(2, a.flatten()).view(k, r, n_i, s, 1)  # M_kr[token]
         else:
-            # Factor rows times signal columns: the factor gradients of the backward then come
-            # out as (K R, features) products in the factors' own layout, with no transposed copy.
-            q = M.reshape(k * r, -1) @ a.reshape(-1, a.shape[-1]).T  # (K R, n S G)
-            q = q.view(k, r, *a.shape[:3]).permute(2, 3, 4, 0, 1)  # (n, S, G, K, R)
+            q = (M.reshape(k * r, -1) @ a.reshape(-1, a.shape[-1]).T).view(k, r, n_i, s, g)
         if delta_first:
             if g == 1:
-                p = L.reshape(k * r, out_g) @ delta.reshape(-1, out_g).T  # (K R, T n S)
-                p = p.view(k, r, *delta.shape[:4]).permute(2, 3, 4, 5, 0, 1)
+                p = (L.reshape(k * r, out_g) @ delta.reshape(-1, out_g).T).view(k, r, t, n_i, s, 1)
             else:
-                p = torch.einsum("tnsgo,krgo->tnsgkr", delta, L)
-            # A product and a sum: as one einsum this is a batch of (n K) tiny matrix products.
-            parts.append((p * q).sum(dim=(2, 3, 5)))
+                p = torch.einsum("tnsgo,krgo->krtnsg", delta, L)
+            # A product and a sum over (R, S, G): as one einsum this is a batch of (n K) tiny
+            # matrix products. (K, T, n) -> (T, n, K).
+            parts.append((p * q.unsqueeze(2)).sum(dim=(1, 4, 5)).permute(1, 2, 0))
         else:
-            # V_k a_s = sum_r L_kr (M_kr . a_s), subnetwork k's change of the layer's output at
-            # position s, is shared by all T token samples of a sequence; then one dot with delta.
-            w = torch.einsum("krgo,nsgkr->nsgko", L, q)
-            parts.append(torch.einsum("tnsgo,nsgko->tnk", delta, w))
+            # Groups are independent terms of the sum over (s, g): one projection each.
+            parts.append(
+                total(
+                    cast(
+                        Tensor,
+                        _TokenProjection.apply(
+                            L[:, :, j],
+                            q[..., j].reshape(k, r, n_i * s),
+                            delta[:, :, :, j].flatten(2),
+                        ),
+                    )
+                    for j in range(g)
+                )
+            )
     return _cat(parts, 1)
 
 
@@ -273,31 +316,36 @@ class StructuredGradients:
 
     matrices: {name: _MatrixSignal}; vectors: {name: (n_samples, *shape)} exact per-sample
     gradients of biases, LayerNorm vectors and generic-path tensors; `rows` maps (sequence,
-    position) pairs to samples, in the row order of the generic path.
+    position) pairs to samples, in the row order of the generic path, and `index` is
+    `sample_index(rows)`, computed once per batch.
     """
 
     matrices: dict[str, _MatrixSignal]
     vectors: dict[str, Tensor]
     rows: SampleRows
     n_samples: int
+    index: Tensor | None
 
     def _rows(self, x: Tensor) -> Tensor:
         """(T, n, ...) -> (n_samples, ...); T is the sequence length with per_token, else 1."""
         x = x.transpose(0, 1)
-        return self.rows.rows(x) if self.rows.per_token else x[:, 0]
+        return to_rows(x, self.rows, self.index) if self.rows.per_token else x[:, 0]
 
     def project(self, subnetworks: Subnetworks) -> Tensor:
         factors = dict(zip(subnetworks.names, subnetworks.factors))
-        matrices = (
-            self._rows(_project_matrix(sig, factors[n])) for n, sig in self.matrices.items()
-        )
+        # Summed over tensors in the signals' (T, n) layout, then gathered into rows once.
+        matrices = (_project_matrix(sig, factors[n]) for n, sig in self.matrices.items())
         vectors = (factors[n].inner(g) for n, g in self.vectors.items())
-        return total(itertools.chain(matrices, vectors))
+        return total(itertools.chain(self._rows_of_sum(matrices), vectors))
 
     def sq_norms(self) -> Tensor:
-        matrices = (self._rows(_sq_norms_matrix(sig)) for sig in self.matrices.values())
+        matrices = (_sq_norms_matrix(sig) for sig in self.matrices.values())
         vectors = (g.flatten(1).pow(2).sum(1) for g in self.vectors.values())
-        return total(itertools.chain(matrices, vectors))
+        return total(itertools.chain(self._rows_of_sum(matrices), vectors))
+
+    def _rows_of_sum(self, parts: Iterator[Tensor]) -> list[Tensor]:
+        """[rows of the sum of (T, n, ...) parts], or [] when there are none."""
+        return [self._rows(total(parts))] if self.matrices else []
 
     def dense(self) -> dict[str, Tensor]:
         """The per-sample gradients formed from the signals, {name: (n_samples, *shape)}."""
@@ -350,7 +398,8 @@ def _output_head(model: nn.Module, sites: list[_Site]) -> nn.Module | None:
 def _token_cotangents(root: Tensor, cot: Tensor, positions: Tensor) -> Tensor:
     """(P, *root.shape): copy p carries cot at sequence position positions[p] only."""
     seq = root.shape[1]
-    onehot = F.one_hot(positions, seq).to(cot.dtype)  # (P, seq)
+    # A comparison, not F.one_hot, whose range check synchronises with the host.
+    onehot = (positions[:, None] == torch.arange(seq, device=cot.device)).to(cot.dtype)  # (P, seq)
     view = (len(positions), 1, seq) + (1,) * (cot.dim() - 2)
     return onehot.view(view) * cot.unsqueeze(0)
 
@@ -444,7 +493,8 @@ def structured_gradients(
         ]
 
     matrices, vectors = _signals(plan, recorder, deltas, batch)
-    result = StructuredGradients(matrices, {}, rows, rows.count(batch))
+    index, n_samples = sample_index(rows, batch)
+    result = StructuredGradients(matrices, {}, rows, n_samples, index)
     vectors = {n: result._rows(v) for n, v in vectors.items()}
     if plan.generic:
         sub = Target(
@@ -458,8 +508,7 @@ def structured_gradients(
                 sub, inputs, references, divergence, per_token=per_token, chunk_size=chunk_size
             )
         )
-    for name, g in vectors.items():
-        check_finite_gradients(g, name)
+    check_finite_gradients(vectors)
     result.vectors = vectors
     return result
 

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
 from l3d.core.divergences import DivergenceFn
+from l3d.core.gradients.batch import sample_index, to_rows
 from l3d.core.model import Target
 from l3d.core.samples import Inputs, SampleRows
 
@@ -53,4 +54,5 @@ def per_sample_gradients(
         fn = grad(sample_divergence)
     grads = vmap(fn, in_dims=(None, 0, 0), chunk_size=chunk_size)(target.w0, inputs, references)
     rows = SampleRows.of(inputs, per_token)
-    return {n: rows.rows(g) for n, g in grads.items()}
+    index, _ = sample_index(rows, len(references))
+    return {n: to_rows(g, rows, index) for n, g in grads.items()}
