@@ -147,3 +147,41 @@ def test_training_bar_names_the_loss_it_shows(mlp, capsys, loss, label):
     err = capsys.readouterr().err
     assert label in err and "2/2" in err
     assert "loss=" not in err.replace(label, "")
+
+
+def test_held_out_loss_is_logged_every_epoch_and_never_trained_on(mlp):
+    from l3d.config import L3DConfig
+    from l3d.core.samples import split_held_out
+    from l3d.decomposition import HELD_OUT_SEED_OFFSET, run
+
+    x = torch.randn(80, 4, generator=torch.Generator().manual_seed(0))
+    config = L3DConfig.create(
+        params=["fc1.weight", "fc2.weight"], n_subnetworks=4, rank=1, epochs=3, batch_size=16,
+        divergence="kl", heldout_fraction=0.25, seed=3,
+    )  # fmt: skip
+    trained_on = []
+    d = run(mlp, x, config, progress=False, step_callback=lambda r: trained_on.append(r.n_samples))
+    assert sum(trained_on) == 3 * 60  # 20 of the 80 inputs held out, every epoch
+    assert all("loss_heldout_pooled_squared" in r for r in d.history)
+    train, held = split_held_out(x, 0.25, torch.Generator().manual_seed(3 + HELD_OUT_SEED_OFFSET))
+    assert len(held) == 20 and len(train) == 60
+    assert not (held[:, None] == train[None]).all(-1).any()  # disjoint rows
+    # Oracle: the last epoch's held-out loss is the final subnetworks evaluated on those rows.
+    oracle = d.evaluate(held, seed=config.seed + 7)
+    last = d.history[-1]
+    assert last["loss_heldout_pooled_squared"] == pytest.approx(oracle.loss_pooled_squared, 1e-5)
+    assert last["loss_heldout_paper"] == pytest.approx(oracle.loss_paper, 1e-5)
+
+
+def test_held_out_split_needs_indexable_data_and_enough_of_it(mlp):
+    x = torch.randn(8, 4)
+    with pytest.raises(l3d.L3DError, match="one tensor or dict of tensors"):
+        l3d.decompose(
+            mlp, [x[:4], x[4:]], params=["fc1.weight"], n_subnetworks=2, epochs=1,
+            heldout_fraction=0.25, progress=False,
+        )  # fmt: skip
+    with pytest.raises(l3d.L3DError, match="leaves 1 to train on"):
+        l3d.decompose(
+            mlp, x[:3], params=["fc1.weight"], n_subnetworks=2, epochs=1,
+            heldout_fraction=0.4, progress=False,
+        )  # fmt: skip

@@ -159,6 +159,15 @@ class L3DConfig(BaseModel):
     resample_min_p_active: float = Field(
         default=0.0, ge=0, le=1, description="Subnetworks with P_act at most this are dead."
     )
+    heldout_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="Share of the inputs kept out of training (a seeded random split); their "
+        "loss (fresh references, the final evaluation's form) is logged after every epoch as "
+        "loss_heldout_paper / loss_heldout_pooled_squared, so overfitting shows as a gap to the "
+        "training loss. 0: no split.",
+    )
     seed: int = 0
     device: str = "cpu"
 
@@ -170,6 +179,7 @@ class L3DConfig(BaseModel):
         "lr_decay",
         "resample_duplicate_cos",
         "resample_min_p_active",
+        "heldout_fraction",
         mode="before",
     )
     @classmethod

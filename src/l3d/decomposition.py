@@ -31,7 +31,15 @@ from l3d.core.divergences import (
 )
 from l3d.core.gradients import GradientSource, Method
 from l3d.core.model import Target, resolve_device, resolve_ranks
-from l3d.core.samples import Dataset, Inputs, SampleRows, batch_size_of, take, to_device
+from l3d.core.samples import (
+    Dataset,
+    Inputs,
+    SampleRows,
+    batch_size_of,
+    split_held_out,
+    take,
+    to_device,
+)
 from l3d.core.subnetworks import Subnetworks
 from l3d.core.trainer import StepResult, Trainer
 from l3d.errors import L3DError
@@ -39,6 +47,8 @@ from l3d.errors import L3DError
 EpochCallback = Callable[[Trainer, dict], None]
 
 LOSS_LABELS = {"paper": "loss (eq. 8)", "pooled_squared": "pooled loss"}
+HELD_OUT_SEED_OFFSET = 5
+"""The held-out split (`heldout_fraction`) is drawn at the config's seed + this."""
 """How the training bar names the loss it trains (L3DConfig.loss)."""
 
 NOISE_ULPS = 100
@@ -94,6 +104,15 @@ def build(
     ranks = resolve_ranks(target.names, config.rank)
     div = get_divergence(divergence or config.divergence)
     ref = get_reference(reference or config.reference, div)
+    held_out = None
+    if config.heldout_fraction > 0:
+        # Seeded by the config alone: a resumed run holds out the same inputs.
+        split = torch.Generator().manual_seed(config.seed + HELD_OUT_SEED_OFFSET)
+        data, held = split_held_out(data, config.heldout_fraction, split)
+        held_out = gradient_source(
+            target, config, div, ref, dataset=Dataset(held, config.batch_size, device),
+            progress=progress,
+        )  # fmt: skip
     dataset = Dataset(data, config.batch_size, device)
     source = gradient_source(target, config, div, ref, dataset=dataset, progress=progress)
     generator = torch.Generator().manual_seed(config.seed)
@@ -101,7 +120,7 @@ def build(
     pair = SubnetworkPair.initialize(
         target.shapes, config.n_subnetworks, ranks, config.factorization, generator, device
     ).to(device)
-    return target, source, Trainer(config, source, pair)
+    return target, source, Trainer(config, source, pair, held_out=held_out)
 
 
 def decompose(
@@ -192,12 +211,13 @@ def run(
             bar.update(trainer.epoch)
             while trainer.epoch < config.epochs:
                 record = trainer.run_epoch(on_step=step_callback)
-                bar.set_postfix(
-                    {
-                        LOSS_LABELS[config.loss]: f"{record['loss_' + config.loss]:.4f}",
-                        "live": record["live_subnetworks"],
-                    }
-                )
+                postfix = {
+                    LOSS_LABELS[config.loss]: f"{record['loss_' + config.loss]:.4f}",
+                    "live": record["live_subnetworks"],
+                }
+                if "loss_heldout_" + config.loss in record:
+                    postfix["held out"] = f"{record['loss_heldout_' + config.loss]:.4f}"
+                bar.set_postfix(postfix)
                 bar.update(1)
                 if callback is not None:
                     callback(trainer, record)

@@ -99,6 +99,37 @@ class Referenced:
     """(n, *output shape), detached, aligned with the inputs' rows."""
 
 
+def split_held_out(
+    data: object, fraction: float, generator: torch.Generator
+) -> tuple[object, object]:
+    """(training data, held-out data): a seeded random `fraction` of the inputs (at least 2) kept
+    out of training, each part keeping its references when `data` is `Referenced`."""
+    inputs = data.inputs if isinstance(data, Referenced) else data
+    if not isinstance(inputs, (Tensor, Mapping)):
+        raise L3DError(
+            f"heldout_fraction={fraction} needs the data as one tensor or dict of tensors, got "
+            f"{type(inputs).__name__}: concatenate the batches, or keep held-out batches out "
+            "of the data yourself and set heldout_fraction=0"
+        )
+    inputs = batch_inputs(inputs)
+    n = batch_size_of(inputs)
+    n_held = max(2, round(fraction * n))
+    if n - n_held < 2:
+        raise L3DError(
+            f"heldout_fraction={fraction} of {n} inputs leaves {n - n_held} to train on: use more "
+            "data or a smaller heldout_fraction"
+        )
+    order = torch.randperm(n, generator=generator)
+    held, kept = order[:n_held].sort().values, order[n_held:].sort().values
+
+    def part(rows: Tensor) -> object:
+        if isinstance(data, Referenced):
+            return Referenced(take(inputs, rows), data.references[rows])
+        return take(inputs, rows)
+
+    return part(kept), part(held)
+
+
 class Dataset:
     """The user's data as re-iterable batches: a tensor / dict of tensors (shuffled and batched
     here, seeded), `Referenced` inputs (batched with their references), or an iterable of batches

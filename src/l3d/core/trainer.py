@@ -24,6 +24,7 @@ from l3d.core.algorithm import (
     Selection,
     SubnetworkPair,
     chunked_step,
+    evaluate,
     step_losses,
 )
 from l3d.core.distributed import Group
@@ -76,8 +77,12 @@ class Trainer:
         source: GradientSource,
         pair: SubnetworkPair,
         group: Group | None = None,
+        held_out: GradientSource | None = None,
     ) -> None:
+        """held_out: inputs kept out of training (`heldout_fraction`), evaluated after every
+        epoch."""
         self.config, self.source, self.pair = config, source, pair
+        self.held_out = held_out
         self.group = Group.current() if group is None else group
         if self.group is not None:
             self.group.check_same(self._fingerprint(), "decomposed weights, data or factors")
@@ -176,6 +181,19 @@ class Trainer:
             "live_subnetworks": int((active > 0).sum()),
             "seconds": time.perf_counter() - start,
         }
+        if self.held_out is not None:
+            # The same references every epoch (one seed), so the curve moves only with the
+            # subnetworks; the top_k is the epoch's, the form the final evaluation reports.
+            with (
+                torch.no_grad(),
+                single_thread_if(self._tiny()),
+                matmul_precision(self.config.matmul_precision),
+            ):
+                held = evaluate(
+                    self.pair, self.held_out, record["top_k"], self.config.seed + 7, self.group
+                )
+            record["loss_heldout_paper"] = held.loss_paper
+            record["loss_heldout_pooled_squared"] = held.loss_pooled_squared
         self.epoch += 1
         if self.resampler is not None:
             # Seeded by the epoch and reads only the trainer's state, so a resumed run replays it.
