@@ -133,7 +133,9 @@ class Trainer:
         self.optimizer.step()
         self.pair.v_out.normalize_()
         self.step += 1
-        return StepResult(losses=result, active=chosen.active.cpu(), n_samples=chosen.n_samples)
+        # Left on the device: run_epoch adds them up there and reads them once per epoch (GPU:
+        # no host synchronisation per step).
+        return StepResult(losses=result, active=chosen.active, n_samples=chosen.n_samples)
 
     def _sum_over_ranks(self, shares: Losses) -> Losses:
         """Every rank's gradient and loss shares summed, in one all-reduce: each rank then holds
@@ -156,16 +158,16 @@ class Trainer:
 
     def run_epoch(self, on_step: Callable[[StepResult], None] | None = None) -> dict:
         start = time.perf_counter()
-        totals = {"paper": 0.0, "pooled_squared": 0.0}
-        active = torch.zeros(self.config.n_subnetworks)
+        device = next(self.pair.parameters()).device
+        totals = torch.zeros(2, device=device, dtype=torch.float64)  # paper, pooled squared
+        active = torch.zeros(self.config.n_subnetworks, device=device)
         n_batches = n_samples = 0
         lr = self.lr_at(self.step, self.epoch)
         # The precision also covers the model's forward and backward that produce the gradients.
         with single_thread_if(self._tiny()), matmul_precision(self.config.matmul_precision):
             for batch in self.source.epoch(self.generator, group=self.group):
                 r = self.train_step(batch)
-                totals["paper"] += r.losses.paper.item()
-                totals["pooled_squared"] += r.losses.pooled_squared.item()
+                totals += torch.stack([r.losses.paper, r.losses.pooled_squared])
                 active += r.active
                 n_batches += 1
                 n_samples += r.n_samples
@@ -174,8 +176,8 @@ class Trainer:
         record: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self.step,
-            "loss_paper": totals["paper"] / max(n_batches, 1),
-            "loss_pooled_squared": totals["pooled_squared"] / max(n_batches, 1),
+            "loss_paper": float(totals[0]) / max(n_batches, 1),
+            "loss_pooled_squared": float(totals[1]) / max(n_batches, 1),
             "lr": lr,
             "top_k": self.top_k_at(self.epoch),
             "live_subnetworks": int((active > 0).sum()),
