@@ -612,3 +612,15 @@ def test_intervention_headline_gives_no_ratio_within_round_off():
     lines = _intervention_headline(impact, change, [0.1, 1.0], floor=1e-9)
     assert lines[0].endswith("(below noise)") and "×" not in lines[0]
     assert "below noise" not in lines[1] and lines[1].endswith("×)")
+
+
+def test_decompose_prints_the_training_state_estimate_first(tmp_path, capsys):
+    config = _write(tmp_path / "tiny.yaml", TINY)
+    argv = ["decompose", str(config), "--out", str(tmp_path / "run"), "--set", "epochs=1"]
+    assert main([*argv, "--set", "run.progress=false"]) == 0
+    err = capsys.readouterr().err
+    # V_in and V_out of 5 rank-1 subnetworks: 5 (2 + 5) entries each for W_in (2, 5) and W_out
+    # (5, 2), 5 * 5 for b (5,); times 2 factor sets, 4 bytes, and 4 copies (values, gradients,
+    # AdamW's two moments): 3040 bytes.
+    assert "training state (V_in, V_out, their gradients, AdamW moments): about 3.0 kB" in err
+    assert err.index("training state") < err.index("saved to")  # before training

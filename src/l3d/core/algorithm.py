@@ -186,6 +186,23 @@ def _size(n_bytes: float) -> str:
 _UNITS = {"GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1.0}
 
 
+def describe_memory(
+    shapes: dict[str, tuple[int, ...]],
+    n_subnetworks: int,
+    ranks: dict[str, int],
+    factorization: Factorization,
+    device: torch.device | str | None = None,
+) -> str:
+    """One line for the start of a run: the training state's size against the device's memory
+    (what a step adds on top, signals and transients, is modelled in docs/scaling.md)."""
+    device = torch.device("cpu" if device is None else device)
+    need = training_bytes(shapes, n_subnetworks, ranks, factorization)
+    return (
+        f"training state (V_in, V_out, their gradients, AdamW moments): about {_size(need)} of "
+        f"the {_size(device_memory(device))} of {device}"
+    )
+
+
 def check_memory(
     shapes: dict[str, tuple[int, ...]],
     n_subnetworks: int,

@@ -22,7 +22,9 @@ import yaml
 from torch import nn
 
 from l3d.config import L3DConfig
+from l3d.core.algorithm import describe_memory
 from l3d.core.distributed import Group, RankLost
+from l3d.core.model import Target, resolve_device, resolve_ranks
 from l3d.core.samples import Dataset
 from l3d.core.trainer import StepResult, Trainer
 from l3d.decomposition import Decomposition, load, run
@@ -245,6 +247,19 @@ def execute(
             tracker.close()
 
 
+def training_memory(model: nn.Module, config: L3DConfig) -> str:
+    """The training state's estimated size against the device's memory, printed before a run."""
+    target = Target.create(model, config.params)
+    ranks = resolve_ranks(target.names, config.rank)
+    return describe_memory(
+        target.shapes,
+        config.n_subnetworks,
+        ranks,
+        config.factorization,
+        resolve_device(config.device),
+    )
+
+
 def _execute(
     run_dir: RunDir,
     spec: RunSpec,
@@ -264,6 +279,7 @@ def _execute(
     done = 0 if state is None else state["epoch"]
     if state is not None:
         log(f"resuming {run_dir.path} from epoch {done} of {spec.l3d.epochs}")
+    log(training_memory(model, spec.l3d))
     if lead:
         run_dir.truncate_metrics(done)
     on_epoch = _EpochLog(run_dir, spec, tracker, group)
