@@ -38,6 +38,36 @@ def learning_rates(method: str, lrs: str, alpha_lrs: str) -> list[float]:
     return [float(v) for v in (alpha_lrs if method in SCALAR_METHODS else lrs).split(",")]
 
 
+def sweep(
+    methods: Sequence[str],
+    lrs: str,
+    alpha_lrs: str,
+    decomposition: Decomposition,
+    data: object,
+    *,
+    seed: int,
+    steps: int,
+    describe: Callable[[dict, dict], str],
+    **options: Any,
+) -> list[dict]:
+    """`run_method` for every method and each of its learning rates (evaluated every 5 % of the
+    steps), printing one line per run: seed, method, lr, trained numbers, then
+    `describe(last evaluation, run)`."""
+    runs = []
+    for method in methods:
+        for lr in learning_rates(method, lrs, alpha_lrs):
+            run = run_method(
+                method, decomposition, data, steps=steps, lr=lr, seed=seed,
+                eval_every=max(1, steps // 20), **options,
+            )  # fmt: skip
+            runs.append(run)
+            print(
+                f"seed {seed} {LABELS[method]:18s} lr {lr:<6g} params {run['n_trainable']:6d}  "
+                + describe(run["curve"][-1], run)
+            )
+    return runs
+
+
 def run_method(
     method: str,
     decomposition: Decomposition,

@@ -22,7 +22,7 @@ from l3d import plots
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
 from l3d.demos import digits_cnn as dc
-from l3d.demos.finetune_common import LABELS, METHODS, best_under, learning_rates, run_method
+from l3d.demos.finetune_common import LABELS, METHODS, best_under, sweep
 from l3d.finetuning import Edit, contrast_subnetworks
 from l3d.io import load_tensors, save_tensors, write_json
 from l3d.vision import ranks_by_fraction
@@ -131,31 +131,26 @@ def main(argv: list[str] | None = None) -> dict:
 
         results["seeds"][seed] = {"subnetworks": chosen, "frozen": frozen}
         print(f"seed {seed}: frozen {frozen}; subnetworks {chosen}")
-        for method in methods:
-            for lr in learning_rates(method, args.lrs, args.alpha_lrs):
-                run = run_method(
-                    method,
-                    decomposition,
-                    (target, labels),
-                    subnetworks=chosen,
-                    objective="labels",
-                    steps=args.steps,
-                    lr=lr,
-                    seed=seed,
-                    evaluate=evaluate,
-                    eval_every=max(1, args.steps // 20),
-                    retain=retain,
-                    retain_weight=args.retain_weight,
-                    batch_size=args.batch_size,
-                )
-                runs.append(run)
-                end = run["curve"][-1]
-                print(
-                    f"seed {seed} {LABELS[method]:18s} lr {lr:<5g} params {run['n_trainable']:6d}"
-                    f"  {args.source} read as {args.goal}: {end['source_as_goal']:.3f}"
-                    f"  {args.goal} kept: {end['goal_accuracy']:.3f}"
-                    f"  other eight: {end['retain_ratio']:.4f} of frozen"
-                )
+        runs += sweep(
+            methods,
+            args.lrs,
+            args.alpha_lrs,
+            decomposition,
+            (target, labels),
+            seed=seed,
+            steps=args.steps,
+            subnetworks=chosen,
+            objective="labels",
+            evaluate=evaluate,
+            retain=retain,
+            retain_weight=args.retain_weight,
+            batch_size=args.batch_size,
+            describe=lambda end, run: (
+                f"{args.source} read as {args.goal}: {end['source_as_goal']:.3f}"
+                f"  {args.goal} kept: {end['goal_accuracy']:.3f}"
+                f"  other eight: {end['retain_ratio']:.4f} of frozen"
+            ),
+        )
     results["runs"] = runs
     results["summary"] = summarize(runs, methods)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import l3d
 from l3d import plots
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
-from l3d.demos.finetune_common import LABELS, METHODS, learning_rates, run_method
+from l3d.demos.finetune_common import LABELS, METHODS, sweep
 from l3d.finetuning import Edit, top_subnetworks
 from l3d.io import write_json
 from l3d.toys.registry import Toy, get_toy, train_toy_model
@@ -109,26 +109,21 @@ def main(argv: list[str] | None = None) -> dict:
         heldout = toy.sample(4 * N_SAMPLES, torch.Generator().manual_seed(seed + 50_000))
         evaluate = evaluation(toy.model, heldout, args.output)
         results["seeds"][seed] = {"subnetworks": chosen, "n_target_rows": len(target)}
-        for method in METHODS:
-            for lr in learning_rates(method, args.lrs, args.alpha_lrs):
-                run = run_method(
-                    method,
-                    decomposition,
-                    (target, labels),
-                    subnetworks=chosen,
-                    objective="labels",
-                    steps=args.steps,
-                    lr=lr,
-                    seed=seed,
-                    evaluate=evaluate,
-                    eval_every=max(1, args.steps // 20),
-                )
-                runs.append(run)
-                end = run["curve"][-1]
-                print(
-                    f"seed {seed} {LABELS[method]:18s} lr {lr:<6g} params {run['n_trainable']:5d}"
-                    f"  target error {end['target_error']:.3f}  off-target {end['off_target']:.2e}"
-                )
+        runs += sweep(
+            METHODS,
+            args.lrs,
+            args.alpha_lrs,
+            decomposition,
+            (target, labels),
+            seed=seed,
+            steps=args.steps,
+            subnetworks=chosen,
+            objective="labels",
+            evaluate=evaluate,
+            describe=lambda end, run: (
+                f"target error {end['target_error']:.3f}  off-target {end['off_target']:.2e}"
+            ),
+        )
     results["runs"] = runs
     results["summary"] = summarize(runs)
     args.out.mkdir(parents=True, exist_ok=True)

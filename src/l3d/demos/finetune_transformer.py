@@ -27,7 +27,7 @@ from l3d import plots
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
 from l3d.demos import synthetic_transformer as st
-from l3d.demos.finetune_common import LABELS, METHODS, best_under, learning_rates, run_method
+from l3d.demos.finetune_common import LABELS, METHODS, best_under, sweep
 from l3d.finetuning import IGNORE, Edit, contrast_subnetworks
 from l3d.io import load_tensors, save_tensors, write_json
 
@@ -161,30 +161,25 @@ def main(argv: list[str] | None = None) -> dict:
             "p_active": decomposition.p_active.tolist(),
         }
         print(f"seed {seed}: frozen {frozen}; subnetworks {chosen}")
-        for method in args.methods.split(","):
-            for lr in learning_rates(method, args.lrs, args.alpha_lrs):
-                run = run_method(
-                    method,
-                    decomposition,
-                    (target, labels),
-                    subnetworks=chosen,
-                    objective="forget",
-                    steps=args.steps,
-                    lr=lr,
-                    seed=seed,
-                    evaluate=evaluate,
-                    eval_every=max(1, args.steps // 20),
-                    retain=retain,
-                    retain_weight=args.retain_weight,
-                    batch_size=args.batch_size,
-                )
-                runs.append(run)
-                end = run["curve"][-1]
-                print(
-                    f"seed {seed} {LABELS[method]:18s} lr {lr:<5g} params {run['n_trainable']:6d}"
-                    f"  target loss {end['target_loss']:.3f} acc {end['target_accuracy']:.3f}"
-                    f"  retain ratio {end['retain_ratio']:.4f}  ({run['seconds']:.0f} s)"
-                )
+        runs += sweep(
+            args.methods.split(","),
+            args.lrs,
+            args.alpha_lrs,
+            decomposition,
+            (target, labels),
+            seed=seed,
+            steps=args.steps,
+            subnetworks=chosen,
+            objective="forget",
+            evaluate=evaluate,
+            retain=retain,
+            retain_weight=args.retain_weight,
+            batch_size=args.batch_size,
+            describe=lambda end, run: (
+                f"target loss {end['target_loss']:.3f} acc {end['target_accuracy']:.3f}"
+                f"  retain ratio {end['retain_ratio']:.4f}  ({run['seconds']:.0f} s)"
+            ),
+        )
     results["runs"] = runs
     results["summary"] = summarize(runs, args.methods.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
