@@ -19,9 +19,16 @@ it hands to collectives per step (counted at torch.distributed.all_gather / all_
 the cost model of docs/distributed.md: all-gather of N x (n_v + 1) float32 (|c| and ||g||^2 of
 every sample) and all-reduce of the gradients of every entry of V_in and V_out (float32).
 
+With --shard-factors, V_in, V_out and their AdamW moments are sharded over the ranks (FSDP2): each
+step all-gathers the factors and reduce-scatters their gradients instead of all-reducing them.
+"state MB" is what the rank holds between steps: its factors, their gradients and AdamW moments
+(counted from the tensors); "rss MB" the process's whole peak resident set.
+
 With fewer CPU cores than processes, step times measure contention, not scaling.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --worlds 1,2,4
+    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --setting whole --subnetworks 40 \
+        --shard-factors
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --setting whole --subnetworks 20
     python benchmarks/bench_distributed.py --setting whole --device cuda --worlds 1,2,4,8
 """
@@ -100,21 +107,41 @@ def baseline(device: str) -> int:
 
 
 class Counter:
-    """Bytes this rank hands to all_gather and all_reduce (wrapping torch.distributed's)."""
+    """Bytes this rank hands to collectives (wrapping torch.distributed's): the tensors it sends
+    to all_gather / all_reduce, and FSDP2's all-gather of factor shards and reduce-scatter of
+    whole gradients."""
 
     def __init__(self) -> None:
         self.bytes = 0
-        gather, reduce = dist.all_gather, dist.all_reduce
+        for name, sent in [
+            ("all_gather", 1),
+            ("all_reduce", 0),
+            ("all_gather_single", 1),
+            ("reduce_scatter_single", 1),
+        ]:
+            setattr(dist, name, self._counting(getattr(dist, name), sent))
 
-        def all_gather(out, x, *args, **kwargs):
+    def _counting(self, collective, sent: int):
+        def counted(*args, **kwargs):
+            x = args[sent] if len(args) > sent else kwargs["input"]
             self.bytes += x.numel() * x.element_size()
-            return gather(out, x, *args, **kwargs)
+            return collective(*args, **kwargs)
 
-        def all_reduce(x, *args, **kwargs):
-            self.bytes += x.numel() * x.element_size()
-            return reduce(x, *args, **kwargs)
+        return counted
 
-        dist.all_gather, dist.all_reduce = all_gather, all_reduce
+
+def state_bytes(trainer) -> int:
+    """Bytes of factors, their gradients and optimiser moments this rank holds (its shard)."""
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    tensors = [local(p) for p in trainer.pair.parameters()]
+    tensors += [local(p.grad) for p in trainer.pair.parameters() if p.grad is not None]
+    tensors += [
+        local(v) for slots in trainer.optimizer.state.values() for v in slots.values() if v.dim()
+    ]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -126,7 +153,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
     torch.set_num_threads(args.threads)
     model, data, config = setting(args.setting, device, args.subnetworks)
-    _, source, trainer = build(model, data, config, progress=False)
+    _, source, trainer = build(
+        model, data, config, progress=False, shard_factors=args.shard_factors
+    )
     group = trainer.group
     counter = Counter() if group is not None else None
     base = baseline(device)
@@ -148,6 +177,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
     n_factors = sum(p.numel() for p in trainer.pair.parameters())
+    # Sharded: all-gather of the factors (a rank sends its shard) and reduce-scatter of their
+    # gradients (it sends the whole gradient). Else: an all-reduce of the gradients.
+    exchanged = n_factors + -(-n_factors // world) if args.shard_factors else n_factors
     n_v = config.n_subnetworks
     result = {
         "world": world,
@@ -155,12 +187,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         "seconds": statistics.median(times),
         "cpu_seconds": statistics.median(cpu_times),
         "peak_bytes": memory(device) - (0 if device == "cuda" else base),
+        "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "state_bytes": state_bytes(trainer),
         "sent_bytes": 0 if counter is None else counter.bytes / args.steps,
         # The cost model: one all-gather of (N, n_v + 1) float32 (padded to the largest shard),
-        # one of the shard sizes, one all-reduce of every factor gradient and the two losses.
+        # one of the shard sizes, the factors' exchange and an all-reduce of the two losses.
         "model_bytes": 0
         if group is None
-        else 4 * (-(-SEQUENCES * TOKENS // world)) * (n_v + 1) + 8 + 4 * (n_factors + 2),
+        else 4 * (-(-SEQUENCES * TOKENS // world)) * (n_v + 1) + 8 + 4 * (exchanged + 2),
         "factor_entries": n_factors,
     }
     Path(out, f"{world}-{rank}.json").write_text(json.dumps(result))
@@ -183,6 +217,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shard-factors", action="store_true", help="shard the factors (FSDP2)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     rows = []
@@ -194,13 +229,15 @@ def main() -> None:
     n_v = args.subnetworks or SETTINGS[args.setting]["n_subnetworks"]
     print(
         f"setting {args.setting}, {n_v} subnetworks, {rows[0]['factor_entries']} factor entries, "
-        f"on {args.device}, {args.threads} thread(s) per process"
+        f"on {args.device}, {args.threads} thread(s) per process, "
+        f"factors {'sharded' if args.shard_factors else 'replicated'}"
     )
-    print("world rank  step s   cpu s   peak MB   sent kB/step   model kB/step")
+    print("world rank  step s   cpu s   peak MB  state MB    rss MB   sent kB/step   model kB/step")
     for r in rows:
         print(
             f"{r['world']:5d} {r['rank']:4d} {r['seconds']:7.3f} {r['cpu_seconds']:7.3f}"
-            f" {r['peak_bytes'] / 1e6:9.1f}"
+            f" {r['peak_bytes'] / 1e6:9.1f} {r['state_bytes'] / 1e6:9.1f}"
+            f" {r['rss_bytes'] / 1e6:9.1f}"
             f" {r['sent_bytes'] / 1e3:14.1f} {r['model_bytes'] / 1e3:15.1f}"
         )
     if args.json:

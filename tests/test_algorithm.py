@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import l3d
-from l3d.core import trainer
+from l3d.core import algorithm, trainer
 from l3d.core.algorithm import batch_top_k, losses, n_kept, reconstruction_sq_errors
 from l3d.core.subnetworks import Subnetworks
 
@@ -143,13 +143,13 @@ def test_lr_schedule_and_warm_start(mlp):
 
 def test_matmul_precision_covers_the_training_steps_and_is_restored(mlp, monkeypatch):
     seen = []
-    original = trainer.step_losses
+    original = algorithm.step_losses
 
     def spy(*args, **kwargs):
         seen.append(torch.get_float32_matmul_precision())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "step_losses", spy)
+    monkeypatch.setattr(algorithm, "step_losses", spy)
     x = torch.randn(64, 4)
     kw = dict(
         params=["fc1.weight", "fc2.weight"],

@@ -2,8 +2,9 @@
 run on the same global batches and seed, step by step, for an MLP (MSE) and a tiny GPT-Neo per
 token (KL, padded sequences, a shard without samples); the batch top-k over the ranks keeps exactly
 round(k N); evaluation and impact split over ranks equal the single process's; ranks that hold other
-models are refused, and a failure of rank 0 stops the others. One spawn of 2 processes runs every
-case (each start costs seconds); the single-process runs are the oracle."""
+models are refused, and a failure of rank 0 stops the others. With sharded factors (FSDP2) the
+same holds, and a sharded state resumes sharded, unsharded or in one process. One spawn of 2
+processes runs every case (each start costs seconds); the single-process runs are the oracle."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from l3d.config import L3DConfig
 from l3d.core.algorithm import n_kept, select
 from l3d.core.distributed import Group
 from l3d.core.samples import as_inputs
+from l3d.decomposition import build
+from l3d.runs.checkpoint import flatten_state, unflatten_state
 
 ATOL, RTOL = 1e-6, 1e-5
 RUN_SPEC = {
@@ -56,14 +59,23 @@ MLP_CONFIGS = {
     "mlp_jacobian": dict(gradient_method="auto", resample_every=2, resample_until=4),
     # The structured backend in sample chunks (two passes per step).
     "mlp_chunked": dict(gradient_method="structured", chunk_size=3),
+    # Sharded factors: 5 subnetworks split 3 / 2 over the ranks; resampling edits the shards,
+    # held-out evaluation reads them gathered.
+    "mlp_sharded": dict(
+        gradient_method="auto",
+        n_subnetworks=5,
+        resample_every=2,
+        resample_until=4,
+        resample_min_p_active=0.3,
+        heldout_fraction=0.2,
+    ),
 }
-
-
-RUNS = [*MLP_CONFIGS, "lm", "lm_empty_shard"]
+SHARDED = {"mlp_sharded", "lm_sharded"}
+RUNS = [*MLP_CONFIGS, "lm", "lm_empty_shard", "lm_sharded"]
 
 
 def _mlp_config(name: str) -> L3DConfig:
-    return L3DConfig.create(
+    fields: dict = dict(
         params=["0.weight", "2.weight"],
         n_subnetworks=6,
         rank=1,
@@ -72,8 +84,8 @@ def _mlp_config(name: str) -> L3DConfig:
         batch_size=10,
         lr=0.02,
         seed=3,
-        **MLP_CONFIGS[name],
     )
+    return L3DConfig.create(**{**fields, **MLP_CONFIGS[name]})
 
 
 def _lm(folder: Path) -> nn.Module:
@@ -115,7 +127,7 @@ def _lm_config() -> L3DConfig:
     )
 
 
-def _decompose(model: nn.Module, data, config: L3DConfig) -> dict:
+def _decompose(model: nn.Module, data, config: L3DConfig, shard_factors: bool = False) -> dict:
     """A run's per-step losses, top-k counts and sample counts, its factors, its final
     evaluation, a held-out evaluation and impacts: everything a rank's result is compared on."""
     steps: list[list[float]] = []
@@ -130,7 +142,9 @@ def _decompose(model: nn.Module, data, config: L3DConfig) -> dict:
             ]
         )
 
-    d = l3d.run(model, data, config, progress=False, step_callback=on_step)
+    d = l3d.run(
+        model, data, config, progress=False, step_callback=on_step, shard_factors=shard_factors
+    )
     ev = d.evaluate(data, seed=11)
     tensors = {f"factor/{k}": v.detach() for k, v in d.subnetworks.state_dict().items()}
     tensors["p_active"] = d.p_active
@@ -142,6 +156,30 @@ def _decompose(model: nn.Module, data, config: L3DConfig) -> dict:
         "evaluation": [d.evaluation.loss_paper, d.evaluation.loss_pooled_squared],
         "held_out": [ev.loss_paper, ev.loss_pooled_squared, ev.n_samples],
         "history": [[r["loss_paper"], r["loss_pooled_squared"]] for r in d.history],
+        "heldout": [r.get("loss_heldout_paper", 0.0) for r in d.history],
+        "resampled": [r.get("resampled", []) for r in d.history],
+    }
+
+
+def _states(shard_first: bool, shard_then: bool, state: dict | None = None) -> dict:
+    """Two epochs of the sharded MLP run (sharded or not), its state through the checkpoint
+    format, then the rest of the run resumed from it (sharded or not): the final state, and the
+    state after two epochs. With `state`, only the resumed part, from that state."""
+    config = _mlp_config("mlp_sharded")
+    if state is None:
+        trainer = build(_mlp(), _mlp_data(), config, progress=False, shard_factors=shard_first)[2]
+        for _ in range(2):
+            trainer.run_epoch()
+        state = unflatten_state(*flatten_state(trainer.state_dict()))
+    trainer = build(_mlp(), _mlp_data(), config, progress=False, shard_factors=shard_then)[2]
+    trainer.load_state_dict(state)
+    while trainer.epoch < config.epochs:
+        trainer.run_epoch()
+    final = trainer.state_dict()
+    return {
+        "middle": state,
+        "final": flatten_state(final)[0],
+        "resampled": [r.get("resampled", []) for r in final["history"]],
     }
 
 
@@ -194,11 +232,21 @@ def _worker(rank: int, port: int, folder: str) -> None:
             "taken": _taken_folder(rank, out),
         }
         for name in MLP_CONFIGS:
-            found[name] = _decompose(_mlp(), _mlp_data(), _mlp_config(name))
+            found[name] = _decompose(_mlp(), _mlp_data(), _mlp_config(name), name in SHARDED)
         found["lm"] = _decompose(_lm(out), _lm_data(), _lm_config())
         found["lm_empty_shard"] = _decompose(_lm(out), _lm_batches(), _lm_config())
+        found["lm_sharded"] = _decompose(_lm(out), _lm_data(), _lm_config(), True)
         for name in RUNS:
             save_file(found[name].pop("tensors"), str(out / f"{name}-{rank}.safetensors"))
+        for first, then in [(True, True), (True, False), (False, True)]:
+            states = _states(first, then)
+            name = f"resume-{first:d}{then:d}"
+            if rank == 0:
+                tensors, meta = flatten_state(states["middle"])
+                save_file(tensors, str(out / f"{name}-middle.safetensors"))
+                (out / f"{name}-middle.json").write_text(json.dumps(meta))
+            save_file(states["final"], str(out / f"{name}-{rank}.safetensors"))
+            found[name] = states["resampled"]
         (out / f"results-{rank}.json").write_text(json.dumps(found))
     finally:
         dist.destroy_process_group()
@@ -222,13 +270,26 @@ def results(tmp_path_factory) -> dict:
         single = {name: _decompose(_mlp(), _mlp_data(), _mlp_config(name)) for name in MLP_CONFIGS}
         single["lm"] = _decompose(_lm(folder), _lm_data(), _lm_config())
         single["lm_empty_shard"] = _decompose(_lm(folder), _lm_batches(), _lm_config())
+        single["lm_sharded"] = single["lm"]
+        straight = _states(False, False)
+        single["resume"] = {"final": straight["final"], "resampled": straight["resampled"]}
+        middle = unflatten_state(
+            load_file(str(folder / "resume-11-middle.safetensors")),
+            json.loads((folder / "resume-11-middle.json").read_text()),
+        )
+        single["resume-from-sharded"] = _states(False, False, middle)["final"]
     finally:
         torch.set_num_threads(threads)
     ranks = []
     for rank in range(WORLD):
         found = json.loads((folder / f"results-{rank}.json").read_text())
-        for name in single:
+        for name in RUNS:
             found[name]["tensors"] = load_file(str(folder / f"{name}-{rank}.safetensors"))
+        for name in RESUMES:
+            found[name] = {
+                "final": load_file(str(folder / f"{name}-{rank}.safetensors")),
+                "resampled": found[name],
+            }
         ranks.append(found)
     return {"single": single, "ranks": ranks}
 
@@ -262,8 +323,8 @@ def test_two_ranks_equal_one_process_step_by_step(results, name):
     first, second = (rank[name]["tensors"] for rank in results["ranks"])
     assert all(torch.equal(first[key], second[key]) for key in first)
     # Every step's top-k keeps round(k N) of the whole batch's coefficients.
-    n_v = 4 if name.startswith("lm") else 6
-    top_k = 0.2 if name.startswith("lm") else 0.3
+    config = _lm_config() if name.startswith("lm") else _mlp_config(name)
+    n_v, top_k = config.n_subnetworks, config.top_k
     assert all(s[2] == n_kept(top_k, s[3] * n_v) for s in single["steps"])
 
 
@@ -284,6 +345,41 @@ def test_evaluation_and_impact_over_ranks_equal_one_process(results, name):
             atol=ATOL,
             rtol=RTOL,
         )
+
+
+RESUMES = ["resume-11", "resume-10", "resume-01"]
+
+
+def test_sharded_runs_resample_and_evaluate_held_out_as_one_process(results):
+    """The sharded MLP run resamples (so the test covers edits of the shards) and logs held-out
+    losses equal to the single process's."""
+    single = results["single"]["mlp_sharded"]
+    assert any(single["resampled"]), "the case must resample to test it"
+    for rank in results["ranks"]:
+        assert rank["mlp_sharded"]["resampled"] == single["resampled"]
+        torch.testing.assert_close(
+            torch.tensor(rank["mlp_sharded"]["heldout"]),
+            torch.tensor(single["heldout"]),
+            atol=ATOL,
+            rtol=RTOL,
+        )
+
+
+@pytest.mark.parametrize("name", RESUMES)
+def test_a_sharded_state_resumes_sharded_or_not_as_one_process(results, name):
+    """Two epochs, the state through the checkpoint format, the rest resumed: sharded -> sharded,
+    sharded -> unsharded, unsharded -> sharded (2 ranks) and sharded -> one process all end with
+    the state (factors and AdamW moments) of one process's run straight through."""
+    straight = results["single"]["resume"]
+    assert any(straight["resampled"])
+    finals = [rank[name]["final"] for rank in results["ranks"]]
+    finals.append(results["single"]["resume-from-sharded"])
+    for final in finals:
+        assert final.keys() == straight["final"].keys()
+        for key, expected in straight["final"].items():
+            torch.testing.assert_close(final[key], expected, atol=ATOL, rtol=RTOL, msg=key)
+    for rank in results["ranks"]:
+        assert rank[name]["resampled"] == straight["resampled"]
 
 
 def test_ranks_with_different_models_are_refused(results):

@@ -1,6 +1,7 @@
 """`torchrun --nproc-per-node 2 -m l3d decompose` is one distributed run (CPU, gloo): stopped by
 SIGTERM it resumes with 1 or 2 processes to the single-process result, and a rank that dies ends
-the job with a non-zero exit, a one-line reason and an intact checkpoint. Slow: each launch of
+the job with a non-zero exit, a one-line reason and an intact checkpoint; the same with sharded
+factors. Slow: each launch of
 torchrun and its workers takes seconds."""
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from safetensors.torch import load_file
 from l3d import runs
 from test_distributed import ATOL, RTOL, free_port
 
+# The same run with its factors sharded over the processes (FSDP2): the run section does not enter
+# the checkpoint's config, so its result and resumes are the unsharded run's.
+SHARDED = {"checkpoint_seconds": 0, "progress": False, "shard_factors": True}
 SLOW_MODEL = """
 import time
 
@@ -155,8 +159,13 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_with_one_or_two_processes(tmp_path, setup):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_sigterm_then_resume_with_one_or_two_processes(tmp_path, setup, sharded):
     config, reference = setup
+    if sharded:
+        spec = yaml.safe_load(config.read_text())
+        config = tmp_path / "sharded.yaml"
+        config.write_text(yaml.safe_dump({**spec, "run": SHARDED}))
     stopped = tmp_path / "stopped"
     proc = _start(config, stopped)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
@@ -198,15 +207,41 @@ def test_a_rank_that_dies_stops_the_job_and_keeps_the_checkpoint(tmp_path, setup
     _assert_same_run(run_dir, reference)
 
 
-@pytest.mark.parametrize("command", ["analyze", "report"])
-def test_other_commands_refuse_torchrun(command, tmp_path, monkeypatch, capsys):
-    """Only `decompose` is distributed: under torchrun the others would each do all the work."""
+@pytest.mark.slow
+def test_analyze_on_two_processes_equals_one(tmp_path, setup):
+    """`torchrun -m l3d analyze`: the ranks split the impact pass, rank 0 writes the same
+    analysis as one process (impacts within round-off, the same top samples)."""
+    _, reference = setup
+    outputs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"analysis-{nproc}"
+        done = subprocess.run(
+            _l3d("analyze", str(reference), "--out", str(out), "--n-references", "3", nproc=nproc),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=ENV,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs[nproc] = out
+    one, two = (load_file(str(outputs[n] / "impact.safetensors")) for n in (1, 2))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=ATOL, rtol=RTOL, msg=key)
+    records = [json.loads((outputs[n] / "analysis.json").read_text()) for n in (1, 2)]
+    tops = [[[e["sample"] for e in r["top_samples"]] for r in a["subnetworks"]] for a in records]
+    assert tops[0] == tops[1]
+
+
+def test_other_commands_refuse_torchrun(tmp_path, monkeypatch, capsys):
+    """Only `decompose` and `analyze` are distributed: under torchrun `report` (and the others)
+    would each do all the work."""
     from l3d.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main([command, str(tmp_path)]) == 2
+    assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"l3d {command}: error: `l3d {command}` runs in one process: launch it without torchrun "
-        "(only `l3d decompose` is distributed; see docs/distributed.md)\n"
+        "l3d report: error: `l3d report` runs in one process: launch it without torchrun "
+        "(only `l3d decompose` and `l3d analyze` are distributed; see docs/distributed.md)\n"
     )

@@ -405,6 +405,16 @@ def _analysed(run, n_samples: int | None):
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    from l3d.runs.execution import process_group
+
+    # Under torchrun the processes split the impact pass; rank 0 writes the analysis.
+    with process_group() as group:
+        if group is not None and not group.lead:
+            args.quiet = True
+        return _analyze_folder(args)
+
+
+def _analyze_folder(args: argparse.Namespace) -> int:
     from l3d import runs
 
     try:
@@ -439,6 +449,8 @@ def _analyze(args: argparse.Namespace) -> int:
                 n_top=args.n_top, n_references=args.n_references, progress=not args.quiet
             ),
         )
+    if result is None:  # a rank other than 0: its share of the impacts is done
+        return 0
     _say(args, _analysis_headline(result["summary"]))
     _say(args, f"analysis in {out}")
     return 0
@@ -608,6 +620,10 @@ _FILE_ERRNOS = {
 }  # fmt: skip
 
 
+# Commands that make one distributed job of torchrun's processes.
+DISTRIBUTED = ("decompose", "analyze")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -615,11 +631,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err.prog}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        if args.command != "decompose" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.command not in DISTRIBUTED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Its processes would each do all the work and write the same files.
             raise L3DError(
                 f"`l3d {args.command}` runs in one process: launch it without torchrun (only "
-                "`l3d decompose` is distributed; see docs/distributed.md)"
+                "`l3d decompose` and `l3d analyze` are distributed; see docs/distributed.md)"
             )
         return COMMANDS[args.command](args)
     except L3DError as err:

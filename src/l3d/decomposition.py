@@ -96,6 +96,7 @@ def build(
     divergence: DivergenceFn | None = None,
     reference: ReferenceFn | None = None,
     progress: bool = True,
+    shard_factors: bool = False,
 ) -> tuple[Target, GradientSource, Trainer]:
     """Everything a run needs, validated, before any training: the pieces behind `decompose`."""
     device = resolve_device(config.device)
@@ -120,7 +121,8 @@ def build(
     pair = SubnetworkPair.initialize(
         target.shapes, config.n_subnetworks, ranks, config.factorization, generator, device
     ).to(device)
-    return target, source, Trainer(config, source, pair, held_out=held_out)
+    trainer = Trainer(config, source, pair, held_out=held_out, shard_factors=shard_factors)
+    return target, source, trainer
 
 
 def decompose(
@@ -140,6 +142,7 @@ def decompose(
     device: str = "cpu",
     progress: bool = True,
     callback: EpochCallback | None = None,
+    shard_factors: bool = False,
     **options: Any,
 ) -> Decomposition:
     """Decompose `model`'s chosen parameter tensors into low-rank subnetworks (L3D, Algorithm 1).
@@ -154,6 +157,8 @@ def decompose(
     options: any other L3DConfig field (factorization, loss, per_token, warm_start_epochs,
         resample_every, ...).
     callback: called as callback(trainer, epoch_record) after every epoch.
+    shard_factors: under torch.distributed, each rank keeps only its range of subnetworks and
+        their optimiser state between steps (FSDP2; docs/distributed.md). Same result.
     """
     div = get_divergence(divergence)
     config = L3DConfig.create(
@@ -178,6 +183,7 @@ def decompose(
         reference=reference if callable(reference) else None,
         progress=progress,
         callback=callback,
+        shard_factors=shard_factors,
     )
 
 
@@ -192,18 +198,22 @@ def run(
     callback: EpochCallback | None = None,
     trainer_state: dict | None = None,
     step_callback: Callable[[StepResult], None] | None = None,
+    shard_factors: bool = False,
 ) -> Decomposition:
     """Run L3D from a config (the entry point for config files and resumed runs).
 
     divergence, reference: the callables of a config that names 'custom:...' ones.
     step_callback: called with each training step's StepResult (per-step progress of long epochs).
+    shard_factors: see `decompose`.
     Under an initialised torch.distributed process group, every rank calls `run` with the same
     arguments and takes its shard of every batch (docs/distributed.md); all return the same result.
     """
     was_training = model.training
     model.eval()  # batch statistics would make samples interact; BatchNorm uses running stats.
     try:
-        _target, source, trainer = build(model, data, config, divergence, reference, progress)
+        _target, source, trainer = build(
+            model, data, config, divergence, reference, progress, shard_factors
+        )
         if trainer_state is not None:
             trainer.load_state_dict(trainer_state)
         lead = trainer.group is None or trainer.group.lead
@@ -221,12 +231,13 @@ def run(
                 bar.update(1)
                 if callback is not None:
                     callback(trainer, record)
-        final = evaluate(trainer.pair, source, config.top_k, config.seed + 2, trainer.group)
+        pair = trainer.final_pair()
+        final = evaluate(pair, source, config.top_k, config.seed + 2, trainer.group)
     finally:
         model.train(was_training)
     return Decomposition(
         config=config,
-        subnetworks=trainer.pair,
+        subnetworks=pair,
         history=trainer.history,
         evaluation=final,
         model=model,

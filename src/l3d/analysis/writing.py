@@ -26,6 +26,7 @@ from l3d.analysis.quantities import (
     top_sample_purity,
     top_samples,
 )
+from l3d.core.distributed import Group
 from l3d.core.samples import Inputs, Referenced, SampleRows, batch_size_of
 from l3d.decomposition import Decomposition
 from l3d.pairs import patching_scores
@@ -79,11 +80,15 @@ def write_analysis(
     labels: Sequence[Any] | None = None,
     class_names: Sequence[str] | None = None,
     options: AnalysisOptions = AnalysisOptions(),
-) -> dict:
+) -> dict | None:
     """Analyse every subnetwork on `inputs` and write out_dir/analysis.json, analysis.md,
     p_active.png, impact.safetensors (the full impact matrix (n_samples, n_v), the samples'
     (input, position), and the random baseline's impact), and for images images/ and grids/.
     Returns the analysis.json content.
+
+    Under a torch.distributed process group every rank calls it: the ranks split the impact
+    pass (the bulk of the work on a large dataset) and rank 0 does the rest and writes; the other
+    ranks return None once their share is done.
 
     inputs: the inputs, or contrastive pairs as data (`l3d.pairs.pair_data`, a pair run's data):
         then each impact uses the input's own reference (its counterpart's output) and every
@@ -108,6 +113,8 @@ def write_analysis(
     directions = [decomposition.subnetworks.v_in]
     if options.baseline and labels is not None:
         directions.append(decomposition.subnetworks.v_out.random_like(options.seed + 1))
+    group = Group.current()
+    others = group is not None and not group.lead
     if pairs is None:
         measured = decomposition.impacts(
             inputs,
@@ -117,11 +124,15 @@ def write_analysis(
             chunk_size=options.chunk_size,
             progress=options.progress,
         )
+    elif others:
+        return None  # a pair run's impacts are not split: rank 0 computes them
     else:
         measured = pair_impacts(
             decomposition, pairs, directions, chunk_size=options.chunk_size,
             progress=options.progress,
         )  # fmt: skip
+    if others:
+        return None
     impact = measured[0]
     n_samples, n_v = impact.shape
     top = top_samples(impact, options.n_top)

@@ -254,6 +254,28 @@ class SubnetworkPair(nn.Module):
         v_in.copy_(v_out)
         return cls(v_in, v_out)
 
+    @classmethod
+    def like(cls, other: SubnetworkPair, state: dict[str, Tensor]) -> SubnetworkPair:
+        """A pair of `other`'s shapes, ranks and factorisation holding `state` (whole tensors):
+        an ordinary module again, from the state of a sharded one."""
+        v, first = other.v_out, next(iter(state.values()))
+        pair = cls(
+            *(
+                Subnetworks(v.shapes, v.n_subnetworks, v.ranks, v.factorization, dtype=first.dtype)
+                for _ in range(2)
+            )
+        )
+        pair.load_state_dict(state)
+        return pair.to(first.device)
+
+    def forward(
+        self, batch: GradientBatch, top_k: float, group: Group | None = None
+    ) -> tuple[Tensor, Tensor, Selection]:
+        """`step_losses` (paper, pooled squared, top-k) as the module's call: sharded with FSDP2,
+        the call gathers the factors and the losses' backward reduce-scatters their gradients."""
+        result, chosen = step_losses(self, batch, top_k, group)
+        return result.paper, result.pooled_squared, chosen
+
 
 # With dense gradients, a step materialises the directions when n_v x n_w is at most this, or
 # when V is no larger than the gradients already held (n_v <= n_samples): three matrix products

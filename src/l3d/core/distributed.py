@@ -8,6 +8,11 @@ batches and holds identical factors; a rank computes the gradients of its shard 
     whole batch and the loss normalisers are the whole batch's;
   - sums the factor gradients and the losses' shares (one all-reduce), so every rank takes the same
     AdamW step and unit-norm projection as a single process on the whole batch would.
+
+With sharded factors (`shard_`), FSDP2 keeps each rank's range of subnetworks (dim 0 of every
+factor) and their AdamW moments; the step's call gathers all factors and its backward
+reduce-scatters their gradients (sums, as above), so each rank steps and normalises its own range.
+`full` and `set_full_` read and write such a sharded tensor as a whole.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from l3d.errors import L3DError
 
@@ -138,6 +147,44 @@ class Group:
                 f"rank {self.rank} of {self.size} lost contact with the other ranks "
                 f"({_reason(err)}): another rank stopped or failed; see its message"
             ) from None
+
+
+def shard_(module: nn.Module, group: Group) -> FSDPModule:
+    """Shard `module`'s parameters over the group's ranks with FSDP2, on dim 0 (the subnetwork
+    axis of every factor, so a rank holds whole subnetworks). Its gradients are summed over
+    ranks, not averaged: each rank's loss is its share of the whole batch's."""
+    device = next(module.parameters()).device
+    mesh = init_device_mesh(device.type, (group.size,))
+    sharded = fully_shard(module, mesh=mesh)
+    sharded.set_gradient_divide_factor(1.0)
+    sharded.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+    return sharded
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor of a sharded one (a collective: every rank calls it); others as they are."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(value: Tensor, template: Tensor) -> Tensor:
+    """`value` (whole) laid out as `template`: a copy of this rank's shard when that is sharded
+    (a copy: the shard is trained in place and must not write into `value`)."""
+    if not isinstance(template, DTensor):
+        return value
+    if value.dim() == 0:  # AdamW's step count: not sharded
+        return value.clone()
+    value = value.to(template.device)
+    shard = distribute_tensor(value, template.device_mesh, template.placements, src_data_rank=None)
+    return shard.clone()
+
+
+@torch.no_grad()
+def set_full_(t: Tensor, value: Tensor) -> None:
+    """Write the whole `value` into `t`; a sharded `t` takes its own rows of it."""
+    if isinstance(t, DTensor):
+        t.to_local().copy_(cast(DTensor, like(value, t)).to_local())
+    elif t is not value:
+        t.copy_(value)
 
 
 def _reason(err: Exception) -> str:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from l3d.config import L3DConfig
 from l3d.core.algorithm import SubnetworkPair, batch_top_k, evaluate
+from l3d.core.distributed import full, set_full_
 from l3d.core.gradients import GradientSource
 from l3d.core.subnetworks import Subnetworks, total
 
@@ -160,8 +161,12 @@ def reset_optimizer_rows_(optimizer: torch.optim.Optimizer, rows: list[int]) -> 
             state = optimizer.state.get(p)
             if not state or "exp_avg" not in state:
                 continue
-            state["exp_avg"][index] = 0
+            # Sharded factors' moments are edited whole (rows of any rank; the mean over all).
+            exp_avg, exp_avg_sq = full(state["exp_avg"]), full(state["exp_avg_sq"])
+            exp_avg[index] = 0
             others = torch.ones(p.shape[0], dtype=torch.bool)
             others[index] = False
             if others.any():
-                state["exp_avg_sq"][index] = state["exp_avg_sq"][others].mean(0)
+                exp_avg_sq[index] = exp_avg_sq[others].mean(0)
+            set_full_(state["exp_avg"], exp_avg)
+            set_full_(state["exp_avg_sq"], exp_avg_sq)

@@ -4,7 +4,9 @@ and resumes to the same result.
 
 Under an initialised process group (core/distributed.py) the trainer is data parallel: each rank
 steps on its shard of every batch and the summed gradients make every rank's step the same, so
-the state (and its checkpoint) does not depend on the number of ranks."""
+the state (and its checkpoint) does not depend on the number of ranks. With `shard_factors`, each
+rank keeps only its range of subnetworks and their AdamW moments between steps (FSDP2,
+`distributed.shard_`); the state is still gathered whole, so it resumes on any number of ranks."""
 
 from __future__ import annotations
 
@@ -25,11 +27,11 @@ from l3d.core.algorithm import (
     SubnetworkPair,
     chunked_step,
     evaluate,
-    step_losses,
 )
-from l3d.core.distributed import Group
+from l3d.core.distributed import Group, full, like, set_full_, shard_
 from l3d.core.gradients import ChunkedGradients, GradientBatch, GradientSource
 from l3d.core.resampling import Resampler
+from l3d.errors import L3DError
 
 
 @contextmanager
@@ -69,7 +71,8 @@ class StepResult:
 class Trainer:
     """Runs Algorithm 1. State (subnetworks, optimiser, schedule, RNG, epoch) is all in
     `state_dict()`, so a run can be checkpointed and resumed to the same result. group: the
-    data-parallel process group (default: the initialised one, if any)."""
+    data-parallel process group (default: the initialised one, if any); shard_factors: with a
+    group, shard the factors and their optimiser state over its ranks (FSDP2)."""
 
     def __init__(
         self,
@@ -78,6 +81,7 @@ class Trainer:
         pair: SubnetworkPair,
         group: Group | None = None,
         held_out: GradientSource | None = None,
+        shard_factors: bool = False,
     ) -> None:
         """held_out: inputs kept out of training (`heldout_fraction`), evaluated after every
         epoch."""
@@ -86,6 +90,16 @@ class Trainer:
         self.group = Group.current() if group is None else group
         if self.group is not None:
             self.group.check_same(self._fingerprint(), "decomposed weights, data or factors")
+        self.sharded = shard_factors and self.group is not None
+        if self.sharded:
+            assert self.group is not None
+            if config.chunk_size is not None and not config.per_token:
+                raise L3DError(
+                    "sharded factors do not combine with chunk_size without per_token (the "
+                    "two-pass step runs several backwards per step); use sequence chunks or "
+                    "unsharded factors"
+                )
+            shard_(pair, self.group)
         self.resampler = Resampler.from_config(config)
         opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         wd = config.weight_decay if config.optimizer == "adamw" else 0.0
@@ -125,7 +139,8 @@ class Trainer:
             if isinstance(batch, ChunkedGradients):
                 result, chosen = chunked_step(self.pair, batch, top_k, self.config.loss, self.group)
             else:
-                result, chosen = step_losses(self.pair, batch, top_k, self.group)
+                paper, pooled, chosen = self.pair(batch, top_k, self.group)
+                result = Losses(paper=paper, pooled_squared=pooled)
                 result.get(self.config.loss).backward()
         result = result.detach()
         if self.group is not None:
@@ -141,7 +156,8 @@ class Trainer:
         """Every rank's gradient and loss shares summed, in one all-reduce: each rank then holds
         the whole batch's gradient and takes the same step."""
         assert self.group is not None
-        params = list(self.pair.parameters())
+        # Sharded, FSDP2 has already reduce-scattered the gradients: only the losses remain.
+        params = [] if self.sharded else list(self.pair.parameters())
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         *summed, paper, pooled = self.group.all_reduce_sum(
             [*grads, shares.paper.reshape(1), shares.pooled_squared.reshape(1)]
@@ -190,6 +206,7 @@ class Trainer:
                 torch.no_grad(),
                 single_thread_if(self._tiny()),
                 matmul_precision(self.config.matmul_precision),
+                self.gathered(),
             ):
                 held = evaluate(
                     self.pair, self.held_out, record["top_k"], self.config.seed + 7, self.group
@@ -199,18 +216,53 @@ class Trainer:
         self.epoch += 1
         if self.resampler is not None:
             # Seeded by the epoch and reads only the trainer's state, so a resumed run replays it.
-            resampled = self.resampler(
-                self.pair, self.source, self.optimizer, self.epoch, self.top_k_at(self.epoch)
-            )
+            with self.gathered(write_back=True):
+                resampled = self.resampler(
+                    self.pair, self.source, self.optimizer, self.epoch, self.top_k_at(self.epoch)
+                )
             if resampled:
                 record["resampled"] = resampled
         self.history.append(record)
         return record
 
+    @contextmanager
+    def gathered(self, write_back: bool = False) -> Iterator[None]:
+        """Sharded factors whole for the block (every rank holds all of them, as unsharded), for
+        the work outside the step: evaluation, resampling. write_back: the block's changes to the
+        factors are kept (each rank keeps its rows); otherwise they are dropped."""
+        if not self.sharded:
+            yield
+            return
+        shards = list(self.pair.parameters())
+        self.pair.unshard()  # type: ignore[operator]
+        try:
+            yield
+            if write_back:
+                for shard, whole in zip(shards, self.pair.parameters()):
+                    set_full_(shard, whole)
+        finally:
+            self.pair.reshard()  # type: ignore[operator]
+
+    def final_pair(self) -> SubnetworkPair:
+        """The trained subnetworks as an ordinary module (sharded: gathered whole on every
+        rank)."""
+        if not self.sharded:
+            return self.pair
+        return SubnetworkPair.like(self.pair, self._pair_state())
+
+    def _pair_state(self) -> dict[str, Tensor]:
+        return {k: full(v) for k, v in self.pair.state_dict().items()}
+
     def state_dict(self) -> dict:
+        """The whole state (sharded: gathered, a collective every rank must call)."""
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {
+            i: {slot: full(v) if isinstance(v, Tensor) else v for slot, v in slots.items()}
+            for i, slots in optimizer["state"].items()
+        }
         return {
-            "pair": self.pair.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "pair": self._pair_state(),
+            "optimizer": optimizer,
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
             "step": self.step,
@@ -218,8 +270,23 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.pair.load_state_dict(state["pair"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.sharded:
+            self.pair.load_state_dict(state["pair"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            own = dict(self.pair.named_parameters())
+            for key, value in state["pair"].items():
+                set_full_(own[key], value)
+            params = list(self.pair.parameters())
+            optimizer = dict(state["optimizer"])
+            optimizer["state"] = {
+                i: {
+                    slot: like(v, params[int(i)]) if isinstance(v, Tensor) else v
+                    for slot, v in slots.items()
+                }
+                for i, slots in state["optimizer"]["state"].items()
+            }
+            self.optimizer.load_state_dict(optimizer)
         self.generator.set_state(state["generator"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.history = list(state["history"])

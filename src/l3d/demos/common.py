@@ -120,6 +120,7 @@ def decompose_and_analyze(
         class_names=class_names,
         options=options,
     )
+    assert analysis is not None  # demos run in one process
     fields = {
         "n_parameters": sum(w.numel() for w in decomposition.target.w0.values()),
         "l3d_seconds": l3d_seconds,

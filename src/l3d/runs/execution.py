@@ -185,10 +185,13 @@ class _EpochLog:
         self.start = self.last_save = time.time()
 
     def __call__(self, trainer: Trainer, record: dict) -> None:
+        # Sharded factors are gathered by every rank together.
+        state = trainer.state_dict() if trainer.sharded or self.lead else None
         if not self.lead:
             self.done = trainer.epoch
             return
-        snapshot = flatten_state(trainer.state_dict())
+        assert state is not None
+        snapshot = flatten_state(state)
         line = {
             **record,
             "world_size": self.world_size,
@@ -296,6 +299,7 @@ def _execute(
                 callback=step_bar.wrap(on_epoch),
                 trainer_state=state,
                 step_callback=step_bar.step,
+                shard_factors=spec.run.shard_factors,
             )
         except (Interrupted, RankLost) as stop:
             # A second Ctrl-C or SIGTERM (torchrun stopping the ranks) must not cut the save short.

@@ -148,6 +148,13 @@ class RunOptions(_Frozen):
         "the last one (0: after every epoch); always at the end and on Ctrl-C/SIGTERM.",
     )
     progress: bool = Field(default=True, description="Show a progress bar (--quiet turns it off).")
+    shard_factors: bool = Field(
+        default=False,
+        description="Under torchrun, shard V_in, V_out and their optimiser state over the "
+        "processes by subnetwork (FSDP2): less memory per process, the same result. Does not "
+        "enter the checkpoint's config: a run may resume sharded or not, on any number of "
+        "processes.",
+    )
     tracking: Literal["none", "wandb", "tensorboard"] = Field(
         default="none", description="Also log metrics to Weights & Biases or TensorBoard."
     )
