@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from l3d import controls
 from l3d.config import L3DConfig
 from l3d.core.algorithm import Evaluation, SubnetworkPair
 from l3d.core.resampling import set_direction_
@@ -222,7 +223,7 @@ def test_matched_cosines_finds_permuted_and_flipped_subnetworks():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(4, 30, generator=g)
     b = torch.cat([-a[[2, 0, 3, 1]] * 3.0, torch.randn(2, 30, generator=g)])
-    assert M.matched_cosines(a, b) == pytest.approx([1.0] * 4, abs=1e-6)
+    assert controls.matched_cosines(a, b) == pytest.approx([1.0] * 4, abs=1e-6)
 
 
 def test_matched_cosines_brute_force():
@@ -236,7 +237,7 @@ def test_matched_cosines_brute_force():
     best = max(
         itertools.permutations(range(5), 3), key=lambda c: sum(cos[i, j] for i, j in enumerate(c))
     )
-    assert sum(M.matched_cosines(a, b)) == pytest.approx(
+    assert sum(controls.matched_cosines(a, b)) == pytest.approx(
         float(sum(cos[i, j] for i, j in enumerate(best)))
     )
 

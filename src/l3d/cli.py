@@ -59,6 +59,10 @@ A data file is safetensors with 'inputs' (or the model's keyword inputs, e.g. in
 attention_mask) and 'labels' (class or next-token ids, -100 where nothing is scored, or float
 targets shaped like the outputs); a retain file needs only the inputs.
 """
+CONTROL_EXAMPLES = """examples:
+  l3d control runs/tms                     # both controls; then l3d report shows the gaps
+  l3d control runs/tms --kinds seed        # only the cross-seed stability
+"""
 REPORT_EXAMPLES = """examples:
   l3d report runs/tms                      # writes runs/tms/report/index.html
   l3d report runs/tms --out /tmp/tms-report
@@ -207,6 +211,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--n-references", type=_positive_int, default=10, help="references averaged in impact"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+
+    p = sub.add_parser(
+        "control",
+        help="decompose controls of a run: a shuffled-weights network and another seed",
+        description="Is the decomposition evidence of learned structure? Runs the same config on "
+        "the model with every parameter tensor's entries shuffled (kind 'shuffled') and with the "
+        "next decomposition seed (kind 'seed'), as run folders RUN_DIR/controls/KIND (resumable), "
+        "analyses them, and writes RUN_DIR/controls/controls.json and controls.md: each headline "
+        "metric beside the shuffled control's, gaps too small to count flagged, and the "
+        "cross-seed stability (Hungarian-matched |cos| of live subnetworks). l3d report shows it.",
+        epilog=CONTROL_EXAMPLES,
+        formatter_class=fmt,
+    )
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=CONTROL_KINDS,
+        default=list(CONTROL_KINDS),
+        help="which controls to run (default: both)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
 
@@ -537,6 +563,78 @@ def _intervention_headline(
     return lines
 
 
+# The controls' run folders' specs: the parent's with a shuffled model, or the next seed.
+CONTROL_KINDS = ("shuffled", "seed")
+
+
+def _control_spec(spec: Any, kind: str) -> Any:
+    from l3d.controls import SHUFFLE_SEED_OFFSET
+
+    if kind == "shuffled":
+        model = spec.model.model_copy(update={"shuffle_seed": spec.l3d.seed + SHUFFLE_SEED_OFFSET})
+        return spec.model_copy(update={"model": model})
+    return spec.model_copy(update={"l3d": spec.l3d.replace(seed=spec.l3d.seed + 1)})
+
+
+def _control(args: argparse.Namespace) -> int:
+    import shutil
+
+    from l3d import controls, io, runs
+
+    run_dir = runs.RunDir(Path(args.run_dir))
+    run_dir.require_finished()
+    if run_dir.spec().model.shuffle_seed is not None:
+        raise L3DError(f"'{run_dir.path}' is itself a shuffled control: run it on the original run")
+    folder = runs.writable_folder(run_dir.path / "controls", "controls")
+    found: dict[str, Any] = {}
+    for kind in args.kinds:
+        child = runs.RunDir(runs.writable_folder(folder / kind, "control run"))
+        with child.lock():
+            if not child.config.is_file():
+                runs.create_run(_control_spec(run_dir.spec(), kind), child.path)
+                # A toy's trained weights: the control starts from the very same model.
+                for file in (run_dir.model_weights, run_dir.model_info):
+                    if file.is_file():
+                        shutil.copyfile(file, child.path / file.name)
+            if not child.finished:
+                _say(args, f"control '{kind}': decomposing into {child.path}")
+                with _quiet_libraries(args, child.spec()):
+                    runs.execute(
+                        child, progress=False if args.quiet else None, log=lambda m: _say(args, m)
+                    )
+        found[kind] = child
+    summaries = {}
+    for name, path in [("run", run_dir.path), *((k, c.path) for k, c in found.items())]:
+        analysis = runs.RunDir(path).analysis / "analysis.json"
+        if not analysis.is_file():
+            _say(args, f"analysing {path} (l3d analyze)")
+            _analyze(_parser().parse_args(["analyze", str(path), *(["-q"] * args.quiet)]))
+        summaries[name] = io.read_json(analysis, "analysis")["summary"]
+    result: dict[str, Any] = {"run": controls.headline(summaries["run"])}
+    if "shuffled" in found:
+        shuffled = controls.headline(summaries["shuffled"])
+        result["shuffled"] = {
+            "folder": str(found["shuffled"].path),
+            "metrics": shuffled,
+            "comparison": controls.compare(result["run"], shuffled),
+        }
+    if "seed" in found:
+        with _quiet_libraries(args, run_dir.spec()):
+            first = runs.open_run(run_dir.path).decomposition
+            second = runs.open_run(found["seed"].path).decomposition
+        result["seed"] = {
+            "folder": str(found["seed"].path),
+            "second_seed": second.config.seed,
+            **controls.decomposition_stability(first, second),
+        }
+    io.write_json(folder / "controls.json", result)
+    io.write_text(folder / "controls.md", controls.markdown(result))
+    if not args.quiet:
+        print(controls.markdown(result))
+    _say(args, f"controls in {folder} (shown by l3d report)")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from l3d import runs
     from l3d.report import headline, write_report
@@ -603,6 +701,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "control": _control,
     "finetune": _finetune,
     "decompose": _decompose,
     "experiment": _experiment,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from argparse import ArgumentParser, Namespace
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from l3d import controls
 from l3d.config import L3DConfig
 from l3d.core.samples import Inputs
 from l3d.decomposition import Decomposition, run
@@ -79,6 +81,11 @@ def demo_arguments(
         parser.add_argument(
             "--threads", type=int, default=None, help="torch CPU threads (1 on busy machines)"
         )
+        parser.add_argument(
+            "--no-controls",
+            action="store_true",
+            help="skip the controls (shuffled weights, next seed), which triple the L3D time",
+        )
         extra(parser)
         args = parser.parse_args(argv)
         if args.threads:
@@ -99,10 +106,13 @@ def decompose_and_analyze(
     tokenizer: Any = None,
     labels: Sequence[Any] | None = None,
     class_names: Sequence[str] | None = None,
+    with_controls: bool = False,
 ) -> tuple[Decomposition, dict, dict]:
     """Decompose, save to out/decomposition, analyse into out/analysis (l3d.analysis, seeded by
     the config); returns the decomposition, the analysis and the summary fields the demos share
-    (parameter count, seconds, losses, purity)."""
+    (parameter count, seconds, losses, purity). with_controls: also the controls of `l3d control`
+    (l3d.controls), the same decomposition of the model with shuffled weights (analysed into
+    out/controls/shuffled) and at the next seed, as the summary's "controls"."""
     from l3d.analysis import AnalysisOptions, write_analysis  # plotting: only when a demo runs
 
     start = time.perf_counter()
@@ -128,4 +138,34 @@ def decompose_and_analyze(
         "analysis_seconds": time.perf_counter() - start,
         **{k: analysis["summary"][k] for k in ANALYSIS_SUMMARY},
     }
+    if with_controls:
+
+        def analyse(d: Decomposition, folder: Path) -> dict:
+            found = write_analysis(
+                d, data, folder, tokenizer=tokenizer, labels=labels, class_names=class_names,
+                options=options,
+            )  # fmt: skip
+            assert found is not None
+            return found["summary"]
+
+        start = time.perf_counter()
+        shuffled = copy.deepcopy(model)
+        controls.shuffle_parameters_(shuffled, config.seed + controls.SHUFFLE_SEED_OFFSET)
+        control = run(shuffled, data, config)
+        mine = controls.headline(analysis["summary"])
+        theirs = controls.headline(analyse(control, out / "controls" / "shuffled"))
+        second = run(model, data, config.replace(seed=config.seed + 1))
+        fields["controls"] = {
+            "run": mine,
+            "shuffled": {
+                "folder": str(out / "controls" / "shuffled"),
+                "metrics": theirs,
+                "comparison": controls.compare(mine, theirs),
+            },
+            "seed": {
+                "second_seed": config.seed + 1,
+                **controls.decomposition_stability(decomposition, second),
+            },
+        }
+        fields["controls_seconds"] = time.perf_counter() - start
     return decomposition, analysis, fields

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from l3d import controls
 from l3d.config import L3DConfig
 from l3d.demos.common import decompose_and_analyze, demo_arguments
-from l3d.io import save_tensors, write_json
+from l3d.io import save_tensors, write_json, write_text
 from l3d.vision import check_classifier, ranks_by_fraction
 
 BLOCK = "features.3.*"
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         class_names=[str(d) for d in range(10)],
         n_top=args.n_top,
         n_references=args.n_references,
+        with_controls=not args.no_controls,
     )
     summary = {
         "test_accuracy": test_accuracy,
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     }
     write_json(out / "summary.json", summary)
+    if "controls" in summary:
+        write_text(out / "controls.md", controls.markdown(summary["controls"]))
     print(
         f"test accuracy {test_accuracy:.3f}; L3D loss {summary['loss_pooled_squared']:.3f} (pooled "
         f"squared); top-{args.n_top} purity {summary['purity']:.3f} vs random directions "

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from l3d import controls
 from l3d.config import L3DConfig
 from l3d.core.subnetworks import total
 from l3d.demos.common import decompose_and_analyze, demo_arguments
-from l3d.io import load_tensors, write_json
+from l3d.io import load_tensors, write_json, write_text
 
 TASKS = ("copy", "reverse", "induction", "count")
 PAD, SEP = 0, 1
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         labels=[TASKS[int(t)] for t in tasks],
         n_top=args.n_top,
         n_references=args.n_references,
+        with_controls=not args.no_controls,
     )
     s = analysis["summary"]
     restricted = restricted_purity(
@@ -238,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     }
     write_json(out / "summary.json", summary)
+    if "controls" in summary:
+        write_text(out / "controls.md", controls.markdown(summary["controls"]))
     print(
         f"L3D loss {s['loss_pooled_squared']:.3f} (pooled squared); top-{args.n_top} task purity "
         f"{s['purity']:.3f} vs random directions {s['purity_random_directions']:.3f} "

@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -140,18 +139,6 @@ def parameter_share(directions: dict[str, Tensor], masks: dict[str, Tensor]) -> 
         for n, m in masks.items()
     )
     return own / norms.clamp_min(1e-30)[:, None]
-
-
-def matched_cosines(a: Tensor, b: Tensor) -> list[float]:
-    """|cos| between each row of `a` and the row of `b` it is matched to (Hungarian on |cos|),
-    for the min(len(a), len(b)) matched rows of `a` in order. Sign-free: a subnetwork's sign is
-    arbitrary. Two decompositions of one model from different seeds give 1.0 for every
-    subnetwork when they find the same subnetworks in any order (cross-seed stability).
-
-    a: (n_a, n_weights); b: (n_b, n_weights), e.g. flattened V_out directions."""
-    cos = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T  # (n_a, n_b)
-    rows, cols = linear_sum_assignment(cos.abs().cpu().numpy(), maximize=True)
-    return [float(cos[r, c].abs()) for r, c in zip(rows, cols)]
 
 
 def mmcs(weight: Tensor, directions: Tensor) -> list[float]:

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from l3d import controls
 from l3d.config import L3DConfig
 from l3d.core.trainer import single_thread_if
 from l3d.decomposition import Decomposition, run
@@ -395,10 +396,6 @@ CONTROL_SEED_OFFSET = 50_000
 """The random-network control's weights come from the toy's own initialisation at seed + this."""
 STABILITY_SEED_OFFSET = 1
 """The second decomposition of the same toy runs at decomposition seed + this."""
-SMALL_GAP_SHARE = 0.1
-SMALL_GAP_SELECTIVITY = 2.0
-"""A metric is flagged when the trained model beats its random-network control by less than
-this (matched share: difference; selectivity: ratio)."""
 
 
 def random_control(
@@ -442,8 +439,11 @@ def random_control(
         "small_gaps": [
             name
             for name, small in (
-                ("mean_matched_share", share_gap < SMALL_GAP_SHARE),
-                ("selectivity_median_ratio_delta1", selectivity_gain < SMALL_GAP_SELECTIVITY),
+                ("mean_matched_share", share_gap < controls.SMALL_GAP_SHARE),
+                (
+                    "selectivity_median_ratio_delta1",
+                    selectivity_gain < controls.SMALL_GAP_SELECTIVITY,
+                ),
             )
             if small
         ],
@@ -463,13 +463,8 @@ def stability(
             flat = d.subnetworks.v_out.materialize_flat()  # (n_v, n_weights)
         return flat[d.p_active > 0]
 
-    cosines = M.matched_cosines(live_directions(decomposition), live_directions(second))
-    return {
-        "second_seed": seed + STABILITY_SEED_OFFSET,
-        "matched_cosines": cosines,
-        "mmcs": sum(cosines) / len(cosines) if cosines else float("nan"),
-        "min": min(cosines, default=float("nan")),
-    }
+    found = controls.stability(live_directions(decomposition), live_directions(second))
+    return {"second_seed": seed + STABILITY_SEED_OFFSET, **found}
 
 
 def run_sweep(

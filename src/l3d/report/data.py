@@ -80,6 +80,8 @@ class RunData:
     units: np.ndarray | None = None
     """Toys: (n_units, n_features) bool, the ground-truth units."""
     notes: list[str] = field(default_factory=list)
+    controls: dict | None = None
+    """`l3d control`'s result (RUN_DIR/controls/controls.json), or None before it ran."""
 
     @property
     def n_v(self) -> int:
@@ -139,7 +141,9 @@ def load(run_dir: Path) -> RunData:
     for path in sorted(run.interventions.glob("subnetwork_*.json")):
         result = io.read_json(path, "intervention result")
         interventions[int(result["subnetwork"])] = result
+    controls_file = run.path / "controls" / "controls.json"
     data = RunData(
+        controls=io.read_json(controls_file, "controls") if controls_file.is_file() else None,
         run=run,
         config=saved.config,
         meta=saved.meta,

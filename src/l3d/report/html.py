@@ -26,6 +26,7 @@ main { padding: 0.5rem 1.5rem 3rem; max-width: 90rem; }
 h1 { font-size: 1.4rem; margin: 0.6rem 0; } h2 { font-size: 1.15rem; margin: 1.2rem 0 0.4rem; }
 h3 { font-size: 1rem; margin: 1rem 0 0.3rem; }
 .note { color: var(--muted); font-size: 0.85rem; margin: 0.2rem 0; }
+.flag { color: #b3261e; }
 .row { display: flex; flex-wrap: wrap; gap: 1.5rem; align-items: flex-start; }
 .row > * { flex: 0 1 auto; min-width: 0; }
 table { border-collapse: collapse; font-size: 0.88rem; }

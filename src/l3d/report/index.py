@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from l3d import plots
+from l3d import controls, plots
 from l3d.report import svg
 from l3d.report.data import RunData, top_rows, top_terms, unit_name
 from l3d.report.heatmaps import heatmap_png, pool_max_abs
@@ -137,11 +137,51 @@ def write_index(
         f"<h1>{e(_title(data))}</h1>{notes}"
         f'<div class="row">{"".join(first)}</div>'
         f'<div class="row">{"".join(plots_html)}</div>'
+        f"{_controls(data)}"
         f"<h2>Subnetworks</h2>{_table(data, units)}"
         f"<details><summary>config</summary><pre>{e(config_text)}</pre></details>"
     )
     header = f"<strong>{e(_title(data))}</strong><span>{data.n_v} subnetworks</span>"
     return page(_title(data), header, body, SCRIPT, STYLE)
+
+
+def _controls(data: RunData) -> str:
+    """Each headline metric beside the shuffled-weights control's, and cross-seed stability."""
+    found = data.controls
+    if found is None:
+        return (
+            "<h2>Controls</h2><p>None yet: <code>l3d control "
+            f"{e(data.run.path)}</code> decomposes the model with shuffled weights and with "
+            "another seed, to tell learned structure from what any network gives.</p>"
+        )
+    parts = ["<h2>Controls</h2>"]
+    shuffled = found.get("shuffled")
+    if shuffled is not None:
+        rows = []
+        for row in shuffled["comparison"]:
+            gap, ratio = row.get("gap"), row["kind"] == "ratio"
+            shown = "" if gap is None else f"×{gap:.3g}" if ratio else f"{gap:+.3g}"
+            flag = '<strong class="flag">small gap</strong>' if row["flagged"] else ""
+            label = controls.LABELS.get(row["metric"], row["metric"])
+            rows.append(
+                f"<tr><th>{e(label)}</th><td>{e(fmt(row['value']))}</td>"
+                f"<td>{e(fmt(row['control']))}</td><td>{e(shown)}</td><td>{flag}</td></tr>"
+            )
+        parts.append(
+            "<p>The same decomposition of the model with every parameter tensor's entries "
+            "shuffled: a gap too small is no evidence of learned structure (the loss is shown "
+            "only; a random network's is often lower).</p><table><tr><th>metric</th><th>run</th>"
+            f"<th>shuffled</th><th>gap</th><th></th></tr>{''.join(rows)}</table>"
+        )
+    seed = found.get("seed")
+    if seed is not None:
+        flag = ' <strong class="flag">unstable</strong>' if seed["flagged"] else ""
+        parts.append(
+            f"<p>Cross-seed stability (seed {e(seed['second_seed'])}): mean matched |cos| of "
+            f"live subnetworks {e(fmt(seed['mmcs']))}, minimum {e(fmt(seed['min']))}{flag} "
+            "(1.0: the same subnetworks).</p>"
+        )
+    return "".join(parts)
 
 
 def _title(data: RunData) -> str:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig
+from l3d.controls import shuffle_parameters_
 from l3d.core.divergences import DivergenceFn, ReferenceFn, is_custom
 from l3d.core.samples import Inputs
 from l3d.errors import L3DError
@@ -86,7 +87,15 @@ def load_tokenizer(name_or_path: str) -> Any:
 
 def build_model(source: ModelSource, run_dir: RunDir | None = None) -> nn.Module:
     """The model of a run. A toy is trained by the toy registry (cached there) and its weights are
-    kept in the run folder, so resuming or analysing a run never retrains it."""
+    kept in the run folder, so resuming or analysing a run never retrains it. With
+    `shuffle_seed`, the control network: every parameter tensor's entries permuted."""
+    model = _load_model(source, run_dir)
+    if source.shuffle_seed is not None:
+        shuffle_parameters_(model, source.shuffle_seed)
+    return model
+
+
+def _load_model(source: ModelSource, run_dir: RunDir | None) -> nn.Module:
     if source.toy is not None:
         return _toy_model(source.toy, source.options, run_dir)
     if source.hf is not None:

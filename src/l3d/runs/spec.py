@@ -37,6 +37,12 @@ class ModelSource(_Frozen):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for the toy, loader or function."
     )
+    shuffle_seed: int | None = Field(
+        default=None,
+        description="A control (`l3d control`): permute the entries of every parameter tensor, "
+        "seeded, after loading: the same architecture and weight statistics without the learned "
+        "structure (l3d.controls.shuffle_parameters_).",
+    )
 
     @model_validator(mode="after")
     def _one(self) -> ModelSource:
@@ -203,11 +209,13 @@ class RunSpec(_Frozen):
     def resolved(self) -> dict[str, Any]:
         """The sections that decide a run's result (model, data, l3d) as plain JSON data: what a
         checkpoint records, so a resume can refuse a config edited since (`run` options such as
-        checkpoint_seconds may change). `data.pairs` only when given: checkpoints made before
-        it existed keep their hash."""
+        checkpoint_seconds may change). `data.pairs` and `model.shuffle_seed` only when given:
+        checkpoints made before they existed keep their hash."""
         resolved = self.model_dump(mode="json", include={"model", "data", "l3d"})
         if resolved["data"]["pairs"] is None:
             del resolved["data"]["pairs"]
+        if resolved["model"]["shuffle_seed"] is None:
+            del resolved["model"]["shuffle_seed"]
         return resolved
 
 
