@@ -22,6 +22,7 @@ from l3d.analysis import (
     top_samples,
     write_analysis,
 )
+from l3d.analysis.quantities import generate_ids
 from l3d.core.divergences import kl
 from l3d.core.samples import SampleRows
 
@@ -236,6 +237,13 @@ def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_pat
     base = generate(d, Tokenizer(), "once upon a", max_new_tokens=3)
     assert len(base.split()) == 3
     assert generate(d, Tokenizer(), "once upon a", k=0, delta=0.0, max_new_tokens=3) == base
+    # Near the end of the model's context, only the positions left are generated (the
+    # synthetic-transformer demo's 12-token model used to end in an IndexError from its
+    # position embedding); a prompt that fills the context gets none.
+    context = model.config.max_position_embeddings
+    near_end = torch.randint(2, len(WORDS), (context - 2,), generator=torch.Generator())
+    assert len(generate_ids(d, near_end, max_new_tokens=8)) == 2
+    assert generate_ids(d, torch.cat([near_end, near_end[:2]]), max_new_tokens=8) == []
 
     # Continuations of each live subnetwork's top samples at W0 - δ v_k, W0, W0 + δ v_k, against a
     # loop of argmax steps on the moved model (eos masked: the columns have equal length).

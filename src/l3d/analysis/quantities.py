@@ -205,20 +205,25 @@ def generate_ids(
     pad_token_id: int | None = None,
 ) -> list[int]:
     """Greedy continuation (new token ids) of the prompt `ids` (seq,) by the LM at W0 + δ v_k (at
-    W0 when k is None)."""
+    W0 when k is None): max_new_tokens, or fewer where the model's context (its config's
+    max_position_embeddings) ends first; none for a prompt that fills it."""
     model: Any = decomposition.model  # a transformers LM: generate() is not nn.Module's
     if not can_generate(decomposition):
         raise L3DError(
             f"{type(model).__name__} has no .generate(): text generation needs a causal LM"
         )
     prompt = ids.reshape(1, -1).to(decomposition.device)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    n_new = max_new_tokens if context is None else min(max_new_tokens, context - prompt.shape[1])
+    if n_new <= 0:
+        return []
 
     def run() -> list[int]:
         out = model.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,  # side-by-side columns of equal length
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,  # side-by-side columns of equal length
             do_sample=False,
             pad_token_id=pad_token_id,
         )
