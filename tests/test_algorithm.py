@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 import l3d
+from l3d.config import L3DConfig
 from l3d.core import algorithm, trainer
 from l3d.core.algorithm import batch_top_k, losses, n_kept, reconstruction_sq_errors
 from l3d.core.subnetworks import Subnetworks
+from l3d.decomposition import build
 
 
 @pytest.mark.parametrize("k", [0.01, 0.1, 0.25, 0.5, 1.0])
@@ -209,3 +211,41 @@ def test_memory_check_names_the_device_that_is_too_small(monkeypatch):
     with pytest.raises(L3DError, match=r"of memory of cpu"):
         algorithm.check_memory(shapes, 1000, ranks, "cp", "cuda:0")
     algorithm.check_memory(shapes, 10, ranks, "cp", "cuda:0")
+
+
+def test_gradient_initialisation_finds_the_directions_of_single_feature_gradients():
+    """A linear map without bias, one-hot inputs scaled by a in [0.5, 2] and a zero reference:
+    g_i = a^2 (W e_j) e_j^T, so the gradients point along one of 6 known rank-1 directions. The
+    gradient initialisation (init='gradients') must give each of them its own subnetwork."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4, bias=False)
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randint(0, 6, (120,), generator=gen)
+    x = torch.nn.functional.one_hot(features, 6).float() * (
+        0.5 + 1.5 * torch.rand(120, 1, generator=gen)
+    )
+    config = L3DConfig.create(params=["weight"], n_subnetworks=6, init="gradients")
+    zero = lambda out, generator: torch.zeros_like(out)  # noqa: E731
+    pair = build(model, x, config, reference=zero, progress=False)[2].pair
+    with torch.no_grad():
+        found = pair.v_out.materialize()["weight"].flatten(1)  # (6, 24)
+    truth = torch.stack(
+        [torch.outer(model.weight[:, j], torch.eye(6)[j]).flatten() for j in range(6)]
+    )
+    cos = (
+        torch.nn.functional.normalize(found, dim=1) @ torch.nn.functional.normalize(truth, dim=1).T
+    )
+    assert sorted(cos.abs().argmax(1).tolist()) == list(range(6))
+    assert cos.abs().max(1).values.min() > 0.999
+    # V_in starts equal to V_out, as with random factors.
+    torch.testing.assert_close(pair.v_in.materialize_flat(), pair.v_out.materialize_flat())
+
+
+def test_gradient_initialisation_needs_as_many_nonzero_gradients_as_subnetworks():
+    model = nn.Linear(3, 2, bias=False)
+    x = torch.zeros(8, 3)  # every gradient is zero
+    with pytest.raises(l3d.L3DError, match="init='gradients' needs at least n_subnetworks=2"):
+        l3d.decompose(
+            model, x, params=["weight"], n_subnetworks=2, epochs=1, init="gradients",
+            reference=lambda out, generator: torch.zeros_like(out), progress=False,
+        )  # fmt: skip

@@ -159,6 +159,14 @@ class L3DConfig(BaseModel):
     resample_min_p_active: float = Field(
         default=0.0, ge=0, le=1, description="Subnetworks with P_act at most this are dead."
     )
+    init: Literal["random", "gradients"] = Field(
+        default="random",
+        description="Initial subnetworks: 'random' factors (the paper), or 'gradients': the "
+        "centres of a sign-free spherical k-means (k-means++ seeding, then Lloyd steps on |cos|) "
+        "of per-sample gradients at W0, each fitted at the subnetworks' rank as resampling does "
+        "(docs/algorithm.md, initialisation). Needs the dense gradients of up to "
+        "INIT_MAX_ELEMENTS / n_weights samples.",
+    )
     heldout_fraction: float = Field(
         default=0.0,
         ge=0,

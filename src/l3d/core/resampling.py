@@ -1,4 +1,5 @@
-"""Re-initialise dead and duplicate subnetworks during training (fixes Section 3.3.2's failures).
+"""Re-initialise dead and duplicate subnetworks during training (fixes Section 3.3.2's failures),
+and initialise subnetworks from the gradients' own structure (`L3DConfig.init`).
 
 With as many subnetworks as circuits, Algorithm 1 often ends with one subnetwork dead (never in the
 top-k) or two subnetworks sharing one circuit while another circuit has none. Sparse-autoencoder
@@ -10,6 +11,8 @@ rank-limited direction, and reset its optimiser state. An option of the trainer
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,7 @@ from l3d.core.algorithm import SubnetworkPair, batch_top_k, evaluate
 from l3d.core.distributed import full, set_full_
 from l3d.core.gradients import GradientSource
 from l3d.core.subnetworks import Subnetworks, total
+from l3d.errors import L3DError
 
 
 @dataclass
@@ -170,3 +174,72 @@ def reset_optimizer_rows_(optimizer: torch.optim.Optimizer, rows: list[int]) -> 
                 exp_avg_sq[index] = exp_avg_sq[others].mean(0)
             set_full_(state["exp_avg"], exp_avg)
             set_full_(state["exp_avg_sq"], exp_avg_sq)
+
+
+# Dense per-sample gradients the gradient initialisation holds at once (float32: 256 MiB).
+INIT_MAX_ELEMENTS = 1 << 26
+INIT_LLOYD_STEPS = 10
+
+
+@torch.no_grad()
+def initialize_from_gradients_(pair: SubnetworkPair, source: GradientSource, seed: int) -> int:
+    """Set V_out (and V_in, equal to it as at initialisation) to the centres of a sign-free
+    spherical k-means of per-sample gradients g_i at W0: k-means++ seeding on 1 - cos^2, then
+    Lloyd steps (each g_i to the centre of largest |cos|; a centre is the sign-aligned mean of its
+    gradients), each centre fitted at the subnetworks' rank (`set_direction_`). A gradient made by
+    one circuit points along it, so with sparse circuits many samples' gradients already are
+    subnetworks, where random factors start far from all of them. Returns the number of sampled
+    gradients (at most INIT_MAX_ELEMENTS / n_weights)."""
+    v_out = pair.v_out
+    n_v, names = v_out.n_subnetworks, v_out.names
+    budget = max(INIT_MAX_ELEMENTS // v_out.n_weights, n_v)
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[Tensor] = []
+    for batch in source.epoch(generator):
+        dense = batch.dense()
+        rows.append(torch.cat([dense[n].flatten(1) for n in names], 1).float().cpu())
+        if sum(len(r) for r in rows) >= budget:
+            break
+    g = torch.cat(rows)[:budget]  # (M, n_w)
+    norms = g.norm(dim=1)
+    g = g[norms > 0] / norms[norms > 0, None]
+    if len(g) < n_v:
+        raise L3DError(
+            f"init='gradients' needs at least n_subnetworks={n_v} samples with a nonzero "
+            f"gradient; found {len(g)}: use init='random' or more data"
+        )
+    centres = _kmeans_plus_plus(g, n_v, generator)
+    for _ in range(INIT_LLOYD_STEPS):
+        cos = g @ centres.T  # (M, n_v)
+        owner = cos.abs().argmax(1)
+        signed = g * cos.gather(1, owner[:, None]).sign()
+        sums = torch.zeros_like(centres).index_add_(0, owner, signed)
+        empty = sums.norm(dim=1) == 0  # keep a centre that lost all its gradients
+        sums[empty] = centres[empty]
+        centres = sums / sums.norm(dim=1, keepdim=True)
+    offsets = [0, *itertools.accumulate(math.prod(f.work_shape) for f in v_out.factors)]
+    for k in range(n_v):
+        direction = {n: centres[k, a:b].to(v_out.factors[0].modes[0].device)
+                     for n, a, b in zip(names, offsets, offsets[1:])}  # fmt: skip
+        set_direction_(v_out, k, direction)
+    v_out.normalize_()
+    pair.v_in.copy_(v_out)
+    return len(g)
+
+
+def _kmeans_plus_plus(g: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """n rows of unit vectors g (M, d), each next one drawn with probability proportional to its
+    1 - cos^2 to the nearest already drawn (sign-free k-means++ seeding)."""
+    first = int(torch.randint(len(g), (1,), generator=generator))
+    chosen = [first]
+    distance = 1 - (g @ g[first]).pow(2)
+    for _ in range(n - 1):
+        weights = distance.clamp_min(0)
+        i = (
+            int(torch.multinomial(weights, 1, generator=generator))
+            if weights.sum() > 0
+            else int(torch.randint(len(g), (1,), generator=generator))
+        )
+        chosen.append(i)
+        distance = torch.minimum(distance, 1 - (g @ g[i]).pow(2))
+    return g[chosen].clone()

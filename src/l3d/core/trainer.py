@@ -30,7 +30,7 @@ from l3d.core.algorithm import (
 )
 from l3d.core.distributed import Group, full, like, set_full_, shard_
 from l3d.core.gradients import ChunkedGradients, GradientBatch, GradientSource
-from l3d.core.resampling import Resampler
+from l3d.core.resampling import Resampler, initialize_from_gradients_
 from l3d.errors import L3DError
 
 
@@ -88,6 +88,9 @@ class Trainer:
         self.config, self.source, self.pair = config, source, pair
         self.held_out = held_out
         self.group = Group.current() if group is None else group
+        if config.init == "gradients":
+            # Every rank the same: the same data and seed give the same gradients and centres.
+            initialize_from_gradients_(pair, source, config.seed + 3)
         if self.group is not None:
             self.group.check_same(self._fingerprint(), "decomposed weights, data or factors")
         self.sharded = shard_factors and self.group is not None
