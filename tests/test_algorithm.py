@@ -11,7 +11,7 @@ from l3d.config import L3DConfig
 from l3d.core import algorithm, trainer
 from l3d.core.algorithm import batch_top_k, losses, n_kept, reconstruction_sq_errors
 from l3d.core.subnetworks import Subnetworks
-from l3d.decomposition import build
+from l3d.decomposition import build, choose_n_subnetworks
 
 
 @pytest.mark.parametrize("k", [0.01, 0.1, 0.25, 0.5, 1.0])
@@ -249,3 +249,32 @@ def test_gradient_initialisation_needs_as_many_nonzero_gradients_as_subnetworks(
             model, x, params=["weight"], n_subnetworks=2, epochs=1, init="gradients",
             reference=lambda out, generator: torch.zeros_like(out), progress=False,
         )  # fmt: skip
+
+
+def _one_hot_gradients(per_feature: list[int]) -> tuple[nn.Module, torch.Tensor]:
+    """A bias-free linear map and scaled one-hot inputs, `per_feature[j]` of feature j: with a
+    zero reference every gradient lies along one of len(per_feature) orthogonal directions."""
+    torch.manual_seed(0)
+    model = nn.Linear(len(per_feature), 4, bias=False)
+    features = torch.cat([torch.full((n,), j) for j, n in enumerate(per_feature)])
+    scale = 0.5 + 1.5 * torch.rand(len(features), 1, generator=torch.Generator().manual_seed(1))
+    return model, torch.nn.functional.one_hot(features, len(per_feature)).float() * scale
+
+
+def test_n_subnetworks_is_chosen_as_twice_the_gradients_participation_ratio():
+    """Normalised gradients along 6 orthogonal directions, 20 each: the participation ratio is
+    exactly 6, so decompose() without n_subnetworks uses 12. Unbalanced counts (n_j) give
+    (Σ n_j)² / Σ n_j², here 60² / 1400 = 2.57 -> 5."""
+    zero = lambda out, generator: torch.zeros_like(out)  # noqa: E731
+    model, x = _one_hot_gradients([20] * 6)
+    d = l3d.decompose(model, x, params=["weight"], epochs=1, reference=zero, progress=False)
+    assert d.n_subnetworks == 12 and d.config.n_subnetworks == 12
+    model, x = _one_hot_gradients([30, 20, 10])
+    config = L3DConfig.create(params=["weight"], n_subnetworks=1)
+    assert choose_n_subnetworks(model, x, config, reference=zero) == round(2 * 60**2 / 1400)
+
+
+def test_choosing_n_subnetworks_for_a_large_model_asks_for_it():
+    model = nn.Linear(1100, 1000, bias=False)  # 1.1 M weights: room for fewer than 64 gradients
+    with pytest.raises(l3d.L3DError, match="give n_subnetworks"):
+        l3d.decompose(model, torch.randn(8, 1100), params=["weight"], epochs=1, progress=False)

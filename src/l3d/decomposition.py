@@ -31,6 +31,7 @@ from l3d.core.divergences import (
 )
 from l3d.core.gradients import GradientSource, Method
 from l3d.core.model import Target, resolve_device, resolve_ranks
+from l3d.core.resampling import SUBNETWORKS_PER_DIRECTION, effective_directions
 from l3d.core.samples import (
     Dataset,
     Inputs,
@@ -130,7 +131,7 @@ def decompose(
     data: object,
     *,
     params: Iterable[str] | str,
-    n_subnetworks: int,
+    n_subnetworks: int | None = None,
     rank: int | dict[str, int] = 1,
     top_k: float = 0.1,
     divergence: str | DivergenceFn = "mse",
@@ -151,6 +152,8 @@ def decompose(
     data: a tensor of inputs (n, ...), a dict of tensors (input_ids, attention_mask, ...), or a
         re-iterable of such batches (a DataLoader's labels are ignored).
     params: parameter names or glob patterns ('layers.*.weight'); the rest of the model stays fixed.
+    n_subnetworks: None chooses it from the data: twice the number of directions the per-sample
+        gradients at W0 spread over (`choose_n_subnetworks`); dead ones are reported at the end.
     divergence: 'mse', 'kl' (KL(p_ref || p_i) on logits), 'mse_authors' (the authors' toy code's
         gradient, to match their published numbers) or a callable (output, reference) -> scalar.
     reference: 'random' (another sample's output), 'mean', 'uniform' or a callable.
@@ -163,7 +166,7 @@ def decompose(
     div = get_divergence(divergence)
     config = L3DConfig.create(
         params=[params] if isinstance(params, str) else list(params),
-        n_subnetworks=n_subnetworks,
+        n_subnetworks=1 if n_subnetworks is None else n_subnetworks,
         rank=rank,
         top_k=top_k,
         divergence=div.name,
@@ -175,16 +178,39 @@ def decompose(
         device=device,
         **options,
     )
+    div_fn = divergence if callable(divergence) else None
+    ref_fn = reference if callable(reference) else None
+    if n_subnetworks is None:
+        chosen = choose_n_subnetworks(model, data, config, div_fn, ref_fn)
+        config = config.replace(n_subnetworks=chosen)
     return run(
         model,
         data,
         config,
-        divergence=divergence if callable(divergence) else None,
-        reference=reference if callable(reference) else None,
+        divergence=div_fn,
+        reference=ref_fn,
         progress=progress,
         callback=callback,
         shard_factors=shard_factors,
     )
+
+
+def choose_n_subnetworks(
+    model: nn.Module,
+    data: object,
+    config: L3DConfig,
+    divergence: DivergenceFn | None = None,
+    reference: ReferenceFn | None = None,
+) -> int:
+    """n_subnetworks from the data: SUBNETWORKS_PER_DIRECTION (2) times the participation ratio of
+    the per-sample gradients at W0 (`effective_directions`), at least 2. The ratio is close to
+    the number of circuits on the suite's toys, and twice as many subnetworks as circuits is what
+    gave every circuit its own subnetwork there (docs/toys.md, "Library defaults")."""
+    probe = config.replace(n_subnetworks=1, init="random")  # only its gradient source is used
+    _, source, trainer = build(model, data, probe, divergence, reference, progress=False)
+    names, n_weights = trainer.pair.v_out.names, trainer.pair.v_out.n_weights
+    directions = effective_directions(source, names, n_weights, config.seed + 4)
+    return max(2, round(SUBNETWORKS_PER_DIRECTION * directions))
 
 
 def run(
