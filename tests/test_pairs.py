@@ -11,6 +11,7 @@ from l3d.core.divergences import kl
 from l3d.core.samples import Referenced
 from l3d.errors import L3DError
 from l3d.pairs import (
+    off_target_scores,
     pair_coefficients,
     pair_data,
     pair_gradients,
@@ -225,3 +226,48 @@ def test_patching_scores_take_pairs_as_data(classifier):
         patching_scores(d, Referenced(x, data.references), counterparts)
     with pytest.raises(L3DError, match="counterparts missing"):
         patching_scores(d, x)
+
+
+def test_off_target_scores_equal_a_loop_over_steps(classifier):
+    """Brute force, with the weights moved by hand: for each direction, the step that minimises
+    the target pairs' mean KL, then the other pairs' mean KL there against W0's. The target
+    pairs shift input 0 and the other pairs input 5, so the target pairs' top singular
+    direction closes them and moves the other pairs (a nonzero score); the untrained
+    subnetwork's best step is 0 (a zero score)."""
+    d, _, _ = classifier
+    torch.manual_seed(4)
+    x, other_x = torch.randn(16, 6), torch.randn(16, 6)
+    counterparts = x + torch.tensor([1.5, 0, 0, 0, 0, 0])
+    other_counterparts = other_x + torch.tensor([0, 0, 0, 0, 0, 1.5])
+    directions = [
+        *unit_directions(singular_directions(pair_gradients(d, x, counterparts), 1)),
+        d.v_out(0),
+    ]
+    deltas = torch.linspace(-2, 2, 17)
+    params = dict(d.model.named_parameters())
+
+    def mean_kl(inputs, references, v, delta):
+        moved = {n: p + delta * v[n] if n in v else p for n, p in params.items()}
+        outputs = torch.func.functional_call(d.model, moved, (inputs,))
+        return float(torch.stack([kl(o, r) for o, r in zip(outputs, references)]).mean())
+
+    expected = []
+    with torch.no_grad():
+        target_refs, other_refs = d.model(counterparts), d.model(other_counterparts)
+        for v in directions:
+            step = min(deltas.tolist(), key=lambda s: mean_kl(x, target_refs, v, s))
+            base = mean_kl(other_x, other_refs, v, 0.0)
+            expected.append(1 - mean_kl(other_x, other_refs, v, step) / base)
+    target = pair_data(d.model, x, counterparts)
+    other = pair_data(d.model, other_x, other_counterparts)
+    scores = off_target_scores(d, target, other, deltas=deltas, directions=directions)
+    torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-4, atol=1e-6)
+    assert abs(float(scores[0])) > 0.1 and float(scores[1]) == 0.0
+    assert patching_scores(d, target, deltas=deltas, directions=directions)[0] > 0.5
+    # The target pairs as their own other pairs: the off-target score is the patching score.
+    torch.testing.assert_close(
+        off_target_scores(d, target, target, deltas=deltas, directions=directions),
+        patching_scores(d, target, deltas=deltas, directions=directions),
+    )
+    with pytest.raises(L3DError, match="no difference to change"):
+        off_target_scores(d, target, pair_data(d.model, x, x), deltas=deltas)

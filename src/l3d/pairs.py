@@ -10,7 +10,7 @@ plain rank-n_v reconstruction of the pair gradients.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import torch
@@ -319,3 +319,50 @@ def unit_directions(directions: dict[str, Tensor]) -> list[dict[str, Tensor]]:
     `switch_rates` take them."""
     n = len(next(iter(directions.values())))
     return [{p: d[k] for p, d in directions.items()} for k in range(n)]
+
+
+def _pair_divergence(
+    decomposition: Decomposition, data: Referenced
+) -> Callable[[float, dict[str, Tensor]], float]:
+    """(delta, v) -> the mean over the pairs' samples of D(f(x_i, W0 + delta v), f(x'_i, W0))."""
+    x = to_device(data.inputs, decomposition.device)
+    rows = SampleRows.of(x, decomposition.config.per_token)
+    refs = rows.rows(data.references.to(decomposition.device))
+    distance = decomposition.divergence.fn
+
+    def at(delta: float, direction: dict[str, Tensor]) -> float:
+        outputs = rows.rows(decomposition.intervene(x, 0, delta, direction=direction))
+        return float(torch.vmap(distance)(outputs.flatten(1), refs.flatten(1)).mean())
+
+    return at
+
+
+@torch.no_grad()
+def off_target_scores(
+    decomposition: Decomposition,
+    target: Referenced,
+    other: Referenced,
+    *,
+    deltas: Tensor | None = None,
+    directions: Sequence[dict[str, Tensor]] | None = None,
+) -> Tensor:
+    """The off-target counterpart of `patching_scores`: for each direction v_k (default the
+    subnetworks), the step delta_k that closes most of the `target` pairs' difference (the step
+    `patching_scores` scores; the first of equal ones), and the fraction of the `other` pairs'
+    mean divergence that the same move removes, 1 - D_other(delta_k) / D_other(0). Near 0 for a
+    direction that leaves the other behaviour alone; negative where it pushes the other pairs
+    apart. target, other: pairs as data (`pair_data`). deltas as in `patching_scores`.
+    (n_directions,)."""
+    if deltas is None:
+        deltas = torch.linspace(-2, 2, 81) * decomposition.weight_norm()
+    if directions is None:
+        directions = [decomposition.v_out(k) for k in range(decomposition.n_subnetworks)]
+    own, off = _pair_divergence(decomposition, target), _pair_divergence(decomposition, other)
+    base = off(0.0, directions[0])
+    if base <= 0:
+        raise L3DError("the other pairs' outputs are identical: there is no difference to change")
+    scores = []
+    for v in directions:
+        step = min((float(d) for d in deltas), key=lambda d: own(d, v))
+        scores.append(1 - off(step, v) / base)
+    return torch.tensor(scores)
