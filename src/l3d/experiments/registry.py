@@ -58,6 +58,11 @@ class ExperimentSpec:
     """Parameters of the hidden layers, for interventions on them alone (Fig. S8)."""
     tms_masks: bool = False
     """TMS: match by the share of norm on each feature's own parameters, and report MMCS."""
+    n_samples: dict[str, int] = field(default_factory=dict)
+    """Inputs decomposed per settings profile (absent: N_DECOMPOSE)."""
+
+    def inputs_for(self, settings: str) -> int:
+        return self.n_samples.get(settings, N_DECOMPOSE)
 
     @property
     def name(self) -> str:
@@ -75,6 +80,12 @@ class _Frozen(BaseModel):
 class _Settings(_Frozen):
     l3d: dict[str, Any] = Field(
         description="L3DConfig fields (a run config's `l3d:` section) without params or seed."
+    )
+    n_samples: int | None = Field(
+        default=None,
+        ge=2,
+        description="Inputs drawn for the decomposition (default: N_DECOMPOSE, the paper's "
+        "1000); held-out metrics always use N_DECOMPOSE fresh samples.",
     )
 
 
@@ -170,6 +181,9 @@ def load_profile(path: Path, toy: ToySpec, common: dict[str, dict] | None = None
         sweep_overrides=dict(sweep.overrides) if sweep is not None else {},
         hidden_params=profile.hidden_params,
         tms_masks=profile.tms_masks,
+        n_samples={
+            s: n for s in SETTINGS if (n := getattr(profile, s).n_samples) is not None
+        },
     )
 
 

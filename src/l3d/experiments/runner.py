@@ -355,7 +355,7 @@ def _run_seed(
     controls: bool,
     stages: SeedProgress,
 ) -> dict:
-    inputs = toy.sample(N_DECOMPOSE, torch.Generator().manual_seed(seed + 10_000))
+    inputs = toy.sample(spec.inputs_for(settings), torch.Generator().manual_seed(seed + 10_000))
     fields = settings_for(spec, settings, quick)
     stages(f"L3D, {fields['epochs']} epochs")
     start = time.perf_counter()
@@ -672,8 +672,9 @@ def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -
         "",
         f"Settings: **{summary['settings']}**"
         + (f" with overrides {summary['overrides']}" if summary.get("overrides") else "")
-        + f", seeds {summary['seeds']}; all metrics on {N_DECOMPOSE} held-out samples; "
-        "mean ± std over seeds.",
+        + f", seeds {summary['seeds']}; decomposed on "
+        f"{spec.inputs_for(summary['settings'])} inputs; all metrics on {N_DECOMPOSE} held-out "
+        "samples; mean ± std over seeds.",
         "",
         "| metric | ours | paper |",
         "|---|---|---|",
