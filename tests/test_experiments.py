@@ -81,6 +81,24 @@ def test_a_profile_typo_is_a_one_line_error_naming_the_file(tmp_path, l3d, extra
     assert "\n" not in str(err.value)
 
 
+def test_a_profile_sets_how_many_inputs_are_decomposed(cache, tmp_path):
+    """`n_samples` of a settings section: the inputs the decomposition trains on (ResidMLP's
+    improved profile: 10,000); without it the paper's 1000; below 2 it is refused."""
+    assert get_spec("resid_mlp").inputs_for("improved") == 10_000
+    assert get_spec("resid_mlp").inputs_for("paper") == 1000
+    path = tmp_path / "tms.yaml"
+    path.write_text(
+        "paper: {l3d: {n_subnetworks: 5}}\nimproved: {n_samples: 64, l3d: {n_subnetworks: 5}}\n"
+    )
+    spec = load_profile(path, TOYS["tms"])
+    assert spec.inputs_for("improved") == 64 and spec.inputs_for("paper") == 1000
+    path.write_text(
+        "paper: {l3d: {n_subnetworks: 5}}\nimproved: {n_samples: 1, l3d: {n_subnetworks: 5}}\n"
+    )
+    with pytest.raises(L3DError, match="n_samples"):
+        load_profile(path, TOYS["tms"])
+
+
 def test_a_profile_folder_needs_one_profile_per_toy(tmp_path):
     for source in PROFILES.glob("*.yaml"):
         (tmp_path / source.name).write_text(source.read_text())
