@@ -11,6 +11,17 @@ from torch import nn
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny models gain nothing from threads, and on a busy machine their spin-waits cost; the
+    module's caller setting is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class SmallMLP(nn.Module):
     def __init__(self, n_in: int = 4, n_hidden: int = 6, n_out: int = 3) -> None:
         super().__init__()

@@ -46,13 +46,7 @@ N_V = 6
 INDEX_BYTES_1000 = 1_000_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine their spin-waits cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_vectors(n: int, n_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
