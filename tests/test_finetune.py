@@ -97,7 +97,7 @@ def test_alpha_gradient_matches_finite_differences(decomposed):
     torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("train", ["scalars", "factors"])
+@pytest.mark.parametrize("train", ["scalars", "factors", "cores"])
 def test_save_load_round_trip(decomposed, tmp_path, train):
     d, x = decomposed
     adapter = finetune(
@@ -143,6 +143,31 @@ def test_factors_mode_trains_factors_and_keeps_rank(decomposed):
     trained = dict(adapter.directions.named_parameters())["tensors.0.modes.0"]
     assert not torch.equal(trained, d.subnetworks.v_out.factors[0].modes[0][[0, 1]])
     assert adapter.n_trainable == 2 + sum(p.numel() for p in adapter.directions.parameters())
+
+
+def test_cores_mode_spans_the_subnetworks_and_trains(decomposed):
+    d, x = decomposed
+    adapter = Adapter(d.model, d.subnetworks.v_out, [1, 4], "cores")
+    assert torch.equal(adapter.forward(x), d.model(x))
+    # fc1.weight, fc2.weight: rank 2 -> a 2x2 core each; fc1.bias: rank 1 -> 1x1; per subnetwork.
+    assert adapter.n_trainable == 2 * (4 + 1 + 4) and adapter.trainable() == adapter.cores
+    scalars = Adapter(d.model, d.subnetworks.v_out, [1, 4])
+    alpha = {1: 0.7, 4: -1.3}
+    with torch.no_grad():
+        scalars.alpha.copy_(torch.tensor(list(alpha.values())))
+        # Bases and cores run over tensors, then the chosen subnetworks: the core that gives
+        # alpha_k v_k is v_k projected onto its own bases, since v_k lies in them.
+        for i, ((name, q_l, q_m), core) in enumerate(zip(adapter.bases, adapter.cores)):
+            k = [1, 4][i % 2]
+            dense = alpha[k] * d.v_out(k)[name].reshape(q_l.shape[0], -1)
+            core.copy_(q_l.T @ dense @ q_m)
+    torch.testing.assert_close(adapter.forward(x), scalars.forward(x), rtol=1e-5, atol=1e-6)
+    trained = finetune(
+        d, (x, edited_targets(d.model, x)), subnetworks=[0, 1], train="cores", steps=20, lr=0.05,
+        progress=False,
+    )  # fmt: skip
+    assert trained.history[-1]["objective"] < 0.5 * trained.history[0]["objective"]
+    assert not trained.alpha.requires_grad and not trained.alpha.any()
 
 
 def one_line_error(call, match: str) -> None:

@@ -3,7 +3,8 @@ an adapter W = W0 + sum_k alpha_k v_k over a few chosen subnetworks v_k (V_out d
 an edit moves the weights only along the handles a behaviour uses.
 
 `finetune` trains an `Adapter` (the scalars alpha, initialised at 0, and optionally the chosen
-subnetworks' low-rank factors, rank kept); `baseline` trains the comparisons in the same harness
+subnetworks' low-rank factors, rank kept, or a small core inside each chosen subnetwork's factor
+subspaces); `baseline` trains the comparisons in the same harness
 (same data, objective, steps and Adam optimiser): LoRA of rank r on the same tensors through the
 `peft` library, and full finetuning of the same tensors. The random-direction control is
 `finetune(..., directions=decomposition.subnetworks.v_out.random_like(seed))`.
@@ -43,7 +44,7 @@ from l3d.core.subnetworks import Subnetworks
 from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
 
-Train = Literal["scalars", "factors"]
+Train = Literal["scalars", "factors", "cores"]
 Objective = Literal["labels", "forget"] | Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, "Edit"], None]
 
@@ -158,7 +159,11 @@ class Adapter(Edit):
     directions: a Subnetworks over the decomposed tensors (V_out of a decomposition, or random
     directions for the control); only the rows `subnetworks` are kept, cast to W0's dtype.
     train: 'scalars' learns alpha only (one number per subnetwork); 'factors' also learns the
-    chosen subnetworks' CP/Tucker factors, their rank kept.
+    chosen subnetworks' CP/Tucker factors, their rank kept; 'cores' learns, per chosen subnetwork
+    and tensor, a core C (R x R at rank R) between orthonormal bases of the subnetwork's
+    output-mode factors (Q_L) and of its other modes' (Q_M): Delta W = sum_k Q_L C_k Q_M^T. The
+    factors stay fixed, so the edit stays inside the subspaces each subnetwork reads and writes,
+    but may mix their rank-1 terms (alpha v_k is one such core); alpha is not trained then.
     """
 
     def __init__(
@@ -168,8 +173,8 @@ class Adapter(Edit):
         subnetworks: Sequence[int],
         train: Train = "scalars",
     ) -> None:
-        if train not in ("scalars", "factors"):
-            raise L3DError(f"unknown train mode {train!r}: use 'scalars' or 'factors'")
+        if train not in ("scalars", "factors", "cores"):
+            raise L3DError(f"unknown train mode {train!r}: use 'scalars', 'factors' or 'cores'")
         self.subnetworks = _check_selection(subnetworks, directions.n_subnetworks)
         self.train = train
         self.target = Target.create(model, directions.names)
@@ -183,18 +188,30 @@ class Adapter(Edit):
         self.directions = _rows(directions, self.subnetworks).to(w0.device, w0.dtype)
         self.directions.requires_grad_(train == "factors")
         self.alpha = torch.zeros(len(self.subnetworks), dtype=w0.dtype, device=w0.device)
-        self.alpha.requires_grad_(True)
+        self.alpha.requires_grad_(train != "cores")
+        self.bases = _core_bases(self.directions) if train == "cores" else []
+        self.cores = [
+            torch.zeros(
+                q_l.shape[1], q_m.shape[1], dtype=w0.dtype, device=w0.device
+            ).requires_grad_(True)
+            for _, q_l, q_m in self.bases
+        ]
         self.merged = False
         self.history = []
 
     def trainable(self) -> list[Tensor]:
+        if self.train == "cores":
+            return self.cores
         factors = list(self.directions.parameters()) if self.train == "factors" else []
         return [self.alpha, *factors]
 
     def delta(self) -> dict[str, Tensor]:
         # (k, *shape) dense directions of the few chosen subnetworks, combined by alpha (k,).
         dense = self.directions.materialize()
-        return {n: torch.einsum("k,k...->...", self.alpha, dense[n]) for n in self.names}
+        delta = {n: torch.einsum("k,k...->...", self.alpha, dense[n]) for n in self.names}
+        for (name, q_l, q_m), core in zip(self.bases, self.cores):
+            delta[name] = delta[name] + (q_l @ core @ q_m.T).reshape(delta[name].shape)
+        return delta
 
     def weights(self) -> dict[str, Tensor]:
         """W0 + Delta W per decomposed tensor."""
@@ -244,6 +261,7 @@ class Adapter(Edit):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"alpha": self.alpha.detach()}
+        tensors |= {f"cores.{i}": c.detach() for i, c in enumerate(self.cores)}
         tensors |= {f"directions.{k}": v.detach() for k, v in self.directions.state_dict().items()}
         io.save_tensors(directory / ADAPTER_FILES[1], tensors)
         meta = {
@@ -304,6 +322,8 @@ class Adapter(Edit):
         adapter.subnetworks = list(meta["subnetworks"])
         with torch.no_grad():
             adapter.alpha.copy_(tensors["alpha"])
+            for i, core in enumerate(adapter.cores):
+                core.copy_(tensors[f"cores.{i}"])
         adapter.history = meta["history"]
         return adapter
 
@@ -402,6 +422,24 @@ def _rows(directions: Subnetworks, rows: list[int]) -> Subnetworks:
         for mine, theirs in zip(kept.parameters(), directions.parameters()):
             mine.copy_(theirs.detach()[index.to(theirs.device)].cpu())
     return kept
+
+
+def _core_bases(directions: Subnetworks) -> list[tuple[str, Tensor, Tensor]]:
+    """(tensor name, Q_L (d_out, R'), Q_M (rest, R'')) per tensor and subnetwork: orthonormal
+    bases of each subnetwork's output-mode factors and of its other modes' (the split V_k = sum_r
+    L_kr (x) M_kr; a vector's M is the scalar 1), fixed while 'cores' train."""
+    bases = []
+    with torch.no_grad():
+        for name, factors in zip(directions.names, directions.factors):
+            if len(factors.work_shape) == 1:
+                left, right = factors.modes[0], None
+            else:
+                left, right = factors.split(0)
+            for k in range(directions.n_subnetworks):
+                q_l = torch.linalg.qr(left[k].T).Q
+                q_m = left.new_ones(1, 1) if right is None else torch.linalg.qr(right[k].T).Q
+                bases.append((name, q_l, q_m))
+    return bases
 
 
 def _mean_impact(
@@ -645,7 +683,8 @@ def finetune(
         `contrast_subnetworks`).
     objective: 'labels' (the model's loss to the labels), 'forget' (push the labelled positions
         to the uniform distribution: their loss rises to chance) or a callable.
-    train: 'scalars' (alpha only) or 'factors' (alpha and the chosen subnetworks' factors).
+    train: 'scalars' (alpha only), 'factors' (alpha and the chosen subnetworks' factors) or
+        'cores' (a core inside each chosen subnetwork's factor subspaces, see `Adapter`).
     retain: inputs (or (inputs, labels)) of behaviour to keep: adds retain_weight times the
         decomposition's divergence between the edited and the frozen outputs on them.
     directions: directions to move along instead of V_out (e.g. V_in, or

@@ -2,7 +2,8 @@
 along its training steps, and the summary of a trade-off at a constraint.
 
 Methods: L3D scalars (alpha along the chosen subnetworks), L3D factors (alpha and their factors),
-random directions of the same ranks (the control: the adapter form without the subnetworks), LoRA
+L3D cores (a small core inside each chosen subnetwork's factor subspaces), random directions of
+the same ranks as scalars or cores (the controls: the adapter form without the subnetworks), LoRA
 rank 1 and 4 through peft on the same tensors, and full finetuning of the same tensors. Each gets
 the same data, objective, steps and Adam optimiser, and a grid of learning rates of the same size:
 the adapters that train only alpha (a few numbers moving along unit-norm directions of a block
@@ -24,7 +25,9 @@ METHODS = ("l3d_scalars", "l3d_factors", "random_directions", "lora_r1", "lora_r
 LABELS = {
     "l3d_scalars": "L3D scalars",
     "l3d_factors": "L3D factors",
+    "l3d_cores": "L3D cores",
     "random_directions": "random directions",
+    "random_cores": "random cores",
     "lora_r1": "LoRA r1",
     "lora_r4": "LoRA r4",
     "full": "full FT",
@@ -110,12 +113,17 @@ def run_method(
         )
 
     start = time.perf_counter()
-    if method in ("l3d_scalars", "l3d_factors", "random_directions"):
+    if method in ("l3d_scalars", "l3d_factors", "l3d_cores", "random_directions", "random_cores"):
         directions = None
-        if method == "random_directions":
+        if method.startswith("random"):
             directions = decomposition.subnetworks.v_out.random_like(10_000 + seed)
-        mode = "factors" if method == "l3d_factors" else "scalars"
-        edit = train(finetune, subnetworks=subnetworks, train=mode, directions=directions)
+        mode = {"l3d_factors": "factors", "l3d_cores": "cores", "random_cores": "cores"}
+        edit = train(
+            finetune,
+            subnetworks=subnetworks,
+            train=mode.get(method, "scalars"),
+            directions=directions,
+        )
     elif method.startswith("lora_r"):
         edit = train(baseline, method="lora", rank=int(method.removeprefix("lora_r")))
     else:
@@ -125,6 +133,7 @@ def run_method(
     return {
         "method": method,
         "lr": lr,
+        "retain_weight": retain_weight,
         "seed": seed,
         "n_trainable": edit.n_trainable,
         "seconds": time.perf_counter() - start,
@@ -137,12 +146,13 @@ def best_under(
     runs: list[dict], method: str, seed: int, score: str, constraint: Callable[[dict], bool]
 ) -> dict | None:
     """The evaluated checkpoint of `method` and `seed` (over its learning rates and steps) with
-    the highest `score` among those meeting `constraint`, with its lr; None if none does."""
+    the highest `score` among those meeting `constraint`, with its lr and retain weight; None if
+    none does."""
     best = None
     for run in runs:
         if run["method"] != method or run["seed"] != seed:
             continue
         for point in run["curve"]:
             if constraint(point) and (best is None or point[score] > best[score]):
-                best = {**point, "lr": run["lr"]}
+                best = {**point, "lr": run["lr"], "retain_weight": run["retain_weight"]}
     return best

@@ -1,12 +1,14 @@
 """Finetuning along subnetworks on the synthetic multi-task transformer: remove one task (push its
 answer predictions to the uniform distribution, so its answer loss rises towards chance) while
 keeping the other tasks' accuracy, moving the weights only along the subnetworks selected by
-impact on that task's samples. Compared with LoRA rank 1 and 4, full finetuning of the same block
-and random directions, each over the same learning rates, steps and retain term.
+impact on that task's samples (their scalars alpha, or a small core inside each one's factor
+subspaces). Compared with LoRA rank 1 and 4, full finetuning of the same block and random
+directions, each over the same learning rates, steps and retain weights.
 
 The trade-off curve is the removed task's answer loss against the other tasks' answer accuracy
 (relative to the frozen model's) at every evaluated step; the summary takes, per method and seed,
-the largest target loss at retain accuracy >= 0.99 of the frozen model's.
+the largest target loss at retain accuracy >= 0.99 of the frozen model's, over learning rates,
+retain weights and steps.
 
     python -m l3d.demos.finetune_transformer --out runs/finetune-transformer --seeds 0,1,2
 """
@@ -32,6 +34,7 @@ from l3d.finetuning import IGNORE, Edit, contrast_subnetworks
 from l3d.io import load_tensors, save_tensors, write_json
 
 RETAIN_FRACTION = 0.99
+DEMO_METHODS = (*METHODS, "l3d_cores", "random_cores")
 
 
 def trained_model(seed: int, steps: int, folder: Path) -> nn.Module:
@@ -117,9 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=100, help="finetuning steps")
     parser.add_argument("--lrs", default="0.01,0.03,0.1")
     parser.add_argument("--alpha-lrs", default="0.03,0.1,0.3", help="lrs of alpha-only adapters")
-    parser.add_argument("--retain-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--retain-weight", default="1", help="retain weights, comma-separated: each is a run"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="rows per finetuning step")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEMO_METHODS))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -161,25 +166,27 @@ def main(argv: list[str] | None = None) -> dict:
             "p_active": decomposition.p_active.tolist(),
         }
         print(f"seed {seed}: frozen {frozen}; subnetworks {chosen}")
-        runs += sweep(
-            args.methods.split(","),
-            args.lrs,
-            args.alpha_lrs,
-            decomposition,
-            (target, labels),
-            seed=seed,
-            steps=args.steps,
-            subnetworks=chosen,
-            objective="forget",
-            evaluate=evaluate,
-            retain=retain,
-            retain_weight=args.retain_weight,
-            batch_size=args.batch_size,
-            describe=lambda end, run: (
-                f"target loss {end['target_loss']:.3f} acc {end['target_accuracy']:.3f}"
-                f"  retain ratio {end['retain_ratio']:.4f}  ({run['seconds']:.0f} s)"
-            ),
-        )
+        for retain_weight in [float(w) for w in args.retain_weight.split(",")]:
+            runs += sweep(
+                args.methods.split(","),
+                args.lrs,
+                args.alpha_lrs,
+                decomposition,
+                (target, labels),
+                seed=seed,
+                steps=args.steps,
+                subnetworks=chosen,
+                objective="forget",
+                evaluate=evaluate,
+                retain=retain,
+                retain_weight=retain_weight,
+                batch_size=args.batch_size,
+                describe=lambda end, run: (
+                    f"retain weight {run['retain_weight']:g}  target loss "
+                    f"{end['target_loss']:.3f} acc {end['target_accuracy']:.3f}"
+                    f"  retain ratio {end['retain_ratio']:.4f}  ({run['seconds']:.0f} s)"
+                ),
+            )
     results["runs"] = runs
     results["summary"] = summarize(runs, args.methods.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +218,8 @@ def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
             n = next(r["n_trainable"] for r in runs if r["method"] == method)
             found = (
                 f"target loss {best['target_loss']:.3f} (acc {best['target_accuracy']:.3f}, "
-                f"retain {best['retain_ratio']:.4f}, lr {best['lr']:g}, step {best['step']})"
+                f"retain {best['retain_ratio']:.4f}, lr {best['lr']:g}, "
+                f"retain weight {best['retain_weight']:g}, step {best['step']})"
                 if best
                 else "no checkpoint keeps the retain accuracy"
             )
