@@ -319,6 +319,11 @@ def test_cli_finetune_writes_an_adapter_and_prints_the_table(cli_run, tmp_path, 
     for name, moved in adapter.delta_norms().items():
         assert f"{name} " in printed and f"{moved:.4g}" in printed
     assert "retain_distance" in printed and "objective" in printed
+    # --train cores: an adapter of cores, saved and reloaded as such.
+    argv[argv.index(str(tmp_path / "a"))] = str(tmp_path / "c")
+    assert main([*argv, "--train", "cores", "-q"]) == 0
+    cores = load_adapter(tmp_path / "c", loaded.model)
+    assert cores.train == "cores" and any(bool(c.abs().sum() > 0) for c in cores.cores)
 
 
 @pytest.mark.parametrize(

@@ -276,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retain", help="safetensors file of inputs whose outputs to keep")
     p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain term")
     p.add_argument("--objective", choices=["labels", "forget"], default="labels")
-    p.add_argument("--train", choices=["scalars", "factors"], default="scalars")
+    p.add_argument("--train", choices=["scalars", "factors", "cores"], default="scalars")
     p.add_argument("--steps", type=_positive_int, default=100)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=_positive_int, help="rows per step (default: all)")
