@@ -482,6 +482,11 @@ def _analyze_folder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze_with_defaults(run_dir: str | Path, quiet: bool) -> None:
+    """`l3d analyze RUN_DIR`, parsed like the command line so it gets that command's defaults."""
+    _analyze(_parser().parse_args(["analyze", str(run_dir), *(["-q"] * quiet)]))
+
+
 def _analysis_headline(summary: dict) -> str:
     """The numbers to read first: samples, dead subnetworks, selectivity, purity if labelled."""
     median = summary.get("median_intervention_selectivity")
@@ -608,7 +613,7 @@ def _control(args: argparse.Namespace) -> int:
         analysis = runs.RunDir(path).analysis / "analysis.json"
         if not analysis.is_file():
             _say(args, f"analysing {path} (l3d analyze)")
-            _analyze(_parser().parse_args(["analyze", str(path), *(["-q"] * args.quiet)]))
+            _analyze_with_defaults(path, args.quiet)
         summaries[name] = io.read_json(analysis, "analysis")["summary"]
     result: dict[str, Any] = {"run": controls.headline(summaries["run"])}
     if "shuffled" in found:
@@ -649,8 +654,7 @@ def _report(args: argparse.Namespace) -> int:
             _say(args, f"no analysis: the report has no examples ({hint})")
         else:
             _say(args, f"no analysis yet: running `l3d analyze {args.run_dir}` first")
-            # Parsed like the command line, so the analysis gets `l3d analyze`'s own defaults.
-            _analyze(_parser().parse_args(["analyze", args.run_dir, *(["-q"] * args.quiet)]))
+            _analyze_with_defaults(args.run_dir, args.quiet)
     path = write_report(args.run_dir, args.out)
     _say(args, headline(args.run_dir))
     _say(args, f"report: {path}")
