@@ -615,23 +615,16 @@ def _control(args: argparse.Namespace) -> int:
             _say(args, f"analysing {path} (l3d analyze)")
             _analyze_with_defaults(path, args.quiet)
         summaries[name] = io.read_json(analysis, "analysis")["summary"]
-    result: dict[str, Any] = {"run": controls.headline(summaries["run"])}
+    mine = controls.headline(summaries["run"])
+    result: dict[str, Any] = {"run": mine}
     if "shuffled" in found:
-        shuffled = controls.headline(summaries["shuffled"])
-        result["shuffled"] = {
-            "folder": str(found["shuffled"].path),
-            "metrics": shuffled,
-            "comparison": controls.compare(result["run"], shuffled),
-        }
+        shuffled = str(found["shuffled"].path)
+        result["shuffled"] = controls.shuffled_entry(mine, summaries["shuffled"], shuffled)
     if "seed" in found:
         with _quiet_libraries(args, run_dir.spec()):
             first = runs.open_run(run_dir.path).decomposition
             second = runs.open_run(found["seed"].path).decomposition
-        result["seed"] = {
-            "folder": str(found["seed"].path),
-            "second_seed": second.config.seed,
-            **controls.decomposition_stability(first, second),
-        }
+        result["seed"] = controls.seed_entry(first, second, str(found["seed"].path))
     io.write_json(folder / "controls.json", result)
     io.write_text(folder / "controls.md", controls.markdown(result))
     if not args.quiet:

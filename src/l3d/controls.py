@@ -145,6 +145,24 @@ def compare(mine: dict[str, float | None], control: dict[str, float | None]) -> 
     return rows
 
 
+def shuffled_entry(
+    mine: dict[str, float | None], control_summary: dict[str, Any], folder: str | None
+) -> dict[str, Any]:
+    """controls.json's "shuffled": the control's headline metrics (from its analysis summary)
+    and their comparison with the run's `mine`."""
+    theirs = headline(control_summary)
+    return {"folder": folder, "metrics": theirs, "comparison": compare(mine, theirs)}
+
+
+def seed_entry(first: Decomposition, second: Decomposition, folder: str | None) -> dict[str, Any]:
+    """controls.json's "seed": the second decomposition's seed and the two's stability."""
+    return {
+        "folder": folder,
+        "second_seed": second.config.seed,
+        **decomposition_stability(first, second),
+    }
+
+
 LABELS = {
     "loss_pooled_squared": "loss (pooled squared)",
     "live_subnetworks": "live subnetworks",

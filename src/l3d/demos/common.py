@@ -139,33 +139,21 @@ def decompose_and_analyze(
         **{k: analysis["summary"][k] for k in ANALYSIS_SUMMARY},
     }
     if with_controls:
-
-        def analyse(d: Decomposition, folder: Path) -> dict:
-            found = write_analysis(
-                d, data, folder, tokenizer=tokenizer, labels=labels, class_names=class_names,
-                options=options,
-            )  # fmt: skip
-            assert found is not None
-            return found["summary"]
-
         start = time.perf_counter()
         shuffled = copy.deepcopy(model)
         controls.shuffle_parameters_(shuffled, config.seed + controls.SHUFFLE_SEED_OFFSET)
-        control = run(shuffled, data, config)
+        folder = out / "controls" / "shuffled"
+        control = write_analysis(
+            run(shuffled, data, config), data, folder, tokenizer=tokenizer, labels=labels,
+            class_names=class_names, options=options,
+        )  # fmt: skip
+        assert control is not None
         mine = controls.headline(analysis["summary"])
-        theirs = controls.headline(analyse(control, out / "controls" / "shuffled"))
         second = run(model, data, config.replace(seed=config.seed + 1))
         fields["controls"] = {
             "run": mine,
-            "shuffled": {
-                "folder": str(out / "controls" / "shuffled"),
-                "metrics": theirs,
-                "comparison": controls.compare(mine, theirs),
-            },
-            "seed": {
-                "second_seed": config.seed + 1,
-                **controls.decomposition_stability(decomposition, second),
-            },
+            "shuffled": controls.shuffled_entry(mine, control["summary"], str(folder)),
+            "seed": controls.seed_entry(decomposition, second, None),
         }
         fields["controls_seconds"] = time.perf_counter() - start
     return decomposition, analysis, fields

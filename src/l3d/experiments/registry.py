@@ -181,9 +181,7 @@ def load_profile(path: Path, toy: ToySpec, common: dict[str, dict] | None = None
         sweep_overrides=dict(sweep.overrides) if sweep is not None else {},
         hidden_params=profile.hidden_params,
         tms_masks=profile.tms_masks,
-        n_samples={
-            s: n for s in SETTINGS if (n := getattr(profile, s).n_samples) is not None
-        },
+        n_samples={s: n for s in SETTINGS if (n := getattr(profile, s).n_samples) is not None},
     )
 
 
