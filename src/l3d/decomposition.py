@@ -30,8 +30,12 @@ from l3d.core.divergences import (
     get_reference,
 )
 from l3d.core.gradients import GradientSource, Method
-from l3d.core.model import Target, resolve_device, resolve_ranks
-from l3d.core.resampling import SUBNETWORKS_PER_DIRECTION, effective_directions
+from l3d.core.model import Target, resolve_device, resolve_ranks, select_parameters
+from l3d.core.resampling import (
+    SUBNETWORKS_PER_DIRECTION,
+    dense_helpers_fit,
+    effective_directions,
+)
 from l3d.core.samples import (
     Dataset,
     Inputs,
@@ -144,6 +148,7 @@ def decompose(
     progress: bool = True,
     callback: EpochCallback | None = None,
     shard_factors: bool = False,
+    settings: str = "l3d",
     **options: Any,
 ) -> Decomposition:
     """Decompose `model`'s chosen parameter tensors into low-rank subnetworks (L3D, Algorithm 1).
@@ -162,7 +167,14 @@ def decompose(
     callback: called as callback(trainer, epoch_record) after every epoch.
     shard_factors: under torch.distributed, each rank keeps only its range of subnetworks and
         their optimiser state between steps (FSDP2; docs/distributed.md). Same result.
+    settings: 'l3d' adds `library_settings` (a schedule that keeps learning and, where dense
+        per-sample gradients stay small, the gradient initialisation and resampling) to the
+        paper's; 'paper' leaves every option at the paper's value (Appendix B.4: lr x0.8 every
+        100 steps, no resampling, random factors). `options` win over either; the saved config
+        records what was used.
     """
+    if settings not in SETTINGS:
+        raise L3DError(f"unknown settings {settings!r}: use one of {', '.join(SETTINGS)}")
     div = get_divergence(divergence)
     config = L3DConfig.create(
         params=[params] if isinstance(params, str) else list(params),
@@ -183,6 +195,20 @@ def decompose(
     if n_subnetworks is None:
         chosen = choose_n_subnetworks(model, data, config, div_fn, ref_fn)
         config = config.replace(n_subnetworks=chosen)
+    if settings == "l3d":
+        n_weights = sum(
+            dict(model.named_parameters())[n].numel()
+            for n in select_parameters(model, config.params)
+        )
+        # A group the caller sets any field of stays the caller's (lr_decay_every=4 alone keeps
+        # the paper's per-step unit).
+        library = {
+            k: v
+            for group in library_settings(config, n_weights)
+            if not any(k in options for k in group)
+            for k, v in group.items()
+        }
+        config = config.replace(**library)
     return run(
         model,
         data,
@@ -193,6 +219,26 @@ def decompose(
         callback=callback,
         shard_factors=shard_factors,
     )
+
+
+SETTINGS = ("l3d", "paper")
+
+
+def library_settings(config: L3DConfig, n_weights: int) -> list[dict[str, Any]]:
+    """What `decompose` adds to the paper's settings by default, in groups that apply whole
+    (docs/algorithm.md, "Library defaults"; each measured on the toys, docs/toys.md): lr x0.8
+    every 10 % of the epochs (the paper's x0.8 per 100 steps leaves lr below 1e-5 after 100
+    epochs of 1000 samples, so later epochs change nothing); and, where dense per-sample
+    gradients stay small (`dense_helpers_fit`), the gradient initialisation and dead or
+    duplicate subnetworks resampled every 10 % of the epochs during the first half."""
+    every = max(1, config.epochs // 10)
+    groups: list[dict[str, Any]] = [
+        {"lr_decay": 0.8, "lr_decay_unit": "epoch", "lr_decay_every": every}
+    ]
+    if dense_helpers_fit(n_weights, config.n_subnetworks, config.batch_size, config.per_token):
+        until = max(1, config.epochs // 2)
+        groups += [{"init": "gradients"}, {"resample_every": every, "resample_until": until}]
+    return groups
 
 
 def choose_n_subnetworks(

@@ -179,6 +179,18 @@ def reset_optimizer_rows_(optimizer: torch.optim.Optimizer, rows: list[int]) -> 
 # Dense per-sample gradients the gradient initialisation holds at once (float32: 256 MiB).
 INIT_MAX_ELEMENTS = 1 << 26
 INIT_LLOYD_STEPS = 10
+DENSE_AUTO_SAMPLES = 4
+"""Library defaults use the dense helpers only where INIT_MAX_ELEMENTS holds this many gradients
+per subnetwork (`dense_helpers_fit`)."""
+
+
+def dense_helpers_fit(n_weights: int, n_subnetworks: int, batch_size: int, per_token: bool) -> bool:
+    """Whether the helpers that form dense per-sample gradients and directions (the gradient
+    initialisation, resampling) stay small enough to be turned on by default: INIT_MAX_ELEMENTS
+    holds DENSE_AUTO_SAMPLES gradients per subnetwork and one batch of gradients, and samples are
+    not per token (a batch of those is sequences x positions dense gradients, unbounded here)."""
+    per_subnetwork = INIT_MAX_ELEMENTS // max(n_weights, 1) >= DENSE_AUTO_SAMPLES * n_subnetworks
+    return per_subnetwork and batch_size * n_weights <= INIT_MAX_ELEMENTS and not per_token
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from l3d.decomposition import Decomposition, run
 from l3d.errors import L3DError
 from l3d.experiments import metrics as M
 from l3d.experiments.figures import experiment_figures, seed_figures
+from l3d.experiments.handset import hand_set_decomposition
 from l3d.experiments.registry import N_DECOMPOSE, ExperimentSpec, get_spec
 from l3d.io import write_json, write_text
 from l3d.runs.spec import apply_overrides
@@ -49,6 +50,7 @@ METRIC_STAGES = (
     "intervention grid",
     "one-hot probe",
     "ablation",
+    "hand-set solution",
 )
 """The stages of `measure`, in order, as the progress bar names them (a stage a toy does not
 have passes at once)."""
@@ -231,6 +233,31 @@ def measure(
     out["ablation"] = M.ablation_check(decomposition, heldout, seed=seed + 4)
     out["p_active"] = out["heldout"]["p_active"]
     out["dead_subnetworks"] = out["heldout"]["dead_subnetworks"]
+    stage(METRIC_STAGES[8])
+    out["hand_set"] = hand_set(toy, decomposition, seed, heldout, probes)
+    return out
+
+
+def hand_set(
+    toy: Toy, decomposition: Decomposition, seed: int, heldout: torch.Tensor, probes: torch.Tensor
+) -> dict:
+    """The purity metrics of the toy's hand-set decomposition (`handset.py`: each unit's exact
+    gradient direction, at the learned one's ranks) on the same held-out samples: the planted
+    answer's scores, the ceiling where the units' gradients are nearly orthogonal."""
+    planted = hand_set_decomposition(toy, decomposition, heldout, seed)
+    rec = M.unit_recovery(M.unit_impacts(planted, probes, toy.units))
+    out = {
+        "n_subnetworks": planted.n_subnetworks,
+        "loss_pooled_squared": M.heldout_losses(planted, heldout, seed + 3)["loss_pooled_squared"],
+        "n_recovered_at": rec["n_recovered_at"],
+        "min_matched_share": rec["min_matched_share"],
+        "probe_errors": M.one_hot_probe(planted, toy.units)["errors"],
+    }
+    if "A" in toy.info:
+        directions = M.dense_directions(planted)
+        out["pearson_r"] = M.coefficient_recovery(
+            directions["W_in"], directions["W_out"], toy.info["A"], rec["assignment"]
+        )["pearson_r"]
     return out
 
 
@@ -552,6 +579,18 @@ def summarize(spec: ExperimentSpec, results: list[dict], settings: Settings) -> 
         summary["stability"] = {
             k: v for k, v in controlled[0]["stability"].items() if k != "matched_cosines"
         }
+    if "hand_set" in results[0]:
+        summary["hand_set"] = {
+            "loss_pooled_squared": stat(lambda r: r["hand_set"]["loss_pooled_squared"]),
+            "units_recovered_at_0.9": stat(lambda r: r["hand_set"]["n_recovered_at"]["0.9"]),
+            "min_matched_share": stat(lambda r: r["hand_set"]["min_matched_share"]),
+            "probe_errors_0.1": stat(lambda r: r["hand_set"]["probe_errors"]["0.1"]),
+            **(
+                {"pearson_r": stat(lambda r: r["hand_set"]["pearson_r"])}
+                if "pearson_r" in results[0]["hand_set"]
+                else {}
+            ),
+        }
     if spec.tms_masks:
         summary["mmcs"] = stat(lambda r: r["mmcs"])
         summary["parameter_units_recovered"] = stat(
@@ -666,6 +705,31 @@ def fmt(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def hand_set_markdown(summary: dict) -> list[str]:
+    """The learned decomposition's purity beside the hand-set solution's."""
+    h = summary["hand_set"]
+    rows = [
+        ("held-out pooled squared loss", "loss_pooled_squared", "loss_pooled_squared", 3),
+        ("units at impact share > 0.9", "units_recovered_at_0.9", "units_recovered_at_0.9", 2),
+        ("min matched impact share", "min_matched_share", "min_matched_share", 3),
+        ("one-hot probe errors (tol 0.1)", "probe_errors_0.1", "probe_errors_0.1", 1),
+        ("coefficient recovery Pearson r", "pearson_r", "pearson_r", 3),
+    ]
+    lines = [
+        "",
+        "Hand-set solution (each unit's exact gradient direction, at the same ranks, V_in = "
+        "V_out): the planted answer's scores. Where the units' gradients are nearly orthogonal "
+        "(TMS, ResidMLP) a threshold it misses is out of any decomposition's reach.",
+        "",
+        "| metric | learned | hand-set |",
+        "|---|---|---|",
+    ]
+    for what, mine, theirs, digits in rows:
+        if theirs in h and mine in summary:
+            lines.append(f"| {what} | {fmt(summary[mine], digits)} | {fmt(h[theirs], digits)} |")
+    return lines
+
+
 def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -> str:
     lines = [
         f"# {spec.name}: {spec.description}",
@@ -726,6 +790,8 @@ def summary_markdown(spec: ExperimentSpec, summary: dict, results: list[dict]) -
                     f"| {fmt(summary[name], 1)} | - |"
                 )
     lines.append(f"| L3D seconds per seed | {fmt(summary['seconds_l3d'], 1)} | - |")
+    if "hand_set" in summary:
+        lines += hand_set_markdown(summary)
     if "control" in summary:
         lines += control_markdown(summary)
     sweeps = [r["sweep"] for r in results if "sweep" in r]

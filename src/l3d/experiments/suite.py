@@ -105,9 +105,9 @@ def results_table(summaries: dict, seconds: dict) -> str:
         "| experiment | pooled sq. loss (ours) | paper | loss eq. 8 | units recovered | "
         "seeds all recovered | Pearson r (paper 0.92) | MMCS | probe errors @0.1 | "
         "output selectivity δ=0.25 | sample selectivity δ=1 | ablation ratio | "
-        "units at share > 0.9 | random-network control: share, selectivity | "
-        "cross-seed MMCS | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "units at share > 0.9 | hand-set solution: loss, share > 0.9, probe errors, r | "
+        "random-network control: share, selectivity | cross-seed MMCS | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summaries.items():
         paper = s["paper"].get("loss_pooled_squared", "-")
@@ -124,10 +124,23 @@ def results_table(summaries: dict, seconds: dict) -> str:
             f"{fmt(s['probe_errors_0.1'], 1)} | {output} | "
             f"{fmt(s['selectivity_median_ratio_delta1'], 1)} | "
             f"{fmt(s['ablation_ratio_delta0.5'], 1)} | "
-            f"{fmt(s['units_recovered_at_0.9'], 1)} | {_control_cell(s)} | {stable} | "
+            f"{fmt(s['units_recovered_at_0.9'], 1)} | {_hand_set_cell(s)} | "
+            f"{_control_cell(s)} | {stable} | "
             f"{seconds[name]:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _hand_set_cell(summary: dict) -> str:
+    """The hand-set solution's loss, units at share > 0.9, probe errors (and r)."""
+    if "hand_set" not in summary:
+        return "-"
+    h = summary["hand_set"]
+    r = f", r = {fmt(h['pearson_r'])}" if "pearson_r" in h else ""
+    return (
+        f"{fmt(h['loss_pooled_squared'])}, {fmt(h['units_recovered_at_0.9'], 1)}, "
+        f"{fmt(h['probe_errors_0.1'], 1)}{r}"
+    )
 
 
 def _control_cell(summary: dict) -> str:
