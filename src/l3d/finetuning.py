@@ -6,7 +6,9 @@ an edit moves the weights only along the handles a behaviour uses.
 subnetworks' low-rank factors, rank kept, or a small core inside each chosen subnetwork's factor
 subspaces); `baseline` trains the comparisons in the same harness
 (same data, objective, steps and Adam optimiser): LoRA of rank r on the same tensors through the
-`peft` library, and full finetuning of the same tensors. The random-direction control is
+`peft` library, and full finetuning of the same tensors. Subnetworks are chosen by impact
+(`top_subnetworks`, `contrast_subnetworks`) or by the edit's own objective against the retain
+data's curvature (`objective_subnetworks`). The random-direction control is
 `finetune(..., directions=decomposition.subnetworks.v_out.random_like(seed))`.
 
 An adapter saves to a folder (adapter.json + adapter.safetensors through `l3d.io`; nothing is
@@ -481,6 +483,138 @@ def contrast_subnetworks(
     return [int(k) for k in (on_target - on_retain).argsort(descending=True)[:n]]
 
 
+def _core_tangents(
+    bases: list[tuple[str, Tensor, Tensor]], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Tensor]:
+    """{name: (n_c, *shape)}: the weight change of each core coordinate (one entry of one core
+    C set to 1: Q_L[:, a] Q_M[:, b]^T), coordinates in the order of the cores' flattened
+    entries. For one subnetwork's bases they are orthonormal in parameter space (Q_L and Q_M have
+    orthonormal columns), so quadratic forms in them are the subspace's own."""
+    sizes = [q_l.shape[1] * q_m.shape[1] for _, q_l, q_m in bases]
+    n_c, start = sum(sizes), 0
+    tangents = {n: bases[0][1].new_zeros(n_c, *s) for n, s in shapes.items()}
+    for (name, q_l, q_m), size in zip(bases, sizes):
+        unit = torch.eye(size, dtype=q_l.dtype, device=q_l.device)
+        unit = unit.reshape(size, q_l.shape[1], q_m.shape[1])
+        dense = torch.einsum("ia,cab,jb->cij", q_l, unit, q_m)
+        tangents[name][start : start + size] = dense.reshape(size, *shapes[name])
+        start += size
+    return tangents
+
+
+def objective_scores(
+    decomposition: Decomposition,
+    data: object,
+    retain: Inputs,
+    *,
+    objective: Objective = "forget",
+    damping: float = 1e-3,
+    directions: Subnetworks | None = None,
+    chunk: int = 16,
+) -> Tensor:
+    """(n_subnetworks,) how much of the edit's objective each subnetwork's core subspace (the
+    span that train='cores' moves in, see `Adapter`) can remove per unit of retain change:
+
+        s_k = g_k^T (H_k + eps I)^-1 g_k
+
+    g_k: the gradient of objective(data) at W0 in subnetwork k's core coordinates (the projection
+    Q_L Q_L^T G Q_M Q_M^T of the weight gradient G, per tensor); H_k: the Gauss-Newton matrix of
+    the retain distance (`retain_distance`, mean over retain samples) in the same coordinates,
+    J_k^T (d^2 D / dy^2) J_k: the Fisher information of the retain outputs for 'kl', whose
+    gradient is 0 at W0 so only its curvature matters. s_k is the first-order drop of the
+    objective bought by the best step in the subspace under a quadratic retain penalty; eps =
+    damping times the mean of H's diagonal over all subnetworks. J_k by forward-mode JVPs, `chunk`
+    retain inputs at a time."""
+    _check_weights(decomposition)
+    _check_objective(objective)
+    if damping <= 0 or chunk < 1:
+        raise L3DError(f"damping must be > 0 and chunk >= 1; got damping={damping}, chunk={chunk}")
+    target = decomposition.target
+    directions = decomposition.subnetworks.v_out if directions is None else directions
+    n_v = directions.n_subnetworks
+    device = next(iter(target.w0.values())).device
+    labelled = Labelled.of(data)
+    labelled = Labelled(to_device(labelled.inputs, device), labelled.labels.to(device))
+    _check_fits(target, labelled)
+    retain = to_device(retain, device)
+    was_training = decomposition.model.training
+    decomposition.model.eval()
+    try:
+        # g: every subnetwork's cores at 0 in one adapter; one backward of the objective.
+        adapter = Adapter(decomposition.model, directions, list(range(n_v)), "cores")
+        loss = objective_loss(objective, adapter.forward(labelled.inputs), labelled.labels)
+        grads = torch.autograd.grad(loss, adapter.cores)
+        by_k: list[list[int]] = [[] for _ in range(n_v)]  # _core_bases: tensor-major, then k
+        for i in range(len(adapter.bases)):
+            by_k[i % n_v].append(i)
+        g = [torch.cat([grads[i].flatten() for i in idx]) for idx in by_k]
+        h = [_retain_gauss_newton(decomposition, [adapter.bases[i] for i in idx], retain, chunk)
+             for idx in by_k]  # fmt: skip
+    finally:
+        decomposition.model.train(was_training)
+    eps = damping * torch.cat([m.diagonal() for m in h]).mean().clamp_min(1e-30)
+    scores = [
+        g_k @ torch.linalg.solve(h_k + eps * torch.eye(len(g_k), dtype=h_k.dtype), g_k)
+        for g_k, h_k in zip((g_k.double().cpu() for g_k in g), h)
+    ]
+    return torch.stack(scores).float().cpu()
+
+
+def _retain_gauss_newton(
+    decomposition: Decomposition,
+    bases: list[tuple[str, Tensor, Tensor]],
+    retain: Inputs,
+    chunk: int,
+) -> Tensor:
+    """(n_c, n_c) J^T (d^2 D / dy^2) J of the retain distance in the core coordinates of `bases`,
+    averaged over retain samples (rows as `retain_distance` takes them)."""
+    target, divergence = decomposition.target, decomposition.divergence
+    tangents = _core_tangents(bases, target.shapes)
+    n_c = len(next(iter(tangents.values())))
+    w0 = dict(target.w0)
+    gauss_newton, n_rows = torch.zeros(n_c, n_c, dtype=torch.float64), 0
+    for start in range(0, batch_size_of(retain), chunk):
+        inputs = take(retain, slice(start, start + chunk))
+        rows = SampleRows.of(inputs, decomposition.config.per_token)
+
+        def outputs(params: dict[str, Tensor], inputs: Inputs = inputs) -> Tensor:
+            return target.forward(inputs, params)
+
+        with torch.no_grad():
+            base = target.forward(inputs)
+            d_out = torch.func.vmap(lambda t: torch.func.jvp(outputs, (w0,), (t,))[1])(tangents)
+            base_rows = rows.rows(base).flatten(1)  # (n_rows, n_out)
+            # (n_c, batch, ...) -> (n_rows, n_c, n_out): the coordinate axis after the sample's.
+            j = rows.rows(d_out.movedim(0, -1)).movedim(-1, 1).flatten(2)
+
+            def curvature(y: Tensor, dy: Tensor) -> Tensor:  # d^2 D / dy^2 at y = base, times dy
+                grad = torch.func.grad(divergence.distance_fn)
+                return torch.func.jvp(lambda m: grad(m, y), (y,), (dy,))[1]
+
+            hj = torch.func.vmap(torch.func.vmap(curvature, (None, 0)))(base_rows, j)
+            gauss_newton += torch.einsum("rio,rjo->ij", j.double(), hj.double()).cpu()
+        n_rows += len(base_rows)
+    return gauss_newton / max(n_rows, 1)
+
+
+def objective_subnetworks(
+    decomposition: Decomposition,
+    data: object,
+    retain: Inputs,
+    n: int,
+    *,
+    objective: Objective = "forget",
+    damping: float = 1e-3,
+) -> list[int]:
+    """The n subnetworks of largest `objective_scores`: whose core subspaces carry the most of
+    the edit's own objective per unit of change on the retain data (for train='cores')."""
+    n_v = decomposition.subnetworks.v_out.n_subnetworks
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_v:
+        raise L3DError(f"cannot choose {n!r} subnetworks: n must be an int in 1..{n_v}")
+    scores = objective_scores(decomposition, data, retain, objective=objective, damping=damping)
+    return [int(k) for k in scores.argsort(descending=True)[:n]]
+
+
 def select_subnetworks(
     decomposition: Decomposition,
     how: Sequence[str],
@@ -768,6 +902,8 @@ __all__ = [
     "contrast_subnetworks",
     "finetune",
     "load_adapter",
+    "objective_scores",
+    "objective_subnetworks",
     "read_data",
     "read_inputs",
     "select_subnetworks",

@@ -1,9 +1,11 @@
 """Finetuning along subnetworks on the synthetic multi-task transformer: remove one task (push its
 answer predictions to the uniform distribution, so its answer loss rises towards chance) while
 keeping the other tasks' accuracy, moving the weights only along the subnetworks selected by
-impact on that task's samples (their scalars alpha, or a small core inside each one's factor
-subspaces). Compared with LoRA rank 1 and 4, full finetuning of the same block and random
-directions, each over the same learning rates, steps and retain weights.
+impact on that task's samples over the others' (`--select contrast`) or by the forget objective's
+gradient per unit of retain curvature in their core subspaces (`--select objective`), through
+their scalars alpha or a small core inside each one's factor subspaces. Compared with LoRA rank 1
+and 4, full finetuning of the same block and random directions, each over the same learning rates,
+steps and retain weights.
 
 The trade-off curve is the removed task's answer loss against the other tasks' answer accuracy
 (relative to the frozen model's) at every evaluated step; the summary takes, per method and seed,
@@ -30,7 +32,7 @@ from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
 from l3d.demos import synthetic_transformer as st
 from l3d.demos.finetune_common import LABELS, METHODS, best_under, sweep
-from l3d.finetuning import IGNORE, Edit, contrast_subnetworks
+from l3d.finetuning import IGNORE, Edit, contrast_subnetworks, objective_subnetworks
 from l3d.io import load_tensors, save_tensors, write_json
 
 RETAIN_FRACTION = 0.99
@@ -114,6 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", default="0", help="model, data and decomposition seeds")
     parser.add_argument("--forget", default="count", choices=st.TASKS, help="the task to remove")
     parser.add_argument("--n-subnetworks", type=int, default=3, help="subnetworks to move along")
+    parser.add_argument(
+        "--select",
+        default="contrast",
+        choices=("contrast", "objective"),
+        help="subnetworks by impact contrast, or by the forget objective's gradient per retain "
+        "curvature in their core subspaces (objective_subnetworks)",
+    )
     parser.add_argument("--train-steps", type=int, default=3000, help="transformer training")
     parser.add_argument("--epochs", type=int, default=40, help="L3D epochs")
     parser.add_argument("--n-per-task", type=int, default=100, help="sequences per task")
@@ -144,15 +153,21 @@ def main(argv: list[str] | None = None) -> dict:
         target = {k: v[is_target] for k, v in tune.items()}
         retain = {k: v[~is_target] for k, v in tune.items()}
         labels = next_token_labels(target, tune_answer[is_target])
-        # Subnetworks by impact on the target task's answer tokens over the other tasks' ones.
-        chosen = contrast_subnetworks(
-            decomposition,
-            target,
-            retain,
-            args.n_subnetworks,
-            target_samples=tune_answer[is_target][target["attention_mask"].bool()],
-            retain_samples=tune_answer[~is_target][retain["attention_mask"].bool()],
-        )
+        if args.select == "objective":
+            # The forget objective's gradient per unit of retain KL curvature, per core subspace.
+            chosen = objective_subnetworks(
+                decomposition, (target, labels), retain, args.n_subnetworks, objective="forget"
+            )
+        else:
+            # By impact on the target task's answer tokens over the other tasks' ones.
+            chosen = contrast_subnetworks(
+                decomposition,
+                target,
+                retain,
+                args.n_subnetworks,
+                target_samples=tune_answer[is_target][target["attention_mask"].bool()],
+                retain_samples=tune_answer[~is_target][retain["attention_mask"].bool()],
+            )
         held, held_tasks, held_answer = st.dataset(args.n_per_task, seed=seed + 3)
         measure, _ = evaluation(held, held_tasks, held_answer, forget, {})
         with torch.no_grad():
