@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from l3d.demos import contrastive_tms as demo
-from l3d.pairs import pair_data, pair_gradients, patching_scores
+from l3d.pairs import off_target_scores, pair_data, pair_gradients, patching_scores
 from l3d.toys.registry import get_toy, train_toy_model
 
 REDUCED = ["--seeds", "0", "--epochs", "30", "--single-pairs", "300", "--mixed-pairs", "500"]
@@ -30,10 +30,12 @@ def test_reduced_demo_recovers_single_features_and_beats_pca_on_mixed_pairs(tmp_
     assert set(mixed["ablations"]) == set(demo.ABLATIONS)
     for method in demo.METHODS:
         assert all(0 <= s <= 1 for s in r["patching"][method]["own"])
-    # each matched subnetwork closes its own feature's pairs more than the other features'
+    # each matched subnetwork closes its own feature's pairs more than its step, applied to the
+    # other features' pairs, closes theirs
     assert all(
         o > f for o, f in zip(r["patching"]["l3d"]["own"], r["patching"]["l3d"]["off_target"])
     )
+    assert all(f <= 1 for m in demo.METHODS for f in r["patching"][m]["off_target"])
     assert saved["environment"]["threads"] == 1
     summary = (tmp_path / "summary.md").read_text()
     printed = capsys.readouterr().out
@@ -71,6 +73,34 @@ def test_baselines_use_the_pair_gradients_l3d_decomposes(tmp_path):
     given = [d.v_out(k) for k in range(2)]
     scores = patching_scores(d, x, counterparts, deltas=deltas, directions=given)
     torch.testing.assert_close(scores, expected)
+
+
+def test_off_target_is_the_other_features_share_at_the_own_features_best_step(tmp_path):
+    toy = train_toy_model(get_toy("tms"), 1, cache=tmp_path / "toy")
+    g = torch.Generator().manual_seed(0)
+    held_out = demo.mixed_pairs(toy, 200, g)
+    d = demo.l3d_pairs(toy.model, *held_out[:2], 5, 0, {**demo.L3D, **demo.SINGLE, "epochs": 1})
+    directions = [d.v_out(k) for k in range(5)]
+    assignment = [2, 0, 1, 4, 3]
+    deltas = torch.linspace(-2, 2, 9) * d.weight_norm()
+    result = demo.patching(d, directions, held_out, assignment, deltas)
+    x, counterparts, zeroed = held_out
+    pairs = [pair_data(d.model, x[zeroed == j], counterparts[zeroed == j]) for j in range(5)]
+    for j, k in enumerate(assignment):
+        own = patching_scores(d, pairs[j], deltas=deltas, directions=[directions[k]])
+        assert result["own"][j] == pytest.approx(float(own[0]))
+        # off_target_scores on each other feature's pairs (the target's step), not their own
+        # best step (patching_scores), averaged over the other features
+        off = [
+            float(
+                off_target_scores(d, pairs[j], pairs[i], deltas=deltas, directions=[directions[k]])[
+                    0
+                ]
+            )
+            for i in range(5)
+            if i != j
+        ]
+        assert result["off_target"][j] == pytest.approx(sum(off) / 4)
 
 
 def test_docs_example_runs_as_written(tmp_path, monkeypatch, capsys):

@@ -26,6 +26,8 @@ def test_reduced_demo_finds_one_subnetwork_per_class_pair(tmp_path, capsys):
     assert sum(l3d["switch"]) > sum(rand["switch"]) + 1  # switches far more predictions
     for method in demo.METHODS:
         assert all(0 <= s <= 1 for s in r[method]["patching"] + r[method]["switch"])
+        # off_target_scores: at most 1, negative where the step pushes other class pairs apart
+        assert all(f <= 1 for f in r[method]["off_target"])
     # the class a subnetwork moves most is one of its class pair's
     for (a, b), up, down in zip(demo.CLASS_PAIRS, l3d["pushes_up"], l3d["pushes_down"]):
         assert {*up[:1], *down[:1]} & {a, b}

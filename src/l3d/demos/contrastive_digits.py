@@ -18,8 +18,9 @@ then:
    (V_in . g for L3D; the direction itself for PCA and random) rank its top pairs: their class
    pairs give the direction's **purity**, and directions are matched one-to-one to class pairs by
    the Hungarian algorithm on the share of their top pairs. For the matched direction: the
-   **patching score** on its class pair's held-out pairs (a -> b) and its mean on the other class
-   pairs (off-target), the **switch accuracy** (the prediction becomes class b) at the step that
+   **patching score** on its class pair's held-out pairs (a -> b), its **off-target** score (the
+   share of the other class pairs' divergence removed at that best step, `off_target_scores`,
+   averaged over them), the **switch accuracy** (the prediction becomes class b) at the step that
    switches most training pairs, and the classes it moves (`l3d.analysis.top_logits` on its top
    pairs).
 
@@ -48,6 +49,8 @@ from l3d.experiments.metrics import match_units
 from l3d.io import write_json, write_text
 from l3d.pairs import (
     decompose_pairs,
+    off_target_scores,
+    pair_data,
     pair_gradients,
     patching_scores,
     singular_directions,
@@ -106,9 +109,11 @@ def measure(
     n_top: int,
 ) -> dict[str, Any]:
     """Purity of each direction's top held-out pairs, its class pair (Hungarian on the shares of
-    top pairs), and for the matched direction its patching score (own, off-target), switch
-    accuracy and the classes it moves. reading: the directions whose inner product with a pair
-    gradient is the coefficient (V_in for L3D)."""
+    top pairs), and for the matched direction its patching score on its class pair's pairs, its
+    off-target score (`off_target_scores`: the share of the other class pairs' divergence removed
+    at the step that closes most of its own, averaged over them), switch accuracy and the classes
+    it moves. reading: the directions whose inner product with a pair gradient is the coefficient
+    (V_in for L3D)."""
     x, counterparts, which = held_out
     gradients = pair_gradients(d, x, counterparts)
     coefficients = torch.stack(
@@ -127,12 +132,7 @@ def measure(
     )  # (n_directions, class pairs)
     assignment = match_units(shares.T)
     own_pairs = [which == p for p in range(n_pairs)]
-    patching = torch.stack(
-        [
-            patching_scores(d, x[m], counterparts[m], deltas=deltas, directions=directions)
-            for m in own_pairs
-        ]
-    )  # (class pairs, n_directions)
+    pairs = [pair_data(d.model, x[m], counterparts[m]) for m in own_pairs]
     result: dict[str, Any] = {
         "purity": shares.max(1).values.tolist(),
         "assignment": assignment,
@@ -141,8 +141,15 @@ def measure(
         "pushes_up": [], "pushes_down": [],
     }  # fmt: skip
     for p, k in enumerate(assignment):
-        result["patching"].append(float(patching[p, k]))
-        others = [float(patching[q, k]) for q in range(n_pairs) if q != p]
+        v = [directions[k]]
+        result["patching"].append(
+            float(patching_scores(d, pairs[p], deltas=deltas, directions=v)[0])
+        )
+        others = [
+            float(off_target_scores(d, pairs[p], pairs[q], deltas=deltas, directions=v)[0])
+            for q in range(n_pairs)
+            if q != p
+        ]
         result["off_target"].append(sum(others) / len(others))
         m = train[2] == p
         fit = switch_rates(d, train[0][m], train[1][m], deltas, directions=[directions[k]])[0]

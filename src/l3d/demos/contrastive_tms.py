@@ -14,8 +14,10 @@ Per seed, trains TMS 5-2 through the toy registry (toy seed = seed + 1, as the T
    random rank-1 directions, and ablations: top-k off, and rank 2 (W_in and W_out unconstrained)
    with top-k off and on.
 3. Patching scores on held-out mixed pairs restricted to each feature's pairs: the fraction of the
-   pairs' output difference that moving W0 along the matched direction closes (`patching_scores`
-   for L3D; the same grid of steps for PCA and random directions).
+   pairs' output difference that moving W0 along the matched direction closes (`patching_scores`,
+   the same grid of steps for L3D, PCA and random directions), and its off-target score: the mean
+   over the other features' pairs of the share of their divergence removed at that best step
+   (`off_target_scores`).
 
 Share: the fraction of a direction's squared norm on a feature's own parameters (column j of W_in,
 row j of W_out, b_j). Directions are matched to features one-to-one by the Hungarian algorithm on
@@ -40,10 +42,12 @@ from l3d.experiments import metrics as M
 from l3d.io import write_json, write_text
 from l3d.pairs import (
     decompose_pairs,
+    off_target_scores,
     pair_data,
     pair_gradients,
     patching_scores,
     singular_directions,
+    unit_directions,
 )
 from l3d.toys import TMS, feature_parameter_mask
 from l3d.toys.registry import Toy, get_toy, train_toy_model
@@ -140,10 +144,6 @@ def match(directions: dict[str, Tensor], masks: dict[str, Tensor]) -> dict:
     return {"assignment": recovery["assignment"], "share": recovery["matched_share"]}
 
 
-def one_direction(directions: dict[str, Tensor], k: int) -> dict[str, Tensor]:
-    return {p: d[k] for p, d in directions.items()}
-
-
 # One seed ---------------------------------------------------------------------------------------
 
 
@@ -157,19 +157,30 @@ def l3d_pairs(
 
 
 def patching(
-    scores: Callable[[Tensor, Tensor], list[float]],
+    decomposition: Decomposition,
+    directions: list[dict[str, Tensor]],
     held_out: tuple[Tensor, Tensor, Tensor],
     assignment: list[int],
+    deltas: Tensor,
 ) -> dict:
     """Each matched direction's patching score on its own feature's held-out pairs, and its mean
-    score on the other features' pairs (off-target). scores(x, x') gives every direction's."""
+    off-target score on the other features' pairs (`off_target_scores`: the share of their
+    divergence removed at the step that closes most of its own feature's)."""
     x, counterparts, zeroed = held_out
-    table = [scores(x[zeroed == j], counterparts[zeroed == j]) for j in range(N_FEATURES)]
-    own = [table[j][k] for j, k in enumerate(assignment)]
-    off = [
-        sum(table[i][k] for i in range(N_FEATURES) if i != j) / (N_FEATURES - 1)
-        for j, k in enumerate(assignment)
-    ]
+    model = decomposition.model
+    pairs = [pair_data(model, x[zeroed == j], counterparts[zeroed == j]) for j in range(N_FEATURES)]
+    own, off = [], []
+    for j, k in enumerate(assignment):
+        v = [directions[k]]
+        own.append(float(patching_scores(decomposition, pairs[j], deltas=deltas, directions=v)[0]))
+        others = [
+            float(
+                off_target_scores(decomposition, pairs[j], pairs[i], deltas=deltas, directions=v)[0]
+            )
+            for i in range(N_FEATURES)
+            if i != j
+        ]
+        off.append(sum(others) / len(others))
     return {"own": own, "off_target": off}
 
 
@@ -240,17 +251,12 @@ def run_seed(
     # 3. patching scores on held-out pairs, one feature's pairs at a time
     deltas = torch.linspace(-patch_scale, patch_scale, 81) * main.weight_norm()
 
-    def along(directions: dict[str, Tensor]) -> Callable[[Tensor, Tensor], list[float]]:
-        units = [one_direction(directions, k) for k in range(N_FEATURES)]
-        return lambda a, b: patching_scores(main, a, b, deltas=deltas, directions=units).tolist()
-
+    l3d = [main.v_out(k) for k in range(N_FEATURES)]
     patch = {
-        "l3d": patching(
-            lambda a, b: patching_scores(main, a, b, deltas=deltas).tolist(),
-            held_out, found["l3d"]["assignment"],
-        ),
-        "pca": patching(along(pca), held_out, found["pca"]["assignment"]),
-        "random": patching(along(rand), held_out, found["random"]["assignment"]),
+        name: patching(main, directions, held_out, found[name]["assignment"], deltas)
+        for name, directions in (
+            ("l3d", l3d), ("pca", unit_directions(pca)), ("random", unit_directions(rand))
+        )
     }  # fmt: skip
     return {
         "seed": seed,
@@ -320,7 +326,8 @@ def overview(results: list[dict]) -> list[str]:
     lines += [
         "",
         "Patching scores on held-out mixed pairs, each matched direction on its own feature's "
-        "pairs (smallest over the features) and on the other features' pairs (largest mean):",
+        "pairs (smallest over the features), and its off-target score on the other features' "
+        "pairs at that best step (largest mean):",
         "",
         "| seed | L3D own | L3D off-target | PCA own | PCA off-target | random own | "
         "random off-target |",
