@@ -196,10 +196,8 @@ def decompose(
         chosen = choose_n_subnetworks(model, data, config, div_fn, ref_fn)
         config = config.replace(n_subnetworks=chosen)
     if settings == "l3d":
-        n_weights = sum(
-            dict(model.named_parameters())[n].numel()
-            for n in select_parameters(model, config.params)
-        )
+        parameters = dict(model.named_parameters())
+        n_weights = sum(parameters[n].numel() for n in select_parameters(model, config.params))
         # A group the caller sets any field of stays the caller's (lr_decay_every=4 alone keeps
         # the paper's per-step unit).
         library = {

@@ -244,11 +244,12 @@ def hand_set(
     """The purity metrics of the toy's hand-set decomposition (`handset.py`: each unit's exact
     gradient direction, at the learned one's ranks) on the same held-out samples: the planted
     answer's scores, the ceiling where the units' gradients are nearly orthogonal."""
-    planted = hand_set_decomposition(toy, decomposition, heldout, seed)
+    # Evaluated on the held-out samples at the seed of the learned one's `heldout_losses`.
+    planted = hand_set_decomposition(toy, decomposition, heldout, seed + 3)
     rec = M.unit_recovery(M.unit_impacts(planted, probes, toy.units))
     out = {
         "n_subnetworks": planted.n_subnetworks,
-        "loss_pooled_squared": M.heldout_losses(planted, heldout, seed + 3)["loss_pooled_squared"],
+        "loss_pooled_squared": planted.evaluation.loss_pooled_squared,
         "n_recovered_at": rec["n_recovered_at"],
         "min_matched_share": rec["min_matched_share"],
         "probe_errors": M.one_hot_probe(planted, toy.units)["errors"],
