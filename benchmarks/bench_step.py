@@ -7,6 +7,7 @@ Methods, each run in its own subprocess so that peak memory is its own:
              gradients, then the same training step;
   authors    a minimal re-implementation of the authors' approach: a batch jacrev over the vector
              of the batch's per-sample divergences (O(batch^2)), dense decode, dense normalisation;
+  fast-bf16  fast with L3DConfig.gram_precision='bfloat16' (the Gram's products in bfloat16);
   floor      one plain forward + backward of the model on the same batch (sum of divergences,
              gradients of the decomposed tensors only).
 
@@ -19,6 +20,7 @@ Settings (issue 5):
   b-chunked  (b) in chunks of 4 sequences (sequence_chunk_size): the memory they save
   c2b (c) with batch 128;  c2w (c) with width 2048          (memory scaling)
   c4b (c) with batch 256                                     (time ratio against batch size)
+  c400 (c) with 400 subnetworks                              (the Gram's n_v^2 growth)
   cbig, cbig-chunked  (c) with batch 4096, whole or in sample chunks of 512 (chunk_size):
       the memory the chunks save
 
@@ -33,6 +35,7 @@ peak above the same point (GPU).
 
     python benchmarks/bench_step.py --settings a,b,c,c2b,c2w --repeats 5
     python benchmarks/bench_step.py --settings c,c2b,c4b,cbig,cbig-chunked --methods fast,floor
+    python benchmarks/bench_step.py --settings c,c400 --methods fast,fast-bf16,floor
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ from l3d.core.trainer import Trainer
 RANDOM = Reference("random", random_other)
 
 METHODS = ("fast", "torchfunc", "authors", "floor")
+# Extra methods, not in the default list.
+FAST_BF16 = "fast-bf16"
 
 
 class MLP(nn.Module):
@@ -127,7 +132,7 @@ def setting(name: str):
     data = torch.randn(batch, width, generator=g)
     config = L3DConfig.create(
         params=["layers.*.weight"],
-        n_subnetworks=100,
+        n_subnetworks=400 if name == "c400" else 100,
         rank=4,
         batch_size=batch,
         chunk_size=512 if name == "cbig-chunked" else None,
@@ -161,14 +166,16 @@ def make_step(method: str, model, data, config: L3DConfig, batch, chunk) -> tupl
     target = Target.create(model, config.params)
     generator = torch.Generator().manual_seed(1)
     pair = initial_pair(target, config)
-    if method in ("fast", "torchfunc"):
+    if method == FAST_BF16:
+        config = config.replace(gram_precision="bfloat16")
+    if method in ("fast", FAST_BF16, "torchfunc"):
         source = GradientSource(
             target,
             divergence,
             random_other,
             dataset=Dataset(data, config.batch_size),
             per_token=config.per_token,
-            method="auto" if method == "fast" else "vmap",
+            method="vmap" if method == "torchfunc" else "auto",
             chunk_size=config.chunk_size,
             sequence_chunk_size=config.sequence_chunk_size,
         )
@@ -375,6 +382,13 @@ def print_ratios(name: str, rows: dict, floor: dict) -> None:
             parts.append(f"{fast['peak_mb'] / floor['peak_mb']:.1f}x the floor's peak memory")
     if parts:
         print(f"{name:4s} fast path: " + ", ".join(parts), flush=True)
+    low = rows.get(FAST_BF16, {})
+    if "median_s" in low:
+        line = f"{name:4s} fast path, bfloat16 Gram: "
+        line += f"{fast['median_cpu_s'] / low['median_cpu_s']:.2f}x faster (CPU time)"
+        if "median_s" in floor:
+            line += f", {low['median_cpu_s'] / floor['median_cpu_s']:.1f}x the floor's CPU time"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

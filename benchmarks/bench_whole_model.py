@@ -18,7 +18,10 @@ floor and the paper-schedule hours are taken in CPU time. Peak memory is the pro
 resident set size above its size after building model, data and subnetworks; the floor's peak is
 read before the first L3D step. Before the steps the worker prints the training
 state's size (V_in, V_out, gradients, AdamW moments); the factors are part of the base, their
-gradients and AdamW moments, allocated by the first step, part of the peak.
+gradients and AdamW moments, allocated by the first step, part of the peak. "est GiB" is what
+the library predicts for that peak before a run (three quarters of the training state plus
+`step_bytes`: activations, signals, kept products, the Gram's working set), the figure
+`l3d decompose` prints and checks against the device's memory.
 
 --parts also times the step's parts one by one, each the minimum CPU time of --repeats runs: the
 gradient signals of one batch (forward, per-token backwards), the projections onto V_in and V_out
@@ -27,6 +30,10 @@ figures that docs/scaling.md's cost model is checked against).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_whole_model.py --threads 1
     OMP_NUM_THREADS=1 python benchmarks/bench_whole_model.py --scopes all --subnetworks 100
+    OMP_NUM_THREADS=1 python benchmarks/bench_whole_model.py --gram-precision float32,bfloat16
+
+--gram-precision runs each (scope, subnetworks) once per value of L3DConfig.gram_precision, in
+a process of its own (the ratio to the floor is measured within each).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import torch
 from bench_step import initial_pair, make_step, peak_rss_bytes, rss_bytes
 
 from l3d.config import L3DConfig
-from l3d.core.algorithm import training_bytes
+from l3d.core.algorithm import step_bytes, training_bytes
 from l3d.core.divergences import kl, random_other
 from l3d.core.gradients import GradientSource
 from l3d.core.model import Target, resolve_ranks
@@ -61,7 +68,7 @@ SCOPES = {
 PAPER_STEPS = 62_500
 
 
-def setting(scope: str, n_subnetworks: int, seq: int, batch: int):
+def setting(scope: str, n_subnetworks: int, seq: int, batch: int, gram_precision: str):
     """(model, data, config) of one scope."""
     model = random_causal_lm(tinystories_8m_config())
     ids = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -74,14 +81,15 @@ def setting(scope: str, n_subnetworks: int, seq: int, batch: int):
         per_token=True,
         batch_size=batch,
         lr=0.001,
+        gram_precision=gram_precision,
     )
     return model, data, config
 
 
-def worker(args: argparse.Namespace, scope: str, n_subnetworks: int) -> dict:
+def worker(args: argparse.Namespace, scope: str, n_subnetworks: int, precision: str) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model, data, config = setting(scope, n_subnetworks, args.tokens, args.sequences)
+    model, data, config = setting(scope, n_subnetworks, args.tokens, args.sequences, precision)
     target = Target.create(model, config.params)
     state = training_bytes(
         target.shapes, n_subnetworks, resolve_ranks(target.names, 25), config.factorization
@@ -92,6 +100,13 @@ def worker(args: argparse.Namespace, scope: str, n_subnetworks: int) -> dict:
         file=sys.stderr,
         flush=True,
     )
+    ranks = resolve_ranks(target.names, 25)
+    source = GradientSource(
+        target, kl, random_other, dataset=Dataset(data, config.batch_size), per_token=True
+    )
+    batch = source.batch_memory(n_subnetworks, ranks, config.batch_size)
+    estimate = step_bytes(batch, target.shapes, n_subnetworks, ranks, config.factorization)
+    del source
     floor, _ = make_step("floor", model, data, config, data, None)
     fast, detail = make_step("fast", model, data, config, data, None)
     gc.collect()
@@ -117,6 +132,7 @@ def worker(args: argparse.Namespace, scope: str, n_subnetworks: int) -> dict:
     return {
         "parts_s": parts,
         "scope": scope,
+        "gram_precision": precision,
         "tensors": len(target.names),
         "subnetworks": n_subnetworks,
         "threads": args.threads,
@@ -129,6 +145,15 @@ def worker(args: argparse.Namespace, scope: str, n_subnetworks: int) -> dict:
         "peak_gb": max(0, peak - base) / 2**30,
         "floor_peak_gb": max(0, floor_peak - base) / 2**30,
         "state_gb": state / 2**30,
+        # What the peak above the built factors should be: their gradients and AdamW's moments
+        # (three quarters of the state) and what one step adds (`step_bytes`).
+        "estimate_gb": (0.75 * state + estimate) / 2**30,
+        "estimate_parts_gb": {
+            "activations": batch.activations / 2**30,
+            "gradients": batch.gradients / 2**30,
+            "kept": batch.kept / 2**30,
+            "gram and rest": (estimate - batch.activations - batch.gradients - batch.kept) / 2**30,
+        },
     }
 
 
@@ -150,7 +175,7 @@ def part_times(target: Target, data: dict, config: L3DConfig, repeats: int) -> d
         (c.square().sum() + d.square().sum()).backward()
 
     def gram() -> None:
-        pair.v_out.gram().square().sum().backward()
+        pair.v_out.gram(config.gram_precision).square().sum().backward()
 
     parts = {"signals": signals, "projections": projections, "gram": gram, "adamw": optimizer.step}
     times = {}
@@ -164,12 +189,12 @@ def part_times(target: Target, data: dict, config: L3DConfig, repeats: int) -> d
     return times
 
 
-def run_worker(args: argparse.Namespace, scope: str, n_subnetworks: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", scope, str(n_subnetworks)]
+def run_worker(args: argparse.Namespace, scope: str, n_subnetworks: int, precision: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", scope, str(n_subnetworks), precision]
     for flag in ("threads", "warmup", "repeats", "tokens", "sequences"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
     cmd += ["--parts"] if args.parts else []
-    row: dict = {"scope": scope, "subnetworks": n_subnetworks}
+    row: dict = {"scope": scope, "subnetworks": n_subnetworks, "gram_precision": precision}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -182,19 +207,20 @@ def run_worker(args: argparse.Namespace, scope: str, n_subnetworks: int) -> dict
     except subprocess.TimeoutExpired:
         row["error"] = f"timeout ({args.timeout:.0f} s)"
     if "error" in row:
-        print(f"{scope:9s} {n_subnetworks:5d}  FAILED: {row['error']}", flush=True)
+        print(f"{scope:9s} {n_subnetworks:5d} {precision:8s}  FAILED: {row['error']}", flush=True)
     else:
         hours = row["step_cpu_s"] * PAPER_STEPS / 3600
         print(
-            f"{scope:9s} {n_subnetworks:5d} {row['tensors']:4d} {row['step_s']:8.2f} "
-            f"{row['step_cpu_s']:8.2f} {row['floor_cpu_s']:8.3f} {row['ratio']:8.1f} "
-            f"{row['peak_gb']:+8.2f} "
-            f"{row['floor_peak_gb']:+8.2f} {row['state_gb']:8.2f} {hours:9.1f}",
+            f"{scope:9s} {n_subnetworks:5d} {precision:8s} {row['tensors']:4d} "
+            f"{row['step_s']:8.2f} {row['step_cpu_s']:8.2f} {row['floor_cpu_s']:8.3f} "
+            f"{row['ratio']:8.1f} {row['peak_gb']:+8.2f} "
+            f"{row['floor_peak_gb']:+8.2f} {row['state_gb']:8.2f} {hours:9.1f} "
+            f"{row['estimate_gb']:+8.2f}",
             flush=True,
         )
         if row["parts_s"]:
             parts = ", ".join(f"{k} {v:.3f} s" for k, v in row["parts_s"].items())
-            print(f"{'':15s} parts: {parts}", flush=True)
+            print(f"{'':24s} parts: {parts}", flush=True)
     return row
 
 
@@ -209,11 +235,16 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16, help="sequences per batch")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per (scope, size)")
     parser.add_argument("--parts", action="store_true", help="also time the step's parts")
+    parser.add_argument(
+        "--gram-precision", default="float32", help="comma-separated L3DConfig.gram_precision"
+    )
     parser.add_argument("--json", help="also write all results to this JSON file")
-    parser.add_argument("--worker", nargs=2, metavar=("SCOPE", "N_V"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("SCOPE", "N_V", "GRAM"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
-        result = worker(args, args.worker[0], int(args.worker[1]))
+        result = worker(args, args.worker[0], int(args.worker[1]), args.worker[2])
         print("RESULT " + json.dumps(result))
         return
     print(
@@ -221,12 +252,13 @@ def main() -> None:
         f"load average at start {os.getloadavg()[0]:.2f}; {args.sequences} x {args.tokens} "
         f"tokens, rank 25; median of {args.repeats} steps after {args.warmup} warm-up"
     )
-    columns = "wall s    CPU s  floor s  x floor peak GiB flr GiB stat GiB  paper h"
-    print(f"scope        n_v tens   {columns}")
+    columns = "wall s    CPU s  floor s  x floor peak GiB flr GiB stat GiB  paper h  est GiB"
+    print(f"scope        n_v gram     tens   {columns}")
     results = []
     for scope in args.scopes.split(","):
         for n_subnetworks in (int(n) for n in args.subnetworks.split(",")):
-            results.append(run_worker(args, scope, n_subnetworks))
+            for precision in args.gram_precision.split(","):
+                results.append(run_worker(args, scope, n_subnetworks, precision))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

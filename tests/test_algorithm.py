@@ -278,3 +278,115 @@ def test_choosing_n_subnetworks_for_a_large_model_asks_for_it():
     model = nn.Linear(1100, 1000, bias=False)  # 1.1 M weights: room for fewer than 64 gradients
     with pytest.raises(l3d.L3DError, match="give n_subnetworks"):
         l3d.decompose(model, torch.randn(8, 1100), params=["weight"], epochs=1, progress=False)
+
+
+def test_bfloat16_gram_trains_like_float32(mlp, monkeypatch):
+    """gram_precision reaches every training step's Gram (structured and dense paths) and the
+    run stays the float32 run within bfloat16's rounding; evaluation stays float32."""
+    seen = []
+    original = algorithm.step_losses
+
+    def spy(*args, **kwargs):
+        seen.append(args[4] if len(args) > 4 else kwargs.get("gram_precision"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(algorithm, "step_losses", spy)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    for method in ("structured", "vmap"):
+        kw = dict(
+            params=["fc1.weight", "fc2.weight"],
+            n_subnetworks=6,
+            rank=2,
+            epochs=3,
+            gradient_method=method,
+            progress=False,
+        )
+        seen.clear()
+        low = l3d.decompose(mlp, x, gram_precision="bfloat16", **kw)
+        assert seen and set(seen) == {"bfloat16"}
+        exact = l3d.decompose(mlp, x, **kw)
+        for a, b in zip(low.history, exact.history):
+            assert a["loss_pooled_squared"] != b["loss_pooled_squared"]
+            assert a["loss_pooled_squared"] == pytest.approx(b["loss_pooled_squared"], rel=2e-2)
+
+
+def _saved_bytes(fn, excluded):
+    """Bytes of the distinct storages autograd saves while fn() runs, `excluded` tensors' not."""
+    skip = {t.untyped_storage().data_ptr() for t in excluded}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_step_memory_estimate_matches_what_a_batch_holds(mlp, token_model, per_token):
+    """batch_memory's three parts against the real batch of batch_size inputs: its signals'
+    bytes, and what autograd saves in its forward and divergence (activations) and in the two
+    projections (kept), measured with saved-tensor hooks; the estimate comes from two inputs."""
+    from l3d.core.algorithm import SubnetworkPair
+    from l3d.core.gradients import GradientSource
+    from l3d.core.model import Target
+    from l3d.core.samples import Dataset
+
+    if per_token:
+        model, params = token_model, ["mix.weight", "head.weight"]
+        data = {"input_ids": torch.randint(0, 7, (12, 6), generator=torch.Generator())}
+        divergence = "kl"
+    else:
+        model, params = mlp, ["fc1.weight", "fc2.weight"]
+        data, divergence = torch.randn(12, 4), "mse"
+    target = Target.create(model, params)
+    source = GradientSource(
+        target, divergence, "random", per_token=per_token, method="structured",
+        dataset=Dataset(data, 12),
+    )  # fmt: skip
+    ranks = {n: 2 for n in params}
+    estimate = source.batch_memory(5, ranks, 12)
+    batch = next(source.epoch(torch.Generator()))
+    assert estimate.gradients == batch.nbytes()
+    signals = [t for sig in batch.matrices.values() for t in (sig.a, sig.delta)]
+    assert batch.nbytes() == sum(t.nbytes for t in signals) > 0
+    w = {n: p.detach().requires_grad_() for n, p in target.w0.items()}
+    weights = [*model.parameters(), *w.values()]
+    forward = _saved_bytes(lambda: target.forward(data, w), weights)
+    outputs = target.outputs(data)
+    y = outputs.flatten(0, 1) if per_token else outputs
+    divergence = _saved_bytes(
+        lambda: torch.func.vmap(source.divergence.fn)(y.clone().requires_grad_(), y), []
+    )
+    # The forward's saved tensors, outputs + references + dD/dy, the divergence's twice.
+    assert forward > 0 and divergence > 0
+    assert estimate.activations == forward + 3 * outputs.nbytes + 2 * divergence
+    pair = SubnetworkPair.initialize(target.shapes, 5, ranks, "cp", torch.Generator())
+    kept = _saved_bytes(
+        lambda: (batch.project(pair.v_in), batch.project(pair.v_out)),
+        [*pair.parameters(), *signals],
+    )
+    assert estimate.kept == batch.kept_bytes(5, ranks) == kept > 0
+    assert estimate.samples == batch.n_samples and not estimate.dense
+
+
+def test_memory_check_counts_the_step_and_names_the_batch_options(mlp, monkeypatch):
+    """A device with room for the training state but not for one step: the run is refused
+    before the subnetworks are allocated, naming the batch-side options."""
+    from l3d import L3DError
+    from l3d.core import algorithm
+    from l3d.decomposition import build
+
+    kw = dict(params=["fc1.weight", "fc2.weight"], n_subnetworks=4, epochs=1)
+    x = torch.randn(64, 4)
+    lines = []
+    build(mlp, x, l3d.L3DConfig.create(**kw), progress=False, log=lines.append)
+    assert len(lines) == 1 and "one step adds about" in lines[0]
+    shapes = {"fc1.weight": (6, 4), "fc2.weight": (3, 6)}
+    state = algorithm.training_bytes(shapes, 4, {n: 1 for n in shapes}, "cp")
+    monkeypatch.setattr(algorithm, "device_memory", lambda device: state + 1)
+    with pytest.raises(L3DError, match=r"one training step needs about .* reduce batch_size"):
+        l3d.decompose(mlp, x, progress=False, **kw)

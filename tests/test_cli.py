@@ -617,4 +617,5 @@ def test_decompose_prints_the_training_state_estimate_first(tmp_path, capsys):
     # (5, 2), 5 * 5 for b (5,); times 2 factor sets, 4 bytes, and 4 copies (values, gradients,
     # AdamW's two moments): 3040 bytes.
     assert "training state (V_in, V_out, their gradients, AdamW moments): about 3.0 kB" in err
+    assert "; one step adds about " in err  # tests/test_algorithm.py checks its parts
     assert err.index("training state") < err.index("saved to")  # before training

@@ -144,8 +144,8 @@ def test_gram_functions_gradcheck(tucker, monkeypatch):
 
     modes = [randn(3, 2, 4), randn(3, 2, 3), randn(3, 2, 2)]
     core = randn(3, 2, 2, 2) if tucker else None
-    assert torch.autograd.gradcheck(subnetworks._ModeGram.apply, (modes[0],))
-    assert torch.autograd.gradcheck(subnetworks._DenseGram.apply, (core, *modes))
+    assert torch.autograd.gradcheck(subnetworks._ModeGram.apply, (modes[0], False))
+    assert torch.autograd.gradcheck(subnetworks._DenseGram.apply, (False, core, *modes))
 
 
 def test_one_direction_from_factors_equals_the_materialised_subnetwork():
@@ -157,3 +157,44 @@ def test_one_direction_from_factors_equals_the_materialised_subnetwork():
         for k in range(5):
             for name, d in subnetworks.direction(k).items():
                 torch.testing.assert_close(d, dense[name][k])
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker"])
+@pytest.mark.parametrize("triangle_min", [1, 10**9])
+def test_bfloat16_gram_is_close_with_an_exact_diagonal(factorization, triangle_min, monkeypatch):
+    """gram("bfloat16") against float64 V V^T: the diagonal exact, off-diagonal entries and the
+    factor gradients within bfloat16's rounding (2^-8 relative) but not equal to float32's (the
+    products did run in bfloat16). Both Gram routes: dense directions ("w", "conv") and mode
+    Grams ("b"); blocks of the triangle product too."""
+    import l3d.core.subnetworks
+
+    monkeypatch.setattr(l3d.core.subnetworks, "TRIANGLE_MIN", triangle_min)
+    s = Subnetworks(
+        {"w": (16, 24), "conv": (4, 6, 3, 3), "b": (40,)},
+        6,
+        {"w": 3, "conv": 3, "b": 1},
+        factorization,
+        torch.Generator().manual_seed(0),
+    )
+    s.normalize_()
+    weights = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    params = list(s.parameters())
+    flat_v = torch.cat([d.flatten(1) for d in s.materialize().values()], 1).double()
+    exact = flat_v @ flat_v.T
+    exact_grads = torch.autograd.grad((exact * weights.double()).sum(), params)
+    for route in ("factors", "flat"):
+        if route == "factors":
+            low = s.gram("bfloat16")
+        else:
+            low = l3d.core.subnetworks.flat_gram(
+                torch.cat([d.flatten(1) for d in s.materialize().values()], 1), "bfloat16"
+            )
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low.diagonal().double(), exact.diagonal(), rtol=1e-5, atol=1e-6)
+        error = (low.double() - exact).abs().max().item()
+        assert 0 < error < 2**-7
+        grads = torch.autograd.grad((low * weights).sum(), params)
+        for g, e in zip(grads, exact_grads):
+            assert g.dtype == torch.float32
+            rel = ((g.double() - e).norm() / e.norm()).item()
+            assert 0 < rel < 2e-2

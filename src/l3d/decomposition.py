@@ -19,7 +19,14 @@ from torch.func import jvp
 
 from l3d import io
 from l3d.config import L3DConfig
-from l3d.core.algorithm import Evaluation, SubnetworkPair, evaluate
+from l3d.core.algorithm import (
+    Evaluation,
+    SubnetworkPair,
+    check_memory,
+    describe_memory,
+    evaluate,
+    step_bytes,
+)
 from l3d.core.distributed import Group
 from l3d.core.divergences import (
     Divergence,
@@ -102,8 +109,11 @@ def build(
     reference: ReferenceFn | None = None,
     progress: bool = True,
     shard_factors: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Target, GradientSource, Trainer]:
-    """Everything a run needs, validated, before any training: the pieces behind `decompose`."""
+    """Everything a run needs, validated, before any training: the pieces behind `decompose`.
+    Refuses, before allocating the subnetworks, a run whose training state and step would not
+    fit in the device's memory; `log` gets the estimate (`describe_memory`)."""
     device = resolve_device(config.device)
     model.to(device)
     target = Target.create(model, config.params)
@@ -121,6 +131,12 @@ def build(
         )  # fmt: skip
     dataset = Dataset(data, config.batch_size, device)
     source = gradient_source(target, config, div, ref, dataset=dataset, progress=progress)
+    n_v, factorization = config.n_subnetworks, config.factorization
+    batch = source.batch_memory(n_v, ranks, config.batch_size)
+    step = step_bytes(batch, target.shapes, n_v, ranks, factorization)
+    check_memory(target.shapes, n_v, ranks, factorization, device, step)
+    if log is not None:
+        log(describe_memory(target.shapes, n_v, ranks, factorization, device, step))
     generator = torch.Generator().manual_seed(config.seed)
     # Factors are drawn on the CPU so a seed gives the same initialisation on every device.
     pair = SubnetworkPair.initialize(
@@ -269,12 +285,14 @@ def run(
     trainer_state: dict | None = None,
     step_callback: Callable[[StepResult], None] | None = None,
     shard_factors: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> Decomposition:
     """Run L3D from a config (the entry point for config files and resumed runs).
 
     divergence, reference: the callables of a config that names 'custom:...' ones.
     step_callback: called with each training step's StepResult (per-step progress of long epochs).
     shard_factors: see `decompose`.
+    log: gets the memory estimate before training starts (`build`).
     Under an initialised torch.distributed process group, every rank calls `run` with the same
     arguments and takes its shard of every batch (docs/distributed.md); all return the same result.
     """
@@ -282,7 +300,7 @@ def run(
     model.eval()  # batch statistics would make samples interact; BatchNorm uses running stats.
     try:
         _target, source, trainer = build(
-            model, data, config, divergence, reference, progress, shard_factors
+            model, data, config, divergence, reference, progress, shard_factors, log
         )
         if trainer_state is not None:
             trainer.load_state_dict(trainer_state)

@@ -16,6 +16,7 @@ rank's `losses` are its share of the batch's (the trainer sums shares and gradie
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -23,8 +24,21 @@ import torch
 from torch import Tensor, nn
 
 from l3d.core.distributed import Group
-from l3d.core.gradients import ChunkedGradients, DenseGradients, GradientBatch, GradientSource
-from l3d.core.subnetworks import Factorization, Subnetworks, factor_numel
+from l3d.core.gradients import (
+    BatchMemory,
+    ChunkedGradients,
+    DenseGradients,
+    GradientBatch,
+    GradientSource,
+)
+from l3d.core.subnetworks import (
+    Factorization,
+    GramPrecision,
+    Subnetworks,
+    factor_numel,
+    flat_gram,
+    gram_bytes,
+)
 from l3d.errors import L3DError
 
 
@@ -170,6 +184,29 @@ def training_bytes(
     return 4 * (2 * one_set * 4)
 
 
+def step_bytes(
+    batch: BatchMemory,
+    shapes: dict[str, tuple[int, ...]],
+    n_subnetworks: int,
+    ranks: dict[str, int],
+    factorization: Factorization,
+) -> int:
+    """What one training step holds at its peak beyond the training state: the larger of its
+    two phases, forming the batch's gradients (`BatchMemory.activations` and the gradients) and
+    the losses with their backward (the gradients, what the projections keep, the Gram's working
+    set and, on the dense-direction path of `step_losses`, the flattened gradients and both V's
+    dense directions with their gradients)."""
+    grams = [gram_bytes(shapes[n], n_subnetworks, ranks[n], factorization) for n in shapes]
+    gram = sum(kept for kept, _ in grams) + max(transient for _, transient in grams)
+    flat = 0
+    n_weights = sum(math.prod(s) for s in shapes.values())
+    if batch.dense and (
+        n_subnetworks * n_weights <= DENSE_DIRECTIONS_MAX or n_subnetworks <= batch.samples
+    ):
+        flat = 4 * n_weights * (batch.samples + 4 * n_subnetworks)
+    return batch.gradients + max(batch.activations, batch.kept + gram + flat)
+
+
 def device_memory(device: torch.device) -> int:
     """Total memory of a device in bytes: the machine's physical memory for the CPU."""
     if device.type == "cuda":
@@ -192,15 +229,16 @@ def describe_memory(
     ranks: dict[str, int],
     factorization: Factorization,
     device: torch.device | str | None = None,
+    step: int | None = None,
 ) -> str:
-    """One line for the start of a run: the training state's size against the device's memory
-    (what a step adds on top, signals and transients, is modelled in docs/scaling.md)."""
+    """One line for the start of a run: the training state's size, and with `step`
+    (`step_bytes`) what a step adds, against the device's memory."""
     device = torch.device("cpu" if device is None else device)
     need = training_bytes(shapes, n_subnetworks, ranks, factorization)
-    return (
-        f"training state (V_in, V_out, their gradients, AdamW moments): about {_size(need)} of "
-        f"the {_size(device_memory(device))} of {device}"
-    )
+    state = f"training state (V_in, V_out, their gradients, AdamW moments): about {_size(need)}"
+    if step is not None:
+        state += f"; one step adds about {_size(step)} (activations, gradients, kept products)"
+    return f"{state}; the {_size(device_memory(device))} of {device}"
 
 
 def check_memory(
@@ -209,21 +247,32 @@ def check_memory(
     ranks: dict[str, int],
     factorization: Factorization,
     device: torch.device | str | None = None,
+    step: int = 0,
 ) -> None:
-    """Refuse, before allocating, subnetworks whose training state exceeds the device's memory
-    (and, on another device, factors that exceed the CPU's, where they are drawn)."""
+    """Refuse, before allocating, subnetworks whose training state (plus `step`, what one step
+    adds: `step_bytes`) exceeds the device's memory (and, on another device, factors that
+    exceed the CPU's, where they are drawn)."""
     device = torch.device("cpu" if device is None else device)
     need = training_bytes(shapes, n_subnetworks, ranks, factorization)
-    checks = [(device, need)] + ([(torch.device("cpu"), need // 4)] if device.type != "cpu" else [])
+    checks = [(device, need + step)]
+    checks += [(torch.device("cpu"), need // 4)] if device.type != "cpu" else []
     for where, n_bytes in checks:
         available = device_memory(where)
-        if n_bytes > available:
+        if n_bytes <= available:
+            continue
+        if need <= available < n_bytes:
             raise L3DError(
-                f"n_subnetworks={n_subnetworks} of these ranks needs about {_size(need)} for V_in, "
-                f"V_out, their gradients and AdamW state, more than the {_size(available)} of "
-                f"memory of {where}: reduce n_subnetworks, the ranks or the decomposed tensors "
-                "(params)"
+                f"one training step needs about {_size(step)} on top of the {_size(need)} of "
+                f"subnetwork state, more than the {_size(available)} of memory of {where}: "
+                "reduce batch_size, or take the batch in chunks (sequence_chunk_size with "
+                "per_token, chunk_size otherwise; same result), or fewer subnetworks"
             )
+        raise L3DError(
+            f"n_subnetworks={n_subnetworks} of these ranks needs about {_size(need)} for V_in, "
+            f"V_out, their gradients and AdamW state, more than the {_size(available)} of "
+            f"memory of {where}: reduce n_subnetworks, the ranks or the decomposed tensors "
+            "(params)"
+        )
 
 
 class SubnetworkPair(nn.Module):
@@ -269,11 +318,15 @@ class SubnetworkPair(nn.Module):
         return pair.to(first.device)
 
     def forward(
-        self, batch: GradientBatch, top_k: float, group: Group | None = None
+        self,
+        batch: GradientBatch,
+        top_k: float,
+        group: Group | None = None,
+        gram_precision: GramPrecision = "float32",
     ) -> tuple[Tensor, Tensor, Selection]:
         """`step_losses` (paper, pooled squared, top-k) as the module's call: sharded with FSDP2,
         the call gathers the factors and the losses' backward reduce-scatters their gradients."""
-        result, chosen = step_losses(self, batch, top_k, group)
+        result, chosen = step_losses(self, batch, top_k, group, gram_precision)
         return result.paper, result.pooled_squared, chosen
 
 
@@ -284,10 +337,15 @@ DENSE_DIRECTIONS_MAX = 1 << 20
 
 
 def step_losses(
-    pair: SubnetworkPair, batch: GradientBatch, top_k: float, group: Group | None = None
+    pair: SubnetworkPair,
+    batch: GradientBatch,
+    top_k: float,
+    group: Group | None = None,
+    gram_precision: GramPrecision = "float32",
 ) -> tuple[Losses, Selection]:
     """Losses (differentiable in the subnetworks) and top-k for one batch; with a group, this
-    rank's share of the losses of the batch whose shard `batch` is."""
+    rank's share of the losses of the batch whose shard `batch` is. `gram_precision`: that of
+    G's products (`Subnetworks.gram`)."""
     v_in, v_out = pair.v_in, pair.v_out
     if (
         isinstance(batch, DenseGradients)
@@ -299,9 +357,10 @@ def step_losses(
     ):
         g = batch.flatten()  # (n_s, n_w)
         v_in_flat, v_out_flat = v_in.materialize_flat(), v_out.materialize_flat()  # (n_v, n_w)
-        c, d, gram = g @ v_in_flat.T, g @ v_out_flat.T, v_out_flat @ v_out_flat.T
+        c, d = g @ v_in_flat.T, g @ v_out_flat.T
+        gram = flat_gram(v_out_flat, gram_precision)
     else:
-        c, d, gram = batch.project(v_in), batch.project(v_out), v_out.gram()
+        c, d, gram = batch.project(v_in), batch.project(v_out), v_out.gram(gram_precision)
     g_sq = batch.sq_norms()
     chosen = select(c, g_sq, top_k, group)
     sq_errors = reconstruction_sq_errors(c, d, g_sq, gram, chosen.mask)
@@ -314,6 +373,7 @@ def chunked_step(
     top_k: float,
     loss_name: str,
     group: Group | None = None,
+    gram_precision: GramPrecision = "float32",
 ) -> tuple[Losses, Selection]:
     """Losses (detached) and top-k of a batch processed in sample chunks, with the gradient of
     loss `loss_name` accumulated into the factors' .grad (with a group: this rank's shares).
@@ -334,7 +394,7 @@ def chunked_step(
             del chunk  # before the next chunk is computed: one chunk's signals at a time
     local_g_sq = torch.cat(g_sq_parts)
     chosen = select(torch.cat(c_parts), local_g_sq, top_k, group)
-    gram = v_out.gram()
+    gram = v_out.gram(gram_precision)
     gram_leaf = gram.detach().requires_grad_()
     total: Losses | None = None
     start = 0

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor, nn
 
 Factorization = Literal["cp", "tucker"]
+# The Gram's matrix products in float32, or with bfloat16 operands (float32 accumulation, products
+# rounded to bfloat16, the diagonal kept exact): docs/performance.md, "A bfloat16 Gram".
+GramPrecision = Literal["float32", "bfloat16"]
 
 # Axis letters for einsum strings: s = sample, k / l = subnetwork, r / q = CP rank,
 # a..h = tensor modes, and per-mode Tucker ranks from the upper-case alphabet.
@@ -39,17 +42,21 @@ def max_rank(shape: tuple[int, ...], factorization: Factorization) -> int:
     return math.prod(shape) // max(shape)
 
 
+def _mode_ranks(shape: tuple[int, ...], rank: int, factorization: Factorization) -> list[int]:
+    """Each mode's rank in TensorFactors (CP: one rank; Tucker: capped at the mode's size)."""
+    rank = min(rank, max_rank(shape, factorization))
+    return [rank if factorization == "cp" else min(rank, d) for d in shape]
+
+
 def factor_numel(
     shape: tuple[int, ...], n_subnetworks: int, rank: int, factorization: Factorization
 ) -> int:
     """Number of factor entries of n_subnetworks directions in one tensor (as TensorFactors
     allocates them), computed without allocating."""
     work_shape = tuple(shape) or (1,)
-    rank = min(rank, max_rank(work_shape, factorization))
-    if factorization == "cp":
-        return n_subnetworks * rank * sum(work_shape)
-    ranks = [min(rank, d) for d in work_shape]
-    return n_subnetworks * (math.prod(ranks) + sum(r * d for r, d in zip(ranks, work_shape)))
+    ranks = _mode_ranks(work_shape, rank, factorization)
+    core = 0 if factorization == "cp" else math.prod(ranks)
+    return n_subnetworks * (core + sum(r * d for r, d in zip(ranks, work_shape)))
 
 
 # Symmetric products F F^T with at least this many rows multiply only their lower block triangle.
@@ -60,17 +67,19 @@ TRIANGLE_MIN = 256
 DENSE_GRAM_ELEMENTS = 1 << 23
 
 
-def _symmetric_product(flat: Tensor, n_blocks: int) -> Tensor:
-    """F F^T, (n, n), for F (n, d). From TRIANGLE_MIN rows on, only the lower triangle of
-    n_blocks x n_blocks blocks is multiplied and the rest is its transpose: smaller blocks run
-    below matrix-product speed, the more so the longer the rows (measured on one core: 4 blocks
-    for mode Grams, 2 for the dense-direction Gram, whose rows are whole tensors)."""
+def _symmetric_product(flat: Tensor, n_blocks: int, dtype: torch.dtype) -> Tensor:
+    """F F^T, (n, n) in `dtype`, for F (n, d) (bfloat16 operands: see GramPrecision). From
+    TRIANGLE_MIN rows on,
+    only the lower triangle of n_blocks x n_blocks blocks is multiplied and the rest is its
+    transpose: smaller blocks run below matrix-product speed, the more so the longer the rows
+    (measured on one core: 4 blocks for mode Grams, 2 for the dense-direction Gram, whose rows are
+    whole tensors)."""
     n = flat.shape[0]
     if n < TRIANGLE_MIN:
-        return flat @ flat.T
+        return (flat @ flat.T).to(dtype)
     step = -(-n // n_blocks)
     blocks = flat.split(step)
-    p = flat.new_empty(n, n)
+    p = flat.new_empty(n, n, dtype=dtype)
     for i, fi in enumerate(blocks):
         rows = slice(i * step, i * step + len(fi))
         for j, fj in enumerate(blocks[: i + 1]):
@@ -79,6 +88,24 @@ def _symmetric_product(flat: Tensor, n_blocks: int) -> Tensor:
             if j < i:
                 p[cols, rows] = p[rows, cols].T
     return p
+
+
+def _low(x: Tensor | None, low: bool) -> Tensor | None:
+    """x with bfloat16 entries when `low` (the Gram's operands, GramPrecision)."""
+    return x.bfloat16() if low and x is not None else x
+
+
+def flat_gram(flat: Tensor, precision: GramPrecision = "float32") -> Tensor:
+    """G = D D^T of dense directions D (n_v, n_w), at `precision` (see `Subnetworks.gram`)."""
+    if precision == "float32":
+        return flat @ flat.T
+    low = flat.bfloat16()
+    return with_exact_diagonal((low @ low.T).to(flat.dtype), flat.square().sum(1))
+
+
+def with_exact_diagonal(gram: Tensor, sq_norms: Tensor) -> Tensor:
+    """gram (n_v, n_v) with its diagonal replaced by sq_norms (n_v,), differentiably."""
+    return gram - torch.diag_embed(gram.diagonal()) + torch.diag_embed(sq_norms)
 
 
 def _operands(
@@ -106,7 +133,8 @@ def _dense(core: Tensor | None, modes: Sequence[Tensor]) -> Tensor:
 
 
 class _ModeGram(torch.autograd.Function):
-    """One mode's factor Gram P[k, r, l, q] = f_kr . f_lq, (n_v, R, n_v, R) from f (n_v, R, d).
+    """One mode's factor Gram P[k, r, l, q] = f_kr . f_lq, (n_v, R, n_v, R) from f (n_v, R, d);
+    with `low`, every product takes bfloat16 operands (P keeps f's dtype).
 
     P = F F^T with F = f viewed as (n_v R, d) is symmetric, so its backward is one product,
     dF = (dP + dP^T) F, where autograd through the einsum would form one per operand (the mode
@@ -114,22 +142,26 @@ class _ModeGram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, f: Tensor) -> Tensor:
-        ctx.save_for_backward(f)
+    def forward(ctx, f: Tensor, low: bool) -> Tensor:
+        f_op = cast(Tensor, _low(f, low))
+        ctx.save_for_backward(f_op)
+        ctx.dtype = f.dtype
         n_v, rank = f.shape[:2]
-        return _symmetric_product(f.reshape(n_v * rank, -1), 4).view(n_v, rank, n_v, rank)
+        p = _symmetric_product(f_op.reshape(n_v * rank, -1), 4, f.dtype)
+        return p.view(n_v, rank, n_v, rank)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (f,) = ctx.saved_tensors
-        n = f.shape[0] * f.shape[1]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (f_op,) = ctx.saved_tensors
+        n = f_op.shape[0] * f_op.shape[1]
         grad = grad.reshape(n, n)
-        return ((grad + grad.T) @ f.reshape(n, -1)).view_as(f)
+        sym = (grad + grad.T).to(f_op.dtype)
+        return (sym @ f_op.reshape(n, -1)).to(ctx.dtype).view_as(f_op), None
 
 
 class _DenseGram(torch.autograd.Function):
     """G = D D^T, (n_v, n_v), through one tensor's dense directions D (n_v, numel), from its core
-    (None for CP) and mode factors.
+    (None for CP) and mode factors; with `low`, D is formed and multiplied in bfloat16.
 
     D restricted to rows i of mode 0 depends on mode 0's factor at i alone (CP and Tucker), so
     D is formed a slice of mode-0 rows at a time, G = sum_slices D_j D_j^T, and at most
@@ -140,21 +172,23 @@ class _DenseGram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, core: Tensor | None, *modes: Tensor) -> Tensor:
+    def forward(ctx, low: bool, core: Tensor | None, *modes: Tensor) -> Tensor:
+        ctx.dtype = dtype = modes[0].dtype
+        core, modes = _low(core, low), tuple(cast(Tensor, _low(f, low)) for f in modes)
         ctx.save_for_backward(core, *modes)
         n_v = modes[0].shape[0]
-        gram = modes[0].new_zeros(n_v, n_v)
+        gram = modes[0].new_zeros(n_v, n_v, dtype=dtype)
         for rows in _mode0_slices(modes):
             dense = _dense(core, [modes[0][:, :, rows], *modes[1:]])  # (n_v, rows, ...)
-            gram += _symmetric_product(dense.flatten(1), 2)
+            gram += _symmetric_product(dense.flatten(1), 2, dtype)
         return gram
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         core, *modes = ctx.saved_tensors
-        sym = grad + grad.T
-        grads = [torch.zeros_like(f) for f in modes]
-        core_grad = None if core is None else torch.zeros_like(core)
+        sym = (grad + grad.T).to(modes[0].dtype)
+        grads = [torch.zeros_like(f, dtype=ctx.dtype) for f in modes]
+        core_grad = None if core is None else torch.zeros_like(core, dtype=ctx.dtype)
         for rows in _mode0_slices(modes):
             with torch.enable_grad():
                 leaves = [modes[0][:, :, rows].detach().requires_grad_()]
@@ -168,7 +202,7 @@ class _DenseGram(torch.autograd.Function):
                 g += part
             if core_grad is not None:
                 core_grad += parts[-1]
-        return (core_grad, *grads)
+        return (None, core_grad, *grads)
 
 
 def _mode0_slices(modes: Sequence[Tensor]) -> list[slice]:
@@ -177,6 +211,27 @@ def _mode0_slices(modes: Sequence[Tensor]) -> list[slice]:
     per_row = n_v * math.prod(f.shape[2] for f in modes[1:])
     step = max(1, DENSE_GRAM_ELEMENTS // per_row)
     return [slice(i, i + step) for i in range(0, d0, step)]
+
+
+def _dense_gram_cheaper(shape: tuple[int, ...], n_v: int, ranks: Sequence[int]) -> bool:
+    """Whether a tensor's Gram is cheaper through its dense directions (n_v R numel + n_v^2
+    numel multiply-adds) than through mode Grams (n_v^2 R^2 sum(d))."""
+    factored = n_v * n_v * sum(r * r * d for r, d in zip(ranks, shape))
+    return n_v * (max(ranks) + n_v) * math.prod(shape) < factored
+
+
+def gram_bytes(
+    shape: tuple[int, ...], n_subnetworks: int, rank: int, factorization: Factorization
+) -> tuple[int, int]:
+    """float32 bytes one tensor's Gram holds during a step, as (kept until the backward,
+    transient): the mode Grams (n_v R)^2 that the backward of their product keeps, or, through
+    dense directions, nothing kept and one slice of them with its gradient at a time."""
+    shape = tuple(shape) or (1,)
+    ranks = _mode_ranks(shape, rank, factorization)
+    if _dense_gram_cheaper(shape, n_subnetworks, ranks):
+        numel = n_subnetworks * math.prod(shape)
+        return 0, 2 * 4 * min(numel, max(DENSE_GRAM_ELEMENTS, numel // shape[0]))
+    return sum(4 * (n_subnetworks * r) ** 2 for r in ranks), 0
 
 
 class TensorFactors(nn.Module):
@@ -235,20 +290,19 @@ class TensorFactors(nn.Module):
         g = grads.reshape(grads.shape[0], *self.work_shape)
         return torch.einsum(f"s{MODES[: self._m]}," + ",".join(subs) + "->sk", g, *ops)
 
-    def gram(self) -> Tensor:
+    def gram(self, precision: GramPrecision = "float32") -> Tensor:
         """G_kl = <V_k, V_l> from factors, (n_v, n_v); through the dense directions instead when
-        that is cheaper (high rank, small tensor: n_v R numel + n_v^2 numel < n_v^2 R^2 sum(d))."""
-        n_v, numel = self.modes[0].shape[0], math.prod(self.work_shape)
+        that is cheaper (high rank, small tensor: n_v R numel + n_v^2 numel < n_v^2 R^2 sum(d)).
+        With precision "bfloat16" the products take bfloat16 operands (see `Subnetworks.gram`)."""
+        low = precision == "bfloat16"
         ranks = [f.shape[1] for f in self.modes]
-        factored = n_v * n_v * sum(r * r * d for r, d in zip(ranks, self.work_shape))
-        if n_v * (max(ranks) + n_v) * numel < factored:
-            return cast(Tensor, _DenseGram.apply(self.core, *self.modes))
+        if _dense_gram_cheaper(self.work_shape, self.modes[0].shape[0], ranks):
+            return cast(Tensor, _DenseGram.apply(low, self.core, *self.modes))
+        mats = [cast(Tensor, _ModeGram.apply(f, low)) for f in self.modes]  # (n_v, R, n_v, R)
         if self.core is None:  # the CP Gram is the elementwise product of the mode Grams
-            mode_grams = (cast(Tensor, _ModeGram.apply(f)) for f in self.modes)  # (n_v, R, n_v, R)
-            return functools.reduce(operator.mul, mode_grams).sum(dim=(1, 3))
+            return functools.reduce(operator.mul, mats).sum(dim=(1, 3))
         k_r, l_r = TUCKER_K[: self._m], TUCKER_L[: self._m]
         subs = [f"k{k_r}", f"l{l_r}"] + [f"k{k_r[j]}l{l_r[j]}" for j in range(self._m)]
-        mats = [_ModeGram.apply(f) for f in self.modes]
         return torch.einsum(",".join(subs) + "->kl", self.core, self.core, *mats)
 
     def sq_norms(self) -> Tensor:
@@ -375,9 +429,16 @@ class Subnetworks(nn.Module):
         (n_s, n_v)."""
         return total(t.inner(grads[n]) for n, t in zip(self.names, self.factors))
 
-    def gram(self) -> Tensor:
-        """G = V V^T, (n_v, n_v), summed over tensors."""
-        return total(t.gram() for t in self.factors)
+    def gram(self, precision: GramPrecision = "float32") -> Tensor:
+        """G = V V^T, (n_v, n_v), summed over tensors.
+
+        "bfloat16" runs the off-diagonal products with bfloat16 operands and float32
+        accumulation, each product rounded to bfloat16 (relative error about 2^-9 per entry, 2x
+        faster matrix products where the CPU or GPU has bfloat16 units); the diagonal, which
+        carries most of c^T G c, is the exact ||V_k||^2 from `sq_norms`.
+        """
+        gram = total(t.gram(precision) for t in self.factors)
+        return gram if precision == "float32" else with_exact_diagonal(gram, self.sq_norms())
 
     def sq_norms(self) -> Tensor:
         """Global squared L2 norm of each subnetwork over all its tensors, (n_v,)."""

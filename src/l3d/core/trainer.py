@@ -136,13 +136,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step, self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        with matmul_precision(self.config.matmul_precision):
+        c = self.config
+        with matmul_precision(c.matmul_precision):
             top_k = self.top_k_at(self.epoch)
             chosen: Selection
             if isinstance(batch, ChunkedGradients):
-                result, chosen = chunked_step(self.pair, batch, top_k, self.config.loss, self.group)
+                result, chosen = chunked_step(
+                    self.pair, batch, top_k, c.loss, self.group, c.gram_precision
+                )
             else:
-                paper, pooled, chosen = self.pair(batch, top_k, self.group)
+                paper, pooled, chosen = self.pair(batch, top_k, self.group, c.gram_precision)
                 result = Losses(paper=paper, pooled_squared=pooled)
                 result.get(self.config.loss).backward()
         result = result.detach()

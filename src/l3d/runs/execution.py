@@ -22,9 +22,7 @@ import yaml
 from torch import nn
 
 from l3d.config import L3DConfig
-from l3d.core.algorithm import describe_memory
 from l3d.core.distributed import Group, RankLost
-from l3d.core.model import Target, resolve_device, resolve_ranks
 from l3d.core.samples import Dataset
 from l3d.core.trainer import StepResult, Trainer
 from l3d.decomposition import Decomposition, load, run
@@ -250,19 +248,6 @@ def execute(
             tracker.close()
 
 
-def training_memory(model: nn.Module, config: L3DConfig) -> str:
-    """The training state's estimated size against the device's memory, printed before a run."""
-    target = Target.create(model, config.params)
-    ranks = resolve_ranks(target.names, config.rank)
-    return describe_memory(
-        target.shapes,
-        config.n_subnetworks,
-        ranks,
-        config.factorization,
-        resolve_device(config.device),
-    )
-
-
 def _execute(
     run_dir: RunDir,
     spec: RunSpec,
@@ -282,7 +267,6 @@ def _execute(
     done = 0 if state is None else state["epoch"]
     if state is not None:
         log(f"resuming {run_dir.path} from epoch {done} of {spec.l3d.epochs}")
-    log(training_memory(model, spec.l3d))
     if lead:
         run_dir.truncate_metrics(done)
     on_epoch = _EpochLog(run_dir, spec, tracker, group)
@@ -300,6 +284,7 @@ def _execute(
                 trainer_state=state,
                 step_callback=step_bar.step,
                 shard_factors=spec.run.shard_factors,
+                log=log,
             )
         except (Interrupted, RankLost) as stop:
             # A second Ctrl-C or SIGTERM (torchrun stopping the ranks) must not cut the save short.

@@ -38,6 +38,15 @@ class GradientBatch(Protocol):
         which need one sample's whole gradient (costs n_samples x n_w memory)."""
         ...
 
+    def nbytes(self) -> int:
+        """Memory the batch's gradients (or the signals they are formed from) take."""
+        ...
+
+    def kept_bytes(self, n_subnetworks: int, ranks: dict[str, int]) -> int:
+        """Memory that projecting the batch onto V_in and V_out (n_subnetworks, `ranks` per
+        tensor) keeps for the step's backward, beyond the batch and the factors."""
+        ...
+
 
 def check_finite_gradients(grads: dict[str, Tensor]) -> None:
     """Refuse per-sample gradients {name: tensor} with NaN/inf. One flag for all tensors, so a
@@ -122,6 +131,12 @@ class DenseGradients:
     def dense(self) -> dict[str, Tensor]:
         return self.grads
 
+    def nbytes(self) -> int:
+        return sum(g.nbytes for g in self.grads.values())
+
+    def kept_bytes(self, n_subnetworks: int, ranks: dict[str, int]) -> int:
+        return 0  # the contractions' backward reads the gradients and factors themselves
+
 
 @dataclass
 class ChunkedGradients:
@@ -148,3 +163,11 @@ class ChunkedGradients:
     def dense(self) -> dict[str, Tensor]:
         parts = [chunk.dense() for chunk in self.chunks()]
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+    def nbytes(self) -> int:
+        """Over all chunks (one is in memory at a time)."""
+        return sum(chunk.nbytes() for chunk in self.chunks())
+
+    def kept_bytes(self, n_subnetworks: int, ranks: dict[str, int]) -> int:
+        """Over all chunks (one chunk's graph is kept at a time)."""
+        return sum(chunk.kept_bytes(n_subnetworks, ranks) for chunk in self.chunks())

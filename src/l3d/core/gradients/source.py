@@ -13,9 +13,11 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.func import vmap
 
 from l3d.core.distributed import Group
 from l3d.core.divergences import (
@@ -65,6 +67,23 @@ class Method(str, enum.Enum):
 References = Tensor | Callable[[Tensor], Tensor]
 
 
+@dataclass(frozen=True)
+class BatchMemory:
+    """Bytes one training batch takes, beyond the model and the subnetworks' training state."""
+
+    activations: int
+    """What forming the gradients holds besides them: the forward's saved activations, the
+    outputs, references and the divergence's buffers."""
+    gradients: int
+    """The per-sample gradients, or the signals they stay factored as."""
+    kept: int
+    """What the projections onto V_in and V_out keep for the step's backward."""
+    samples: int
+    """Samples (rows g_i) of the batch."""
+    dense: bool
+    """Whether the gradients are materialised (n_samples, n_w)."""
+
+
 class GradientSource:
     """Per-sample gradients of one target under one divergence and reference strategy.
 
@@ -98,6 +117,8 @@ class GradientSource:
                 raise ValueError("a GradientSource needs a dataset or example inputs")
             example = self._first_batch(dataset)
         self._validate(example)
+        # Two inputs, copied (not a view of the data's storage), for `batch_memory`.
+        self._example = take(example, torch.arange(min(2, batch_size_of(example))))
         self.plan: StructuredPlan | None = None
         self._cache: JacobianCache | None = None
         self.method = self._choose(Method(method), example)
@@ -191,6 +212,61 @@ class GradientSource:
                     self.plan = plan
                     return Method.STRUCTURED
                 return Method.VMAP
+
+    def batch_memory(
+        self, n_subnetworks: int, ranks: dict[str, int], batch_size: int
+    ) -> BatchMemory:
+        """Memory of one training batch of `batch_size` inputs (of one chunk of it, where the
+        structured path takes the batch in chunks), from two inputs scaled linearly: the bytes
+        their forward saves for the backward (parameters not counted), of their gradients or
+        signals (`GradientBatch.nbytes`) and of what projecting them keeps (`kept_bytes`). Not
+        counted: transients inside the backwards (e.g. the per-token backward's batched copies of
+        the activation gradients)."""
+        device = next(iter(self.target.w0.values())).device
+        probe = to_device(self._example, device)
+        n = batch_size_of(probe)
+        step = self.sequence_chunk_size if self.per_token else self.chunk_size
+        chunked = self.method is Method.STRUCTURED and step is not None
+        inputs = min(batch_size, step) if chunked and step is not None else batch_size
+        # The outputs as their own references: any strategy's (a counterpart's output too) are
+        # shaped so, and the memory does not depend on their values.
+        batch = self.batch(probe, self.target.outputs(probe))
+        scale = inputs / n
+        return BatchMemory(
+            activations=round(scale * self._activation_bytes(probe)),
+            gradients=round(scale * batch.nbytes()),
+            kept=round(scale * batch.kept_bytes(n_subnetworks, ranks)),
+            samples=round(batch.n_samples * batch_size / n),
+            dense=isinstance(batch, DenseGradients),
+        )
+
+    def _activation_bytes(self, inputs: Inputs) -> int:
+        """What forming the gradients holds besides the gradients: the distinct storages the
+        forward (decomposed tensors requiring grad) saves for its backward, the model's own
+        parameters and buffers excluded; the outputs, references and dD/dy (three output-sized
+        tensors); and what the divergence saves, twice (its backward's buffers are as large)."""
+        model = self.target.model
+        weights = [*self.target.w0.values(), *model.parameters(), *model.buffers()]
+        excluded = {w.untyped_storage().data_ptr() for w in weights}
+
+        def saved_by(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
+            saved: dict[int, int] = {}
+
+            def pack(t: Tensor) -> Tensor:
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in excluded:
+                    saved[storage.data_ptr()] = storage.nbytes()
+                return t
+
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                result = fn()
+            return result, sum(saved.values())
+
+        params = {n: w.detach().requires_grad_() for n, w in self.target.w0.items()}
+        outputs, forward = saved_by(lambda: self.target.forward(inputs, params))
+        y = outputs.detach().flatten(0, 1) if self.per_token else outputs.detach()
+        _, divergence = saved_by(lambda: vmap(self.divergence.fn)(y.clone().requires_grad_(), y))
+        return forward + 3 * outputs.nbytes + 2 * divergence
 
     def _use_cache(self) -> Method:
         assert self.dataset is not None

@@ -38,7 +38,7 @@ from l3d.core.gradients.batch import check_finite_gradients, sample_index, to_ro
 from l3d.core.gradients.torchfunc import per_sample_gradients
 from l3d.core.model import Target
 from l3d.core.samples import Inputs, SampleRows
-from l3d.core.subnetworks import Subnetworks, TensorFactors, total
+from l3d.core.subnetworks import Subnetworks, TensorFactors, max_rank, total
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +346,21 @@ class StructuredGradients:
     def _rows_of_sum(self, parts: Iterator[Tensor]) -> list[Tensor]:
         """[rows of the sum of (T, n, ...) parts], or [] when there are none."""
         return [self._rows(total(parts))] if self.matrices else []
+
+    def nbytes(self) -> int:
+        signals = sum(sig.a.nbytes + sig.delta.nbytes for sig in self.matrices.values())
+        return signals + sum(v.nbytes for v in self.vectors.values())
+
+    def kept_bytes(self, n_subnetworks: int, ranks: dict[str, int]) -> int:
+        """`_project_matrix` keeps q = M a, (n_v, R, n, S, G), per tensor and V; where it
+        contracts delta first also p = L delta, T times larger (see there)."""
+        kept = 0
+        for name, sig in self.matrices.items():
+            t, n, s, g = sig.delta.shape[:4]
+            rank = min(ranks[name], max_rank(sig.shape, "cp"))  # the capped rank of a matrix
+            copies = 1 + t if t == 1 or rank == 1 else 1
+            kept += 2 * copies * n_subnetworks * rank * n * s * g * sig.delta.element_size()
+        return kept
 
     def dense(self) -> dict[str, Tensor]:
         """The per-sample gradients formed from the signals, {name: (n_samples, *shape)}."""
