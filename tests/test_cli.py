@@ -619,3 +619,49 @@ def test_decompose_prints_the_training_state_estimate_first(tmp_path, capsys):
     assert "training state (V_in, V_out, their gradients, AdamW moments): about 3.0 kB" in err
     assert "; one step adds about " in err  # tests/test_algorithm.py checks its parts
     assert err.index("training state") < err.index("saved to")  # before training
+
+
+def test_n_subnetworks_auto_is_chosen_from_the_data_and_kept_on_resume(
+    tmp_path, monkeypatch, capsys
+):
+    """`n_subnetworks: auto` in a config file: the run takes choose_n_subnetworks's count and
+    ends bit-identical to a run given that count; stopped and resumed, it takes the count from
+    the checkpoint (the choice is not made again)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from l3d import decomposition
+    from l3d.runs import execution
+
+    auto = {**TINY, "l3d": {**TINY["l3d"], "n_subnetworks": "auto"}}
+    out = tmp_path / "auto"
+    original = execution._EpochLog.__call__
+
+    def stop_after_two(self, trainer, record):
+        original(self, trainer, record)
+        if trainer.epoch == 2:
+            raise runs.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(execution._EpochLog, "__call__", stop_after_two)
+    argv = ["decompose", str(_write(tmp_path / "auto.yaml", auto)), "--out", str(out), "-q"]
+    assert main(argv) == 128 + signal.SIGTERM
+    monkeypatch.setattr(execution._EpochLog, "__call__", original)
+
+    def no_second_choice(*args, **kwargs):
+        raise AssertionError("a resumed run must take the checkpoint's count")
+
+    monkeypatch.setattr(decomposition, "choose_n_subnetworks", no_second_choice)
+    assert main(["decompose", "--resume", str(out), "-q"]) == 0
+    monkeypatch.undo()
+    loaded = runs.open_run(out)
+    chosen = loaded.decomposition.n_subnetworks
+    config = l3d.L3DConfig.create(**{**TINY["l3d"], "n_subnetworks": 1})
+    assert chosen == decomposition.choose_n_subnetworks(loaded.model, loaded.data, config) != 5
+    fixed = {**TINY, "l3d": {**TINY["l3d"], "n_subnetworks": chosen}}
+    out_fixed = tmp_path / "fixed"
+    argv = ["decompose", str(_write(tmp_path / "f.yaml", fixed)), "--out", str(out_fixed), "-q"]
+    assert main(argv) == 0
+    a = load_file(str(out / "decomposition" / "subnetworks.safetensors"))
+    b = load_file(str(out_fixed / "decomposition" / "subnetworks.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

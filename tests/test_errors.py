@@ -37,8 +37,10 @@ def test_top_k_outside_unit_interval(mlp, k):
 
 
 def test_n_subnetworks_and_rank_below_one(mlp):
-    with pytest.raises(L3DError, match="n_subnetworks.*greater than or equal to 1"):
+    with pytest.raises(L3DError, match="n_subnetworks.*whole number >= 1 or 'auto'.*got 0$"):
         run(mlp, torch.randn(8, 4), n_subnetworks=0)
+    with pytest.raises(L3DError, match="n_subnetworks.*got '5'; write numbers without quotes"):
+        run(mlp, torch.randn(8, 4), n_subnetworks="5")
     with pytest.raises(L3DError, match="rank.*must be >= 1"):
         run(mlp, torch.randn(8, 4), rank=0)
     with pytest.raises(L3DError, match="rank.*must be >= 1"):

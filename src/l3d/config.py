@@ -44,7 +44,11 @@ class L3DConfig(BaseModel):
         description="Parameter names or glob patterns ('layers.*.weight') of the tensors to "
         "decompose.",
     )
-    n_subnetworks: int = Field(ge=1, description="Number of subnetworks n_v.")
+    n_subnetworks: int | Literal["auto"] = Field(
+        description="Number of subnetworks n_v, or 'auto': chosen from the data when the run "
+        "starts, twice the number of directions the per-sample gradients at W0 spread over "
+        "(their participation ratio; l3d.decomposition.choose_n_subnetworks)."
+    )
     rank: StrictInt | dict[StrictStr, StrictInt] = Field(
         default=1,
         description="Rank of every tensor of every subnetwork, or a mapping from parameter name or "
@@ -213,6 +217,18 @@ class L3DConfig(BaseModel):
             )
         return value
 
+    @field_validator("n_subnetworks", mode="before")
+    @classmethod
+    def _n_subnetworks(cls, value: Any) -> Any:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if value == "auto" or (whole and value >= 1):
+            return value
+        quoted = isinstance(value, str) and value.strip().isdigit()
+        raise ValueError(
+            f"must be a whole number >= 1 or 'auto' (chosen from the data); got "
+            f"{_short_repr(value)}" + ("; write numbers without quotes" if quoted else "")
+        )
+
     @field_validator("rank", mode="before")
     @classmethod
     def _rank_type(cls, value: Any) -> Any:
@@ -263,6 +279,17 @@ class L3DConfig(BaseModel):
                 f"warm_start_epochs={self.epochs // 10}) or more epochs"
             )
         return self
+
+    @property
+    def n_v(self) -> int:
+        """n_subnetworks as a number. 'auto' is replaced when a run starts
+        (`l3d.decomposition.resolve_n_subnetworks`); code past that point reads this."""
+        if isinstance(self.n_subnetworks, str):
+            raise L3DError(
+                "n_subnetworks is still 'auto': l3d.run / l3d.decompose choose it from the data "
+                "when the run starts (l3d.decomposition.resolve_n_subnetworks)"
+            )
+        return self.n_subnetworks
 
     @classmethod
     def create(cls, /, **fields: Any) -> L3DConfig:

@@ -131,7 +131,7 @@ def build(
         )  # fmt: skip
     dataset = Dataset(data, config.batch_size, device)
     source = gradient_source(target, config, div, ref, dataset=dataset, progress=progress)
-    n_v, factorization = config.n_subnetworks, config.factorization
+    n_v, factorization = config.n_v, config.factorization
     batch = source.batch_memory(n_v, ranks, config.batch_size)
     step = step_bytes(batch, target.shapes, n_v, ranks, factorization)
     check_memory(target.shapes, n_v, ranks, factorization, device, step)
@@ -140,7 +140,7 @@ def build(
     generator = torch.Generator().manual_seed(config.seed)
     # Factors are drawn on the CPU so a seed gives the same initialisation on every device.
     pair = SubnetworkPair.initialize(
-        target.shapes, config.n_subnetworks, ranks, config.factorization, generator, device
+        target.shapes, n_v, ranks, config.factorization, generator, device
     ).to(device)
     trainer = Trainer(config, source, pair, held_out=held_out, shard_factors=shard_factors)
     return target, source, trainer
@@ -194,7 +194,7 @@ def decompose(
     div = get_divergence(divergence)
     config = L3DConfig.create(
         params=[params] if isinstance(params, str) else list(params),
-        n_subnetworks=1 if n_subnetworks is None else n_subnetworks,
+        n_subnetworks="auto" if n_subnetworks is None else n_subnetworks,
         rank=rank,
         top_k=top_k,
         divergence=div.name,
@@ -208,9 +208,7 @@ def decompose(
     )
     div_fn = divergence if callable(divergence) else None
     ref_fn = reference if callable(reference) else None
-    if n_subnetworks is None:
-        chosen = choose_n_subnetworks(model, data, config, div_fn, ref_fn)
-        config = config.replace(n_subnetworks=chosen)
+    config = resolve_n_subnetworks(model, data, config, div_fn, ref_fn)
     if settings == "l3d":
         parameters = dict(model.named_parameters())
         n_weights = sum(parameters[n].numel() for n in select_parameters(model, config.params))
@@ -249,10 +247,29 @@ def library_settings(config: L3DConfig, n_weights: int) -> list[dict[str, Any]]:
     groups: list[dict[str, Any]] = [
         {"lr_decay": 0.8, "lr_decay_unit": "epoch", "lr_decay_every": every}
     ]
-    if dense_helpers_fit(n_weights, config.n_subnetworks, config.batch_size, config.per_token):
+    if dense_helpers_fit(n_weights, config.n_v, config.batch_size, config.per_token):
         until = max(1, config.epochs // 2)
         groups += [{"init": "gradients"}, {"resample_every": every, "resample_until": until}]
     return groups
+
+
+def resolve_n_subnetworks(
+    model: nn.Module,
+    data: object,
+    config: L3DConfig,
+    divergence: DivergenceFn | None = None,
+    reference: ReferenceFn | None = None,
+    trainer_state: dict | None = None,
+) -> L3DConfig:
+    """`config` with n_subnetworks 'auto' replaced by a number: the count of the checkpoint being
+    resumed (`trainer_state`), else `choose_n_subnetworks`'s."""
+    if config.n_subnetworks != "auto":
+        return config
+    if trainer_state is not None:
+        chosen = next(iter(trainer_state["pair"].values())).shape[0]  # (n_v, ...) factors
+    else:
+        chosen = choose_n_subnetworks(model, data, config, divergence, reference)
+    return config.replace(n_subnetworks=chosen)
 
 
 def choose_n_subnetworks(
@@ -299,6 +316,7 @@ def run(
     was_training = model.training
     model.eval()  # batch statistics would make samples interact; BatchNorm uses running stats.
     try:
+        config = resolve_n_subnetworks(model, data, config, divergence, reference, trainer_state)
         _target, source, trainer = build(
             model, data, config, divergence, reference, progress, shard_factors, log
         )
@@ -376,7 +394,7 @@ class Decomposition:
 
     @property
     def n_subnetworks(self) -> int:
-        return self.config.n_subnetworks
+        return self.config.n_v
 
     @property
     def names(self) -> list[str]:

@@ -207,8 +207,8 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
     shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
     try:
         pair = SubnetworkPair(
-            Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
-            Subnetworks(shapes, config.n_subnetworks, meta["ranks"], config.factorization),
+            Subnetworks(shapes, config.n_v, meta["ranks"], config.factorization),
+            Subnetworks(shapes, config.n_v, meta["ranks"], config.factorization),
         )
     except (ValueError, TypeError, RuntimeError) as err:
         raise L3DError(
@@ -218,10 +218,10 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
     tensors = load_tensors(files[2], "subnetwork factors")
     p_active = tensors.pop("p_active", None)
     _check_factors(pair.state_dict(), tensors, files, config)
-    if p_active is None or tuple(p_active.shape) != (config.n_subnetworks,):
+    if p_active is None or tuple(p_active.shape) != (config.n_v,):
         found = "no p_active" if p_active is None else f"p_active of shape {tuple(p_active.shape)}"
         raise L3DError(
-            f"{files[2]} has {found}, expected {config.n_subnetworks} values "
+            f"{files[2]} has {found}, expected {config.n_v} values "
             f"(n_subnetworks in {files[0]}): restore the files or re-create the decomposition"
         )
     pair.load_state_dict(tensors)
@@ -310,7 +310,7 @@ def _check_factors(
         more = f"; {len(problems) - 2} more" if len(problems) > 2 else ""
         raise L3DError(
             f"{files[2]} does not match {files[1].name} (shapes, ranks) and {files[0].name} "
-            f"(n_subnetworks={config.n_subnetworks}, factorization={config.factorization}): "
+            f"(n_subnetworks={config.n_v}, factorization={config.factorization}): "
             f"{'; '.join(problems[:2])}{more}; was one edited? Restore them or re-create the "
             "decomposition"
         )

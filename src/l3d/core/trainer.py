@@ -182,7 +182,7 @@ class Trainer:
         start = time.perf_counter()
         device = next(self.pair.parameters()).device
         totals = torch.zeros(2, device=device, dtype=torch.float64)  # paper, pooled squared
-        active = torch.zeros(self.config.n_subnetworks, device=device)
+        active = torch.zeros(self.config.n_v, device=device)
         n_batches = n_samples = 0
         lr = self.lr_at(self.step, self.epoch)
         # The precision also covers the model's forward and backward that produce the gradients.

@@ -85,7 +85,7 @@ class RunData:
 
     @property
     def n_v(self) -> int:
-        return self.config.n_subnetworks
+        return self.config.n_v
 
     @property
     def summary(self) -> dict:
