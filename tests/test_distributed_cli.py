@@ -198,7 +198,10 @@ def test_a_rank_that_dies_stops_the_job_and_keeps_the_checkpoint(tmp_path, setup
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert "lost contact with the other ranks" in err, err
+    # Rank 0 either notices the lost rank at its next collective or, on a loaded machine, is
+    # first sent SIGTERM by torchrun's agent (which saw rank 1 die): a stop either way, with the
+    # checkpoint kept and the resume command printed.
+    assert "lost contact with the other ranks" in err or "exitcode  : 143" in err, err
     assert f"l3d decompose --resume {run_dir}" in err
     assert not (run_dir / "decomposition").exists()
     state = runs.load_checkpoint(run_dir / "checkpoint")
