@@ -217,11 +217,11 @@ class GradientSource:
         self, n_subnetworks: int, ranks: dict[str, int], batch_size: int
     ) -> BatchMemory:
         """Memory of one training batch of `batch_size` inputs (of one chunk of it, where the
-        structured path takes the batch in chunks), from two inputs scaled linearly: the bytes
-        their forward saves for the backward (parameters not counted), of their gradients or
-        signals (`GradientBatch.nbytes`) and of what projecting them keeps (`kept_bytes`). Not
-        counted: transients inside the backwards (e.g. the per-token backward's batched copies of
-        the activation gradients)."""
+        structured path takes the batch in chunks), from two inputs scaled linearly: what
+        forming their gradients holds besides them (`_activation_bytes`), their gradients or
+        signals (`GradientBatch.nbytes`) and what projecting them keeps (`kept_bytes`). Not
+        counted: transients inside the model's backwards (e.g. the per-token backward's batched
+        copies of the activation gradients)."""
         device = next(iter(self.target.w0.values())).device
         probe = to_device(self._example, device)
         n = batch_size_of(probe)
