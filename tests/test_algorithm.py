@@ -390,3 +390,11 @@ def test_memory_check_counts_the_step_and_names_the_batch_options(mlp, monkeypat
     monkeypatch.setattr(algorithm, "device_memory", lambda device: state + 1)
     with pytest.raises(L3DError, match=r"one training step needs about .* reduce batch_size"):
         l3d.decompose(mlp, x, progress=False, **kw)
+
+
+def test_decompose_shows_the_memory_estimate_with_progress(mlp, capsys):
+    kw = dict(params=["fc1.weight"], n_subnetworks=3, epochs=1)
+    l3d.decompose(mlp, torch.randn(32, 4), progress=True, **kw)
+    assert "; one step adds about " in capsys.readouterr().err
+    l3d.decompose(mlp, torch.randn(32, 4), progress=False, **kw)
+    assert "one step adds" not in capsys.readouterr().err

@@ -199,6 +199,13 @@ def _global_top_k(rank: int) -> dict:
     return {"kept": int(chosen.mask.sum()), "expected": n_kept(0.13, 37 * 5)}
 
 
+def _memory_line(config: L3DConfig) -> str:
+    """The memory estimate `build` prints: under a group, for the rank's shard of the batch."""
+    lines: list[str] = []
+    build(_mlp(), _mlp_data(), config, progress=False, log=lines.append)
+    return lines[0]
+
+
 def _other_model_per_rank(rank: int) -> str:
     """A model initialised differently on each rank (unseeded) is refused on every rank."""
     torch.manual_seed(100 + rank)
@@ -230,6 +237,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
             "top_k": _global_top_k(rank),
             "refused": _other_model_per_rank(rank),
             "taken": _taken_folder(rank, out),
+            "memory": _memory_line(_mlp_config("mlp_jacobian")),
         }
         for name in MLP_CONFIGS:
             found[name] = _decompose(_mlp(), _mlp_data(), _mlp_config(name), name in SHARDED)
@@ -271,6 +279,9 @@ def results(tmp_path_factory) -> dict:
         single["lm"] = _decompose(_lm(folder), _lm_data(), _lm_config())
         single["lm_empty_shard"] = _decompose(_lm(folder), _lm_batches(), _lm_config())
         single["lm_sharded"] = single["lm"]
+        config = _mlp_config("mlp_jacobian")
+        single["memory"] = _memory_line(config)
+        single["memory_shard"] = _memory_line(config.replace(batch_size=config.batch_size // WORLD))
         straight = _states(False, False)
         single["resume"] = {"final": straight["final"], "resampled": straight["resampled"]}
         middle = unflatten_state(
@@ -380,6 +391,13 @@ def test_a_sharded_state_resumes_sharded_or_not_as_one_process(results, name):
             torch.testing.assert_close(final[key], expected, atol=ATOL, rtol=RTOL, msg=key)
     for rank in results["ranks"]:
         assert rank[name]["resampled"] == straight["resampled"]
+
+
+def test_each_rank_estimates_the_memory_of_its_shard(results):
+    single = results["single"]
+    assert single["memory"] != single["memory_shard"]
+    for rank in results["ranks"]:
+        assert rank["memory"] == single["memory_shard"]
 
 
 def test_ranks_with_different_models_are_refused(results):

@@ -6,6 +6,7 @@ report all ask through it. Saved through `l3d.io` (safetensors + JSON/YAML; noth
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -132,7 +133,10 @@ def build(
     dataset = Dataset(data, config.batch_size, device)
     source = gradient_source(target, config, div, ref, dataset=dataset, progress=progress)
     n_v, factorization = config.n_v, config.factorization
-    batch = source.batch_memory(n_v, ranks, config.batch_size)
+    # Under a process group each rank holds its shard of every batch (docs/distributed.md).
+    group = Group.current()
+    per_rank = config.batch_size if group is None else -(-config.batch_size // group.size)
+    batch = source.batch_memory(n_v, ranks, per_rank)
     step = step_bytes(batch, target.shapes, n_v, ranks, factorization)
     check_memory(target.shapes, n_v, ranks, factorization, device, step)
     if log is not None:
@@ -180,6 +184,7 @@ def decompose(
     reference: 'random' (another sample's output), 'mean', 'uniform' or a callable.
     options: any other L3DConfig field (factorization, loss, per_token, warm_start_epochs,
         resample_every, ...).
+    progress: progress bars, and the memory estimate on stderr before training (`build`).
     callback: called as callback(trainer, epoch_record) after every epoch.
     shard_factors: under torch.distributed, each rank keeps only its range of subnetworks and
         their optimiser state between steps (FSDP2; docs/distributed.md). Same result.
@@ -221,6 +226,8 @@ def decompose(
             for k, v in group.items()
         }
         config = config.replace(**library)
+    group = Group.current()
+    shown = progress and (group is None or group.lead)
     return run(
         model,
         data,
@@ -230,7 +237,12 @@ def decompose(
         progress=progress,
         callback=callback,
         shard_factors=shard_factors,
+        log=_to_stderr if shown else None,
     )
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 SETTINGS = ("l3d", "paper")
