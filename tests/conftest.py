@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -61,3 +64,26 @@ def mlp() -> SmallMLP:
 def token_model() -> TinyTokenModel:
     torch.manual_seed(0)
     return TinyTokenModel()
+
+
+@contextlib.contextmanager
+def stopped_after_epoch(epoch: int) -> Iterator[None]:
+    """Inside, a CLI run stops as on SIGTERM once `epoch` epochs are done (its checkpoint saved),
+    so that a test can resume it."""
+    import signal
+
+    from l3d import runs
+    from l3d.runs import execution
+
+    original = execution._EpochLog.__call__
+
+    def stop(self, trainer, record):
+        original(self, trainer, record)
+        if trainer.epoch == epoch:
+            raise runs.Interrupted(signal.SIGTERM)
+
+    execution._EpochLog.__call__ = stop  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        execution._EpochLog.__call__ = original  # type: ignore[method-assign]

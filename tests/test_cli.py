@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import l3d
+from conftest import stopped_after_epoch
 from l3d import runs
 from l3d.cli import main
 from l3d.toys import TMS
@@ -632,21 +633,12 @@ def test_n_subnetworks_auto_is_chosen_from_the_data_and_kept_on_resume(
     from safetensors.torch import load_file
 
     from l3d import decomposition
-    from l3d.runs import execution
 
     auto = {**TINY, "l3d": {**TINY["l3d"], "n_subnetworks": "auto"}}
     out = tmp_path / "auto"
-    original = execution._EpochLog.__call__
-
-    def stop_after_two(self, trainer, record):
-        original(self, trainer, record)
-        if trainer.epoch == 2:
-            raise runs.Interrupted(signal.SIGTERM)
-
-    monkeypatch.setattr(execution._EpochLog, "__call__", stop_after_two)
     argv = ["decompose", str(_write(tmp_path / "auto.yaml", auto)), "--out", str(out), "-q"]
-    assert main(argv) == 128 + signal.SIGTERM
-    monkeypatch.setattr(execution._EpochLog, "__call__", original)
+    with stopped_after_epoch(2):
+        assert main(argv) == 128 + signal.SIGTERM
 
     def no_second_choice(*args, **kwargs):
         raise AssertionError("a resumed run must take the checkpoint's count")

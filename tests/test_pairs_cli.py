@@ -15,11 +15,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import l3d
+from conftest import stopped_after_epoch
 from l3d import runs
 from l3d.cli import main
 from l3d.core.samples import Referenced
 from l3d.pairs import decompose_pairs, pair_coefficients, patching_scores
-from l3d.runs import execution
 from l3d.toys import TMS, sparse_features
 
 N_FEATURES, N_HIDDEN = 5, 2
@@ -122,18 +122,10 @@ def test_the_saved_decomposition_gives_the_pair_coefficients(pair_run):
 
 def test_a_stopped_pairs_run_resumes_bit_identically(pair_run, tmp_path, monkeypatch, capsys):
     config = _config(tmp_path)
-    original = execution._EpochLog.__call__
-
-    def stop_after_two(self, trainer, record):
-        original(self, trainer, record)
-        if trainer.epoch == 2:
-            raise runs.Interrupted(signal.SIGTERM)
-
-    monkeypatch.setattr(execution._EpochLog, "__call__", stop_after_two)
     out = tmp_path / "run"
-    assert main(["decompose", str(config), "--out", str(out), "-q"]) == 128 + signal.SIGTERM
+    with stopped_after_epoch(2):
+        assert main(["decompose", str(config), "--out", str(out), "-q"]) == 128 + signal.SIGTERM
     assert "--resume" in capsys.readouterr().err
-    monkeypatch.setattr(execution._EpochLog, "__call__", original)
     assert main(["decompose", "--resume", str(out), "-q"]) == 0
     _assert_same_factors(_factors(out), _factors(pair_run))
 
