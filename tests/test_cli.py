@@ -657,3 +657,23 @@ def test_n_subnetworks_auto_is_chosen_from_the_data_and_kept_on_resume(
     a = load_file(str(out / "decomposition" / "subnetworks.safetensors"))
     b = load_file(str(out_fixed / "decomposition" / "subnetworks.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_check_validates_and_estimates_without_a_run(tmp_path, monkeypatch, capsys):
+    """--check builds model and data, chooses n_subnetworks: auto, prints the memory estimate and
+    stops: no run folder; a run that would not fit is refused there in one line."""
+    from l3d.core import algorithm
+
+    monkeypatch.chdir(tmp_path)
+    auto = {**TINY, "l3d": {**TINY["l3d"], "n_subnetworks": "auto"}}
+    config = _write(tmp_path / "auto.yaml", auto)
+    assert main(["decompose", str(config), "--check"]) == 0
+    err = capsys.readouterr().err
+    assert "; one step adds about " in err
+    assert "auto.yaml: ready to run (" in err and "(auto subnetworks)" not in err
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setattr(algorithm, "device_memory", lambda device: 1000)
+    assert main(["decompose", str(config), "--check"]) == 2
+    assert "one training step needs about" in _one_line_error(capsys, "decompose")
+    assert main(["decompose", "--resume", str(tmp_path), "--check"]) == 2
+    assert "drop CONFIG/--set/--out/--check" in _one_line_error(capsys, "decompose")

@@ -35,6 +35,7 @@ DECOMPOSE_EXAMPLES = """examples:
   l3d decompose examples/tms.yaml --out runs/tms
   l3d decompose examples/tms.yaml --out runs/tms --set l3d.epochs=20 --set seed=3
   l3d decompose --resume runs/tms          # continue a stopped run from its last checkpoint
+  l3d decompose examples/tms.yaml --check  # will it run, and fit? (memory estimate, no training)
 """
 EXPERIMENT_EXAMPLES = """examples:
   l3d experiment --list
@@ -130,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config against its model and data and print the memory estimate "
+        "(n_subnetworks: auto chosen), then stop: no run folder, no training",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
 
     p = sub.add_parser(
@@ -332,9 +339,9 @@ def _decompose_folder(args: argparse.Namespace) -> int:
     from l3d import runs
 
     if args.resume:
-        if args.config or args.overrides or args.out:
+        if args.config or args.overrides or args.out or args.check:
             raise L3DError(
-                "--resume RUN_DIR continues a run as configured: drop CONFIG/--set/--out"
+                "--resume RUN_DIR continues a run as configured: drop CONFIG/--set/--out/--check"
             )
         run_dir = runs.RunDir(Path(args.resume))
         spec = run_dir.spec()  # a clear error if this is not a run folder
@@ -346,6 +353,11 @@ def _decompose_folder(args: argparse.Namespace) -> int:
         if not args.config:
             raise L3DError("give a run config (l3d decompose CONFIG.yaml) or --resume RUN_DIR")
         spec = runs.load_spec(args.config, args.overrides)
+        if args.check:
+            with _quiet_libraries(args, spec):
+                config = runs.check(spec, lambda m: _say(args, m))
+            _say(args, f"{args.config}: ready to run ({config.n_v} subnetworks)")
+            return 0
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         run_dir = runs.RunDir(runs.writable_folder(out, "run"))
     # The lock from before the folder is (re)made to the end: a second process on the same folder

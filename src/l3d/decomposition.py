@@ -115,6 +115,51 @@ def build(
     """Everything a run needs, validated, before any training: the pieces behind `decompose`.
     Refuses, before allocating the subnetworks, a run whose training state and step would not
     fit in the device's memory; `log` gets the estimate (`describe_memory`)."""
+    target, source, held_out, memory = _prepare(
+        model, data, config, divergence, reference, progress
+    )
+    if log is not None:
+        log(memory)
+    generator = torch.Generator().manual_seed(config.seed)
+    device, ranks = resolve_device(config.device), resolve_ranks(target.names, config.rank)
+    # Factors are drawn on the CPU so a seed gives the same initialisation on every device.
+    pair = SubnetworkPair.initialize(
+        target.shapes, config.n_v, ranks, config.factorization, generator, device
+    ).to(device)
+    trainer = Trainer(config, source, pair, held_out=held_out, shard_factors=shard_factors)
+    return target, source, trainer
+
+
+def check_run(
+    model: nn.Module,
+    data: object,
+    config: L3DConfig,
+    divergence: DivergenceFn | None = None,
+    reference: ReferenceFn | None = None,
+) -> tuple[L3DConfig, str]:
+    """What `run` checks before training, without training or allocating the subnetworks: the
+    model, data and divergence together, n_subnetworks 'auto' chosen, and the memory against the
+    device. Returns the config as the run would use it and the memory estimate's line."""
+    was_training = model.training
+    model.eval()
+    try:
+        config = resolve_n_subnetworks(model, data, config, divergence, reference)
+        *_, memory = _prepare(model, data, config, divergence, reference, progress=False)
+    finally:
+        model.train(was_training)
+    return config, memory
+
+
+def _prepare(
+    model: nn.Module,
+    data: object,
+    config: L3DConfig,
+    divergence: DivergenceFn | None,
+    reference: ReferenceFn | None,
+    progress: bool,
+) -> tuple[Target, GradientSource, GradientSource | None, str]:
+    """The target, the gradient sources (training, held out) and the memory estimate's line,
+    after refusing a run that would not fit in the device's memory (`check_memory`)."""
     device = resolve_device(config.device)
     model.to(device)
     target = Target.create(model, config.params)
@@ -139,15 +184,8 @@ def build(
     batch = source.batch_memory(n_v, ranks, per_rank)
     step = step_bytes(batch, target.shapes, n_v, ranks, factorization)
     check_memory(target.shapes, n_v, ranks, factorization, device, step)
-    if log is not None:
-        log(describe_memory(target.shapes, n_v, ranks, factorization, device, step))
-    generator = torch.Generator().manual_seed(config.seed)
-    # Factors are drawn on the CPU so a seed gives the same initialisation on every device.
-    pair = SubnetworkPair.initialize(
-        target.shapes, n_v, ranks, config.factorization, generator, device
-    ).to(device)
-    trainer = Trainer(config, source, pair, held_out=held_out, shard_factors=shard_factors)
-    return target, source, trainer
+    memory = describe_memory(target.shapes, n_v, ranks, factorization, device, step)
+    return target, source, held_out, memory
 
 
 def decompose(

@@ -5,8 +5,8 @@ the run folder, its metrics log and atomic safetensors checkpoints, and resuming
 - `sources`: the model, data, labels and custom functions the spec names;
 - `folder`: the run folder's layout, metrics log and lock (light: the report reads run folders);
 - `checkpoint`: the trainer state as safetensors + JSON, with the config it was made with;
-- `execution`: running a folder to the end (resuming, signals, tracking) and opening it again
-  (`open_run`).
+- `execution`: running a folder to the end (resuming, signals, tracking), checking a spec without
+  running it (`check`), and opening a run again (`open_run`).
 """
 
 from l3d.runs.checkpoint import (
@@ -17,7 +17,7 @@ from l3d.runs.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from l3d.runs.execution import Interrupted, LoadedRun, execute, open_run
+from l3d.runs.execution import Interrupted, LoadedRun, check, execute, open_run
 from l3d.runs.folder import RunDir, create_run, writable_folder
 from l3d.runs.sources import (
     build_data,
@@ -52,6 +52,7 @@ __all__ = [
     "build_data",
     "build_labels",
     "build_model",
+    "check",
     "config_changes",
     "config_hash",
     "create_run",

@@ -25,7 +25,7 @@ from l3d.config import L3DConfig
 from l3d.core.distributed import Group, RankLost
 from l3d.core.samples import Dataset
 from l3d.core.trainer import StepResult, Trainer
-from l3d.decomposition import Decomposition, load, run
+from l3d.decomposition import Decomposition, check_run, load, run
 from l3d.errors import L3DError
 from l3d.runs.checkpoint import flatten_state, load_checkpoint, save_checkpoint
 from l3d.runs.folder import RunDir
@@ -246,6 +246,19 @@ def execute(
             return _execute(run_dir, spec, tracker, progress, log if lead else _silent, group)
         finally:
             tracker.close()
+
+
+def check(spec: RunSpec, log: Callable[[str], None]) -> L3DConfig:
+    """What `execute` checks before training, with no run folder and no training: the model and
+    data built, the config checked against them, n_subnetworks 'auto' chosen, the memory estimate
+    logged and checked against the device (`l3d.decomposition.check_run`). Returns the config the
+    run would use."""
+    model = build_model(spec.model)
+    data = build_data(spec.data, spec.model, model)
+    divergence, reference = resolve_custom(spec.l3d)
+    config, memory = check_run(model, data, spec.l3d, divergence, reference)
+    log(memory)
+    return config
 
 
 def _execute(
