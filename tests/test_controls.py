@@ -130,3 +130,24 @@ def test_l3d_control_runs_both_controls_and_the_report_shows_them(tmp_path, caps
     assert main(["control", str(Path(run / "controls" / "shuffled")), "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "itself a shuffled control" in err
+
+
+def test_controls_of_an_auto_run_keep_its_number_of_subnetworks(tmp_path, monkeypatch):
+    """With n_subnetworks: auto the controls take the parent run's chosen count (choosing again
+    on a shuffled network would compare different counts)."""
+    from l3d import decomposition
+
+    config = tmp_path / "auto.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "l3d": {**TINY["l3d"], "n_subnetworks": "auto"}}))
+    run = tmp_path / "run"
+    assert main(["decompose", str(config), "--out", str(run), "-q"]) == 0
+    chosen = runs.open_run(run).decomposition.n_subnetworks
+
+    def no_second_choice(*args, **kwargs):
+        raise AssertionError("a control must take the parent's count")
+
+    monkeypatch.setattr(decomposition, "choose_n_subnetworks", no_second_choice)
+    assert main(["control", str(run), "-q"]) == 0
+    for kind in ("shuffled", "seed"):
+        control = runs.open_run(run / "controls" / kind)
+        assert control.spec.l3d.n_subnetworks == control.decomposition.n_subnetworks == chosen

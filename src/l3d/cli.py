@@ -584,9 +584,12 @@ def _intervention_headline(
 CONTROL_KINDS = ("shuffled", "seed")
 
 
-def _control_spec(spec: Any, kind: str) -> Any:
+def _control_spec(spec: Any, kind: str, n_subnetworks: int) -> Any:
+    """`n_subnetworks`: the parent run's, also where its config says 'auto', so that the
+    controls are compared at the same count."""
     from l3d.controls import SHUFFLE_SEED_OFFSET
 
+    spec = spec.model_copy(update={"l3d": spec.l3d.replace(n_subnetworks=n_subnetworks)})
     if kind == "shuffled":
         model = spec.model.model_copy(update={"shuffle_seed": spec.l3d.seed + SHUFFLE_SEED_OFFSET})
         return spec.model_copy(update={"model": model})
@@ -608,7 +611,8 @@ def _control(args: argparse.Namespace) -> int:
         child = runs.RunDir(runs.writable_folder(folder / kind, "control run"))
         with child.lock():
             if not child.config.is_file():
-                runs.create_run(_control_spec(run_dir.spec(), kind), child.path)
+                n_subnetworks = io.read_decomposition(run_dir.decomposition).config.n_v
+                runs.create_run(_control_spec(run_dir.spec(), kind, n_subnetworks), child.path)
                 # A toy's trained weights: the control starts from the very same model.
                 for file in (run_dir.model_weights, run_dir.model_info):
                     if file.is_file():
