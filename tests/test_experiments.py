@@ -346,3 +346,26 @@ def test_unit_probe_pool_gives_every_unit_enough_single_unit_samples():
     pool = unit_probe_pool(many, heldout, 0)
     after = torch.bincount(M.single_unit_samples(pool, many.units) + 1, minlength=41)[1:]
     assert after.min() >= MIN_SAMPLES_PER_UNIT and len(pool) <= 10_000
+
+
+def test_controls_of_an_auto_count_use_the_chosen_count(tmp_path, monkeypatch):
+    """--set n_subnetworks=auto: the random-network control and the second seed decompose at
+    the count the run chose, not at a count chosen again on their own gradients."""
+    from l3d.experiments import runner
+
+    asked, got = [], []
+    original = runner.decompose_toy
+
+    def spy(toy, fields, *args, **kwargs):
+        asked.append(fields["n_subnetworks"])
+        decomposition, resampled = original(toy, fields, *args, **kwargs)
+        got.append(decomposition.n_subnetworks)
+        return decomposition, resampled
+
+    monkeypatch.setattr(runner, "decompose_toy", spy)
+    overrides = {"n_subnetworks": "auto", "epochs": 2, "warm_start_epochs": 1}
+    runner.run_experiment(
+        "tms", [0], tmp_path, settings="improved", sweep=False, progress=False, overrides=overrides
+    )
+    # The run, then the random-network control and the second seed at the run's count.
+    assert asked == ["auto", got[0], got[0]] and got == [got[0]] * 3 and got[0] >= 2

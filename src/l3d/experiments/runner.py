@@ -404,10 +404,12 @@ def _run_seed(
     if sweep:
         result["sweep"] = run_sweep(spec, toy, fields, seed, inputs, stages)
     if controls:
+        # At the run's count, also where the fields say 'auto': controls compare equal sizes.
+        same = {**fields, "n_subnetworks": decomposition.n_subnetworks}
         stages("control: random network")
-        result["control"] = random_control(spec, toy, fields, seed, inputs, result)
+        result["control"] = random_control(spec, toy, same, seed, inputs, result)
         stages("stability: second decomposition seed")
-        result["stability"] = stability(toy, fields, seed, inputs, decomposition)
+        result["stability"] = stability(toy, same, seed, inputs, decomposition)
     result["seconds"] = {
         "toy": toy_seconds,
         "l3d": l3d_seconds,
