@@ -69,11 +69,10 @@ DENSE_GRAM_ELEMENTS = 1 << 23
 
 def _symmetric_product(flat: Tensor, n_blocks: int, dtype: torch.dtype) -> Tensor:
     """F F^T, (n, n) in `dtype`, for F (n, d) (bfloat16 operands: see GramPrecision). From
-    TRIANGLE_MIN rows on,
-    only the lower triangle of n_blocks x n_blocks blocks is multiplied and the rest is its
-    transpose: smaller blocks run below matrix-product speed, the more so the longer the rows
-    (measured on one core: 4 blocks for mode Grams, 2 for the dense-direction Gram, whose rows are
-    whole tensors)."""
+    TRIANGLE_MIN rows on, only the lower triangle of n_blocks x n_blocks blocks is multiplied and
+    the rest is its transpose: smaller blocks run below matrix-product speed, the more so the
+    longer the rows (measured on one core: 4 blocks for mode Grams, 2 for the dense-direction
+    Gram, whose rows are whole tensors)."""
     n = flat.shape[0]
     if n < TRIANGLE_MIN:
         return (flat @ flat.T).to(dtype)
@@ -207,10 +206,15 @@ class _DenseGram(torch.autograd.Function):
 
 def _mode0_slices(modes: Sequence[Tensor]) -> list[slice]:
     """Slices of mode-0 rows whose dense directions hold at most DENSE_GRAM_ELEMENTS entries."""
-    n_v, d0 = modes[0].shape[0], modes[0].shape[2]
-    per_row = n_v * math.prod(f.shape[2] for f in modes[1:])
-    step = max(1, DENSE_GRAM_ELEMENTS // per_row)
-    return [slice(i, i + step) for i in range(0, d0, step)]
+    n_v, shape = modes[0].shape[0], [f.shape[2] for f in modes]
+    step = _mode0_rows_per_slice(n_v, shape)
+    return [slice(i, i + step) for i in range(0, shape[0], step)]
+
+
+def _mode0_rows_per_slice(n_v: int, shape: Sequence[int]) -> int:
+    """Mode-0 rows per slice of a dense-direction Gram: DENSE_GRAM_ELEMENTS entries, at least one
+    row."""
+    return max(1, DENSE_GRAM_ELEMENTS // (n_v * math.prod(shape[1:])))
 
 
 def _dense_gram_cheaper(shape: tuple[int, ...], n_v: int, ranks: Sequence[int]) -> bool:
@@ -229,8 +233,8 @@ def gram_bytes(
     shape = tuple(shape) or (1,)
     ranks = _mode_ranks(shape, rank, factorization)
     if _dense_gram_cheaper(shape, n_subnetworks, ranks):
-        numel = n_subnetworks * math.prod(shape)
-        return 0, 2 * 4 * min(numel, max(DENSE_GRAM_ELEMENTS, numel // shape[0]))
+        rows = min(shape[0], _mode0_rows_per_slice(n_subnetworks, shape))
+        return 0, 2 * 4 * n_subnetworks * rows * math.prod(shape[1:])
     return sum(4 * (n_subnetworks * r) ** 2 for r in ranks), 0
 
 
@@ -254,27 +258,22 @@ class TensorFactors(nn.Module):
             raise ValueError(f"tensors with more than {len(MODES)} dims are not supported")
         self.factorization = factorization
         self.rank = min(rank, max_rank(self.work_shape, factorization))
+        ranks = _mode_ranks(self.work_shape, rank, factorization)
         n_v, m = n_subnetworks, len(self.work_shape)
 
         def randn(*size: int) -> Tensor:
             return torch.randn(*size, generator=generator, dtype=dtype)
 
-        if factorization == "cp":
-            # (n_v, R, d_j) per mode; V_k = sum_r outer_j f_j[k, r].
-            self.modes = nn.ParameterList(
-                [nn.Parameter(randn(n_v, self.rank, d) / math.sqrt(d)) for d in self.work_shape]
-            )
-            self.core = None
-        else:
-            # core (n_v, R_1..R_m) and per-mode (n_v, R_j, d_j); V_k = core_k x_1 U_1k ... x_m U_mk.
-            ranks = [min(self.rank, d) for d in self.work_shape]
-            self.modes = nn.ParameterList(
-                [
-                    nn.Parameter(randn(n_v, r, d) / math.sqrt(d))
-                    for r, d in zip(ranks, self.work_shape)
-                ]
-            )
-            self.core = nn.Parameter(randn(n_v, *ranks) / math.sqrt(math.prod(ranks)))
+        # (n_v, R_j, d_j) per mode. CP: V_k = sum_r outer_j f_j[k, r]; Tucker: a core
+        # (n_v, R_1..R_m) too, V_k = core_k x_1 U_1k ... x_m U_mk.
+        self.modes = nn.ParameterList(
+            [nn.Parameter(randn(n_v, r, d) / math.sqrt(d)) for r, d in zip(ranks, self.work_shape)]
+        )
+        self.core = (
+            None
+            if factorization == "cp"
+            else nn.Parameter(randn(n_v, *ranks) / math.sqrt(math.prod(ranks)))
+        )
         self._m = m
 
     def materialize(self) -> Tensor:

@@ -147,7 +147,7 @@ class Trainer:
             else:
                 paper, pooled, chosen = self.pair(batch, top_k, self.group, c.gram_precision)
                 result = Losses(paper=paper, pooled_squared=pooled)
-                result.get(self.config.loss).backward()
+                result.get(c.loss).backward()
         result = result.detach()
         if self.group is not None:
             result = self._sum_over_ranks(result)

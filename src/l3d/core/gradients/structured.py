@@ -217,6 +217,12 @@ class _TokenProjection(torch.autograd.Function):
         return torch.bmm(q, grad_w), torch.bmm(L, grad_w.transpose(1, 2)), None
 
 
+def _delta_first(t: int, r: int) -> bool:
+    """Whether `_project_matrix` contracts delta_s . L_kr first: as cheap as the other order when
+    T or R is 1, and smaller."""
+    return t == 1 or r == 1
+
+
 def _project_matrix(sig: _MatrixSignal, tf: TensorFactors) -> Tensor:
     """<V_k, g_(t,i)>, (T, n, n_v), from a, delta and the factors (docs/math.md section 2).
     Sequences are processed in chunks so that no intermediate exceeds CHUNK_ELEMENTS."""
@@ -224,8 +230,7 @@ def _project_matrix(sig: _MatrixSignal, tf: TensorFactors) -> Tensor:
     k, r = L.shape[:2]
     L = L.reshape(k, r, sig.groups, -1)  # (K, R, G, out_g)
     t, n, s, g, out_g = sig.delta.shape
-    # (delta_s . L_kr) first is as cheap as the order below when T or R is 1, and smaller.
-    delta_first = t == 1 or r == 1
+    delta_first = _delta_first(t, r)
     per_sequence = s * g * k * (t * r + r if delta_first else out_g + r)
     parts = []
     for i in _chunks(n, per_sequence):
@@ -358,7 +363,7 @@ class StructuredGradients:
         for name, sig in self.matrices.items():
             t, n, s, g = sig.delta.shape[:4]
             rank = min(ranks[name], max_rank(sig.shape, "cp"))  # the capped rank of a matrix
-            copies = 1 + t if t == 1 or rank == 1 else 1
+            copies = 1 + t if _delta_first(t, rank) else 1
             kept += 2 * copies * n_subnetworks * rank * n * s * g * sig.delta.element_size()
         return kept
 
