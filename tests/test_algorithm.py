@@ -241,6 +241,59 @@ def test_gradient_initialisation_finds_the_directions_of_single_feature_gradient
     torch.testing.assert_close(pair.v_in.materialize_flat(), pair.v_out.materialize_flat())
 
 
+def _clusters(sizes: list[int], mixtures: int, d: int = 40, seed: int = 0):
+    """Unit rows near len(sizes) directions (sizes[j] rows each, random signs, a little noise),
+    orthonormal but the last, which leans towards the one before it (cos 0.29), plus `mixtures`
+    rows of the first two directions' sum: the planted directions and the rows (M, d)."""
+    gen = torch.Generator().manual_seed(seed)
+    planted = torch.linalg.qr(torch.randn(d, len(sizes), generator=gen))[0].T  # (n, d)
+    planted[-1] = torch.nn.functional.normalize(planted[-1] + 0.3 * planted[-2], dim=0)
+    rows = [planted[j] * torch.where(torch.rand(n, 1, generator=gen) < 0.5, -1.0, 1.0)
+            for j, n in enumerate(sizes)]  # fmt: skip
+    rows.append(((planted[0] + planted[1]) / 2**0.5).expand(mixtures, d))
+    g = torch.cat(rows) + 0.02 * torch.randn(sum(sizes) + mixtures, d, generator=gen)
+    return planted, g / g.norm(dim=1, keepdim=True)
+
+
+def test_kmeans_swaps_give_a_small_cluster_its_centre():
+    """Lloyd steps from a seeding with two centres on the largest cluster leave the 3-row
+    cluster, which leans towards a 20-row one, without a centre: its rows join that cluster's
+    (checked against the oracle, the planted directions). The swap
+    search moves a centre onto it, and every planted direction gets one. Two rows mix the first
+    two directions, as samples with two active circuits do."""
+    from l3d.core import resampling
+
+    planted, g = _clusters([60, 20, 20, 20, 3], mixtures=2)
+    y = resampling._coordinates(g)
+    lloyd = resampling._lloyd(y, resampling._one_hot_rows([0, 1, 60, 80, 100], len(y)))
+
+    def found(members):
+        centres = members @ g
+        cos = (centres / centres.norm(dim=1, keepdim=True)) @ planted.T
+        return cos.abs().max(0).values  # best |cos| per planted direction
+
+    assert found(lloyd)[4] < 0.5
+    swapped = resampling._swap_search(y, lloyd)
+    assert (found(swapped) > 0.98).all()
+    assert resampling._kmeans_objective(y, swapped) > resampling._kmeans_objective(y, lloyd)
+    for seed in range(5):  # and from k-means++ seeding
+        centres = resampling.spherical_kmeans(g, 5, torch.Generator().manual_seed(seed), True)
+        assert ((centres @ planted.T).abs().max(0).values > 0.98).all()
+
+
+def test_kmeans_coordinates_keep_every_dot_product():
+    """Clustering on y with y y^T = g g^T is clustering on g: with more columns than rows the
+    coordinates are the eigen-coordinates of the rows' Gram matrix (bfloat16 rows: within
+    1e-2), else g itself."""
+    from l3d.core import resampling
+
+    g = torch.nn.functional.normalize(torch.randn(30, 500, dtype=torch.float64), dim=1).float()
+    y = resampling._coordinates(g)
+    assert y.shape[1] <= 30
+    torch.testing.assert_close(y @ y.T, g @ g.T, atol=1e-2, rtol=0)
+    assert torch.equal(resampling._coordinates(g.T[:, :20]), g.T[:, :20])
+
+
 def test_gradient_initialisation_needs_as_many_nonzero_gradients_as_subnetworks():
     model = nn.Linear(3, 2, bias=False)
     x = torch.zeros(8, 3)  # every gradient is zero

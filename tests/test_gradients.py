@@ -108,6 +108,35 @@ def test_random_reference_is_never_the_sample_itself():
     assert (counts > 0).all()
 
 
+@pytest.mark.parametrize("method", ["structured", "vmap", "jacobian"])
+def test_zero_input_reference_equals_backward_loop_against_the_zero_inputs_output(mlp, method):
+    """reference='zero_input': every sample against f(0), on every gradient path, for a training
+    epoch's batches as for an explicit batch."""
+    x = torch.randn(8, 4)
+    names = ["fc1.weight", "fc2.weight", "fc2.bias"]
+    baseline = mlp(torch.zeros(1, 4)).detach()[0]
+    slow = loop_gradients(mlp, names, x, baseline.expand(8, -1), mse)
+    source = GradientSource(
+        Target.create(mlp, names), mse, "zero_input", dataset=Dataset(x, 8), per_token=False,
+        method=method,
+    )  # fmt: skip
+    for batch in (source.batch(x), next(source.epoch(torch.Generator(), shuffle=False))):
+        fast = batch.dense()
+        for n in names:
+            torch.testing.assert_close(fast[n], slow[n], rtol=1e-5, atol=1e-6)
+
+
+def test_zero_input_reference_refuses_token_inputs(token_model):
+    import l3d
+
+    ids = torch.randint(0, 7, (4, 5))
+    with pytest.raises(l3d.L3DError, match="reference='zero_input' .* float tensor inputs"):
+        l3d.decompose(
+            token_model, ids, params=["*"], n_subnetworks=2, epochs=1, per_token=True,
+            divergence="kl", reference="zero_input", progress=False,
+        )  # fmt: skip
+
+
 def test_auto_uses_the_jacobian_cache_only_for_small_outputs():
     """Building the cache costs one backward pass per output element per sample: 'auto' takes it
     only up to JACOBIAN_MAX_OUTPUTS outputs per sample (every toy), else the structured path."""

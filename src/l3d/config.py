@@ -70,7 +70,8 @@ class L3DConfig(BaseModel):
     reference: str = Field(
         default="random",
         description="'random' (another sample's output from the batch, never the sample itself), "
-        "'mean', 'uniform', 'counterpart' (contrastive pairs: l3d.pairs), or 'custom:<name>'.",
+        "'mean', 'uniform', 'zero_input' (the output at an all-zero input: float inputs only), "
+        "'counterpart' (contrastive pairs: l3d.pairs), or 'custom:<name>'.",
     )
     per_token: bool = Field(
         default=False,
@@ -176,8 +177,22 @@ class L3DConfig(BaseModel):
         description="Initial subnetworks: 'random' factors (the paper), or 'gradients': the "
         "centres of a sign-free spherical k-means (k-means++ seeding, then Lloyd steps on |cos|) "
         "of per-sample gradients at W0, each fitted at the subnetworks' rank as resampling does "
-        "(docs/algorithm.md, initialisation). Needs the dense gradients of up to "
-        "INIT_MAX_ELEMENTS / n_weights samples.",
+        "(docs/algorithm.md, initialisation). Needs the dense gradients of init_samples samples.",
+    )
+    init_swap_search: bool = Field(
+        default=False,
+        description="With init='gradients', improve the k-means by a swap search after the Lloyd "
+        "steps (a centre moved to where a new one would add most, kept if the objective rose): "
+        "gives circuits with few samples a centre. ResidMLP: 0 probe errors in every seed; X²: "
+        "one seed lost an input (docs/toys.md), so off by default.",
+    )
+    init_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="Samples whose gradients init='gradients' clusters (those with a zero "
+        "gradient are left out). None: as many as 2^26 float32 entries hold (256 MiB), at least "
+        "n_subnetworks. More samples per subnetwork let small circuits get a centre; the "
+        "gradients take init_samples x n_weights x 4 bytes.",
     )
     heldout_fraction: float = Field(
         default=0.0,

@@ -219,11 +219,37 @@ def counterpart(divergence: Divergence) -> ReferenceFn:
     return reference
 
 
+ZERO_INPUT = "zero_input"
+
+
+def zero_input(divergence: Divergence) -> ReferenceFn:
+    """The model's output at the all-zero input, the same reference for every sample: each
+    gradient then measures a sample against "nothing present", as the one-hot probe does. Where
+    inputs are sparse features, a single-feature sample's gradient points along that feature's
+    circuit alone; against another sample's or the batch's mean output it also carries the
+    reference's offset. The gradient source binds the output (`bind_zero_input`): it needs
+    the model, which a reference strategy never sees."""
+
+    def reference(outputs: Tensor, generator: torch.Generator) -> Tensor:
+        raise L3DError(
+            "reference 'zero_input' needs the model's output at an all-zero input: pass the "
+            "references explicitly, or draw them through the decomposition's gradient source"
+        )
+
+    return reference
+
+
+def bind_zero_input(baseline: Tensor) -> Reference:
+    """'zero_input' with its output known: `baseline` (1, n_out), one model output."""
+    return Reference(ZERO_INPUT, lambda outputs, generator: baseline.expand_as(outputs))
+
+
 REFERENCES: dict[str, Callable[[Divergence], ReferenceFn]] = {
     "random": lambda divergence: random_other,
     "mean": batch_mean,
     "uniform": uniform,
     "counterpart": counterpart,
+    ZERO_INPUT: zero_input,
 }
 
 

@@ -179,6 +179,10 @@ def reset_optimizer_rows_(optimizer: torch.optim.Optimizer, rows: list[int]) -> 
 # Dense per-sample gradients the gradient initialisation holds at once (float32: 256 MiB).
 INIT_MAX_ELEMENTS = 1 << 26
 INIT_LLOYD_STEPS = 10
+INIT_SWAP_PATIENCE = 10
+INIT_SWAP_LLOYD_STEPS = 3
+"""Lloyd steps after each proposed swap, before its objective is compared (all of them once the
+search ends)."""
 DENSE_AUTO_SAMPLES = 4
 """Library defaults use the dense helpers only where INIT_MAX_ELEMENTS holds this many gradients
 per subnetwork (`dense_helpers_fit`)."""
@@ -194,32 +198,33 @@ def dense_helpers_fit(n_weights: int, n_subnetworks: int, batch_size: int, per_t
 
 
 @torch.no_grad()
-def initialize_from_gradients_(pair: SubnetworkPair, source: GradientSource, seed: int) -> int:
+def initialize_from_gradients_(
+    pair: SubnetworkPair,
+    source: GradientSource,
+    seed: int,
+    n_samples: int | None = None,
+    swap_search: bool = False,
+) -> int:
     """Set V_out (and V_in, equal to it as at initialisation) to the centres of a sign-free
-    spherical k-means of per-sample gradients g_i at W0: k-means++ seeding on 1 - cos^2, then
-    Lloyd steps (each g_i to the centre of largest |cos|; a centre is the sign-aligned mean of its
-    gradients), each centre fitted at the subnetworks' rank (`set_direction_`). A gradient made by
-    one circuit points along it, so with sparse circuits many samples' gradients already are
-    subnetworks, where random factors start far from all of them. Returns the number of sampled
-    gradients (at most INIT_MAX_ELEMENTS / n_weights)."""
+    spherical k-means of per-sample gradients g_i at W0 (`spherical_kmeans`), each centre fitted
+    at the subnetworks' rank (`set_direction_`). A gradient made by one circuit points along it,
+    so with sparse circuits many samples' gradients already are subnetworks, where random factors
+    start far from all of them. n_samples: how many samples to draw (`L3DConfig.init_samples`;
+    None: as many as INIT_MAX_ELEMENTS entries hold, at least n_v); swap_search: improve the
+    k-means by swaps (`L3DConfig.init_swap_search`). Returns the number of sampled gradients that
+    are not zero."""
     v_out = pair.v_out
     n_v, names = v_out.n_subnetworks, v_out.names
     generator = torch.Generator().manual_seed(seed)
-    g = sampled_gradients(source, names, max(INIT_MAX_ELEMENTS // v_out.n_weights, n_v), generator)
+    if n_samples is None:
+        n_samples = max(INIT_MAX_ELEMENTS // v_out.n_weights, n_v)
+    g = sampled_gradients(source, names, n_samples, generator)
     if len(g) < n_v:
         raise L3DError(
             f"init='gradients' needs at least n_subnetworks={n_v} samples with a nonzero "
             f"gradient; found {len(g)}: use init='random' or more data"
         )
-    centres = _kmeans_plus_plus(g, n_v, generator)
-    for _ in range(INIT_LLOYD_STEPS):
-        cos = g @ centres.T  # (M, n_v)
-        owner = cos.abs().argmax(1)
-        signed = g * cos.gather(1, owner[:, None]).sign()
-        sums = torch.zeros_like(centres).index_add_(0, owner, signed)
-        empty = sums.norm(dim=1) == 0  # keep a centre that lost all its gradients
-        sums[empty] = centres[empty]
-        centres = sums / sums.norm(dim=1, keepdim=True)
+    centres = spherical_kmeans(g, n_v, generator, swap_search)
     offsets = [0, *itertools.accumulate(math.prod(f.work_shape) for f in v_out.factors)]
     for k in range(n_v):
         direction = {n: centres[k, a:b].to(v_out.factors[0].modes[0].device)
@@ -228,6 +233,108 @@ def initialize_from_gradients_(pair: SubnetworkPair, source: GradientSource, see
     v_out.normalize_()
     pair.v_in.copy_(v_out)
     return len(g)
+
+
+def spherical_kmeans(
+    g: Tensor, n: int, generator: torch.Generator, swap_search: bool = False
+) -> Tensor:
+    """Centres (n, d), unit rows, of a sign-free spherical k-means of the unit rows of g (M, d),
+    which maximises sum_i max_k cos^2(g_i, centre_k): k-means++ seeding on 1 - cos^2, Lloyd steps
+    (each g_i to the centre of largest |cos|; a centre is the sign-aligned mean of its rows), then
+    with swap_search the local search for k-means of Kanungo et al. (2004): move the centre whose
+    removal costs the objective least onto the row where a new centre would add the most (the
+    rows it would fit better than their own centres do, e.g. a circuit without one), run Lloyd,
+    keep the swap if the objective rose; stop after INIT_SWAP_PATIENCE proposals in a row that did
+    not, or after n proposals. Lloyd steps alone keep a circuit with few samples without a centre
+    when the seeding put two centres on another one or one on a mixture of circuits (ResidMLP:
+    one or two of 100 features, each worth 20-150 one-hot-probe errors; docs/toys.md). A higher
+    objective is not always a better start: on X² the search cost one seed an input, so it is
+    an option.
+
+    Works on coordinates y (M, r) with y y^T = g g^T, r <= min(M, d), so that a step costs
+    M r n multiply-adds rather than M d n; centres are kept as signed sums of rows
+    (`members`, (n, M)) and formed in the d-dimensional space once, at the end."""
+    y = _coordinates(g)
+    members = _lloyd(y, _one_hot_rows(_kmeans_plus_plus(y, n, generator), len(y)))
+    if swap_search:
+        members = _swap_search(y, members)
+    centres = members.to_sparse() @ g
+    return centres / centres.norm(dim=1, keepdim=True)
+
+
+def _swap_search(y: Tensor, members: Tensor) -> Tensor:
+    """`spherical_kmeans`'s swaps from Lloyd's fixed point `members` (n, M)."""
+    n, m = members.shape
+    objective = _kmeans_objective(y, members)
+    cos2 = (y @ y.T).pow(2)  # (M, M) between rows
+    tried = torch.zeros(m, dtype=torch.bool)
+    misses = proposals = 0
+    while n > 1 and misses < INIT_SWAP_PATIENCE and proposals < n:
+        best = (y @ _centres(y, members).T).pow(2).topk(2, dim=1)  # (M, 2) of cos^2
+        # What a centre at row i would add: the rows it would fit better than their centres do.
+        gain = (cos2 - best.values[None, :, 0]).clamp_min(0).sum(1).masked_fill(tried, -1.0)
+        i = int(gain.argmax())
+        tried[i] = True
+        # Removing centre k moves its rows to their second-best centre.
+        loss = best.values[:, 0] - best.values[:, 1]
+        cost = torch.zeros(n).index_add_(0, best.indices[:, 0], loss)
+        trial = members.clone()
+        trial[int(cost.argmin())] = _one_hot_rows([i], m)[0]
+        trial = _lloyd(y, trial, INIT_SWAP_LLOYD_STEPS)
+        value = _kmeans_objective(y, trial)
+        proposals += 1
+        if value > objective:
+            members, objective, misses = trial, value, 0
+        else:
+            misses += 1
+    return _lloyd(y, members)
+
+
+def _coordinates(g: Tensor) -> Tensor:
+    """y (M, r) with y y^T = g g^T: g itself when it has no more columns than rows, else the
+    eigen-coordinates of its rows' Gram matrix (eigenvalues below float32 round-off dropped),
+    formed from bfloat16 rows."""
+    if g.shape[1] <= g.shape[0]:
+        return g
+    # bfloat16 operands, float32 sums: about 3x faster here, and errors of about 1e-3 in the cos
+    # values move no sample between clusters that are told apart by their circuits.
+    low = g.bfloat16()
+    values, vectors = torch.linalg.eigh((low @ low.T).double())
+    keep = values > values.max() * 1e-7
+    return (vectors[:, keep] * values[keep].sqrt()).to(g.dtype)
+
+
+def _one_hot_rows(rows: list[int], m: int) -> Tensor:
+    """(len(rows), m): centre j is row rows[j] of the samples."""
+    members = torch.zeros(len(rows), m)
+    members[torch.arange(len(rows)), torch.tensor(rows)] = 1.0
+    return members
+
+
+def _centres(y: Tensor, members: Tensor) -> Tensor:
+    centres = members @ y
+    return centres / centres.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def _lloyd(y: Tensor, members: Tensor, steps: int = INIT_LLOYD_STEPS) -> Tensor:
+    """Up to `steps` Lloyd steps from `members`, fewer if the assignment settles; a centre that
+    loses all its rows keeps its previous ones."""
+    rows = torch.arange(len(y))
+    for _ in range(steps):
+        cos = y @ _centres(y, members).T  # (M, n)
+        owner = cos.abs().argmax(1)
+        new = torch.zeros_like(members)
+        new[owner, rows] = cos[rows, owner].sign()
+        empty = (new @ y).norm(dim=1) == 0
+        new[empty] = members[empty]
+        if torch.equal(new, members):
+            break
+        members = new
+    return members
+
+
+def _kmeans_objective(y: Tensor, members: Tensor) -> float:
+    return float((y @ _centres(y, members).T).pow(2).amax(1).sum())
 
 
 def sampled_gradients(
@@ -278,9 +385,10 @@ def effective_directions(
     return float(gram.trace() ** 2 / gram.pow(2).sum())
 
 
-def _kmeans_plus_plus(g: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    """n rows of unit vectors g (M, d), each next one drawn with probability proportional to its
-    1 - cos^2 to the nearest already drawn (sign-free k-means++ seeding)."""
+def _kmeans_plus_plus(g: Tensor, n: int, generator: torch.Generator) -> list[int]:
+    """Indices of n rows of g (M, r), each next one drawn with probability proportional to its
+    1 - cos^2 to the nearest already drawn (sign-free k-means++ seeding; rows of unit norm, or
+    coordinates of such rows)."""
     first = int(torch.randint(len(g), (1,), generator=generator))
     chosen = [first]
     distance = 1 - (g @ g[first]).pow(2)
@@ -293,4 +401,4 @@ def _kmeans_plus_plus(g: Tensor, n: int, generator: torch.Generator) -> Tensor:
         )
         chosen.append(i)
         distance = torch.minimum(distance, 1 - (g @ g[i]).pow(2))
-    return g[chosen].clone()
+    return chosen

@@ -90,7 +90,9 @@ class Trainer:
         self.group = Group.current() if group is None else group
         if config.init == "gradients":
             # Every rank the same: the same data and seed give the same gradients and centres.
-            initialize_from_gradients_(pair, source, config.seed + 3)
+            initialize_from_gradients_(
+                pair, source, config.seed + 3, config.init_samples, config.init_swap_search
+            )
         if self.group is not None:
             self.group.check_same(self._fingerprint(), "decomposed weights, data or factors")
         self.sharded = shard_factors and self.group is not None

@@ -21,10 +21,12 @@ from torch.func import vmap
 
 from l3d.core.distributed import Group
 from l3d.core.divergences import (
+    ZERO_INPUT,
     Divergence,
     DivergenceFn,
     Reference,
     ReferenceFn,
+    bind_zero_input,
     check_references,
     get_divergence,
     get_reference,
@@ -117,6 +119,8 @@ class GradientSource:
                 raise ValueError("a GradientSource needs a dataset or example inputs")
             example = self._first_batch(dataset)
         self._validate(example)
+        if self.reference.name == ZERO_INPUT:
+            self.reference = self._zero_input(example)
         # Two inputs, copied (not a view of the data's storage), for `batch_memory`.
         self._example = take(example, torch.arange(min(2, batch_size_of(example))))
         self.plan: StructuredPlan | None = None
@@ -129,6 +133,19 @@ class GradientSource:
         if batch is None:
             raise L3DError("data yielded no batch with at least 2 samples")
         return batch
+
+    def _zero_input(self, example: Inputs) -> Reference:
+        """The 'zero_input' reference bound to this model's output at an all-zero input."""
+        if self.per_token or not isinstance(example, Tensor) or not example.is_floating_point():
+            raise L3DError(
+                "reference='zero_input' compares each sample with the model's output at an "
+                "all-zero input, which needs float tensor inputs and no per-token samples: use "
+                "reference='random' or 'mean'"
+            )
+        device = next(iter(self.target.w0.values())).device
+        with torch.no_grad():
+            baseline = self.target.outputs(torch.zeros_like(example[:1], device=device))
+        return bind_zero_input(baseline.flatten(1))
 
     def _validate(self, example: Inputs) -> None:
         device = next(iter(self.target.w0.values())).device
