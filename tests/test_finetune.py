@@ -359,4 +359,28 @@ def test_squares_demo_compares_every_method(tmp_path):
     assert set(rows) == set(finetune_common.METHODS)
     assert rows["l3d_scalars"]["n_trainable"] == rows["random_directions"]["n_trainable"] == 1
     assert rows["lora_r4"]["n_trainable"] == 4 * rows["lora_r1"]["n_trainable"]
+    # Cores: one R x R core per weight matrix (rank 2) and R x 1 per bias (rank 1), 5 layers.
+    assert rows["l3d_cores"]["n_trainable"] == rows["random_cores"]["n_trainable"] == 5 * 4 + 5
     assert (tmp_path / "tradeoff.png").is_file() and (tmp_path / "results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("demo", "methods", "message"),
+    [
+        ("finetune_squares", "l3d_scalars,lora_r8", r"unknown lora_r8; choose from l3d_scalars,"),
+        ("finetune_squares", "lora_r4", r"summary needs l3d_scalars"),
+        ("finetune_digits", ",", r"choose from"),
+        ("finetune_transformer", "l3d_core", r"unknown l3d_core"),
+    ],
+)
+def test_demo_methods_checked_before_any_work(demo, methods, message, tmp_path, capsys):
+    """A misspelt or missing method is a one-line usage error before models are trained."""
+    import importlib
+
+    module = importlib.import_module(f"l3d.demos.{demo}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--out", str(tmp_path), "--methods", methods])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message, err), err
+    assert not any(tmp_path.iterdir())

@@ -12,6 +12,7 @@ whose norm is ~10) get their own grid (`alpha_lrs`), the others share `lrs`.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +22,16 @@ import torch
 from l3d.decomposition import Decomposition
 from l3d.finetuning import Edit, Objective, baseline, finetune
 
-METHODS = ("l3d_scalars", "l3d_factors", "random_directions", "lora_r1", "lora_r4", "full")
+METHODS = (
+    "l3d_scalars",
+    "l3d_factors",
+    "l3d_cores",
+    "random_directions",
+    "random_cores",
+    "lora_r1",
+    "lora_r4",
+    "full",
+)
 LABELS = {
     "l3d_scalars": "L3D scalars",
     "l3d_factors": "L3D factors",
@@ -34,6 +44,24 @@ LABELS = {
 }
 SCALAR_METHODS = ("l3d_scalars", "random_directions")
 Evaluate = Callable[[Edit], dict[str, float]]
+
+
+def parse_methods(
+    text: str, parser: argparse.ArgumentParser, required: Sequence[str] = ()
+) -> list[str]:
+    """The comma-separated `--methods` of a demo, or a one-line usage error naming the known
+    methods (and any the demo's summary needs)."""
+    methods = [m for m in text.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    missing = [m for m in required if m not in methods]
+    if unknown or missing or not methods:
+        parser.error(
+            f"--methods {text!r}: "
+            + (f"unknown {', '.join(unknown)}; " if unknown else "")
+            + (f"this demo's summary needs {', '.join(missing)}; " if missing else "")
+            + f"choose from {','.join(METHODS)}"
+        )
+    return methods
 
 
 def learning_rates(method: str, lrs: str, alpha_lrs: str) -> list[float]:

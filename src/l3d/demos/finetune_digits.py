@@ -22,7 +22,7 @@ from l3d import plots
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
 from l3d.demos import digits_cnn as dc
-from l3d.demos.finetune_common import LABELS, METHODS, best_under, sweep
+from l3d.demos.finetune_common import LABELS, METHODS, best_under, parse_methods, sweep
 from l3d.finetuning import Edit, contrast_subnetworks
 from l3d.io import load_tensors, save_tensors, write_json
 from l3d.vision import ranks_by_fraction
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    methods = args.methods.split(",")
+    methods = parse_methods(args.methods, parser)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
     runs: list[dict] = []
     for seed in [int(s) for s in args.seeds.split(",")]:

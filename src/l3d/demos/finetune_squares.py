@@ -20,7 +20,7 @@ import l3d
 from l3d import plots
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
-from l3d.demos.finetune_common import LABELS, METHODS, sweep
+from l3d.demos.finetune_common import LABELS, METHODS, parse_methods, sweep
 from l3d.finetuning import Edit, top_subnetworks
 from l3d.io import write_json
 from l3d.toys.registry import Toy, get_toy, train_toy_model
@@ -90,9 +90,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lrs", default="0.003,0.01,0.03,0.1")
     parser.add_argument("--alpha-lrs", default="0.03,0.1,0.3", help="lrs of alpha-only adapters")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated; must include l3d_scalars (its fit is the summary's threshold)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    methods = parse_methods(args.methods, parser, ("l3d_scalars",))
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
     runs: list[dict] = []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         evaluate = evaluation(toy.model, heldout, args.output)
         results["seeds"][seed] = {"subnetworks": chosen, "n_target_rows": len(target)}
         runs += sweep(
-            METHODS,
+            methods,
             args.lrs,
             args.alpha_lrs,
             decomposition,
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
             ),
         )
     results["runs"] = runs
-    results["summary"] = summarize(runs)
+    results["summary"] = summarize(runs, methods)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
     plots.save(
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs,
             x="target_error",
             y="off_target",
-            labels=LABELS,
+            labels={m: LABELS[m] for m in methods},
             xlabel="target error (relative to the frozen model)",
             ylabel="mean squared change of the other outputs",
         ),
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def summarize(runs: list[dict]) -> list[dict]:
+def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
     """Per seed and method, the smallest off-target change among checkpoints (over learning rates
     and steps) that fit the target at least as well as a threshold: the best target error that
     L3D scalars reach (the few-parameter adapter's fit), and 0.1 of the frozen model's error."""
@@ -157,10 +163,10 @@ def summarize(runs: list[dict]) -> list[dict]:
                 if r["method"] == method and r["seed"] == seed
                 for p in r["curve"]
             ]
-            for method in METHODS
+            for method in methods
         }
         scalars_fit = min(p["target_error"] for p in points["l3d_scalars"])
-        for method in METHODS:
+        for method in methods:
             row: dict = {"seed": seed, "method": method}
             row["n_trainable"] = points[method][0]["n_trainable"]
             row["best_target_error"] = min(p["target_error"] for p in points[method])

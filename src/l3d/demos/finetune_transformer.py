@@ -31,12 +31,11 @@ from l3d import plots
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
 from l3d.demos import synthetic_transformer as st
-from l3d.demos.finetune_common import LABELS, METHODS, best_under, sweep
+from l3d.demos.finetune_common import LABELS, METHODS, best_under, parse_methods, sweep
 from l3d.finetuning import IGNORE, Edit, contrast_subnetworks, objective_subnetworks
 from l3d.io import load_tensors, save_tensors, write_json
 
 RETAIN_FRACTION = 0.99
-DEMO_METHODS = (*METHODS, "l3d_cores", "random_cores")
 
 
 def trained_model(seed: int, steps: int, folder: Path) -> nn.Module:
@@ -133,9 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--retain-weight", default="1", help="retain weights, comma-separated: each is a run"
     )
     parser.add_argument("--batch-size", type=int, default=128, help="rows per finetuning step")
-    parser.add_argument("--methods", default=",".join(DEMO_METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    methods = parse_methods(args.methods, parser)
     torch.set_num_threads(args.threads)
     forget = st.TASKS.index(args.forget)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"seed {seed}: frozen {frozen}; subnetworks {chosen}")
         for retain_weight in [float(w) for w in args.retain_weight.split(",")]:
             runs += sweep(
-                args.methods.split(","),
+                methods,
                 args.lrs,
                 args.alpha_lrs,
                 decomposition,
@@ -203,14 +203,14 @@ def main(argv: list[str] | None = None) -> dict:
                 ),
             )
     results["runs"] = runs
-    results["summary"] = summarize(runs, args.methods.split(","))
+    results["summary"] = summarize(runs, methods)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
     figure = plots.finetune_tradeoff_figure(
         runs,
         x="retain_ratio",
         y="target_loss",
-        labels={m: LABELS[m] for m in args.methods.split(",")},
+        labels={m: LABELS[m] for m in methods},
         xlabel="other tasks' answer accuracy / frozen model's",
         ylabel=f"answer loss of '{args.forget}' (chance {math.log(st.VOCAB):.2f})",
         ylog=False,
