@@ -371,6 +371,7 @@ def test_squares_demo_compares_every_method(tmp_path):
         ("finetune_squares", "lora_r4", r"summary needs l3d_scalars"),
         ("finetune_digits", ",", r"choose from"),
         ("finetune_transformer", "l3d_core", r"unknown l3d_core"),
+        ("finetune_transformer", "l3d_cores --train-steps 10", r"--train-steps 10: use at least"),
     ],
 )
 def test_demo_methods_checked_before_any_work(demo, methods, message, tmp_path, capsys):
@@ -379,8 +380,32 @@ def test_demo_methods_checked_before_any_work(demo, methods, message, tmp_path, 
 
     module = importlib.import_module(f"l3d.demos.{demo}")
     with pytest.raises(SystemExit) as exit_info:
-        module.main(["--out", str(tmp_path), "--methods", methods])
+        module.main(["--out", str(tmp_path), "--methods", *methods.split()])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.search(message, err), err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_transformer_demo_whole_layers_scope(tmp_path):
+    """`--scope layers` decomposes every attention and MLP tensor of both layers, and LoRA covers
+    the same weight matrices: its count is 4 (in + out) per matrix."""
+    from l3d.demos import finetune_transformer
+
+    results = finetune_transformer.main(
+        ["--out", str(tmp_path), "--scope", "layers", "--train-steps", "20", "--epochs", "1",
+         "--n-per-task", "8", "--steps", "2", "--lrs", "0.03", "--alpha-lrs", "0.1",
+         "--methods", "l3d_scalars,l3d_cores,lora_r4", "--n-subnetworks", "2"]
+    )  # fmt: skip
+    model = finetune_transformer.trained_model(0, 20, tmp_path / "seed0")  # the cached model
+    decomposition = l3d.load(tmp_path / "seed0" / "decomposition-layers", model)
+    names = decomposition.subnetworks.v_out.names
+    assert len(names) == 18 and all(".h.0." in n or ".h.1." in n for n in names)
+    shapes = decomposition.subnetworks.v_out.shapes
+    matrices = [shape for shape in shapes.values() if len(shape) == 2]
+    rows = {row["method"]: row for row in results["summary"]}
+    assert rows["lora_r4"]["n_trainable"] == 4 * sum(a + b for a, b in matrices)
+    # Cores: a 4 x 4 core per matrix and 1 x 1 per bias (a vector's CP rank is 1), for each of
+    # the 2 chosen subnetworks.
+    assert rows["l3d_cores"]["n_trainable"] == 2 * (16 * len(matrices) + (18 - len(matrices)))

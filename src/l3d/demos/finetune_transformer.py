@@ -36,6 +36,20 @@ from l3d.finetuning import IGNORE, Edit, contrast_subnetworks, objective_subnetw
 from l3d.io import load_tensors, save_tensors, write_json
 
 RETAIN_FRACTION = 0.99
+# What the decomposition covers (`--scope`): attention block 1 with 16 subnetworks, or every
+# attention and MLP weight and bias of both layers (98,880 entries, 6x the block) with 32.
+SCOPES: dict[str, tuple[list[str], int]] = {
+    "block": (st.BLOCK, 16),
+    "layers": (
+        [
+            "transformer.h.*.attn.attention.*_proj.weight",
+            "transformer.h.*.attn.attention.out_proj.bias",
+            "transformer.h.*.mlp.c_*.weight",
+            "transformer.h.*.mlp.c_*.bias",
+        ],
+        32,
+    ),
+}
 
 
 def trained_model(seed: int, steps: int, folder: Path) -> nn.Module:
@@ -53,15 +67,21 @@ def trained_model(seed: int, steps: int, folder: Path) -> nn.Module:
 
 
 def decomposition_for(
-    model: nn.Module, data: dict[str, Tensor], seed: int, epochs: int, folder: Path
+    model: nn.Module,
+    data: dict[str, Tensor],
+    seed: int,
+    epochs: int,
+    folder: Path,
+    scope: str = "block",
 ) -> Decomposition:
-    """The synthetic-transformer demo's decomposition of attention block 1 (per-token KL), cached
-    in `folder`."""
+    """The synthetic-transformer demo's decomposition of the tensors of `scope` (SCOPES;
+    per-token KL), cached in `folder`."""
     if (folder / "decomposition.json").is_file():
         return l3d.load(folder, model)
+    params, n_subnetworks = SCOPES[scope]
     config = L3DConfig.create(
-        params=st.BLOCK,
-        n_subnetworks=16,
+        params=params,
+        n_subnetworks=n_subnetworks,
         rank=4,
         top_k=0.1,
         divergence="kl",
@@ -122,6 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="subnetworks by impact contrast, or by the forget objective's gradient per retain "
         "curvature in their core subspaces (objective_subnetworks)",
     )
+    parser.add_argument(
+        "--scope",
+        default="block",
+        choices=tuple(SCOPES),
+        help="decompose attention block 1 (16 subnetworks) or every attention and MLP tensor of "
+        "both layers (32); LoRA and full finetuning cover the same tensors",
+    )
     parser.add_argument("--train-steps", type=int, default=3000, help="transformer training")
     parser.add_argument("--epochs", type=int, default=40, help="L3D epochs")
     parser.add_argument("--n-per-task", type=int, default=100, help="sequences per task")
@@ -136,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     methods = parse_methods(args.methods, parser)
+    if args.train_steps < 20:  # the one-cycle schedule warms up over 10 % of them
+        parser.error(f"--train-steps {args.train_steps}: use at least 20")
     torch.set_num_threads(args.threads)
     forget = st.TASKS.index(args.forget)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
@@ -145,7 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         model = trained_model(seed, args.train_steps, folder)
         data, _, _ = st.dataset(args.n_per_task, seed=seed + 1)
-        decomposition = decomposition_for(model, data, seed, args.epochs, folder / "decomposition")
+        cache = folder / (
+            "decomposition" if args.scope == "block" else f"decomposition-{args.scope}"
+        )
+        decomposition = decomposition_for(model, data, seed, args.epochs, cache, args.scope)
         prepare_seconds = time.perf_counter() - start
         # Finetuning data: fresh sequences; evaluation: other fresh ones.
         tune, tune_tasks, tune_answer = st.dataset(args.n_per_task // 2, seed=seed + 2)
