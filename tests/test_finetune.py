@@ -396,10 +396,12 @@ def test_transformer_demo_whole_layers_scope(tmp_path):
     results = finetune_transformer.main(
         ["--out", str(tmp_path), "--scope", "layers", "--train-steps", "20", "--epochs", "1",
          "--n-per-task", "8", "--steps", "2", "--lrs", "0.03", "--alpha-lrs", "0.1",
-         "--methods", "l3d_scalars,l3d_cores,lora_r4", "--n-subnetworks", "2"]
+         "--methods", "l3d_scalars,l3d_cores,lora_r4", "--n-subnetworks", "2",
+         "--decomposition-subnetworks", "6"]
     )  # fmt: skip
     model = finetune_transformer.trained_model(0, 20, tmp_path / "seed0")  # the cached model
-    decomposition = l3d.load(tmp_path / "seed0" / "decomposition-layers", model)
+    decomposition = l3d.load(tmp_path / "seed0" / "decomposition-layers-6", model)
+    assert decomposition.subnetworks.v_out.n_subnetworks == 6
     names = decomposition.subnetworks.v_out.names
     assert len(names) == 18 and all(".h.0." in n or ".h.1." in n for n in names)
     shapes = decomposition.subnetworks.v_out.shapes
@@ -409,3 +411,25 @@ def test_transformer_demo_whole_layers_scope(tmp_path):
     # Cores: a 4 x 4 core per matrix and 1 x 1 per bias (a vector's CP rank is 1), for each of
     # the 2 chosen subnetworks.
     assert rows["l3d_cores"]["n_trainable"] == 2 * (16 * len(matrices) + (18 - len(matrices)))
+
+
+@pytest.mark.slow
+def test_digits_demo_whole_model_scope(tmp_path):
+    """`--scope model` decomposes every tensor of the CNN, and LoRA covers every convolution with
+    groups = 1 and the classifier: at rank 4, 4 (out + in x kernel) numbers per such weight."""
+    from l3d.demos import digits_cnn as dc
+    from l3d.demos import finetune_digits
+
+    results = finetune_digits.main(
+        ["--out", str(tmp_path), "--scope", "model", "--train-epochs", "1", "--epochs", "1",
+         "--steps", "2", "--lrs", "0.03", "--alpha-lrs", "0.1", "--methods", "l3d_scalars,lora_r4"]
+    )  # fmt: skip
+    model = dc.DigitsNet()
+    assert (tmp_path / "seed0" / "decomposition-model" / "decomposition.json").is_file()
+    lora = [
+        m.weight for m in model.modules()
+        if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)
+    ]  # fmt: skip
+    rows = {row["method"]: row for row in results["summary"]}
+    assert rows["lora_r4"]["n_trainable"] == 4 * sum(w.shape[0] + w[0].numel() for w in lora)
+    assert rows["l3d_scalars"]["n_trainable"] == 3

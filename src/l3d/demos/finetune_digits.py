@@ -42,14 +42,23 @@ def trained_model(seed: int, x: Tensor, y: Tensor, epochs: int, folder: Path) ->
     return model.eval()
 
 
-def decomposition_for(model: nn.Module, x: Tensor, seed: int, epochs: int, folder: Path):
-    """The digits demo's decomposition of block features.3 (KL over classes), cached."""
+# What the decomposition covers (`--scope`): block features.3 with 20 subnetworks, or every
+# parameter of the network (20,226 entries, 3.5x the block) with 40.
+SCOPES: dict[str, tuple[str, int]] = {"block": (dc.BLOCK, 20), "model": ("*", 40)}
+
+
+def decomposition_for(
+    model: nn.Module, x: Tensor, seed: int, epochs: int, folder: Path, scope: str = "block"
+):
+    """The digits demo's decomposition of the tensors of `scope` (SCOPES; KL over classes),
+    cached."""
     if (folder / "decomposition.json").is_file():
         return l3d.load(folder, model)
+    params, n_subnetworks = SCOPES[scope]
     config = L3DConfig.create(
-        params=[dc.BLOCK],
-        n_subnetworks=20,
-        rank=ranks_by_fraction(model, [dc.BLOCK], 0.1),
+        params=[params],
+        n_subnetworks=n_subnetworks,
+        rank=ranks_by_fraction(model, [params], 0.1),
         top_k=0.1,
         divergence="kl",
         batch_size=32,
@@ -97,6 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source", type=int, default=3, help="the digit to relabel")
     parser.add_argument("--goal", type=int, default=8, help="the digit to read it as")
     parser.add_argument("--n-subnetworks", type=int, default=3)
+    parser.add_argument(
+        "--scope",
+        default="block",
+        choices=tuple(SCOPES),
+        help="decompose block features.3 (20 subnetworks) or the whole network (40); LoRA and "
+        "full finetuning cover the same tensors",
+    )
     parser.add_argument("--train-epochs", type=int, default=15)
     parser.add_argument("--epochs", type=int, default=30, help="L3D epochs")
     parser.add_argument("--steps", type=int, default=100)
@@ -115,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
         folder = args.out / f"seed{seed}"
         x_train, y_train, x_test, y_test = dc.digits(seed)
         model = trained_model(seed, x_train, y_train, args.train_epochs, folder)
+        name = "decomposition" if args.scope == "block" else f"decomposition-{args.scope}"
         decomposition: Decomposition = decomposition_for(
-            model, x_test, seed, args.epochs, folder / "decomposition"
+            model, x_test, seed, args.epochs, folder / name, args.scope
         )
         # Edit from training images (never seen by the decomposition), measured on the test ones.
         is_source = y_train == args.source

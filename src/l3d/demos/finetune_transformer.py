@@ -73,12 +73,14 @@ def decomposition_for(
     epochs: int,
     folder: Path,
     scope: str = "block",
+    n_subnetworks: int | None = None,
 ) -> Decomposition:
     """The synthetic-transformer demo's decomposition of the tensors of `scope` (SCOPES;
-    per-token KL), cached in `folder`."""
+    per-token KL) into n_subnetworks (None: the scope's), cached in `folder`."""
     if (folder / "decomposition.json").is_file():
         return l3d.load(folder, model)
-    params, n_subnetworks = SCOPES[scope]
+    params, default_count = SCOPES[scope]
+    n_subnetworks = n_subnetworks or default_count
     config = L3DConfig.create(
         params=params,
         n_subnetworks=n_subnetworks,
@@ -149,6 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="decompose attention block 1 (16 subnetworks) or every attention and MLP tensor of "
         "both layers (32); LoRA and full finetuning cover the same tensors",
     )
+    parser.add_argument(
+        "--decomposition-subnetworks",
+        type=int,
+        help="subnetworks of the decomposition (default: the scope's)",
+    )
     parser.add_argument("--train-steps", type=int, default=3000, help="transformer training")
     parser.add_argument("--epochs", type=int, default=40, help="L3D epochs")
     parser.add_argument("--n-per-task", type=int, default=100, help="sequences per task")
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     methods = parse_methods(args.methods, parser)
     if args.train_steps < 20:  # the one-cycle schedule warms up over 10 % of them
         parser.error(f"--train-steps {args.train_steps}: use at least 20")
+    if args.decomposition_subnetworks is not None and args.decomposition_subnetworks < 1:
+        parser.error(f"--decomposition-subnetworks {args.decomposition_subnetworks}: use 1 or more")
     torch.set_num_threads(args.threads)
     forget = st.TASKS.index(args.forget)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
@@ -174,10 +183,14 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         model = trained_model(seed, args.train_steps, folder)
         data, _, _ = st.dataset(args.n_per_task, seed=seed + 1)
-        cache = folder / (
-            "decomposition" if args.scope == "block" else f"decomposition-{args.scope}"
-        )
-        decomposition = decomposition_for(model, data, seed, args.epochs, cache, args.scope)
+        # One cache per scope and count: "decomposition" is the block's default.
+        name = "decomposition" if args.scope == "block" else f"decomposition-{args.scope}"
+        if args.decomposition_subnetworks:
+            name += f"-{args.decomposition_subnetworks}"
+        decomposition = decomposition_for(
+            model, data, seed, args.epochs, folder / name, args.scope,
+            args.decomposition_subnetworks,
+        )  # fmt: skip
         prepare_seconds = time.perf_counter() - start
         # Finetuning data: fresh sequences; evaluation: other fresh ones.
         tune, tune_tasks, tune_answer = st.dataset(args.n_per_task // 2, seed=seed + 2)
