@@ -43,7 +43,7 @@ def trained_model(seed: int, x: Tensor, y: Tensor, epochs: int, folder: Path) ->
 
 
 # What the decomposition covers (`--scope`): block features.3 with 20 subnetworks, or every
-# parameter of the network (20,226 entries, 3.5x the block) with 40.
+# parameter of the network (20,226 entries, 3.3x the block) with 40.
 SCOPES: dict[str, tuple[str, int]] = {"block": (dc.BLOCK, 20), "model": ("*", 40)}
 
 

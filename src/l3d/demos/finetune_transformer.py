@@ -37,7 +37,7 @@ from l3d.io import load_tensors, save_tensors, write_json
 
 RETAIN_FRACTION = 0.99
 # What the decomposition covers (`--scope`): attention block 1 with 16 subnetworks, or every
-# attention and MLP weight and bias of both layers (98,880 entries, 6x the block) with 32.
+# attention and MLP weight and bias of both layers (99,072 entries, 6x the block) with 32.
 SCOPES: dict[str, tuple[list[str], int]] = {
     "block": (st.BLOCK, 16),
     "layers": (
