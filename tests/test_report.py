@@ -207,6 +207,65 @@ def test_non_finite_impacts_are_reported_as_zero_with_a_note(hostile_run, tmp_pa
     assert main(["report", str(run), "-q"]) == 0
 
 
+def test_adapters_in_the_run_folder_are_shown_with_their_numbers(hostile_run, tmp_path):
+    """`l3d finetune RUN --out RUN/...` adapters appear on the index: their subnetworks (linked),
+    alpha, trained numbers and the objective and retain distance at the first and last step,
+    read back from what the adapter saved; an unreadable one is a note, a hostile one escaped."""
+    run = tmp_path / "run"
+    shutil.copytree(hostile_run, run, ignore=shutil.ignore_patterns("report"))
+    x, _ = sparse_vectors(40, 5, seed=3)
+    save_file({"inputs": x, "labels": torch.zeros(40, 5)}, str(tmp_path / "edit.safetensors"))
+    save_file({"inputs": sparse_vectors(40, 5, seed=4)[0]}, str(tmp_path / "keep.safetensors"))
+    common = ["--data", str(tmp_path / "edit.safetensors"), "--steps", "7", "-q"]
+    assert (
+        main(
+            [
+                "finetune",
+                str(run),
+                "--subnetworks",
+                "0",
+                "2",
+                *common,
+                "--retain",
+                str(tmp_path / "keep.safetensors"),
+                "--out",
+                str(run / "edit"),
+            ]
+        )
+        == 0
+    )
+    assert main(["finetune", str(run), "--subnetworks", "1", *common, "--train", "cores",
+                 "--out", str(run / "adapters" / "cores")]) == 0  # fmt: skip
+    broken = run / "adapters" / "broken"
+    shutil.copytree(run / "edit", broken)
+    (broken / "adapter.json").write_text("{")
+    hostile = run / "adapters" / "hostile"
+    shutil.copytree(run / "edit", hostile)
+    meta = json.loads((hostile / "adapter.json").read_text())
+    (hostile / "adapter.json").write_text(json.dumps({**meta, "train": PAYLOADS[0]}))
+
+    assert main(["report", str(run), "-q"]) == 0
+    page = (run / "report" / "index.html").read_text()
+    section = page[page.index("<h2>Adapters</h2>") : page.index("<h2>Subnetworks</h2>")]
+    saved = json.loads((run / "edit" / "adapter.json").read_text())
+    history = saved["history"]
+    alpha = io.load_tensors(run / "edit" / "adapter.safetensors", "adapter")["alpha"].tolist()
+    row = section[section.index("<td>edit</td>") :].split("</tr>")[0]
+    assert '<a href="subnetworks/0.html">#0</a> <a href="subnetworks/2.html">#2</a>' in row
+    assert ", ".join(f"{a:.4g}" for a in alpha) in row
+    assert f'<td class="num">{saved["n_trainable"]}</td><td class="num">7</td>' in row
+    for key in ("objective", "retain_distance"):
+        assert f"{history[0][key]:.4g} → {history[-1][key]:.4g}" in row
+    w0 = saved["w0_norms"]  # the zero-initialised bias has nothing to be relative to
+    ratio = max(d / w0[n] for n, d in saved["delta_norms"].items() if w0[n] > 0)
+    assert f"{ratio:.4g}" in row
+    cores = section[section.index("<td>adapters/cores</td>") :].split("</tr>")[0]
+    assert "<td>cores</td>" in cores and "<td>–</td>" in cores  # no retain term
+    assert "Adapter adapters/broken not shown" in page and "not valid JSON" in page
+    assert PAYLOADS[0] not in page and html_escaped(PAYLOADS[0]) in section
+    assert 'src="img/adapters.png"' in section and (run / "report/img/adapters.png").is_file()
+
+
 def test_figures_count_in_whole_numbers():
     """P_act and impact histogram counts, epochs and live subnetworks never get a "0.5" tick."""
     fig = plots.p_active_figure(np.array([0.1, 0.2, 0.25]), histogram=True)

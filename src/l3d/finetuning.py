@@ -259,7 +259,8 @@ class Adapter(Edit):
     # Persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """adapter.json (format, tensors, shapes, subnetworks, train mode, ranks, the W0
-        fingerprint, ||Delta W||, history) and adapter.safetensors (alpha, factors)."""
+        fingerprint, ||Delta W|| and ||W0|| per tensor, history) and adapter.safetensors (alpha,
+        cores, factors)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"alpha": self.alpha.detach()}
@@ -277,6 +278,7 @@ class Adapter(Edit):
             "w0_fingerprint": io.fingerprint(self.target.w0),
             "n_trainable": self.n_trainable,
             "delta_norms": self.delta_norms(),
+            "w0_norms": {n: float(w.norm()) for n, w in self.target.w0.items()},
             "history": self.history,
         }
         io.write_json(directory / ADAPTER_FILES[0], meta)

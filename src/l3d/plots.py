@@ -276,3 +276,34 @@ def finetune_tradeoff_figure(
     ax.set_ylabel(ylabel)
     ax.legend(fontsize="small")
     return fig
+
+
+def adapter_history_figure(histories: dict[str, list[dict]]) -> Figure:
+    """Finetuning adapters' training (l3d.finetuning `history`), one colour per adapter: the
+    objective per step, and, for adapters with a retain term, the trade-off of objective against
+    retain distance along the steps (the first step circled)."""
+    with_retain = {n: h for n, h in histories.items() if h and "retain_distance" in h[0]}
+    fig, axes = subplots(1, 2 if with_retain else 1, figsize=(9 if with_retain else 4.5, 3.2))
+    left = axes[0] if with_retain else axes
+    cmap = colormaps["tab10"]
+    colours = {name: cmap(i % 10) for i, name in enumerate(histories)}
+    for name, history in histories.items():
+        left.plot([r["step"] for r in history], [r["objective"] for r in history], lw=1,
+                  color=colours[name], label=name)  # fmt: skip
+    left.set_xlabel("step")
+    left.set_ylabel("objective (target data)")
+    left.legend(fontsize="small")
+    if with_retain:
+        right = axes[1]
+        for name, history in with_retain.items():
+            xs = [r["retain_distance"] for r in history]
+            ys = [r["objective"] for r in history]
+            right.plot(xs, ys, lw=1, marker=".", markersize=2, color=colours[name])
+            right.plot(xs[:1], ys[:1], "o", mfc="none", color=colours[name])
+        right.set_xlabel("retain distance (to the frozen model)")
+        right.set_ylabel("objective")
+        right.set_title("trade-off along the steps", fontsize="small")
+        right.xaxis.set_major_locator(MaxNLocator(5))
+        right.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+    fig.set_layout_engine("constrained")
+    return fig

@@ -63,6 +63,24 @@ class Samples:
 
 
 @dataclass
+class AdapterInfo:
+    """A finetuning adapter saved inside the run folder (`l3d finetune RUN --out RUN/...`)."""
+
+    path: Path
+    """Its folder, relative to the run folder."""
+    train: str
+    subnetworks: list[int]
+    alpha: list[float]
+    """alpha per chosen subnetwork, from adapter.safetensors."""
+    n_trainable: int
+    history: list[dict[str, float]]
+    """Per step: step, objective, retain_distance (with a retain term), loss."""
+    delta_norms: dict[str, float]
+    w0_norms: dict[str, float]
+    """Empty for adapters saved before l3d kept them."""
+
+
+@dataclass
 class RunData:
     """Everything the pages show of one run folder."""
 
@@ -82,6 +100,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)
     controls: dict | None = None
     """`l3d control`'s result (RUN_DIR/controls/controls.json), or None before it ran."""
+    adapters: list[AdapterInfo] = field(default_factory=list)
 
     @property
     def n_v(self) -> int:
@@ -144,6 +163,7 @@ def load(run_dir: Path) -> RunData:
     controls_file = run.path / "controls" / "controls.json"
     data = RunData(
         controls=io.read_json(controls_file, "controls") if controls_file.is_file() else None,
+        adapters=_adapters(run.path, notes),
         run=run,
         config=saved.config,
         meta=saved.meta,
@@ -161,6 +181,42 @@ def load(run_dir: Path) -> RunData:
         if data.samples is not None:
             data.units = _toy_units(spec, data.samples)
     return data
+
+
+def _adapters(run_dir: Path, notes: list[str]) -> list[AdapterInfo]:
+    """The adapters saved one or two folders below the run folder (not in its controls' run
+    folders); one that cannot be read becomes a note."""
+    files = [*run_dir.glob("*/adapter.json"), *run_dir.glob("*/*/adapter.json")]
+    found = []
+    for file in sorted(files):
+        path = file.parent.relative_to(run_dir)
+        if path.parts[0] == "controls":
+            continue
+        try:
+            meta = io.read_json(file, "adapter description")
+            weights = io.load_tensors(file.parent / "adapter.safetensors", "adapter weights")
+            # Every value typed here: the pages format numbers and build links from them.
+            adapter = AdapterInfo(
+                path=path,
+                train=str(meta["train"]),
+                subnetworks=[int(k) for k in meta["subnetworks"]],
+                alpha=weights["alpha"].float().tolist(),
+                n_trainable=int(meta["n_trainable"]),
+                history=[{str(k): float(v) for k, v in r.items()} for r in meta["history"]],
+                delta_norms={str(n): float(v) for n, v in meta["delta_norms"].items()},
+                w0_norms={str(n): float(v) for n, v in meta.get("w0_norms", {}).items()},
+            )
+            if len(adapter.alpha) != len(adapter.subnetworks):
+                raise L3DError("adapter.json and adapter.safetensors do not match")
+            keys = [set(r) for r in adapter.history]
+            if any({"step", "objective"} - k or k != keys[0] for k in keys):
+                raise L3DError("its history has steps without an objective or with other fields")
+        except (L3DError, KeyError, TypeError, ValueError, AttributeError) as err:
+            reason = err if isinstance(err, L3DError) else "adapter.json lacks what l3d saves"
+            notes.append(f"Adapter {path} not shown: {reason}; re-create it with `l3d finetune`.")
+            continue
+        found.append(adapter)
+    return found
 
 
 def _samples(

@@ -138,6 +138,7 @@ def write_index(
         f'<div class="row">{"".join(first)}</div>'
         f'<div class="row">{"".join(plots_html)}</div>'
         f"{_controls(data)}"
+        f"{_adapters(data, assets)}"
         f"<h2>Subnetworks</h2>{_table(data, units)}"
         f"<details><summary>config</summary><pre>{e(config_text)}</pre></details>"
     )
@@ -182,6 +183,60 @@ def _controls(data: RunData) -> str:
             "(1.0: the same subnetworks).</p>"
         )
     return "".join(parts)
+
+
+def _adapters(data: RunData, assets: Assets) -> str:
+    """One row per finetuning adapter in the run folder (paper Section 4.2: W0 + sum_k alpha_k
+    v_k): what it moved along, how much, and what it bought on the target and the retain data,
+    with the curves of its training."""
+    if not data.adapters:
+        return (
+            "<h2>Adapters</h2><p>None yet: <code>l3d finetune "
+            f"{e(data.run.path)} --subnetworks contrast:3 --data edit.safetensors --retain "
+            f"keep.safetensors --out {e(data.run.path / 'adapter')}</code> edits the model along "
+            "chosen subnetworks; adapters saved in the run folder are shown here.</p>"
+        )
+    rows = []
+    for adapter in data.adapters:
+        history = adapter.history
+        links = " ".join(f'<a href="subnetworks/{k}.html">#{k}</a>' for k in adapter.subnetworks)
+        alphas = ", ".join(fmt(a) for a in adapter.alpha)
+        first, last = (history[0], history[-1]) if history else ({}, {})
+
+        def change(key: str, first: dict = first, last: dict = last) -> str:
+            return f"{fmt(first[key])} → {fmt(last[key])}" if key in last else "–"
+
+        w0 = adapter.w0_norms
+        moved = {n: d / w0[n] for n, d in adapter.delta_norms.items() if w0.get(n)}
+        largest = max(moved, key=lambda n: moved[n], default=None)
+        relative = "–" if largest is None else f"{fmt(moved[largest])} ({e(largest)})"
+        rows.append(
+            f"<tr><td>{e(adapter.path)}</td><td>{e(adapter.train)}</td><td>{links}</td>"
+            f'<td>{e(alphas)}</td><td class="num">{adapter.n_trainable}</td>'
+            f'<td class="num">{len(history)}</td><td>{e(change("objective"))}</td>'
+            f"<td>{e(change('retain_distance'))}</td><td>{relative}</td></tr>"
+        )
+    histories = {str(a.path): a.history for a in data.adapters if a.history}
+    figure = (
+        _figure(
+            assets,
+            "adapters.png",
+            plots.adapter_history_figure(histories),
+            "adapters: objective per step; objective against retain distance",
+        )
+        if histories
+        else ""
+    )
+    return (
+        "<h2>Adapters</h2><p>Finetuning along subnetworks (<code>l3d finetune</code>): the chosen "
+        "subnetworks, α along each (for factors and cores, the factors or cores move too), the "
+        "objective on the target data and the distance to the frozen model on the retain data "
+        "from the first to the last step, and the largest ‖ΔW‖ / ‖W0‖ over the tensors (those "
+        "with W0 ≠ 0).</p>"
+        "<table><tr><th>folder</th><th>train</th><th>subnetworks</th><th>α</th>"
+        "<th>trained numbers</th><th>steps</th><th>objective</th><th>retain distance</th>"
+        f"<th>largest ‖ΔW‖ / ‖W0‖</th></tr>{''.join(rows)}</table>{figure}"
+    )
 
 
 def _title(data: RunData) -> str:
