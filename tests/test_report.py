@@ -260,8 +260,16 @@ def test_adapters_in_the_run_folder_are_shown_with_their_numbers(hostile_run, tm
     ratio = max(d / w0[n] for n, d in saved["delta_norms"].items() if w0[n] > 0)
     assert f"{ratio:.4g}" in row
     cores = section[section.index("<td>adapters/cores</td>") :].split("</tr>")[0]
-    assert "<td>cores</td>" in cores and "<td>–</td>" in cores  # no retain term
-    assert "Adapter adapters/broken not shown" in page and "not valid JSON" in page
+    assert "<td>cores</td><td>" in cores and cores.count("<td>–</td>") == 2  # no alpha, retain
+    assert "Adapter adapters/broken not shown: adapter description" in page
+    assert "is not valid JSON" in page
+    odd = run / "adapters" / "odd"
+    shutil.copytree(run / "edit", odd)
+    (odd / "adapter.json").write_text(json.dumps({**meta, "subnetworks": ["<b>0</b>", 2]}))
+    assert main(["report", str(run), "-q"]) == 0
+    page = (run / "report" / "index.html").read_text()
+    assert "Adapter adapters/odd not shown: its adapter.json or adapter.safetensors is not" in page
+    section = page[page.index("<h2>Adapters</h2>") : page.index("<h2>Subnetworks</h2>")]
     assert PAYLOADS[0] not in page and html_escaped(PAYLOADS[0]) in section
     assert 'src="img/adapters.png"' in section and (run / "report/img/adapters.png").is_file()
 

@@ -206,14 +206,19 @@ def _adapters(run_dir: Path, notes: list[str]) -> list[AdapterInfo]:
                 delta_norms={str(n): float(v) for n, v in meta["delta_norms"].items()},
                 w0_norms={str(n): float(v) for n, v in meta.get("w0_norms", {}).items()},
             )
-            if len(adapter.alpha) != len(adapter.subnetworks):
-                raise L3DError("adapter.json and adapter.safetensors do not match")
             keys = [set(r) for r in adapter.history]
-            if any({"step", "objective"} - k or k != keys[0] for k in keys):
-                raise L3DError("its history has steps without an objective or with other fields")
-        except (L3DError, KeyError, TypeError, ValueError, AttributeError) as err:
-            reason = err if isinstance(err, L3DError) else "adapter.json lacks what l3d saves"
-            notes.append(f"Adapter {path} not shown: {reason}; re-create it with `l3d finetune`.")
+            if len(adapter.alpha) != len(adapter.subnetworks) or any(
+                {"step", "objective"} - k or k != keys[0] for k in keys
+            ):
+                raise ValueError
+        except L3DError as err:  # a missing or unreadable file: the message names the fix
+            notes.append(f"Adapter {path} not shown: {err}")
+            continue
+        except (KeyError, TypeError, ValueError, AttributeError):
+            notes.append(
+                f"Adapter {path} not shown: its adapter.json or adapter.safetensors is not what "
+                "l3d saves; re-create it with `l3d finetune`."
+            )
             continue
         found.append(adapter)
     return found

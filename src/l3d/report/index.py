@@ -200,7 +200,8 @@ def _adapters(data: RunData, assets: Assets) -> str:
     for adapter in data.adapters:
         history = adapter.history
         links = " ".join(f'<a href="subnetworks/{k}.html">#{k}</a>' for k in adapter.subnetworks)
-        alphas = ", ".join(fmt(a) for a in adapter.alpha)
+        # Cores train a core per subnetwork and tensor instead of alpha (which stays 0).
+        alphas = "–" if adapter.train == "cores" else ", ".join(fmt(a) for a in adapter.alpha)
         first, last = (history[0], history[-1]) if history else ({}, {})
 
         def change(key: str, first: dict = first, last: dict = last) -> str:
