@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +63,16 @@ def parse_methods(
             + f"choose from {','.join(METHODS)}"
         )
     return methods
+
+
+def decomposition_folder(
+    seed_folder: Path, scope: str, default_scope: str, n_subnetworks: int | None = None
+) -> Path:
+    """Where a demo caches its decomposition of `scope`: "decomposition" for the default scope
+    (the folder earlier runs wrote), "decomposition-SCOPE" otherwise, "-N" added for a count
+    other than the scope's."""
+    name = "decomposition" if scope == default_scope else f"decomposition-{scope}"
+    return seed_folder / (f"{name}-{n_subnetworks}" if n_subnetworks else name)
 
 
 def learning_rates(method: str, lrs: str, alpha_lrs: str) -> list[float]:

@@ -22,7 +22,14 @@ from l3d import plots
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
 from l3d.demos import digits_cnn as dc
-from l3d.demos.finetune_common import LABELS, METHODS, best_under, parse_methods, sweep
+from l3d.demos.finetune_common import (
+    LABELS,
+    METHODS,
+    best_under,
+    decomposition_folder,
+    parse_methods,
+    sweep,
+)
 from l3d.finetuning import Edit, contrast_subnetworks
 from l3d.io import load_tensors, save_tensors, write_json
 from l3d.vision import ranks_by_fraction
@@ -131,10 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
         folder = args.out / f"seed{seed}"
         x_train, y_train, x_test, y_test = dc.digits(seed)
         model = trained_model(seed, x_train, y_train, args.train_epochs, folder)
-        name = "decomposition" if args.scope == "block" else f"decomposition-{args.scope}"
         decomposition: Decomposition = decomposition_for(
-            model, x_test, seed, args.epochs, folder / name, args.scope
-        )
+            model, x_test, seed, args.epochs,
+            decomposition_folder(folder, args.scope, "block"), args.scope,
+        )  # fmt: skip
         # Edit from training images (never seen by the decomposition), measured on the test ones.
         is_source = y_train == args.source
         target = x_train[is_source]

@@ -31,7 +31,14 @@ from l3d import plots
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
 from l3d.demos import synthetic_transformer as st
-from l3d.demos.finetune_common import LABELS, METHODS, best_under, parse_methods, sweep
+from l3d.demos.finetune_common import (
+    LABELS,
+    METHODS,
+    best_under,
+    decomposition_folder,
+    parse_methods,
+    sweep,
+)
 from l3d.finetuning import IGNORE, Edit, contrast_subnetworks, objective_subnetworks
 from l3d.io import load_tensors, save_tensors, write_json
 
@@ -183,14 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         model = trained_model(seed, args.train_steps, folder)
         data, _, _ = st.dataset(args.n_per_task, seed=seed + 1)
-        # One cache per scope and count: "decomposition" is the block's default.
-        name = "decomposition" if args.scope == "block" else f"decomposition-{args.scope}"
-        if args.decomposition_subnetworks:
-            name += f"-{args.decomposition_subnetworks}"
-        decomposition = decomposition_for(
-            model, data, seed, args.epochs, folder / name, args.scope,
-            args.decomposition_subnetworks,
-        )  # fmt: skip
+        n_v = args.decomposition_subnetworks
+        cache = decomposition_folder(folder, args.scope, "block", n_v)
+        decomposition = decomposition_for(model, data, seed, args.epochs, cache, args.scope, n_v)
         prepare_seconds = time.perf_counter() - start
         # Finetuning data: fresh sequences; evaluation: other fresh ones.
         tune, tune_tasks, tune_answer = st.dataset(args.n_per_task // 2, seed=seed + 2)

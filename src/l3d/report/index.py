@@ -202,11 +202,6 @@ def _adapters(data: RunData, assets: Assets) -> str:
         links = " ".join(f'<a href="subnetworks/{k}.html">#{k}</a>' for k in adapter.subnetworks)
         # Cores train a core per subnetwork and tensor instead of alpha (which stays 0).
         alphas = "–" if adapter.train == "cores" else ", ".join(fmt(a) for a in adapter.alpha)
-        first, last = (history[0], history[-1]) if history else ({}, {})
-
-        def change(key: str, first: dict = first, last: dict = last) -> str:
-            return f"{fmt(first[key])} → {fmt(last[key])}" if key in last else "–"
-
         w0 = adapter.w0_norms
         moved = {n: d / w0[n] for n, d in adapter.delta_norms.items() if w0.get(n)}
         largest = max(moved, key=lambda n: moved[n], default=None)
@@ -214,8 +209,8 @@ def _adapters(data: RunData, assets: Assets) -> str:
         rows.append(
             f"<tr><td>{e(adapter.path)}</td><td>{e(adapter.train)}</td><td>{links}</td>"
             f'<td>{e(alphas)}</td><td class="num">{adapter.n_trainable}</td>'
-            f'<td class="num">{len(history)}</td><td>{e(change("objective"))}</td>'
-            f"<td>{e(change('retain_distance'))}</td><td>{relative}</td></tr>"
+            f'<td class="num">{len(history)}</td><td>{e(_change(history, "objective"))}</td>'
+            f"<td>{e(_change(history, 'retain_distance'))}</td><td>{relative}</td></tr>"
         )
     histories = {str(a.path): a.history for a in data.adapters if a.history}
     figure = (
@@ -230,7 +225,8 @@ def _adapters(data: RunData, assets: Assets) -> str:
     )
     return (
         "<h2>Adapters</h2><p>Finetuning along subnetworks (<code>l3d finetune</code>): the chosen "
-        "subnetworks, α along each (for factors and cores, the factors or cores move too), the "
+        "subnetworks, α along each (with train factors their factors move too; cores train a core "
+        "per subnetwork and tensor instead of α), the "
         "objective on the target data and the distance to the frozen model on the retain data "
         "from the first to the last step, and the largest ‖ΔW‖ / ‖W0‖ over the tensors (those "
         "with W0 ≠ 0).</p>"
@@ -238,6 +234,13 @@ def _adapters(data: RunData, assets: Assets) -> str:
         "<th>trained numbers</th><th>steps</th><th>objective</th><th>retain distance</th>"
         f"<th>largest ‖ΔW‖ / ‖W0‖</th></tr>{''.join(rows)}</table>{figure}"
     )
+
+
+def _change(history: list[dict[str, float]], key: str) -> str:
+    """A history value at the first and the last step ("–" where it was not recorded)."""
+    if not history or key not in history[-1]:
+        return "–"
+    return f"{fmt(history[0][key])} → {fmt(history[-1][key])}"
 
 
 def _title(data: RunData) -> str:
