@@ -372,6 +372,12 @@ def test_squares_demo_compares_every_method(tmp_path):
         ("finetune_digits", ",", r"choose from"),
         ("finetune_transformer", "l3d_core", r"unknown l3d_core"),
         ("finetune_transformer", "l3d_cores --train-steps 10", r"--train-steps 10: use at least"),
+        # Number lists are checked before any work too (a typo used to surface after training).
+        ("finetune_digits", "l3d_scalars --retain-weight 1,x", r"--retain-weight '1,x': .*'x'"),
+        ("finetune_transformer", "l3d_scalars --lrs 0.1,-1", r"--lrs '0.1,-1': .*'-1'.*> 0"),
+        ("finetune_transformer", "l3d_scalars --retain-weight 1,-2", r"'-2'.*>= 0"),
+        ("finetune_squares", "l3d_scalars --seeds 0,a", r"--seeds '0,a': .*whole number"),
+        ("finetune_squares", "l3d_scalars --alpha-lrs ,", r"--alpha-lrs ',': .*no value"),
     ],
 )
 def test_demo_methods_checked_before_any_work(demo, methods, message, tmp_path, capsys):
@@ -433,3 +439,33 @@ def test_digits_demo_whole_model_scope(tmp_path):
     rows = {row["method"]: row for row in results["summary"]}
     assert rows["lora_r4"]["n_trainable"] == 4 * sum(w.shape[0] + w[0].numel() for w in lora)
     assert rows["l3d_scalars"]["n_trainable"] == 3
+
+
+def test_transformer_summary_reads_the_tradeoff_both_ways():
+    """Per method and seed: the largest target loss among checkpoints keeping >= 0.99 of the
+    other tasks (the issue's reading), and the most retain among checkpoints whose target loss
+    reached chance (removed): a brute-force scan of hand-made curves is the oracle."""
+    from l3d.demos import finetune_transformer
+
+    def run(method, lr, curve):
+        points = [
+            {"step": i, "target_loss": t, "target_accuracy": a, "retain_ratio": r}
+            for i, (t, a, r) in enumerate(curve)
+        ]
+        return {"method": method, "seed": 0, "lr": lr, "retain_weight": 1.0, "n_trainable": 3,
+                "curve": points}  # fmt: skip
+
+    runs = [
+        run("l3d_scalars", 0.1, [(0.1, 1.0, 1.0), (3.0, 0.3, 0.995), (4.0, 0.1, 0.97)]),
+        run("l3d_scalars", 0.3, [(2.95, 0.2, 0.999), (5.0, 0.0, 0.9)]),
+        run("lora_r4", 0.01, [(1.0, 0.8, 1.0), (2.0, 0.5, 0.98)]),
+    ]
+    rows = {
+        r["method"]: r
+        for r in finetune_transformer.summarize(runs, ["l3d_scalars", "lora_r4"], 2.9)
+    }
+    scalars, lora = rows["l3d_scalars"], rows["lora_r4"]
+    assert (scalars["best"]["target_loss"], scalars["best"]["lr"]) == (3.0, 0.1)
+    assert (scalars["at_chance"]["retain_ratio"], scalars["at_chance"]["lr"]) == (0.999, 0.3)
+    assert lora["best"]["target_loss"] == 1.0  # the 2.0 checkpoint keeps only 0.98
+    assert lora["at_chance"] is None and "never reaches chance" in lora["line"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +76,66 @@ def decomposition_folder(
     return seed_folder / (f"{name}-{n_subnetworks}" if n_subnetworks else name)
 
 
-def learning_rates(method: str, lrs: str, alpha_lrs: str) -> list[float]:
-    """The learning-rate grid of a method, from comma-separated command-line values."""
-    return [float(v) for v in (alpha_lrs if method in SCALAR_METHODS else lrs).split(",")]
+def parse_numbers(
+    text: str,
+    flag: str,
+    parser: argparse.ArgumentParser,
+    kind: type = float,
+    minimum: float = 0.0,
+    strict: bool = True,
+) -> list:
+    """A demo's comma-separated numbers (`--seeds`, `--lrs`, `--retain-weight`), each of `kind`
+    and > `minimum` (>= when not `strict`), or a one-line usage error naming the flag and the bad
+    value, before any model is trained."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        parser.error(f"{flag} {text!r}: no value given; use comma-separated numbers")
+    out = []
+    for value in values:
+        try:
+            number = kind(value)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            parser.error(f"{flag} {text!r}: {value!r} is not {what}")
+        if number < minimum or (strict and number == minimum):
+            parser.error(
+                f"{flag} {text!r}: {value!r} must be {'>' if strict else '>='} {minimum:g}"
+            )
+        out.append(number)
+    return out
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A demo's seeds and the grid every method is swept over (retain weights: none where the
+    demo has no retain term)."""
+
+    seeds: list[int]
+    lrs: list[float]
+    alpha_lrs: list[float]
+    retain_weights: list[float]
+
+
+def parse_grid(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Grid:
+    """`Grid` from a demo's `--seeds`, `--lrs`, `--alpha-lrs` and `--retain-weight` (if it has
+    one), checked by `parse_numbers`."""
+    retain = getattr(args, "retain_weight", None)
+    return Grid(
+        parse_numbers(args.seeds, "--seeds", parser, int, strict=False),
+        parse_numbers(args.lrs, "--lrs", parser),
+        parse_numbers(args.alpha_lrs, "--alpha-lrs", parser),
+        [] if retain is None else parse_numbers(retain, "--retain-weight", parser, strict=False),
+    )
+
+
+def learning_rates(method: str, lrs: Sequence[float], alpha_lrs: Sequence[float]) -> list[float]:
+    """The learning-rate grid of a method: alpha-only adapters take `alpha_lrs`."""
+    return list(alpha_lrs if method in SCALAR_METHODS else lrs)
 
 
 def sweep(
     methods: Sequence[str],
-    lrs: str,
-    alpha_lrs: str,
+    grid: Grid,
     decomposition: Decomposition,
     data: object,
     *,
@@ -92,21 +144,24 @@ def sweep(
     describe: Callable[[dict, dict], str],
     **options: Any,
 ) -> list[dict]:
-    """`run_method` for every method and each of its learning rates (evaluated every 5 % of the
-    steps), printing one line per run: seed, method, lr, trained numbers, then
-    `describe(last evaluation, run)`."""
+    """`run_method` for each retain weight of `grid` (if it has any), method and learning rate
+    (evaluated every 5 % of the steps), printing one line per run: seed, method, lr, trained
+    numbers, the retain weight, then `describe(last evaluation, run)`."""
     runs = []
-    for method in methods:
-        for lr in learning_rates(method, lrs, alpha_lrs):
-            run = run_method(
-                method, decomposition, data, steps=steps, lr=lr, seed=seed,
-                eval_every=max(1, steps // 20), **options,
-            )  # fmt: skip
-            runs.append(run)
-            print(
-                f"seed {seed} {LABELS[method]:18s} lr {lr:<6g} params {run['n_trainable']:6d}  "
-                + describe(run["curve"][-1], run)
-            )
+    # Without a retain term the weight multiplies nothing: one pass at the default.
+    for retain_weight in grid.retain_weights or [1.0]:
+        for method in methods:
+            for lr in learning_rates(method, grid.lrs, grid.alpha_lrs):
+                run = run_method(
+                    method, decomposition, data, steps=steps, lr=lr, seed=seed,
+                    eval_every=max(1, steps // 20), retain_weight=retain_weight, **options,
+                )  # fmt: skip
+                runs.append(run)
+                print(
+                    f"seed {seed} {LABELS[method]:18s} lr {lr:<6g} params {run['n_trainable']:6d}  "
+                    + (f"retain weight {retain_weight:g}  " if grid.retain_weights else "")
+                    + describe(run["curve"][-1], run)
+                )
     return runs
 
 

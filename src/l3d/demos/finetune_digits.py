@@ -27,6 +27,7 @@ from l3d.demos.finetune_common import (
     METHODS,
     best_under,
     decomposition_folder,
+    parse_grid,
     parse_methods,
     sweep,
 )
@@ -125,16 +126,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lrs", default="0.01,0.03,0.1")
     parser.add_argument("--alpha-lrs", default="0.03,0.1,0.3", help="lrs of alpha-only adapters")
-    parser.add_argument("--retain-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--retain-weight", default="1", help="retain weights, comma-separated: each is a run"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="rows per finetuning step")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = parse_methods(args.methods, parser)
+    grid = parse_grid(args, parser)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
     runs: list[dict] = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in grid.seeds:
         folder = args.out / f"seed{seed}"
         x_train, y_train, x_test, y_test = dc.digits(seed)
         model = trained_model(seed, x_train, y_train, args.train_epochs, folder)
@@ -157,8 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"seed {seed}: frozen {frozen}; subnetworks {chosen}")
         runs += sweep(
             methods,
-            args.lrs,
-            args.alpha_lrs,
+            grid,
             decomposition,
             (target, labels),
             seed=seed,
@@ -167,7 +170,6 @@ def main(argv: list[str] | None = None) -> dict:
             objective="labels",
             evaluate=evaluate,
             retain=retain,
-            retain_weight=args.retain_weight,
             batch_size=args.batch_size,
             describe=lambda end, run: (
                 f"{args.source} read as {args.goal}: {end['source_as_goal']:.3f}"
@@ -207,7 +209,7 @@ def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
             found = (
                 f"{best['source_as_goal']:.3f} read as goal "
                 f"(goal kept {best['goal_accuracy']:.3f}, others {best['retain_ratio']:.4f}, "
-                f"lr {best['lr']:g}, step {best['step']})"
+                f"lr {best['lr']:g}, retain weight {best['retain_weight']:g}, step {best['step']})"
                 if best
                 else "no checkpoint keeps the other eight"
             )

@@ -20,7 +20,7 @@ import l3d
 from l3d import plots
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
-from l3d.demos.finetune_common import LABELS, METHODS, parse_methods, sweep
+from l3d.demos.finetune_common import LABELS, METHODS, parse_grid, parse_methods, sweep
 from l3d.finetuning import Edit, top_subnetworks
 from l3d.io import write_json
 from l3d.toys.registry import Toy, get_toy, train_toy_model
@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = parse_methods(args.methods, parser, ("l3d_scalars",))
+    grid = parse_grid(args, parser)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
     runs: list[dict] = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in grid.seeds:
         toy = train_toy_model(get_toy(args.toy), seed)
         decomposition = decomposition_for(
             toy, seed, args.epochs, args.out / f"seed{seed}" / "decomposition"
@@ -117,8 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["seeds"][seed] = {"subnetworks": chosen, "n_target_rows": len(target)}
         runs += sweep(
             methods,
-            args.lrs,
-            args.alpha_lrs,
+            grid,
             decomposition,
             (target, labels),
             seed=seed,

@@ -36,6 +36,7 @@ from l3d.demos.finetune_common import (
     METHODS,
     best_under,
     decomposition_folder,
+    parse_grid,
     parse_methods,
     sweep,
 )
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     methods = parse_methods(args.methods, parser)
+    grid = parse_grid(args, parser)
     if args.train_steps < 20:  # the one-cycle schedule warms up over 10 % of them
         parser.error(f"--train-steps {args.train_steps}: use at least 20")
     if args.decomposition_subnetworks is not None and args.decomposition_subnetworks < 1:
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     forget = st.TASKS.index(args.forget)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
     runs: list[dict] = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in grid.seeds:
         folder = args.out / f"seed{seed}"
         start = time.perf_counter()
         model = trained_model(seed, args.train_steps, folder)
@@ -228,29 +230,25 @@ def main(argv: list[str] | None = None) -> dict:
             "p_active": decomposition.p_active.tolist(),
         }
         print(f"seed {seed}: frozen {frozen}; subnetworks {chosen}")
-        for retain_weight in [float(w) for w in args.retain_weight.split(",")]:
-            runs += sweep(
-                methods,
-                args.lrs,
-                args.alpha_lrs,
-                decomposition,
-                (target, labels),
-                seed=seed,
-                steps=args.steps,
-                subnetworks=chosen,
-                objective="forget",
-                evaluate=evaluate,
-                retain=retain,
-                retain_weight=retain_weight,
-                batch_size=args.batch_size,
-                describe=lambda end, run: (
-                    f"retain weight {run['retain_weight']:g}  target loss "
-                    f"{end['target_loss']:.3f} acc {end['target_accuracy']:.3f}"
-                    f"  retain ratio {end['retain_ratio']:.4f}  ({run['seconds']:.0f} s)"
-                ),
-            )
+        runs += sweep(
+            methods,
+            grid,
+            decomposition,
+            (target, labels),
+            seed=seed,
+            steps=args.steps,
+            subnetworks=chosen,
+            objective="forget",
+            evaluate=evaluate,
+            retain=retain,
+            batch_size=args.batch_size,
+            describe=lambda end, run: (
+                f"target loss {end['target_loss']:.3f} acc {end['target_accuracy']:.3f}"
+                f"  retain ratio {end['retain_ratio']:.4f}  ({run['seconds']:.0f} s)"
+            ),
+        )
     results["runs"] = runs
-    results["summary"] = summarize(runs, methods)
+    results["summary"] = summarize(runs, methods, math.log(st.VOCAB))
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "results.json", results)
     figure = plots.finetune_tradeoff_figure(
@@ -268,14 +266,19 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
-    """Per method and seed: the largest target loss among checkpoints (over learning rates and
-    steps) whose retain accuracy is >= RETAIN_FRACTION of the frozen model's."""
+def summarize(runs: list[dict], methods: list[str], chance: float) -> list[dict]:
+    """Per method and seed, the trade-off read both ways over checkpoints (learning rates, retain
+    weights and steps): `best`, the largest target loss among those keeping >= RETAIN_FRACTION of
+    the frozen model's retain accuracy; `at_chance`, the largest retain accuracy among those
+    whose target loss reached `chance` (the task removed), None if none did."""
     rows = []
     for seed in sorted({r["seed"] for r in runs}):
         for method in methods:
             best = best_under(
                 runs, method, seed, "target_loss", lambda p: p["retain_ratio"] >= RETAIN_FRACTION
+            )
+            at_chance = best_under(
+                runs, method, seed, "retain_ratio", lambda p: p["target_loss"] >= chance
             )
             n = next(r["n_trainable"] for r in runs if r["method"] == method)
             found = (
@@ -285,13 +288,20 @@ def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
                 if best
                 else "no checkpoint keeps the retain accuracy"
             )
+            removed = (
+                f"at chance: retain {at_chance['retain_ratio']:.4f} "
+                f"(acc {at_chance['target_accuracy']:.3f})"
+                if at_chance
+                else "never reaches chance"
+            )
             rows.append(
                 {
                     "seed": seed,
                     "method": method,
                     "n_trainable": n,
                     "best": best,
-                    "line": f"seed {seed} {LABELS[method]:18s} params {n:6d}  {found}",
+                    "at_chance": at_chance,
+                    "line": f"seed {seed} {LABELS[method]:18s} params {n:6d}  {found}; {removed}",
                 }
             )
     return rows
