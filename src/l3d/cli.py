@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from l3d.errors import L3DError
+from l3d.finetuning import OBJECTIVES
 
 EXIT_USER_ERROR = 2
 # Samples whose output change `l3d intervene` prints against all samples' (as the report does).
@@ -282,7 +283,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapter folder")
     p.add_argument("--retain", help="safetensors file of inputs whose outputs to keep")
     p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain term")
-    p.add_argument("--objective", choices=["labels", "forget"], default="labels")
+    p.add_argument("--objective", choices=OBJECTIVES, default="labels")
     p.add_argument("--train", choices=["scalars", "factors", "cores"], default="scalars")
     p.add_argument("--steps", type=_positive_int, default=100)
     p.add_argument("--lr", type=float, default=0.01)

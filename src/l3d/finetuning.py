@@ -47,7 +47,8 @@ from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
 
 Train = Literal["scalars", "factors", "cores"]
-Objective = Literal["labels", "forget"] | Callable[[Tensor, Tensor], Tensor]
+Objective = Literal["labels", "forget", "suppress"] | Callable[[Tensor, Tensor], Tensor]
+OBJECTIVES = ("labels", "forget", "suppress")
 Callback = Callable[[int, "Edit"], None]
 
 IGNORE = -100
@@ -89,27 +90,35 @@ def objective_loss(objective: Objective, outputs: Tensor, labels: Tensor) -> Ten
     'labels', the model's own loss to the given labels (cross-entropy for ids, mean squared error
     for float targets); 'forget', cross-entropy to the uniform distribution at the labelled
     positions (its minimum is chance, log n_classes: the bounded way to raise a behaviour's
-    loss); or a callable (outputs, labels) -> scalar."""
+    loss); 'suppress', -log(1 - p(label)) at the labelled positions (the unlikelihood loss of
+    Welleck et al. 2019: the labelled answers stop being predicted, the rest of the distribution
+    is free); or a callable (outputs, labels) -> scalar."""
     if callable(objective):
         return objective(outputs, labels)
     if labels.is_floating_point():
-        if objective == "forget":
+        if objective != "labels":
             raise L3DError(
-                "objective 'forget' needs integer labels (the positions to forget); for float "
-                "outputs use objective='labels' with the reference outputs as labels"
+                f"objective {objective!r} needs integer labels (the positions and answers to "
+                "act on); for float outputs use objective='labels' with the reference outputs "
+                "as labels"
             )
         return F.mse_loss(outputs, labels)
     scored = labels != IGNORE
-    logits = outputs[scored]
+    logits, answers = outputs[scored], labels[scored]
     if objective == "labels":
-        return F.cross_entropy(logits, labels[scored])
+        return F.cross_entropy(logits, answers)
+    if objective == "suppress":
+        # log(1 - p_y) = logsumexp over the other classes - logsumexp over all: exact where
+        # p_y rounds to 1 (1 - p_y would be 0 there).
+        others = logits.scatter(-1, answers[:, None], float("-inf"))
+        return (logits.logsumexp(-1) - others.logsumexp(-1)).mean()
     return -F.log_softmax(logits, dim=-1).mean()
 
 
 def _check_objective(objective: object) -> None:
-    if not callable(objective) and objective not in ("labels", "forget"):
+    if not callable(objective) and objective not in OBJECTIVES:
         raise L3DError(
-            f"unknown objective {objective!r}: use 'labels', 'forget' or a callable "
+            f"unknown objective {objective!r}: use 'labels', 'forget', 'suppress' or a callable "
             "(outputs, labels) -> loss"
         )
 
@@ -818,7 +827,8 @@ def finetune(
     subnetworks: indices of the subnetworks to move along (see `top_subnetworks`,
         `contrast_subnetworks`).
     objective: 'labels' (the model's loss to the labels), 'forget' (push the labelled positions
-        to the uniform distribution: their loss rises to chance) or a callable.
+        to the uniform distribution: their loss rises to chance), 'suppress' (push the labelled
+        answers' probability to 0: -log(1 - p)) or a callable.
     train: 'scalars' (alpha only), 'factors' (alpha and the chosen subnetworks' factors) or
         'cores' (a core inside each chosen subnetwork's factor subspaces, see `Adapter`).
     retain: inputs (or (inputs, labels)) of behaviour to keep: adds retain_weight times the

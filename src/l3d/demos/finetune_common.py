@@ -237,16 +237,22 @@ def run_method(
 
 
 def best_under(
-    runs: list[dict], method: str, seed: int, score: str, constraint: Callable[[dict], bool]
+    runs: list[dict],
+    method: str,
+    seed: int,
+    score: str,
+    constraint: Callable[[dict], bool],
+    lowest: bool = False,
 ) -> dict | None:
     """The evaluated checkpoint of `method` and `seed` (over its learning rates and steps) with
-    the highest `score` among those meeting `constraint`, with its lr and retain weight; None if
-    none does."""
+    the highest `score` (the lowest if `lowest`) among those meeting `constraint`, with its lr and
+    retain weight; None if none does."""
+    sign = -1 if lowest else 1
     best = None
     for run in runs:
         if run["method"] != method or run["seed"] != seed:
             continue
         for point in run["curve"]:
-            if constraint(point) and (best is None or point[score] > best[score]):
+            if constraint(point) and (best is None or sign * point[score] > sign * best[score]):
                 best = {**point, "lr": run["lr"], "retain_weight": run["retain_weight"]}
     return best

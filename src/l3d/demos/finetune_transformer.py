@@ -1,16 +1,17 @@
 """Finetuning along subnetworks on the synthetic multi-task transformer: remove one task (push its
-answer predictions to the uniform distribution, so its answer loss rises towards chance) while
-keeping the other tasks' accuracy, moving the weights only along the subnetworks selected by
-impact on that task's samples over the others' (`--select contrast`) or by the forget objective's
-gradient per unit of retain curvature in their core subspaces (`--select objective`), through
-their scalars alpha or a small core inside each one's factor subspaces. Compared with LoRA rank 1
-and 4, full finetuning of the same block and random directions, each over the same learning rates,
-steps and retain weights.
+answer predictions to the uniform distribution, so its answer loss rises towards chance; or with
+`--objective suppress` push the right answers' probability to 0) while keeping the other tasks'
+accuracy, moving the weights only along the subnetworks selected by impact on that task's samples
+over the others' (`--select contrast`) or by the edit objective's gradient per unit of retain
+curvature in their core subspaces (`--select objective`), through their scalars alpha or a small
+core inside each one's factor subspaces. Compared with LoRA rank 1 and 4, full finetuning of the
+same block and random directions, each over the same learning rates, steps and retain weights.
 
 The trade-off curve is the removed task's answer loss against the other tasks' answer accuracy
 (relative to the frozen model's) at every evaluated step; the summary takes, per method and seed,
-the largest target loss at retain accuracy >= 0.99 of the frozen model's, over learning rates,
-retain weights and steps.
+the largest target loss and the lowest target accuracy at retain accuracy >= 0.99 of the frozen
+model's, over learning rates, retain weights and steps, and the most retain accuracy kept where
+the target loss reached chance.
 
     python -m l3d.demos.finetune_transformer --out runs/finetune-transformer --seeds 0,1,2
 """
@@ -144,6 +145,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", default="0", help="model, data and decomposition seeds")
     parser.add_argument("--forget", default="count", choices=st.TASKS, help="the task to remove")
+    parser.add_argument(
+        "--objective",
+        default="forget",
+        choices=("forget", "suppress"),
+        help="push the task's answers to the uniform distribution (loss to chance), or push their "
+        "probability to 0 (unlikelihood: answers no longer predicted)",
+    )
     parser.add_argument("--n-subnetworks", type=int, default=3, help="subnetworks to move along")
     parser.add_argument(
         "--select",
@@ -205,7 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.select == "objective":
             # The forget objective's gradient per unit of retain KL curvature, per core subspace.
             chosen = objective_subnetworks(
-                decomposition, (target, labels), retain, args.n_subnetworks, objective="forget"
+                decomposition,
+                (target, labels),
+                retain,
+                args.n_subnetworks,
+                objective=args.objective,
             )
         else:
             # By impact on the target task's answer tokens over the other tasks' ones.
@@ -238,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
             seed=seed,
             steps=args.steps,
             subnetworks=chosen,
-            objective="forget",
+            objective=args.objective,
             evaluate=evaluate,
             retain=retain,
             batch_size=args.batch_size,
@@ -267,16 +279,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summarize(runs: list[dict], methods: list[str], chance: float) -> list[dict]:
-    """Per method and seed, the trade-off read both ways over checkpoints (learning rates, retain
-    weights and steps): `best`, the largest target loss among those keeping >= RETAIN_FRACTION of
-    the frozen model's retain accuracy; `at_chance`, the largest retain accuracy among those
-    whose target loss reached `chance` (the task removed), None if none did."""
+    """Per method and seed, the trade-off read three ways over checkpoints (learning rates,
+    retain weights and steps): `best`, the largest target loss among those keeping >=
+    RETAIN_FRACTION of the frozen model's retain accuracy; `lowest_accuracy`, the lowest target
+    accuracy among the same; `at_chance`, the largest retain accuracy among those whose target
+    loss reached `chance` (the task removed), None if none did."""
     rows = []
+
+    def kept(point: dict) -> bool:
+        return point["retain_ratio"] >= RETAIN_FRACTION
+
     for seed in sorted({r["seed"] for r in runs}):
         for method in methods:
-            best = best_under(
-                runs, method, seed, "target_loss", lambda p: p["retain_ratio"] >= RETAIN_FRACTION
-            )
+            best = best_under(runs, method, seed, "target_loss", kept)
+            lowest = best_under(runs, method, seed, "target_accuracy", kept, lowest=True)
             at_chance = best_under(
                 runs, method, seed, "retain_ratio", lambda p: p["target_loss"] >= chance
             )
@@ -284,8 +300,10 @@ def summarize(runs: list[dict], methods: list[str], chance: float) -> list[dict]
             found = (
                 f"target loss {best['target_loss']:.3f} (acc {best['target_accuracy']:.3f}, "
                 f"retain {best['retain_ratio']:.4f}, lr {best['lr']:g}, "
-                f"retain weight {best['retain_weight']:g}, step {best['step']})"
-                if best
+                f"retain weight {best['retain_weight']:g}, step {best['step']}); lowest acc "
+                f"{lowest['target_accuracy']:.3f} (lr {lowest['lr']:g}, "
+                f"retain weight {lowest['retain_weight']:g}, step {lowest['step']})"
+                if best and lowest
                 else "no checkpoint keeps the retain accuracy"
             )
             removed = (
@@ -300,6 +318,7 @@ def summarize(runs: list[dict], methods: list[str], chance: float) -> list[dict]
                     "method": method,
                     "n_trainable": n,
                     "best": best,
+                    "lowest_accuracy": lowest,
                     "at_chance": at_chance,
                     "line": f"seed {seed} {LABELS[method]:18s} params {n:6d}  {found}; {removed}",
                 }
