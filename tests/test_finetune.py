@@ -396,15 +396,17 @@ def test_demo_methods_checked_before_any_work(demo, methods, message, tmp_path, 
 @pytest.mark.slow
 def test_transformer_demo_whole_layers_scope(tmp_path):
     """`--scope layers` decomposes every attention and MLP tensor of both layers, and LoRA covers
-    the same weight matrices: its count is 4 (in + out) per matrix."""
+    the same weight matrices: its count is 4 (in + out) per matrix (run with the suppress
+    objective)."""
     from l3d.demos import finetune_transformer
 
     results = finetune_transformer.main(
         ["--out", str(tmp_path), "--scope", "layers", "--train-steps", "20", "--epochs", "1",
          "--n-per-task", "8", "--steps", "2", "--lrs", "0.03", "--alpha-lrs", "0.1",
          "--methods", "l3d_scalars,l3d_cores,lora_r4", "--n-subnetworks", "2",
-         "--decomposition-subnetworks", "6"]
+         "--decomposition-subnetworks", "6", "--objective", "suppress"]
     )  # fmt: skip
+    assert results["args"]["objective"] == "suppress" and (tmp_path / "tradeoff.png").is_file()
     model = finetune_transformer.trained_model(0, 20, tmp_path / "seed0")  # the cached model
     decomposition = l3d.load(tmp_path / "seed0" / "decomposition-layers-6", model)
     assert decomposition.subnetworks.v_out.n_subnetworks == 6
