@@ -333,6 +333,7 @@ def test_cli_finetune_writes_an_adapter_and_prints_the_table(cli_run, tmp_path, 
         (["--subnetworks", "contrast:2"], "give --retain"),
         (["--subnetworks", "best:2"], "use indices \\(0 3\\), top:N or contrast:N"),
         (["--subnetworks", "0", "--data", "keep"], "holds no tensor named 'labels'"),
+        (["--subnetworks", "0", "--objective", "suppress"], "'suppress' needs integer labels"),
     ],
 )
 def test_cli_finetune_bad_input_is_one_line(cli_run, tmp_path, capsys, change, message):
