@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         retain = {k: v[~is_target] for k, v in tune.items()}
         labels = next_token_labels(target, tune_answer[is_target])
         if args.select == "objective":
-            # The forget objective's gradient per unit of retain KL curvature, per core subspace.
+            # The edit objective's gradient per unit of retain KL curvature, per core subspace.
             chosen = objective_subnetworks(
                 decomposition,
                 (target, labels),
