@@ -511,3 +511,28 @@ def test_suppress_edit_lowers_the_labelled_class(decomposed):
         after = adapter.forward(x).softmax(-1).gather(-1, top[:, None]).mean()
     assert adapter.history[-1]["objective"] < adapter.history[0]["objective"]
     assert after < before - 0.05
+
+
+def test_demo_sweep_covers_every_retain_weight_method_and_lr(monkeypatch, capsys):
+    """`sweep` runs each retain weight x method x its learning rates once (alpha-only adapters on
+    their own grid); without retain weights, one pass at the default weight, none printed."""
+    from l3d.demos import finetune_common as fc
+
+    calls = []
+
+    def fake_run(method, decomposition, data, *, lr, retain_weight, **options):
+        calls.append((retain_weight, method, lr))
+        return {"n_trainable": 1, "curve": [{"step": 0}], "retain_weight": retain_weight}
+
+    monkeypatch.setattr(fc, "run_method", fake_run)
+    grid = fc.Grid(seeds=[0], lrs=[0.1, 0.2], alpha_lrs=[0.3], retain_weights=[1.0, 10.0])
+    runs = fc.sweep(["l3d_scalars", "lora_r4"], grid, None, None, seed=0, steps=20,
+                    describe=lambda end, run: "")  # fmt: skip
+    grids = (("l3d_scalars", [0.3]), ("lora_r4", [0.1, 0.2]))
+    expected = [(w, m, lr) for w in (1.0, 10.0) for m, lrs in grids for lr in lrs]
+    assert calls == expected and len(runs) == 6
+    assert capsys.readouterr().out.count("retain weight 10") == 3
+    calls.clear()
+    fc.sweep(["lora_r4"], fc.Grid([0], [0.1], [0.3], []), None, None, seed=0, steps=20,
+             describe=lambda end, run: "")  # fmt: skip
+    assert calls == [(1.0, "lora_r4", 0.1)] and "retain weight" not in capsys.readouterr().out
