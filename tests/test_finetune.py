@@ -115,6 +115,29 @@ def test_save_load_round_trip(decomposed, tmp_path, train):
     assert torch.equal(loaded.alpha, adapter.alpha.detach())
     assert torch.equal(loaded.forward(x), adapter.forward(x))
     assert loaded.history == adapter.history
+    # How it was trained travels with it (the report and a reader of adapter.json need it).
+    expected = {"objective": "labels", "steps": 5, "lr": 0.05, "retain_weight": None}
+    assert adapter.trained_with == loaded.trained_with
+    assert {k: loaded.trained_with[k] for k in expected} == expected
+
+
+def test_trained_with_names_the_objective_and_the_retain_term(decomposed):
+    """A custom objective is recorded by its name; the retain weight only where retain data
+    were given; an adapter never trained records nothing."""
+    d, x = decomposed
+    assert Adapter(d.model, d.subnetworks.v_out, [0]).trained_with == {}
+
+    def my_loss(outputs, labels):
+        return (outputs - labels).pow(2).mean()
+
+    adapter = finetune(
+        d, (x, edited_targets(d.model, x)), subnetworks=[1], objective=my_loss, steps=2,
+        retain=x, retain_weight=3.0, batch_size=4, seed=7, progress=False,
+    )  # fmt: skip
+    assert adapter.trained_with == {
+        "objective": "callable my_loss", "steps": 2, "lr": 0.01, "retain_weight": 3.0,
+        "batch_size": 4, "seed": 7,
+    }  # fmt: skip
 
 
 def test_merge_then_unmerge_restores_w0_exactly(decomposed):

@@ -242,7 +242,15 @@ def test_adapters_in_the_run_folder_are_shown_with_their_numbers(hostile_run, tm
     hostile = run / "adapters" / "hostile"
     shutil.copytree(run / "edit", hostile)
     meta = json.loads((hostile / "adapter.json").read_text())
-    (hostile / "adapter.json").write_text(json.dumps({**meta, "train": PAYLOADS[0]}))
+    hostile_recipe = {**meta["trained_with"], "objective": PAYLOADS[0]}
+    (hostile / "adapter.json").write_text(
+        json.dumps({**meta, "train": PAYLOADS[0], "trained_with": hostile_recipe})
+    )
+    legacy = run / "adapters" / "legacy"  # saved before adapters recorded how they were trained
+    shutil.copytree(run / "edit", legacy)
+    (legacy / "adapter.json").write_text(
+        json.dumps({k: v for k, v in meta.items() if k != "trained_with"})
+    )
 
     assert main(["report", str(run), "-q"]) == 0
     page = (run / "report" / "index.html").read_text()
@@ -253,6 +261,7 @@ def test_adapters_in_the_run_folder_are_shown_with_their_numbers(hostile_run, tm
     row = section[section.index("<td>edit</td>") :].split("</tr>")[0]
     assert '<a href="subnetworks/0.html">#0</a> <a href="subnetworks/2.html">#2</a>' in row
     assert ", ".join(f"{a:.4g}" for a in alpha) in row
+    assert "<td>labels, lr 0.01, retain weight 1</td>" in row  # how it was trained
     assert f'<td class="num">{saved["n_trainable"]}</td><td class="num">7</td>' in row
     for key in ("objective", "retain_distance"):
         assert f"{history[0][key]:.4g} → {history[-1][key]:.4g}" in row
@@ -262,6 +271,7 @@ def test_adapters_in_the_run_folder_are_shown_with_their_numbers(hostile_run, tm
     cores = section[section.index("<td>adapters/cores</td>") :].split("</tr>")[0]
     assert "<td>cores</td><td>" in cores and cores.count("<td>–</td>") == 2  # no alpha, retain
     assert "Adapter adapters/broken not shown: adapter description" in page
+    assert "<td>adapters/legacy</td><td>scalars</td><td>–</td>" in section
     assert "is not valid JSON" in page
     odd = run / "adapters" / "odd"
     shutil.copytree(run / "edit", odd)

@@ -141,6 +141,9 @@ class Edit(ABC):
     names: list[str]
     history: list[dict]
     """One record per training step: step, objective, retain_distance (with retain data), loss."""
+    trained_with: dict
+    """How `train_edit` trained it: objective (its name; 'callable NAME' for a function), steps,
+    lr, retain_weight (None without retain data), batch_size, seed. Empty before training."""
 
     @abstractmethod
     def forward(self, inputs: Inputs) -> Tensor:
@@ -209,6 +212,7 @@ class Adapter(Edit):
         ]
         self.merged = False
         self.history = []
+        self.trained_with = {}
 
     def trainable(self) -> list[Tensor]:
         if self.train == "cores":
@@ -268,8 +272,8 @@ class Adapter(Edit):
     # Persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """adapter.json (format, tensors, shapes, subnetworks, train mode, ranks, the W0
-        fingerprint, ||Delta W|| and ||W0|| per tensor, history) and adapter.safetensors (alpha,
-        cores, factors)."""
+        fingerprint, ||Delta W|| and ||W0|| per tensor, how it was trained, history) and
+        adapter.safetensors (alpha, cores, factors)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"alpha": self.alpha.detach()}
@@ -288,6 +292,7 @@ class Adapter(Edit):
             "n_trainable": self.n_trainable,
             "delta_norms": self.delta_norms(),
             "w0_norms": {n: float(w.norm()) for n, w in self.target.w0.items()},
+            "trained_with": self.trained_with,
             "history": self.history,
         }
         io.write_json(directory / ADAPTER_FILES[0], meta)
@@ -338,6 +343,7 @@ class Adapter(Edit):
             for i, core in enumerate(adapter.cores):
                 core.copy_(tensors[f"cores.{i}"])
         adapter.history = meta["history"]
+        adapter.trained_with = meta.get("trained_with", {})  # absent before l3d recorded it
         return adapter
 
 
@@ -351,6 +357,7 @@ class Baseline(Edit):
         self.rank = rank
         self.names = names
         self.history = []
+        self.trained_with = {}
         self.target = Target.create(model, names)
         if method == "full":
             self.weights = {n: w.clone().requires_grad_(True) for n, w in self.target.w0.items()}
@@ -764,6 +771,14 @@ def train_edit(
     optimizer = torch.optim.Adam(edit.trainable(), lr=lr)
     n_target = batch_size_of(target.inputs)
     per_token = decomposition.config.per_token
+    edit.trained_with = {
+        "objective": objective if isinstance(objective, str) else f"callable {_name(objective)}",
+        "steps": steps,
+        "lr": lr,
+        "retain_weight": None if retain is None else retain_weight,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
     bar = tqdm(total=steps, desc="finetune", unit="step", disable=not progress)
     try:
         for step in range(steps):
@@ -796,6 +811,10 @@ def train_edit(
         bar.close()
         decomposition.model.train(was_training)
     return edit
+
+
+def _name(function: Callable) -> str:
+    return getattr(function, "__name__", type(function).__name__)
 
 
 def _minibatch(n: int, batch_size: int | None, generator: torch.Generator) -> Tensor | slice:

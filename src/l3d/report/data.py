@@ -78,6 +78,11 @@ class AdapterInfo:
     delta_norms: dict[str, float]
     w0_norms: dict[str, float]
     """Empty for adapters saved before l3d kept them."""
+    objective: str | None = None
+    lr: float | None = None
+    retain_weight: float | None = None
+    """How it was trained (None for adapters saved before l3d recorded it, or without retain
+    data for retain_weight)."""
 
 
 @dataclass
@@ -205,6 +210,7 @@ def _adapters(run_dir: Path, notes: list[str]) -> list[AdapterInfo]:
                 history=[{str(k): float(v) for k, v in r.items()} for r in meta["history"]],
                 delta_norms={str(n): float(v) for n, v in meta["delta_norms"].items()},
                 w0_norms={str(n): float(v) for n, v in meta.get("w0_norms", {}).items()},
+                **_trained_with(meta.get("trained_with", {})),
             )
             keys = [set(r) for r in adapter.history]
             if len(adapter.alpha) != len(adapter.subnetworks) or any(
@@ -222,6 +228,19 @@ def _adapters(run_dir: Path, notes: list[str]) -> list[AdapterInfo]:
             continue
         found.append(adapter)
     return found
+
+
+def _trained_with(trained_with: dict) -> dict:
+    """The objective, lr and retain weight an adapter was trained with, typed (None where
+    absent)."""
+    if not trained_with:
+        return {}
+    weight = trained_with["retain_weight"]
+    return {
+        "objective": str(trained_with["objective"]),
+        "lr": float(trained_with["lr"]),
+        "retain_weight": None if weight is None else float(weight),
+    }
 
 
 def _samples(

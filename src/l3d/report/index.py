@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from l3d import controls, plots
 from l3d.report import svg
-from l3d.report.data import RunData, top_rows, top_terms, unit_name
+from l3d.report.data import AdapterInfo, RunData, top_rows, top_terms, unit_name
 from l3d.report.heatmaps import heatmap_png, pool_max_abs
 from l3d.report.html import Assets, e, fmt, img, page, png_size, table
 
@@ -207,7 +207,8 @@ def _adapters(data: RunData, assets: Assets) -> str:
         largest = max(moved, key=lambda n: moved[n], default=None)
         relative = "–" if largest is None else f"{fmt(moved[largest])} ({e(largest)})"
         rows.append(
-            f"<tr><td>{e(adapter.path)}</td><td>{e(adapter.train)}</td><td>{links}</td>"
+            f"<tr><td>{e(adapter.path)}</td><td>{e(adapter.train)}</td><td>{e(_recipe(adapter))}</td>"
+            f"<td>{links}</td>"
             f'<td>{e(alphas)}</td><td class="num">{adapter.n_trainable}</td>'
             f'<td class="num">{len(history)}</td><td>{e(_change(history, "objective"))}</td>'
             f"<td>{e(_change(history, 'retain_distance'))}</td><td>{relative}</td></tr>"
@@ -224,16 +225,29 @@ def _adapters(data: RunData, assets: Assets) -> str:
         else ""
     )
     return (
-        "<h2>Adapters</h2><p>Finetuning along subnetworks (<code>l3d finetune</code>): the chosen "
-        "subnetworks, α along each (with train factors their factors move too; cores train a core "
+        "<h2>Adapters</h2><p>Finetuning along subnetworks (<code>l3d finetune</code>): the "
+        "objective, learning rate and retain weight it was trained with, the chosen subnetworks, "
+        "α along each (with train factors their factors move too; cores train a core "
         "per subnetwork and tensor instead of α), the "
         "objective on the target data and the distance to the frozen model on the retain data "
         "from the first to the last step, and the largest ‖ΔW‖ / ‖W0‖ over the tensors (those "
         "with W0 ≠ 0).</p>"
-        "<table><tr><th>folder</th><th>train</th><th>subnetworks</th><th>α</th>"
+        "<table><tr><th>folder</th><th>train</th><th>trained with</th><th>subnetworks</th>"
+        "<th>α</th>"
         "<th>trained numbers</th><th>steps</th><th>objective</th><th>retain distance</th>"
         f"<th>largest ‖ΔW‖ / ‖W0‖</th></tr>{''.join(rows)}</table>{figure}"
     )
+
+
+def _recipe(adapter: AdapterInfo) -> str:
+    """The objective, lr and retain weight it was trained with ("–" for adapters saved before
+    l3d recorded them)."""
+    if adapter.objective is None:
+        return "–"
+    recipe = f"{adapter.objective}, lr {fmt(adapter.lr)}"
+    if adapter.retain_weight is not None:
+        recipe += f", retain weight {fmt(adapter.retain_weight)}"
+    return recipe
 
 
 def _change(history: list[dict[str, float]], key: str) -> str:
