@@ -193,6 +193,18 @@ def test_token_model_without_per_token_is_refused(token_model):
     assert d.evaluation.n_samples == int(mask.sum())
 
 
+def test_one_sequence_is_per_token_samples_enough(token_model):
+    """A single sequence holds many per-token samples: its coefficients and impacts are those
+    of the same sequence in a larger batch (explicit references, so none are drawn), not an
+    IndexError from checking the first two sequences."""
+    ids = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(1))
+    d = run(token_model, ids, params=["mix.weight"], divergence="kl", per_token=True)
+    references = torch.randn(4, 5, 7, generator=torch.Generator().manual_seed(2))
+    one = d.coefficients(ids[:1], references[:1])  # the first call builds the gradient source
+    torch.testing.assert_close(one, d.coefficients(ids, references)[:5])
+    assert d.impact(ids[:1]).shape == (5, 3)
+
+
 def test_float_sequences_without_per_token_still_run():
     """Only token inputs are refused: a float model with a (batch, seq, d) output keeps its
     one-sample-per-input meaning."""

@@ -396,6 +396,7 @@ def test_squares_demo_compares_every_method(tmp_path):
         ("finetune_digits", ",", r"choose from"),
         ("finetune_transformer", "l3d_core", r"unknown l3d_core"),
         ("finetune_transformer", "l3d_cores --train-steps 10", r"--train-steps 10: use at least"),
+        ("finetune_transformer", "l3d_cores --n-target 0", r"--n-target 0: use 1 or more"),
         # Number lists are checked before any work too (a typo used to surface after training).
         ("finetune_digits", "l3d_scalars --retain-weight 1,x", r"--retain-weight '1,x': .*'x'"),
         ("finetune_transformer", "l3d_scalars --lrs 0.1,-1", r"--lrs '0.1,-1': .*'-1'.*> 0"),
@@ -428,9 +429,12 @@ def test_transformer_demo_whole_layers_scope(tmp_path):
         ["--out", str(tmp_path), "--scope", "layers", "--train-steps", "20", "--epochs", "1",
          "--n-per-task", "8", "--steps", "2", "--lrs", "0.03", "--alpha-lrs", "0.1",
          "--methods", "l3d_scalars,l3d_cores,lora_r4", "--n-subnetworks", "2",
-         "--decomposition-subnetworks", "6", "--objective", "suppress"]
+         "--decomposition-subnetworks", "6", "--objective", "suppress", "--n-target", "1"]
     )  # fmt: skip
     assert results["args"]["objective"] == "suppress" and (tmp_path / "tradeoff.png").is_file()
+    # --n-target 1: one count sequence to learn from; its answer tokens are what the edit sees.
+    seed0 = results["seeds"][0]
+    assert seed0["target_sequences"] == 1 and 1 <= seed0["target_answers"] <= 16
     model = finetune_transformer.trained_model(0, 20, tmp_path / "seed0")  # the cached model
     decomposition = l3d.load(tmp_path / "seed0" / "decomposition-layers-6", model)
     assert decomposition.subnetworks.v_out.n_subnetworks == 6

@@ -176,6 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=40, help="L3D epochs")
     parser.add_argument("--n-per-task", type=int, default=100, help="sequences per task")
     parser.add_argument("--steps", type=int, default=100, help="finetuning steps")
+    parser.add_argument(
+        "--n-target",
+        type=int,
+        help="target-task sequences to finetune on (default: all of the finetuning set's, about "
+        "n_per_task / 2); fewer asks how far an edit learnt from a few examples carries to the "
+        "held-out ones",
+    )
     parser.add_argument("--lrs", default="0.01,0.03,0.1")
     parser.add_argument("--alpha-lrs", default="0.03,0.1,0.3", help="lrs of alpha-only adapters")
     parser.add_argument(
@@ -191,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--train-steps {args.train_steps}: use at least 20")
     if args.decomposition_subnetworks is not None and args.decomposition_subnetworks < 1:
         parser.error(f"--decomposition-subnetworks {args.decomposition_subnetworks}: use 1 or more")
+    if args.n_target is not None and args.n_target < 1:
+        parser.error(f"--n-target {args.n_target}: use 1 or more")
     torch.set_num_threads(args.threads)
     forget = st.TASKS.index(args.forget)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
@@ -207,9 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
         # Finetuning data: fresh sequences; evaluation: other fresh ones.
         tune, tune_tasks, tune_answer = st.dataset(args.n_per_task // 2, seed=seed + 2)
         is_target = tune_tasks == forget
-        target = {k: v[is_target] for k, v in tune.items()}
+        # The first n_target of the task's sequences (the data are drawn at random).
+        keep = slice(None, args.n_target)
+        target = {k: v[is_target][keep] for k, v in tune.items()}
+        target_answer = tune_answer[is_target][keep]
         retain = {k: v[~is_target] for k, v in tune.items()}
-        labels = next_token_labels(target, tune_answer[is_target])
+        labels = next_token_labels(target, target_answer)
         if args.select == "objective":
             # The edit objective's gradient per unit of retain KL curvature, per core subspace.
             chosen = objective_subnetworks(
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                 target,
                 retain,
                 args.n_subnetworks,
-                target_samples=tune_answer[is_target][target["attention_mask"].bool()],
+                target_samples=target_answer[target["attention_mask"].bool()],
                 retain_samples=tune_answer[~is_target][retain["attention_mask"].bool()],
             )
         held, held_tasks, held_answer = st.dataset(args.n_per_task, seed=seed + 3)
@@ -239,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
             "frozen": frozen,
             "chance_loss": math.log(st.VOCAB),
             "prepare_seconds": prepare_seconds,
+            "target_sequences": len(target_answer),
+            "target_answers": int((labels != IGNORE).sum()),  # the tokens the edit acts on
             "p_active": decomposition.p_active.tolist(),
         }
         print(f"seed {seed}: frozen {frozen}; subnetworks {chosen}")

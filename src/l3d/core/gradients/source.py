@@ -176,8 +176,9 @@ class GradientSource:
                 "padding (attention_mask 0) is none"
             )
         self.n_out = outputs[0, 0].numel() if self.per_token else outputs[0].numel()
+        # The last input stands in for a reference: one sequence is many per-token samples.
         sample = outputs[0, 0] if self.per_token else outputs[0]
-        other = outputs[1, 0] if self.per_token else outputs[1]
+        other = outputs[-1, -1] if self.per_token else outputs[-1]
         self.divergence.check(sample, other)
 
     def _check_precision(self, batch: Inputs) -> None:
