@@ -471,10 +471,11 @@ def test_digits_demo_whole_model_scope(tmp_path):
     assert rows["l3d_scalars"]["n_trainable"] == 3
 
 
-def test_transformer_summary_reads_the_tradeoff_three_ways():
+def test_transformer_summary_reads_the_tradeoff_four_ways():
     """Per method and seed: the largest target loss among checkpoints keeping >= 0.99 of the
     other tasks (the issue's reading), and the most retain among checkpoints whose target loss
-    reached chance (removed): a brute-force scan of hand-made curves is the oracle."""
+    reached chance (removed), the lowest target accuracy at >= 0.99, and the most retain where no
+    target answer is right: a brute-force scan of hand-made curves is the oracle."""
     from l3d.demos import finetune_transformer
 
     def run(method, lr, curve):
@@ -505,6 +506,10 @@ def test_transformer_summary_reads_the_tradeoff_three_ways():
         0.3,
     )
     assert lora["lowest_accuracy"]["target_accuracy"] == 0.8
+    # Fourth: the most retain among checkpoints that leave no target answer right (suppress).
+    assert (scalars["all_wrong"]["retain_ratio"], scalars["all_wrong"]["lr"]) == (0.9, 0.3)
+    assert "no answer right: retain 0.9000" in scalars["line"]
+    assert lora["all_wrong"] is None and "some answer always right" in lora["line"]
 
 
 def test_suppress_objective_is_unlikelihood():

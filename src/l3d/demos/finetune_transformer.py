@@ -11,7 +11,7 @@ The trade-off curve is the removed task's answer loss against the other tasks' a
 (relative to the frozen model's) at every evaluated step; the summary takes, per method and seed,
 the largest target loss and the lowest target accuracy at retain accuracy >= 0.99 of the frozen
 model's, over learning rates, retain weights and steps, and the most retain accuracy kept where
-the target loss reached chance.
+the target loss reached chance and where no target answer is right.
 
     python -m l3d.demos.finetune_transformer --out runs/finetune-transformer --seeds 0,1,2
 """
@@ -300,11 +300,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summarize(runs: list[dict], methods: list[str], chance: float) -> list[dict]:
-    """Per method and seed, the trade-off read three ways over checkpoints (learning rates,
+    """Per method and seed, the trade-off read four ways over checkpoints (learning rates,
     retain weights and steps): `best`, the largest target loss among those keeping >=
     RETAIN_FRACTION of the frozen model's retain accuracy; `lowest_accuracy`, the lowest target
     accuracy among the same; `at_chance`, the largest retain accuracy among those whose target
-    loss reached `chance` (the task removed), None if none did."""
+    loss reached `chance` (the task removed), None if none did; `all_wrong`, the largest retain
+    accuracy among those leaving no target answer right (the suppress objective's end), None if
+    none did."""
     rows = []
 
     def kept(point: dict) -> bool:
@@ -316,6 +318,9 @@ def summarize(runs: list[dict], methods: list[str], chance: float) -> list[dict]
             lowest = best_under(runs, method, seed, "target_accuracy", kept, lowest=True)
             at_chance = best_under(
                 runs, method, seed, "retain_ratio", lambda p: p["target_loss"] >= chance
+            )
+            all_wrong = best_under(
+                runs, method, seed, "retain_ratio", lambda p: p["target_accuracy"] == 0
             )
             n = next(r["n_trainable"] for r in runs if r["method"] == method)
             found = (
@@ -333,6 +338,11 @@ def summarize(runs: list[dict], methods: list[str], chance: float) -> list[dict]
                 if at_chance
                 else "never reaches chance"
             )
+            removed += (
+                f"; no answer right: retain {all_wrong['retain_ratio']:.4f}"
+                if all_wrong
+                else "; some answer always right"
+            )
             rows.append(
                 {
                     "seed": seed,
@@ -341,6 +351,7 @@ def summarize(runs: list[dict], methods: list[str], chance: float) -> list[dict]
                     "best": best,
                     "lowest_accuracy": lowest,
                     "at_chance": at_chance,
+                    "all_wrong": all_wrong,
                     "line": f"seed {seed} {LABELS[method]:18s} params {n:6d}  {found}; {removed}",
                 }
             )
