@@ -207,8 +207,8 @@ def _adapters(data: RunData, assets: Assets) -> str:
         largest = max(moved, key=lambda n: moved[n], default=None)
         relative = "–" if largest is None else f"{fmt(moved[largest])} ({e(largest)})"
         rows.append(
-            f"<tr><td>{e(adapter.path)}</td><td>{e(adapter.train)}</td><td>{e(_recipe(adapter))}</td>"
-            f"<td>{links}</td>"
+            f"<tr><td>{e(adapter.path)}</td><td>{e(adapter.train)}</td>"
+            f"<td>{e(_recipe(adapter))}</td><td>{links}</td>"
             f'<td>{e(alphas)}</td><td class="num">{adapter.n_trainable}</td>'
             f'<td class="num">{len(history)}</td><td>{e(_change(history, "objective"))}</td>'
             f"<td>{e(_change(history, 'retain_distance'))}</td><td>{relative}</td></tr>"
@@ -233,8 +233,7 @@ def _adapters(data: RunData, assets: Assets) -> str:
         "from the first to the last step, and the largest ‖ΔW‖ / ‖W0‖ over the tensors (those "
         "with W0 ≠ 0).</p>"
         "<table><tr><th>folder</th><th>train</th><th>trained with</th><th>subnetworks</th>"
-        "<th>α</th>"
-        "<th>trained numbers</th><th>steps</th><th>objective</th><th>retain distance</th>"
+        "<th>α</th><th>trained numbers</th><th>steps</th><th>objective</th><th>retain distance</th>"
         f"<th>largest ‖ΔW‖ / ‖W0‖</th></tr>{''.join(rows)}</table>{figure}"
     )
 
