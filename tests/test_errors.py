@@ -170,6 +170,50 @@ def test_subnetwork_index_out_of_range(mlp, k):
             ask(k)
 
 
+@pytest.mark.parametrize("delta", [float("nan"), float("inf"), "0.5", None])
+def test_intervention_delta_must_be_a_finite_number(mlp, delta):
+    # NaN or inf along a subnetwork gave NaN outputs silently; a string failed deep in torch.
+    trained = run(mlp, torch.randn(8, 4))
+    for ask in (
+        lambda: trained.intervene(torch.randn(2, 4), 0, delta),
+        lambda: trained.output_change(torch.randn(2, 4), 0, [0.5, delta]),
+        lambda: trained.perturbed(0, delta).__enter__(),
+    ):
+        with pytest.raises(L3DError, match=r"delta must be a finite number.*got") as err:
+            ask()
+        one_line(err)
+
+
+def test_intervention_on_tensors_not_decomposed_is_refused(mlp):
+    # Unknown names were skipped, so the "intervened" outputs were the model's own.
+    trained = run(mlp, torch.randn(8, 4))
+    with pytest.raises(L3DError, match=r"'fc2.weight' .*not decomposed.*fc1.weight") as err:
+        trained.intervene(torch.randn(2, 4), 0, 0.5, params=["fc2.weight"])
+    one_line(err)
+    x = torch.randn(2, 4)
+    assert torch.equal(
+        trained.intervene(x, 0, 0.5, params=["fc1.weight"]), trained.intervene(x, 0, 0.5)
+    )
+
+
+def test_output_change_needs_a_delta(mlp):
+    trained = run(mlp, torch.randn(8, 4))
+    with pytest.raises(L3DError, match=r"no deltas given.*e\.g\. \[0\.5, 1\.0\]") as err:
+        trained.output_change(torch.randn(2, 4), 0, [])
+    one_line(err)
+
+
+def test_every_call_checks_its_inputs_not_only_the_first(mlp):
+    # The gradient source was checked on the first inputs asked about only: a later impact or
+    # contrast selection on data of another width failed with torch's traceback.
+    trained = run(mlp, torch.randn(8, 4))
+    trained.impact(torch.randn(4, 4))
+    for ask in (trained.impact, trained.coefficients):
+        with pytest.raises(L3DError, match=r"model fails on the data's first samples") as err:
+            ask(torch.randn(4, 3))
+        one_line(err)
+
+
 def one_line(err: pytest.ExceptionInfo) -> str:
     message = str(err.value)
     assert "\n" not in message, message

@@ -4,6 +4,7 @@ merging, errors, a tiny end-to-end edit, the baselines and the CLI."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -217,6 +218,15 @@ def test_bad_input_gets_one_line_errors(decomposed, tmp_path):
     one_line_error(run(objective="unlearn"), "unknown objective")
     one_line_error(run(train="all"), "unknown train mode")
     one_line_error(run(retain=torch.randn(8, 9)), "retain data .* do not fit the model")
+    # Non-finite data were blamed on the learning rate ("the loss is nan: lower lr").
+    nan_x = x.clone()
+    nan_x[3, 1] = float("nan")
+    one_line_error(run(given=(nan_x, data[1])), "finetuning data contains 1 NaN/inf")
+    nan_y = data[1].clone()
+    nan_y[0] = float("inf")
+    one_line_error(run(given=(x, nan_y)), "labels tensor contains 3 NaN/inf")
+    one_line_error(run(retain=nan_x), "retain data contains 1 NaN/inf")
+    one_line_error(run(retain=x, retain_weight=-1.0), "retain_weight must be >= 0")
 
     one_line_error(lambda: Adapter(SmallMLP(n_in=5), d.subnetworks.v_out, [0]), "not the model's")
     d.save(tmp_path / "dec")
@@ -229,6 +239,19 @@ def test_bad_input_gets_one_line_errors(decomposed, tmp_path):
     adapter = Adapter(d.model, d.subnetworks.v_out, [0])
     adapter.save(tmp_path / "adapter")
     one_line_error(lambda: load_adapter(tmp_path / "adapter", SmallMLP()), "other weights")
+    # An edited adapter.json: one line naming the field, not a KeyError or AttributeError.
+    described = tmp_path / "adapter" / "adapter.json"
+    saved = json.loads(described.read_text())
+    for edit, said in [
+        ([1, 2], "expected a JSON object, got list"),
+        ({**saved, "shapes": None}, "'shapes'"),
+        ({k: v for k, v in saved.items() if k != "history"}, "'history': field required"),
+        ({**saved, "subnetworks": ["x"]}, "'subnetworks.0': input should be a valid integer"),
+        ({**saved, "ranks": {"nope": 1}}, "'ranks' must give a rank for each tensor"),
+    ]:
+        described.write_text(json.dumps(edit))
+        one_line_error(lambda: load_adapter(tmp_path / "adapter", d.model), said)
+    described.write_text(json.dumps(saved))
     with torch.no_grad():
         adapter.alpha.fill_(1.0)
     with adapter.applied():
@@ -285,6 +308,22 @@ def test_top_subnetworks_follow_mean_impact(decomposed):
     contrast = impact - d.impact(x[20:40]).mean(0)
     want = contrast.argsort(descending=True)[:2].tolist()
     assert contrast_subnetworks(d, x[:20], x[20:40], 2) == want
+    # n = -1 returned all but one (a slice), n above the count fewer than asked, both silently.
+    for n in (0, -1, 7, 2.0):
+        one_line_error(
+            lambda n=n: top_subnetworks(d, x[:20], n), rf"cannot choose {n!r} subnetworks"
+        )
+        one_line_error(
+            lambda n=n: contrast_subnetworks(d, x[:20], x[20:40], n), "n must be an int in 1..6"
+        )
+    one_line_error(
+        lambda: top_subnetworks(d, x[:20], 2, samples=torch.tensor([20])),
+        r"samples .*row 20.* inputs have 20 sample rows",
+    )
+    one_line_error(
+        lambda: contrast_subnetworks(d, x[:20], torch.randn(4, 3), 2),
+        "the model fails on the data's first samples",
+    )
 
 
 def test_lora_and_full_baselines(decomposed):
@@ -347,6 +386,22 @@ def test_cli_finetune_writes_an_adapter_and_prints_the_table(cli_run, tmp_path, 
     assert main([*argv, "--train", "cores", "-q"]) == 0
     cores = load_adapter(tmp_path / "c", loaded.model)
     assert cores.train == "cores" and any(bool(c.abs().sum() > 0) for c in cores.cores)
+
+
+def test_cli_finetune_keeps_an_existing_adapter(cli_run, tmp_path, capsys):
+    # A second run into the same --out replaced the first adapter without a word.
+    run, edit, _ = cli_run
+    argv = ["finetune", str(run), "--subnetworks", "0", "--data", str(edit), "--steps", "2"]
+    argv += ["--out", str(tmp_path / "a"), "-q"]
+    assert main(argv) == 0
+    saved = (tmp_path / "a" / "adapter.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds an adapter" in err and "--overwrite" in err and "\n" not in err
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == saved
+    assert main([*argv, "--lr", "0.5", "--overwrite"]) == 0
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() != saved
 
 
 @pytest.mark.parametrize(

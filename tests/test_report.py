@@ -243,9 +243,7 @@ def test_adapters_in_the_run_folder_are_shown_with_their_numbers(hostile_run, tm
     shutil.copytree(run / "edit", hostile)
     meta = json.loads((hostile / "adapter.json").read_text())
     hostile_recipe = {**meta["trained_with"], "objective": PAYLOADS[0]}
-    (hostile / "adapter.json").write_text(
-        json.dumps({**meta, "train": PAYLOADS[0], "trained_with": hostile_recipe})
-    )
+    (hostile / "adapter.json").write_text(json.dumps({**meta, "trained_with": hostile_recipe}))
     legacy = run / "adapters" / "legacy"  # saved before adapters recorded how they were trained
     shutil.copytree(run / "edit", legacy)
     (legacy / "adapter.json").write_text(
@@ -276,9 +274,15 @@ def test_adapters_in_the_run_folder_are_shown_with_their_numbers(hostile_run, tm
     odd = run / "adapters" / "odd"
     shutil.copytree(run / "edit", odd)
     (odd / "adapter.json").write_text(json.dumps({**meta, "subnetworks": ["<b>0</b>", 2]}))
+    hostile_mode = run / "adapters" / "mode"  # a train mode l3d has not: a note, no payload
+    shutil.copytree(run / "edit", hostile_mode)
+    (hostile_mode / "adapter.json").write_text(json.dumps({**meta, "train": PAYLOADS[0]}))
     assert main(["report", str(run), "-q"]) == 0
     page = (run / "report" / "index.html").read_text()
-    assert "Adapter adapters/odd not shown: its adapter.json or adapter.safetensors is not" in page
+    assert "Adapter adapters/odd not shown: " in page
+    assert "&#x27;subnetworks.0&#x27;: input should be a valid integer: restore it" in page
+    assert "Adapter adapters/mode not shown: " in page
+    assert "&#x27;train&#x27;: input should be" in page
     section = page[page.index("<h2>Adapters</h2>") : page.index("<h2>Subnetworks</h2>")]
     assert PAYLOADS[0] not in page and html_escaped(PAYLOADS[0]) in section
     assert 'src="img/adapters.png"' in section and (run / "report/img/adapters.png").is_file()

@@ -281,6 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--data", required=True, help="safetensors file of inputs and labels")
     p.add_argument("--out", required=True, help="adapter folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     p.add_argument("--retain", help="safetensors file of inputs whose outputs to keep")
     p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain term")
     p.add_argument("--objective", choices=OBJECTIVES, default="labels")
@@ -678,6 +679,11 @@ def _finetune(args: argparse.Namespace) -> int:
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
     out = runs.writable_folder(Path(args.out), "adapter")
+    if (out / "adapter.json").exists() and not args.overwrite:
+        raise L3DError(
+            f"'{out}' already holds an adapter: choose another --out, or pass --overwrite to "
+            "replace it"
+        )
     with _quiet_libraries(args, run_dir.spec()):
         decomposition = runs.open_run(run_dir.path).decomposition
         data = read_data(args.data)

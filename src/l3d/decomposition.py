@@ -493,10 +493,11 @@ class Decomposition:
         """Per-sample gradients under this decomposition's divergence and reference strategy:
         `.batch(inputs, references, generator)` gives them for one batch of any inputs.
 
-        Built and validated once, on the first inputs asked about: the structured backend where
+        Built once, on the first inputs asked about: the structured backend where
         a decomposed tensor supports it (ResidMLP's 1000 x 50 layers: dense per-sample gradients
         took 2.5 s per 1000 samples), else torch.func; the cached Jacobians only pay off when the
-        same samples come back epoch after epoch."""
+        same samples come back epoch after epoch. Inputs of another shape, dtype or keys than
+        those seen before are checked too, so that they fail in one line here as well."""
         if self._source is None:
             self.model.eval()
             self._source = gradient_source(
@@ -507,6 +508,8 @@ class Decomposition:
                 example=to_device(inputs, self.device),
                 method=Method.AUTO,
             )
+        else:
+            self._source.check(inputs)
         return self._source
 
     @torch.no_grad()
@@ -685,6 +688,8 @@ class Decomposition:
         NOISE_ULPS ulps of the scale in every output give a mean squared change or a KL (about
         half the p-weighted variance of the logit errors) at most this large; changes below it
         do not measure the subnetwork."""
+        if not len(deltas):
+            raise L3DError("no deltas given: pass the steps to measure, e.g. [0.5, 1.0]")
         sub, select = self._sample_inputs(inputs, samples)
         direction = self._direction(k, direction)
         base = select(self.intervene(sub, k, 0.0, direction=direction))

@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from torch import Tensor, nn
 
 from l3d import io
@@ -38,6 +39,7 @@ from l3d.core.samples import (
     Inputs,
     SampleRows,
     batch_size_of,
+    check_finite,
     describe_inputs,
     take,
     to_device,
@@ -56,6 +58,52 @@ IGNORE = -100
 
 ADAPTER_FORMAT = 1
 ADAPTER_FILES = ("adapter.json", "adapter.safetensors")
+
+
+class AdapterDescription(BaseModel):
+    """adapter.json as `Adapter.save` writes it. Read through `read_description`, an edited or
+    foreign file fails in one line naming the field, not deep inside `Adapter.load` or the
+    report."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
+
+    format_version: int
+    names: list[str]
+    shapes: dict[str, list[PositiveInt]] = Field(min_length=1)
+    subnetworks: list[int] = Field(min_length=1)
+    train: Literal["scalars", "factors", "cores"]
+    factorization: Literal["cp", "tucker"]
+    ranks: dict[str, PositiveInt]
+    w0_fingerprint: dict[str, dict[str, float | str]]
+    n_trainable: int
+    delta_norms: dict[str, float]
+    w0_norms: dict[str, float] = {}  # absent before l3d saved them
+    trained_with: dict[str, str | int | float | None] = {}  # absent before l3d recorded it
+    history: list[dict[str, int | float]]
+
+
+def read_description(path: Path) -> AdapterDescription:
+    """adapter.json, validated, or an L3DError naming the file and the field."""
+    meta = io.read_json(path, "adapter description")
+
+    def bad(what: str) -> L3DError:
+        return L3DError(f"{path}: {what}: restore it or re-create the adapter with save()")
+
+    if not isinstance(meta, dict):
+        raise bad(f"expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format_version") != ADAPTER_FORMAT:
+        raise L3DError(f"{path.parent} is not an l3d adapter folder: re-create it with save()")
+    try:
+        description = AdapterDescription.model_validate(meta)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise bad(f"'{field}': {first['msg'].lower()}") from None
+    if set(description.ranks) != set(description.shapes):
+        raise bad(
+            f"'ranks' must give a rank for each tensor of 'shapes' ({', '.join(meta['shapes'])})"
+        )
+    return description
 
 
 # Data and objectives --------------------------------------------------------------------------
@@ -305,12 +353,12 @@ class Adapter(Edit):
         """An adapter saved by `save`, against `model` at the W0 it was trained on (its tensors'
         fingerprint must match unless allow_other_weights=True)."""
         directory = Path(directory)
-        meta = io.read_json(directory / ADAPTER_FILES[0], "adapter description")
+        meta = read_description(directory / ADAPTER_FILES[0])
         tensors = io.load_tensors(directory / ADAPTER_FILES[1], "adapter weights")
-        if meta.get("format_version") != ADAPTER_FORMAT or "alpha" not in tensors:
+        if "alpha" not in tensors:
             raise L3DError(f"{directory} is not an l3d adapter folder: re-create it with save()")
         params = dict(model.named_parameters())
-        shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+        shapes = {n: tuple(s) for n, s in meta.shapes.items()}
         wrong = [n for n, s in shapes.items() if n not in params or tuple(params[n].shape) != s]
         if wrong:
             raise L3DError(
@@ -318,15 +366,16 @@ class Adapter(Edit):
                 "or shaped otherwise; load it with the model it was trained on"
             )
         now = io.fingerprint({n: params[n] for n in shapes})
-        other = [n for n in shapes if meta["w0_fingerprint"][n]["sha256"] != now[n]["sha256"]]
+        saved = meta.w0_fingerprint
+        other = [n for n in shapes if (saved.get(n) or {}).get("sha256") != now[n]["sha256"]]
         if other and not allow_other_weights:
             raise L3DError(
                 f"the adapter in {directory} was trained on other weights ({', '.join(other)} "
                 "differ; merged already?): load it with the model at its W0, or pass "
                 "allow_other_weights=True"
             )
-        n_sel = len(meta["subnetworks"])
-        directions = Subnetworks(shapes, n_sel, meta["ranks"], meta["factorization"])
+        n_sel = len(meta.subnetworks)
+        directions = Subnetworks(shapes, n_sel, meta.ranks, meta.factorization)
         prefix = "directions."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
@@ -336,14 +385,14 @@ class Adapter(Edit):
                 f"{directory}/adapter.safetensors does not match adapter.json (other tensor names "
                 "or shapes): re-create the adapter with save()"
             ) from None
-        adapter = cls(model, directions, list(range(n_sel)), meta["train"])
-        adapter.subnetworks = list(meta["subnetworks"])
+        adapter = cls(model, directions, list(range(n_sel)), meta.train)
+        adapter.subnetworks = list(meta.subnetworks)
         with torch.no_grad():
             adapter.alpha.copy_(tensors["alpha"])
             for i, core in enumerate(adapter.cores):
                 core.copy_(tensors[f"cores.{i}"])
-        adapter.history = meta["history"]
-        adapter.trained_with = meta.get("trained_with", {})  # absent before l3d recorded it
+        adapter.history = [dict(record) for record in meta.history]
+        adapter.trained_with = dict(meta.trained_with)
         return adapter
 
 
@@ -462,11 +511,34 @@ def _core_bases(directions: Subnetworks) -> list[tuple[str, Tensor, Tensor]]:
     return bases
 
 
+def _check_count(decomposition: Decomposition, n: object) -> int:
+    """n as a count of subnetworks to choose, or an L3DError (a negative n would slice)."""
+    n_v = decomposition.subnetworks.v_out.n_subnetworks
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_v:
+        raise L3DError(f"cannot choose {n!r} subnetworks: n must be an int in 1..{n_v}")
+    return n
+
+
 def _mean_impact(
     decomposition: Decomposition, inputs: Inputs, samples: Tensor | None, n_references: int
 ) -> Tensor:
     impact = decomposition.impact(inputs, n_references=n_references)  # (n_samples, n_v)
-    return (impact if samples is None else impact[samples.cpu()]).mean(0)
+    if samples is None:
+        return impact.mean(0)
+    samples, n_rows = samples.cpu(), len(impact)
+    if samples.dtype == torch.bool:
+        if samples.shape != (n_rows,):
+            raise L3DError(
+                f"a samples mask of shape {tuple(samples.shape)} for inputs with {n_rows} sample "
+                f"rows: give a bool mask of {n_rows}, or row indices"
+            )
+    elif samples.numel() and not (-n_rows <= int(samples.min()) <= int(samples.max()) < n_rows):
+        outside = int(samples.max()) if int(samples.max()) >= n_rows else int(samples.min())
+        raise L3DError(
+            f"samples name row {outside} but the inputs have {n_rows} sample rows: give indices "
+            f"in 0..{n_rows - 1}, or a bool mask"
+        )
+    return impact[samples].mean(0)
 
 
 def top_subnetworks(
@@ -480,6 +552,7 @@ def top_subnetworks(
     """The n subnetworks of largest mean impact (eq. 10-11) on `inputs`: the subnetworks this
     behaviour uses. samples: a bool mask or indices of the impact's sample rows to average over
     (e.g. only answer tokens), default all."""
+    n = _check_count(decomposition, n)
     score = _mean_impact(decomposition, inputs, samples, n_references)
     return [int(k) for k in score.argsort(descending=True)[:n]]
 
@@ -496,6 +569,7 @@ def contrast_subnetworks(
 ) -> list[int]:
     """The n subnetworks whose mean impact on `target` exceeds that on `retain` the most: used by
     the behaviour to change, little by the behaviour to keep."""
+    n = _check_count(decomposition, n)
     on_target = _mean_impact(decomposition, target, target_samples, n_references)
     on_retain = _mean_impact(decomposition, retain, retain_samples, n_references)
     return [int(k) for k in (on_target - on_retain).argsort(descending=True)[:n]]
@@ -626,9 +700,7 @@ def objective_subnetworks(
 ) -> list[int]:
     """The n subnetworks of largest `objective_scores`: whose core subspaces carry the most of
     the edit's own objective per unit of change on the retain data (for train='cores')."""
-    n_v = decomposition.subnetworks.v_out.n_subnetworks
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_v:
-        raise L3DError(f"cannot choose {n!r} subnetworks: n must be an int in 1..{n_v}")
+    n = _check_count(decomposition, n)
     scores = objective_scores(decomposition, data, retain, objective=objective, damping=damping)
     return [int(k) for k in scores.argsort(descending=True)[:n]]
 
@@ -695,6 +767,8 @@ def _check_fits(target: Target, data: Labelled) -> None:
             f"the finetuning data ({describe_inputs(data.inputs)}) do not fit the model "
             f"({reason}): give inputs as the model takes them"
         ) from None
+    check_finite(data.inputs, "the finetuning data")
+    check_finite(data.labels, "the labels tensor")
     want = tuple(out.shape[1:]) if data.labels.is_floating_point() else tuple(out.shape[1:-1])
     if tuple(data.labels.shape[1:]) != want or len(data.labels) != batch_size_of(data.inputs):
         kind = "float targets" if data.labels.is_floating_point() else "integer labels"
@@ -749,6 +823,8 @@ def train_edit(
     _check_objective(objective)
     if steps < 1 or lr <= 0:
         raise L3DError(f"steps must be >= 1 and lr > 0; got steps={steps}, lr={lr}")
+    if retain_weight < 0:  # a negative weight would reward moving the retain outputs away
+        raise L3DError(f"retain_weight must be >= 0; got {retain_weight}")
     device = next(iter(decomposition.target.w0.values())).device
     target = Labelled.of(data)
     target = Labelled(to_device(target.inputs, device), target.labels.to(device))
@@ -765,6 +841,7 @@ def train_edit(
                 f"the retain data ({describe_inputs(retain_inputs)}) do not fit the model "
                 f"({str(err).splitlines()[0]}): give inputs as the model takes them"
             ) from None
+        check_finite(retain_inputs, "the retain data")
     was_training = decomposition.model.training
     decomposition.model.eval()  # BatchNorm on its running statistics, dropout off: as at W0
     generator = torch.Generator().manual_seed(seed)
@@ -797,7 +874,9 @@ def train_edit(
                 loss = loss + retain_weight * distance
                 record["retain_distance"] = float(distance.detach())
             if not torch.isfinite(loss):
-                raise L3DError(f"the finetuning loss is {float(loss)} at step {step + 1}: lower lr")
+                raise L3DError(
+                    f"the finetuning loss is {float(loss.detach())} at step {step + 1}: lower lr"
+                )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

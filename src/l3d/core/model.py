@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -124,5 +126,23 @@ class Target:
         self, direction: dict[str, Tensor], delta: float, names: Iterable[str] | None = None
     ) -> dict[str, Tensor]:
         """W0 + delta * direction (eq. 9), on `names` only (default: every decomposed tensor)."""
+        delta = finite_delta(delta)
         names = set(self.names if names is None else names)
+        if unknown := sorted(names - set(self.names)):
+            # Skipping them would return the model's own outputs as if intervened on.
+            raise L3DError(
+                f"{unknown[0]!r} was not decomposed, so there is no subnetwork direction to move "
+                f"it along: give params among {', '.join(self.names)}"
+            )
         return {n: w + delta * direction[n] if n in names else w for n, w in self.w0.items()}
+
+
+def finite_delta(delta: object) -> float:
+    """delta as a float, or an L3DError: NaN or inf along a direction gives NaN outputs silently."""
+    if isinstance(delta, Tensor) and delta.numel() == 1:
+        delta = delta.item()
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta):
+        raise L3DError(
+            f"delta must be a finite number (the step along a unit direction, eq. 9); got {delta!r}"
+        )
+    return float(delta)

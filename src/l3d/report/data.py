@@ -23,6 +23,7 @@ from l3d.config import L3DConfig
 from l3d.core.samples import as_inputs
 from l3d.core.subnetworks import Subnetworks
 from l3d.errors import L3DError
+from l3d.finetuning import read_description
 from l3d.runs.folder import RunDir
 from l3d.runs.spec import yaml_error
 from l3d.toys import registry as toys
@@ -198,19 +199,19 @@ def _adapters(run_dir: Path, notes: list[str]) -> list[AdapterInfo]:
         if path.parts[0] == "controls":
             continue
         try:
-            meta = io.read_json(file, "adapter description")
+            # Typed by the adapter's own schema: the pages format numbers and build links from it.
+            meta = read_description(file)
             weights = io.load_tensors(file.parent / "adapter.safetensors", "adapter weights")
-            # Every value typed here: the pages format numbers and build links from them.
             adapter = AdapterInfo(
                 path=path,
-                train=str(meta["train"]),
-                subnetworks=[int(k) for k in meta["subnetworks"]],
+                train=meta.train,
+                subnetworks=list(meta.subnetworks),
                 alpha=weights["alpha"].float().tolist(),
-                n_trainable=int(meta["n_trainable"]),
-                history=[{str(k): float(v) for k, v in r.items()} for r in meta["history"]],
-                delta_norms={str(n): float(v) for n, v in meta["delta_norms"].items()},
-                w0_norms={str(n): float(v) for n, v in meta.get("w0_norms", {}).items()},
-                **_trained_with(meta.get("trained_with", {})),
+                n_trainable=meta.n_trainable,
+                history=[{k: float(v) for k, v in r.items()} for r in meta.history],
+                delta_norms=dict(meta.delta_norms),
+                w0_norms=dict(meta.w0_norms),
+                **_trained_with(meta.trained_with),
             )
             keys = [set(r) for r in adapter.history]
             if len(adapter.alpha) != len(adapter.subnetworks) or any(

@@ -118,7 +118,8 @@ class GradientSource:
             if dataset is None:
                 raise ValueError("a GradientSource needs a dataset or example inputs")
             example = self._first_batch(dataset)
-        self._validate(example)
+        self._checked: set[tuple] = set()
+        self.check(example)
         if self.reference.name == ZERO_INPUT:
             self.reference = self._zero_input(example)
         # Two inputs, copied (not a view of the data's storage), for `batch_memory`.
@@ -147,7 +148,17 @@ class GradientSource:
             baseline = self.target.outputs(torch.zeros_like(example[:1], device=device))
         return bind_zero_input(baseline.flatten(1))
 
-    def _validate(self, example: Inputs) -> None:
+    def check(self, inputs: Inputs) -> None:
+        """`validate` inputs of a kind (per-row shape, dtype, keys) not seen before: later calls
+        on data of the same kind run no extra forward."""
+        kind = _kind(inputs)
+        if kind not in self._checked:
+            self.validate(inputs)
+            self._checked.add(kind)
+
+    def validate(self, example: Inputs) -> None:
+        """Refuse inputs the model cannot take, or whose outputs the divergence cannot read, in
+        one line (a forward of their first two samples)."""
         device = next(iter(self.target.w0.values())).device
         batch = to_device(take(example, slice(0, 2)), device)
         self._check_precision(batch)
@@ -388,6 +399,12 @@ class GradientSource:
             for i in range(0, n, step)
         ]
         return ChunkedGradients(parts, rows.count(n))
+
+
+def _kind(inputs: Inputs) -> tuple:
+    """What `GradientSource.check` tells inputs apart by: each tensor's per-row shape and dtype."""
+    tensors = {"": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+    return tuple((k, tuple(t.shape[1:]), t.dtype) for k, t in sorted(tensors.items()))
 
 
 def _token_inputs(inputs: Inputs) -> bool:
