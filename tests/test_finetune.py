@@ -221,11 +221,11 @@ def test_bad_input_gets_one_line_errors(decomposed, tmp_path):
     # Non-finite data were blamed on the learning rate ("the loss is nan: lower lr").
     nan_x = x.clone()
     nan_x[3, 1] = float("nan")
-    one_line_error(run(given=(nan_x, data[1])), "finetuning data contains 1 NaN/inf")
+    one_line_error(run(given=(nan_x, data[1])), "1 NaN/inf values in the finetuning data")
     nan_y = data[1].clone()
     nan_y[0] = float("inf")
-    one_line_error(run(given=(x, nan_y)), "labels tensor contains 3 NaN/inf")
-    one_line_error(run(retain=nan_x), "retain data contains 1 NaN/inf")
+    one_line_error(run(given=(x, nan_y)), "3 NaN/inf values in the labels")
+    one_line_error(run(retain=nan_x), "1 NaN/inf values in the retain data")
     one_line_error(run(retain=x, retain_weight=-1.0), "retain_weight must be >= 0")
 
     one_line_error(lambda: Adapter(SmallMLP(n_in=5), d.subnetworks.v_out, [0]), "not the model's")

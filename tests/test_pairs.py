@@ -141,6 +141,8 @@ def test_patching_score_is_one_for_the_subnetwork_that_is_the_difference():
         (torch.zeros(24, 7), None, "must have the inputs' shapes"),
         ([], None, "no counterparts given"),
         (torch.zeros(24, 6), torch.ones(24, 3, dtype=torch.bool), "positions= restricts"),
+        # NaN counterparts were reported as NaN per-sample gradients, "check inputs".
+        (torch.full((24, 6), float("nan")), None, "144 NaN/inf values in the counterparts"),
     ],
 )
 def test_bad_pairs_are_one_line_errors(classifier, counterparts, positions, message):

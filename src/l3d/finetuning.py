@@ -768,7 +768,7 @@ def _check_fits(target: Target, data: Labelled) -> None:
             f"({reason}): give inputs as the model takes them"
         ) from None
     check_finite(data.inputs, "the finetuning data")
-    check_finite(data.labels, "the labels tensor")
+    check_finite(data.labels, "the labels")
     want = tuple(out.shape[1:]) if data.labels.is_floating_point() else tuple(out.shape[1:-1])
     if tuple(data.labels.shape[1:]) != want or len(data.labels) != batch_size_of(data.inputs):
         kind = "float targets" if data.labels.is_floating_point() else "integer labels"

@@ -26,6 +26,7 @@ from l3d.core.samples import (
     Referenced,
     SampleRows,
     batch_size_of,
+    check_finite,
     describe_inputs,
     take,
     to_device,
@@ -113,6 +114,7 @@ def pair_data(
                 f"counterparts ({describe_inputs(c)}) must have the inputs' shapes "
                 f"({describe_inputs(inputs)}): one counterpart per input, aligned by row"
             )
+        check_finite(c, "the counterparts")
     firsts: list[Inputs] = [inputs] * len(sets)
     seconds: list[Inputs] = sets
     if symmetric:

@@ -84,9 +84,7 @@ def check_finite(inputs: Inputs, what: str = "data") -> None:
     for t in tensors:
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t)).sum().item()
-            raise L3DError(
-                f"{what} contains {bad} NaN/inf values: clean or drop those samples first"
-            )
+            raise L3DError(f"{bad} NaN/inf values in {what}: clean or drop those samples first")
 
 
 @dataclass(frozen=True)
