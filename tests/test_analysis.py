@@ -369,3 +369,25 @@ def test_write_analysis_shows_a_progress_bar_over_subnetworks(classifier, tmp_pa
     assert "analysis" in err and "4/4" in err and "subnetwork" in err
     write_analysis(d, x, tmp_path, options=AnalysisOptions(n_top=2, n_references=1, progress=False))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n_top", 0),  # wrote a NaN median selectivity into analysis.json
+        ("n_references", 0),
+        ("n_logits", -1),
+        ("intervention_scale", 0.0),  # every intervention "below noise", silently
+        ("intervention_scale", float("nan")),
+        ("generation_scale", float("inf")),
+        ("n_generations", -1),
+        ("generation_tokens", 0),
+        ("chunk_size", 0),
+    ],
+)
+def test_analysis_options_out_of_range_are_one_line_errors(field, value):
+    from l3d import L3DError
+
+    with pytest.raises(L3DError, match=rf"AnalysisOptions\.{field} must be .*; got {value}") as err:
+        AnalysisOptions(**{field: value})
+    assert "\n" not in str(err.value)

@@ -3,6 +3,7 @@ impact.safetensors, and for image inputs the top samples' images and a grid per 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from l3d.analysis.quantities import (
 from l3d.core.distributed import Group
 from l3d.core.samples import Inputs, Referenced, SampleRows, batch_size_of
 from l3d.decomposition import Decomposition
+from l3d.errors import L3DError
 from l3d.pairs import patching_scores
 
 
@@ -69,6 +71,24 @@ class AnalysisOptions:
     seed: int = 0
     chunk_size: int | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Out of range, these gave NaN medians (n_top 0) or empty measurements without a word.
+        at_least = {"n_top": 1, "n_references": 1, "n_logits": 0, "n_generations": 0}
+        at_least |= {"generation_tokens": 1, "chunk_size": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is None and name == "chunk_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise L3DError(f"AnalysisOptions.{name} must be an int >= {low}; got {value!r}")
+        for name in ("intervention_scale", "generation_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise L3DError(
+                    f"AnalysisOptions.{name} must be a finite number > 0 (a multiple of ||W0||); "
+                    f"got {value!r}"
+                )
 
 
 def write_analysis(
