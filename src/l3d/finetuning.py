@@ -100,9 +100,8 @@ def read_description(path: Path) -> AdapterDescription:
         field = ".".join(str(part) for part in first["loc"])
         raise bad(f"'{field}': {first['msg'].lower()}") from None
     if set(description.ranks) != set(description.shapes):
-        raise bad(
-            f"'ranks' must give a rank for each tensor of 'shapes' ({', '.join(meta['shapes'])})"
-        )
+        names = ", ".join(description.shapes)
+        raise bad(f"'ranks' must give a rank for each tensor of 'shapes' ({names})")
     return description
 
 
