@@ -531,11 +531,10 @@ def _mean_impact(
                 f"a samples mask of shape {tuple(samples.shape)} for inputs with {n_rows} sample "
                 f"rows: give a bool mask of {n_rows}, or row indices"
             )
-    elif samples.numel() and not (-n_rows <= int(samples.min()) <= int(samples.max()) < n_rows):
-        outside = int(samples.max()) if int(samples.max()) >= n_rows else int(samples.min())
+    elif (outside := samples[(samples < -n_rows) | (samples >= n_rows)]).numel():
         raise L3DError(
-            f"samples name row {outside} but the inputs have {n_rows} sample rows: give indices "
-            f"in 0..{n_rows - 1}, or a bool mask"
+            f"samples name row {int(outside[0])} but the inputs have {n_rows} sample rows: give "
+            f"indices in 0..{n_rows - 1}, or a bool mask"
         )
     return impact[samples].mean(0)
 

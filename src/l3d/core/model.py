@@ -126,7 +126,7 @@ class Target:
         self, direction: dict[str, Tensor], delta: float, names: Iterable[str] | None = None
     ) -> dict[str, Tensor]:
         """W0 + delta * direction (eq. 9), on `names` only (default: every decomposed tensor)."""
-        delta = finite_delta(delta)
+        delta = _finite_delta(delta)
         names = set(self.names if names is None else names)
         if unknown := sorted(names - set(self.names)):
             # Skipping them would return the model's own outputs as if intervened on.
@@ -137,7 +137,7 @@ class Target:
         return {n: w + delta * direction[n] if n in names else w for n, w in self.w0.items()}
 
 
-def finite_delta(delta: object) -> float:
+def _finite_delta(delta: object) -> float:
     """delta as a float, or an L3DError: NaN or inf along a direction gives NaN outputs silently."""
     if isinstance(delta, Tensor) and delta.numel() == 1:
         delta = delta.item()

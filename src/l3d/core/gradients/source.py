@@ -149,14 +149,14 @@ class GradientSource:
         return bind_zero_input(baseline.flatten(1))
 
     def check(self, inputs: Inputs) -> None:
-        """`validate` inputs of a kind (per-row shape, dtype, keys) not seen before: later calls
+        """`_validate` inputs of a kind (per-row shape, dtype, keys) not seen before: later calls
         on data of the same kind run no extra forward."""
         kind = _kind(inputs)
         if kind not in self._checked:
-            self.validate(inputs)
+            self._validate(inputs)
             self._checked.add(kind)
 
-    def validate(self, example: Inputs) -> None:
+    def _validate(self, example: Inputs) -> None:
         """Refuse inputs the model cannot take, or whose outputs the divergence cannot read, in
         one line (a forward of their first two samples)."""
         device = next(iter(self.target.w0.values())).device
