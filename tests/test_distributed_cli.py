@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -248,3 +249,38 @@ def test_other_commands_refuse_torchrun(tmp_path, monkeypatch, capsys):
         "l3d report: error: `l3d report` runs in one process: launch it without torchrun "
         "(only `l3d decompose` and `l3d analyze` are distributed; see docs/distributed.md)\n"
     )
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "abc"}, r"WORLD_SIZE is 'abc', not a number of processes"),
+        (
+            {"WORLD_SIZE": "2"},
+            r"WORLD_SIZE=2 is set but not RANK, MASTER_ADDR, MASTER_PORT: launch the processes "
+            r"with torchrun \(torchrun --nproc-per-node 2 -m l3d decompose",
+        ),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, r"but not MASTER_ADDR, MASTER_PORT"),
+    ],
+)
+def test_a_process_group_set_up_by_hand_gets_a_clear_error(
+    tmp_path, monkeypatch, capsys, env, message
+):
+    """WORLD_SIZE set without torchrun's other variables died in torch's rendezvous."""
+    from l3d.cli import main
+
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": {"toy": "tms"}, "data": {"toy": "tms"},
+                                      "l3d": {"n_subnetworks": 5, "epochs": 1}}))  # fmt: skip
+    assert main(["decompose", str(config), "--out", str(tmp_path / "run"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+    if env["WORLD_SIZE"] == "abc":
+        assert main(["report", str(tmp_path)]) == 2
+        assert re.search(message, capsys.readouterr().err)

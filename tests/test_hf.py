@@ -240,3 +240,52 @@ def test_prepare_fits_the_presets_warm_start_to_the_epochs(saved_lm, tmp_path):
     setup = hf.prepare(path, text, params=BLOCK, n_subnetworks=2, rank=1, epochs=2)
     assert setup.config.epochs == 2 and setup.config.warm_start_epochs == 0
     assert hf.prepare(path, text, params=BLOCK, n_subnetworks=2).config.warm_start_epochs == 10
+
+
+def test_token_datasets_that_cannot_be_fed_to_a_model_are_refused(tmp_path):
+    """Found by a scripted pass of misuse: each of these either died in Python or torch, or built
+    ids that would later index past the embedding (or silently truncated float tokens)."""
+    two = [[1, 2, 3], [4, 5]]
+    cases = [
+        (lambda: hf.token_dataset(two, seq_len=2.5), r"seq_len must be an integer >= 1"),
+        (lambda: hf.token_dataset(two, min_tokens=0), r"min_tokens must be an integer >= 1"),
+        (lambda: hf.token_dataset([[1, -2, 3], [4, 5]]), r"token id -2 is negative"),
+        (
+            lambda: hf.token_dataset([[1, -2, 3], [4, 5]], vocab_size=10),
+            r"token id -2 is negative",
+        ),
+        (lambda: hf.token_dataset([[1, 2**70], [3, 4]]), r"token id 1180591620717411303424"),
+        (
+            lambda: hf.token_dataset(two, pad_token_id=99, vocab_size=10),
+            r"pad_token_id 99 is outside the model's vocabulary of 10",
+        ),
+        (lambda: hf.token_dataset(two, pad_token_id=-1), r"pad_token_id -1"),
+        (lambda: hf.token_dataset(torch.rand(3, 4)), r"token ids must be integers.*float32"),
+        (
+            lambda: hf.token_dataset(torch.ones(2, 3, 4, dtype=torch.long)),
+            r"1-D \(one document\) or 2-D \(one per row\).*\(2, 3, 4\)",
+        ),
+    ]
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00abc\n\x80")
+    cases.append((lambda: hf.token_dataset(binary), r"binary\.txt is not UTF-8 text"))
+    cases.append((lambda: hf.token_dataset(binary, separator=""), r"separator is empty"))
+    for build, message in cases:
+        with pytest.raises(L3DError, match=message) as err:
+            build()
+        assert "\n" not in str(err.value)
+
+
+def test_a_file_is_not_taken_for_a_hub_name(tmp_path, monkeypatch):
+    """'weights.bin' exists here as a file: say so at once instead of asking the hub (minutes of
+    retries offline)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    for load in (hf.load_causal_lm, hf.load_tokenizer):
+        with pytest.raises(L3DError, match=r"'weights\.bin' is a file.*folder"):
+            load("weights.bin")
+
+
+def test_random_causal_lm_needs_a_transformers_config():
+    with pytest.raises(L3DError, match=r"transformers config.*got dict"):
+        hf.random_causal_lm({"vocab_size": 10})

@@ -174,6 +174,21 @@ def test_factor_file_without_p_active(folder):
     assert "p_active" in one_line(err) and str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("key", ["p_active", "v_out"])
+def test_factor_file_with_non_finite_values(folder, key):
+    """Found by a scripted pass: NaN factors loaded, then interventions returned NaN outputs and
+    the report died in a histogram."""
+    path = folder / "subnetworks.safetensors"
+    tensors = io.load_tensors(path, "factors")
+    name = next(k for k in tensors if k.startswith(key))
+    tensors[name].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+    io.save_tensors(path, tensors)
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, model())
+    assert f"{path} holds 2 NaN/inf values ({name}" in one_line(err)
+    assert "re-create the decomposition" in str(err.value)
+
+
 # Item 10: saving onto a file or an unwritable folder ------------------------------------------
 
 

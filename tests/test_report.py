@@ -207,6 +207,61 @@ def test_non_finite_impacts_are_reported_as_zero_with_a_note(hostile_run, tmp_pa
     assert main(["report", str(run), "-q"]) == 0
 
 
+@pytest.mark.parametrize("edit", ["list", "fewer", "other_count"])
+def test_an_edited_or_stale_analysis_json_is_one_line_saying_to_analyse_again(
+    hostile_run, tmp_path, capsys, edit
+):
+    """Found by a scripted pass: a list gave AttributeError; a subnetwork record removed gave a
+    report silently missing that subnetwork's numbers."""
+    run = tmp_path / "run"
+    shutil.copytree(hostile_run, run, ignore=shutil.ignore_patterns("report"))
+    path = run / "analysis" / "analysis.json"
+    analysis = json.loads(path.read_text())
+    if edit == "list":
+        analysis = analysis["subnetworks"]
+    elif edit == "fewer":
+        analysis["subnetworks"] = analysis["subnetworks"][1:]
+    else:
+        analysis["summary"]["n_subnetworks"] += 1
+    path.write_text(json.dumps(analysis))
+    assert main(["report", str(run), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(path) in err and f"run `l3d analyze {run}` again" in err
+
+
+@pytest.mark.parametrize(
+    "file, content, said",
+    [
+        ("interventions/subnetwork_0.json", [], "expected a JSON object, got list"),
+        ("interventions/subnetwork_0.json", {}, "'subnetwork': field required"),
+        ("interventions/subnetwork_0.json", "subnetwork=a", "'subnetwork': input should be"),
+        ("interventions/subnetwork_0.json", "subnetwork=99", "subnetwork 99 is not one of 0..5"),
+        ("interventions/subnetwork_0.json", "change=short", "one row of changes per δ"),
+        ("controls/controls.json", [], "expected a JSON object, got list"),
+        ("controls/controls.json", {"seed": {"mmcs": 1}}, "'seed.second_seed': field required"),
+    ],
+)
+def test_an_edited_intervention_or_controls_file_is_one_line_naming_it(
+    hostile_run, tmp_path, capsys, file, content, said
+):
+    """Found by a scripted pass: these gave TypeError, KeyError, ValueError or AttributeError."""
+    run = tmp_path / "run"
+    shutil.copytree(hostile_run, run, ignore=shutil.ignore_patterns("report"))
+    path = run / file
+    path.parent.mkdir(exist_ok=True)
+    if isinstance(content, str):  # one field of the file as l3d wrote it, edited
+        content, (key, value) = json.loads(path.read_text()), content.split("=")
+        content[key] = (
+            content[key][:-1] if value == "short" else int(value) if value.isdigit() else value
+        )
+    path.write_text(json.dumps(content))
+    assert main(["report", str(run), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(path) in err and said in err, err
+
+
 def test_adapters_in_the_run_folder_are_shown_with_their_numbers(hostile_run, tmp_path):
     """`l3d finetune RUN --out RUN/...` adapters appear on the index: their subnetworks (linked),
     alpha, trained numbers and the objective and retain distance at the first and last step,

@@ -58,6 +58,39 @@ def test_wrong_image_shape_and_wrong_output_give_clear_errors():
         check_classifier(model.features[:2], torch.randn(3, 1, 8, 8))
 
 
+def test_images_and_options_that_would_give_wrong_answers_are_refused():
+    """Found by a scripted pass of misuse: NaN pixels or a zero std gave NaN gradients later,
+    complex images lost their imaginary part with a warning, and the rest died in Python."""
+    x = torch.rand(2, 3, 4, 4)
+    cases = [
+        (
+            lambda: image_tensor(torch.full((2, 3, 4, 4), float("nan"))),
+            r"96 NaN/inf values in images",
+        ),
+        (lambda: image_tensor(x, std=[0.0, 1.0, 1.0]), r"std must be positive.*0\.0"),
+        (lambda: image_tensor(x, mean=0.5), r"mean must be a sequence of 3 numbers.*float"),
+        (lambda: image_tensor(x, mean="abc"), r"mean must be a sequence of 3 numbers"),
+        (lambda: image_tensor(x.to(torch.complex64)), r"images must be real numbers.*complex64"),
+        (lambda: image_tensor(np.array([[[["a"]]]], dtype=object)), r"images must be real.*object"),
+        (lambda: image_tensor(torch.rand(0, 3, 4, 4)), r"no images \(the batch is empty\)"),
+        (lambda: ranks_by_fraction(nn.Linear(4, 2), ["*"], -1.0), r"fraction must be in \(0, 1\]"),
+        (lambda: ranks_by_fraction(nn.Linear(4, 2), ["*"], float("nan")), r"fraction must be in"),
+    ]
+    for build, message in cases:
+        with pytest.raises(L3DError, match=message) as err:
+            build()
+        assert "\n" not in str(err.value)
+
+
+def test_a_classifier_that_raises_on_the_images_gets_a_clear_error():
+    class Picky(nn.Module):
+        def forward(self, images):
+            raise ValueError("expected 224x224 images")
+
+    with pytest.raises(L3DError, match=r"do not fit the model: expected 224x224 images"):
+        check_classifier(Picky(), torch.rand(2, 3, 8, 8))
+
+
 def test_per_sample_gradients_through_an_eval_mode_mobilenet_block_equal_a_loop():
     model = trained_like_digits_net()
     x = torch.randn(5, 1, 8, 8)

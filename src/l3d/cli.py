@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -525,6 +524,7 @@ def _analysis_headline(summary: dict) -> str:
 def _intervene(args: argparse.Namespace) -> int:
     from l3d import io, plots, runs
     from l3d.analysis import pair_impacts
+    from l3d.analysis.writing import InterventionResult
     from l3d.core.samples import Referenced
 
     run_dir = runs.RunDir(Path(args.run_dir))
@@ -547,14 +547,14 @@ def _intervene(args: argparse.Namespace) -> int:
         label = run.decomposition.divergence.change_label
         for k in args.subnetwork:
             change, floor = run.decomposition.output_change_and_floor(inputs, k, args.delta)
-            result = {
-                "subnetwork": k,
-                "divergence": run.decomposition.config.divergence,
-                "deltas": args.delta,
-                "impact": impact[:, k].tolist(),
-                "change": change.tolist(),
-                "noise_floor": floor,
-            }
+            result = InterventionResult(
+                subnetwork=k,
+                divergence=run.decomposition.config.divergence,
+                deltas=args.delta,
+                impact=impact[:, k].tolist(),
+                change=change.tolist(),
+                noise_floor=floor,
+            ).model_dump()
             path = folder / f"subnetwork_{k}.json"
             io.write_json(path, result)
             figure = plots.intervention_figure(result)
@@ -750,7 +750,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{err.prog}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        if args.command not in DISTRIBUTED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from l3d.runs.execution import launched_world_size
+
+        if args.command not in DISTRIBUTED and launched_world_size() > 1:
             # Its processes would each do all the work and write the same files.
             raise L3DError(
                 f"`l3d {args.command}` runs in one process: launch it without torchrun (only "

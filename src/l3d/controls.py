@@ -17,13 +17,16 @@ control RUN_DIR` runs both controls for any run folder.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from l3d import io
 from l3d.core.subnetworks import Subnetworks
 from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
@@ -103,6 +106,44 @@ def _stability(cosines: list[float]) -> dict[str, Any]:
         "min": min(cosines, default=float("nan")),
         "flagged": not cosines or sum(cosines) / len(cosines) < UNSTABLE_MMCS,
     }
+
+
+class _Compared(BaseModel):
+    metric: str
+    value: float
+    control: float
+    kind: Literal["shown", "ratio", "difference"]
+    gap: float | None = None
+    flagged: bool
+
+
+class _Shuffled(BaseModel):
+    folder: str | None = None
+    metrics: dict[str, float | None] = {}
+    comparison: list[_Compared]
+
+
+class _Seed(BaseModel):
+    folder: str | None = None
+    second_seed: int
+    matched_cosines: list[float] = []
+    mmcs: float
+    min: float
+    flagged: bool
+
+
+class ControlsResult(BaseModel):
+    """controls.json as `l3d control` writes it; read through `read_controls`."""
+
+    run: dict[str, float | None] = {}
+    shuffled: _Shuffled | None = None
+    seed: _Seed | None = None
+
+
+def read_controls(path: Path) -> dict[str, Any]:
+    """controls.json, validated, or an L3DError naming the file and the field."""
+    fix = "delete it and run `l3d control` again"
+    return io.validated(io.read_json(path, "controls"), ControlsResult, path, fix).model_dump()
 
 
 # How each headline metric is compared with its control: "higher" metrics must exceed the

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import Tensor, nn
 
 from l3d import io
@@ -85,23 +85,15 @@ class AdapterDescription(BaseModel):
 def read_description(path: Path) -> AdapterDescription:
     """adapter.json, validated, or an L3DError naming the file and the field."""
     meta = io.read_json(path, "adapter description")
-
-    def bad(what: str) -> L3DError:
-        return L3DError(f"{path}: {what}: restore it or re-create the adapter with save()")
-
-    if not isinstance(meta, dict):
-        raise bad(f"expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format_version") != ADAPTER_FORMAT:
+    fix = "restore it or re-create the adapter with save()"
+    if isinstance(meta, dict) and meta.get("format_version") != ADAPTER_FORMAT:
         raise L3DError(f"{path.parent} is not an l3d adapter folder: re-create it with save()")
-    try:
-        description = AdapterDescription.model_validate(meta)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise bad(f"'{field}': {first['msg'].lower()}") from None
+    description = io.validated(meta, AdapterDescription, path, fix)
     if set(description.ranks) != set(description.shapes):
         names = ", ".join(description.shapes)
-        raise bad(f"'ranks' must give a rank for each tensor of 'shapes' ({names})")
+        raise L3DError(
+            f"{path}: 'ranks' must give a rank for each tensor of 'shapes' ({names}): {fix}"
+        )
     return description
 
 

@@ -45,6 +45,11 @@ def _check_folder(name_or_path: str | Path, what: str) -> None:
         or Path(text).is_absolute()
     )
     path = Path(text).expanduser()
+    if path.is_file():
+        raise L3DError(
+            f"cannot load a {what} from '{text}': '{text}' is a file; pass the folder it was saved "
+            "to with save_pretrained (config.json + weights)"
+        )
     if path_like and not path.exists():
         raise L3DError(
             f"cannot load a {what} from '{text}': no such folder. Pass the folder it was saved to "
@@ -132,9 +137,22 @@ def _documents(source: object, separator: str) -> list:
                 f"text source '{source}' is not a file; pass a path to a UTF-8 text file, or an "
                 "iterable of strings or of token-id sequences"
             )
-        text = path.read_text(encoding="utf-8")
+        if not separator:
+            raise L3DError("separator is empty; pass the text between documents, e.g. '\\n'")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise L3DError(
+                f"text source {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                f"offset {err.start}): convert it to UTF-8, or pass token ids"
+            ) from None
         return [d.strip() for d in text.split(separator) if d.strip()]
     if isinstance(source, Tensor):
+        if source.dim() not in (1, 2):
+            raise L3DError(
+                "a tensor of token ids must be 1-D (one document) or 2-D (one per row); got shape "
+                f"{tuple(source.shape)}"
+            )
         return list(source) if source.dim() == 2 else [source]
     if not isinstance(source, Iterable):
         raise L3DError(
@@ -152,15 +170,32 @@ def _token_ids(document: object, tokenizer: Any) -> list[int]:
             )
         return list(tokenizer(document, add_special_tokens=False)["input_ids"])
     if isinstance(document, Tensor):
-        return [int(t) for t in document.flatten()]
+        if document.is_floating_point() or document.is_complex() or document.dtype == torch.bool:
+            raise L3DError(
+                f"token ids must be integers; got a tensor of {str(document.dtype)[6:]}: "
+                "tokenize the text, or convert ids with .long()"
+            )
+        return _checked_ids([int(t) for t in document.flatten()])
     if isinstance(document, Iterable):
         ids = list(document)
         if all(isinstance(t, int) or (isinstance(t, Tensor) and t.dim() == 0) for t in ids):
-            return [int(t) for t in ids]
+            return _checked_ids([int(t) for t in ids])
     raise L3DError(
         f"a document of the text source is a {type(document).__name__}; each must be a string "
         "or a sequence of int token ids"
     )
+
+
+def _checked_ids(ids: list[int]) -> list[int]:
+    """Ids index an embedding table: negative ones (and ones past int64) are never a token."""
+    for t in ids:
+        if t < 0:
+            raise L3DError(
+                f"token id {t} is negative: ids come from a tokenizer; use the model's own"
+            )
+        if t >= 2**63:
+            raise L3DError(f"token id {t} does not fit a 64-bit integer: it is no tokenizer's id")
+    return ids
 
 
 def token_dataset(
@@ -186,10 +221,19 @@ def token_dataset(
     Returns {'input_ids': (n_sequences, seq_len) long,
              'attention_mask': (n_sequences, seq_len) long}.
     """
-    if seq_len < 1:
-        raise L3DError(f"seq_len must be >= 1; got {seq_len}")
+    for name, value in (("seq_len", seq_len), ("min_tokens", min_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise L3DError(f"{name} must be an integer >= 1; got {value!r}")
     if pad_token_id is None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
+    # Padded positions are masked out of every computation, but still go through the embedding.
+    if not isinstance(pad_token_id, int) or pad_token_id < 0:
+        raise L3DError(f"pad_token_id {pad_token_id!r} must be a token id (an integer >= 0)")
+    if vocab_size is not None and pad_token_id >= vocab_size:
+        raise L3DError(
+            f"pad_token_id {pad_token_id} is outside the model's vocabulary of {vocab_size}: pass "
+            "an id the model has (any: padding is masked out)"
+        )
     rows: list[list[int]] = []
     for document in _documents(source, separator):
         ids = _token_ids(document, tokenizer)
@@ -214,7 +258,7 @@ def token_dataset(
         attention_mask[i, : len(row)] = 1
     if vocab_size is not None:
         largest = int(input_ids[attention_mask.bool()].max())
-        if largest >= vocab_size or int(input_ids.min()) < 0:
+        if largest >= vocab_size:
             raise L3DError(
                 f"token id {largest} is outside the model's vocabulary of {vocab_size}: the ids "
                 "come from another tokenizer; tokenize with the model's own tokenizer"
@@ -302,6 +346,11 @@ def random_causal_lm(config: Any, path: str | Path | None = None, seed: int = 0)
     """A randomly initialised causal LM from a transformers config, saved to `path` if given
     (so it can be loaded back by path like any pretrained model)."""
     transformers = _transformers()
+    if not isinstance(config, transformers.PretrainedConfig):
+        raise L3DError(
+            f"random_causal_lm needs a transformers config (e.g. transformers.GPTNeoConfig(...) or "
+            f"l3d.hf.tinystories_8m_config()); got {type(config).__name__}"
+        )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")

@@ -20,10 +20,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
+from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -32,6 +33,8 @@ from l3d.config import L3DConfig
 from l3d.core.algorithm import SubnetworkPair
 from l3d.core.subnetworks import Subnetworks
 from l3d.errors import L3DError
+
+Schema = TypeVar("Schema", bound=BaseModel)
 
 FORMAT_VERSION = 1
 SAVED_FILES = ("config.yaml", "decomposition.json", "subnetworks.safetensors")
@@ -76,6 +79,19 @@ def read_json(path: str | Path, what: str) -> Any:
         raise L3DError(
             f"{what} {path} is not valid JSON ({err}): restore or re-create it"
         ) from None
+
+
+def validated(data: Any, schema: type[Schema], path: Path, fix: str) -> Schema:
+    """`data` read from the JSON file `path`, checked by a pydantic schema: an edited or foreign
+    file fails in one line naming the file, the field and `fix`, not deep inside its reader."""
+    if not isinstance(data, dict):
+        raise L3DError(f"{path}: expected a JSON object, got {type(data).__name__}: {fix}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise L3DError(f"{path}: '{field}': {first['msg'].lower()}: {fix}") from None
 
 
 def save_tensors(
@@ -218,6 +234,13 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
     tensors = load_tensors(files[2], "subnetwork factors")
     p_active = tensors.pop("p_active", None)
     _check_factors(pair.state_dict(), tensors, files, config)
+    # Training refuses a non-finite loss, so NaN here is damage; it would spread to every output.
+    for name, t in {**tensors, "p_active": p_active}.items():
+        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+            raise L3DError(
+                f"{files[2]} holds {int((~torch.isfinite(t)).sum())} NaN/inf values ({name}): "
+                "restore the file or re-create the decomposition"
+            )
     if p_active is None or tuple(p_active.shape) != (config.n_v,):
         found = "no p_active" if p_active is None else f"p_active of shape {tuple(p_active.shape)}"
         raise L3DError(

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from l3d.config import L3DConfig, with_changes
 from l3d.core.model import select_parameters
+from l3d.core.samples import check_finite
 from l3d.errors import L3DError, lookup
 
 # torchvision's ImageNet normalisation, used by its pretrained classifiers.
@@ -36,26 +37,52 @@ def image_tensor(
     Accepts (n, C, H, W) or channels-last (n, H, W, C) arrays (C in 1 or 3), uint8 in [0, 255]
     (scaled to [0, 1]) or floats used as given; then (x - mean) / std per channel if given.
     """
-    x = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(images).__name__
+    if isinstance(images, np.ndarray):
+        if images.dtype.kind not in "biuf":
+            raise L3DError(f"images must be real numbers; got an array of {images.dtype}")
+        images = torch.as_tensor(images)
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise L3DError(
             f"images have shape {shape}; pass a batch shaped (n, C, H, W) or (n, H, W, C), "
             "e.g. add a batch axis with images[None]"
         )
+    if images.is_complex():
+        raise L3DError(f"images must be real numbers; got a tensor of {str(images.dtype)[6:]}")
+    if images.shape[0] == 0:
+        raise L3DError("no images (the batch is empty): pass at least two")
+    x = images
     if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
         x = x.permute(0, 3, 1, 2)
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    check_finite(x, "images")
     if mean is not None or std is not None:
         c = x.shape[1]
-        m = torch.tensor(list(mean) if mean is not None else [0.0] * c).view(1, -1, 1, 1)
-        s = torch.tensor(list(std) if std is not None else [1.0] * c).view(1, -1, 1, 1)
-        if m.shape[1] != c or s.shape[1] != c:
-            raise L3DError(
-                f"mean/std have {m.shape[1]}/{s.shape[1]} values for images with {c} channels"
-            )
+        m = _per_channel(mean, 0.0, c, "mean")
+        s = _per_channel(std, 1.0, c, "std")
+        if not (s > 0).all():
+            raise L3DError(f"std must be positive in every channel; got {s.flatten().tolist()}")
         x = (x - m) / s
     return x.contiguous()
+
+
+def _per_channel(values: Iterable[float] | None, default: float, c: int, name: str) -> Tensor:
+    """One value per channel, shaped to broadcast over (n, C, H, W)."""
+    if values is None:
+        return torch.full((1, c, 1, 1), default)
+    try:
+        column = torch.tensor([float(v) for v in values])
+    except (TypeError, ValueError):
+        raise L3DError(
+            f"{name} must be a sequence of {c} numbers (one per channel); got "
+            f"{type(values).__name__} {values!r}"
+        ) from None
+    if column.numel() != c or not torch.isfinite(column).all():
+        raise L3DError(
+            f"{name} must be a sequence of {c} finite numbers (one per channel) for images with "
+            f"{c} channels; got {column.tolist()}"
+        )
+    return column.view(1, c, 1, 1)
 
 
 @torch.no_grad()
@@ -66,7 +93,7 @@ def check_classifier(model: nn.Module, images: Tensor) -> int:
     model.eval()
     try:
         out = model(images[:2])
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise L3DError(
             f"images of shape {tuple(images.shape[1:])} (C, H, W) do not fit the model: {first}. "
@@ -88,6 +115,10 @@ def ranks_by_fraction(
 ) -> dict[str, int]:
     """Rank per selected tensor: about `fraction` of its largest dimension, at least 1 (the
     authors' mobilenet run used ranks of about dim/10)."""
+    if not 0 < fraction <= 1:
+        raise L3DError(
+            f"fraction must be in (0, 1] (of each tensor's largest dimension); got {fraction}"
+        )
     tensors = dict(model.named_parameters())
     return {
         name: max(1, round(fraction * max(tensors[name].shape, default=1)))

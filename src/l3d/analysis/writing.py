@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from pydantic import BaseModel, Field, NonNegativeInt, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -377,6 +378,35 @@ class _Describer:
             f"subnetwork {k}: P_act {p_active:.3f}",
         )
         return path
+
+
+class InterventionResult(BaseModel):
+    """What `l3d intervene` writes per subnetwork: the output change of every sample (rows of
+    `change`, one per δ) beside its impact; read back through `read_intervention`."""
+
+    subnetwork: NonNegativeInt
+    divergence: str
+    deltas: list[float] = Field(min_length=1)
+    impact: list[float]
+    change: list[list[float]]
+    noise_floor: float = 0.0  # absent before l3d measured it
+
+    @model_validator(mode="after")
+    def _aligned(self) -> InterventionResult:
+        if len(self.change) != len(self.deltas) or any(
+            len(row) != len(self.impact) for row in self.change
+        ):
+            raise ValueError("needs one row of changes per δ, one change per sample of 'impact'")
+        return self
+
+
+def read_intervention(path: Path, n_v: int) -> dict[str, Any]:
+    """An intervention result of a decomposition with `n_v` subnetworks, validated."""
+    fix = "delete it and run `l3d intervene` again"
+    result = io.validated(io.read_json(path, "intervention result"), InterventionResult, path, fix)
+    if result.subnetwork >= n_v:
+        raise L3DError(f"{path}: subnetwork {result.subnetwork} is not one of 0..{n_v - 1}: {fix}")
+    return result.model_dump()
 
 
 def _intervention_record(effect: InterventionEffect) -> dict[str, Any]:

@@ -58,14 +58,33 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher (torchrun) started: its WORLD_SIZE, 1 without one."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise L3DError(
+            f"WORLD_SIZE is '{text}', not a number of processes: launch with torchrun, which "
+            "sets it, or unset it to run in one process"
+        ) from None
+
+
 @contextlib.contextmanager
 def process_group() -> Iterator[Group | None]:
     """Under torchrun (WORLD_SIZE > 1 in the environment), join its process group for the block,
     so that its processes make one distributed run: gloo for CPU tensors and, where CUDA exists,
     NCCL for CUDA tensors with one GPU per local rank. An initialised group is used as it is."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if dist.is_initialized() or (size := launched_world_size()) <= 1:
         yield Group.current()
         return
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise L3DError(
+            f"WORLD_SIZE={size} is set but not {', '.join(missing)}: launch the processes with "
+            f"torchrun (torchrun --nproc-per-node {size} -m l3d decompose ...), which sets them "
+            "all, or unset WORLD_SIZE to run in one process"
+        )
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # what 'cuda' means here
