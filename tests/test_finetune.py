@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -458,6 +461,10 @@ def test_squares_demo_compares_every_method(tmp_path):
         ("finetune_transformer", "l3d_scalars --retain-weight 1,-2", r"'-2'.*>= 0"),
         ("finetune_squares", "l3d_scalars --seeds 0,a", r"--seeds '0,a': .*whole number"),
         ("finetune_squares", "l3d_scalars --alpha-lrs ,", r"--alpha-lrs ',': .*no value"),
+        # Counts too (--threads 0 died in torch.set_num_threads; --steps 0 after training).
+        ("finetune_squares", "l3d_scalars --threads 0", r"--threads: must be a positive integer"),
+        ("finetune_digits", "l3d_scalars --steps 0", r"--steps: must be a positive integer"),
+        ("finetune_transformer", "l3d_scalars --epochs -3", r"--epochs: must be a positive"),
     ],
 )
 def test_demo_methods_checked_before_any_work(demo, methods, message, tmp_path, capsys):
@@ -471,6 +478,33 @@ def test_demo_methods_checked_before_any_work(demo, methods, message, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.search(message, err), err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_demos_cached_decomposition_of_other_settings_is_refused(tmp_path):
+    """The finetuning demos cache their decomposition in --out: rerun with another --epochs, the
+    old one was silently reused and reported as the new run's."""
+    from l3d.demos.finetune_common import cached_decomposition
+
+    torch.manual_seed(0)
+    model, x = SmallMLP(), torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    config = l3d.L3DConfig.create(params=PARAMS, n_subnetworks=3, rank=1, epochs=2)
+    made = cached_decomposition(tmp_path, model, x, config)
+    again = cached_decomposition(tmp_path, model, x, config)  # the same settings: read back
+    for a, b in zip(made.subnetworks.v_out.parameters(), again.subnetworks.v_out.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(L3DError, match=r"other settings \(epochs: 2 -> 5\): pass another --out"):
+        cached_decomposition(tmp_path, model, x, config.replace(epochs=5))
+
+
+def test_a_demo_run_from_the_command_line_prints_an_l3d_error_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "l3d.demos.contrastive_tms", "--out", str(tmp_path), "--seeds", "a"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "contrastive_tms.py: error: --seeds takes comma-separated integers, e.g. 0,1,2; got 'a'"
+    )
 
 
 @pytest.mark.slow

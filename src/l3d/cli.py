@@ -86,7 +86,7 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(self.prog, message)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (a count of samples, references, top samples)."""
     try:
         value = int(text)
@@ -187,11 +187,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir")
     p.add_argument("--out", help="analysis folder (default: RUN_DIR/analysis, read by the report)")
-    p.add_argument("--n-top", type=_positive_int, default=10, help="top samples per subnetwork")
+    p.add_argument("--n-top", type=positive_int, default=10, help="top samples per subnetwork")
     p.add_argument(
-        "--n-references", type=_positive_int, default=10, help="references averaged in impact"
+        "--n-references", type=positive_int, default=10, help="references averaged in impact"
     )
-    p.add_argument("--n-samples", type=_positive_int, help="analyse only the first N samples")
+    p.add_argument("--n-samples", type=positive_int, help="analyse only the first N samples")
     p.add_argument(
         "--data",
         metavar="FILE",
@@ -214,10 +214,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--subnetwork", type=int, nargs="+", required=True, metavar="K")
     p.add_argument("--delta", type=float, nargs="+", required=True, metavar="D")
     p.add_argument(
-        "--n-samples", type=_positive_int, default=1000, help="samples to measure (first N)"
+        "--n-samples", type=positive_int, default=1000, help="samples to measure (first N)"
     )
     p.add_argument(
-        "--n-references", type=_positive_int, default=10, help="references averaged in impact"
+        "--n-references", type=positive_int, default=10, help="references averaged in impact"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
 
@@ -285,9 +285,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain term")
     p.add_argument("--objective", choices=OBJECTIVES, default="labels")
     p.add_argument("--train", choices=["scalars", "factors", "cores"], default="scalars")
-    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--steps", type=positive_int, default=100)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--batch-size", type=_positive_int, help="rows per step (default: all)")
+    p.add_argument("--batch-size", type=positive_int, help="rows per step (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     return parser

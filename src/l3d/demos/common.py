@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 from argparse import ArgumentParser, Namespace
 from collections.abc import Callable, Sequence
@@ -14,9 +15,11 @@ import torch
 from torch import nn
 
 from l3d import controls
+from l3d.cli import positive_int
 from l3d.config import L3DConfig
 from l3d.core.samples import Inputs
 from l3d.decomposition import Decomposition, run
+from l3d.errors import L3DError
 
 ANALYSIS_SUMMARY = (
     "loss_paper",
@@ -56,6 +59,16 @@ def environment_line(environment: dict[str, Any]) -> str:
     )
 
 
+def command_line(main: Callable[[list[str] | None], object]) -> None:
+    """Run a demo's `main` from the command line as `l3d` runs its commands: an L3DError is one
+    line on stderr and exit status 2, never a traceback."""
+    try:
+        main(None)
+    except L3DError as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def seed_list(text: str) -> list[int]:
     """Seeds from '0,1,2' (a bad list is a one-line error)."""
     from l3d.experiments.runner import parse_seeds  # the experiments' own parsing and message
@@ -74,12 +87,15 @@ def demo_arguments(
         parser = ArgumentParser(description=doc.splitlines()[0])
         parser.add_argument("--out", type=Path, required=True, help="output folder")
         parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--epochs", type=int, default=epochs, help="L3D epochs")
-        parser.add_argument("--n-subnetworks", type=int, default=n_subnetworks)
-        parser.add_argument("--n-top", type=int, default=20)
-        parser.add_argument("--n-references", type=int, default=10)
+        parser.add_argument("--epochs", type=positive_int, default=epochs, help="L3D epochs")
+        parser.add_argument("--n-subnetworks", type=positive_int, default=n_subnetworks)
+        parser.add_argument("--n-top", type=positive_int, default=20)
+        parser.add_argument("--n-references", type=positive_int, default=10)
         parser.add_argument(
-            "--threads", type=int, default=None, help="torch CPU threads (1 on busy machines)"
+            "--threads",
+            type=positive_int,
+            default=None,
+            help="torch CPU threads (1 on busy machines)",
         )
         parser.add_argument(
             "--no-controls",

@@ -41,10 +41,11 @@ from torch import Tensor
 
 from l3d import plots
 from l3d.analysis import top_logits
+from l3d.cli import positive_int
 from l3d.core.subnetworks import total
 from l3d.decomposition import Decomposition
 from l3d.demos import digits_cnn as dc
-from l3d.demos.common import Clock, environment_line, seed_list
+from l3d.demos.common import Clock, command_line, environment_line, seed_list
 from l3d.experiments.metrics import match_units
 from l3d.io import write_json, write_text
 from l3d.pairs import (
@@ -264,14 +265,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument(
-        "--train-epochs", type=int, default=15, help="CNN training epochs (default 15)"
+        "--train-epochs", type=positive_int, default=15, help="CNN training epochs (default 15)"
     )
-    parser.add_argument("--epochs", type=int, default=30, help="L3D epochs (default 30)")
+    parser.add_argument("--epochs", type=positive_int, default=30, help="L3D epochs (default 30)")
     parser.add_argument(
         "--scale", type=float, default=0.5, help="steps: 41 in [-s, s] x ||W0|| (default 0.5)"
     )
-    parser.add_argument("--n-top", type=int, default=20, help="top pairs per direction")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--n-top", type=positive_int, default=20, help="top pairs per direction")
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch CPU threads (default 1)"
+    )
     args = parser.parse_args(argv)
     seeds = seed_list(args.seeds)
     torch.set_num_threads(args.threads)
@@ -327,4 +330,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from l3d.cli import positive_int
 from l3d.decomposition import Decomposition
-from l3d.demos.common import Clock, environment_line, seed_list
+from l3d.demos.common import Clock, command_line, environment_line, seed_list
 from l3d.experiments import metrics as M
 from l3d.io import write_json, write_text
 from l3d.pairs import (
@@ -374,12 +375,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--epochs", type=int, default=50, help="L3D epochs (default 50)")
+    parser.add_argument("--epochs", type=positive_int, default=50, help="L3D epochs (default 50)")
     parser.add_argument(
-        "--single-pairs", type=int, default=500, help="pairs per feature (default 500)"
+        "--single-pairs", type=positive_int, default=500, help="pairs per feature (default 500)"
     )
     parser.add_argument(
-        "--mixed-pairs", type=int, default=1000, help="mixed pairs, as many held out (default 1000)"
+        "--mixed-pairs",
+        type=positive_int,
+        default=1000,
+        help="mixed pairs, as many held out (default 1000)",
     )
     parser.add_argument(
         "--patch-scale",
@@ -392,7 +396,9 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help=f"also decompose the mixed pairs at top_k {SWEEP_TOP_K} x rank {SWEEP_RANKS}",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch CPU threads (default 1)"
+    )
     args = parser.parse_args(argv)
     seeds = seed_list(args.seeds)
     torch.set_num_threads(args.threads)
@@ -446,4 +452,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -41,9 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from l3d.cli import positive_int
 from l3d.decomposition import Decomposition
 from l3d.demos import synthetic_transformer as st
-from l3d.demos.common import Clock, environment_line, seed_list
+from l3d.demos.common import Clock, command_line, environment_line, seed_list
 from l3d.io import write_json, write_text
 from l3d.pairs import (
     decompose_pairs,
@@ -314,16 +315,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument(
-        "--train-steps", type=int, default=3000, help="transformer training steps (default 3000)"
+        "--train-steps",
+        type=positive_int,
+        default=3000,
+        help="transformer training steps (default 3000)",
     )
-    parser.add_argument("--epochs", type=int, default=30, help="L3D epochs (default 30)")
+    parser.add_argument("--epochs", type=positive_int, default=30, help="L3D epochs (default 30)")
     parser.add_argument(
-        "--pairs", type=int, default=300, help="pairs, as many held out (default 300)"
+        "--pairs", type=positive_int, default=300, help="pairs, as many held out (default 300)"
     )
     parser.add_argument(
         "--scale", type=float, default=2.0, help="largest step, x ||W0|| (default 2)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch CPU threads (default 1)"
+    )
     args = parser.parse_args(argv)
     seeds = seed_list(args.seeds)
     torch.set_num_threads(args.threads)
@@ -381,4 +387,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from l3d import controls
+from l3d.cli import positive_int
 from l3d.config import L3DConfig
-from l3d.demos.common import decompose_and_analyze, demo_arguments
+from l3d.demos.common import command_line, decompose_and_analyze, demo_arguments
 from l3d.io import save_tensors, write_json, write_text
 from l3d.vision import check_classifier, ranks_by_fraction
 
@@ -130,7 +131,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     def extra(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--train-epochs", type=int, default=15)
+        parser.add_argument("--train-epochs", type=positive_int, default=15)
 
     args = demo_arguments(__doc__ or "", epochs=30, n_subnetworks=20, extra=extra)(argv)
 
@@ -201,4 +202,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

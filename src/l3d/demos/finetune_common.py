@@ -21,8 +21,12 @@ from typing import Any
 
 import torch
 
+import l3d
+from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
+from l3d.errors import L3DError
 from l3d.finetuning import Edit, Objective, baseline, finetune
+from l3d.runs.checkpoint import config_changes
 
 METHODS = (
     "l3d_scalars",
@@ -64,6 +68,26 @@ def parse_methods(
             + f"choose from {','.join(METHODS)}"
         )
     return methods
+
+
+def cached_decomposition(
+    folder: Path, model: torch.nn.Module, data: Any, config: L3DConfig
+) -> Decomposition:
+    """`l3d.run(model, data, config)` saved in `folder`, or the decomposition an earlier run of
+    the same config saved there. One of other settings (another --epochs, say) is refused: the
+    demo would report it as made with this run's."""
+    if not (folder / "decomposition.json").is_file():
+        decomposition = l3d.run(model, data, config)
+        decomposition.save(folder)
+        return decomposition
+    cached = l3d.load(folder, model)
+    changes = config_changes(cached.config.model_dump(mode="json"), config.model_dump(mode="json"))
+    if changes:
+        raise L3DError(
+            f"{folder} holds a decomposition made with other settings ({'; '.join(changes)}): "
+            f"pass another --out, or delete {folder} to make it again"
+        )
+    return cached
 
 
 def decomposition_folder(

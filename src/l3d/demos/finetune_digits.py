@@ -17,15 +17,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-import l3d
 from l3d import plots
+from l3d.cli import positive_int
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
 from l3d.demos import digits_cnn as dc
+from l3d.demos.common import command_line
 from l3d.demos.finetune_common import (
     LABELS,
     METHODS,
     best_under,
+    cached_decomposition,
     decomposition_folder,
     parse_grid,
     parse_methods,
@@ -60,8 +62,6 @@ def decomposition_for(
 ):
     """The digits demo's decomposition of the tensors of `scope` (SCOPES; KL over classes),
     cached."""
-    if (folder / "decomposition.json").is_file():
-        return l3d.load(folder, model)
     params, n_subnetworks = SCOPES[scope]
     config = L3DConfig.create(
         params=[params],
@@ -75,9 +75,7 @@ def decomposition_for(
         warm_start_epochs=min(5, epochs // 5),
         seed=seed,
     )
-    decomposition = l3d.run(model, x, config)
-    decomposition.save(folder)
-    return decomposition
+    return cached_decomposition(folder, model, x, config)
 
 
 def evaluation(x: Tensor, y: Tensor, source: int, goal: int):
@@ -113,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--source", type=int, default=3, help="the digit to relabel")
     parser.add_argument("--goal", type=int, default=8, help="the digit to read it as")
-    parser.add_argument("--n-subnetworks", type=int, default=3)
+    parser.add_argument("--n-subnetworks", type=positive_int, default=3)
     parser.add_argument(
         "--scope",
         default="block",
@@ -121,17 +119,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="decompose block features.3 (20 subnetworks) or the whole network (40); LoRA and "
         "full finetuning cover the same tensors",
     )
-    parser.add_argument("--train-epochs", type=int, default=15)
-    parser.add_argument("--epochs", type=int, default=30, help="L3D epochs")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--train-epochs", type=positive_int, default=15)
+    parser.add_argument("--epochs", type=positive_int, default=30, help="L3D epochs")
+    parser.add_argument("--steps", type=positive_int, default=100)
     parser.add_argument("--lrs", default="0.01,0.03,0.1")
     parser.add_argument("--alpha-lrs", default="0.03,0.1,0.3", help="lrs of alpha-only adapters")
     parser.add_argument(
         "--retain-weight", default="1", help="retain weights, comma-separated: each is a run"
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="rows per finetuning step")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=128, help="rows per finetuning step"
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = parse_methods(args.methods, parser)
@@ -226,4 +226,4 @@ def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -16,11 +16,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import l3d
 from l3d import plots
+from l3d.cli import positive_int
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
-from l3d.demos.finetune_common import LABELS, METHODS, parse_grid, parse_methods, sweep
+from l3d.demos.common import command_line
+from l3d.demos.finetune_common import (
+    LABELS,
+    METHODS,
+    cached_decomposition,
+    parse_grid,
+    parse_methods,
+    sweep,
+)
 from l3d.finetuning import Edit, top_subnetworks
 from l3d.io import write_json
 from l3d.toys.registry import Toy, get_toy, train_toy_model
@@ -31,8 +39,6 @@ N_SAMPLES = 1000
 def decomposition_for(toy: Toy, seed: int, epochs: int, folder: Path) -> Decomposition:
     """L3D on all of the toy's parameters with the improved squares profile (10 subnetworks,
     weights rank 2, biases rank 1, top_k 0.15), saved in `folder` and reused from there."""
-    if (folder / "decomposition.json").is_file():
-        return l3d.load(folder, toy.model)
     tenth = max(1, epochs // 10)
     config = L3DConfig.create(
         params=[n for n, _ in toy.model.named_parameters()],
@@ -51,9 +57,7 @@ def decomposition_for(toy: Toy, seed: int, epochs: int, folder: Path) -> Decompo
         seed=seed,
     )
     inputs = toy.sample(N_SAMPLES, torch.Generator().manual_seed(seed + 10_000))
-    decomposition = l3d.run(toy.model, inputs, config)
-    decomposition.save(folder)
-    return decomposition
+    return cached_decomposition(folder, toy.model, inputs, config)
 
 
 def evaluation(model: torch.nn.Module, x: Tensor, output: int):
@@ -85,9 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--toy", default="squares", help="squares (paper) or squares_wide")
     parser.add_argument("--seeds", default="0", help="toy and decomposition seeds, e.g. 0,1,2")
     parser.add_argument("--output", type=int, default=0, help="the output j to change")
-    parser.add_argument("--n-subnetworks", type=int, default=1, help="subnetworks to move along")
-    parser.add_argument("--epochs", type=int, default=100, help="L3D epochs")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--n-subnetworks", type=positive_int, default=1, help="subnetworks to move along"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=100, help="L3D epochs")
+    parser.add_argument("--steps", type=positive_int, default=200)
     parser.add_argument("--lrs", default="0.003,0.01,0.03,0.1")
     parser.add_argument("--alpha-lrs", default="0.03,0.1,0.3", help="lrs of alpha-only adapters")
     parser.add_argument(
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=",".join(METHODS),
         help="comma-separated; must include l3d_scalars (its fit is the summary's threshold)",
     )
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = parse_methods(args.methods, parser, ("l3d_scalars",))
@@ -187,4 +193,4 @@ def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -27,15 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import l3d
 from l3d import plots
+from l3d.cli import positive_int
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
 from l3d.demos import synthetic_transformer as st
+from l3d.demos.common import command_line
 from l3d.demos.finetune_common import (
     LABELS,
     METHODS,
     best_under,
+    cached_decomposition,
     decomposition_folder,
     parse_grid,
     parse_methods,
@@ -86,8 +88,6 @@ def decomposition_for(
 ) -> Decomposition:
     """The synthetic-transformer demo's decomposition of the tensors of `scope` (SCOPES;
     per-token KL) into n_subnetworks (None: the scope's), cached in `folder`."""
-    if (folder / "decomposition.json").is_file():
-        return l3d.load(folder, model)
     params, default_count = SCOPES[scope]
     n_subnetworks = n_subnetworks or default_count
     config = L3DConfig.create(
@@ -103,9 +103,7 @@ def decomposition_for(
         warm_start_epochs=min(2, epochs // 5),
         seed=seed,
     )
-    decomposition = l3d.run(model, data, config)
-    decomposition.save(folder)
-    return decomposition
+    return cached_decomposition(folder, model, data, config)
 
 
 def next_token_labels(data: dict[str, Tensor], answer: Tensor) -> Tensor:
@@ -152,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="push the task's answers to the uniform distribution (loss to chance), or push their "
         "probability to 0 (unlikelihood: answers no longer predicted)",
     )
-    parser.add_argument("--n-subnetworks", type=int, default=3, help="subnetworks to move along")
+    parser.add_argument(
+        "--n-subnetworks", type=positive_int, default=3, help="subnetworks to move along"
+    )
     parser.add_argument(
         "--select",
         default="contrast",
@@ -169,13 +169,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--decomposition-subnetworks",
-        type=int,
+        type=positive_int,
         help="subnetworks of the decomposition (default: the scope's)",
     )
-    parser.add_argument("--train-steps", type=int, default=3000, help="transformer training")
-    parser.add_argument("--epochs", type=int, default=40, help="L3D epochs")
-    parser.add_argument("--n-per-task", type=int, default=100, help="sequences per task")
-    parser.add_argument("--steps", type=int, default=100, help="finetuning steps")
+    parser.add_argument(
+        "--train-steps", type=positive_int, default=3000, help="transformer training"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=40, help="L3D epochs")
+    parser.add_argument("--n-per-task", type=positive_int, default=100, help="sequences per task")
+    parser.add_argument("--steps", type=positive_int, default=100, help="finetuning steps")
     parser.add_argument(
         "--n-target",
         type=int,
@@ -188,9 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--retain-weight", default="1", help="retain weights, comma-separated: each is a run"
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="rows per finetuning step")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=128, help="rows per finetuning step"
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
     methods = parse_methods(args.methods, parser)
     grid = parse_grid(args, parser)
@@ -359,4 +363,4 @@ def summarize(runs: list[dict], methods: list[str], chance: float) -> list[dict]
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from l3d import controls
+from l3d.cli import positive_int
 from l3d.config import L3DConfig
 from l3d.core.subnetworks import total
-from l3d.demos.common import decompose_and_analyze, demo_arguments
+from l3d.demos.common import command_line, decompose_and_analyze, demo_arguments
 from l3d.io import load_tensors, write_json, write_text
 
 TASKS = ("copy", "reverse", "induction", "count")
@@ -164,11 +165,11 @@ def restricted_purity(
 
 def main(argv: list[str] | None = None) -> dict:
     def extra(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--train-steps", type=int, default=3000)
+        parser.add_argument("--train-steps", type=positive_int, default=3000)
         parser.add_argument(
-            "--n-per-task", type=int, default=100, help="sequences per task to decompose"
+            "--n-per-task", type=positive_int, default=100, help="sequences per task to decompose"
         )
-        parser.add_argument("--rank", type=int, default=4)
+        parser.add_argument("--rank", type=positive_int, default=4)
 
     args = demo_arguments(__doc__ or "", epochs=40, n_subnetworks=16, extra=extra)(argv)
 
@@ -255,4 +256,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

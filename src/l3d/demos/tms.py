@@ -21,8 +21,10 @@ from typing import cast
 
 import torch
 
+from l3d.cli import positive_int
 from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition, run
+from l3d.demos.common import command_line
 from l3d.experiments import metrics as M
 from l3d.experiments.registry import get_spec
 from l3d.experiments.runner import with_epochs
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument(
         "--epochs",
-        type=int,
+        type=positive_int,
         default=None,
         help="epochs of both decompositions, their schedules scaled to fit (default: each "
         "profile's, 200 improved and 1000 paper)",
@@ -195,4 +197,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)
