@@ -496,6 +496,26 @@ def test_a_demos_cached_decomposition_of_other_settings_is_refused(tmp_path):
         cached_decomposition(tmp_path, model, x, config.replace(epochs=5))
 
 
+def test_a_demos_cached_model_of_other_training_settings_is_refused(tmp_path):
+    from l3d.demos.finetune_common import cached_model
+
+    trained = []
+
+    def model_and_training(value: float):
+        model = SmallMLP()
+        return model, lambda: trained.append(torch.nn.init.constant_(model.fc1.weight, value))
+
+    model, train = model_and_training(0.5)
+    cached_model(tmp_path, model, train, {"train_steps": 20})
+    model, train = model_and_training(0.0)
+    again = cached_model(tmp_path, model, train, {"train_steps": 20})
+    assert len(trained) == 1 and bool((again.fc1.weight == 0.5).all()) and not again.training
+    model, train = model_and_training(0.0)
+    with pytest.raises(L3DError, match=r"trained with other settings \(train_steps: 20 -> 30\)"):
+        cached_model(tmp_path, model, train, {"train_steps": 30})
+    assert len(trained) == 1
+
+
 def test_a_demo_run_from_the_command_line_prints_an_l3d_error_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "l3d.demos.contrastive_tms", "--out", str(tmp_path), "--seeds", "a"],

@@ -1,5 +1,6 @@
 """What the finetuning demos share: every edit method in one harness (l3d.finetuning's), evaluated
-along its training steps, and the summary of a trade-off at a constraint.
+along its training steps, the summary of a trade-off at a constraint, and the caches of their
+trained models and decompositions in --out (refused when made with other settings).
 
 Methods: L3D scalars (alpha along the chosen subnetworks), L3D factors (alpha and their factors),
 L3D cores (a small core inside each chosen subnetwork's factor subspaces), random directions of
@@ -26,6 +27,7 @@ from l3d.config import L3DConfig
 from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
 from l3d.finetuning import Edit, Objective, baseline, finetune
+from l3d.io import load_tensors, read_json, save_tensors, write_json
 from l3d.runs.checkpoint import config_changes
 
 METHODS = (
@@ -68,6 +70,32 @@ def parse_methods(
             + f"choose from {','.join(METHODS)}"
         )
     return methods
+
+
+def cached_model(
+    folder: Path, model: torch.nn.Module, train: Callable[[], object], settings: dict[str, Any]
+) -> torch.nn.Module:
+    """`model` trained by `train()` and saved in `folder` with its training `settings`, or the
+    weights an earlier run of the same settings saved there (in eval mode). Weights of other
+    settings are refused, as `cached_decomposition` refuses a decomposition."""
+    path, info = folder / "model.safetensors", folder / "model.json"
+    if path.is_file():
+        saved = read_json(info, "cached model settings") if info.is_file() else settings
+        changes = config_changes(saved, settings) if isinstance(saved, dict) else ["unreadable"]
+        if changes:
+            raise L3DError(
+                f"{folder} holds a model trained with other settings ({'; '.join(changes)}): "
+                f"pass another --out, or delete {folder} to train it again"
+            )
+        model.load_state_dict(load_tensors(path, "cached model"))
+        return model.eval()
+    train()
+    folder.mkdir(parents=True, exist_ok=True)
+    # Clones: tied matrices (a transformer's embedding and output) share memory, which
+    # safetensors refuses.
+    save_tensors(path, {k: v.clone() for k, v in model.state_dict().items()})
+    write_json(info, settings)
+    return model.eval()
 
 
 def cached_decomposition(

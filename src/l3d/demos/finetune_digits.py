@@ -28,13 +28,14 @@ from l3d.demos.finetune_common import (
     METHODS,
     best_under,
     cached_decomposition,
+    cached_model,
     decomposition_folder,
     parse_grid,
     parse_methods,
     sweep,
 )
 from l3d.finetuning import Edit, contrast_subnetworks
-from l3d.io import load_tensors, save_tensors, write_json
+from l3d.io import write_json
 from l3d.vision import ranks_by_fraction
 
 
@@ -42,14 +43,8 @@ def trained_model(seed: int, x: Tensor, y: Tensor, epochs: int, folder: Path) ->
     """The digits CNN of the digits demo, trained (or read from `folder`)."""
     torch.manual_seed(seed)
     model = dc.DigitsNet()
-    path = folder / "model.safetensors"
-    if path.is_file():
-        model.load_state_dict(load_tensors(path, "cached model"))
-        return model.eval()
-    dc.train(model, x, y, epochs, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(path, model.state_dict())
-    return model.eval()
+    settings = {"seed": seed, "train_epochs": epochs, "n_train": len(x)}
+    return cached_model(folder, model, lambda: dc.train(model, x, y, epochs, seed), settings)
 
 
 # What the decomposition covers (`--scope`): block features.3 with 20 subnetworks, or every

@@ -38,13 +38,14 @@ from l3d.demos.finetune_common import (
     METHODS,
     best_under,
     cached_decomposition,
+    cached_model,
     decomposition_folder,
     parse_grid,
     parse_methods,
     sweep,
 )
 from l3d.finetuning import IGNORE, Edit, contrast_subnetworks, objective_subnetworks
-from l3d.io import load_tensors, save_tensors, write_json
+from l3d.io import write_json
 
 RETAIN_FRACTION = 0.99
 # What the decomposition covers (`--scope`): attention block 1 with 16 subnetworks, or every
@@ -66,15 +67,8 @@ SCOPES: dict[str, tuple[list[str], int]] = {
 def trained_model(seed: int, steps: int, folder: Path) -> nn.Module:
     """The demo's transformer trained on all four tasks, cached in `folder`."""
     model = st.build_model(seed)
-    path = folder / "model.safetensors"
-    if path.is_file():
-        model.load_state_dict(load_tensors(path, "cached model"))
-        return model.eval()
-    st.train(model, steps, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    # Clones: the tied embedding and output matrices share memory, which safetensors refuses.
-    save_tensors(path, {k: v.clone() for k, v in model.state_dict().items()})
-    return model.eval()
+    settings = {"seed": seed, "train_steps": steps}
+    return cached_model(folder, model, lambda: st.train(model, steps, seed), settings)
 
 
 def decomposition_for(
