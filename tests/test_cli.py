@@ -420,7 +420,7 @@ def test_a_usage_error_is_one_line_too(capsys):
     assert "--subnetwork" in err and "l3d intervene --help" in err
 
 
-@pytest.mark.parametrize("command", ["decompose", "analyze", "report", "intervene"])
+@pytest.mark.parametrize("command", ["decompose", "analyze", "report", "intervene", "experiment"])
 def test_an_unwritable_output_folder_is_a_one_line_error_naming_it(
     finished_run, tmp_path, capsys, command
 ):
@@ -435,6 +435,7 @@ def test_an_unwritable_output_folder_is_a_one_line_error_naming_it(
         "analyze": ["analyze", str(run), "--out", str(target)],
         "report": ["report", str(run), "--out", str(target)],
         "intervene": ["intervene", str(run), "--subnetwork", "0", "--delta", "1"],
+        "experiment": ["experiment", "tms", "--quick", "--out", str(target)],
     }[command]
     if command == "intervene":  # the run folder's interventions/ cannot be made
         shutil.rmtree(run / "interventions", ignore_errors=True)

@@ -22,6 +22,7 @@ from l3d.experiments.figures import experiment_figures, seed_figures
 from l3d.experiments.handset import hand_set_decomposition
 from l3d.experiments.registry import N_DECOMPOSE, ExperimentSpec, get_spec
 from l3d.io import write_json, write_text
+from l3d.runs.folder import writable_folder
 from l3d.runs.spec import apply_overrides
 from l3d.toys import TMS, feature_parameter_mask
 from l3d.toys.registry import Toy, train_toy_model
@@ -648,8 +649,7 @@ def run_experiment(
     if overrides:
         spec = with_overrides(spec, settings, overrides)
     settings_for(spec, settings, quick)  # a bad profile name fails before any training
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_folder(out_dir, "experiment output")
     results = []
     seeds_bar = tqdm(list(seeds), desc=name, unit="seed", disable=not progress, dynamic_ncols=True)
     for i, seed in enumerate(seeds_bar):

@@ -16,6 +16,7 @@ from l3d.experiments.runner import (
     run_experiment,
 )
 from l3d.io import write_json, write_text
+from l3d.runs.folder import writable_folder
 
 SUITE_ORDER = ("tms", "tms40", "tmcs", "higher_rank", "squares", "squares_wide", "resid_mlp")
 
@@ -32,8 +33,7 @@ def run_suite(
 ) -> dict:
     """Run each experiment into out_dir/NAME and write out_dir/results.md and results.json;
     controls: the random-network control and cross-seed stability of each (first seed)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_folder(out_dir, "experiment output")
     summaries, seconds = {}, {}
     for name in experiments:
         start = time.perf_counter()
