@@ -409,6 +409,34 @@ def read_intervention(path: Path, n_v: int) -> dict[str, Any]:
     return result.model_dump()
 
 
+class _Summary(BaseModel):
+    n_subnetworks: NonNegativeInt
+
+
+class _Record(BaseModel):
+    index: NonNegativeInt
+
+
+class AnalysisIndex(BaseModel):
+    """The parts of analysis.json that readers index by: the summary's subnetwork count and one
+    record per subnetwork (the rest is read as written)."""
+
+    summary: _Summary
+    subnetworks: list[_Record]
+
+
+def read_analysis(path: Path, n_v: int, fix: str) -> dict[str, Any]:
+    """analysis.json of a decomposition with `n_v` subnetworks, checked: an edited or stale file
+    would show some subnetworks without their numbers."""
+    analysis = io.read_json(path, "analysis")
+    index = io.validated(analysis, AnalysisIndex, path, fix)
+    if index.summary.n_subnetworks != n_v or sorted(r.index for r in index.subnetworks) != list(
+        range(n_v)
+    ):
+        raise L3DError(f"{path}: its records are not one per subnetwork 0..{n_v - 1}: {fix}")
+    return analysis
+
+
 def _intervention_record(effect: InterventionEffect) -> dict[str, Any]:
     return {
         "delta": effect.delta,

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from l3d import io, runs
-from l3d.analysis.writing import read_intervention
+from l3d.analysis.writing import read_analysis, read_intervention
 from l3d.config import L3DConfig
 from l3d.controls import read_controls
 from l3d.core.samples import as_inputs
@@ -143,8 +143,8 @@ def load(run_dir: Path) -> RunData:
     analysis_file = run.analysis / "analysis.json"
     analysis = {}
     if analysis_file.is_file():
-        analysis = io.read_json(analysis_file, "analysis")
-        _check_analysis(analysis, saved.config.n_v, analysis_file, run.path)
+        fix = f"run `l3d analyze {run.path}` again"
+        analysis = read_analysis(analysis_file, saved.config.n_v, fix)
     impact = positions = None
     impact_file = run.analysis / "impact.safetensors"
     if analysis and impact_file.is_file():
@@ -192,24 +192,6 @@ def load(run_dir: Path) -> RunData:
         if data.samples is not None:
             data.units = _toy_units(spec, data.samples)
     return data
-
-
-def _check_analysis(analysis: Any, n_v: int, path: Path, run_path: Path) -> None:
-    """analysis.json as `l3d analyze` writes it for this decomposition: one record per
-    subnetwork. An edited or stale file would show some subnetworks without their numbers."""
-    if not isinstance(analysis, dict):
-        problem = f"expected a JSON object, got {type(analysis).__name__}"
-    else:
-        summary, records = analysis.get("summary"), analysis.get("subnetworks")
-        records = records if isinstance(records, list) else []
-        indices = [r.get("index") if isinstance(r, dict) else None for r in records]
-        if not isinstance(summary, dict) or summary.get("n_subnetworks") != n_v:
-            problem = f"its summary does not say {n_v} subnetworks (the decomposition's)"
-        elif sorted(i for i in indices if type(i) is int) != list(range(n_v)) or None in indices:
-            problem = f"its records are not one per subnetwork 0..{n_v - 1}"
-        else:
-            return
-    raise L3DError(f"{path}: {problem}: run `l3d analyze {run_path}` again")
 
 
 def _adapters(run_dir: Path, notes: list[str]) -> list[AdapterInfo]:

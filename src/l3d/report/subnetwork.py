@@ -228,8 +228,7 @@ def _intervention(result: dict, k: int, assets: Assets) -> str:
     change = np.asarray(result["change"])
     top = np.argsort(-impact, kind="stable")[:N_TOP_INTERVENTION]
     rest = np.setdiff1d(np.arange(len(impact)), top)
-    # Results written before the noise floor existed: only an exact 0 is below it.
-    floor = float(result.get("noise_floor", 0.0))
+    floor = result["noise_floor"]  # 0.0 in results written before the floor existed
     rows = []
     for delta, row in zip(result["deltas"], change):
         on_top = float(row[top].mean()) if len(top) else 0.0
