@@ -331,3 +331,49 @@ def test_the_lock_is_reentrant_and_released(tmp_path):
         assert (run_dir.path / ".lock").read_text().strip() == str(os.getpid())
     with run_dir.lock():
         pass
+
+
+def test_a_signal_that_lands_in_a_finaliser_still_stops_the_run(tmp_path, monkeypatch):
+    """Python drops an exception raised while it runs a finaliser (`__del__`, a weakref callback:
+    "Exception ignored in ..."), so a signal handler that only raises would lose a SIGTERM that
+    arrives there and the run would go on to its last epoch. It must stop after the step."""
+    from l3d.runs import execution
+
+    class SignalsWhenCollected:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)  # runs the Python handler inside __del__
+
+    save = execution.save_checkpoint
+    calls = []
+
+    def save_then_collect(*args, **kwargs):
+        save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            SignalsWhenCollected()  # collected at once: the handler runs in its finaliser
+
+    monkeypatch.setattr(execution, "save_checkpoint", save_then_collect)
+    run_dir = runs.create_run(runs.load_spec(_config(tmp_path)), tmp_path / "run")
+    with pytest.raises(runs.Interrupted) as stop:
+        runs.execute(run_dir, progress=False, log=lambda m: None)
+    assert stop.value.signum == signal.SIGTERM
+    assert stop.value.epoch == 2  # the epoch whose checkpoint was being written
+    assert _checkpoint_epoch(run_dir.path) == 2
+    assert not (run_dir.path / "decomposition").exists()
+
+
+def test_a_signal_during_set_up_is_a_stop_not_an_error(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM while the run checks the divergence on a sample (set-up, before any
+    epoch) stops the run; it is not reported as that check failing."""
+    from l3d.core.divergences import mse
+    from l3d.runs import execution
+
+    def signalling_mse(output, reference):
+        signal.raise_signal(signal.SIGTERM)
+        return mse(output, reference)
+
+    monkeypatch.setattr(execution, "resolve_custom", lambda config: (signalling_mse, None))
+    run_dir = runs.create_run(runs.load_spec(_config(tmp_path)), tmp_path / "run")
+    with pytest.raises(runs.Interrupted) as stop:
+        runs.execute(run_dir, progress=False, log=lambda m: None)
+    assert stop.value.signum == signal.SIGTERM and stop.value.epoch == 0

@@ -36,8 +36,11 @@ from l3d.runs.spec import RunOptions, RunSpec, yaml_error
 LOSS_LABELS = {"paper": "loss (eq. 8)", "pooled_squared": "pooled loss"}
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the run saved its last whole-epoch state (`epoch`) and stopped."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; the run saved its last whole-epoch state (`epoch`) and stopped.
+
+    A BaseException, as KeyboardInterrupt: code that turns any `Exception` into an error of its
+    own (a user function's failure in a check) must not turn a stop into that error."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -45,16 +48,55 @@ class Interrupted(Exception):
         self.epoch = 0
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    def handler(signum, frame):
-        raise Interrupted(signum)
+class _Stop:
+    """SIGINT and SIGTERM while a run executes, turned into `Interrupted`.
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
+    While epochs train, the handler only records the signal and the run raises after the current
+    step (or epoch): raised from the handler, the exception could land in a finaliser (`__del__`,
+    a weakref callback), where Python prints and drops it, and the run would go on to its last
+    epoch. Before the first step (set-up, initialisation) and after the last epoch (the final
+    evaluation) no unsaved epoch is lost, so the handler raises at once; a raise dropped there is
+    caught by the next check."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.signum: int | None = None
+        self.training = False
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.signum = self.signum or signum
+        if not self.training:
+            raise Interrupted(signum)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    def after_step(self, on_step: Callable[[StepResult], None]) -> Callable[[StepResult], None]:
+        def callback(result: StepResult) -> None:
+            self.training = True
+            on_step(result)
+            self.check()
+
+        return callback
+
+    def after_epoch(
+        self, on_epoch: Callable[[Trainer, dict], None]
+    ) -> Callable[[Trainer, dict], None]:
+        def callback(trainer: Trainer, record: dict) -> None:
+            on_epoch(trainer, record)
+            self.check()
+            self.training = trainer.epoch < self.epochs
+
+        return callback
+
+    def __enter__(self) -> _Stop:
+        signals = (signal.SIGINT, signal.SIGTERM)
+        self.previous = {s: signal.signal(s, self._handler) for s in signals}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self.previous.items():
             signal.signal(s, h)
 
 
@@ -303,7 +345,7 @@ def _execute(
         run_dir.truncate_metrics(done)
     on_epoch = _EpochLog(run_dir, spec, tracker, group)
     show = (spec.run.progress if progress is None else progress) and lead
-    with _stop_on_signals(), _StepBar(spec.l3d, data, show, done) as step_bar:
+    with _Stop(spec.l3d.epochs) as stop, _StepBar(spec.l3d, data, show, done) as step_bar:
         try:
             decomposition = run(
                 model,
@@ -312,12 +354,13 @@ def _execute(
                 divergence=divergence,
                 reference=reference,
                 progress=show,
-                callback=step_bar.wrap(on_epoch),
+                callback=stop.after_epoch(step_bar.wrap(on_epoch)),
                 trainer_state=state,
-                step_callback=step_bar.step,
+                step_callback=stop.after_step(step_bar.step),
                 shard_factors=spec.run.shard_factors,
                 log=log,
             )
+            stop.check()
         except (Interrupted, RankLost) as stop:
             # A second Ctrl-C or SIGTERM (torchrun stopping the ranks) must not cut the save short.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
