@@ -185,7 +185,7 @@ def test_factor_file_with_non_finite_values(folder, key):
     io.save_tensors(path, tensors)
     with pytest.raises(L3DError) as err:
         l3d.load(folder, model())
-    assert f"{path} holds 2 NaN/inf values ({name}" in one_line(err)
+    assert f"2 NaN/inf values in {path} ({name})" in one_line(err)
     assert "re-create the decomposition" in str(err.value)
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from l3d.config import L3DConfig
 from l3d.core.algorithm import SubnetworkPair
+from l3d.core.samples import check_finite
 from l3d.core.subnetworks import Subnetworks
 from l3d.errors import L3DError
 
@@ -236,10 +237,9 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
     _check_factors(pair.state_dict(), tensors, files, config)
     # Training refuses a non-finite loss, so NaN here is damage; it would spread to every output.
     for name, t in {**tensors, "p_active": p_active}.items():
-        if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
-            raise L3DError(
-                f"{files[2]} holds {int((~torch.isfinite(t)).sum())} NaN/inf values ({name}): "
-                "restore the file or re-create the decomposition"
+        if t is not None:
+            check_finite(
+                t, f"{files[2]} ({name})", "restore the file or re-create the decomposition"
             )
     if p_active is None or tuple(p_active.shape) != (config.n_v,):
         found = "no p_active" if p_active is None else f"p_active of shape {tuple(p_active.shape)}"

@@ -79,12 +79,14 @@ def as_inputs(data: object) -> Inputs:
     return {k: torch.cat([cast(dict, b)[k] for b in batches]) for k in first}
 
 
-def check_finite(inputs: Inputs, what: str = "data") -> None:
+def check_finite(
+    inputs: Inputs, what: str = "data", fix: str = "clean or drop those samples first"
+) -> None:
     tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs.values())
     for t in tensors:
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t)).sum().item()
-            raise L3DError(f"{bad} NaN/inf values in {what}: clean or drop those samples first")
+            raise L3DError(f"{bad} NaN/inf values in {what}: {fix}")
 
 
 @dataclass(frozen=True)
