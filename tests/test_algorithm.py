@@ -241,6 +241,28 @@ def test_gradient_initialisation_finds_the_directions_of_single_feature_gradient
     torch.testing.assert_close(pair.v_in.materialize_flat(), pair.v_out.materialize_flat())
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_gradient_initialisation_shows_its_stages_when_slow(mlp, monkeypatch, capsys, progress):
+    """Sampling the gradients and the k-means (with the swap search) each get a bar, once they
+    take a few seconds (here at once); the centres do not depend on the bar."""
+    from l3d.core import resampling
+
+    monkeypatch.setattr(resampling, "PROGRESS_DELAY_SECONDS", 0.0)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    config = L3DConfig.create(
+        params=["fc1.weight"], n_subnetworks=3, init="gradients", init_swap_search=True
+    )
+    pair = build(mlp, x, config, progress=progress)[2].pair
+    err = capsys.readouterr().err
+    if progress:
+        assert "init: per-sample gradients" in err and "/64 " in err
+        assert "init: k-means of 64 gradients" in err and "/3 " in err and "swap search" in err
+    else:
+        assert "init:" not in err
+    other = build(mlp, x, config, progress=not progress)[2].pair
+    assert torch.equal(pair.v_out.materialize_flat(), other.v_out.materialize_flat())
+
+
 def _clusters(sizes: list[int], mixtures: int, d: int = 40, seed: int = 0):
     """Unit rows near len(sizes) directions (sizes[j] rows each, random signs, a little noise),
     orthonormal but the last, which leans towards the one before it (cos 0.29), plus `mixtures`

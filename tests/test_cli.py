@@ -520,12 +520,12 @@ def test_the_step_bar_names_the_epoch_and_the_loss_form():
         config = spec.l3d.replace(loss=loss)
         seen: list[str] = []
         with _StepBar(config, data, True, first_epoch=2) as bar:
-            assert bar.bar is not None
-            assert bar.bar.desc == f"steps of epoch 3/{config.epochs}"
+            assert bar.bar is None  # none during the set-up: its clock starts at the first step
             losses = types.SimpleNamespace(
                 paper=torch.tensor(0.5), pooled_squared=torch.tensor(0.2)
             )
             bar.step(types.SimpleNamespace(losses=losses))
+            assert bar.bar.desc == f"steps of epoch 3/{config.epochs}"
             seen.append(str(bar.bar.postfix))
             bar.wrap(lambda trainer, record: None)(types.SimpleNamespace(epoch=3), {})
             assert bar.bar.desc == f"steps of epoch 4/{config.epochs}"

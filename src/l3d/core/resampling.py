@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ from l3d.config import L3DConfig
 from l3d.core.algorithm import SubnetworkPair, batch_top_k, evaluate
 from l3d.core.distributed import full, set_full_
 from l3d.core.gradients import GradientSource
+from l3d.core.gradients.jacobian import PROGRESS_DELAY_SECONDS
 from l3d.core.subnetworks import Subnetworks, total
 from l3d.errors import L3DError
 
@@ -197,6 +200,23 @@ def dense_helpers_fit(n_weights: int, n_subnetworks: int, batch_size: int, per_t
     return per_subnetwork and batch_size * n_weights <= INIT_MAX_ELEMENTS and not per_token
 
 
+@contextmanager
+def _bar(enabled: bool, desc: str, total: int, unit: str) -> Iterator:
+    """A progress bar for a stage of the initialisation, shown once it has taken a few seconds."""
+    from tqdm.auto import tqdm
+
+    with tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        delay=PROGRESS_DELAY_SECONDS,
+        disable=not enabled,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
+        yield bar
+
+
 @torch.no_grad()
 def initialize_from_gradients_(
     pair: SubnetworkPair,
@@ -218,13 +238,27 @@ def initialize_from_gradients_(
     generator = torch.Generator().manual_seed(seed)
     if n_samples is None:
         n_samples = max(INIT_MAX_ELEMENTS // v_out.n_weights, n_v)
-    g = sampled_gradients(source, names, n_samples, generator)
+    # Both stages can take tens of seconds (ResidMLP: 2,700 gradients of 100,000 weights).
+    known = None if source.dataset is None else source.dataset.n_samples
+    total = n_samples if known is None or source.per_token else min(n_samples, known)
+    with _bar(source.progress, "init: per-sample gradients", total, "gradient") as bar:
+        g = sampled_gradients(source, names, n_samples, generator, bar.update)
     if len(g) < n_v:
         raise L3DError(
             f"init='gradients' needs at least n_subnetworks={n_v} samples with a nonzero "
             f"gradient; found {len(g)}: use init='random' or more data"
         )
-    centres = spherical_kmeans(g, n_v, generator, swap_search)
+    stages = 3 if swap_search else 2
+    with _bar(source.progress, f"init: k-means of {len(g)} gradients", stages, "stage") as bar:
+        started: list[str] = []
+
+        def stage(name: str) -> None:
+            bar.update(len(started) > 0)  # the stage before is done
+            started.append(name)
+            bar.set_postfix_str(name)
+
+        centres = spherical_kmeans(g, n_v, generator, swap_search, stage)
+        bar.update(1)
     offsets = [0, *itertools.accumulate(math.prod(f.work_shape) for f in v_out.factors)]
     for k in range(n_v):
         direction = {n: centres[k, a:b].to(v_out.factors[0].modes[0].device)
@@ -236,7 +270,11 @@ def initialize_from_gradients_(
 
 
 def spherical_kmeans(
-    g: Tensor, n: int, generator: torch.Generator, swap_search: bool = False
+    g: Tensor,
+    n: int,
+    generator: torch.Generator,
+    swap_search: bool = False,
+    stage: Callable[[str], None] | None = None,
 ) -> Tensor:
     """Centres (n, d), unit rows, of a sign-free spherical k-means of the unit rows of g (M, d),
     which maximises sum_i max_k cos^2(g_i, centre_k): k-means++ seeding on 1 - cos^2, Lloyd steps
@@ -253,10 +291,15 @@ def spherical_kmeans(
 
     Works on coordinates y (M, r) with y y^T = g g^T, r <= min(M, d), so that a step costs
     M r n multiply-adds rather than M d n; centres are kept as signed sums of rows
-    (`members`, (n, M)) and formed in the d-dimensional space once, at the end."""
+    (`members`, (n, M)) and formed in the d-dimensional space once, at the end. `stage` is told
+    each stage's name as it starts (for a progress bar)."""
+    stage = stage or (lambda name: None)
+    stage("eigen-coordinates")
     y = _coordinates(g)
+    stage("Lloyd steps")
     members = _lloyd(y, _one_hot_rows(_kmeans_plus_plus(y, n, generator), len(y)))
     if swap_search:
+        stage("swap search")
         members = _swap_search(y, members)
     centres = members.to_sparse() @ g
     return centres / centres.norm(dim=1, keepdim=True)
@@ -338,14 +381,21 @@ def _kmeans_objective(y: Tensor, members: Tensor) -> float:
 
 
 def sampled_gradients(
-    source: GradientSource, names: list[str], n: int, generator: torch.Generator
+    source: GradientSource,
+    names: list[str],
+    n: int,
+    generator: torch.Generator,
+    done: Callable[[int], object] | None = None,
 ) -> Tensor:
     """Up to n per-sample gradients of a pass over the data (shuffled and referenced with
-    `generator`), flattened over `names` and normalised, (M, n_weights); zero ones left out."""
+    `generator`), flattened over `names` and normalised, (M, n_weights); zero ones left out.
+    `done` is told how many rows each batch added (for a progress bar)."""
     rows: list[Tensor] = []
     for batch in source.epoch(generator):
         dense = batch.dense()
         rows.append(torch.cat([dense[name].flatten(1) for name in names], 1).float().cpu())
+        if done is not None:
+            done(min(len(rows[-1]), n - sum(len(r) for r in rows[:-1])))
         if sum(len(r) for r in rows) >= n:
             break
     g = torch.cat(rows)[:n]

@@ -187,22 +187,30 @@ class _StepBar:
     language model: hundreds of steps per epoch)."""
 
     def __init__(self, config: L3DConfig, data: Any, enabled: bool, first_epoch: int = 0) -> None:
-        self.loss, self.bar, self.shown, self.epochs = config.loss, None, 0.0, config.epochs
+        self.loss, self.shown, self.epochs = config.loss, 0.0, config.epochs
+        self.bar: Any = None  # a tqdm bar from the first step on
         self.label = LOSS_LABELS.get(config.loss, f"loss ({config.loss})")
-        if enabled:
-            from tqdm.auto import tqdm
-
-            total = Dataset(data, config.batch_size).n_batches()
-            self.bar = tqdm(
-                total=total, position=1, leave=False, unit="step", desc=self._desc(first_epoch)
-            )
+        self.enabled, self.first_epoch = enabled, first_epoch
+        self.total = Dataset(data, config.batch_size).n_batches() if enabled else None
 
     def _desc(self, epoch: int) -> str:
         return f"steps of epoch {epoch + 1}/{self.epochs}"
 
     def step(self, result: StepResult) -> None:
-        if self.bar is None:
+        if not self.enabled:
             return
+        if self.bar is None:
+            # Made at the first step, not before the set-up: its rate and ETA would count the
+            # initialisation (a minute on ResidMLP's gradient k-means) as the first step's time.
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=self.total,
+                position=1,
+                leave=False,
+                unit="step",
+                desc=self._desc(self.first_epoch),
+            )
         self.bar.update(1)
         if time.time() - self.shown > 0.5:  # reading the loss synchronises an accelerator
             loss = getattr(result.losses, self.loss).item()
