@@ -6,6 +6,7 @@ folders whose results the report shows."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import yaml
 from torch import nn
 
+from conftest import stopped_after_epoch
 from l3d import controls, runs
 from l3d.cli import main
 from l3d.core.subnetworks import Subnetworks
@@ -151,3 +153,22 @@ def test_controls_of_an_auto_run_keep_its_number_of_subnetworks(tmp_path, monkey
     for kind in ("shuffled", "seed"):
         control = runs.open_run(run / "controls" / kind)
         assert control.spec.l3d.n_subnetworks == control.decomposition.n_subnetworks == chosen
+
+
+def test_a_stopped_control_says_how_to_continue_and_continues(tmp_path, capsys):
+    """Ctrl-C or SIGTERM during a control's decomposition: one line with the command that
+    continues it (not a traceback), exit 128 + signal; that command finishes from the checkpoint."""
+    TINY_LONGER = {**TINY, "l3d": {**TINY["l3d"], "epochs": 4}, "run": {"checkpoint_seconds": 0}}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_LONGER))
+    run = tmp_path / "run"
+    assert main(["decompose", str(config), "--out", str(run), "-q"]) == 0
+    capsys.readouterr()
+    with stopped_after_epoch(2):
+        assert main(["control", str(run), "-q"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"l3d control {run}" in err and "2 of 4 epochs" in err, err
+    assert main(["control", str(run), "-q"]) == 0
+    records = runs.RunDir(run / "controls" / "shuffled").metrics_records()
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]

@@ -370,6 +370,20 @@ def _decompose_folder(args: argparse.Namespace) -> int:
         return _run(args, run_dir)
 
 
+def _stopped(command: str, stop: Any, run_dir: Any, again: str, what: str = "") -> int:
+    """The one line of a run stopped by Ctrl-C or SIGTERM (`runs.Interrupted`), naming the
+    command that continues it from its checkpoint; the exit status 128 + the signal."""
+    from l3d import runs
+
+    epochs = runs.RunDir(run_dir.path).spec().l3d.epochs
+    print(
+        f"l3d {command}: stopped by {stop} with {stop.epoch} of {epochs} epochs{what} done; "
+        f"checkpoint saved. Continue with: {again}",
+        file=sys.stderr,
+    )
+    return 128 + stop.signum
+
+
 def _run(args: argparse.Namespace, run_dir: Any) -> int:
     from l3d import runs
 
@@ -378,13 +392,7 @@ def _run(args: argparse.Namespace, run_dir: Any) -> int:
             run_dir, progress=False if args.quiet else None, log=lambda m: _say(args, m)
         )
     except runs.Interrupted as stop:
-        epochs = runs.RunDir(run_dir.path).spec().l3d.epochs
-        print(
-            f"l3d decompose: stopped by {stop} with {stop.epoch} of {epochs} epochs done; "
-            f"checkpoint saved. Continue with: l3d decompose --resume {run_dir.path}",
-            file=sys.stderr,
-        )
-        return 128 + stop.signum
+        return _stopped("decompose", stop, run_dir, f"l3d decompose --resume {run_dir.path}")
     ev = decomposition.evaluation
     _say(
         args,
@@ -621,10 +629,21 @@ def _control(args: argparse.Namespace) -> int:
                         shutil.copyfile(file, child.path / file.name)
             if not child.finished:
                 _say(args, f"control '{kind}': decomposing into {child.path}")
-                with _quiet_libraries(args, child.spec()):
-                    runs.execute(
-                        child, progress=False if args.quiet else None, log=lambda m: _say(args, m)
+                try:
+                    with _quiet_libraries(args, child.spec()):
+                        runs.execute(
+                            child,
+                            progress=False if args.quiet else None,
+                            log=lambda m: _say(args, m),
+                        )
+                except runs.Interrupted as stop:
+                    kinds = (
+                        ""
+                        if args.kinds == list(CONTROL_KINDS)
+                        else " --kinds " + " ".join(args.kinds)
                     )
+                    again = f"l3d control {run_dir.path}{kinds}"
+                    return _stopped("control", stop, child, again, f" of the '{kind}' control")
         found[kind] = child
     summaries = {}
     for name, path in [("run", run_dir.path), *((k, c.path) for k, c in found.items())]:
