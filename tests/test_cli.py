@@ -190,6 +190,23 @@ def test_intervene_rejects_a_subnetwork_out_of_range(finished_run, capsys):
     assert "this run has subnetworks 0..4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--subnetwork", "0", "0", "--delta", "1"], "--subnetwork 0 is given twice"),
+        (["--subnetwork", "0", "--delta", "1", "1"], "--delta 1 is given twice"),
+        (["--subnetwork", "0", "--delta", "1e30"], "δ = 1e+30 along subnetwork 0"),
+    ],
+)
+def test_intervene_refuses_repeats_and_steps_that_overflow(finished_run, capsys, argv, message):
+    """A repeated subnetwork or step was measured and printed twice; a step so large that the
+    outputs overflow printed `inf` changes and a `nan×` ratio."""
+    capsys.readouterr()
+    assert main(["intervene", str(finished_run), *argv, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
 def test_set_overrides_parse_values_as_yaml():
     data = runs.apply_overrides(
         TINY, ["epochs=7", "l3d.params=[W_in]", "rank={W_in: 2}", "run.progress=false"]
@@ -678,3 +695,21 @@ def test_check_validates_and_estimates_without_a_run(tmp_path, monkeypatch, caps
     assert "one training step needs about" in _one_line_error(capsys, "decompose")
     assert main(["decompose", "--resume", str(tmp_path), "--check"]) == 2
     assert "drop CONFIG/--set/--out/--check" in _one_line_error(capsys, "decompose")
+
+
+def test_a_toy_run_whose_config_names_another_toy_is_one_line(tmp_path):
+    """A run folder keeps its trained toy (model.safetensors, model.json); a config.yaml edited
+    to another toy, or weights of another shape, failed in load_state_dict's size mismatch."""
+    from l3d.io import save_tensors, write_json
+    from l3d.runs import sources
+    from l3d.toys import registry as toys
+
+    run_dir = runs.RunDir(tmp_path)
+    save_tensors(run_dir.model_weights, toys.get_toy("tms").make(0)[0].state_dict())
+    write_json(run_dir.model_info, {"toy": "tms", "init_seed": 0})
+    assert isinstance(sources._toy_model("tms", {}, run_dir), torch.nn.Module)
+    with pytest.raises(l3d.L3DError, match=r"trained 'tms' toy.*names toy 'tms40'"):
+        sources._toy_model("tms40", {}, run_dir)
+    save_tensors(run_dir.model_weights, toys.get_toy("tms40").make(0)[0].state_dict())
+    with pytest.raises(l3d.L3DError, match=r"model.safetensors does not fit toy 'tms'"):
+        sources._toy_model("tms", {}, run_dir)

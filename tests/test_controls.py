@@ -172,3 +172,100 @@ def test_a_stopped_control_says_how_to_continue_and_continues(tmp_path, capsys):
     assert main(["control", str(run), "-q"]) == 0
     records = runs.RunDir(run / "controls" / "shuffled").metrics_records()
     assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+
+
+def _tiny_run(tmp_path: Path, **l3d_changes) -> tuple[Path, Path]:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "l3d": {**TINY["l3d"], **l3d_changes}}))
+    run = tmp_path / "run"
+    assert main(["decompose", str(config), "--out", str(run), "-q", "--overwrite"]) == 0
+    return config, run
+
+
+def test_controls_of_an_earlier_run_in_the_folder_are_not_reused(tmp_path):
+    """`l3d decompose --overwrite` starts the folder over, controls included; and controls made
+    for another run (copied in, or from an older version) are decomposed again for this one (not
+    5 subnetworks against its 3)."""
+    import shutil
+
+    _tiny_run(tmp_path)
+    run = tmp_path / "run"
+    assert main(["control", str(run), "-q"]) == 0
+    shutil.copytree(run / "controls", tmp_path / "old_controls")
+    _tiny_run(tmp_path, n_subnetworks=3)
+    assert not (run / "controls").exists()
+    shutil.copytree(tmp_path / "old_controls", run / "controls")
+    assert main(["control", str(run), "-q"]) == 0
+    for kind in ("shuffled", "seed"):
+        assert runs.open_run(run / "controls" / kind).decomposition.n_subnetworks == 3
+    result = json.loads((run / "controls" / "controls.json").read_text())
+    assert result["shuffled"]["metrics"]["live_subnetworks"] <= 3
+    assert len(result["seed"]["matched_cosines"]) <= 3
+
+
+def test_controls_compare_analyses_made_the_same_way(tmp_path):
+    """A run analysed with other options (fewer samples, more top samples) is compared with its
+    controls through a default analysis of its own (RUN_DIR/controls/analysis), never its custom
+    one against the controls' default ones; the user's analysis is left as it was."""
+    _, run = _tiny_run(tmp_path)
+    assert main(["analyze", str(run), "--n-samples", "20", "--n-top", "20", "-q"]) == 0
+    custom = (run / "analysis" / "analysis.json").read_bytes()
+    assert main(["control", str(run), "-q"]) == 0
+    assert (run / "analysis" / "analysis.json").read_bytes() == custom
+    result = json.loads((run / "controls" / "controls.json").read_text())
+    default = json.loads((run / "controls" / "analysis" / "analysis.json").read_text())["summary"]
+    control = json.loads(
+        (run / "controls" / "shuffled" / "analysis" / "analysis.json").read_text()
+    )["summary"]
+    assert default["n_top"] == control["n_top"] == 10
+    assert default["n_samples"] == control["n_samples"] == TINY["data"]["options"]["n_samples"]
+    assert result["run"] == controls.headline(default)
+
+
+def test_running_one_kind_keeps_the_other_kinds_results(tmp_path):
+    _, run = _tiny_run(tmp_path)
+    assert main(["control", str(run), "-q"]) == 0
+    assert main(["control", str(run), "--kinds", "seed", "-q"]) == 0
+    result = json.loads((run / "controls" / "controls.json").read_text())
+    assert {"shuffled", "seed"} <= result.keys()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{}", "summary"),
+        ("[]", "JSON object"),
+        ('{"summary": {}, "subnetworks": []}', "n_subnetworks"),
+    ],
+)
+def test_a_hand_edited_control_analysis_is_one_line(tmp_path, capsys, text, message):
+    _, run = _tiny_run(tmp_path)
+    assert main(["control", str(run), "-q"]) == 0
+    edited = run / "controls" / "seed" / "analysis" / "analysis.json"
+    edited.write_text(text)
+    capsys.readouterr()
+    assert main(["control", str(run), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(edited) in err and message in err, err
+
+
+def test_a_selectivity_that_is_not_a_number_is_one_line(tmp_path, capsys):
+    _, run = _tiny_run(tmp_path)
+    assert main(["control", str(run), "-q"]) == 0
+    edited = run / "controls" / "shuffled" / "analysis" / "analysis.json"
+    analysis = json.loads(edited.read_text())
+    analysis["summary"]["median_intervention_selectivity"] = "abc"
+    edited.write_text(json.dumps(analysis))
+    capsys.readouterr()
+    assert main(["control", str(run), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "median_intervention_selectivity" in err, err
+
+
+def test_a_file_in_place_of_the_controls_folder_names_the_fix(tmp_path, capsys):
+    _, run = _tiny_run(tmp_path)
+    (run / "controls").write_text("x")
+    capsys.readouterr()
+    assert main(["control", str(run), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "move or delete" in err, err

@@ -229,7 +229,7 @@ def test_bad_input_gets_one_line_errors(decomposed, tmp_path):
     nan_y[0] = float("inf")
     one_line_error(run(given=(x, nan_y)), "3 NaN/inf values in the labels")
     one_line_error(run(retain=nan_x), "1 NaN/inf values in the retain data")
-    one_line_error(run(retain=x, retain_weight=-1.0), "retain_weight must be >= 0")
+    one_line_error(run(retain=x, retain_weight=-1.0), "retain_weight must be a finite number >= 0")
 
     one_line_error(lambda: Adapter(SmallMLP(n_in=5), d.subnetworks.v_out, [0]), "not the model's")
     d.save(tmp_path / "dec")
@@ -259,6 +259,100 @@ def test_bad_input_gets_one_line_errors(decomposed, tmp_path):
         adapter.alpha.fill_(1.0)
     with adapter.applied():
         one_line_error(run([0]), "changed since the decomposition was made")
+
+
+@pytest.mark.parametrize("objective", ["labels", "forget", "suppress"])
+@pytest.mark.parametrize("label", [3, 7, -5])
+def test_labels_outside_the_classes_are_refused(decomposed, objective, label):
+    """Class ids past the model's outputs died in cross_entropy (IndexError) or a scatter
+    (RuntimeError); 'forget' trained on them without a word."""
+    d, x = decomposed
+    labels = torch.zeros(64, dtype=torch.long)
+    labels[5] = label
+
+    def run():
+        return finetune(d, (x, labels), subnetworks=[0], objective=objective, progress=False)
+
+    one_line_error(
+        run, rf"labels must be class indices in 0\.\.2 \(or -100 to skip a row\); got {label}"
+    )
+
+
+def test_integer_labels_of_any_integer_dtype_train_and_other_labels_are_refused(decomposed):
+    """int32 labels died in cross_entropy ('expected target dtype to be Long'): they train as
+    int64 do; bool labels and a single 0-d label are one line (a 0-d tensor was a TypeError)."""
+    d, x = decomposed
+    labels = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(0))
+
+    def trained(given: torch.Tensor) -> list[dict]:
+        return finetune(d, (x, given), subnetworks=[0], steps=2, progress=False).history
+
+    assert trained(labels.int()) == trained(labels)
+    assert trained(labels.to(torch.uint8)) == trained(labels)
+    one_line_error(lambda: trained(labels.bool()), r"labels are bool: give integer class ids")
+    one_line_error(lambda: trained(torch.tensor(1)), r"the labels are one number \(a 0-d tensor\)")
+
+
+def test_bad_training_settings_are_refused_up_front(decomposed):
+    """A NaN lr died in torch.optim (ValueError), an oversized seed in torch.Generator
+    ('Overflow when unpacking long long'), a NaN/inf retain weight trained to a NaN loss that
+    was blamed on the learning rate."""
+    d, x = decomposed
+    data = (x, edited_targets(d.model, x))
+
+    def run(**kw):
+        return lambda: finetune(d, data, subnetworks=[0], progress=False, **{"steps": 1, **kw})
+
+    for lr in (float("nan"), float("inf"), 0.0, -1.0):
+        one_line_error(run(lr=lr), rf"lr must be a finite number > 0; got {lr}")
+    for seed in (2**64, -(2**63) - 1, 10**20):
+        one_line_error(run(seed=seed), rf"seed must fit in 64 bits .*; got {seed}")
+    for weight in (float("nan"), float("inf"), -1.0):
+        one_line_error(
+            run(retain=x, retain_weight=weight),
+            rf"retain_weight must be a finite number >= 0; got {weight}",
+        )
+    one_line_error(run(steps=0), "steps must be >= 1; got 0")
+    # The largest seeds torch takes still train.
+    assert finetune(d, data, subnetworks=[0], steps=1, seed=2**64 - 1, progress=False).history
+
+
+def test_data_that_cannot_teach_are_refused_naming_the_cause(decomposed, capsys):
+    """0 rows of data, labels all -100, 0 rows of retain data, and float labels for 'forget' /
+    'suppress' were each reported as 'the finetuning loss is nan at step 1: lower lr' (or, for
+    float labels, after the progress bar had started); 40 labels for 64 inputs were 'float
+    targets shaped (40, 3) do not fit outputs shaped (n, 3)'."""
+    d, x = decomposed
+    floats = edited_targets(d.model, x)
+
+    def run(given, **kw):
+        return lambda: finetune(d, given, subnetworks=[0], steps=1, **kw)
+
+    one_line_error(run((x[:0], floats[:0])), "the finetuning data have 0 rows")
+    one_line_error(
+        run((x, torch.full((64,), -100))),
+        r"every label is -100 \(skipped\): no label to learn from",
+    )
+    one_line_error(run((x, floats), retain=x[:0]), "the retain data have 0 rows")
+    one_line_error(run((x, floats[:40])), "40 labels for 64 input rows")
+    for objective in ("forget", "suppress"):
+        one_line_error(
+            run((x, floats), objective=objective),
+            rf"objective '{objective}' needs integer labels .*the labels objective "
+            r"\(--objective labels / objective='labels'\)",
+        )
+    assert "finetune" not in capsys.readouterr().err  # refused before the progress bar
+
+
+def test_a_minibatch_without_a_label_adds_no_objective(decomposed):
+    """Labels mostly -100 with small batches: a batch holding no label was a NaN loss blamed on
+    the learning rate; it adds nothing to the objective instead."""
+    d, x = decomposed
+    labels = torch.full((64,), -100)
+    labels[0] = 1
+    adapter = finetune(d, (x, labels), subnetworks=[0], steps=20, batch_size=2, progress=False)
+    objectives = [record["objective"] for record in adapter.history]
+    assert 0.0 in objectives and all(value == value for value in objectives)
 
 
 def test_end_to_end_edit_changes_target_more_than_retain(decomposed):
@@ -425,6 +519,120 @@ def test_cli_finetune_bad_input_is_one_line(cli_run, tmp_path, capsys, change, m
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert re.search(message, err), err
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory) -> Path:
+    """Data files the fuzzer found mishandled (5 outputs, 20 inputs)."""
+    folder = tmp_path_factory.mktemp("finetune-odd")
+    x = torch.rand(20, 5, generator=torch.Generator().manual_seed(3))
+    save_file({"inputs": x, "labels": torch.full((20,), 7)}, folder / "class7.st")
+    save_file({"inputs": x, "labels": torch.zeros(20, dtype=torch.long)}, folder / "class0.st")
+    save_file({"inputs": x, "labels": torch.rand(15, 5)}, folder / "fewer.st")
+    save_file({"inputs": x[:0].clone(), "labels": x[:0].clone()}, folder / "empty.st")
+    save_file({"inputs": x, "labels": torch.full((20,), -100)}, folder / "ignored.st")
+    save_file({"inputs": x, "labels": torch.zeros((), dtype=torch.long)}, folder / "scalar.st")
+    (folder / "run.yaml").write_text(yaml.safe_dump(TINY_RUN))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--data", "{odd}/class7.st"], r"labels must be class indices in 0\.\.4 \(or -100"),
+        (["--data", "{odd}/class7.st", "--objective", "forget"], r"class indices in 0\.\.4"),
+        (["--data", "{odd}/class7.st", "--objective", "suppress"], r"class indices in 0\.\.4"),
+        (["--data", "{odd}/scalar.st"], r"one number \(a 0-d tensor\)"),
+        (["--data", "{odd}/fewer.st"], "15 labels for 20 input rows"),
+        (["--data", "{odd}/empty.st"], "the finetuning data have 0 rows"),
+        (["--data", "{odd}/ignored.st"], r"every label is -100 \(skipped\)"),
+        (["--retain", "{odd}/empty.st"], "the retain data have 0 rows"),
+        (["--retain", "{keep}", "--retain-weight", "nan"], "retain_weight must be a finite"),
+        (["--retain", "{keep}", "--retain-weight", "inf"], "retain_weight must be a finite"),
+        (["--retain-weight", "5"], r"--retain-weight 5\.0 weighs the retain data: give --retain"),
+        (["--lr", "nan"], r"lr must be a finite number > 0; got nan"),
+        (["--lr", "inf"], r"lr must be a finite number > 0; got inf"),
+        (["--seed", "99999999999999999999"], r"seed must fit in 64 bits"),
+        (["--objective", "forget"], r"the labels objective \(--objective labels"),
+        (["--data", "{odd}"], r"finetuning data '.*' is a folder, not a file"),
+        (["--data", "/dev/zero"], r"finetuning data '/dev/zero' is not a regular file"),
+        (["--out", ""], r"--out is empty: give the adapter folder"),
+    ],
+)
+def test_cli_finetune_refuses_odd_input_and_leaves_no_folder(
+    cli_run, odd_data, tmp_path, capsys, change, message
+):
+    """Each was a traceback, a 'lower lr' blamed on the learning rate, a silent success or a
+    misleading line (--out '' wrote into the current folder); a failed command left an empty
+    --out folder behind."""
+    run, edit, keep = cli_run
+    out = tmp_path / "sub" / "adapter"
+    argv = ["finetune", str(run), "--subnetworks", "0", "--data", str(edit), "--out", str(out)]
+    change = [c.format(odd=odd_data, keep=keep) for c in change]
+    assert main([*argv, "--steps", "2", "-q", *change]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not out.parent.exists()  # nor the folder above it, made for it
+
+
+def test_cli_finetune_refuses_a_file_as_the_run_folder(cli_run, odd_data, capsys):
+    _, edit, _ = cli_run
+    argv = ["finetune", str(odd_data / "run.yaml"), "--subnetworks", "0", "--data", str(edit)]
+    assert main([*argv, "--out", str(odd_data / "a"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert f"'{odd_data / 'run.yaml'}' is a file, not a run folder" in err, err
+    assert "l3d decompose" in err
+
+
+def test_cli_finetune_keeps_an_out_folder_it_did_not_make(cli_run, odd_data, tmp_path):
+    """Only a folder the failed command made, still empty, is removed."""
+    run, _, _ = cli_run
+    (tmp_path / "mine").mkdir()
+    argv = ["finetune", str(run), "--subnetworks", "0", "--data", str(odd_data / "class7.st")]
+    assert main([*argv, "--out", str(tmp_path / "mine"), "-q"]) == 2
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_cli_finetune_integer_labels_train(cli_run, odd_data, tmp_path):
+    run, _, _ = cli_run
+    argv = ["finetune", str(run), "--subnetworks", "0", "--data", str(odd_data / "class0.st")]
+    assert main([*argv, "--steps", "2", "--objective", "suppress", "--out", str(tmp_path / "a"),
+                 "-q"]) == 0  # fmt: skip
+    assert (tmp_path / "a" / "adapter.json").is_file()
+
+
+@pytest.mark.parametrize("rule", ["top:1", "contrast:1"])
+def test_cli_finetune_on_a_pair_run_asks_for_indices(tmp_path, cli_run, capsys, rule):
+    """A run of contrastive pairs has no impact without each input's counterpart: top:N and
+    contrast:N said 'use l3d.pairs.pair_coefficients(...) or pass references=' (Python advice
+    to a command-line user)."""
+    _, edit, keep = cli_run
+    x = torch.rand(32, 5, generator=torch.Generator().manual_seed(4))
+    counterparts = x.clone()
+    counterparts[:, 0] = 0
+    save_file({"inputs": x, "counterparts": counterparts}, tmp_path / "pairs.st")
+    config = {
+        "model": TINY_RUN["model"],
+        "data": {"file": str(tmp_path / "pairs.st"), "options": {"key": "inputs"},
+                 "pairs": {"counterparts": "counterparts"}},
+        "l3d": {"params": ["W_in", "W_out", "b"], "n_subnetworks": 2, "top_k": 1.0,
+                "reference": "counterpart", "epochs": 1, "batch_size": 16},
+    }  # fmt: skip
+    (tmp_path / "pairs.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "prun"
+    assert main(["decompose", str(tmp_path / "pairs.yaml"), "--out", str(run), "-q"]) == 0
+    argv = ["finetune", str(run), "--subnetworks", rule, "--data", str(edit), "--retain", str(keep)]
+    assert main([*argv, "--out", str(tmp_path / "a"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pair_coefficients" not in err
+    assert re.search(
+        r"top:N and contrast:N are not available for a run of contrastive pairs.*give subnetwork "
+        r"indices, e.g. --subnetworks 0 1",
+        err,
+    ), err
+    assert not (tmp_path / "a").exists()
 
 
 # The demos ---------------------------------------------------------------------------------------

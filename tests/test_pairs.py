@@ -143,6 +143,11 @@ def test_patching_score_is_one_for_the_subnetwork_that_is_the_difference():
         (torch.zeros(24, 6), torch.ones(24, 3, dtype=torch.bool), "positions= restricts"),
         # NaN counterparts were reported as NaN per-sample gradients, "check inputs".
         (torch.full((24, 6), float("nan")), None, "144 NaN/inf values in the counterparts"),
+        # Another dtype failed in the model ("expected m1 and m2 to have the same dtype").
+        (torch.zeros(24, 6, dtype=torch.float64), None, r"must have the inputs' dtypes"),
+        (torch.zeros(24, 6, dtype=torch.bool), None, r"must have the inputs' dtypes"),
+        # A dict for one tensor reached the model as a keyword argument.
+        ({"input": torch.zeros(24, 6)}, None, "the inputs are one tensor: give the counterparts"),
     ],
 )
 def test_bad_pairs_are_one_line_errors(classifier, counterparts, positions, message):
@@ -150,6 +155,32 @@ def test_bad_pairs_are_one_line_errors(classifier, counterparts, positions, mess
     with pytest.raises(L3DError, match=message) as err:
         pair_data(d.model, x, counterparts, positions=positions)
     assert "\n" not in str(err.value)
+
+
+def test_pairs_without_rows_or_difference_are_refused_and_some_equal_pairs_are_kept(classifier):
+    """No rows was torch.cat's "expected a non-empty list of Tensors"; counterparts identical to
+    their inputs decomposed to loss 0 (every pair gradient is zero) and only the analysis said
+    so. A few identical pairs among others are fine: their gradients are zero, the others' not."""
+    d, x, counterparts = classifier
+    with pytest.raises(L3DError, match="no pairs: the inputs have 0 rows"):
+        pair_data(d.model, x[:0], counterparts[:0])
+    for pairs in ([x, x.clone()], [x, [x.clone(), x.clone()]]):
+        with pytest.raises(L3DError, match=r"the pairs' outputs are identical at W0") as err:
+            pair_data(d.model, *pairs, symmetric=True)
+        assert "\n" not in str(err.value)
+    with pytest.raises(L3DError, match=r"the pairs' outputs are identical at W0"):
+        patching_scores(d, Referenced(x, d.model(x).detach()))  # the analysis says the same
+    some = torch.cat([x[:20], counterparts[20:]])
+    data = pair_data(d.model, x, [x, some])
+    torch.testing.assert_close(data.references[24 + 20 :], d.model(counterparts[20:]))
+
+
+def test_inputs_the_model_fails_on_are_named_before_their_counterparts():
+    """Inputs and counterparts alike (no mismatch between them) but not what the model takes."""
+    net = nn.Linear(6, 2)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(L3DError, match=r"the model fails on the inputs' first samples \(tensor f"):
+        pair_data(net, x, x + 1)
 
 
 def test_positions_of_the_wrong_shape_are_refused():
@@ -213,7 +244,10 @@ def test_switch_rates_count_the_answers_that_become_the_counterparts():
     )
     assert rates.shape == (1, 3)
     assert float(rates[0, 0]) == 0.0 and float(rates[0, 2]) == 1.0
+    same_answer = torch.tensor([[0.0, 0.5, 1.0]])  # the outputs differ, the answers not
     with pytest.raises(L3DError, match="nothing to switch"):
+        switch_rates(d, same_answer, same_answer[:, [1, 0, 2]], torch.tensor([1.0]))
+    with pytest.raises(L3DError, match="the pairs' outputs are identical at W0"):
         switch_rates(d, x[3:], counterparts[3:], torch.tensor([1.0]))
 
 
@@ -271,5 +305,6 @@ def test_off_target_scores_equal_a_loop_over_steps(classifier):
         off_target_scores(d, target, target, deltas=deltas, directions=directions),
         patching_scores(d, target, deltas=deltas, directions=directions),
     )
-    with pytest.raises(L3DError, match="no difference to change"):
-        off_target_scores(d, target, pair_data(d.model, x, x), deltas=deltas)
+    same = Referenced(x, d.model(x).detach())  # pair_data refuses such pairs itself
+    with pytest.raises(L3DError, match="the other pairs' outputs are identical at W0"):
+        off_target_scores(d, target, same, deltas=deltas)

@@ -196,6 +196,13 @@ def test_held_out_pairs_are_analysed_with_data(pair_run, tmp_path, capsys):
     assert main(["analyze", str(pair_run), "--data", str(tmp_path / "nope.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no such file" in err and len(err.splitlines()) == 1
+    # A pairs file without rows was torch.cat's "expected a non-empty list of Tensors".
+    empty = tmp_path / "empty.safetensors"
+    save_file({"inputs": held_out[:0], "counterparts": counterparts[:0]}, str(empty))
+    argv = ["analyze", str(pair_run), "--data", str(empty), "--out", str(tmp_path / "a"), "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: no pairs: the inputs have 0 rows" in err, err
 
 
 def test_a_pairs_run_is_analysed_intervened_and_reported_in_its_folder(tmp_path, capsys):
@@ -225,6 +232,14 @@ def batches():
 
 def words():
     return ["not", "tensors"]
+
+def doubles():
+    return torch.rand(64, 5, dtype=torch.float64)
+
+def needs(x):
+    return x
+
+NOT_A_FUNCTION = 3
 """
 
 
@@ -262,6 +277,47 @@ def _without(section: str, key: str) -> dict:
         (_spec(pairs={"counterparts": "short"}), "must have the inputs' shapes"),
         (_spec(pairs={"counterparts": "batches.py:words"}), "gave a str"),
         (_spec(pairs={"positions": "short"}), "but the inputs are one tensor: drop positions"),
+        # Counterparts of another dtype failed in the model (torch "expected m1 and m2 to have
+        # the same dtype"); the inputs' own dtype errors are one line.
+        (_spec(pairs={"counterparts": "c64"}), "must have the inputs' dtypes (tensor float32"),
+        (_spec(pairs={"counterparts": "i64"}), "must have the inputs' dtypes"),
+        (_spec(pairs={"counterparts": "flags"}), "must have the inputs' dtypes"),
+        (_spec(pairs={"counterparts": "batches.py:doubles"}), "counterparts (tensor float64"),
+        # Inputs and counterparts alike, but not what the model takes: the inputs' message.
+        (
+            _spec(data={"options": {"key": "i64"}}, pairs={"counterparts": "i64"}),
+            "the model fails on the inputs' first samples (tensor int64",
+        ),
+        # A dict for one-tensor inputs reached the model as a keyword (TMS.forward() got an
+        # unexpected keyword argument 'inputs').
+        (
+            _spec(pairs={"counterparts": {"inputs": "counterparts"}}),
+            "the inputs are one tensor: give the counterparts as one tensor too",
+        ),
+        # No rows: torch.cat(): expected a non-empty list of Tensors.
+        (
+            _spec(data={"options": {"key": "none"}}, pairs={"counterparts": "none"}),
+            "no pairs: the inputs have 0 rows",
+        ),
+        # Not a function: 'int' object is not callable; arguments: a TypeError traceback.
+        (
+            _spec(pairs={"counterparts": "batches.py:NOT_A_FUNCTION"}),
+            "NOT_A_FUNCTION is not a function (type int)",
+        ),
+        (
+            _spec(data={"file": None, "options": {}, "python": "batches.py:NOT_A_FUNCTION"}),
+            "NOT_A_FUNCTION is not a function (type int)",
+        ),
+        (
+            _spec(pairs={"counterparts": "batches.py:needs"}),
+            "is called with no arguments: needs() missing 1 required positional argument",
+        ),
+        # Counterparts equal to the inputs decomposed to loss 0.0 and saved a meaningless
+        # decomposition (only `l3d analyze` refused them).
+        (_spec(pairs={"counterparts": "inputs"}), "the pairs' outputs are identical at W0"),
+        # symmetric: "yes" and 1 were taken as true; the other sections are strict.
+        (_spec(pairs={"symmetric": "yes"}), "symmetric"),
+        (_spec(pairs={"symmetric": 1}), "symmetric"),
     ],
     ids=[
         "other-reference",
@@ -275,11 +331,28 @@ def _without(section: str, key: str) -> dict:
         "wrong-shape",
         "not-tensors",
         "positions-of-a-tensor",
+        "float64",
+        "int64",
+        "bool",
+        "float64-function",
+        "int64-inputs-and-counterparts",
+        "dict-for-a-tensor",
+        "no-rows",
+        "not-callable",
+        "data-not-callable",
+        "needs-arguments",
+        "identical",
+        "symmetric-string",
+        "symmetric-int",
     ],
 )
 def test_bad_pair_configs_are_one_line_errors(tmp_path, capsys, spec, message):
     (tmp_path / "batches.py").write_text(BATCHES)
-    config = _config(tmp_path, spec, short=torch.zeros(3, N_FEATURES))
+    counterparts = _pairs()[1]
+    config = _config(
+        tmp_path, spec, short=torch.zeros(3, N_FEATURES), c64=counterparts.double(),
+        i64=counterparts.long(), flags=counterparts.bool(), none=torch.zeros(0, N_FEATURES),
+    )  # fmt: skip
     assert main(["decompose", str(config), "--out", str(tmp_path / "run"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err

@@ -755,6 +755,9 @@ def synthetic_run(folder: Path, n_v: int, n_samples: int, n_features: int = 20) 
     summary = {
         "n_samples": n_samples,
         "n_subnetworks": n_v,
+        "n_dead": sum(r["dead"] for r in records),
+        "n_top": 10,
+        "n_references": 10,
         "median_intervention_selectivity": 10.0,
         "derivative_label": "d output/dδ",
         "change_label": "mean squared output change",

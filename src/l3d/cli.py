@@ -282,7 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapter folder")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     p.add_argument("--retain", help="safetensors file of inputs whose outputs to keep")
-    p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain term")
+    p.add_argument(
+        "--retain-weight", type=float, help="weight of the retain term (default: 1; needs --retain)"
+    )
     p.add_argument("--objective", choices=OBJECTIVES, default="labels")
     p.add_argument("--train", choices=["scalars", "factors", "cores"], default="scalars")
     p.add_argument("--steps", type=positive_int, default=100)
@@ -493,7 +495,10 @@ def _analyze_folder(args: argparse.Namespace) -> int:
             labels=labels,
             class_names=run.spec.data.class_names,
             options=AnalysisOptions(
-                n_top=args.n_top, n_references=args.n_references, progress=not args.quiet
+                n_top=args.n_top,
+                n_references=args.n_references,
+                progress=not args.quiet,
+                data=None if args.data is None else str(Path(args.data).resolve()),
             ),
         )
     if result is None:  # a rank other than 0: its share of the impacts is done
@@ -503,9 +508,11 @@ def _analyze_folder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyze_with_defaults(run_dir: str | Path, quiet: bool) -> None:
-    """`l3d analyze RUN_DIR`, parsed like the command line so it gets that command's defaults."""
-    _analyze(_parser().parse_args(["analyze", str(run_dir), *(["-q"] * quiet)]))
+def _analyze_with_defaults(run_dir: str | Path, quiet: bool, out: Path | None = None) -> None:
+    """`l3d analyze RUN_DIR [--out OUT]`, parsed like the command line so it gets that command's
+    defaults."""
+    outs = [] if out is None else ["--out", str(out)]
+    _analyze(_parser().parse_args(["analyze", str(run_dir), *outs, *(["-q"] * quiet)]))
 
 
 def _analysis_headline(summary: dict) -> str:
@@ -546,6 +553,10 @@ def _intervene(args: argparse.Namespace) -> int:
             raise L3DError(
                 f"--subnetwork {bad} out of range: this run has subnetworks 0..{n_v - 1}"
             )
+        for option, values in (("--subnetwork", args.subnetwork), ("--delta", args.delta)):
+            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if twice is not None:
+                raise L3DError(f"{option} {twice:g} is given twice: give each once")
         d, inputs = run.decomposition, _analysed(run, args.n_samples)
         if isinstance(inputs, Referenced):  # a pair run: each input's reference is given
             impact = pair_impacts(d, inputs, [d.subnetworks.v_in])[0]
@@ -615,18 +626,28 @@ def _control(args: argparse.Namespace) -> int:
     run_dir.require_finished()
     if run_dir.spec().model.shuffle_seed is not None:
         raise L3DError(f"'{run_dir.path}' is itself a shuffled control: run it on the original run")
-    folder = runs.writable_folder(run_dir.path / "controls", "controls")
+    folder = runs.writable_folder(run_dir.controls, "controls")
+    n_v = io.read_decomposition(run_dir.decomposition).config.n_v
     found: dict[str, Any] = {}
-    for kind in args.kinds:
-        child = runs.RunDir(runs.writable_folder(folder / kind, "control run"))
+    for kind in CONTROL_KINDS:
+        child = runs.RunDir(folder / kind)
+        expected = _control_spec(run_dir.spec(), kind, n_v)
+        if kind not in args.kinds:  # another kind's finished result stays in the comparison
+            if child.finished and child.spec() == expected:
+                found[kind] = child
+            continue
+        child = runs.RunDir(runs.writable_folder(child.path, "control run"))
         with child.lock():
+            if child.config.is_file() and child.spec() != expected:
+                # Made for an earlier run in this folder (or edited since): not this run's control.
+                _say(args, f"control '{kind}' in {child.path} is of another run: decomposing again")
+                runs.create_run(expected, child.path, overwrite=True)
             if not child.config.is_file():
-                n_subnetworks = io.read_decomposition(run_dir.decomposition).config.n_v
-                runs.create_run(_control_spec(run_dir.spec(), kind, n_subnetworks), child.path)
-                # A toy's trained weights: the control starts from the very same model.
-                for file in (run_dir.model_weights, run_dir.model_info):
-                    if file.is_file():
-                        shutil.copyfile(file, child.path / file.name)
+                runs.create_run(expected, child.path)
+            # A toy's trained weights: the control starts from the very same model.
+            for file in (run_dir.model_weights, run_dir.model_info):
+                if file.is_file() and not (child.path / file.name).is_file():
+                    shutil.copyfile(file, child.path / file.name)
             if not child.finished:
                 _say(args, f"control '{kind}': decomposing into {child.path}")
                 try:
@@ -645,14 +666,22 @@ def _control(args: argparse.Namespace) -> int:
                     again = f"l3d control {run_dir.path}{kinds}"
                     return _stopped("control", stop, child, again, f" of the '{kind}' control")
         found[kind] = child
-    summaries = {}
-    for name, path in [("run", run_dir.path), *((k, c.path) for k, c in found.items())]:
-        analysis = runs.RunDir(path).analysis / "analysis.json"
-        if not analysis.is_file():
-            _say(args, f"analysing {path} (l3d analyze)")
-            _analyze_with_defaults(path, args.quiet)
-        summaries[name] = io.read_json(analysis, "analysis")["summary"]
-    mine = controls.headline(summaries["run"])
+    # Every side analysed the same way (the defaults, on the run's own data): a run analysed with
+    # other options gets a default analysis of its own, beside the controls.
+    summaries: dict[str, dict[str, Any]] = {}
+    for kind, child in found.items():
+        summary = _default_analysis(child.path, child.analysis, n_v, args.quiet)
+        assert summary is not None  # analysed if it was not
+        summaries[kind] = summary
+    count = next((s["n_samples"] for s in summaries.values()), None)
+    made = (run_dir.analysis / "analysis.json").is_file()
+    own = _default_analysis(
+        run_dir.path, run_dir.analysis, n_v, args.quiet, count, reanalyse=not made
+    )
+    if own is None:
+        own = _default_analysis(run_dir.path, folder / "analysis", n_v, args.quiet, count)
+    assert own is not None
+    mine = controls.headline(own)
     result: dict[str, Any] = {"run": mine}
     if "shuffled" in found:
         shuffled = str(found["shuffled"].path)
@@ -668,6 +697,39 @@ def _control(args: argparse.Namespace) -> int:
         print(controls.markdown(result))
     _say(args, f"controls in {folder} (shown by l3d report)")
     return 0
+
+
+def _default_analysis(
+    run_dir: Path,
+    out: Path,
+    n_v: int,
+    quiet: bool,
+    n_samples: int | None = None,
+    reanalyse: bool = True,
+) -> dict[str, Any] | None:
+    """The summary of the analysis in `out` if `l3d analyze` made it with its defaults (all of
+    the run's own samples: `n_samples` of them where given); otherwise, with `reanalyse`, that
+    of a default analysis written there now (None without: the user's own analysis is kept)."""
+    from l3d.analysis.writing import read_analysis
+
+    defaults = _parser().parse_args(["analyze", str(run_dir)])
+    path = out / "analysis.json"
+    if path.is_file():
+        summary = read_analysis(path, n_v, "delete it (`l3d control` analyses again)")["summary"]
+        made_so = (
+            summary.get("data") is None
+            and summary["n_top"] == defaults.n_top
+            and summary["n_references"] in (defaults.n_references, 1 if summary["pairs"] else -1)
+            and n_samples in (None, summary["n_samples"])
+        )
+        if made_so:
+            return summary
+    if not reanalyse:
+        return None
+    if not quiet:
+        print(f"analysing {run_dir} (l3d analyze) into {out}", file=sys.stderr)
+    _analyze_with_defaults(run_dir, quiet, out)
+    return read_analysis(path, n_v, "delete it (`l3d control` analyses again)")["summary"]
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -693,11 +755,34 @@ def _report(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from l3d import runs
-    from l3d.finetuning import finetune, read_data, read_inputs, select_subnetworks
 
+    if not args.out:  # Path("") is the current folder
+        raise L3DError("--out is empty: give the adapter folder, e.g. --out RUN_DIR/adapter")
+    if args.retain_weight is not None and args.retain is None:
+        raise L3DError(
+            f"--retain-weight {args.retain_weight} weighs the retain data: give --retain (inputs "
+            "whose outputs to keep), or leave --retain-weight out"
+        )
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
-    out = runs.writable_folder(Path(args.out), "adapter")
+    out = Path(args.out)
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    runs.writable_folder(out, "adapter")
+    try:
+        return _finetune_into(args, run_dir, out)
+    except BaseException:
+        for folder in made:  # a failed command leaves no empty folder of its own behind
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or not ours to remove): kept
+                break
+        raise
+
+
+def _finetune_into(args: argparse.Namespace, run_dir: Any, out: Path) -> int:
+    from l3d import runs
+    from l3d.finetuning import finetune, read_data, read_inputs, select_subnetworks
+
     if (out / "adapter.json").exists() and not args.overwrite:
         raise L3DError(
             f"'{out}' already holds an adapter: choose another --out, or pass --overwrite to "
@@ -706,7 +791,7 @@ def _finetune(args: argparse.Namespace) -> int:
     with _quiet_libraries(args, run_dir.spec()):
         decomposition = runs.open_run(run_dir.path).decomposition
         data = read_data(args.data)
-        retain = None if args.retain is None else read_inputs(args.retain)
+        retain = None if args.retain is None else read_inputs(args.retain, "retain data")
         chosen = select_subnetworks(decomposition, args.subnetworks, data.inputs, retain)
         adapter = finetune(
             decomposition,
@@ -717,7 +802,7 @@ def _finetune(args: argparse.Namespace) -> int:
             steps=args.steps,
             lr=args.lr,
             retain=retain,
-            retain_weight=args.retain_weight,
+            retain_weight=1.0 if args.retain_weight is None else args.retain_weight,
             batch_size=args.batch_size,
             seed=args.seed,
             progress=not args.quiet,

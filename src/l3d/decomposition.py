@@ -698,10 +698,15 @@ class Decomposition:
             scale = max(scale, 1.0)
         eps = torch.finfo(base.dtype).eps if base.is_floating_point() else 0.0
         floor = (NOISE_ULPS * eps * scale) ** 2
-        changes = [
-            self._distance(select(self.intervene(sub, k, d, direction=direction)), base)
-            for d in deltas
-        ]
+        changes = []
+        for d in deltas:
+            change = self._distance(select(self.intervene(sub, k, d, direction=direction)), base)
+            if not torch.isfinite(change).all():
+                raise L3DError(
+                    f"δ = {d:g} along subnetwork {k} makes outputs that are not finite (the "
+                    "moved weights overflow the model's arithmetic): use a smaller δ"
+                )
+            changes.append(change)
         return torch.stack(changes).cpu(), floor
 
     def _distance(self, moved: Tensor, base: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ keeps, bit for bit) and reports how far it moved each tensor (||Delta W||).
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -55,6 +56,8 @@ Callback = Callable[[int, "Edit"], None]
 
 IGNORE = -100
 """Integer label of positions that the objective skips (as torch's cross_entropy)."""
+SEEDS = (-(2**63), 2**64 - 1)
+"""The seeds torch.Generator.manual_seed takes (64 bits, signed or not)."""
 
 ADAPTER_FORMAT = 1
 ADAPTER_FILES = ("adapter.json", "adapter.safetensors")
@@ -135,15 +138,12 @@ def objective_loss(objective: Objective, outputs: Tensor, labels: Tensor) -> Ten
     if callable(objective):
         return objective(outputs, labels)
     if labels.is_floating_point():
-        if objective != "labels":
-            raise L3DError(
-                f"objective {objective!r} needs integer labels (the positions and answers to "
-                "act on); for float outputs use objective='labels' with the reference outputs "
-                "as labels"
-            )
+        _check_float_labels(objective)
         return F.mse_loss(outputs, labels)
     scored = labels != IGNORE
     logits, answers = outputs[scored], labels[scored]
+    if not len(answers):  # a minibatch without a labelled position: nothing to act on
+        return outputs.sum() * 0.0
     if objective == "labels":
         return F.cross_entropy(logits, answers)
     if objective == "suppress":
@@ -152,6 +152,38 @@ def objective_loss(objective: Objective, outputs: Tensor, labels: Tensor) -> Ten
         others = logits.scatter(-1, answers[:, None], float("-inf"))
         return (logits.logsumexp(-1) - others.logsumexp(-1)).mean()
     return -F.log_softmax(logits, dim=-1).mean()
+
+
+def _check_float_labels(objective: Objective) -> None:
+    if objective != "labels":
+        raise L3DError(
+            f"objective {objective!r} needs integer labels (the positions and answers to act "
+            "on); for float targets use the labels objective (--objective labels / "
+            "objective='labels') with the reference outputs as labels"
+        )
+
+
+def _check_labels(objective: Objective, labels: Tensor, n_classes: int) -> None:
+    """Refuse labels a built-in objective cannot act on: float targets for 'forget' or
+    'suppress', class ids outside the model's outputs, or no label at all (every one IGNORE)."""
+    if callable(objective):  # its own labels: whatever it reads them as
+        return
+    if labels.is_floating_point():
+        _check_float_labels(objective)
+        return
+    scored = labels != IGNORE
+    outside = labels[scored & ((labels < 0) | (labels >= n_classes))]
+    if outside.numel():
+        raise L3DError(
+            f"labels must be class indices in 0..{n_classes - 1} (or {IGNORE} to skip a row); "
+            f"got {int(outside[0])} in {outside.numel()} of {labels.numel()} labels (the model "
+            f"has {n_classes} outputs)"
+        )
+    if not scored.any():
+        raise L3DError(
+            f"every label is {IGNORE} (skipped): no label to learn from; give at least one "
+            f"class index in 0..{n_classes - 1}"
+        )
 
 
 def _check_objective(objective: object) -> None:
@@ -617,7 +649,7 @@ def objective_scores(
     device = next(iter(target.w0.values())).device
     labelled = Labelled.of(data)
     labelled = Labelled(to_device(labelled.inputs, device), labelled.labels.to(device))
-    _check_fits(target, labelled)
+    labelled = _check_fits(target, labelled, objective)
     retain = to_device(retain, device)
     was_training = decomposition.model.training
     decomposition.model.eval()
@@ -709,6 +741,12 @@ def select_subnetworks(
             raise L3DError(
                 f"cannot read subnetworks '{how[0]}': use indices (0 3), top:N or contrast:N"
             )
+        if decomposition.config.reference == "counterpart":
+            raise L3DError(
+                "top:N and contrast:N are not available for a run of contrastive pairs (its "
+                "impact needs each input's counterpart, which the data file does not give): give "
+                "subnetwork indices, e.g. --subnetworks 0 1"
+            )
         if rule == "top":
             return top_subnetworks(decomposition, target, int(count))
         if retain is None:
@@ -722,10 +760,24 @@ def select_subnetworks(
         ) from None
 
 
-def read_inputs(path: str | Path) -> Inputs:
+def _check_data_file(path: str | Path, what: str) -> None:
+    """A folder or a device given as a data file is named as such (not as missing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise L3DError(f"{what} '{path}' is a folder, not a file: give a safetensors file")
+    if path.exists() and not path.is_file():
+        raise L3DError(
+            f"{what} '{path}' is not a regular file (a device, pipe or socket): give a "
+            "safetensors file"
+        )
+
+
+def read_inputs(path: str | Path, what: str = "finetuning data") -> Inputs:
     """Inputs from a safetensors file: one tensor named 'inputs', or the model's keyword inputs
-    (e.g. 'input_ids' and 'attention_mask'); a 'labels' tensor beside them is left out."""
-    tensors = io.load_tensors(path, "finetuning data")
+    (e.g. 'input_ids' and 'attention_mask'); a 'labels' tensor beside them is left out. `what`
+    names the file in errors (e.g. 'retain data')."""
+    _check_data_file(path, what)
+    tensors = io.load_tensors(path, what)
     tensors.pop("labels", None)
     if not tensors:
         raise L3DError(f"{path} holds no inputs: name them 'inputs' or as the model's arguments")
@@ -735,6 +787,7 @@ def read_inputs(path: str | Path) -> Inputs:
 def read_data(path: str | Path) -> Labelled:
     """Finetuning data from a safetensors file: the inputs (see `read_inputs`) and a tensor named
     'labels' (see `Labelled`)."""
+    _check_data_file(path, "finetuning data")
     labels = io.load_tensors(path, "finetuning data").get("labels")
     if labels is None:
         raise L3DError(
@@ -745,9 +798,22 @@ def read_data(path: str | Path) -> Labelled:
 
 
 # The harness ----------------------------------------------------------------------------------
-def _check_fits(target: Target, data: Labelled) -> None:
-    """One forward at W0, refusing data that do not fit the model, and labels that do not fit its
-    outputs."""
+def _n_rows(inputs: Inputs) -> int | None:
+    """The inputs' rows, or None where they have none to count (a 0-d tensor, no tensor)."""
+    first = inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()), None)
+    return None if first is None or first.dim() == 0 else first.shape[0]
+
+
+def _check_rows(inputs: Inputs, what: str, fix: str) -> None:
+    if _n_rows(inputs) == 0:
+        raise L3DError(f"{what} have 0 rows: {fix}")
+
+
+def _check_fits(target: Target, data: Labelled, objective: Objective = "labels") -> Labelled:
+    """One forward at W0, refusing data that do not fit the model, labels that do not fit its
+    outputs, and labels the objective cannot learn from (`_check_labels`). Returns the data with
+    integer labels as int64 (cross-entropy's dtype)."""
+    _check_rows(data.inputs, "the finetuning data", "give at least one input and its label")
     try:
         with torch.no_grad():
             out = target.forward(take(data.inputs, slice(0, 2)))
@@ -758,15 +824,36 @@ def _check_fits(target: Target, data: Labelled) -> None:
             f"({reason}): give inputs as the model takes them"
         ) from None
     check_finite(data.inputs, "the finetuning data")
-    check_finite(data.labels, "the labels")
-    want = tuple(out.shape[1:]) if data.labels.is_floating_point() else tuple(out.shape[1:-1])
-    if tuple(data.labels.shape[1:]) != want or len(data.labels) != batch_size_of(data.inputs):
-        kind = "float targets" if data.labels.is_floating_point() else "integer labels"
+    labels = data.labels
+    floats = labels.is_floating_point()
+    if not floats and (labels.is_complex() or labels.dtype == torch.bool):
         raise L3DError(
-            f"{kind} shaped {tuple(data.labels.shape)} do not fit outputs shaped "
-            f"(n, {', '.join(map(str, out.shape[1:]))}): give one label per output row, "
-            f"shaped (n, {', '.join(map(str, want))})"
+            f"the labels are {str(labels.dtype).removeprefix('torch.')}: give integer class ids "
+            f"(or {IGNORE} to skip a row) or float targets"
         )
+    check_finite(labels, "the labels")
+    want = tuple(out.shape[1:]) if floats else tuple(out.shape[1:-1])
+    shaped = f"shaped ({', '.join(['n', *map(str, want)])}{'' if want else ','})"
+    if labels.dim() == 0:
+        raise L3DError(
+            f"the labels are one number (a 0-d tensor): give one label per input row, {shaped}"
+        )
+    n_rows = batch_size_of(data.inputs)
+    if len(labels) != n_rows:
+        raise L3DError(
+            f"{len(labels)} labels for {n_rows} input rows: give one label per input row, {shaped}"
+        )
+    if tuple(labels.shape[1:]) != want:
+        kind = "float targets" if floats else "integer labels"
+        raise L3DError(
+            f"{kind} shaped {tuple(labels.shape)} do not fit outputs shaped "
+            f"(n, {', '.join(map(str, out.shape[1:]))}): give one label per output row, "
+            f"{shaped}"
+        )
+    if not floats:
+        labels = labels.long()
+    _check_labels(objective, labels, out.shape[-1])
+    return Labelled(data.inputs, labels)
 
 
 def _check_weights(decomposition: Decomposition) -> None:
@@ -811,18 +898,18 @@ def train_edit(
     from tqdm.auto import tqdm
 
     _check_objective(objective)
-    if steps < 1 or lr <= 0:
-        raise L3DError(f"steps must be >= 1 and lr > 0; got steps={steps}, lr={lr}")
-    if retain_weight < 0:  # a negative weight would reward moving the retain outputs away
-        raise L3DError(f"retain_weight must be >= 0; got {retain_weight}")
+    _check_training(steps, lr, retain_weight, seed)
     device = next(iter(decomposition.target.w0.values())).device
     target = Labelled.of(data)
     target = Labelled(to_device(target.inputs, device), target.labels.to(device))
-    _check_fits(decomposition.target, target)
+    target = _check_fits(decomposition.target, target, objective)
     retain_inputs = None
     if retain is not None:
         given = retain if isinstance(retain, (Tensor, dict)) else Labelled.of(retain).inputs
         retain_inputs = to_device(given, device)
+        _check_rows(
+            retain_inputs, "the retain data", "give at least one input whose outputs to keep"
+        )
         try:
             with torch.no_grad():
                 retain_base = decomposition.target.forward(retain_inputs)
@@ -880,6 +967,29 @@ def train_edit(
         bar.close()
         decomposition.model.train(was_training)
     return edit
+
+
+def _check_training(steps: int, lr: float, retain_weight: float, seed: int) -> None:
+    """Refuse settings torch would fail on (a NaN lr, a seed past 64 bits) or that train to a NaN
+    loss blamed on the learning rate (a NaN or infinite retain weight)."""
+    if steps < 1:
+        raise L3DError(f"steps must be >= 1; got {steps}")
+    if not (_finite(lr) and lr > 0):
+        raise L3DError(f"lr must be a finite number > 0; got {lr}")
+    # A negative weight would reward moving the retain outputs away.
+    if not (_finite(retain_weight) and retain_weight >= 0):
+        raise L3DError(f"retain_weight must be a finite number >= 0; got {retain_weight}")
+    if not SEEDS[0] <= seed <= SEEDS[1]:
+        raise L3DError(
+            f"seed must fit in 64 bits (an integer in {SEEDS[0]}..{SEEDS[1]}); got {seed}"
+        )
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except (TypeError, ValueError):
+        return False
 
 
 def _name(function: Callable) -> str:
@@ -967,6 +1077,7 @@ def baseline(
     """A comparison edit of the decomposed tensors in the same harness as `finetune`: 'lora'
     (peft LoRA of `rank` on their weight matrices) or 'full' (all their entries)."""
     _check_weights(decomposition)
+    _check_training(steps, lr, retain_weight, seed)
     torch.manual_seed(seed)  # peft draws LoRA's A from the global generator
     edit = Baseline(decomposition.model, decomposition.names, method, rank)
     train_edit(

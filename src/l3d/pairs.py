@@ -10,7 +10,9 @@ plain rank-n_v reconstruction of the pair gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from itertools import chain
 from typing import Any, cast
 
 import torch
@@ -28,6 +30,7 @@ from l3d.core.samples import (
     batch_size_of,
     check_finite,
     describe_inputs,
+    model_failure,
     take,
     to_device,
 )
@@ -39,6 +42,51 @@ def _shapes(inputs: Inputs) -> dict[str, tuple[int, ...]]:
     if isinstance(inputs, Tensor):
         return {"inputs": tuple(inputs.shape)}
     return {k: tuple(v.shape) for k, v in inputs.items() if k != SAMPLE_MASK}
+
+
+def _dtypes(inputs: Inputs) -> dict[str, torch.dtype]:
+    if isinstance(inputs, Tensor):
+        return {"inputs": inputs.dtype}
+    return {k: v.dtype for k, v in inputs.items() if k != SAMPLE_MASK}
+
+
+def _check_like_inputs(counterparts: Inputs, inputs: Inputs) -> None:
+    """Refuse counterparts the model cannot take as it takes the inputs: another structure (a
+    dict for one tensor or the other way round), other keys or shapes, another dtype."""
+    given, wanted = describe_inputs(counterparts), describe_inputs(inputs)
+    if isinstance(inputs, Tensor) and not isinstance(counterparts, Tensor):
+        raise L3DError(
+            f"counterparts ({given}) are a dict, but the inputs are one tensor: give the "
+            f"counterparts as one tensor too ({wanted}); their structure must match the inputs'"
+        )
+    if not isinstance(inputs, Tensor) and isinstance(counterparts, Tensor):
+        raise L3DError(
+            f"counterparts ({given}) are one tensor, but the inputs are a dict: give the "
+            f"counterparts as a dict with the inputs' keys ({wanted}); their structure must match "
+            "the inputs'"
+        )
+    if _shapes(counterparts) != _shapes(inputs):
+        raise L3DError(
+            f"counterparts ({given}) must have the inputs' shapes ({wanted}): one counterpart per "
+            "input, aligned by row"
+        )
+    own, theirs = _dtypes(inputs), _dtypes(counterparts)
+    odd = next((k for k in own if theirs[k] != own[k]), None)
+    if odd is not None:
+        raise L3DError(
+            f"counterparts ({given}) must have the inputs' dtypes ({wanted}): convert them, "
+            f"e.g. .to({own[odd]})"
+        )
+
+
+def no_difference(which: str = "the pairs'") -> L3DError:
+    """The one error for pairs without a difference: every output at W0 equals its counterpart's,
+    so every pair gradient is zero (nothing to decompose) and no step closes anything."""
+    return L3DError(
+        f"{which} outputs are identical at W0 (each counterpart's output equals its input's): "
+        "there is no difference to decompose or close; give counterparts that change the "
+        "model's output"
+    )
 
 
 def _cat(parts: Sequence[Inputs]) -> Inputs:
@@ -66,22 +114,56 @@ def with_positions(inputs: Inputs, positions: Tensor | None) -> Inputs:
     return {**inputs, SAMPLE_MASK: positions}
 
 
-@torch.no_grad()
-def counterpart_outputs(model: nn.Module, counterparts: Inputs, batch_size: int = 256) -> Tensor:
-    """f(x', W0) for every counterpart, in chunks, in eval mode: the pairs' fixed references."""
+@contextmanager
+def _outputs_at_w0(model: nn.Module, batch_size: int) -> Iterator[Callable[..., Iterator[Tensor]]]:
+    """`outputs(inputs, what)`: the model's outputs at W0, in eval mode, chunk by chunk. A model
+    that fails on the first chunk (dtype, feature count, dict keys) is one line naming `what`."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    target = Target.create(model, [next(n for n, _ in model.named_parameters())])
+
+    def outputs(inputs: Inputs, what: str) -> Iterator[Tensor]:
+        n = batch_size_of(inputs)
+        for i in range(0, n, batch_size):
+            chunk = to_device(take(inputs, slice(i, i + batch_size)), device)
+            if i > 0:
+                yield target.outputs(chunk).detach()
+                continue
+            try:
+                yield target.outputs(chunk).detach()
+            except L3DError:
+                raise
+            except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                raise model_failure(err, f"{what}'", chunk) from err
+
     try:
-        device = next(model.parameters()).device
-        target = Target.create(model, [next(n for n, _ in model.named_parameters())])
-        n = batch_size_of(counterparts)
-        parts = [
-            target.outputs(to_device(take(counterparts, slice(i, i + batch_size)), device))
-            for i in range(0, n, batch_size)
-        ]
+        with torch.no_grad():
+            yield outputs
     finally:
         model.train(was_training)
-    return torch.cat(parts).detach()
+
+
+def _no_rows(inputs: Inputs) -> None:
+    if batch_size_of(inputs) == 0:
+        raise L3DError(
+            "no pairs: the inputs have 0 rows; give at least one input and its counterpart"
+        )
+
+
+def counterpart_outputs(model: nn.Module, counterparts: Inputs, batch_size: int = 256) -> Tensor:
+    """f(x', W0) for every counterpart, in chunks, in eval mode: the pairs' fixed references."""
+    _no_rows(counterparts)
+    with _outputs_at_w0(model, batch_size) as outputs:
+        return torch.cat(list(outputs(counterparts, "the counterparts")))
+
+
+def _same(a: Tensor, b: Tensor, positions: Tensor | None) -> bool:
+    """Whether outputs a and b are equal (at `positions` only, when given)."""
+    if positions is not None:
+        mask = positions.to(a.device)
+        a, b = a[mask], b[mask]
+    return torch.equal(a, b)
 
 
 def pair_data(
@@ -108,20 +190,36 @@ def pair_data(
     )
     if not sets:
         raise L3DError("no counterparts given: pass one input per input, or a list of such")
+    _no_rows(inputs)
     for c in sets:
-        if _shapes(c) != _shapes(inputs):
-            raise L3DError(
-                f"counterparts ({describe_inputs(c)}) must have the inputs' shapes "
-                f"({describe_inputs(inputs)}): one counterpart per input, aligned by row"
-            )
+        _check_like_inputs(c, inputs)
         check_finite(c, "the counterparts")
     firsts: list[Inputs] = [inputs] * len(sets)
-    seconds: list[Inputs] = sets
     if symmetric:
-        firsts, seconds = [*firsts, *sets], [*seconds, *([inputs] * len(sets))]
+        firsts = [*firsts, *sets]
     own = _cat([with_positions(x, positions) for x in firsts])
-    references = counterpart_outputs(model, _cat(seconds), batch_size)
-    return Referenced(own, references)
+    with _outputs_at_w0(model, batch_size) as outputs:
+        inputs_outputs = outputs(inputs, "the inputs")
+        first = next(inputs_outputs)  # a model that fails on the inputs is named on them
+        references = [torch.cat(list(outputs(c, "the counterparts"))) for c in sets]
+        # The inputs' own outputs: references when symmetric, else only compared, chunk by
+        # chunk until a pair differs (usually in the first chunk).
+        parts: list[Tensor] = []
+        differ = False
+        for part in chain([first], inputs_outputs):
+            start = sum(len(p) for p in parts)
+            rows = slice(start, start + len(part))
+            mask = None if positions is None else positions[rows]
+            differ = differ or any(not _same(part, r[rows], mask) for r in references)
+            parts.append(part)
+            if differ and not symmetric:
+                break
+    if not differ:
+        # Every pair gradient would be zero: a decomposition to loss 0 that means nothing.
+        raise no_difference()
+    if symmetric:
+        references += [torch.cat(parts)] * len(sets)
+    return Referenced(own, torch.cat(references))
 
 
 def decompose_pairs(
@@ -226,7 +324,7 @@ def patching_scores(
 
     base = mean_divergence(decomposition.intervene(x, 0, 0.0))
     if base <= 0:
-        raise L3DError("the pairs' outputs are identical: there is no difference to close")
+        raise no_difference()
     if directions is None:
         directions = [decomposition.v_out(k) for k in range(decomposition.n_subnetworks)]
     scores = []
@@ -362,7 +460,7 @@ def off_target_scores(
     own, off = _pair_divergence(decomposition, target), _pair_divergence(decomposition, other)
     base = off(0.0, directions[0])
     if base <= 0:
-        raise L3DError("the other pairs' outputs are identical: there is no difference to change")
+        raise no_difference("the other pairs'")
     scores = []
     for v in directions:
         step = min((float(d) for d in deltas), key=lambda d: own(d, v))

@@ -57,6 +57,9 @@ class AnalysisOptions:
         `intervention_scale`: a greedy token changes only once a logit gap is crossed, and the
         continuations are there to show what the subnetwork does, not to measure locally.
     seed: seeds the references, the random samples and the random directions.
+    data: the file the inputs came from when they are not the run's own data (`l3d analyze
+        --data`), recorded in the summary so that readers (`l3d control`) can tell analyses of
+        other inputs apart.
     chunk_size: inputs per chunk of the impact (default: the training batch size).
     progress: show progress bars (impact, then the subnetworks' samples, logits, interventions).
     """
@@ -72,6 +75,7 @@ class AnalysisOptions:
     seed: int = 0
     chunk_size: int | None = None
     progress: bool = True
+    data: str | None = None
 
     def __post_init__(self) -> None:
         # Out of range, these gave NaN medians (n_top 0) or empty measurements without a word.
@@ -215,6 +219,7 @@ def write_analysis(
         "n_references": 1 if pairs is not None else options.n_references,
         "pairs": pairs is not None,
         "n_top": options.n_top,
+        "data": options.data,
         "per_token": per_token,
         "divergence": decomposition.config.divergence,
         "loss_paper": decomposition.evaluation.loss_paper,
@@ -411,6 +416,15 @@ def read_intervention(path: Path, n_v: int) -> dict[str, Any]:
 
 class _Summary(BaseModel):
     n_subnetworks: NonNegativeInt
+    n_dead: NonNegativeInt
+    n_samples: NonNegativeInt
+    n_top: NonNegativeInt
+    n_references: NonNegativeInt
+    pairs: bool = False
+    data: str | None = None
+    loss_pooled_squared: float | None = None
+    median_intervention_selectivity: float | None = None
+    purity: float | None = None
 
 
 class _Record(BaseModel):

@@ -35,6 +35,17 @@ def describe_inputs(inputs: Inputs) -> str:
     return "dict {" + ", ".join(f"{k}: {one(v)}" for k, v in inputs.items()) + "}"
 
 
+def model_failure(err: Exception, whose: str, inputs: Inputs) -> L3DError:
+    """The one line for a model that fails on `inputs` (`whose`: "the data's", "the
+    counterparts'"): a data/model mismatch (feature count, dtype, missing key) surfaces as
+    torch's error deep inside the model, so name the inputs and say which side to check."""
+    return L3DError(
+        f"the model fails on {whose} first samples ({describe_inputs(inputs)}): "
+        f"{str(err).splitlines()[0]}. Check that the data matches the model's input "
+        "(feature count, dtype, dict keys)"
+    )
+
+
 def batch_size_of(inputs: Inputs) -> int:
     return (inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))).shape[0]
 

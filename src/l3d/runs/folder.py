@@ -46,7 +46,8 @@ def writable_folder(path: str | Path, what: str) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise L3DError(
-            f"cannot write to '{path}': it is a file, not a folder; choose another {what} folder"
+            f"cannot write to '{path}': it is a file, not a folder; move or delete it, or choose "
+            f"another {what} folder"
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,11 @@ class RunDir:
         return self.path / "analysis"
 
     @property
+    def controls(self) -> Path:
+        """`l3d control`'s run folders (one per kind), their comparison and its analysis."""
+        return self.path / "controls"
+
+    @property
     def interventions(self) -> Path:
         return self.path / "interventions"
 
@@ -115,6 +121,13 @@ class RunDir:
     def require(self) -> None:
         """An L3DError saying what the folder is when it is not a run folder: missing, an
         `l3d experiment` output folder, a saved decomposition, or a folder without config.yaml."""
+        if self.path.exists() and not self.path.is_dir():
+            how = (
+                f"decompose it first (`l3d decompose {self.path} --out RUN_DIR`) and pass RUN_DIR"
+                if self.path.suffix in (".yaml", ".yml")
+                else "pass the folder `l3d decompose CONFIG --out RUN_DIR` made"
+            )
+            raise L3DError(f"'{self.path}' is a file, not a run folder: {how}")
         if not self.path.is_dir():
             raise L3DError(f"run folder '{self.path}' does not exist")
         if self._has("decomposition.json"):  # it has a config.yaml too: the L3DConfig
@@ -282,6 +295,7 @@ def _create(spec: RunSpec, run_dir: RunDir, overwrite: bool) -> None:
             run_dir.checkpoint,
             run_dir.decomposition,
             run_dir.analysis,
+            run_dir.controls,
             run_dir.interventions,
             run_dir.report,
             run_dir.tensorboard,

@@ -52,14 +52,26 @@ def import_object(target: str, what: str) -> Callable:
         close = difflib.get_close_matches(name, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise L3DError(f"{what} '{target}': {module_name} has no '{name}'{hint}")
-    return getattr(module, name)
+    found = getattr(module, name)
+    if not callable(found):
+        raise L3DError(
+            f"{what} '{target}': {name} is not a function (type {type(found).__name__}): name a "
+            "function that returns it"
+        )
+    return found
 
 
-def _call(fn: Callable, options: dict, what: str) -> Any:
+def _call(fn: Callable, options: dict | None, what: str) -> Any:
+    """fn(**options), a wrong argument a one-line error. options None: a source without options,
+    called with no arguments."""
     try:
-        return fn(**options)
+        return fn(**(options or {}))
     except TypeError as err:
         if "argument" in str(err):
+            if options is None:
+                raise L3DError(
+                    f"{what} is called with no arguments: {err}; name a function that needs none"
+                ) from None
             raise L3DError(f"{what}: bad options {options}: {err}") from None
         raise
 
@@ -121,8 +133,21 @@ def _toy_model(toy: str, toy_options: dict[str, Any], run_dir: RunDir | None) ->
                 f"toy model info {run_dir.model_info} has no integer 'init_seed': restore it, or "
                 "delete it and model.safetensors to retrain the toy"
             )
+        retrain = "delete model.safetensors and model.json to retrain the toy"
+        if info.get("toy", toy) != toy:
+            raise L3DError(
+                f"{run_dir.model_weights} is a trained '{info['toy']}' toy, but "
+                f"{run_dir.config} names toy '{toy}': restore config.yaml, or {retrain}"
+            )
         model = spec.make(init_seed)[0]
-        model.load_state_dict(load_tensors(run_dir.model_weights, "toy model weights"))
+        try:
+            model.load_state_dict(load_tensors(run_dir.model_weights, "toy model weights"))
+        except RuntimeError as err:  # tensors of other names or shapes (other toy options)
+            detail = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise L3DError(
+                f"{run_dir.model_weights} does not fit toy '{toy}' as {run_dir.config} describes "
+                f"it ({detail}): restore config.yaml, or {retrain}"
+            ) from None
         return model.eval()
     trained = toys.train_toy_model(spec, options["seed"])
     if run_dir is not None:
@@ -194,7 +219,7 @@ def _pair_data(source: DataSource, pairs: PairSource, inputs: Any, model: nn.Mod
 
     def tensor_or_call(name: str, what: str) -> Any:
         if ":" in name:
-            return import_object(name, what)()
+            return _call(import_object(name, what), None, f"{what} '{name}'")
         if source.file is None:
             raise L3DError(
                 f"{what} '{name}' names a tensor of the data file, but the data is not a file: "
@@ -276,7 +301,7 @@ def build_labels(source: DataSource) -> Any:
                 f"{source.file} has no labels tensor '{source.labels}'; it has {', '.join(tensors)}"
             )
         return tensors[source.labels].tolist()
-    return import_object(source.labels, "labels")()
+    return _call(import_object(source.labels, "labels"), None, f"labels '{source.labels}'")
 
 
 def resolve_custom(config: L3DConfig) -> tuple[DivergenceFn | None, ReferenceFn | None]:

@@ -57,7 +57,10 @@ Counterpart = str | dict[str, str]
 
 class PairSource(_Frozen):
     """Contrastive pairs (paper Section 4.2, `l3d.pairs.pair_data`): each input's counterpart,
-    whose output at W0 is that input's fixed reference (`l3d.reference: counterpart`)."""
+    whose output at W0 is that input's fixed reference (`l3d.reference: counterpart`). Types are
+    strict, as in the `l3d:` section: `symmetric: "yes"` or `1` is an error, not true."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     counterparts: Counterpart | list[Counterpart] = Field(
         description="The counterparts, one per input and shaped like the inputs: a tensor name in "

@@ -41,7 +41,7 @@ from l3d.core.samples import (
     Inputs,
     SampleRows,
     batch_size_of,
-    describe_inputs,
+    model_failure,
     take,
     to_device,
 )
@@ -167,13 +167,7 @@ class GradientSource:
         except L3DError:
             raise  # already names the problem (e.g. an unsupported output type)
         except (RuntimeError, TypeError, ValueError, IndexError) as err:
-            # A data/model mismatch (feature count, dtype, missing key) surfaces as torch's error
-            # deep inside the model; name the inputs so the user can see which side is wrong.
-            raise L3DError(
-                f"the model fails on the data's first samples ({describe_inputs(batch)}): "
-                f"{str(err).splitlines()[0]}. Check that the data matches the model's input "
-                "(feature count, dtype, dict keys)"
-            ) from err
+            raise model_failure(err, "the data's", batch) from err
         if self.per_token and outputs.dim() != 3:
             raise L3DError(
                 f"per_token=True needs outputs shaped (batch, seq, vocab); the model returned "
