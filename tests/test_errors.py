@@ -401,3 +401,17 @@ def test_loading_a_custom_divergence_says_to_pass_it_to_load(mlp, tmp_path):
     with pytest.raises(L3DError, match=r"custom:my_reference.*l3d\.load\(.*reference=my_reference"):
         l3d.load(tmp_path / "r", mlp)
     assert l3d.load(tmp_path / "r", mlp, reference=my_reference).coefficients(x).shape == (8, 3)
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 10**20])
+def test_a_seed_beyond_64_bits_is_refused_by_the_config_and_the_experiments(seed):
+    """torch.Generator.manual_seed takes 64 bits; beyond them a run failed at its first seeded
+    draw with `Overflow when unpacking long long`."""
+    from l3d.config import L3DConfig
+    from l3d.experiments.runner import parse_seeds
+
+    with pytest.raises(L3DError, match=r"seed.*64 bits"):
+        L3DConfig.create(params=["fc1.weight"], n_subnetworks=2, seed=seed)
+    with pytest.raises(L3DError, match=rf"--seeds: {seed} does not fit in 64 bits"):
+        parse_seeds(f"0,{seed}")
+    L3DConfig.create(params=["fc1.weight"], n_subnetworks=2, seed=2**63 - 1)

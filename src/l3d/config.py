@@ -26,6 +26,20 @@ from l3d.errors import L3DError
 _YAML_EXPONENT = re.compile(r"[-+]?(\d+|\d*\.\d+)[eE][-+]?\d+")
 
 
+SEEDS = (-(2**63), 2**63 - 1)
+"""Seeds that torch.Generator.manual_seed takes (64 bits), with room for the offsets a run adds
+(seed + 1 for batches, + 3 for the initialisation, + 60,000 for a shuffled control)."""
+
+
+def check_seed(seed: int, what: str) -> None:
+    """Beyond 64 bits a run failed at its first seeded draw (`Overflow when unpacking long
+    long`)."""
+    if not SEEDS[0] <= seed <= SEEDS[1]:
+        raise ValueError(
+            f"{what} must fit in 64 bits (an integer in {SEEDS[0]}..{SEEDS[1]}); got {seed}"
+        )
+
+
 class L3DConfig(BaseModel):
     """Hyperparameters of one decomposition. Defaults follow the paper (Section 2, Appendix B.4).
 
@@ -221,6 +235,12 @@ class L3DConfig(BaseModel):
     def _yaml_exponent(cls, value: Any) -> Any:
         if isinstance(value, str) and _YAML_EXPONENT.fullmatch(value.strip()):
             return float(value)
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        check_seed(value, "seed")
         return value
 
     @field_validator("top_k", "warm_start_top_k")

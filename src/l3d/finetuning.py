@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import Tensor, nn
 
 from l3d import io
+from l3d.config import check_seed
 from l3d.core.divergences import Divergence
 from l3d.core.model import Target, output_tensor
 from l3d.core.samples import (
@@ -56,8 +57,6 @@ Callback = Callable[[int, "Edit"], None]
 
 IGNORE = -100
 """Integer label of positions that the objective skips (as torch's cross_entropy)."""
-SEEDS = (-(2**63), 2**64 - 1)
-"""The seeds torch.Generator.manual_seed takes (64 bits, signed or not)."""
 
 ADAPTER_FORMAT = 1
 ADAPTER_FILES = ("adapter.json", "adapter.safetensors")
@@ -979,10 +978,10 @@ def _check_training(steps: int, lr: float, retain_weight: float, seed: int) -> N
     # A negative weight would reward moving the retain outputs away.
     if not (_finite(retain_weight) and retain_weight >= 0):
         raise L3DError(f"retain_weight must be a finite number >= 0; got {retain_weight}")
-    if not SEEDS[0] <= seed <= SEEDS[1]:
-        raise L3DError(
-            f"seed must fit in 64 bits (an integer in {SEEDS[0]}..{SEEDS[1]}); got {seed}"
-        )
+    try:
+        check_seed(seed, "seed")
+    except ValueError as err:
+        raise L3DError(str(err)) from None
 
 
 def _finite(value: float) -> bool:

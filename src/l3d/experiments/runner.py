@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from l3d import controls
-from l3d.config import L3DConfig
+from l3d.config import SEEDS, L3DConfig
 from l3d.core.trainer import single_thread_if
 from l3d.decomposition import Decomposition, run
 from l3d.errors import L3DError
@@ -91,11 +91,17 @@ def with_epochs(fields: dict, epochs: int) -> dict:
 def parse_seeds(text: str) -> list[int]:
     """'0,1,2' -> [0, 1, 2] (the --seeds syntax of the experiment commands)."""
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise L3DError(
             f"--seeds takes comma-separated integers, e.g. 0,1,2; got '{text}'"
         ) from None
+    beyond = [s for s in seeds if not SEEDS[0] <= s <= SEEDS[1]]
+    if beyond:
+        raise L3DError(
+            f"--seeds: {beyond[0]} does not fit in 64 bits: give seeds in {SEEDS[0]}..{SEEDS[1]}"
+        )
+    return seeds
 
 
 def parse_overrides(pairs: list[str]) -> dict:
