@@ -332,8 +332,23 @@ def test_adapters_in_the_run_folder_are_shown_with_their_numbers(hostile_run, tm
     hostile_mode = run / "adapters" / "mode"  # a train mode l3d has not: a note, no payload
     shutil.copytree(run / "edit", hostile_mode)
     (hostile_mode / "adapter.json").write_text(json.dumps({**meta, "train": PAYLOADS[0]}))
+    beyond = run / "adapters" / "beyond"  # subnetwork 9 of a run that has 0..4
+    shutil.copytree(run / "edit", beyond)
+    (beyond / "adapter.json").write_text(json.dumps({**meta, "subnetworks": [0, 9]}))
+    negative = run / "adapters" / "negative"
+    shutil.copytree(run / "edit", negative)
+    (negative / "adapter.json").write_text(json.dumps({**meta, "n_trainable": -5}))
+    letters = run / "adapters" / "letters"
+    shutil.copytree(run / "edit", letters)
+    steps = [{**meta["history"][0], "objective": "x"}, *meta["history"][1:]]
+    (letters / "adapter.json").write_text(json.dumps({**meta, "history": steps}))
     assert main(["report", str(run), "-q"]) == 0
     page = (run / "report" / "index.html").read_text()
+    assert "Adapter adapters/beyond not shown: " in page and "subnetwork 9" in page
+    assert "Adapter adapters/negative not shown: " in page
+    assert "&#x27;n_trainable&#x27;: input should be greater than or equal to 0" in page
+    assert "Adapter adapters/letters not shown: " in page
+    assert "input should be a valid number" in page
     assert "Adapter adapters/odd not shown: " in page
     assert "&#x27;subnetworks.0&#x27;: input should be a valid integer: restore it" in page
     assert "Adapter adapters/mode not shown: " in page

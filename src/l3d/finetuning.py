@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
 from l3d import io
@@ -72,16 +72,16 @@ class AdapterDescription(BaseModel):
     format_version: int
     names: list[str]
     shapes: dict[str, list[PositiveInt]] = Field(min_length=1)
-    subnetworks: list[int] = Field(min_length=1)
+    subnetworks: list[NonNegativeInt] = Field(min_length=1)
     train: Literal["scalars", "factors", "cores"]
     factorization: Literal["cp", "tucker"]
     ranks: dict[str, PositiveInt]
     w0_fingerprint: dict[str, dict[str, float | str]]
-    n_trainable: int
+    n_trainable: NonNegativeInt
     delta_norms: dict[str, float]
     w0_norms: dict[str, float] = {}  # absent before l3d saved them
     trained_with: dict[str, str | int | float | None] = {}  # absent before l3d recorded it
-    history: list[dict[str, int | float]]
+    history: list[dict[str, float | int]]  # float first: its message for a non-number
 
 
 def read_description(path: Path) -> AdapterDescription:

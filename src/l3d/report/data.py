@@ -174,7 +174,7 @@ def load(run_dir: Path) -> RunData:
     controls_file = run.path / "controls" / "controls.json"
     data = RunData(
         controls=read_controls(controls_file) if controls_file.is_file() else None,
-        adapters=_adapters(run.path, notes),
+        adapters=_adapters(run.path, saved.config.n_v, notes),
         run=run,
         config=saved.config,
         meta=saved.meta,
@@ -194,9 +194,10 @@ def load(run_dir: Path) -> RunData:
     return data
 
 
-def _adapters(run_dir: Path, notes: list[str]) -> list[AdapterInfo]:
+def _adapters(run_dir: Path, n_v: int, notes: list[str]) -> list[AdapterInfo]:
     """The adapters saved one or two folders below the run folder (not in its controls' run
-    folders); one that cannot be read becomes a note."""
+    folders) of a decomposition with `n_v` subnetworks; one that cannot be read, or that names
+    subnetworks this run does not have, becomes a note."""
     files = [*run_dir.glob("*/adapter.json"), *run_dir.glob("*/*/adapter.json")]
     found = []
     for file in sorted(files):
@@ -206,6 +207,12 @@ def _adapters(run_dir: Path, notes: list[str]) -> list[AdapterInfo]:
         try:
             # Typed by the adapter's own schema: the pages format numbers and build links from it.
             meta = read_description(file)
+            beyond = [k for k in meta.subnetworks if k >= n_v]
+            if beyond:
+                raise L3DError(
+                    f"it moves subnetwork {beyond[0]}, and this run has subnetworks 0..{n_v - 1}: "
+                    "it was made for another decomposition; re-create it with `l3d finetune`"
+                )
             weights = io.load_tensors(file.parent / "adapter.safetensors", "adapter weights")
             adapter = AdapterInfo(
                 path=path,
