@@ -713,3 +713,50 @@ def test_a_toy_run_whose_config_names_another_toy_is_one_line(tmp_path):
     save_tensors(run_dir.model_weights, toys.get_toy("tms40").make(0)[0].state_dict())
     with pytest.raises(l3d.L3DError, match=r"model.safetensors does not fit toy 'tms'"):
         sources._toy_model("tms", {}, run_dir)
+
+
+def test_a_data_file_changed_since_the_run_is_refused_by_resume_and_analysis(tmp_path, capsys):
+    """The run records the sha256 of its data file: a file replaced since (other inputs, other
+    counterparts) would give a resumed run, an analysis or an intervention of data the
+    decomposition never saw, silently. Unchanged, everything works."""
+    from safetensors.torch import save_file
+
+    from l3d.toys import sparse_features
+
+    data = tmp_path / "data.safetensors"
+    save_file(
+        {"x": sparse_features(120, 5, 0.3, generator=torch.Generator().manual_seed(0))}, str(data)
+    )
+    spec = {**TINY, "data": {"file": str(data), "options": {"key": "x"}}}
+    spec["run"] = {"checkpoint_seconds": 0}
+    config = _write(tmp_path / "file.yaml", spec)
+    run = tmp_path / "run"
+    with stopped_after_epoch(2):
+        assert main(["decompose", str(config), "--out", str(run), "-q"]) == 128 + 15
+    recorded = json.loads((run / "data.json").read_text())
+    assert list(recorded) == [str(data)] and len(recorded[str(data)]) == 64
+    save_file(
+        {"x": sparse_features(120, 5, 0.3, generator=torch.Generator().manual_seed(1))}, str(data)
+    )
+    capsys.readouterr()
+    assert main(["decompose", "--resume", str(run), "-q"]) == 2
+    err = _one_line_error(capsys, "decompose")
+    assert f"{data} has changed since this run started" in err and "restore it" in err, err
+    save_file(
+        {"x": sparse_features(120, 5, 0.3, generator=torch.Generator().manual_seed(0))}, str(data)
+    )
+    assert main(["decompose", "--resume", str(run), "-q"]) == 0
+    assert main(["analyze", str(run), "-q"]) == 0
+    save_file(
+        {"x": sparse_features(120, 5, 0.3, generator=torch.Generator().manual_seed(2))}, str(data)
+    )
+    capsys.readouterr()
+    for command in (["analyze", str(run)], ["intervene", str(run), "--subnetwork", "0",
+                                            "--delta", "1"]):  # fmt: skip
+        assert main([*command, "-q"]) == 2
+        err = _one_line_error(capsys, command[0])
+        assert f"{data} has changed since this run started" in err, err
+    # The report of the finished run keeps its numbers but shows no examples of other inputs.
+    assert main(["report", str(run), "-q"]) == 0
+    page = (run / "report" / "index.html").read_text()
+    assert "has changed since this run started" in page and "shown by sample number" in page

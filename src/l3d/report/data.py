@@ -188,7 +188,7 @@ def load(run_dir: Path) -> RunData:
         notes=notes,
     )
     if positions is not None and spec is not None:
-        data.samples = _samples(spec, saved.config.per_token, positions, notes)
+        data.samples = _samples(run, spec, saved.config.per_token, positions, notes)
         if data.samples is not None:
             data.units = _toy_units(spec, data.samples)
     return data
@@ -257,15 +257,17 @@ def _trained_with(trained_with: dict) -> dict:
 
 
 def _samples(
-    spec: runs.RunSpec, per_token: bool, positions: np.ndarray, notes: list[str]
+    run: runs.RunDir, spec: runs.RunSpec, per_token: bool, positions: np.ndarray, notes: list[str]
 ) -> Samples | None:
-    """The run's inputs rebuilt from its config, or None (with a note) when they cannot be."""
+    """The run's inputs rebuilt from its config, or None (with a note) when they cannot be (a
+    data file replaced since the run would put other inputs beside the analysis's numbers)."""
     source = spec.data
     if source.pairs is not None:
         # The pairs' inputs alone: their counterparts' outputs (which need the model) are not shown.
         notes.append("Contrastive-pair run: each example is the input of a pair.")
         source = source.model_copy(update={"pairs": None})
     try:
+        runs.check_data(run, spec.data, "restore it")
         inputs = as_inputs(runs.build_data(source, spec.model))
         labels = runs.build_labels(spec.data)
         tokenizer = None

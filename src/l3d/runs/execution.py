@@ -29,7 +29,7 @@ from l3d.decomposition import Decomposition, check_run, load, run
 from l3d.errors import L3DError
 from l3d.runs.checkpoint import flatten_state, load_checkpoint, save_checkpoint
 from l3d.runs.folder import RunDir
-from l3d.runs.sources import build_data, build_model, resolve_custom
+from l3d.runs.sources import build_data, build_model, check_data, record_data, resolve_custom
 from l3d.runs.spec import RunOptions, RunSpec, yaml_error
 
 # How the step bar labels the trained loss (L3DConfig.loss).
@@ -344,7 +344,16 @@ def _execute(
     # Rank 0 first: a toy is trained once, and the other ranks read its saved weights.
     with group.lead_first() if group is not None else contextlib.nullcontext():
         model = build_model(spec.model, run_dir)
+    if state is not None:
+        check_data(
+            run_dir,
+            spec.data,
+            f"restore it to resume, or start over with `l3d decompose CONFIG --out {run_dir.path} "
+            "--overwrite`",
+        )
     data = build_data(spec.data, spec.model, model)  # with pairs: the counterparts' outputs
+    if state is None and lead:
+        record_data(run_dir, spec.data)
     divergence, reference = resolve_custom(spec.l3d)
     done = 0 if state is None else state["epoch"]
     if state is not None:
@@ -412,6 +421,12 @@ def open_run(path: str | Path) -> LoadedRun:
     run_dir.require_finished()
     spec = run_dir.spec()
     model = build_model(spec.model, run_dir)
+    check_data(
+        run_dir,
+        spec.data,
+        "restore it (to analyse other inputs, keep it and pass them with --data, or as data to "
+        "the Python calls)",
+    )
     data = build_data(spec.data, spec.model, model)  # with pairs: references at W0, as in the run
     divergence, reference = resolve_custom(spec.l3d)
     try:

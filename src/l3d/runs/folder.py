@@ -86,6 +86,11 @@ class RunDir:
         return self.path / "model.safetensors"
 
     @property
+    def data_record(self) -> Path:
+        """The sha256 of the files the run's data are read from, by path (`record_data`)."""
+        return self.path / "data.json"
+
+    @property
     def model_info(self) -> Path:
         return self.path / "model.json"
 
@@ -289,7 +294,13 @@ def _create(spec: RunSpec, run_dir: RunDir, overwrite: bool) -> None:
             f"`l3d decompose --resume {run_dir.path}`, or pass --overwrite to start over"
         )
     if overwrite:
-        for file in (run_dir.config, run_dir.metrics, run_dir.model_weights, run_dir.model_info):
+        for file in (
+            run_dir.config,
+            run_dir.metrics,
+            run_dir.model_weights,
+            run_dir.model_info,
+            run_dir.data_record,
+        ):
             file.unlink(missing_ok=True)
         for folder in (
             run_dir.checkpoint,

@@ -19,7 +19,7 @@ from l3d.controls import shuffle_parameters_
 from l3d.core.divergences import DivergenceFn, ReferenceFn, is_custom
 from l3d.core.samples import Inputs
 from l3d.errors import L3DError
-from l3d.io import load_tensors, read_json, save_tensors, write_json
+from l3d.io import file_sha256, load_tensors, read_json, save_tensors, write_json
 from l3d.pairs import pair_data
 from l3d.runs.folder import RunDir
 from l3d.runs.spec import Counterpart, DataSource, ModelSource, PairSource
@@ -154,6 +154,35 @@ def _toy_model(toy: str, toy_options: dict[str, Any], run_dir: RunDir | None) ->
         save_tensors(run_dir.model_weights, trained.model.state_dict())
         write_json(run_dir.model_info, {"toy": toy, "init_seed": trained.info["init_seed"]})
     return trained.model
+
+
+def _data_files(source: DataSource) -> dict[str, str]:
+    """sha256 by path of the files the data are read from (`file`, a `text` file)."""
+    files = [f for f in (source.file, source.text) if f is not None and Path(f).is_file()]
+    return {f: file_sha256(f) for f in files}
+
+
+def record_data(run_dir: RunDir, source: DataSource) -> None:
+    """Keep the sha256 of the run's data files in the run folder (`check_data`)."""
+    write_json(run_dir.data_record, _data_files(source))
+
+
+def check_data(run_dir: RunDir, source: DataSource, fix: str) -> None:
+    """Refuse data files replaced since the run recorded them (`record_data`): a resumed run, an
+    analysis or an intervention would measure inputs the decomposition never saw, silently. A
+    run from before the record, or a file now missing (named where it is read), passes here."""
+    if not run_dir.data_record.is_file():
+        return
+    recorded = read_json(run_dir.data_record, "data record")
+    if not isinstance(recorded, dict):
+        raise L3DError(f"{run_dir.data_record} is not what l3d writes: delete it")
+    now = _data_files(source)
+    changed = next((f for f, digest in recorded.items() if now.get(f, digest) != digest), None)
+    if changed is not None:
+        raise L3DError(
+            f"{changed} has changed since this run started (its sha256 is not the one in "
+            f"{run_dir.data_record}): {fix}"
+        )
 
 
 def build_data(
