@@ -268,3 +268,14 @@ def test_load_of_a_run_folder_points_to_its_decomposition(saved, tmp_path):
 def test_load_of_a_missing_folder(tmp_path):
     with pytest.raises(L3DError, match="does not exist"):
         l3d.load(tmp_path / "nowhere", model())
+
+
+def test_a_folder_or_a_device_in_place_of_a_tensor_file_is_named_as_such(tmp_path):
+    """Every reader of safetensors files (run data, adapters, checkpoints) goes through
+    io.load_tensors: a folder or /dev/zero was reported as missing."""
+    with pytest.raises(L3DError, match=r"data file '.*' is a folder, not a file"):
+        io.load_tensors(tmp_path, "data file")
+    with pytest.raises(L3DError, match=r"'/dev/zero' is not a regular file \(a device"):
+        io.load_tensors("/dev/zero", "data file")
+    with pytest.raises(L3DError, match=r"data file .*missing.safetensors does not exist"):
+        io.load_tensors(tmp_path / "missing.safetensors", "data file")

@@ -759,23 +759,10 @@ def select_subnetworks(
         ) from None
 
 
-def _check_data_file(path: str | Path, what: str) -> None:
-    """A folder or a device given as a data file is named as such (not as missing)."""
-    path = Path(path)
-    if path.is_dir():
-        raise L3DError(f"{what} '{path}' is a folder, not a file: give a safetensors file")
-    if path.exists() and not path.is_file():
-        raise L3DError(
-            f"{what} '{path}' is not a regular file (a device, pipe or socket): give a "
-            "safetensors file"
-        )
-
-
 def read_inputs(path: str | Path, what: str = "finetuning data") -> Inputs:
     """Inputs from a safetensors file: one tensor named 'inputs', or the model's keyword inputs
     (e.g. 'input_ids' and 'attention_mask'); a 'labels' tensor beside them is left out. `what`
     names the file in errors (e.g. 'retain data')."""
-    _check_data_file(path, what)
     tensors = io.load_tensors(path, what)
     tensors.pop("labels", None)
     if not tensors:
@@ -786,7 +773,6 @@ def read_inputs(path: str | Path, what: str = "finetuning data") -> Inputs:
 def read_data(path: str | Path) -> Labelled:
     """Finetuning data from a safetensors file: the inputs (see `read_inputs`) and a tensor named
     'labels' (see `Labelled`)."""
-    _check_data_file(path, "finetuning data")
     labels = io.load_tensors(path, "finetuning data").get("labels")
     if labels is None:
         raise L3DError(

@@ -114,8 +114,16 @@ def save_tensors(
 
 def load_tensors(path: str | Path, what: str) -> dict[str, Tensor]:
     """The tensors of a safetensors file, or an L3DError naming the file when it is missing or
-    not a valid safetensors file (truncated by a crash, or another format)."""
+    not a valid safetensors file (truncated by a crash, or another format); a folder or a device
+    in its place is named as such, not as missing."""
     path = Path(path)
+    if path.is_dir():
+        raise L3DError(f"{what} '{path}' is a folder, not a file: give a safetensors file")
+    if path.exists() and not path.is_file():
+        raise L3DError(
+            f"{what} '{path}' is not a regular file (a device, pipe or socket): give a "
+            "safetensors file"
+        )
     if not path.is_file():
         raise L3DError(f"{what} {path} does not exist")
     try:
