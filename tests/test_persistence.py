@@ -74,6 +74,7 @@ def test_load_refuses_other_weights_of_the_same_shapes_unless_allowed(folder):
     message = one_line(err)
     assert "fc2.weight" in message and "fc1.weight" not in message
     assert "allow_other_weights=True" in message and str(folder) in message
+    assert "a run folder: restore the model its config.yaml names" in message  # the CLI's fix
     loaded = l3d.load(folder, other, allow_other_weights=True)
     assert loaded.n_subnetworks == 3
     # Saving again keeps the fingerprint of the weights the subnetworks were learned on.

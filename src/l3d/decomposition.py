@@ -820,7 +820,8 @@ def load(
             raise L3DError(
                 f"the decomposition in {directory} was made on other weights: "
                 f"{', '.join(other)} differ{'s' if len(other) == 1 else ''} from the decomposed "
-                "tensors (same shapes, other values); load it with the model it was made on, or "
+                "tensors (same shapes, other values); load it with the model it was made on (a "
+                "run folder: restore the model its config.yaml names, or decompose again), or "
                 "pass l3d.load(..., allow_other_weights=True) to use it anyway"
             )
     pair = saved.subnetworks.to(next(model.parameters()).device)
