@@ -760,3 +760,24 @@ def test_a_data_file_changed_since_the_run_is_refused_by_resume_and_analysis(tmp
     assert main(["report", str(run), "-q"]) == 0
     page = (run / "report" / "index.html").read_text()
     assert "has changed since this run started" in page and "shown by sample number" in page
+
+
+def test_options_are_checked_against_the_signature_not_the_error_text(tmp_path, monkeypatch):
+    """`module:function` sources: options the function does not take are one line; a TypeError
+    raised inside the function (its own bug, whose message may mention "arguments") is its own,
+    not reported as bad options."""
+    from l3d.runs import sources
+
+    (tmp_path / "userdata.py").write_text(
+        "import torch\n"
+        "def good(n=4):\n    return torch.ones(n, 5)\n"
+        "def buggy(n=4):\n    return torch.zeros(n, 5, colour=1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    good = sources.import_object("userdata:good", "data")
+    assert sources._call(good, {"n": 2}, "data").shape == (2, 5)
+    with pytest.raises(l3d.L3DError, match=r"data: bad options \{'m': 2\}"):
+        sources._call(good, {"m": 2}, "data")
+    buggy = sources.import_object("userdata:buggy", "data")
+    with pytest.raises(TypeError, match="colour"):
+        sources._call(buggy, {}, "data")

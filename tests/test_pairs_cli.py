@@ -310,7 +310,7 @@ def _without(section: str, key: str) -> dict:
         ),
         (
             _spec(pairs={"counterparts": "batches.py:needs"}),
-            "is called with no arguments: needs() missing 1 required positional argument",
+            "is called with no arguments: missing a required argument: 'x'",
         ),
         # Counterparts equal to the inputs decomposed to loss 0.0 and saved a meaningless
         # decomposition (only `l3d analyze` refused them).

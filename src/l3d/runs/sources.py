@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -62,18 +63,21 @@ def import_object(target: str, what: str) -> Callable:
 
 
 def _call(fn: Callable, options: dict | None, what: str) -> Any:
-    """fn(**options), a wrong argument a one-line error. options None: a source without options,
-    called with no arguments."""
+    """fn(**options), options the function does not take a one-line error. options None: a source
+    without options, called with no arguments. The options are checked against fn's signature:
+    a TypeError raised inside fn is its own bug, whatever its message says."""
+    kwargs = options or {}
     try:
-        return fn(**(options or {}))
+        inspect.signature(fn).bind(**kwargs)
     except TypeError as err:
-        if "argument" in str(err):
-            if options is None:
-                raise L3DError(
-                    f"{what} is called with no arguments: {err}; name a function that needs none"
-                ) from None
-            raise L3DError(f"{what}: bad options {options}: {err}") from None
-        raise
+        if options is None:
+            raise L3DError(
+                f"{what} is called with no arguments: {err}; name a function that needs none"
+            ) from None
+        raise L3DError(f"{what}: bad options {options}: {err}") from None
+    except ValueError:  # no signature to check (a builtin): called as it is
+        pass
+    return fn(**kwargs)
 
 
 def _options(options: dict, allowed: dict, what: str) -> dict:
