@@ -781,3 +781,10 @@ def test_options_are_checked_against_the_signature_not_the_error_text(tmp_path, 
     buggy = sources.import_object("userdata:buggy", "data")
     with pytest.raises(TypeError, match="colour"):
         sources._call(buggy, {}, "data")
+    # Options passed on through **kwargs can only be judged by the error they raise.
+    (tmp_path / "userkw.py").write_text(
+        "import torch\ndef passes(**options):\n    return torch.ones(2, 5, **options)\n"
+    )
+    passes = sources.import_object("userkw:passes", "data")
+    with pytest.raises(l3d.L3DError, match=r"data: bad options \{'colour': 1\}"):
+        sources._call(passes, {"colour": 1}, "data")

@@ -65,19 +65,34 @@ def import_object(target: str, what: str) -> Callable:
 def _call(fn: Callable, options: dict | None, what: str) -> Any:
     """fn(**options), options the function does not take a one-line error. options None: a source
     without options, called with no arguments. The options are checked against fn's signature:
-    a TypeError raised inside fn is its own bug, whatever its message says."""
+    a TypeError raised inside fn is its own bug, whatever its message says; only where the
+    signature cannot tell (none, or **kwargs passed on) does the error's text decide."""
     kwargs = options or {}
     try:
-        inspect.signature(fn).bind(**kwargs)
+        signature = inspect.signature(fn)
+    except ValueError:  # a builtin without a signature
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as err:
+            raise _bad_options(what, options, err) from None
+        if not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+            return fn(**kwargs)  # a TypeError from here on is raised inside fn
+    try:
+        return fn(**kwargs)
     except TypeError as err:
-        if options is None:
-            raise L3DError(
-                f"{what} is called with no arguments: {err}; name a function that needs none"
-            ) from None
-        raise L3DError(f"{what}: bad options {options}: {err}") from None
-    except ValueError:  # no signature to check (a builtin): called as it is
-        pass
-    return fn(**kwargs)
+        if "argument" in str(err):
+            raise _bad_options(what, options, err) from None
+        raise
+
+
+def _bad_options(what: str, options: dict | None, err: TypeError) -> L3DError:
+    if options is None:
+        return L3DError(
+            f"{what} is called with no arguments: {err}; name a function that needs none"
+        )
+    return L3DError(f"{what}: bad options {options}: {err}")
 
 
 def _options(options: dict, allowed: dict, what: str) -> dict:
