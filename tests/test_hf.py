@@ -266,6 +266,17 @@ def test_token_datasets_that_cannot_be_fed_to_a_model_are_refused(tmp_path):
             r"1-D \(one document\) or 2-D \(one per row\).*\(2, 3, 4\)",
         ),
     ]
+    cases += [
+        (lambda: hf.token_dataset(two, n_sequences=2.5), r"n_sequences must be an integer >= 1"),
+        (lambda: hf.token_dataset(two, n_sequences=0), r"n_sequences must be an integer >= 1"),
+        (lambda: hf.token_dataset(two, n_sequences=True), r"n_sequences must be an integer >= 1"),
+        (lambda: hf.token_dataset(two, chunk="no"), r"chunk must be true or false; got 'no'"),
+        (lambda: hf.token_dataset(two, separator=5), r"separator must be a string; got 5"),
+        (
+            lambda: hf.token_dataset([[1, 2, 3]], min_tokens=2),
+            r"the text source gave 1 sequence\(s\) .*: add documents, lower min_tokens",
+        ),
+    ]
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00abc\n\x80")
     cases.append((lambda: hf.token_dataset(binary), r"binary\.txt is not UTF-8 text"))
@@ -289,3 +300,52 @@ def test_a_file_is_not_taken_for_a_hub_name(tmp_path, monkeypatch):
 def test_random_causal_lm_needs_a_transformers_config():
     with pytest.raises(L3DError, match=r"transformers config.*got dict"):
         hf.random_causal_lm({"vocab_size": 10})
+
+
+def test_a_model_folder_whose_weights_do_not_fit_its_config_is_one_line(saved_lm, tmp_path):
+    """config.json edited after saving (another vocabulary size), or truncated weights, failed in
+    transformers with "look at the above report" (a report `-q` hides) or a SafetensorError."""
+    import json
+    import shutil
+
+    path, _ = saved_lm
+    edited = tmp_path / "edited"
+    shutil.copytree(path, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "vocab_size": 20}))
+    with pytest.raises(l3d.L3DError, match=r"its config.json and the weights disagree on a size"):
+        hf.load_causal_lm(edited)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(path, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(l3d.L3DError, match=r"not a readable safetensors file"):
+        hf.load_causal_lm(truncated)
+
+
+def test_text_data_that_the_model_cannot_take_is_named_before_any_forward(saved_lm, tmp_path):
+    """A run's `data: {text: ...}`: a seq_len past the model's positions, or a tokenizer with more
+    tokens than the model has logits, ended in torch's "index out of range in self"."""
+    import shutil
+
+    from l3d import runs
+
+    path, _ = saved_lm
+    text = tmp_path / "text.txt"
+    text.write_text("once upon a time\nthe cat sat\n")
+    model = hf.load_causal_lm(path)
+    source = runs.DataSource(text=str(text), options={"seq_len": 64})
+    with pytest.raises(L3DError, match=r"seq_len 64 is more than the model's 32 positions"):
+        runs.build_data(source, runs.ModelSource(hf=str(path)), model)
+    small = tmp_path / "small"  # the same tokenizer beside a model of fewer logits
+    hf.random_causal_lm(tiny_config(vocab=len(WORDS) - 3), small, seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).is_file():
+            shutil.copy(path / name, small / name)
+    source = runs.DataSource(text=str(text), options={"seq_len": 8})
+    with pytest.raises(L3DError, match=r"the tokenizer has \d+ tokens but the model only \d+"):
+        runs.build_data(source, runs.ModelSource(hf=str(small)), hf.load_causal_lm(small))
+    assert runs.build_data(source, runs.ModelSource(hf=str(path)), model)["input_ids"].shape == (
+        2,
+        8,
+    )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig, with_changes
@@ -80,6 +81,20 @@ def load_causal_lm(
             f"cannot load a causal LM from '{name_or_path}': {first}. Pass a local folder written "
             "by save_pretrained (config.json + weights) or a hub name reachable from this machine"
         ) from None
+    except SafetensorError as err:  # truncated or damaged weights
+        raise L3DError(
+            f"cannot load a causal LM from '{name_or_path}': a weights file is not a readable "
+            f"safetensors file ({err}); save or copy the model again"
+        ) from None
+    except RuntimeError as err:
+        if "mismatched_sizes" not in str(err):
+            raise
+        # transformers says which tensor in a report it logs (hidden by -q) and raises this.
+        raise L3DError(
+            f"cannot load a causal LM from '{name_or_path}': its config.json and the weights "
+            "disagree on a size (config.json edited since the model was saved?): restore "
+            "config.json, or save the model again"
+        ) from None
     return model.eval()
 
 
@@ -123,6 +138,17 @@ def check_vocabulary(tokenizer: Any, model: nn.Module) -> None:
         raise L3DError(
             f"the tokenizer has {n_tokenizer} tokens but the model only {n_model} logits: they "
             "belong to different models; load the tokenizer saved with this model"
+        )
+
+
+def check_positions(seq_len: int, model: nn.Module) -> None:
+    """Refuse sequences longer than the model's position embeddings (padding is embedded too, so
+    even short documents padded to seq_len would index past them)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and seq_len > positions:
+        raise L3DError(
+            f"seq_len {seq_len} is more than the model's {positions} positions "
+            f"(max_position_embeddings): use seq_len <= {positions}"
         )
 
 
@@ -221,9 +247,17 @@ def token_dataset(
     Returns {'input_ids': (n_sequences, seq_len) long,
              'attention_mask': (n_sequences, seq_len) long}.
     """
-    for name, value in (("seq_len", seq_len), ("min_tokens", min_tokens)):
+    counts = (("seq_len", seq_len), ("min_tokens", min_tokens), ("n_sequences", n_sequences))
+    for name, value in counts:
+        if value is None and name == "n_sequences":
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise L3DError(f"{name} must be an integer >= 1; got {value!r}")
+    # Options come from YAML: 'no' is a true string, and a number is no separator.
+    if not isinstance(chunk, bool):
+        raise L3DError(f"chunk must be true or false; got {chunk!r}")
+    if not isinstance(separator, str):
+        raise L3DError(f"separator must be a string; got {separator!r}")
     if pad_token_id is None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
     # Padded positions are masked out of every computation, but still go through the embedding.
@@ -249,7 +283,8 @@ def token_dataset(
     if len(rows) < 2:
         raise L3DError(
             f"the text source gave {len(rows)} sequence(s) with at least {min_tokens} tokens; "
-            "L3D needs at least 2 (each token's reference is another token's output)"
+            "L3D needs at least 2 (each token's reference is another token's output): add "
+            "documents, lower min_tokens, or split long documents with chunk: true"
         )
     input_ids = torch.full((len(rows), seq_len), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)

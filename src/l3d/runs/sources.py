@@ -210,7 +210,7 @@ def build_data(
     """The data of a run: a tensor, a dict of tensors, or a re-iterable of batches; with
     `data.pairs`, `l3d.pairs.pair_data` of the inputs and their counterparts, whose outputs under
     `model` are the references."""
-    inputs = _build_inputs(source, model_source)
+    inputs = _build_inputs(source, model_source, model)
     if source.pairs is None:
         return inputs
     if model is None:
@@ -220,7 +220,7 @@ def build_data(
     return _pair_data(source, source.pairs, inputs, model)
 
 
-def _build_inputs(source: DataSource, model_source: ModelSource) -> Any:
+def _build_inputs(source: DataSource, model_source: ModelSource, model: nn.Module | None) -> Any:
     if source.toy is not None:
         spec = toys.get_toy(source.toy)
         options = _options(
@@ -248,6 +248,12 @@ def _build_inputs(source: DataSource, model_source: ModelSource) -> Any:
             raise L3DError("data 'text' is tokenized by the model's tokenizer: use an hf model")
         options = dict(source.options)
         tokenizer = load_tokenizer(options.pop("tokenizer", model_source.hf))
+        if model is not None:  # ids or positions past the model's: name them, not torch's index
+            _hf().check_vocabulary(tokenizer, model)
+            default = inspect.signature(_hf().token_dataset).parameters["seq_len"].default
+            seq_len = options.get("seq_len", default)
+            if isinstance(seq_len, int):
+                _hf().check_positions(seq_len, model)
         return _call(
             lambda **o: _hf().token_dataset(source.text, tokenizer, **o), options, "data 'text'"
         )
