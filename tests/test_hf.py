@@ -349,3 +349,31 @@ def test_text_data_that_the_model_cannot_take_is_named_before_any_forward(saved_
         2,
         8,
     )
+
+
+def test_model_and_tokenizer_folders_are_relative_to_the_config(tmp_path, monkeypatch):
+    """`hf: ./base` (or `base`, a folder beside the config) and `data.options.tokenizer` were
+    resolved against the current folder and stored as given: the run failed from elsewhere,
+    after a minute of hub retries. Hub names stay as they are."""
+    import yaml
+
+    from l3d import runs
+
+    (tmp_path / "configs" / "base").mkdir(parents=True)
+    (tmp_path / "configs" / "tok").mkdir()
+    text = tmp_path / "configs" / "text.txt"
+    text.write_text("a b\n")
+    spec = {
+        "model": {"hf": "./base"},
+        "data": {"text": "text.txt", "options": {"tokenizer": "tok"}},
+        "l3d": {"params": ["w"], "n_subnetworks": 2, "per_token": True},
+    }
+    config = tmp_path / "configs" / "run.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    loaded = runs.load_spec(config)
+    assert loaded.model.hf == str(tmp_path / "configs" / "base")
+    assert loaded.data.options["tokenizer"] == str(tmp_path / "configs" / "tok")
+    spec["model"]["hf"] = "roneneldan/TinyStories-8M"
+    config.write_text(yaml.safe_dump(spec))
+    assert runs.load_spec(config).model.hf == "roneneldan/TinyStories-8M"

@@ -292,9 +292,18 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> RunSpec:
     path = Path(path)
     spec = RunSpec.create(apply_overrides(read_yaml(path), list(overrides)))
     base = path.resolve().parent
-    model = spec.model.model_copy(update={"python": _absolute(spec.model.python, base)})
+    model = spec.model.model_copy(
+        update={
+            "python": _absolute(spec.model.python, base),
+            "hf": _absolute_folder(spec.model.hf, base),
+        }
+    )
+    options = dict(spec.data.options)
+    if isinstance(options.get("tokenizer"), str):
+        options["tokenizer"] = _absolute_folder(options["tokenizer"], base)
     data = spec.data.model_copy(
         update={
+            "options": options,
             "python": _absolute(spec.data.python, base),
             "labels": _absolute(spec.data.labels, base),
             "file": _absolute_file(spec.data.file, base),
@@ -315,6 +324,19 @@ def _absolute_file(value: str | None, base: Path) -> str | None:
     if not path.is_file():
         raise L3DError(f"data file '{value}' does not exist (looked for {path})")
     return str(path)
+
+
+def _absolute_folder(value: str | None, base: Path) -> str | None:
+    """A model or tokenizer folder relative to the config's folder becomes absolute: one that
+    exists there, or a path written as one ('./m', '../m', '~/m'). Other names are hub names."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if (base / path).is_dir() or value.startswith(("./", "../", "~")):
+        return str((base / path).resolve())
+    return value
 
 
 def _absolute(target: str | None, base: Path) -> str | None:
