@@ -377,3 +377,17 @@ def test_model_and_tokenizer_folders_are_relative_to_the_config(tmp_path, monkey
     spec["model"]["hf"] = "roneneldan/TinyStories-8M"
     config.write_text(yaml.safe_dump(spec))
     assert runs.load_spec(config).model.hf == "roneneldan/TinyStories-8M"
+
+
+def test_a_model_folder_without_tokenizer_files_is_named(saved_lm, tmp_path):
+    """transformers falls back to an empty tokenizer (one token, every text encodes to []): the
+    run then said its text gave 0 sequences, pointing at the text file."""
+    import shutil
+
+    path, _ = saved_lm
+    bare = tmp_path / "bare"
+    shutil.copytree(path, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    with pytest.raises(L3DError, match=r"no usable tokenizer in '.*bare'.*data.options.tokenizer"):
+        hf.load_tokenizer(bare)

@@ -191,7 +191,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--n-references", type=positive_int, default=10, help="references averaged in impact"
     )
-    p.add_argument("--n-samples", type=positive_int, help="analyse only the first N samples")
+    p.add_argument(
+        "--n-samples",
+        type=positive_int,
+        help="analyse only the first N samples (sequences, in a per-token run)",
+    )
     p.add_argument(
         "--data",
         metavar="FILE",
@@ -477,9 +481,14 @@ def _analyze_folder(args: argparse.Namespace) -> int:
         run = runs.open_run(run_dir.path)
         tokenizer = None
         if run.spec.model.hf is not None:
-            tokenizer = runs.load_tokenizer(
-                run.spec.data.options.get("tokenizer", run.spec.model.hf)
-            )
+            try:
+                tokenizer = runs.load_tokenizer(
+                    run.spec.data.options.get("tokenizer", run.spec.model.hf)
+                )
+            except L3DError as err:
+                if run.spec.data.text is not None:  # the text needs it; token ids do not
+                    raise
+                _say(args, f"no tokenizer ({err}): tokens are shown as ids")
         source = run.spec.data
         if args.data is not None:
             source = runs.with_data_file(source, args.data)

@@ -111,6 +111,12 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
             f"cannot load a tokenizer from '{name_or_path}': {first}. Pass the folder or hub name "
             "the tokenizer was saved under (often the model's)"
         ) from None
+    if len(tokenizer) <= 1:  # transformers' fallback for a folder without tokenizer files
+        raise L3DError(
+            f"no usable tokenizer in '{name_or_path}' (it has {len(tokenizer)} token; no "
+            "tokenizer.json or vocabulary files?): save the model's tokenizer there, or name its "
+            "folder in data.options.tokenizer"
+        )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
