@@ -391,3 +391,14 @@ def test_analysis_options_out_of_range_are_one_line_errors(field, value):
     with pytest.raises(L3DError, match=rf"AnalysisOptions\.{field} must be .*; got {value}") as err:
         AnalysisOptions(**{field: value})
     assert "\n" not in str(err.value)
+
+
+def test_analysis_markdown_shows_odd_tokens_as_written():
+    """analysis.md wrote tokens raw: '<script>' and '</td>' vanished in a Markdown viewer, '&amp;'
+    showed as '&', a right-to-left override reversed the rest of the line."""
+    from l3d.analysis.writing import _cell
+
+    assert _cell("<script>&amp;") == "&lt;script&gt;&amp;amp;"
+    assert _cell("a|b\nc`") == "a\\|b⏎c'"
+    assert _cell("x\u202ey") == "x\\u202ey" and _cell("\x02", code=True) == "\\x02"
+    assert _cell("<b>", code=True) == "<b>"  # a code span shows it literally

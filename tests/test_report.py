@@ -380,6 +380,10 @@ def test_control_characters_are_shown_escaped_never_blank():
     assert report_data.visible("\x0b") == "\\x0b"
     assert report_data.visible("a\x0cb\u2028") == "a\\x0cb\\u2028"
     assert report_data.visible(" \n") == "·↵" and report_data.visible("") == "∅"
+    # Format characters: a right-to-left override reversed the text after it on the page, a
+    # zero-width space made a blank token.
+    assert report_data.visible("ab\u202ecd") == "ab\\u202ecd"
+    assert report_data.visible("\u200b") == "\\u200b"
 
 
 def test_matched_units_and_quantile_bands():

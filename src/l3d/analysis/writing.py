@@ -3,7 +3,9 @@ impact.safetensors, and for image inputs the top samples' images and a grid per 
 
 from __future__ import annotations
 
+import html
 import math
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -462,8 +464,27 @@ def _intervention_record(effect: InterventionEffect) -> dict[str, Any]:
     }
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
+# Unicode categories shown escaped: control, format (a right-to-left override reverses the text
+# after it, a zero-width space shows as nothing), surrogate, line and paragraph separators.
+HIDDEN = ("Cc", "Cf", "Cs", "Zl", "Zp")
+
+
+def escape_hidden(text: str) -> str:
+    """`text` with every character that would not show as itself escaped, e.g. \\x0b, \\u202e."""
+    return "".join(_escaped(c) if unicodedata.category(c) in HIDDEN else c for c in text)
+
+
+def _escaped(c: str) -> str:
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _cell(text: str, code: bool = False) -> str:
+    """Text for analysis.md: in a table cell, HTML-escaped (a token '<script>' or '&amp;' is
+    shown as written, not rendered); in a code span (`code`) as it is, which Markdown shows
+    literally."""
+    text = escape_hidden(text.replace("\n", "⏎")).replace("|", "\\|").replace("`", "'")
+    return text if code else html.escape(text, quote=False)
 
 
 def _markdown(result: dict, is_image: bool) -> str:
@@ -527,10 +548,12 @@ def _markdown(result: dict, is_image: bool) -> str:
             lines.append(f"| {e['impact']:.4g} | {shown} | {_cell(e['label'] or '')} |")
         what, change = s["derivative_label"], s["change_label"]
         up = ", ".join(
-            f"`{_cell(t['label'])}` {t['value']:+.3g}" for t in r["top_logits"]["positive"]
+            f"`{_cell(t['label'], code=True)}` {t['value']:+.3g}"
+            for t in r["top_logits"]["positive"]
         )
         down = ", ".join(
-            f"`{_cell(t['label'])}` {t['value']:+.3g}" for t in r["top_logits"]["negative"]
+            f"`{_cell(t['label'], code=True)}` {t['value']:+.3g}"
+            for t in r["top_logits"]["negative"]
         )
         i = r["intervention"]
         selectivity = (

@@ -8,7 +8,6 @@ becomes a note on the page saying how to get it, never a failed report."""
 
 from __future__ import annotations
 
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import yaml
 
 from l3d import io, runs
-from l3d.analysis.writing import read_analysis, read_intervention
+from l3d.analysis.writing import escape_hidden, read_analysis, read_intervention
 from l3d.config import L3DConfig
 from l3d.controls import read_controls
 from l3d.core.samples import as_inputs
@@ -435,17 +434,11 @@ def token_text(samples: Samples, token_id: int) -> str:
 def visible(text: str) -> str:
     """A token or output name that never shows as a blank: ∅ when empty, spaces as · when it is
     only whitespace, newlines and tabs as ↵ and →, other control characters (vertical tab, form
-    feed, ...) as their escape, e.g. \\x0b."""
+    feed, ...) and format characters (a right-to-left override would reverse the page's text
+    after it; a zero-width space shows as nothing) as their escape, e.g. \\x0b, \\u202e."""
     if text == "":
         return "∅"
     if not text.strip():
         text = text.replace(" ", "·")
     text = text.replace("\n", "↵").replace("\t", "→")
-    return "".join(
-        _escaped(c) if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text
-    )
-
-
-def _escaped(c: str) -> str:
-    code = ord(c)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return escape_hidden(text)
