@@ -379,9 +379,7 @@ def _decompose_folder(args: argparse.Namespace) -> int:
 def _stopped(command: str, stop: Any, run_dir: Any, again: str, what: str = "") -> int:
     """The one line of a run stopped by Ctrl-C or SIGTERM (`runs.Interrupted`), naming the
     command that continues it from its checkpoint; the exit status 128 + the signal."""
-    from l3d import runs
-
-    epochs = runs.RunDir(run_dir.path).spec().l3d.epochs
+    epochs = run_dir.spec().l3d.epochs
     print(
         f"l3d {command}: stopped by {stop} with {stop.epoch} of {epochs} epochs{what} done; "
         f"checkpoint saved. Continue with: {again}",
@@ -725,10 +723,11 @@ def _default_analysis(
     path = out / "analysis.json"
     if path.is_file():
         summary = read_analysis(path, n_v, "delete it (`l3d control` analyses again)")["summary"]
+        references = 1 if summary["pairs"] else defaults.n_references  # pairs: their own
         made_so = (
             summary.get("data") is None
             and summary["n_top"] == defaults.n_top
-            and summary["n_references"] in (defaults.n_references, 1 if summary["pairs"] else -1)
+            and summary["n_references"] == references
             and n_samples in (None, summary["n_samples"])
         )
         if made_so:
@@ -811,7 +810,7 @@ def _finetune_into(args: argparse.Namespace, run_dir: Any, out: Path) -> int:
             steps=args.steps,
             lr=args.lr,
             retain=retain,
-            retain_weight=1.0 if args.retain_weight is None else args.retain_weight,
+            **({} if args.retain_weight is None else {"retain_weight": args.retain_weight}),
             batch_size=args.batch_size,
             seed=args.seed,
             progress=not args.quiet,
