@@ -376,6 +376,9 @@ def test_right_types_are_accepted():
     assert l3d.L3DConfig.from_yaml(from_yaml.to_yaml()) == from_yaml
     with pytest.raises(L3DError, match=r"config key 'n_subnetworks'.*got '5'.*without quotes"):
         l3d.L3DConfig.from_yaml("params: [a]\nn_subnetworks: '5'\n")
+    # A switch written 1 or 0 is refused (strict booleans), with what to write instead.
+    with pytest.raises(L3DError, match=r"config key 'per_token'.*got 1\): write true or false"):
+        l3d.L3DConfig.from_yaml("params: [a]\nper_token: 1\n")
 
 
 # Custom callables at load time (item 13) --------------------------------------------------------

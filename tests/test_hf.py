@@ -391,3 +391,27 @@ def test_a_model_folder_without_tokenizer_files_is_named(saved_lm, tmp_path):
         (bare / name).unlink(missing_ok=True)
     with pytest.raises(L3DError, match=r"no usable tokenizer in '.*bare'.*data.options.tokenizer"):
         hf.load_tokenizer(bare)
+
+
+def test_byte_fragment_tokens_show_as_their_bytes(tmp_path):
+    """A byte-level BPE token holding part of a multi-byte character decodes alone to U+FFFD, so
+    every such token looked the same on the pages; each now shows its bytes (\\xe2...), a whole
+    character as itself."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    text = tmp_path / "text.txt"
+    text.write_text("price 5€ and 3€, café au lait\n" * 8)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([str(text)], vocab_size=256, min_frequency=1)  # the 256 bytes, no merges
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    fragments = [i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])]
+    assert len(fragments) == 128  # the non-ASCII bytes
+    labels = {i: hf.token_text(tokenizer, i) for i in fragments}
+    assert all("\ufffd" not in t for t in labels.values())
+    assert len(set(labels.values())) == len(fragments)
+    euro = tokenizer.encode("€", add_special_tokens=False)
+    assert [hf.token_text(tokenizer, i) for i in euro] == ["\\xe2", "\\x82", "\\xac"]
+    a = tokenizer.encode("a", add_special_tokens=False)[0]
+    assert hf.token_text(tokenizer, a) == "a"
+    assert hf.token_text(None, 7) == "7"

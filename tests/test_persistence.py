@@ -280,3 +280,29 @@ def test_a_folder_or_a_device_in_place_of_a_tensor_file_is_named_as_such(tmp_pat
         io.load_tensors("/dev/zero", "data file")
     with pytest.raises(L3DError, match=r"data file .*missing.safetensors does not exist"):
         io.load_tensors(tmp_path / "missing.safetensors", "data file")
+
+
+def test_file_hash_is_read_once_per_process_unless_the_file_changed(tmp_path, monkeypatch):
+    """`l3d control` opens its run several times, and each opening checks the data file's sha256:
+    a multi-GB token file was read each time. A file unchanged since a hash (same size, inode and
+    modification time, older than the clock's granularity) is not read again; a rewritten one
+    is, also when it keeps its size."""
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"a" * 1000)
+    old = 1_000_000_000
+    os.utime(data, ns=(old, old))  # long before now: safe to remember
+    reads = []
+    real_open = type(data).open
+
+    def counting_open(self, mode="r", *args, **kwargs):
+        if mode == "rb":
+            reads.append(self)
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(type(data), "open", counting_open)
+    first = io.file_sha256(data)
+    assert io.file_sha256(data) == first and len(reads) == 1
+    data.write_bytes(b"b" * 1000)  # same size, modified now
+    second = io.file_sha256(data)
+    assert second != first and len(reads) == 2
+    assert io.file_sha256(data) == second and len(reads) == 3  # too recent to remember

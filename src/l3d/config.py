@@ -422,6 +422,8 @@ def describe_validation_error(
             got = "" if e["type"] == "value_error" else f" (got {_short_repr(e['input'])})"
             if _quoted(e["input"], e["type"]):
                 got += ", a string: write the value without quotes"
+            elif e["type"] == "bool_type" and e["input"] in (0, 1):
+                got += ": write true or false"
             parts.append(f"config key '{where or 'config'}': {msg}{got}")
     return "; ".join(parts)
 

@@ -8,6 +8,8 @@ only, lazily.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +137,42 @@ def vocab_size(model: nn.Module) -> int:
             ".config.vocab_size or output embeddings"
         )
     return int(embeddings.weight.shape[0])
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """Token `token_id` decoded alone, or its id without a tokenizer. A byte-level BPE token
+    (GPT-2) or a byte-fallback token (Llama's <0xE2>) can hold part of a multi-byte character,
+    which decodes alone to U+FFFD, the same for every such token: those show their bytes instead
+    (\\xe2), the whole characters among them as themselves."""
+    if tokenizer is None:
+        return str(token_id)
+    text = str(tokenizer.decode([token_id]))
+    if "\ufffd" not in text:
+        return text
+    raw = _token_bytes(tokenizer, token_id)
+    return text if raw is None else raw.decode("utf-8", errors="backslashreplace")
+
+
+def _token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
+    """The bytes behind a byte-level or byte-fallback token; None for other tokenizers."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    piece = convert(token_id) if callable(convert) else None
+    if not isinstance(piece, str) or not piece:
+        return None
+    if fallback := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+        return bytes.fromhex(fallback[1])
+    table = _byte_level_table()
+    return bytes(table[c] for c in piece) if all(c in table for c in piece) else None
+
+
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
+    other 68 for chr(256 + n) in byte order (no public tokenizers API exposes the table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
 
 
 def check_vocabulary(tokenizer: Any, model: nn.Module) -> None:

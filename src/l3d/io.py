@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,12 +71,27 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    """The sha256 of a file's bytes, read in 1 MiB blocks; remembered for the process while the
+    file keeps its size, inode and modification time (a command that opens a run several times
+    reads a multi-GB data file once). Like git's racy-clean rule, a file modified within the
+    last RECENT_NS is read each time: a rewrite inside the clock's granularity keeps its mtime."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_ino, stat.st_mtime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
+    started = time.time_ns()
     digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    if started - stat.st_mtime_ns > RECENT_NS:
+        _HASHES[key] = digest.hexdigest()
     return digest.hexdigest()
+
+
+RECENT_NS = 2_000_000_000
+_HASHES: dict[tuple[str, int, int, int], str] = {}
 
 
 def read_json(path: str | Path, what: str) -> Any:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, NonNegativeInt, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from l3d import io, plots
+from l3d import hf, io, plots
 from l3d.analysis.quantities import (
     InterventionEffect,
     can_generate,
@@ -316,9 +316,7 @@ class _Describer:
             entry["input"], entry["position"] = row, pos
             if self.tokenizer is not None:
                 entry["text"] = self.tokenizer.decode(ids[:pos])
-                entry["token"] = self.tokenizer.decode([ids[pos]])
-            else:
-                entry["token"] = str(ids[pos])
+            entry["token"] = hf.token_text(self.tokenizer, ids[pos])
         if self.images is not None:
             if row not in self.saved:
                 self.saved[row] = f"images/sample_{row:06d}.png"
@@ -371,7 +369,7 @@ class _Describer:
     def output(self, i: int) -> str:
         """The name of output i: its token for a language model, else its class name."""
         if self.tokenizer is not None and self.per_token:
-            return self.tokenizer.decode([i])
+            return hf.token_text(self.tokenizer, i)
         return _name(i, self.class_names)
 
     def grid(self, k: int, top: Tensor, samples: list[dict], p_active: float) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from l3d import io, runs
+from l3d import hf, io, runs
 from l3d.analysis.writing import escape_hidden, read_analysis, read_intervention
 from l3d.config import L3DConfig
 from l3d.controls import read_controls
@@ -416,7 +416,8 @@ def top_terms(data: RunData, rows: np.ndarray, n: int = 5) -> list[str]:
 
 
 def token_text(samples: Samples, token_id: int) -> str:
-    """A token as the pages show it: decoded alone; whitespace made visible (· ↵ →), an empty
+    """A token as the pages show it: decoded alone (`hf.token_text`: byte fragments as their
+    bytes); whitespace made visible (· ↵ →), an empty
     decoding as ∅, an id outside the tokenizer's vocabulary (or no tokenizer) as ⟨id⟩."""
     tokenizer = samples.tokenizer
     if tokenizer is None:
@@ -424,7 +425,7 @@ def token_text(samples: Samples, token_id: int) -> str:
     if token_id not in samples._decoded:
         try:
             in_vocab = 0 <= token_id < len(tokenizer)
-            text = tokenizer.decode([token_id]) if in_vocab else None
+            text = hf.token_text(tokenizer, token_id) if in_vocab else None
         except (TypeError, ValueError, IndexError, OverflowError):
             text = None
         samples._decoded[token_id] = f"⟨{token_id}⟩" if text is None else visible(text)
