@@ -318,12 +318,15 @@ def test_kmeans_coordinates_keep_every_dot_product():
 
 def test_gradient_initialisation_needs_as_many_nonzero_gradients_as_subnetworks():
     model = nn.Linear(3, 2, bias=False)
-    x = torch.zeros(8, 3)  # every gradient is zero
+    x = torch.zeros(8, 3)
+    x[0, 0] = 1.0  # one nonzero gradient against the zero reference
+    zero = {"reference": lambda out, generator: torch.zeros_like(out), "progress": False}
     with pytest.raises(l3d.L3DError, match="init='gradients' needs at least n_subnetworks=2"):
-        l3d.decompose(
-            model, x, params=["weight"], n_subnetworks=2, epochs=1, init="gradients",
-            reference=lambda out, generator: torch.zeros_like(out), progress=False,
-        )  # fmt: skip
+        l3d.decompose(model, x, params=["weight"], n_subnetworks=2, epochs=1, init="gradients",
+                      **zero)  # fmt: skip
+    with pytest.raises(l3d.L3DError, match=r"\(init='gradients'\) found every per-sample gradient"):
+        l3d.decompose(model, torch.zeros(8, 3), params=["weight"], n_subnetworks=2, epochs=1,
+                      init="gradients", **zero)  # fmt: skip
 
 
 def _one_hot_gradients(per_feature: list[int]) -> tuple[nn.Module, torch.Tensor]:

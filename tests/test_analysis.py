@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from l3d import Decomposition, decompose
+from l3d import Decomposition, L3DError, decompose
 from l3d.analysis import (
     AnalysisOptions,
     InterventionEffect,
@@ -402,3 +402,23 @@ def test_analysis_markdown_shows_odd_tokens_as_written():
     assert _cell("a|b\nc`") == "a\\|b⏎c'"
     assert _cell("x\u202ey") == "x\\u202ey" and _cell("\x02", code=True) == "\\x02"
     assert _cell("<b>", code=True) == "<b>"  # a code span shows it literally
+
+
+def test_selectivity_compares_the_top_samples_with_the_others(classifier, tmp_path):
+    """The random baseline held the top samples too: with every sample among the random ones
+    (24 here, fewer than the 64 drawn) the ratio shrank towards 1, and with n_top at the sample
+    count it was exactly 1 (the same samples on both sides), with no word."""
+    from l3d.analysis.quantities import intervention_effect
+
+    d, x = classifier
+    top, random = torch.tensor([3, 7]), torch.arange(24)
+    effect = intervention_effect(d, x, 1, 0.5, top, random)
+    change = d.output_change(x, 1, [-0.5, 0.5])  # (2, 24)
+    others = torch.ones(24, dtype=torch.bool)
+    others[top] = False
+    assert effect.random == pytest.approx(tuple(change[:, others].mean(1).tolist()), rel=1e-5)
+    assert effect.top == pytest.approx(tuple(change[:, top].mean(1).tolist()), rel=1e-5)
+    with pytest.raises(L3DError, match=r"--n-top 24 is not below the 24 samples analysed"):
+        write_analysis(d, x, tmp_path / "a", options=AnalysisOptions(n_top=24, progress=False))
+    with pytest.raises(L3DError, match=r"no samples to analyse"):
+        write_analysis(d, x[:0], tmp_path / "b", options=AnalysisOptions(progress=False))

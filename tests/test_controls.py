@@ -208,7 +208,7 @@ def test_controls_compare_analyses_made_the_same_way(tmp_path):
     controls through a default analysis of its own (RUN_DIR/controls/analysis), never its custom
     one against the controls' default ones; the user's analysis is left as it was."""
     _, run = _tiny_run(tmp_path)
-    assert main(["analyze", str(run), "--n-samples", "20", "--n-top", "20", "-q"]) == 0
+    assert main(["analyze", str(run), "--n-samples", "20", "--n-top", "15", "-q"]) == 0
     custom = (run / "analysis" / "analysis.json").read_bytes()
     assert main(["control", str(run), "-q"]) == 0
     assert (run / "analysis" / "analysis.json").read_bytes() == custom

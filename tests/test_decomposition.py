@@ -185,3 +185,47 @@ def test_held_out_split_needs_indexable_data_and_enough_of_it(mlp):
             mlp, x[:3], params=["fc1.weight"], n_subnetworks=2, epochs=1,
             heldout_fraction=0.4, progress=False,
         )  # fmt: skip
+
+
+class NormDropNet(torch.nn.Module):
+    """BatchNorm (fitted running statistics) and dropout, as a user's model left in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc2 = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.norm(self.fc1(x)))))
+
+
+def test_a_model_in_train_mode_runs_in_eval_mode_and_keeps_its_state():
+    """Samples must not interact (batch statistics), be random (dropout) or change the model
+    (running statistics). The default subnetwork count ran a train-mode model in train mode (a
+    vmap traceback after moving BatchNorm's statistics); interventions ran it in whatever mode
+    it was in (at δ = 0 the outputs were not f(x, W0)); coefficients left it in eval mode."""
+    torch.manual_seed(0)
+    model = NormDropNet()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-1, 1)
+        model.norm.running_var.uniform_(0.5, 2)
+    x = torch.randn(64, 4)
+    state = copy.deepcopy(model.state_dict())
+    model.train()
+    d = l3d.decompose(model, x, params=["fc1.weight", "fc2.weight"], epochs=2, progress=False)
+    assert model.training and model.norm.training
+    at_w0 = copy.deepcopy(model).eval()(x)
+    torch.testing.assert_close(d.intervene(x, 0, 0.0), at_w0)
+    torch.testing.assert_close(d.intervene(x, 0, 0.0), d.intervene(x, 0, 0.0), rtol=0, atol=0)
+    assert d.output_change(x, 0, [0.0]).abs().max() == 0
+    d.coefficients(x)
+    d.output_derivative(x, 0)
+    assert model.training and model.norm.training and model.drop.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    # A submodule the user left in eval mode stays so.
+    model.drop.eval()
+    d.intervene(x, 0, 0.1)
+    assert model.training and not model.drop.training

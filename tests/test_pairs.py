@@ -308,3 +308,162 @@ def test_off_target_scores_equal_a_loop_over_steps(classifier):
     same = Referenced(x, d.model(x).detach())  # pair_data refuses such pairs itself
     with pytest.raises(L3DError, match="the other pairs' outputs are identical at W0"):
         off_target_scores(d, target, same, deltas=deltas)
+
+
+def _token_pairs(n: int = 4, seq: int = 6) -> tuple[dict, dict]:
+    """Token pairs for TokenModel (a running sum over positions, so causal): counterparts change
+    token 1, so the outputs differ from position 1 on. Both with an all-ones attention mask."""
+    ids = torch.randint(0, 7, (n, seq), generator=torch.Generator().manual_seed(5))
+    other = ids.clone()
+    other[:, 1] = (ids[:, 1] + 1) % 7
+    mask = torch.ones(n, seq, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask}, {"input_ids": other, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def token_run():
+    torch.manual_seed(6)
+    model = TokenModel()
+    x, c = _token_pairs()
+    d = l3d.decompose_pairs(
+        model, x, c, params=["head.weight"], n_subnetworks=2, epochs=1, batch_size=4,
+        divergence="kl", per_token=True, progress=False,
+    )  # fmt: skip
+    return d, x, c
+
+
+def test_positions_only_on_the_inputs_padding_are_refused(token_run):
+    """Positions where the inputs' attention_mask is 0 are no samples: pair_data accepted them
+    (0 samples) and the run failed later with torch's "selected index k out of range"."""
+    d, x, c = token_run
+    padded = {**x, "attention_mask": x["attention_mask"].clone()}
+    padded["attention_mask"][:, 4:] = 0
+    c_padded = {**c, "attention_mask": padded["attention_mask"].clone()}
+    positions = torch.zeros(4, 6, dtype=torch.bool)
+    positions[:, 5] = True
+    options = dict(params=["head.weight"], n_subnetworks=2, epochs=1, per_token=True)
+    calls = [
+        lambda: pair_data(d.model, padded, c_padded, positions=positions),
+        lambda: l3d.decompose_pairs(
+            d.model, padded, c_padded, positions=positions, progress=False, **options
+        ),
+        lambda: patching_scores(d, padded, c_padded, positions=positions),
+        lambda: switch_rates(d, padded, c_padded, torch.tensor([1.0]), positions=positions),
+        lambda: pair_coefficients(d, padded, c_padded, positions=positions),
+    ]
+    for call in calls:
+        with pytest.raises(
+            L3DError, match=r"positions mark only padding \(attention_mask 0\)"
+        ) as e:
+            call()
+        assert "\n" not in str(e.value)
+    positions[:, 3] = True  # one compared position with a token is enough
+    data = pair_data(d.model, padded, c_padded, positions=positions)
+    assert pair_coefficients(d, padded, c_padded, positions=positions).shape == (4, 2)
+    assert data.references.shape == (4, 6, 7)
+
+
+def test_a_counterparts_padding_is_never_a_reference(token_run):
+    """A counterpart shorter than its input (attention_mask 0 at a compared position) gave its
+    output at a padding token as the reference, silently. Refused, naming the pair and position,
+    with and without positions, and the other way round with symmetric=True."""
+    d, x, c = token_run
+    short = {**c, "attention_mask": c["attention_mask"].clone()}
+    short["attention_mask"][2, 3:] = 0  # pair 2's counterpart is 3 tokens long
+    positions = torch.zeros(4, 6, dtype=torch.bool)
+    positions[:, 5] = True
+    fix = "pad the counterpart like its input"
+    for pos in (positions, None):
+        with pytest.raises(L3DError, match=rf"pair 2 .*position {3 if pos is None else 5}.*{fix}"):
+            pair_data(d.model, x, short, positions=pos)
+    with pytest.raises(L3DError, match=rf"pair 2 .*position 5.*{fix}"):
+        l3d.decompose_pairs(
+            d.model, x, short, params=["head.weight"], n_subnetworks=2, epochs=1,
+            per_token=True, positions=positions, progress=False,
+        )  # fmt: skip
+    with pytest.raises(L3DError, match=r"pair 2 .*position 5"):
+        patching_scores(d, x, short, positions=positions)
+    # symmetric: the input is the reference of the reversed pair, so its padding is refused too
+    with pytest.raises(L3DError, match=r"pair 2 .*position 3"):
+        pair_data(d.model, short, x, symmetric=True)
+    # Positions only where both have tokens are fine; the references are the real outputs there.
+    positions[:, 5], positions[:, 2] = False, True
+    data = pair_data(d.model, x, short, positions=positions)
+    with torch.no_grad():
+        torch.testing.assert_close(data.references[:, 2], d.model(**short)[:, 2])
+    # Padding at the same positions in both is no sample, and fine.
+    both = {**x, "attention_mask": short["attention_mask"]}
+    pair_data(d.model, both, short)
+
+
+class Pooled(nn.Module):
+    """A sequence classifier: one output row per sequence (no sequence axis)."""
+
+    def __init__(self, n_out: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, n_out)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(torch.tanh(self.embed(input_ids).mean(1)))
+
+
+@pytest.mark.parametrize("n_out", [3, 6])  # 6: as wide as the sequence
+def test_positions_in_a_run_that_is_not_per_token_are_refused(n_out):
+    """positions mark per-token samples: without per_token they were an IndexError in the
+    difference check (outputs narrower than seq) or silently ignored (as wide)."""
+    torch.manual_seed(7)
+    model = Pooled(n_out)
+    x, c = _token_pairs()
+    c["input_ids"][:, 0] = (x["input_ids"][:, 0] + 1) % 7
+    positions = torch.zeros(4, 6, dtype=torch.bool)
+    positions[:, 5] = True
+    options = dict(params=["head.weight"], n_subnetworks=2, epochs=1, progress=False)
+    with pytest.raises(L3DError, match=r"positions .*per_token=True") as err:
+        l3d.decompose_pairs(model, x, c, positions=positions, **options)
+    assert "\n" not in str(err.value)
+    d = l3d.decompose_pairs(model, x, c, **options)
+    for call in (pair_coefficients, patching_scores):
+        with pytest.raises(L3DError, match=r"positions .*per_token=True"):
+            call(d, x, c, positions=positions)
+    # pair_data alone has no config: the outputs show that there is no position to mark
+    with pytest.raises(L3DError, match=rf"outputs \(4, {n_out}\) have no sequence axis"):
+        pair_data(model, x, c, positions=positions)
+    assert pair_data(model, x, c).references.shape == (4, n_out)
+
+
+def test_positions_that_mark_nothing_or_no_difference_say_so(token_run):
+    """All-false positions got "give counterparts that change the model's output", the wrong fix;
+    positions where the pairs do not differ now name the positions."""
+    d, x, c = token_run
+    with pytest.raises(L3DError, match=r"positions mark no position: mark at least one"):
+        pair_data(d.model, x, c, positions=torch.zeros(4, 6, dtype=torch.bool))
+    before = torch.zeros(4, 6, dtype=torch.bool)
+    before[:, 0] = True  # position 0 comes before the difference (causal): identical outputs
+    with pytest.raises(L3DError, match=r"identical at W0 at the marked positions.*positions"):
+        pair_data(d.model, x, c, positions=before)
+
+
+def test_pairs_without_samples_are_refused_by_the_analysis(token_run):
+    """Pairs as data whose every compared position is padding have no samples: patching_scores
+    returned 0 (max(0, nan)), a plausible score."""
+    d, x, c = token_run
+    padded = {**x, "attention_mask": torch.zeros_like(x["attention_mask"])}
+    with torch.no_grad():
+        data = Referenced(padded, d.model(**c))
+    with pytest.raises(L3DError, match=r"no samples to analyse: .*padding") as err:
+        patching_scores(d, data)
+    assert "\n" not in str(err.value)
+    good = pair_data(d.model, x, c)
+    for target, other in ((data, good), (good, data)):
+        with pytest.raises(L3DError, match=r"no samples to analyse: .*padding"):
+            off_target_scores(d, target, other)
+
+
+def test_positions_of_the_wrong_type_are_named(token_run):
+    """A list was an AttributeError; a numpy bool array was "must be a bool tensor ... got bool"."""
+    d, x, c = token_run
+    np = pytest.importorskip("numpy")
+    for given, name in (([[True] * 6] * 4, "list"), (np.ones((4, 6), dtype=bool), "numpy.ndarray")):
+        with pytest.raises(L3DError, match=rf"positions must be a torch.Tensor.*got {name}:"):
+            pair_data(d.model, x, c, positions=given)

@@ -547,7 +547,7 @@ def _intervene(args: argparse.Namespace) -> int:
     from l3d import io, plots, runs
     from l3d.analysis import pair_impacts
     from l3d.analysis.writing import InterventionResult
-    from l3d.core.samples import Referenced
+    from l3d.core.samples import Referenced, check_samples
 
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
@@ -570,6 +570,7 @@ def _intervene(args: argparse.Namespace) -> int:
             inputs = inputs.inputs
         else:
             impact = d.impact(inputs, n_references=args.n_references).cpu()
+        check_samples(impact.shape[0])
         label = run.decomposition.divergence.change_label
         for k in args.subnetwork:
             change, floor = run.decomposition.output_change_and_floor(inputs, k, args.delta)

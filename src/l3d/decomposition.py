@@ -38,7 +38,13 @@ from l3d.core.divergences import (
     get_reference,
 )
 from l3d.core.gradients import GradientSource, Method
-from l3d.core.model import Target, resolve_device, resolve_ranks, select_parameters
+from l3d.core.model import (
+    Target,
+    check_loaded,
+    resolve_device,
+    resolve_ranks,
+    select_parameters,
+)
 from l3d.core.resampling import (
     SUBNETWORKS_PER_DIRECTION,
     dense_helpers_fit,
@@ -140,13 +146,8 @@ def check_run(
     """What `run` checks before training, without training or allocating the subnetworks: the
     model, data and divergence together, n_subnetworks 'auto' chosen, and the memory against the
     device. Returns the config as the run would use it and the memory estimate's line."""
-    was_training = model.training
-    model.eval()
-    try:
-        config = resolve_n_subnetworks(model, data, config, divergence, reference)
-        *_, memory = _prepare(model, data, config, divergence, reference, progress=False)
-    finally:
-        model.train(was_training)
+    config = resolve_n_subnetworks(model, data, config, divergence, reference)
+    *_, memory = _prepare(model, data, config, divergence, reference, progress=False)
     return config, memory
 
 
@@ -161,6 +162,7 @@ def _prepare(
     """The target, the gradient sources (training, held out) and the memory estimate's line,
     after refusing a run that would not fit in the device's memory (`check_memory`)."""
     device = resolve_device(config.device)
+    check_loaded(model)
     model.to(device)
     target = Target.create(model, config.params)
     ranks = resolve_ranks(target.names, config.rank)
@@ -363,34 +365,29 @@ def run(
     Under an initialised torch.distributed process group, every rank calls `run` with the same
     arguments and takes its shard of every batch (docs/distributed.md); all return the same result.
     """
-    was_training = model.training
-    model.eval()  # batch statistics would make samples interact; BatchNorm uses running stats.
-    try:
-        config = resolve_n_subnetworks(model, data, config, divergence, reference, trainer_state)
-        _target, source, trainer = build(
-            model, data, config, divergence, reference, progress, shard_factors, log
-        )
-        if trainer_state is not None:
-            trainer.load_state_dict(trainer_state)
-        lead = trainer.group is None or trainer.group.lead
-        with _progress(config.epochs, progress and lead) as bar:
-            bar.update(trainer.epoch)
-            while trainer.epoch < config.epochs:
-                record = trainer.run_epoch(on_step=step_callback)
-                postfix = {
-                    LOSS_LABELS[config.loss]: f"{record['loss_' + config.loss]:.4f}",
-                    "live": record["live_subnetworks"],
-                }
-                if "loss_heldout_" + config.loss in record:
-                    postfix["held out"] = f"{record['loss_heldout_' + config.loss]:.4f}"
-                bar.set_postfix(postfix)
-                bar.update(1)
-                if callback is not None:
-                    callback(trainer, record)
-        pair = trainer.final_pair()
-        final = evaluate(pair, source, config.top_k, config.seed + 2, trainer.group)
-    finally:
-        model.train(was_training)
+    config = resolve_n_subnetworks(model, data, config, divergence, reference, trainer_state)
+    _target, source, trainer = build(
+        model, data, config, divergence, reference, progress, shard_factors, log
+    )
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+    lead = trainer.group is None or trainer.group.lead
+    with _progress(config.epochs, progress and lead) as bar:
+        bar.update(trainer.epoch)
+        while trainer.epoch < config.epochs:
+            record = trainer.run_epoch(on_step=step_callback)
+            postfix = {
+                LOSS_LABELS[config.loss]: f"{record['loss_' + config.loss]:.4f}",
+                "live": record["live_subnetworks"],
+            }
+            if "loss_heldout_" + config.loss in record:
+                postfix["held out"] = f"{record['loss_heldout_' + config.loss]:.4f}"
+            bar.set_postfix(postfix)
+            bar.update(1)
+            if callback is not None:
+                callback(trainer, record)
+    pair = trainer.final_pair()
+    final = evaluate(pair, source, config.top_k, config.seed + 2, trainer.group)
     return Decomposition(
         config=config,
         subnetworks=pair,
@@ -499,7 +496,6 @@ class Decomposition:
         same samples come back epoch after epoch. Inputs of another shape, dtype or keys than
         those seen before are checked too, so that they fail in one line here as well."""
         if self._source is None:
-            self.model.eval()
             self._source = gradient_source(
                 self.target,
                 self.config,
@@ -522,7 +518,6 @@ class Decomposition:
         None to draw them with the configured strategy among `inputs` (seeded by `seed`, default
         config.seed). With per_token, rows are the valid (sequence, position) samples in order.
         """
-        self.model.eval()
         inputs = to_device(inputs, self.device)
         generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
         references = None if references is None else references.to(self.device)
@@ -533,7 +528,6 @@ class Decomposition:
     def evaluate(self, data: object, seed: int = 0, top_k: float | None = None) -> Evaluation:
         """P_act and both losses on any data (e.g. held-out samples), batched as in training; under
         a process group, each rank evaluates its shard of every batch."""
-        self.model.eval()
         source = gradient_source(
             self.target,
             self.config,
@@ -590,7 +584,6 @@ class Decomposition:
 
         if n_references < 1:
             raise L3DError(f"n_references must be >= 1; got {n_references}")
-        self.model.eval()
         size = chunk_size or self.config.batch_size
         chunks = list(enumerate(_chunks(batch_size_of(inputs), size)))
         group = Group.current()

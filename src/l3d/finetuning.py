@@ -650,21 +650,16 @@ def objective_scores(
     labelled = Labelled(to_device(labelled.inputs, device), labelled.labels.to(device))
     labelled = _check_fits(target, labelled, objective)
     retain = to_device(retain, device)
-    was_training = decomposition.model.training
-    decomposition.model.eval()
-    try:
-        # g: every subnetwork's cores at 0 in one adapter; one backward of the objective.
-        adapter = Adapter(decomposition.model, directions, list(range(n_v)), "cores")
-        loss = objective_loss(objective, adapter.forward(labelled.inputs), labelled.labels)
-        grads = torch.autograd.grad(loss, adapter.cores)
-        by_k: list[list[int]] = [[] for _ in range(n_v)]  # _core_bases: tensor-major, then k
-        for i in range(len(adapter.bases)):
-            by_k[i % n_v].append(i)
-        g = [torch.cat([grads[i].flatten() for i in idx]) for idx in by_k]
-        h = [_retain_gauss_newton(decomposition, [adapter.bases[i] for i in idx], retain, chunk)
-             for idx in by_k]  # fmt: skip
-    finally:
-        decomposition.model.train(was_training)
+    # g: every subnetwork's cores at 0 in one adapter; one backward of the objective.
+    adapter = Adapter(decomposition.model, directions, list(range(n_v)), "cores")
+    loss = objective_loss(objective, adapter.forward(labelled.inputs), labelled.labels)
+    grads = torch.autograd.grad(loss, adapter.cores)
+    by_k: list[list[int]] = [[] for _ in range(n_v)]  # _core_bases: tensor-major, then k
+    for i in range(len(adapter.bases)):
+        by_k[i % n_v].append(i)
+    g = [torch.cat([grads[i].flatten() for i in idx]) for idx in by_k]
+    h = [_retain_gauss_newton(decomposition, [adapter.bases[i] for i in idx], retain, chunk)
+         for idx in by_k]  # fmt: skip
     eps = damping * torch.cat([m.diagonal() for m in h]).mean().clamp_min(1e-30)
     scores = [
         g_k @ torch.linalg.solve(h_k + eps * torch.eye(len(g_k), dtype=h_k.dtype), g_k)
@@ -904,8 +899,6 @@ def train_edit(
                 f"({str(err).splitlines()[0]}): give inputs as the model takes them"
             ) from None
         check_finite(retain_inputs, "the retain data")
-    was_training = decomposition.model.training
-    decomposition.model.eval()  # BatchNorm on its running statistics, dropout off: as at W0
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(edit.trainable(), lr=lr)
     n_target = batch_size_of(target.inputs)
@@ -950,7 +943,6 @@ def train_edit(
                 callback(step + 1, edit)
     finally:
         bar.close()
-        decomposition.model.train(was_training)
     return edit
 
 

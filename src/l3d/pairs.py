@@ -29,6 +29,7 @@ from l3d.core.samples import (
     SampleRows,
     batch_size_of,
     check_finite,
+    check_samples,
     describe_inputs,
     model_failure,
     take,
@@ -79,9 +80,17 @@ def _check_like_inputs(counterparts: Inputs, inputs: Inputs) -> None:
         )
 
 
-def no_difference(which: str = "the pairs'") -> L3DError:
+def no_difference(which: str = "the pairs'", positions: bool = False) -> L3DError:
     """The one error for pairs without a difference: every output at W0 equals its counterpart's,
-    so every pair gradient is zero (nothing to decompose) and no step closes anything."""
+    so every pair gradient is zero (nothing to decompose) and no step closes anything.
+    positions: the pairs are compared at marked positions only (`positions`)."""
+    if positions:
+        return L3DError(
+            f"{which} outputs are identical at W0 at the marked positions (each counterpart's "
+            "output equals its input's there): there is no difference to decompose or close; "
+            "mark positions where the outputs differ (at or after the changed tokens in a causal "
+            "model), or give counterparts that change the model's output there"
+        )
     return L3DError(
         f"{which} outputs are identical at W0 (each counterpart's output equals its input's): "
         "there is no difference to decompose or close; give counterparts that change the "
@@ -100,6 +109,14 @@ def with_positions(inputs: Inputs, positions: Tensor | None) -> Inputs:
     """The inputs with `positions` (batch, seq) as the per-token sample mask."""
     if positions is None:
         return inputs
+    if not isinstance(positions, Tensor):
+        kind = type(positions).__qualname__
+        if type(positions).__module__ != "builtins":
+            kind = f"{type(positions).__module__}.{kind}"
+        raise L3DError(
+            "positions must be a torch.Tensor (bool, shaped (batch, seq)) marking the positions "
+            f"to compare; got {kind}: convert it, e.g. torch.as_tensor(positions).bool()"
+        )
     if not isinstance(inputs, dict):
         raise L3DError(
             "positions= restricts per-token samples of dict inputs (input_ids, attention_mask, "
@@ -118,10 +135,10 @@ def with_positions(inputs: Inputs, positions: Tensor | None) -> Inputs:
 def _outputs_at_w0(model: nn.Module, batch_size: int) -> Iterator[Callable[..., Iterator[Tensor]]]:
     """`outputs(inputs, what)`: the model's outputs at W0, in eval mode, chunk by chunk. A model
     that fails on the first chunk (dtype, feature count, dict keys) is one line naming `what`."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    target = Target.create(model, [next(n for n, _ in model.named_parameters())])
+    # Any one tensor that can be decomposed: only the model's outputs are read.
+    name = next(n for n, p in model.named_parameters() if p.is_floating_point() and p.dim())
+    target = Target.create(model, [name])
 
     def outputs(inputs: Inputs, what: str) -> Iterator[Tensor]:
         n = batch_size_of(inputs)
@@ -137,11 +154,8 @@ def _outputs_at_w0(model: nn.Module, batch_size: int) -> Iterator[Callable[..., 
             except (RuntimeError, TypeError, ValueError, IndexError) as err:
                 raise model_failure(err, f"{what}'", chunk) from err
 
-    try:
-        with torch.no_grad():
-            yield outputs
-    finally:
-        model.train(was_training)
+    with torch.no_grad():
+        yield outputs
 
 
 def _no_rows(inputs: Inputs) -> None:
@@ -164,6 +178,66 @@ def _same(a: Tensor, b: Tensor, positions: Tensor | None) -> bool:
         mask = positions.to(a.device)
         a, b = a[mask], b[mask]
     return torch.equal(a, b)
+
+
+def _sequence_axis(outputs: Tensor, inputs: Inputs) -> bool:
+    """Whether the outputs are per token, (batch, seq, ...) along dict inputs' (batch, seq)."""
+    if not isinstance(inputs, dict):
+        return False
+    first = next(iter(inputs.values()))
+    return outputs.dim() == 3 and first.dim() >= 2 and outputs.shape[1] == first.shape[1]
+
+
+def _compared(inputs: Inputs, positions: Tensor | None) -> Tensor | None:
+    """(batch, seq) bool, the positions compared in per-token pairs: `positions` (all when None)
+    where the inputs have tokens (attention_mask 1); None for inputs with neither. Refuses
+    positions that mark nothing or only padding (no sample: the run failed later)."""
+    attention = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if positions is not None and not positions.any():
+        raise L3DError(
+            "positions mark no position: mark at least one (sequence, position) to compare"
+        )
+    if attention is None:
+        return positions
+    tokens = attention.to(positions.device if positions is not None else attention.device) != 0
+    if positions is None:
+        return tokens
+    compared = positions & tokens
+    if not compared.any():
+        raise L3DError(
+            "positions mark only padding (attention_mask 0): no marked position holds a token, "
+            "so there is no sample; mark positions where the inputs' attention_mask is 1"
+        )
+    return compared
+
+
+def _refuse_padded_references(
+    inputs: Inputs, sets: Sequence[Inputs], positions: Tensor | None, symmetric: bool
+) -> None:
+    """Refuse pairs whose reference would be an output at a padding token: a compared position
+    (marked, a token of the one compared) where the one giving the reference has
+    attention_mask 0. Per-token pairs align input and counterpart by position."""
+    if not isinstance(inputs, dict) or "attention_mask" not in inputs:
+        return
+    for j, c in enumerate(sets):
+        assert isinstance(c, dict)  # keys as the inputs' (checked)
+        note = f" (counterparts {j})" if len(sets) > 1 else ""
+        directions = [(inputs, c, "the counterpart", "its input", "")]
+        if symmetric:
+            directions.append((c, inputs, "the input", "its counterpart", ", symmetric=True"))
+        for first, other, whose, compared_one, why in directions:
+            compared = first["attention_mask"] != 0
+            if positions is not None:
+                compared = compared & positions.to(compared.device)
+            bad = torch.nonzero(compared & (other["attention_mask"] == 0))
+            if len(bad):
+                row, position = (int(i) for i in bad[0])
+                raise L3DError(
+                    f"{whose} of pair {row}{note} has padding (attention_mask 0) at position "
+                    f"{position}, where {compared_one} is compared{why}: its output there is no "
+                    "reference; pad the counterpart like its input (same length and padding "
+                    "side), or mark positions only where both have tokens"
+                )
 
 
 def pair_data(
@@ -198,9 +272,21 @@ def pair_data(
     if symmetric:
         firsts = [*firsts, *sets]
     own = _cat([with_positions(x, positions) for x in firsts])
+    compared = _compared(inputs, positions)
     with _outputs_at_w0(model, batch_size) as outputs:
         inputs_outputs = outputs(inputs, "the inputs")
         first = next(inputs_outputs)  # a model that fails on the inputs is named on them
+        if not _sequence_axis(first, inputs):
+            if positions is not None:
+                raise L3DError(
+                    f"positions mark per-token samples, but the model's outputs "
+                    f"{tuple(first.shape)} have no sequence axis (batch, seq, ...) along the "
+                    "inputs': drop positions (a model with one output per input compares whole "
+                    "inputs)"
+                )
+            compared = None  # one output per input: compared whole
+        else:
+            _refuse_padded_references(inputs, sets, positions, symmetric)
         references = [torch.cat(list(outputs(c, "the counterparts"))) for c in sets]
         # The inputs' own outputs: references when symmetric, else only compared, chunk by
         # chunk until a pair differs (usually in the first chunk).
@@ -209,14 +295,14 @@ def pair_data(
         for part in chain([first], inputs_outputs):
             start = sum(len(p) for p in parts)
             rows = slice(start, start + len(part))
-            mask = None if positions is None else positions[rows]
+            mask = None if compared is None else compared[rows]
             differ = differ or any(not _same(part, r[rows], mask) for r in references)
             parts.append(part)
             if differ and not symmetric:
                 break
     if not differ:
         # Every pair gradient would be zero: a decomposition to loss 0 that means nothing.
-        raise no_difference()
+        raise no_difference(positions=positions is not None)
     if symmetric:
         references += [torch.cat(parts)] * len(sets)
     return Referenced(own, torch.cat(references))
@@ -259,9 +345,42 @@ def decompose_pairs(
         seed=seed,
         **options,
     )
+    _check_per_token(config, positions)
     data = pair_data(model, inputs, counterparts, symmetric=symmetric, positions=positions)
     custom = divergence if callable(divergence) else None
     return run(model, data, config, divergence=custom, progress=progress)
+
+
+def _check_per_token(config: L3DConfig, positions: object) -> None:
+    """positions mark per-token samples: refuse them for a run that is not per-token."""
+    if positions is not None and not config.per_token:
+        raise L3DError(
+            "positions mark per-token samples, but the run is not per-token (per_token=False): "
+            "pass per_token=True for a model whose outputs have a sequence axis (batch, seq, "
+            "vocab), or drop positions"
+        )
+
+
+def _decomposition_pairs(
+    decomposition: Decomposition,
+    inputs: Inputs,
+    counterparts: Inputs | Sequence[Inputs],
+    positions: Tensor | None,
+    symmetric: bool = False,
+) -> Referenced:
+    """`pair_data` for a decomposition's model, positions only for a per-token one."""
+    _check_per_token(decomposition.config, positions)
+    return pair_data(
+        decomposition.model, inputs, counterparts, symmetric=symmetric, positions=positions
+    )
+
+
+def _sample_rows(decomposition: Decomposition, inputs: Inputs) -> SampleRows:
+    """The pairs' sample rows; refuses pairs without a sample (a mean over none is NaN), in the
+    analysis's words."""
+    rows = SampleRows.of(inputs, decomposition.config.per_token)
+    check_samples(rows.count(batch_size_of(inputs)))
+    return rows
 
 
 def pair_coefficients(
@@ -271,7 +390,8 @@ def pair_coefficients(
     positions: Tensor | None = None,
 ) -> Tensor:
     """c = V_in . grad_W D(f(x_i), f(x'_i)) per pair sample, (n_samples, n_v)."""
-    data = pair_data(decomposition.model, inputs, counterparts, positions=positions)
+    data = _decomposition_pairs(decomposition, inputs, counterparts, positions)
+    _sample_rows(decomposition, data.inputs)
     return decomposition.coefficients(data.inputs, references=data.references)
 
 
@@ -290,7 +410,7 @@ def _pairs(
         return inputs
     if counterparts is None:
         raise L3DError("counterparts missing: pass one counterpart per input")
-    return pair_data(decomposition.model, inputs, counterparts, positions=positions)
+    return _decomposition_pairs(decomposition, inputs, counterparts, positions)
 
 
 @torch.no_grad()
@@ -313,7 +433,7 @@ def patching_scores(
     data = _pairs(decomposition, inputs, counterparts, positions)
     x = to_device(data.inputs, decomposition.device)
     refs = data.references.to(decomposition.device)
-    rows = SampleRows.of(x, decomposition.config.per_token)
+    rows = _sample_rows(decomposition, x)
     if deltas is None:
         deltas = torch.linspace(-2, 2, 81) * decomposition.weight_norm()
     distance = decomposition.divergence.fn
@@ -324,7 +444,7 @@ def patching_scores(
 
     base = mean_divergence(decomposition.intervene(x, 0, 0.0))
     if base <= 0:
-        raise no_difference()
+        raise no_difference(positions=isinstance(x, dict) and SAMPLE_MASK in x)
     if directions is None:
         directions = [decomposition.v_out(k) for k in range(decomposition.n_subnetworks)]
     scores = []
@@ -352,9 +472,9 @@ def switch_rates(
     counterpart's at W0: how often moving along v switches the answer to the counterpart's.
     Counted over the pair samples whose answers differ at W0 (the others have nothing to
     switch). (n_directions, len(deltas))."""
-    data = pair_data(decomposition.model, inputs, counterparts, positions=positions)
+    data = _decomposition_pairs(decomposition, inputs, counterparts, positions)
     x = to_device(data.inputs, decomposition.device)
-    rows = SampleRows.of(x, decomposition.config.per_token)
+    rows = _sample_rows(decomposition, x)
     wanted = rows.rows(data.references.to(decomposition.device)).argmax(-1)
     differ = rows.rows(decomposition.intervene(x, 0, 0.0)).argmax(-1) != wanted
     if not differ.any():
@@ -384,10 +504,7 @@ def pair_gradients(
     """The dense pair gradients g_i = grad_W D(f(x_i, W), f(x'_i, W0)) at W0 that the
     decomposition reconstructs, {param: (n_samples, *shape)}, for baselines (small models only:
     n_samples x n_w memory)."""
-    data = pair_data(
-        decomposition.model, inputs, counterparts, symmetric=symmetric, positions=positions
-    )
-    decomposition.model.eval()
+    data = _decomposition_pairs(decomposition, inputs, counterparts, positions, symmetric)
     gradients = per_sample_gradients(
         decomposition.target,
         to_device(data.inputs, decomposition.device),
@@ -426,7 +543,7 @@ def _pair_divergence(
 ) -> Callable[[float, dict[str, Tensor]], float]:
     """(delta, v) -> the mean over the pairs' samples of D(f(x_i, W0 + delta v), f(x'_i, W0))."""
     x = to_device(data.inputs, decomposition.device)
-    rows = SampleRows.of(x, decomposition.config.per_token)
+    rows = _sample_rows(decomposition, x)
     refs = rows.rows(data.references.to(decomposition.device))
     distance = decomposition.divergence.fn
 

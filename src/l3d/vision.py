@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from l3d.config import L3DConfig, with_changes
-from l3d.core.model import select_parameters
+from l3d.core.model import evaluating, select_parameters
 from l3d.core.samples import check_finite
 from l3d.errors import L3DError, lookup
 
@@ -89,18 +89,15 @@ def _per_channel(values: Iterable[float] | None, default: float, c: int, name: s
 def check_classifier(model: nn.Module, images: Tensor) -> int:
     """Run the model on two images; a clear error if they do not fit it or it does not return
     (n, n_classes) logits. Returns n_classes."""
-    was_training = model.training
-    model.eval()
     try:
-        out = model(images[:2])
+        with evaluating(model):
+            out = model(images[:2])
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise L3DError(
             f"images of shape {tuple(images.shape[1:])} (C, H, W) do not fit the model: {first}. "
             "Resize or convert them to the input shape the model was trained on"
         ) from None
-    finally:
-        model.train(was_training)
     logits = out.logits if hasattr(out, "logits") else out
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from l3d.core.model import evaluating
 from l3d.core.samples import Inputs, Referenced, batch_size_of, take, to_device
 from l3d.core.subnetworks import Subnetworks
 from l3d.decomposition import Decomposition
@@ -85,7 +86,6 @@ def pair_impacts(
     batch size)."""
     from tqdm.auto import tqdm
 
-    decomposition.model.eval()
     n, size = batch_size_of(pairs.inputs), chunk_size or decomposition.config.batch_size
     generator = torch.Generator()  # draws nothing: every reference is given
     parts: list[list[Tensor]] = [[] for _ in directions]
@@ -166,9 +166,14 @@ def intervention_effect(
     direction: dict[str, Tensor] | None = None,
 ) -> InterventionEffect:
     """How far W0 ± delta v_k moves the outputs of the `top` samples and of the `random` ones
-    (sample rows), both measured in one pass: a forward at W0 and one per sign."""
+    that are not among them (sample rows: the baseline is the other samples, so that a ratio
+    near 1 means not selective rather than the same samples), both measured in one pass: a
+    forward at W0 and one per sign."""
+    others = random[~torch.isin(random, top)]
+    if not len(others):
+        raise L3DError("no random samples outside the top ones: measure on more samples")
     effects, floor = decomposition.output_change_and_floor(
-        inputs, k, (-delta, delta), torch.cat([top, random]), direction
+        inputs, k, (-delta, delta), torch.cat([top, others]), direction
     )
     on_top = effects[:, : len(top)].mean(1).tolist()
     on_random = effects[:, len(top) :].mean(1).tolist()
@@ -219,14 +224,15 @@ def generate_ids(
         return []
 
     def run() -> list[int]:
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=n_new,
-            min_new_tokens=n_new,  # side-by-side columns of equal length
-            do_sample=False,
-            pad_token_id=pad_token_id,
-        )
+        with evaluating(model):
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,  # side-by-side columns of equal length
+                do_sample=False,
+                pad_token_id=pad_token_id,
+            )
         return out[0, prompt.shape[1] :].tolist()
 
     if k is None:

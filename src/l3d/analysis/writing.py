@@ -31,7 +31,7 @@ from l3d.analysis.quantities import (
     top_samples,
 )
 from l3d.core.distributed import Group
-from l3d.core.samples import Inputs, Referenced, SampleRows, batch_size_of
+from l3d.core.samples import Inputs, Referenced, SampleRows, batch_size_of, check_samples
 from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
 from l3d.pairs import patching_scores
@@ -131,6 +131,7 @@ def write_analysis(
     inputs = inputs.inputs if isinstance(inputs, Referenced) else inputs
     per_token = decomposition.config.per_token
     positions = SampleRows.of(inputs, per_token).positions(batch_size_of(inputs))
+    check_sample_count(len(positions), options.n_top)
     labels = sample_labels(labels, inputs, positions)
     describe = _Describer(
         inputs, positions, per_token, tokenizer, labels, class_names,
@@ -260,6 +261,18 @@ def write_analysis(
     plots.plot_p_active(p_active, out / "p_active.png", sort=True)
     io.write_text(out / "analysis.md", _markdown(result, describe.images is not None))
     return result
+
+
+def check_sample_count(n_samples: int, n_top: int | None = None) -> None:
+    """Refuse measuring on no samples; with n_top, also a top set that leaves no other samples
+    (selectivity compares each subnetwork's top samples with the others)."""
+    check_samples(n_samples)
+    if n_top is not None and n_top >= n_samples:
+        raise L3DError(
+            f"--n-top {n_top} is not below the {n_samples} samples analysed (AnalysisOptions."
+            "n_top): selectivity compares a subnetwork's top samples with the others; give a "
+            "smaller --n-top, or more samples (--n-samples)"
+        )
 
 
 def _is_image_batch(inputs: Inputs, per_token: bool) -> bool:

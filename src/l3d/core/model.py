@@ -7,7 +7,8 @@ import difflib
 import fnmatch
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,29 @@ def select_parameters(model: nn.Module, patterns: Iterable[str]) -> list[str]:
                 f"The model's parameters are: {listing}"
             )
         selected += [h for h in hits if h not in selected]
+    params = dict(model.named_parameters())
+    for name in selected:
+        p = params[name]
+        if not p.is_floating_point():
+            raise L3DError(
+                f"parameter '{name}' holds {str(p.dtype).removeprefix('torch.')} values, which "
+                "have no gradient: leave it out of params (name the tensors to decompose)"
+            )
+        if p.dim() == 0:
+            raise L3DError(
+                f"parameter '{name}' is a single number (0-d): L3D decomposes tensors with at "
+                "least one axis; leave it out of params (name the tensors to decompose)"
+            )
     return [n for n in names if n in selected]
+
+
+def check_loaded(model: nn.Module) -> None:
+    """Refuse a model whose parameters hold no values (made on the meta device)."""
+    if any(p.is_meta for p in model.parameters()):
+        raise L3DError(
+            "the model's parameters are on the meta device and hold no values (made with "
+            "device='meta' or an empty-weights context?): load its weights first"
+        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -78,14 +101,31 @@ def output_tensor(output: object) -> Tensor:
     item."""
     if isinstance(output, Tensor):
         return output
-    if hasattr(output, "logits"):
-        return output.logits
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise L3DError(
         f"the model returned {type(output).__name__}; L3D needs a tensor, an object with .logits, "
         "or a tuple whose first item is the output tensor"
     )
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block, each module's own mode restored after. L3D's
+    per-sample gradient g_i is a function of x_i and W0 alone (Section 2.1): in train mode
+    BatchNorm's batch statistics would make samples interact and move its running statistics,
+    and dropout would make g_i random."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield model
+    finally:
+        for m in training:
+            m.training = True
 
 
 @dataclass
@@ -100,6 +140,7 @@ class Target:
 
     @classmethod
     def create(cls, model: nn.Module, patterns: Iterable[str]) -> Target:
+        check_loaded(model)
         names = select_parameters(model, patterns)
         params = dict(model.named_parameters())
         w0 = {n: params[n].detach().clone() for n in names}
@@ -116,7 +157,9 @@ class Target:
         args = (inputs,) if isinstance(inputs, Tensor) else ()
         kwargs = {} if isinstance(inputs, Tensor) else dict(inputs)
         kwargs.pop(SAMPLE_MASK, None)  # which positions are samples: L3D's, not the model's
-        return output_tensor(functional_call(self.model, {**self.frozen, **params}, args, kwargs))
+        with evaluating(self.model):
+            out = functional_call(self.model, {**self.frozen, **params}, args, kwargs)
+        return output_tensor(out)
 
     @torch.no_grad()
     def outputs(self, inputs: Inputs) -> Tensor:

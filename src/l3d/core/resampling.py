@@ -23,7 +23,7 @@ from torch import Tensor
 from l3d.config import L3DConfig
 from l3d.core.algorithm import SubnetworkPair, batch_top_k, evaluate
 from l3d.core.distributed import full, set_full_
-from l3d.core.gradients import GradientSource
+from l3d.core.gradients import GradientSource, all_zero
 from l3d.core.gradients.jacobian import PROGRESS_DELAY_SECONDS
 from l3d.core.subnetworks import Subnetworks, total
 from l3d.errors import L3DError
@@ -243,6 +243,8 @@ def initialize_from_gradients_(
     total = n_samples if known is None or source.per_token else min(n_samples, known)
     with _bar(source.progress, "init: per-sample gradients", total, "gradient") as bar:
         g = sampled_gradients(source, names, n_samples, generator, bar.update)
+    if not len(g):
+        raise all_zero("the gradient initialisation (init='gradients') found")
     if len(g) < n_v:
         raise L3DError(
             f"init='gradients' needs at least n_subnetworks={n_v} samples with a nonzero "
@@ -426,6 +428,8 @@ def effective_directions(
             f"leave room for only {n} of them (at least {COUNT_MIN_SAMPLES}): give n_subnetworks"
         )
     g = sampled_gradients(source, names, n, torch.Generator().manual_seed(seed))
+    if not len(g):
+        raise all_zero("choosing n_subnetworks from the data's gradients found")
     if len(g) < 2:
         raise L3DError(
             "choosing n_subnetworks needs per-sample gradients, and the data give fewer than 2 "

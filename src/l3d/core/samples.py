@@ -46,6 +46,15 @@ def model_failure(err: Exception, whose: str, inputs: Inputs) -> L3DError:
     )
 
 
+def check_samples(n_samples: int) -> None:
+    """Refuse measuring on no samples (a mean over none is NaN, or a score of 0)."""
+    if n_samples == 0:
+        raise L3DError(
+            "no samples to analyse: the inputs are empty, or every position is padding "
+            "(attention_mask 0) or outside the pairs' positions"
+        )
+
+
 def batch_size_of(inputs: Inputs) -> int:
     return (inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))).shape[0]
 
@@ -69,6 +78,19 @@ def batch_inputs(batch: object) -> Inputs:
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, Mapping) and all(isinstance(v, Tensor) for v in batch.values()):
+        if not batch:
+            raise L3DError(
+                "the data dict is empty: give the model's inputs by name, e.g. "
+                "{'input_ids': ..., 'attention_mask': ...}"
+            )
+        rows = {k: v.shape[0] if v.dim() else 0 for k, v in batch.items()}
+        if len(set(rows.values())) > 1:
+            counts = " and ".join(str(n) for n in dict.fromkeys(rows.values()))
+            each = ", ".join(f"{k}: {n}" for k, n in rows.items())
+            raise L3DError(
+                f"the data dict's entries have {counts} rows ({each}): give every entry one row "
+                "per sample"
+            )
         return dict(batch)
     raise L3DError(
         f"a data batch is a {type(batch).__name__}; L3D takes a tensor of inputs, a dict of "
@@ -169,6 +191,18 @@ class Dataset:
                 )
             check_finite(self.inputs)
         else:
+            if (
+                isinstance(data, tuple)
+                and len(data) > 1
+                and all(isinstance(t, Tensor) for t in data)
+            ):
+                # A DataLoader's batches are (inputs, labels) tuples; at the top level such a
+                # tuple would be read as len(data) batches, the labels decomposed as inputs.
+                raise L3DError(
+                    f"data is a tuple of {len(data)} tensors, which L3D would read as "
+                    f"{len(data)} batches; if it is (inputs, labels), pass the inputs alone "
+                    "(L3D uses no labels); to give batches, pass a list of them"
+                )
             if not isinstance(data, Iterable):
                 raise L3DError(
                     f"data is a {type(data).__name__}; pass a tensor of inputs, a dict of tensors, "

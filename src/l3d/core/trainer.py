@@ -29,7 +29,7 @@ from l3d.core.algorithm import (
     evaluate,
 )
 from l3d.core.distributed import Group, full, like, set_full_, shard_
-from l3d.core.gradients import ChunkedGradients, GradientBatch, GradientSource
+from l3d.core.gradients import ChunkedGradients, GradientBatch, GradientSource, all_zero
 from l3d.core.resampling import Resampler, initialize_from_gradients_
 from l3d.errors import L3DError
 
@@ -66,6 +66,8 @@ class StepResult:
     """(n_v,) number of samples in which each subnetwork was in the top-k."""
     n_samples: int
     """Samples of the whole batch (all ranks)."""
+    g_sq: Tensor
+    """sum_i ||g_i||^2 over the whole batch, 0-d (read at the end of the first epoch)."""
 
 
 class Trainer:
@@ -158,7 +160,12 @@ class Trainer:
         self.step += 1
         # Left on the device: run_epoch adds them up there and reads them once per epoch (GPU:
         # no host synchronisation per step).
-        return StepResult(losses=result, active=chosen.active, n_samples=chosen.n_samples)
+        return StepResult(
+            losses=result,
+            active=chosen.active,
+            n_samples=chosen.n_samples,
+            g_sq=chosen.batch_g_sq.sum().detach(),
+        )
 
     def _sum_over_ranks(self, shares: Losses) -> Losses:
         """Every rank's gradient and loss shares summed, in one all-reduce: each rank then holds
@@ -185,6 +192,7 @@ class Trainer:
         device = next(self.pair.parameters()).device
         totals = torch.zeros(2, device=device, dtype=torch.float64)  # paper, pooled squared
         active = torch.zeros(self.config.n_v, device=device)
+        g_sq = torch.zeros((), device=device, dtype=torch.float64)
         n_batches = n_samples = 0
         lr = self.lr_at(self.step, self.epoch)
         # The precision also covers the model's forward and backward that produce the gradients.
@@ -195,8 +203,16 @@ class Trainer:
                 active += r.active
                 n_batches += 1
                 n_samples += r.n_samples
+                g_sq += r.g_sq
                 if on_step is not None:
                     on_step(r)
+        if n_batches == 0:
+            raise L3DError(
+                "no batch of the data holds a sample: every position is padding "
+                "(attention_mask 0), or outside the pairs' positions"
+            )
+        if self.epoch == 0 and float(g_sq) == 0:
+            raise all_zero("the first epoch found")
         record: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self.step,

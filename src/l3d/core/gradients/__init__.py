@@ -1,6 +1,6 @@
 """Per-sample gradients: the batch protocol, three backends and the source that chooses one."""
 
-from l3d.core.gradients.batch import ChunkedGradients, DenseGradients, GradientBatch
+from l3d.core.gradients.batch import ChunkedGradients, DenseGradients, GradientBatch, all_zero
 from l3d.core.gradients.source import BatchMemory, GradientSource, Method
 from l3d.core.gradients.torchfunc import per_sample_gradients
 
@@ -11,5 +11,6 @@ __all__ = [
     "GradientBatch",
     "GradientSource",
     "Method",
+    "all_zero",
     "per_sample_gradients",
 ]

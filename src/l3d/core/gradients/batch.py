@@ -20,6 +20,18 @@ from l3d.core.subnetworks import Subnetworks, total
 from l3d.errors import L3DError
 
 
+def all_zero(finder: str) -> L3DError:
+    """The one line for data whose per-sample gradients are all zero (`finder`: what found
+    them so, e.g. "the first epoch found"): any decomposition of them has loss 0 and means
+    nothing."""
+    return L3DError(
+        f"{finder} every per-sample gradient zero, so there is nothing to decompose. The "
+        "outputs do not depend on the params decomposed (is each one used in forward?), or the "
+        "divergence is constant (KL over a single output is always 0): choose other params, or "
+        "another divergence"
+    )
+
+
 class GradientBatch(Protocol):
     """One batch of per-sample gradients g_i, (n_samples, n_w) in some form."""
 

@@ -157,17 +157,27 @@ class GradientSource:
             self._checked.add(kind)
 
     def _validate(self, example: Inputs) -> None:
-        """Refuse inputs the model cannot take, or whose outputs the divergence cannot read, in
-        one line (a forward of their first two samples)."""
+        """Refuse inputs the model cannot take, outputs without one row per sample, a model
+        that is not a function of its inputs, or outputs the divergence cannot read, in one line
+        (two forwards of the first two samples)."""
         device = next(iter(self.target.w0.values())).device
         batch = to_device(take(example, slice(0, 2)), device)
         self._check_precision(batch)
         try:
-            outputs = self.target.outputs(batch)
+            outputs, again = self.target.outputs(batch), self.target.outputs(batch)
         except L3DError:
             raise  # already names the problem (e.g. an unsupported output type)
         except (RuntimeError, TypeError, ValueError, IndexError) as err:
             raise model_failure(err, "the data's", batch) from err
+        _check_rows(outputs, batch_size_of(batch))
+        if not torch.allclose(outputs, again, rtol=1e-4, atol=1e-6):
+            # g_i must be a function of x_i and W0 (vmap refuses random ops with a traceback;
+            # the other backends would decompose noise).
+            raise L3DError(
+                "the model's outputs differ between two runs on the same inputs: it draws random "
+                "numbers in forward (dropout called with training=True, added noise?); make "
+                "forward deterministic in eval mode"
+            )
         if self.per_token and outputs.dim() != 3:
             raise L3DError(
                 f"per_token=True needs outputs shaped (batch, seq, vocab); the model returned "
@@ -312,6 +322,15 @@ class GradientSource:
                     yield DenseGradients.from_flat(flat, self.target.shapes, check_finite=False)
             return
         for inputs, references in self.dataset.referenced_batches(generator, shuffle):
+            if self.dataset.batches_given is not None:
+                self.check(inputs)  # batches given one by one: a later one may not fit
+            if self.per_token and SampleRows.of(inputs, True).count(batch_size_of(inputs)) < (
+                1 if references is not None else 2
+            ):
+                # Sequences of padding only, or pair positions on a few sequences: this batch
+                # has no sample (or none other to draw its reference from). Every rank sees
+                # the same whole batch, so all skip it together.
+                continue
             if group is None:
                 yield self.batch(inputs, references, generator)
                 continue
@@ -393,6 +412,25 @@ class GradientSource:
             for i in range(0, n, step)
         ]
         return ChunkedGradients(parts, rows.count(n))
+
+
+def _check_rows(outputs: Tensor, n_inputs: int) -> None:
+    """Outputs must be batch-first with a feature axis: one row per input."""
+    if outputs.dim() == 0:
+        raise L3DError(
+            "the model returns a single number for a batch (a loss?): L3D needs one output row "
+            "per sample, shaped (batch, n_outputs)"
+        )
+    if outputs.shape[0] != n_inputs:
+        raise L3DError(
+            f"the model returns {outputs.shape[0]} output rows for {n_inputs} inputs: L3D needs "
+            "one output row per sample (batch-first outputs)"
+        )
+    if outputs.dim() == 1:
+        raise L3DError(
+            f"the model returns one number per sample, shaped ({n_inputs},): L3D needs a "
+            "feature axis; return out.unsqueeze(-1), shaped (batch, 1)"
+        )
 
 
 def _kind(inputs: Inputs) -> tuple:

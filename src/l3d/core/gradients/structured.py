@@ -89,14 +89,20 @@ class StructuredPlan:
     generic: list[str]
     paths: dict[str, str] = field(default_factory=dict)
     """{tensor name: 'structured (<layer kind>)' or 'generic torch.func (<reason>)'}."""
+    uses_checked: bool = False
+    """Whether `_check_uses` has run (on the first batch)."""
 
-    def demote(self, site: _Site, reason: str) -> None:
-        """Send a site's tensors to the generic path from now on."""
-        self.sites.remove(site)
-        for name in site.tensors.values():
-            self.generic.append(name)
-            self.paths[name] = f"generic torch.func ({reason})"
-        logger.info("L3D gradient path of %s: generic torch.func (%s)", site.module_name, reason)
+    def demote(self, site: _Site, reason: str, names: list[str] | None = None) -> None:
+        """Send a site's tensors (those in `names`, default all) to the generic path from now
+        on; a site left without tensors is no longer hooked."""
+        for local, name in list(site.tensors.items()):
+            if names is None or name in names:
+                del site.tensors[local]
+                self.generic.append(name)
+                self.paths[name] = f"generic torch.func ({reason})"
+                logger.info("L3D gradient path of %s: generic torch.func (%s)", name, reason)
+        if not site.tensors:
+            self.sites.remove(site)
 
     @classmethod
     def create(cls, target: Target, force_generic: bool = False) -> StructuredPlan:
@@ -385,23 +391,30 @@ class _Recorder:
         self.head_input: Tensor | None = None
         self._handles = []
         for site in sites:
-            self._handles.append(site.module.register_forward_hook(self._keep(site.module_name)))
+            hook = self._keep(site.module_name)
+            self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
         if head is not None:
-            self._handles.append(head.register_forward_hook(self._keep_head))
+            self._handles.append(head.register_forward_hook(self._keep_head, with_kwargs=True))
 
     def _keep(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            self.inputs[name].append(args[0].detach())
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+            self.inputs[name].append(_first_input(args, kwargs).detach())
             self.outputs[name].append(output)
 
         return hook
 
-    def _keep_head(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        self.head_input = args[0]
+    def _keep_head(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+        self.head_input = _first_input(args, kwargs)
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor:
+    """The layer's input, passed by position or by keyword (`self.fc(input=x)`); the supported
+    layers take one."""
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 def _output_head(model: nn.Module, sites: list[_Site]) -> nn.Module | None:
@@ -459,6 +472,9 @@ def structured_gradients(
             # e.g. position embeddings computed once and broadcast over the batch: their
             # output-gradient already sums over samples, so per-sample signals are lost.
             plan.demote(site, "output not batched per sample")
+    if not plan.uses_checked:
+        _check_uses(plan, recorder, params, outputs, batch)
+        plan.uses_checked = True
     site_outputs = [o for s in plan.sites for o in recorder.outputs[s.module_name]]
 
     with torch.enable_grad():
@@ -531,6 +547,67 @@ def structured_gradients(
     check_finite_gradients(vectors)
     result.vectors = vectors
     return result
+
+
+USES_RTOL = 1e-2
+"""`_check_uses` tolerance, relative to the gradient's norm: far above the rounding of two
+contraction orders (also at matmul_precision 'medium' or with TF32), far below a second use's
+share in the cases met (0.4-0.8); a second use carrying under 1 % of a gradient goes unseen."""
+
+
+def _check_uses(
+    plan: StructuredPlan,
+    recorder: _Recorder,
+    params: dict[str, Tensor],
+    outputs: Tensor,
+    batch: int,
+) -> None:
+    """Send to the generic path the tensors that the forward also uses outside their module's
+    hooked calls (a tied head written h @ wte.weight.T, a bias added again later): the signals
+    hold only the calls' part of their gradient. Exact for any cotangent c on the outputs: the
+    gradient through the calls alone, sum over calls of (dc/d call output) (x) call input, equals
+    autograd's whole gradient iff nothing else uses the tensor (a random c, so no sum cancels)."""
+    names = [n for site in plan.sites for n in site.tensors.values()]
+    site_outputs = [o for site in plan.sites for o in recorder.outputs[site.module_name]]
+    if not names:
+        return
+    generator = torch.Generator().manual_seed(0)
+    cot = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
+    grads = torch.autograd.grad(
+        outputs,
+        [params[n] for n in names] + site_outputs,
+        cot.to(outputs.device),
+        retain_graph=True,
+        allow_unused=True,
+    )
+    whole = dict(zip(names, grads))
+    deltas = [
+        (torch.zeros_like(o) if d is None else d).unsqueeze(0)
+        for o, d in zip(site_outputs, grads[len(names) :])
+    ]
+    matrices, vectors = _signals(plan, recorder, deltas, batch)
+    calls = {n: v.sum(dim=(0, 1)) for n, v in vectors.items()}
+    for name, sig in matrices.items():
+        # All samples' positions as one sample's: the dense sum over samples, (*shape).
+        _, n, positions, g, out_g = sig.delta.shape  # (1, n, S, G, out_g)
+        one = _MatrixSignal(
+            sig.delta.reshape(1, 1, n * positions, g, out_g),
+            sig.a.reshape(1, n * positions, *sig.a.shape[2:]),
+            sig.out_mode,
+            sig.shape,
+            sig.groups,
+        )
+        calls[name] = _dense_matrix(one)[0, 0]
+    for site in list(plan.sites):
+        outside = []
+        for name in site.tensors.values():
+            full = whole[name]
+            full = torch.zeros_like(calls[name]) if full is None else full
+            scale = max(full.norm().item(), calls[name].norm().item())
+            if (full - calls[name]).norm().item() > USES_RTOL * scale:
+                outside.append(name)
+        if outside:
+            plan.demote(site, "also used outside its module's call", outside)
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
