@@ -175,3 +175,13 @@ def test_zero_gradients_are_named_as_such(settings):
             one, x, params=["fc.weight"], divergence="kl", settings=settings, n_subnetworks=2,
             epochs=1, progress=False,
         )  # fmt: skip
+
+
+def test_non_finite_outputs_are_named_as_such_not_as_randomness():
+    """NaN outputs differ from themselves: the determinism check must not call them random."""
+    model = Wrap(lambda y, x: torch.where(x[:, :1] > 0, y, y * float("nan")))
+    x = torch.randn(64, 4)
+    x[:2, 0] = -1
+    with pytest.raises(L3DError, match="NaN") as err:
+        l3d.decompose(model, x, params=["fc.weight"], **RUN)
+    assert "random" not in str(err.value)

@@ -170,7 +170,7 @@ class GradientSource:
         except (RuntimeError, TypeError, ValueError, IndexError) as err:
             raise model_failure(err, "the data's", batch) from err
         _check_rows(outputs, batch_size_of(batch))
-        if not torch.allclose(outputs, again, rtol=1e-4, atol=1e-6):
+        if not torch.allclose(outputs, again, rtol=1e-4, atol=1e-6, equal_nan=True):
             # g_i must be a function of x_i and W0 (vmap refuses random ops with a traceback;
             # the other backends would decompose noise).
             raise L3DError(
