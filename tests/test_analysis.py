@@ -190,7 +190,10 @@ def test_write_analysis_on_images_saves_grids(tmp_path):
             assert (tmp_path / e["image"]).is_file() and e["text"] is None
 
 
-def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_path):
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_path, padding):
+    """Contexts and generation prompts hold the sample's real tokens: left padding showed (and
+    generated from) the pad tokens before them."""
     pytest.importorskip("transformers")
     from l3d import hf
     from test_hf import BLOCK, WORDS, tiny_config
@@ -199,8 +202,16 @@ def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_pat
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, len(WORDS), (6, 5), generator=g)
     mask = torch.ones_like(ids)
-    mask[::2, 3:] = 0
+    if padding == "right":
+        mask[::2, 3:] = 0
+    else:
+        mask[::2, :2] = 0
     data = {"input_ids": ids, "attention_mask": mask}
+
+    def tokens(row: int, end: int) -> torch.Tensor:
+        """The row's real (unpadded) token ids before position `end`."""
+        return ids[row, :end][mask[row, :end].bool()]
+
     d = decompose(
         model, data, params=BLOCK, n_subnetworks=2, rank=1, epochs=1, batch_size=3,
         divergence="kl", per_token=True, progress=False,
@@ -225,7 +236,7 @@ def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_pat
     for e in result["subnetworks"][0]["top_samples"]:
         row, pos = positions[e["sample"]].tolist()
         assert e["token"] == WORDS[ids[row, pos]]
-        assert e["text"] == " ".join(WORDS[i] for i in ids[row, :pos].tolist())
+        assert e["text"] == " ".join(WORDS[i] for i in tokens(row, pos).tolist())
         assert mask[row, pos]
 
     class Tokenizer(Words):
@@ -268,7 +279,7 @@ def test_per_token_samples_show_token_with_left_context_and_logits_match(tmp_pat
         assert len(set(prompts)) == len(prompts)  # distinct contexts
         for g in r["generations"]:
             row, pos = positions[g["sample"]].tolist()
-            prompt = ids[row, : pos + 1]
+            prompt = tokens(row, pos + 1)
             assert g["prompt"] == Words().decode(prompt.tolist())
             n = options.generation_tokens
             with torch.no_grad():

@@ -643,16 +643,16 @@ def test_decompose_prints_the_training_state_estimate_first(tmp_path, capsys):
 def test_n_subnetworks_auto_is_chosen_from_the_data_and_kept_on_resume(
     tmp_path, monkeypatch, capsys
 ):
-    """`n_subnetworks: auto` in a config file: the run takes choose_n_subnetworks's count and
-    ends bit-identical to a run given that count; stopped and resumed, it takes the count from
-    the checkpoint (the choice is not made again)."""
+    """`n_subnetworks` left out of a config file (its default, `auto`): the run takes
+    choose_n_subnetworks's count and ends bit-identical to a run given that count; stopped and
+    resumed, it takes the count from the checkpoint (the choice is not made again)."""
     import signal
 
     from safetensors.torch import load_file
 
     from l3d import decomposition
 
-    auto = {**TINY, "l3d": {**TINY["l3d"], "n_subnetworks": "auto"}}
+    auto = {**TINY, "l3d": {k: v for k, v in TINY["l3d"].items() if k != "n_subnetworks"}}
     out = tmp_path / "auto"
     argv = ["decompose", str(_write(tmp_path / "auto.yaml", auto)), "--out", str(out), "-q"]
     with stopped_after_epoch(2):

@@ -185,3 +185,30 @@ def test_non_finite_outputs_are_named_as_such_not_as_randomness():
     with pytest.raises(L3DError, match="NaN") as err:
         l3d.decompose(model, x, params=["fc.weight"], **RUN)
     assert "random" not in str(err.value)
+
+
+def test_a_forward_branching_on_values_under_vmap_is_one_line():
+    """vmap cannot run a forward that branches on tensor values or calls .item() (transformers'
+    default sdpa attention does, for its causal mask): torch's long RuntimeError came through."""
+    model = Wrap(lambda y, x: y if x.sum() > 0 else -y)
+    with pytest.raises(L3DError, match=r"torch.func's vmap cannot run the model.*branches on"):
+        l3d.decompose(
+            model, torch.randn(64, 4), params=["fc.weight"], gradient_method="vmap", **RUN
+        )
+
+
+def test_an_hf_model_with_sdpa_attention_is_told_to_use_eager():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    ids = torch.randint(2, 10, (4, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    with pytest.raises(L3DError, match=r"attn_implementation='eager'"):
+        l3d.decompose(
+            model.eval(), {"input_ids": ids, "attention_mask": mask},
+            params=["model.norm.weight"], per_token=True, divergence="kl", **RUN,
+        )  # fmt: skip

@@ -59,9 +59,10 @@ class L3DConfig(BaseModel):
         "decompose.",
     )
     n_subnetworks: int | Literal["auto"] = Field(
-        description="Number of subnetworks n_v, or 'auto': chosen from the data when the run "
-        "starts, twice the number of directions the per-sample gradients at W0 spread over "
-        "(their participation ratio; l3d.decomposition.choose_n_subnetworks)."
+        default="auto",
+        description="Number of subnetworks n_v, or 'auto' (the default): chosen from the data when "
+        "the run starts, twice the number of directions the per-sample gradients at W0 spread "
+        "over (their participation ratio; l3d.decomposition.choose_n_subnetworks).",
     )
     rank: StrictInt | dict[StrictStr, StrictInt] = Field(
         default=1,

@@ -324,12 +324,10 @@ class _Describer:
             "label": None if self.labels is None else _name(self.labels[s], self.class_names),
         }
         if self.per_token:
-            inputs = self.inputs
-            ids = (inputs["input_ids"] if isinstance(inputs, dict) else inputs)[row].tolist()
             entry["input"], entry["position"] = row, pos
             if self.tokenizer is not None:
-                entry["text"] = self.tokenizer.decode(ids[:pos])
-            entry["token"] = hf.token_text(self.tokenizer, ids[pos])
+                entry["text"] = self.tokenizer.decode(self._tokens(row, pos).tolist())
+            entry["token"] = hf.token_text(self.tokenizer, int(self._ids()[row, pos]))
         if self.images is not None:
             if row not in self.saved:
                 self.saved[row] = f"images/sample_{row:06d}.png"
@@ -337,11 +335,21 @@ class _Describer:
             entry["image"] = self.saved[row]
         return entry
 
-    def _prompt(self, s: int) -> Tensor:
-        """Sample s's context up to and including its token, (pos + 1,) ids."""
-        row, pos = (int(v) for v in self.positions[s])
+    def _ids(self) -> Tensor:
         inputs = self.inputs
-        return (inputs["input_ids"] if isinstance(inputs, dict) else inputs)[row, : pos + 1]
+        return inputs["input_ids"] if isinstance(inputs, dict) else inputs
+
+    def _tokens(self, row: int, end: int) -> Tensor:
+        """Input row's token ids before position `end`, padding (attention_mask 0) left out:
+        left-padded rows would show, and generate from, their pad tokens."""
+        ids = self._ids()[row, :end]
+        mask = self.inputs.get("attention_mask") if isinstance(self.inputs, dict) else None
+        return ids if mask is None else ids[mask[row, :end].to(ids.device).bool()]
+
+    def _prompt(self, s: int) -> Tensor:
+        """Sample s's context up to and including its token, padding left out."""
+        row, pos = (int(v) for v in self.positions[s])
+        return self._tokens(row, pos + 1)
 
     def distinct_prompts(self, samples: list[int], n: int) -> list[int]:
         """The first n of `samples` whose prompts differ (a corpus repeats its lines)."""

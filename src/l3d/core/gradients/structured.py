@@ -61,7 +61,7 @@ class _Site:
 
     module_name: str
     module: nn.Module
-    kind: str  # 'linear' | 'conv1d' | 'conv2d' | 'embedding' | 'layernorm'
+    kind: str  # 'linear' | 'conv1d' | 'conv2d' | 'embedding' | 'layernorm' | 'rmsnorm'
     tensors: dict[str, str]  # local parameter name ('weight', 'bias') -> full name
 
 
@@ -78,6 +78,13 @@ def _kind(module: nn.Module) -> str | None:
         return None if module.max_norm is not None or module.scale_grad_by_freq else "embedding"
     if isinstance(module, nn.LayerNorm):
         return "layernorm"
+    if type(module).__name__.endswith("RMSNorm") and isinstance(
+        getattr(module, "weight", None), nn.Parameter
+    ):
+        # torch's and transformers' (Llama, Qwen, Mistral, Gemma's 1 + weight): the weight's
+        # gradient is sum_s delta_s * xhat_s alike. A variant computing otherwise fails
+        # `_check_uses` and takes the generic path.
+        return "rmsnorm"
     return None
 
 
@@ -553,6 +560,9 @@ USES_RTOL = 1e-2
 """`_check_uses` tolerance, relative to the gradient's norm: far above the rounding of two
 contraction orders (also at matmul_precision 'medium' or with TF32), far below a second use's
 share in the cases met (0.4-0.8); a second use carrying under 1 % of a gradient goes unseen."""
+USES_ATOL = 1e-6
+"""... and relative to the largest gradient checked: a tensor whose gradient is round-off on
+both sides (OPT's key bias, which shifts every score of a query alike) keeps its path."""
 
 
 def _check_uses(
@@ -562,11 +572,12 @@ def _check_uses(
     outputs: Tensor,
     batch: int,
 ) -> None:
-    """Send to the generic path the tensors that the forward also uses outside their module's
-    hooked calls (a tied head written h @ wte.weight.T, a bias added again later): the signals
-    hold only the calls' part of their gradient. Exact for any cotangent c on the outputs: the
-    gradient through the calls alone, sum over calls of (dc/d call output) (x) call input, equals
-    autograd's whole gradient iff nothing else uses the tensor (a random c, so no sum cancels)."""
+    """Send to the generic path the tensors whose gradient does not all flow through their
+    module's hooked calls as the signals assume: used outside them too (a tied head written
+    h @ wte.weight.T, a bias added again later), or a module computing on something else than the
+    input it is called with (OPT's positions, an Embedding called with the attention mask).
+    Exact for any cotangent c on the outputs: sum over calls of (dc/d call output) (x) call
+    input equals autograd's whole gradient iff neither happens (a random c: no sum cancels)."""
     names = [n for site in plan.sites for n in site.tensors.values()]
     site_outputs = [o for site in plan.sites for o in recorder.outputs[site.module_name]]
     if not names:
@@ -598,16 +609,25 @@ def _check_uses(
             sig.groups,
         )
         calls[name] = _dense_matrix(one)[0, 0]
+    full = {n: torch.zeros_like(calls[n]) if g is None else g for n, g in whole.items()}
+    largest = max(max(full[n].norm().item(), calls[n].norm().item()) for n in names)
     for site in list(plan.sites):
         outside = []
         for name in site.tensors.values():
-            full = whole[name]
-            full = torch.zeros_like(calls[name]) if full is None else full
-            scale = max(full.norm().item(), calls[name].norm().item())
-            if (full - calls[name]).norm().item() > USES_RTOL * scale:
+            scale = max(full[name].norm().item(), calls[name].norm().item())
+            error = (full[name] - calls[name]).norm().item()
+            if error > USES_RTOL * scale + USES_ATOL * largest:
                 outside.append(name)
         if outside:
-            plan.demote(site, "also used outside its module's call", outside)
+            reason = "gradient not all through its module's calls: used outside them?"
+            plan.demote(site, reason, outside)
+
+
+def _rms_eps(module: nn.Module, x: Tensor) -> float:
+    """An RMSNorm's epsilon: transformers' `variance_epsilon` or `eps`, torch's `eps` (None:
+    the input dtype's machine epsilon, as torch.nn.RMSNorm does)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return torch.finfo(x.dtype).eps if eps is None else float(eps)
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
@@ -646,17 +666,23 @@ def _signals(
                 padding_idx = cast(nn.Embedding, m).padding_idx
                 if padding_idx is not None:  # the padding row never receives gradient
                     dd = dd * (aa != padding_idx)[None, :, :, None, None].to(dd.dtype)
-            else:  # layernorm
+            elif site.kind == "layernorm":
                 norm = cast(nn.LayerNorm, m)
                 size = math.prod(norm.normalized_shape)
                 xhat = F.layer_norm(a, norm.normalized_shape, None, None, norm.eps)
                 dd = d.reshape(t, batch, -1, size)
                 aa = xhat.reshape(batch, -1, size)
+            else:  # rmsnorm: over the weight's (trailing) axes
+                size = cast(Tensor, m.weight).numel()
+                flat = a.reshape(batch, -1, size)
+                eps = _rms_eps(m, flat)
+                dd = d.reshape(t, batch, -1, size)
+                aa = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
             weight_parts.append(dd)
             a_parts.append(aa)
             bias_parts.append(dd)
-        if site.kind == "layernorm":
-            shape = tuple(cast(nn.LayerNorm, m).normalized_shape)
+        if site.kind in ("layernorm", "rmsnorm"):
+            shape = tuple(cast(Tensor, m.weight).shape)
             if "weight" in site.tensors:
                 w = total(
                     torch.einsum("tnsf,nsf->tnf", d, a) for d, a in zip(weight_parts, a_parts)

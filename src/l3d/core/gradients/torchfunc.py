@@ -13,11 +13,29 @@ from l3d.core.divergences import DivergenceFn
 from l3d.core.gradients.batch import sample_index, to_rows
 from l3d.core.model import Target
 from l3d.core.samples import Inputs, SampleRows
+from l3d.errors import L3DError
 
 
 def unsqueeze(x: Inputs) -> Inputs:
     """One sample as a batch of one."""
     return x.unsqueeze(0) if isinstance(x, Tensor) else {k: v.unsqueeze(0) for k, v in x.items()}
+
+
+def _unbatchable(target: Target, err: RuntimeError) -> L3DError:
+    """vmap refuses forwards that branch on tensor values or call .item(): transformers' sdpa
+    attention does (its causal-mask shortcut); eager attention does not."""
+    attention = getattr(getattr(target.model, "config", None), "_attn_implementation", None)
+    fix = (
+        f"the model uses {attention} attention: load it with attn_implementation='eager' "
+        "(l3d.hf.load_causal_lm does)"
+        if attention not in (None, "eager")
+        else "write forward without them, or decompose only tensors of supported layers "
+        "(gradient_method='structured', docs/performance.md)"
+    )
+    return L3DError(
+        f"torch.func's vmap cannot run the model ({str(err).splitlines()[0][:90]}...): its "
+        f"forward branches on tensor values or calls .item(); {fix}"
+    )
 
 
 def per_sample_gradients(
@@ -52,7 +70,12 @@ def per_sample_gradients(
             return divergence(sample_output(params, x), y_ref)
 
         fn = grad(sample_divergence)
-    grads = vmap(fn, in_dims=(None, 0, 0), chunk_size=chunk_size)(target.w0, inputs, references)
+    try:
+        grads = vmap(fn, in_dims=(None, 0, 0), chunk_size=chunk_size)(target.w0, inputs, references)
+    except RuntimeError as err:
+        if not str(err).startswith("vmap:"):
+            raise
+        raise _unbatchable(target, err) from None
     rows = SampleRows.of(inputs, per_token)
     index, _ = sample_index(rows, len(references))
     return {n: to_rows(g, rows, index) for n, g in grads.items()}
