@@ -210,5 +210,6 @@ def test_an_hf_model_with_sdpa_attention_is_told_to_use_eager():
     with pytest.raises(L3DError, match=r"attn_implementation='eager'"):
         l3d.decompose(
             model.eval(), {"input_ids": ids, "attention_mask": mask},
-            params=["model.norm.weight"], per_token=True, divergence="kl", **RUN,
+            params=["model.norm.weight"], per_token=True, divergence="kl",
+            gradient_method="vmap", **RUN,
         )  # fmt: skip
