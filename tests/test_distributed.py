@@ -71,7 +71,7 @@ MLP_CONFIGS = {
     ),
 }
 SHARDED = {"mlp_sharded", "lm_sharded"}
-RUNS = [*MLP_CONFIGS, "lm", "lm_empty_shard", "lm_sharded"]
+RUNS = [*MLP_CONFIGS, "lm", "lm_empty_shard", "lm_sharded", "mlp_sharded_one"]
 
 
 def _mlp_config(name: str) -> L3DConfig:
@@ -86,6 +86,11 @@ def _mlp_config(name: str) -> L3DConfig:
         seed=3,
     )
     return L3DConfig.create(**{**fields, **MLP_CONFIGS[name]})
+
+
+# Fewer subnetworks than ranks: sharding the subnetwork axis would leave a rank without one (a
+# DTensor traceback at the first step); such factors stay whole.
+ONE_SUBNETWORK = _mlp_config("mlp_sharded").replace(n_subnetworks=1, heldout_fraction=0.0)
 
 
 def _lm(folder: Path) -> nn.Module:
@@ -217,6 +222,30 @@ def _other_model_per_rank(rank: int) -> str:
     return "no error"
 
 
+def _other_per_rank(rank: int) -> dict[str, str]:
+    """Ranks that differ in what the sums of W0, factors and data could not see: the config
+    (trained apart silently, or hung in a collective), the data's row order (trained on other
+    batches), the number of tensors a glob matches (a fingerprint of another length aborted
+    gloo)."""
+    config = _mlp_config("mlp_jacobian")
+    data = _mlp_data()
+    deeper = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    cases = {
+        "lr": (config.replace(lr=0.02 + 0.03 * rank), data, _mlp()),
+        "epochs": (config.replace(epochs=3 + rank), data, _mlp()),
+        "rows": (config, data.flip(0) if rank else data, _mlp()),
+        "params": (config.replace(params=["*.weight"]), data, deeper if rank else _mlp()),
+    }
+    said = {}
+    for name, (c, x, model) in cases.items():
+        try:
+            l3d.run(model, x, c, progress=False)
+            said[name] = "no error"
+        except l3d.L3DError as err:
+            said[name] = str(err)
+    return said
+
+
 def _taken_folder(rank: int, folder: Path) -> str:
     """create_run on a folder that holds a run: rank 0 fails, and the other ranks stop with it
     instead of waiting for the folder."""
@@ -236,11 +265,13 @@ def _worker(rank: int, port: int, folder: str) -> None:
         found = {
             "top_k": _global_top_k(rank),
             "refused": _other_model_per_rank(rank),
+            "differ": _other_per_rank(rank),
             "taken": _taken_folder(rank, out),
             "memory": _memory_line(_mlp_config("mlp_jacobian")),
         }
         for name in MLP_CONFIGS:
             found[name] = _decompose(_mlp(), _mlp_data(), _mlp_config(name), name in SHARDED)
+        found["mlp_sharded_one"] = _decompose(_mlp(), _mlp_data(), ONE_SUBNETWORK, True)
         found["lm"] = _decompose(_lm(out), _lm_data(), _lm_config())
         found["lm_empty_shard"] = _decompose(_lm(out), _lm_batches(), _lm_config())
         found["lm_sharded"] = _decompose(_lm(out), _lm_data(), _lm_config(), True)
@@ -276,6 +307,7 @@ def results(tmp_path_factory) -> dict:
     torch.set_num_threads(1)
     try:
         single = {name: _decompose(_mlp(), _mlp_data(), _mlp_config(name)) for name in MLP_CONFIGS}
+        single["mlp_sharded_one"] = _decompose(_mlp(), _mlp_data(), ONE_SUBNETWORK)
         single["lm"] = _decompose(_lm(folder), _lm_data(), _lm_config())
         single["lm_empty_shard"] = _decompose(_lm(folder), _lm_batches(), _lm_config())
         single["lm_sharded"] = single["lm"]
@@ -334,7 +366,13 @@ def test_two_ranks_equal_one_process_step_by_step(results, name):
     first, second = (rank[name]["tensors"] for rank in results["ranks"])
     assert all(torch.equal(first[key], second[key]) for key in first)
     # Every step's top-k keeps round(k N) of the whole batch's coefficients.
-    config = _lm_config() if name.startswith("lm") else _mlp_config(name)
+    config = (
+        _lm_config()
+        if name.startswith("lm")
+        else ONE_SUBNETWORK
+        if name == "mlp_sharded_one"
+        else _mlp_config(name)
+    )
     n_v, top_k = config.n_subnetworks, config.top_k
     assert all(s[2] == n_kept(top_k, s[3] * n_v) for s in single["steps"])
 
@@ -403,6 +441,22 @@ def test_each_rank_estimates_the_memory_of_its_shard(results):
 def test_ranks_with_different_models_are_refused(results):
     for rank in results["ranks"]:
         assert rank["refused"].startswith("rank 1 holds other decomposed weights"), rank["refused"]
+
+
+@pytest.mark.parametrize(
+    ("case", "said"),
+    [
+        ("lr", "rank 1 holds other .*config"),
+        ("epochs", "rank 1 holds other .*config"),
+        ("rows", "rank 1 holds other .*data"),
+        ("params", "rank 1 holds other decomposed weights"),
+    ],
+)
+def test_ranks_with_other_configs_data_order_or_tensors_are_refused(results, case, said):
+    import re
+
+    for rank in results["ranks"]:
+        assert re.match(said, rank["differ"][case]), rank["differ"][case]
 
 
 def test_a_failure_of_rank_0_stops_the_other_ranks(results):

@@ -378,13 +378,18 @@ def _decompose_folder(args: argparse.Namespace) -> int:
 
 def _stopped(command: str, stop: Any, run_dir: Any, again: str, what: str = "") -> int:
     """The one line of a run stopped by Ctrl-C or SIGTERM (`runs.Interrupted`), naming the
-    command that continues it from its checkpoint; the exit status 128 + the signal."""
-    epochs = run_dir.spec().l3d.epochs
-    print(
-        f"l3d {command}: stopped by {stop} with {stop.epoch} of {epochs} epochs{what} done; "
-        f"checkpoint saved. Continue with: {again}",
-        file=sys.stderr,
-    )
+    command that continues it from its checkpoint; the exit status 128 + the signal. Under
+    torchrun rank 0 says it (the one that saved the checkpoint), not every rank."""
+    from l3d.core.distributed import Group
+
+    group = Group.current()
+    if group is None or group.lead:
+        epochs = run_dir.spec().l3d.epochs
+        print(
+            f"l3d {command}: stopped by {stop} with {stop.epoch} of {epochs} epochs{what} "
+            f"done; checkpoint saved. Continue with: {again}",
+            file=sys.stderr,
+        )
     return 128 + stop.signum
 
 

@@ -10,11 +10,14 @@ rank keeps only its range of subnetworks and their AdamW moments between steps (
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -59,6 +62,9 @@ def matmul_precision(precision: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
+logger = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class StepResult:
     losses: Losses
@@ -95,9 +101,18 @@ class Trainer:
             initialize_from_gradients_(
                 pair, source, config.seed + 3, config.init_samples, config.init_swap_search
             )
-        if self.group is not None:
-            self.group.check_same(self._fingerprint(), "decomposed weights, data or factors")
         self.sharded = shard_factors and self.group is not None
+        if self.sharded and config.n_v < cast(Group, self.group).size:
+            # FSDP2 shards the subnetwork axis: a rank without a subnetwork cannot take part in
+            # the in-place updates (a DTensor error at the first step); so few factors are small.
+            logger.warning(
+                "shard_factors: %d subnetwork(s) for %d processes; the factors stay whole",
+                config.n_v,
+                cast(Group, self.group).size,
+            )
+            self.sharded = False
+        if self.group is not None:
+            self._check_same_on_every_rank()
         if self.sharded:
             assert self.group is not None
             if config.chunk_size is not None and not config.per_token:
@@ -118,14 +133,38 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
 
+    def _check_same_on_every_rank(self) -> None:
+        """Refuse ranks that would not step on the same global batches with the same factors:
+        first the config (a different lr trains apart silently; different epochs or batch sizes
+        hang in a collective), then W0, the factors and the data held in memory. Batches given
+        as an iterable are not compared."""
+        group = cast(Group, self.group)
+        # The device and the gradient path differ between ranks harmlessly.
+        config = self.config.model_dump(
+            mode="json", exclude={"device", "gradient_method", "chunk_size", "sequence_chunk_size"}
+        )
+        digest = hashlib.sha256(json.dumps([config, self.sharded], sort_keys=True).encode())
+        # Three 48-bit words: exact in float64, as check_same compares.
+        words = [int.from_bytes(digest.digest()[i : i + 6], "big") for i in (0, 6, 12)]
+        group.check_same(torch.tensor(words, dtype=torch.float64), "config")
+        group.check_same(self._fingerprint(), "decomposed weights, data or factors")
+
     def _fingerprint(self) -> Tensor:
-        """Sums of W0, the factors and the data held in memory: equal on every rank that will
-        step on the same global batches."""
+        """(3,): the number of tensors, and tensor-weighted sums of W0's, the factors' and the
+        data's sums and row-weighted sums (reordered rows differ): equal on every rank that
+        will step on the same global batches. Fixed length, so that ranks decomposing other
+        tensors compare (a gather of other lengths aborts)."""
         tensors = [*self.source.target.w0.values(), *self.pair.parameters()]
         data = self.source.dataset.inputs if self.source.dataset is not None else None
         if data is not None:
             tensors += [data] if isinstance(data, Tensor) else list(data.values())
-        return torch.stack([t.detach().double().sum().cpu() for t in tensors])
+        sums = torch.zeros(2, dtype=torch.float64)
+        for j, t in enumerate(tensors, start=1):
+            t = t.detach()
+            rows = t.reshape(len(t), -1).sum(1, dtype=torch.float64) if t.dim() else t.double()
+            order = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
+            sums += j * torch.stack([rows.sum(), (rows.flatten() * order).sum()]).cpu()
+        return torch.cat([torch.tensor([float(len(tensors))], dtype=torch.float64), sums])
 
     def lr_at(self, step: int, epoch: int) -> float:
         c = self.config

@@ -8,6 +8,7 @@ parallel run: every rank trains, rank 0 alone locks and writes the folder (docs/
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -291,6 +292,15 @@ class _EpochLog:
         return default if self.done is None else self.done
 
 
+def _checkpoint_epoch(run_dir: RunDir) -> int | None:
+    """The epoch of the checkpoint rank 0 last committed (its state.json), or None."""
+    index = run_dir.checkpoint / "state.json"
+    try:
+        return int(json.loads(index.read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def execute(
     run_dir: RunDir, *, progress: bool | None = None, log: Callable[[str], None] = print
 ) -> Decomposition:
@@ -385,9 +395,16 @@ def _execute(
             on_epoch.save()
             epoch = on_epoch.epoch(done)
             if isinstance(stop, RankLost):
+                # Rank 0 wrote its last snapshot just now; another rank names what is on disk.
+                kept = _checkpoint_epoch(run_dir)
+                kept_state = (
+                    "no checkpoint was written yet (the run starts again)"
+                    if kept is None
+                    else f"the checkpoint of epoch {kept} is kept"
+                )
                 raise RankLost(
-                    f"{stop}; the checkpoint of epoch {epoch} is kept: continue with `l3d "
-                    f"decompose --resume {run_dir.path}` (on any number of processes)"
+                    f"{stop}; {kept_state}: continue with `l3d decompose --resume {run_dir.path}` "
+                    "(on any number of processes)"
                 ) from None
             stop.epoch = epoch
             raise
