@@ -115,7 +115,7 @@ def output_tensor(output: object) -> Tensor:
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode inside the block, each module's own mode restored after. L3D's
-    per-sample gradient g_i is a function of x_i and W0 alone (Section 2.1): in train mode
+    per-sample gradient g_i is a function of x_i and W0 alone (Section 2.2, eq. 2): in train mode
     BatchNorm's batch statistics would make samples interact and move its running statistics,
     and dropout would make g_i random."""
     training = [m for m in model.modules() if m.training]
