@@ -6,6 +6,7 @@ torchrun and its workers takes seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -210,6 +211,43 @@ def test_a_rank_that_dies_stops_the_job_and_keeps_the_checkpoint(tmp_path, setup
     assert state is not None and state["epoch"] >= 2
     _resume(run_dir, nproc=1)
     _assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_a_stuck_rank_stops_the_job_after_the_rank_timeout(tmp_path, setup, monkeypatch):
+    """A rank that hangs without dying (SIGSTOP, a deadlocked loader) kept the others waiting
+    in their collective for torch's 30-minute default; L3D_RANK_TIMEOUT sets the wait."""
+    config, _ = setup
+    monkeypatch.setitem(ENV, "L3D_RANK_TIMEOUT", "5")
+    run_dir = tmp_path / "run"
+    proc = _start(config, run_dir)
+    victim = _rank_pid(proc, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        start = time.time()
+        _, err = proc.communicate(timeout=90)
+        assert time.time() - start < 60, err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "lost contact with the other ranks" in err, err
+    assert f"l3d decompose --resume {run_dir}" in err
+    assert runs.load_checkpoint(run_dir / "checkpoint")["epoch"] >= 2
+
+
+def test_a_bad_rank_timeout_is_one_line(monkeypatch):
+    from l3d import L3DError
+    from l3d.runs.execution import rank_timeout
+
+    monkeypatch.setenv("L3D_RANK_TIMEOUT", "soon")
+    with pytest.raises(L3DError, match="L3D_RANK_TIMEOUT='soon'.*seconds"):
+        rank_timeout()
+    monkeypatch.setenv("L3D_RANK_TIMEOUT", "90")
+    assert rank_timeout().total_seconds() == 90
+    monkeypatch.delenv("L3D_RANK_TIMEOUT")
+    assert rank_timeout() is None
 
 
 @pytest.mark.slow

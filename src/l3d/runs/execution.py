@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,28 @@ def launched_world_size() -> int:
         ) from None
 
 
+RANK_TIMEOUT = "L3D_RANK_TIMEOUT"
+"""Seconds a rank waits in a collective for the others (default: torch's, 30 minutes). A rank
+that hangs without dying is noticed only then; the others stop as when a rank dies."""
+
+
+def rank_timeout() -> timedelta | None:
+    """The process-group timeout from the environment (`RANK_TIMEOUT`), None for torch's."""
+    text = os.environ.get(RANK_TIMEOUT)
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise L3DError(
+            f"{RANK_TIMEOUT}={text!r}: give the seconds a rank waits for the others, e.g. "
+            f"{RANK_TIMEOUT}=600, or unset it for torch's 30 minutes"
+        )
+    return timedelta(seconds=seconds)
+
+
 @contextlib.contextmanager
 def process_group() -> Iterator[Group | None]:
     """Under torchrun (WORLD_SIZE > 1 in the environment), join its process group for the block,
@@ -132,7 +155,7 @@ def process_group() -> Iterator[Group | None]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # what 'cuda' means here
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=rank_timeout())
     try:
         yield Group.current()
     finally:
