@@ -213,7 +213,8 @@ def decompose(
 ) -> Decomposition:
     """Decompose `model`'s chosen parameter tensors into low-rank subnetworks (L3D, Algorithm 1).
 
-    model: any torch module, frozen at its current weights W0 (put in eval mode for the run).
+    model: any torch module, frozen at its current weights W0; every forward runs it in eval mode
+        and keeps its modules' own train/eval flags (`core.model.evaluating`).
     data: a tensor of inputs (n, ...), a dict of tensors (input_ids, attention_mask, ...), or a
         re-iterable of such batches (a DataLoader's labels are ignored).
     params: parameter names or glob patterns ('layers.*.weight'); the rest of the model stays fixed.
