@@ -336,6 +336,69 @@ def test_a_module_computing_on_other_inputs_than_it_is_called_with_falls_back():
     assert plan.paths["tok.weight"] == "structured (embedding)"
 
 
+class FlatRowsMLP(nn.Module):
+    """OPT's decoder MLP: the hidden states flattened to (batch * seq, hidden) around fc1/fc2,
+    sample-major as reshape leaves them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 6)
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 6)
+        self.head = nn.Linear(6, 9)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids).cumsum(1)
+        flat = h.reshape(-1, h.shape[-1])
+        h = h + self.fc2(torch.relu(self.fc1(flat))).view_as(h)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_rows_flattened_sample_major_take_the_structured_path(per_token):
+    """OPT's fc1/fc2 see (batch * seq, hidden): they took the generic path, about 10x slower."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (3, 5), generator=torch.Generator().manual_seed(0))
+    plan = assert_matches_oracle(
+        FlatRowsMLP(), {"input_ids": ids}, divergence=kl, per_token=per_token
+    )
+    assert plan.paths["fc1.weight"] == "structured (linear)"
+    assert plan.paths["fc2.bias"] == "structured (linear)"
+
+
+class SequenceMajor(nn.Module):
+    """A layer run on (seq, batch, hidden), as fairseq-style models do: its first axis is not the
+    sample even where seq equals batch."""
+
+    def __init__(self, flatten: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 9)
+        self.flatten = flatten
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids).cumsum(1).transpose(0, 1)  # (seq, batch, hidden)
+        m = self.mix(h.reshape(-1, h.shape[-1]) if self.flatten else h).view_as(h)
+        return self.head(torch.tanh(h + m).transpose(0, 1))
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_rows_that_are_not_sample_major_fall_back(flatten):
+    """With seq == batch the layer's first axis has the batch's size but holds positions: its
+    per-sample gradients were other samples' (their sum is right, so the uses check passed)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (4, 4), generator=torch.Generator().manual_seed(0))
+    plan = assert_matches_oracle(
+        SequenceMajor(flatten), {"input_ids": ids}, divergence=kl, per_token=True
+    )
+    assert plan.paths["mix.weight"].startswith("generic")
+    assert plan.paths["embed.weight"] == "structured (embedding)"
+
+
 class LlamaStyleRMSNorm(nn.Module):
     """transformers' LlamaRMSNorm, as written there."""
 

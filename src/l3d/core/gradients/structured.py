@@ -475,7 +475,7 @@ def structured_gradients(
     rows = SampleRows.of(inputs, per_token)
     batch = outputs.shape[0]
     for site in list(plan.sites):
-        if any(o.shape[:1] != (batch,) for o in recorder.outputs[site.module_name]):
+        if not all(_batched(site, o, batch) for o in recorder.outputs[site.module_name]):
             # e.g. position embeddings computed once and broadcast over the batch: their
             # output-gradient already sums over samples, so per-sample signals are lost.
             plan.demote(site, "output not batched per sample")
@@ -565,6 +565,17 @@ USES_ATOL = 1e-6
 both sides (OPT's key bias, which shifts every score of a query alike) keeps its path."""
 
 
+def _batched(site: _Site, output: Tensor, batch: int) -> bool:
+    """Whether a call's output can hold per-sample rows: the batch first, or (all but Conv2d,
+    whose patches are taken per leading row) the batch times positions flattened into one axis,
+    as OPT's MLP does. That the rows are grouped by sample is `_check_uses`' to confirm."""
+    if output.dim() == 0:
+        return False
+    if site.kind == "conv2d":
+        return output.shape[0] == batch
+    return output.shape[0] > 0 and output.shape[0] % batch == 0
+
+
 def _check_uses(
     plan: StructuredPlan,
     recorder: _Recorder,
@@ -572,55 +583,77 @@ def _check_uses(
     outputs: Tensor,
     batch: int,
 ) -> None:
-    """Send to the generic path the tensors whose gradient does not all flow through their
-    module's hooked calls as the signals assume: used outside them too (a tied head written
-    h @ wte.weight.T, a bias added again later), or a module computing on something else than the
-    input it is called with (OPT's positions, an Embedding called with the attention mask).
-    Exact for any cotangent c on the outputs: sum over calls of (dc/d call output) (x) call
-    input equals autograd's whole gradient iff neither happens (a random c: no sum cancels)."""
+    """Send to the generic path the tensors whose per-sample gradients the signals would get
+    wrong, found by comparing the hooked calls' gradient with autograd's for a random cotangent c
+    on the outputs (random: no sum cancels):
+    - for c on every sample, the calls' sum over samples differs from the whole gradient when the
+      tensor is used outside them too (a tied head written h @ wte.weight.T, a bias added again
+      later) or its module computes on something else than the input it is called with (OPT's
+      positions, an Embedding called with the attention mask);
+    - for c on the first sample only, the calls' row of that sample differs from the whole
+      gradient when a call's rows are not grouped by sample (a layer run on (seq, batch, ...):
+      its rows are positions even where seq equals the batch, and only their sum is right)."""
+    generator = torch.Generator().manual_seed(0)
+    cot = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype).to(outputs.device)
+    checks = [("gradient not all through its module's calls: used outside them?", cot, False)]
+    if batch > 1:
+        first = torch.zeros_like(cot)
+        first[0] = cot[0]
+        checks.append(("rows not grouped by sample: is its first axis the sample?", first, True))
+    for reason, c, first_sample in checks:
+        if not plan.sites:  # all demoted already
+            return
+        full, calls = _calls_gradient(plan, recorder, params, outputs, batch, c, first_sample)
+        largest = max(max(full[n].norm().item(), calls[n].norm().item()) for n in full)
+        for site in list(plan.sites):
+            wrong = []
+            for name in site.tensors.values():
+                scale = max(full[name].norm().item(), calls[name].norm().item())
+                error = (full[name] - calls[name]).norm().item()
+                if error > USES_RTOL * scale + USES_ATOL * largest:
+                    wrong.append(name)
+            if wrong:
+                plan.demote(site, reason, wrong)
+
+
+def _calls_gradient(
+    plan: StructuredPlan,
+    recorder: _Recorder,
+    params: dict[str, Tensor],
+    outputs: Tensor,
+    batch: int,
+    cot: Tensor,
+    first_sample: bool,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Autograd's whole gradient of <cot, outputs> for each structured tensor, and the one formed
+    from the hooked calls' signals: summed over samples, or the first sample's row alone."""
     names = [n for site in plan.sites for n in site.tensors.values()]
     site_outputs = [o for site in plan.sites for o in recorder.outputs[site.module_name]]
-    if not names:
-        return
-    generator = torch.Generator().manual_seed(0)
-    cot = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
     grads = torch.autograd.grad(
         outputs,
         [params[n] for n in names] + site_outputs,
-        cot.to(outputs.device),
+        cot,
         retain_graph=True,
         allow_unused=True,
     )
-    whole = dict(zip(names, grads))
     deltas = [
         (torch.zeros_like(o) if d is None else d).unsqueeze(0)
         for o, d in zip(site_outputs, grads[len(names) :])
     ]
     matrices, vectors = _signals(plan, recorder, deltas, batch)
-    calls = {n: v.sum(dim=(0, 1)) for n, v in vectors.items()}
+    calls = {n: v[0, 0] if first_sample else v.sum(dim=(0, 1)) for n, v in vectors.items()}
     for name, sig in matrices.items():
-        # All samples' positions as one sample's: the dense sum over samples, (*shape).
         _, n, positions, g, out_g = sig.delta.shape  # (1, n, S, G, out_g)
-        one = _MatrixSignal(
-            sig.delta.reshape(1, 1, n * positions, g, out_g),
-            sig.a.reshape(1, n * positions, *sig.a.shape[2:]),
-            sig.out_mode,
-            sig.shape,
-            sig.groups,
-        )
+        if first_sample:
+            delta, a = sig.delta[:, :1], sig.a[:1]
+        else:  # all samples' positions as one sample's: the dense sum over samples
+            delta = sig.delta.reshape(1, 1, n * positions, g, out_g)
+            a = sig.a.reshape(1, n * positions, *sig.a.shape[2:])
+        one = _MatrixSignal(delta, a, sig.out_mode, sig.shape, sig.groups)
         calls[name] = _dense_matrix(one)[0, 0]
-    full = {n: torch.zeros_like(calls[n]) if g is None else g for n, g in whole.items()}
-    largest = max(max(full[n].norm().item(), calls[n].norm().item()) for n in names)
-    for site in list(plan.sites):
-        outside = []
-        for name in site.tensors.values():
-            scale = max(full[name].norm().item(), calls[name].norm().item())
-            error = (full[name] - calls[name]).norm().item()
-            if error > USES_RTOL * scale + USES_ATOL * largest:
-                outside.append(name)
-        if outside:
-            reason = "gradient not all through its module's calls: used outside them?"
-            plan.demote(site, reason, outside)
+    whole = zip(names, grads[: len(names)])
+    full = {n: torch.zeros_like(calls[n]) if g is None else g for n, g in whole}
+    return full, calls
 
 
 def _rms_eps(module: nn.Module, x: Tensor) -> float:
