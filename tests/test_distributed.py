@@ -463,3 +463,57 @@ def test_a_failure_of_rank_0_stops_the_other_ranks(results):
     lead, other = (rank["taken"] for rank in results["ranks"])
     assert "already holds a run" in lead
     assert other == "rank 0 failed (see its message); rank 1 stops too"
+
+
+STOP_AT = 3
+"""The step after which the two ranks of `_signalled_worker` receive their SIGTERM."""
+
+
+def _signalled_worker(rank: int, port: int, folder: str) -> None:
+    """SIGTERM reaching the ranks at different steps: rank 1 has it before its check after step
+    STOP_AT and stops there; rank 0 just after that check, so it goes on into the next step's
+    collective, which rank 1 never joins."""
+    import signal
+
+    from l3d.runs import execution
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+    def after_step(self, on_step):
+        steps = []
+
+        def callback(result):
+            self.training = True
+            steps.append(result)
+            if rank == 1 and len(steps) == STOP_AT:
+                os.kill(os.getpid(), signal.SIGTERM)
+            self.check()
+            if rank == 0 and len(steps) == STOP_AT:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return callback
+
+    execution._Stop.after_step = after_step
+    try:
+        outcome = "finished"
+        try:
+            runs.execute(runs.RunDir(Path(folder)), progress=False, log=lambda m: None)
+        except (runs.Interrupted, l3d.L3DError) as err:
+            outcome = f"{type(err).__name__}: {err}"
+        (Path(folder) / f"outcome-{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_signalled_at_different_steps_both_stop_as_signalled(tmp_path):
+    """The rank signalled a step later waits in a collective for the rank that stopped, and
+    lost contact when it exited: a SIGTERM to the job read as a failed rank (exit 1, not 143)."""
+    spec = {**RUN_SPEC, "l3d": {**RUN_SPEC["l3d"], "epochs": 2, "batch_size": 16}}
+    spec["run"] = {"checkpoint_seconds": 0, "progress": False}
+    folder = tmp_path / "run"
+    runs.create_run(runs.RunSpec.create(spec), folder)
+    mp.spawn(_signalled_worker, args=(free_port(), str(folder)), nprocs=WORLD, join=True)
+    outcomes = [(folder / f"outcome-{rank}.txt").read_text() for rank in range(WORLD)]
+    assert outcomes == ["Interrupted: SIGTERM"] * WORLD, outcomes

@@ -411,13 +411,18 @@ def _execute(
                 log=log,
             )
             stop.check()
-        except (Interrupted, RankLost) as stop:
+        except (Interrupted, RankLost) as err:
             # A second Ctrl-C or SIGTERM (torchrun stopping the ranks) must not cut the save short.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             on_epoch.save()
             epoch = on_epoch.epoch(done)
-            if isinstance(stop, RankLost):
+            stopped = err
+            if isinstance(err, RankLost) and stop.signum is not None:
+                # Signalled too, a step after the rank that left: it waited for that rank in the
+                # next step's collective. The job was stopped, no rank failed.
+                stopped = Interrupted(stop.signum)
+            if isinstance(stopped, RankLost):
                 # Rank 0 wrote its last snapshot just now; another rank names what is on disk.
                 kept = _checkpoint_epoch(run_dir)
                 kept_state = (
@@ -426,11 +431,11 @@ def _execute(
                     else f"the checkpoint of epoch {kept} is kept"
                 )
                 raise RankLost(
-                    f"{stop}; {kept_state}: continue with `l3d decompose --resume {run_dir.path}` "
-                    "(on any number of processes)"
+                    f"{stopped}; {kept_state}: continue with `l3d decompose --resume "
+                    f"{run_dir.path}` (on any number of processes)"
                 ) from None
-            stop.epoch = epoch
-            raise
+            stopped.epoch = epoch
+            raise stopped from None
     if lead:
         decomposition.save(run_dir.decomposition)
     return decomposition
