@@ -226,15 +226,17 @@ def _other_per_rank(rank: int) -> dict[str, str]:
     """Ranks that differ in what the sums of W0, factors and data could not see: the config
     (trained apart silently, or hung in a collective), the data's row order (trained on other
     batches), the number of tensors a glob matches (a fingerprint of another length aborted
-    gloo)."""
+    gloo), the order of batches given as an iterable (trained on other batches)."""
     config = _mlp_config("mlp_jacobian")
     data = _mlp_data()
     deeper = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    batches = list(data[:40].split(10))  # a loader shuffled with another seed on each rank
     cases = {
         "lr": (config.replace(lr=0.02 + 0.03 * rank), data, _mlp()),
         "epochs": (config.replace(epochs=3 + rank), data, _mlp()),
         "rows": (config, data.flip(0) if rank else data, _mlp()),
         "params": (config.replace(params=["*.weight"]), data, deeper if rank else _mlp()),
+        "batches": (config, batches[::-1] if rank else batches, _mlp()),
     }
     said = {}
     for name, (c, x, model) in cases.items():
@@ -450,6 +452,7 @@ def test_ranks_with_different_models_are_refused(results):
         ("epochs", "rank 1 holds other .*config"),
         ("rows", "rank 1 holds other .*data"),
         ("params", "rank 1 holds other decomposed weights"),
+        ("batches", "rank 1 holds other data batches"),
     ],
 )
 def test_ranks_with_other_configs_data_order_or_tensors_are_refused(results, case, said):

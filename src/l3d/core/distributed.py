@@ -149,6 +149,19 @@ class Group:
             ) from None
 
 
+def fingerprint(tensors: list[Tensor]) -> Tensor:
+    """(3,) float64: the number of tensors, and tensor-weighted sums of their sums and
+    row-weighted sums (reordered rows differ). Fixed length, so that ranks holding other numbers
+    of tensors still compare (`Group.check_same`; a gather of other lengths aborts gloo)."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    for j, t in enumerate(tensors, start=1):
+        t = t.detach()
+        rows = t.reshape(len(t), -1).sum(1, dtype=torch.float64) if t.dim() else t.double()
+        order = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
+        sums += j * torch.stack([rows.sum(), (rows.flatten() * order).sum()]).cpu()
+    return torch.cat([torch.tensor([float(len(tensors))], dtype=torch.float64), sums])
+
+
 def shard_(module: nn.Module, group: Group) -> FSDPModule:
     """Shard `module`'s parameters over the group's ranks with FSDP2, on dim 0 (the subnetwork
     axis of every factor, so a rank holds whole subnetworks). Its gradients are summed over

@@ -31,7 +31,7 @@ from l3d.core.algorithm import (
     chunked_step,
     evaluate,
 )
-from l3d.core.distributed import Group, full, like, set_full_, shard_
+from l3d.core.distributed import Group, fingerprint, full, like, set_full_, shard_
 from l3d.core.gradients import ChunkedGradients, GradientBatch, GradientSource, all_zero
 from l3d.core.resampling import Resampler, initialize_from_gradients_
 from l3d.errors import L3DError
@@ -137,7 +137,7 @@ class Trainer:
         """Refuse ranks that would not step on the same global batches with the same factors:
         first the config (a different lr trains apart silently; different epochs or batch sizes
         hang in a collective), then W0, the factors and the data held in memory. Batches given
-        as an iterable are not compared."""
+        as an iterable are compared as they come (`GradientSource.epoch`)."""
         group = cast(Group, self.group)
         # The device and the gradient path differ between ranks harmlessly.
         config = self.config.model_dump(
@@ -150,21 +150,13 @@ class Trainer:
         group.check_same(self._fingerprint(), "decomposed weights, data or factors")
 
     def _fingerprint(self) -> Tensor:
-        """(3,): the number of tensors, and tensor-weighted sums of W0's, the factors' and the
-        data's sums and row-weighted sums (reordered rows differ): equal on every rank that
-        will step on the same global batches. Fixed length, so that ranks decomposing other
-        tensors compare (a gather of other lengths aborts)."""
+        """Equal on every rank that will step on the same global batches: W0, the factors and
+        the data held in memory (`distributed.fingerprint`)."""
         tensors = [*self.source.target.w0.values(), *self.pair.parameters()]
         data = self.source.dataset.inputs if self.source.dataset is not None else None
         if data is not None:
             tensors += [data] if isinstance(data, Tensor) else list(data.values())
-        sums = torch.zeros(2, dtype=torch.float64)
-        for j, t in enumerate(tensors, start=1):
-            t = t.detach()
-            rows = t.reshape(len(t), -1).sum(1, dtype=torch.float64) if t.dim() else t.double()
-            order = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
-            sums += j * torch.stack([rows.sum(), (rows.flatten() * order).sum()]).cpu()
-        return torch.cat([torch.tensor([float(len(tensors))], dtype=torch.float64), sums])
+        return fingerprint(tensors)
 
     def lr_at(self, step: int, epoch: int) -> float:
         c = self.config

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from l3d.core.distributed import Group
+from l3d.core.distributed import Group, fingerprint
 from l3d.core.divergences import (
     ZERO_INPUT,
     Divergence,
@@ -321,8 +321,16 @@ class GradientSource:
                     flat = whole.flatten()[group.shard(whole.n_samples)]
                     yield DenseGradients.from_flat(flat, self.target.shapes, check_finite=False)
             return
-        for inputs, references in self.dataset.referenced_batches(generator, shuffle):
+        for i, (inputs, references) in enumerate(
+            self.dataset.referenced_batches(generator, shuffle)
+        ):
             if self.dataset.batches_given is not None:
+                if i == 0 and group is not None:
+                    # Each rank iterates its own: a loader shuffled with another seed per rank
+                    # trains on other batches silently. The first batch of every epoch is
+                    # compared (one collective per epoch).
+                    tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs.values())
+                    group.check_same(fingerprint(tensors), "data batches")
                 self.check(inputs)  # batches given one by one: a later one may not fit
             if self.per_token and SampleRows.of(inputs, True).count(batch_size_of(inputs)) < (
                 1 if references is not None else 2
