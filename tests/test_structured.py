@@ -15,6 +15,7 @@ from l3d.core.gradients import DenseGradients, GradientSource, per_sample_gradie
 from l3d.core.gradients.structured import StructuredGradients, StructuredPlan, structured_gradients
 from l3d.core.model import Target, resolve_ranks
 from l3d.core.samples import Dataset, SampleRows
+from l3d.errors import L3DError
 
 RANDOM = Reference("random", random_other)
 
@@ -397,6 +398,70 @@ def test_rows_that_are_not_sample_major_fall_back(flatten):
     )
     assert plan.paths["mix.weight"].startswith("generic")
     assert plan.paths["embed.weight"] == "structured (embedding)"
+
+
+class Routed(nn.Module):
+    """A layer applied to a data-dependent subset of the tokens (mixture-of-experts routing):
+    ids above 4 only, gathered sample-major."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 6)
+        self.expert = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 9)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids).cumsum(1)
+        chosen = (input_ids > 4).reshape(-1)
+        flat = h.reshape(-1, h.shape[-1])
+        routed = torch.zeros_like(flat).index_add(
+            0, chosen.nonzero()[:, 0], self.expert(flat[chosen])
+        )
+        return self.head(torch.tanh(h + routed.view_as(h)))
+
+
+def _token_gradients_by_loop(model: nn.Module, names: list[str], ids, refs) -> dict:
+    """Each token's gradient by its own backward: an oracle for models vmap cannot run."""
+    params = dict(model.named_parameters())
+    logits = model(ids)
+    rows = [
+        torch.autograd.grad(
+            kl(logits[i, t], refs[i, t]), [params[n] for n in names], retain_graph=True
+        )
+        for i in range(ids.shape[0])
+        for t in range(ids.shape[1])
+    ]
+    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(names)}
+
+
+def test_rows_routed_by_the_data_are_never_read_per_sample():
+    """A first batch routing two tokens of each sample would pass the row check; a later batch
+    routing 3, 1 and 2 has as many rows (a multiple of the batch) grouped otherwise, and its
+    per-sample gradients were silently wrong. Only rows flattened over the whole sequence
+    (batch * seq) are read per sample: the routed layer takes the generic path, which cannot
+    run this model and says so."""
+    first = torch.tensor([[5, 6, 1, 1, 1], [1, 7, 1, 8, 1], [1, 1, 1, 5, 5]])
+    later = torch.tensor([[5, 6, 7, 1, 1], [1, 1, 1, 8, 1], [1, 1, 1, 5, 5]])
+    torch.manual_seed(0)
+    model = Routed().eval()
+    target = Target.create(model, ["expert.*", "head.weight"])
+    source = GradientSource(
+        target, kl, RANDOM, per_token=True, example={"input_ids": first}, progress=False
+    )
+    for ids in (first, later):
+        x = {"input_ids": ids}
+        refs = RANDOM.draw(target.outputs(x), SampleRows.of(x, True), torch.Generator())
+        try:
+            fast = source.batch(x, refs).dense()
+        except L3DError as err:
+            assert "vmap cannot run the model" in str(err)
+            break
+        oracle = _token_gradients_by_loop(model, target.names, ids, refs)
+        for name, g in oracle.items():
+            torch.testing.assert_close(
+                fast[name].flatten(0, -g.dim()), g, rtol=1e-4, atol=1e-5 * g.abs().max().item()
+            )
+    assert source.plan.paths["expert.weight"].startswith("generic")
 
 
 class LlamaStyleRMSNorm(nn.Module):

@@ -475,7 +475,7 @@ def structured_gradients(
     rows = SampleRows.of(inputs, per_token)
     batch = outputs.shape[0]
     for site in list(plan.sites):
-        if not all(_batched(site, o, batch) for o in recorder.outputs[site.module_name]):
+        if not all(_batched(site, o, outputs) for o in recorder.outputs[site.module_name]):
             # e.g. position embeddings computed once and broadcast over the batch: their
             # output-gradient already sums over samples, so per-sample signals are lost.
             plan.demote(site, "output not batched per sample")
@@ -565,15 +565,19 @@ USES_ATOL = 1e-6
 both sides (OPT's key bias, which shifts every score of a query alike) keeps its path."""
 
 
-def _batched(site: _Site, output: Tensor, batch: int) -> bool:
+def _batched(site: _Site, output: Tensor, outputs: Tensor) -> bool:
     """Whether a call's output can hold per-sample rows: the batch first, or (all but Conv2d,
-    whose patches are taken per leading row) the batch times positions flattened into one axis,
-    as OPT's MLP does. That the rows are grouped by sample is `_check_uses`' to confirm."""
+    whose patches are taken per leading row) a sequence model's batch and positions flattened
+    into one axis, as OPT's MLP does. That the rows are grouped by sample is `_check_uses`' to
+    confirm, on the first batch: other row counts (a layer on tokens routed by the data, whose
+    grouping changes from batch to batch) are never read per sample."""
     if output.dim() == 0:
         return False
-    if site.kind == "conv2d":
-        return output.shape[0] == batch
-    return output.shape[0] > 0 and output.shape[0] % batch == 0
+    rows = output.shape[0]
+    batch = outputs.shape[0]
+    if rows == batch:
+        return True
+    return site.kind != "conv2d" and outputs.dim() > 2 and rows == batch * outputs.shape[1]
 
 
 def _check_uses(
