@@ -400,6 +400,25 @@ def test_rows_that_are_not_sample_major_fall_back(flatten):
     assert plan.paths["embed.weight"] == "structured (embedding)"
 
 
+def test_rows_are_checked_at_the_first_batch_of_several_samples():
+    """A first batch of one sequence cannot show how rows group by sample (all are its own):
+    the row check waits for a batch of several, where seq == batch read positions as samples."""
+    torch.manual_seed(0)
+    model = SequenceMajor(flatten=False).eval()
+    target = Target.create(model, ["mix.weight", "embed.weight"])
+    one = {"input_ids": torch.tensor([[1, 5, 2, 7]])}
+    source = GradientSource(target, kl, RANDOM, per_token=True, example=one, progress=False)
+    generator = torch.Generator().manual_seed(0)
+    for ids in (one["input_ids"], torch.randint(0, 9, (4, 4), generator=generator)):
+        x = {"input_ids": ids}
+        refs = torch.randn(target.outputs(x).shape, generator=generator)
+        fast = source.batch(x, refs).dense()
+        oracle = per_sample_gradients(target, x, refs, kl, per_token=True)
+        for name, g in oracle.items():
+            torch.testing.assert_close(fast[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item())
+    assert source.plan.paths["mix.weight"].startswith("generic")
+
+
 class Routed(nn.Module):
     """A layer applied to a data-dependent subset of the tokens (mixture-of-experts routing):
     ids above 4 only, gathered sample-major."""

@@ -97,7 +97,9 @@ class StructuredPlan:
     paths: dict[str, str] = field(default_factory=dict)
     """{tensor name: 'structured (<layer kind>)' or 'generic torch.func (<reason>)'}."""
     uses_checked: bool = False
-    """Whether `_check_uses` has run (on the first batch)."""
+    """Whether `_check_uses` has compared the calls' gradient with autograd's (first batch)."""
+    rows_checked: bool = False
+    """... and one sample's row with it (the first batch of several samples)."""
 
     def demote(self, site: _Site, reason: str, names: list[str] | None = None) -> None:
         """Send a site's tensors (those in `names`, default all) to the generic path from now
@@ -479,9 +481,11 @@ def structured_gradients(
             # e.g. position embeddings computed once and broadcast over the batch: their
             # output-gradient already sums over samples, so per-sample signals are lost.
             plan.demote(site, "output not batched per sample")
-    if not plan.uses_checked:
-        _check_uses(plan, recorder, params, outputs, batch)
-        plan.uses_checked = True
+    grouping = not plan.rows_checked and batch > 1  # one sample's rows are all its own
+    if not plan.uses_checked or grouping:
+        uses = not plan.uses_checked
+        _check_uses(plan, recorder, params, outputs, batch, uses=uses, rows=grouping)
+        plan.uses_checked, plan.rows_checked = True, plan.rows_checked or grouping
     site_outputs = [o for s in plan.sites for o in recorder.outputs[s.module_name]]
 
     with torch.enable_grad():
@@ -586,6 +590,9 @@ def _check_uses(
     params: dict[str, Tensor],
     outputs: Tensor,
     batch: int,
+    *,
+    uses: bool,
+    rows: bool,
 ) -> None:
     """Send to the generic path the tensors whose per-sample gradients the signals would get
     wrong, found by comparing the hooked calls' gradient with autograd's for a random cotangent c
@@ -596,11 +603,16 @@ def _check_uses(
       positions, an Embedding called with the attention mask);
     - for c on the first sample only, the calls' row of that sample differs from the whole
       gradient when a call's rows are not grouped by sample (a layer run on (seq, batch, ...):
-      its rows are positions even where seq equals the batch, and only their sum is right)."""
+      its rows are positions even where seq equals the batch, and only their sum is right).
+    `uses` and `rows` choose the checks: the second needs a batch of several samples."""
     generator = torch.Generator().manual_seed(0)
     cot = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype).to(outputs.device)
-    checks = [("gradient not all through its module's calls: used outside them?", cot, False)]
-    if batch > 1:
+    checks = []
+    if uses:
+        checks.append(
+            ("gradient not all through its module's calls: used outside them?", cot, False)
+        )
+    if rows:
         first = torch.zeros_like(cot)
         first[0] = cot[0]
         checks.append(("rows not grouped by sample: is its first axis the sample?", first, True))
