@@ -483,6 +483,62 @@ def test_rows_routed_by_the_data_are_never_read_per_sample():
     assert source.plan.paths["expert.weight"].startswith("generic")
 
 
+class BatchNormNet(nn.Module):
+    """GroupNorm and BatchNorm2d after a convolution, BatchNorm1d on (n, C) and on (n, C, L)
+    features; fitted running statistics (eval mode: a fixed affine map per channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.bn2d = nn.BatchNorm2d(4)
+        self.bn_seq = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 5)
+        self.bn1d = nn.BatchNorm1d(5)
+        self.frozen = nn.BatchNorm1d(5, affine=False)
+        for norm in (self.bn2d, self.bn_seq, self.bn1d, self.frozen):
+            norm.running_mean.normal_(0, 0.5)
+            norm.running_var.uniform_(0.5, 2)
+            if norm.affine:
+                norm.weight.data.normal_(1, 0.3)
+                norm.bias.data.normal_(0, 0.3)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn2d(self.gn(self.conv(x))))  # (n, 4, 5, 5)
+        h = torch.tanh(self.bn_seq(h.flatten(2))).mean(2)  # (n, 4, 25) -> (n, 4)
+        return self.frozen(self.bn1d(self.fc(h)))
+
+
+@pytest.mark.parametrize("divergence", [mse, kl])
+def test_batch_and_group_norms_take_the_structured_path(divergence):
+    """Eval-mode BatchNorm scales and shifts took the generic path: 2.2x the time of a digits
+    CNN block's batch (26.2 against 11.8 ms for 64 images, one thread)."""
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(BatchNormNet(), torch.randn(7, 3, 5, 5), divergence=divergence)
+    for name in ("bn2d", "bn_seq", "bn1d"):
+        assert plan.paths[f"{name}.weight"] == "structured (batchnorm)"
+        assert plan.paths[f"{name}.bias"] == "structured (batchnorm)"
+    assert plan.paths["gn.weight"] == "structured (groupnorm)"
+    assert not plan.generic
+
+
+class BatchStatistics(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4, track_running_stats=False)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def test_a_batch_norm_without_running_statistics_is_not_structured():
+    """It normalises over the batch even in eval mode: a sample's gradient depends on the
+    others, which no per-sample signal can express."""
+    target = Target.create(BatchStatistics(), ["bn.weight"])
+    assert StructuredPlan.create(target).paths["bn.weight"].startswith("generic")
+
+
 class LlamaStyleRMSNorm(nn.Module):
     """transformers' LlamaRMSNorm, as written there."""
 

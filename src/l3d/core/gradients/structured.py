@@ -61,7 +61,7 @@ class _Site:
 
     module_name: str
     module: nn.Module
-    kind: str  # 'linear' | 'conv1d' | 'conv2d' | 'embedding' | 'layernorm' | 'rmsnorm'
+    kind: str  # linear | conv1d | conv2d | embedding | layernorm | rmsnorm | batchnorm | groupnorm
     tensors: dict[str, str]  # local parameter name ('weight', 'bias') -> full name
 
 
@@ -78,6 +78,13 @@ def _kind(module: nn.Module) -> str | None:
         return None if module.max_norm is not None or module.scale_grad_by_freq else "embedding"
     if isinstance(module, nn.LayerNorm):
         return "layernorm"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
+        # In eval mode (as every forward here runs, `evaluating`) a fixed affine map per channel
+        # from its running statistics: samples do not interact. Without running statistics it
+        # normalises over the batch, and a sample's gradient depends on the others.
+        return "batchnorm"
+    if isinstance(module, nn.GroupNorm):
+        return "groupnorm"
     if type(module).__name__.endswith("RMSNorm") and isinstance(
         getattr(module, "weight", None), nn.Parameter
     ):
@@ -175,6 +182,14 @@ class _MatrixSignal:
 def _as_positions(x: Tensor, batch: int, features: int) -> Tensor:
     """(batch, ..., features) -> (batch, S, features)."""
     return x.reshape(batch, -1, features)
+
+
+def _channels_last(x: Tensor, batch: int, lead: int) -> Tensor:
+    """(*L, rows, C, *spatial) -> (*L, batch, S, C) with `lead` axes L kept: a BatchNorm's
+    channel axis (1) last, each sample's positions (rows per sample x spatial) in S."""
+    c = x.shape[lead + 1]
+    y = x.reshape(*x.shape[:lead], batch, -1, c, math.prod(x.shape[lead + 2 :]))
+    return y.transpose(-1, -2).reshape(*x.shape[:lead], batch, -1, c)
 
 
 def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
@@ -721,6 +736,18 @@ def _signals(
                 xhat = F.layer_norm(a, norm.normalized_shape, None, None, norm.eps)
                 dd = d.reshape(t, batch, -1, size)
                 aa = xhat.reshape(batch, -1, size)
+            elif site.kind == "batchnorm":
+                bn = cast(nn.modules.batchnorm._BatchNorm, m)
+                mean, var = cast(Tensor, bn.running_mean), cast(Tensor, bn.running_var)
+                view = (-1,) + (1,) * (a.dim() - 2)  # the channel axis is 1
+                xhat = (a - mean.view(view)) * torch.rsqrt(var.view(view) + bn.eps)
+                dd = _channels_last(d, batch, 1)
+                aa = _channels_last(xhat, batch, 0)
+            elif site.kind == "groupnorm":  # statistics per sample and group of channels
+                gn = cast(nn.GroupNorm, m)
+                xhat = F.group_norm(a, gn.num_groups, None, None, gn.eps)
+                dd = _channels_last(d, batch, 1)
+                aa = _channels_last(xhat, batch, 0)
             else:  # rmsnorm: over the weight's (trailing) axes
                 size = cast(Tensor, m.weight).numel()
                 flat = a.reshape(batch, -1, size)
@@ -730,7 +757,7 @@ def _signals(
             weight_parts.append(dd)
             a_parts.append(aa)
             bias_parts.append(dd)
-        if site.kind in ("layernorm", "rmsnorm"):
+        if site.kind in ("layernorm", "rmsnorm", "batchnorm", "groupnorm"):
             shape = tuple(cast(Tensor, m.weight).shape)
             if "weight" in site.tensors:
                 w = total(
