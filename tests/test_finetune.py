@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
+from torch import nn
 
 import l3d
 from conftest import SmallMLP
@@ -213,6 +214,8 @@ def test_bad_input_gets_one_line_errors(decomposed, tmp_path):
         )
 
     one_line_error(run([99]), "subnetwork index 99 out of range: use ints in 0..5")
+    one_line_error(run([True]), "subnetwork index True is not an integer")
+    one_line_error(run([1.0]), "subnetwork index 1.0 is not an integer")
     one_line_error(run([]), "no subnetworks selected")
     one_line_error(run([1, 1]), "repeat an index")
     one_line_error(run(given=(torch.randn(8, 7), torch.randn(8, 3))), "do not fit the model")
@@ -885,3 +888,149 @@ def test_demo_sweep_covers_every_retain_weight_method_and_lr(monkeypatch, capsys
     fc.sweep(["lora_r4"], fc.Grid([0], [0.1], [0.3], []), None, None, seed=0, steps=20,
              describe=lambda end, run: "")  # fmt: skip
     assert calls == [(1.0, "lora_r4", 0.1)] and "retain weight" not in capsys.readouterr().out
+
+
+# Odd models and data ----------------------------------------------------------------------------
+class PositionEmbedding(nn.Embedding):
+    """An Embedding subclass called with the token ids that looks up positions (as OPT's learned
+    positions are called with the attention mask)."""
+
+    def forward(self, input_ids):  # type: ignore[override]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return super().forward(positions.expand_as(input_ids))
+
+
+class TiedTokens(nn.Module):
+    """A tiny causal-LM shape: token embedding tied to the head, positions, one mixing layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(11, 6)
+        self.pos = PositionEmbedding(8, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.wte.weight
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def forward(self, input_ids):
+        h = (self.wte(input_ids) + self.pos(input_ids)).cumsum(1)
+        return self.head(torch.tanh(self.mix(h)))
+
+
+@pytest.fixture(scope="module")
+def token_model() -> tuple[l3d.Decomposition, dict, torch.Tensor]:
+    torch.manual_seed(0)
+    model = TiedTokens()
+    ids = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(1))
+    x = {"input_ids": ids}
+    d = l3d.decompose(
+        model, x, params=["wte.weight", "pos.weight", "mix.weight"], n_subnetworks=3, rank=1,
+        epochs=1, per_token=True, divergence="kl", progress=False,
+    )  # fmt: skip
+    labels = torch.roll(ids, -1, dims=1)
+    return d, x, labels
+
+
+def test_lora_adapts_only_weights_whose_every_use_it_changes(token_model):
+    """peft's LoRA replaces a module's call: a tied embedding's head use and an Embedding
+    subclass looking up other rows than its input kept W0 in the LoRA model while `delta()`
+    reported a change (logits off from f(W0 + delta) by 6.4 on a tiny tied Llama, 1.47 on OPT's
+    positions). Such weights stay at W0 now, as biases do; the LoRA model is f(W0 + delta)."""
+    d, x, labels = token_model
+    lora = baseline(d, (x, labels), method="lora", rank=2, steps=5, lr=0.1, progress=False)
+    assert lora.lora_modules == ["mix"]
+    delta = lora.delta()
+    assert delta["mix.weight"].abs().max() > 0
+    assert not delta["wte.weight"].any() and not delta["pos.weight"].any()
+    moved = {n: w + delta[n] for n, w in d.target.w0.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(lora.forward(x), d.target.forward(x, moved))
+
+
+def test_lora_adapts_gpt2_conv1d_weights():
+    """GPT-2's Conv1D weights were left out of LoRA (only Linear, Conv and Embedding were
+    taken), so its attention and MLP kept W0 silently beside an embedding."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc = Conv1D(8, 4)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.c_fc(x)))
+
+    assert transformers
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    d = l3d.decompose(Net(), x, params=["c_fc.weight"], n_subnetworks=3, epochs=1, progress=False)
+    lora = baseline(d, (x, edited_targets(d.model, x)), method="lora", rank=1, steps=5,
+                    progress=False)  # fmt: skip
+    assert lora.lora_modules == ["c_fc"] and lora.n_trainable == 4 + 8
+    delta = lora.delta()["c_fc.weight"]
+    assert delta.abs().max() > 0
+    with torch.no_grad():
+        moved = {"c_fc.weight": d.target.w0["c_fc.weight"] + delta}
+        torch.testing.assert_close(lora.forward(x), d.target.forward(x, moved))
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line(token_model):
+    """An id past the model's vocabulary in a row after the first two was an IndexError
+    traceback mid-training or mid-impact (only two rows were test-run, once per input shape)."""
+    d, x, labels = token_model
+    other = {"input_ids": x["input_ids"].clone()}
+    other["input_ids"][4, 3] = 11
+    said = "token id 11 in input_ids is outside the model's vocabulary of 11"
+    with pytest.raises(L3DError, match=said):
+        finetune(d, (other, labels), subnetworks=[0], steps=2, progress=False)
+    with pytest.raises(L3DError, match=said):
+        baseline(d, (other, labels), method="full", steps=2, progress=False)
+    with pytest.raises(L3DError, match=said):
+        finetune(d, (x, labels), subnetworks=[0], steps=2, retain=other, progress=False)
+    top_subnetworks(d, x, 1)
+    with pytest.raises(L3DError, match=said):
+        top_subnetworks(d, other, 1)
+    with pytest.raises(L3DError, match=said):
+        contrast_subnetworks(d, x, other, 1)
+
+
+def test_baseline_leaves_the_global_random_state_alone(decomposed):
+    """LoRA's A is drawn from torch's global generator: baseline seeded it and left it reset."""
+    d, x = decomposed
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    baseline(d, (x, edited_targets(d.model, x)), method="lora", rank=1, steps=1, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_an_adapter_does_not_merge_over_another(decomposed):
+    """Nested `applied()` blocks: the inner adapter overwrote the outer one's merge and restored
+    W0 on leaving, while the outer one still counted itself merged."""
+    d, x = decomposed
+    outer, inner = (
+        Adapter(d.model, d.subnetworks.v_out, [0]),
+        Adapter(d.model, d.subnetworks.v_out, [1]),
+    )
+    with torch.no_grad():
+        outer.alpha.fill_(0.5)
+        inner.alpha.fill_(0.5)
+    with outer.applied():
+        with pytest.raises(L3DError, match="not at the W0 this adapter was made on"):
+            inner.merge()
+        torch.testing.assert_close(d.model(x), outer.forward(x))
+    assert not outer.merged and not inner.merged
+
+
+def test_numpy_and_torch_integers_select_subnetworks(decomposed):
+    """An argsort's entries (numpy or torch integers) were refused as 'out of range'."""
+    import numpy as np
+
+    d, _ = decomposed
+    for chosen in ([np.int64(1), np.int32(3)], list(torch.tensor([1, 3]))):
+        adapter = Adapter(d.model, d.subnetworks.v_out, chosen)
+        assert adapter.subnetworks == [1, 3] and all(type(k) is int for k in adapter.subnetworks)

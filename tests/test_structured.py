@@ -539,6 +539,38 @@ def test_a_batch_norm_without_running_statistics_is_not_structured():
     assert StructuredPlan.create(target).paths["bn.weight"].startswith("generic")
 
 
+class IdsPositions(nn.Embedding):
+    """Called with the token ids, looks up positions: the ids can exceed its rows."""
+
+    def forward(self, input_ids):  # type: ignore[override]
+        positions = torch.arange(input_ids.shape[1])
+        return super().forward(positions.expand_as(input_ids))
+
+
+class IdsPositionsLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 4)
+        self.pos = IdsPositions(6, 4)
+        self.head = nn.Linear(4, 11)
+
+    def forward(self, input_ids):
+        return self.head(torch.tanh((self.tok(input_ids) + self.pos(input_ids)).cumsum(1)))
+
+
+def test_an_embedding_called_with_values_past_its_rows_falls_back():
+    """The uses check indexed the weight with the hooked ids (10 in a table of 6 rows): an
+    IndexError traceback from the first `impact` on such a model."""
+    ids = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    ids[0, 0] = 10
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(
+        IdsPositionsLM(), {"input_ids": ids}, divergence=kl, per_token=True
+    )
+    assert plan.paths["pos.weight"] == "generic torch.func (called with other values than row ids)"
+    assert plan.paths["tok.weight"] == "structured (embedding)"
+
+
 class LlamaStyleRMSNorm(nn.Module):
     """transformers' LlamaRMSNorm, as written there."""
 

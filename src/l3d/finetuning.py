@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +36,13 @@ from torch import Tensor, nn
 from l3d import io
 from l3d.config import check_seed
 from l3d.core.divergences import Divergence
-from l3d.core.model import Target, output_tensor
+from l3d.core.model import (
+    Target,
+    check_token_ids,
+    is_hf_conv1d,
+    output_tensor,
+    shared_parameters,
+)
 from l3d.core.samples import (
     SAMPLE_MASK,
     Inputs,
@@ -325,6 +332,14 @@ class Adapter(Edit):
         if self.merged:
             raise L3DError("the adapter is already merged: unmerge() it first")
         params = dict(self.model.named_parameters())
+        moved = [n for n, w0 in self.target.w0.items() if not torch.equal(params[n], w0)]
+        if moved:
+            # Merging over another adapter would overwrite it, and unmerging would then restore
+            # W0 under the other's feet.
+            raise L3DError(
+                f"the model's {', '.join(moved)} are not at the W0 this adapter was made on "
+                "(another adapter merged?): unmerge that one first"
+            )
         for name, w in self.weights().items():
             params[name].copy_(w)
         self.merged = True
@@ -418,12 +433,25 @@ class Adapter(Edit):
         return adapter
 
 
+LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+"""Module types whose weight LoRA adapts (exactly these: a subclass may use its weight otherwise),
+with transformers' GPT-2 `Conv1D`."""
+
+
 class Baseline(Edit):
     """A comparison edit of the same tensors: LoRA of rank r through `peft` (on a copy of the
     model: the adapter layers replace the targeted modules), or full finetuning (every entry of
-    the decomposed tensors trained)."""
+    the decomposed tensors trained). example: a few inputs on which LoRA's forward is checked
+    against f(W0 + delta) per module (modules that fail stay at W0)."""
 
-    def __init__(self, model: nn.Module, names: list[str], method: str, rank: int = 4) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        method: str,
+        rank: int = 4,
+        example: Inputs | None = None,
+    ) -> None:
         self.method = method
         self.rank = rank
         self.names = names
@@ -435,30 +463,89 @@ class Baseline(Edit):
             return
         if method != "lora":
             raise L3DError(f"unknown baseline {method!r}: use 'lora' or 'full'")
+        modules = dict(model.named_modules())
+        shared = shared_parameters(model)
+        # LoRA adapts weight matrices of Linear / Conv / Embedding modules; biases and norm
+        # scales among the decomposed tensors stay at W0 (their share of the edit is L3D's alone),
+        # and so do weights LoRA would change in one use only: tied to a second module, or held
+        # by a subclass that may call its weight on other rows than its input (OPT's positions).
+        candidates = []
+        for name in names:
+            module_name, _, local = name.rpartition(".")
+            module = modules.get(module_name)
+            if (
+                local == "weight"
+                and module is not None
+                and (type(module) in LORA_TYPES or is_hf_conv1d(module))
+                and getattr(module, "groups", 1) == 1
+                and id(module.weight) not in shared
+            ):
+                candidates.append(module_name)
+        if not candidates:
+            raise L3DError(
+                "LoRA needs the weight of an nn.Linear, nn.Conv1d or nn.Conv2d (groups 1), "
+                "nn.Embedding or GPT-2 Conv1D module (exactly those types, not tied to another "
+                f"module) among the tensors {names}"
+            )
+        self.lora_modules = candidates
+        self._inject(model)
+        if example is not None:
+            wrong = self._misread(example)
+            if wrong:
+                self.lora_modules = [m for m in candidates if m not in wrong]
+                if not self.lora_modules:
+                    raise L3DError(
+                        f"LoRA cannot adapt the tensors {names}: the model also uses their "
+                        "weights outside their modules' calls"
+                    )
+                self._inject(model)
+
+    def _inject(self, model: nn.Module) -> None:
+        """A copy of the model with peft's LoRA layers on `lora_modules`, only they trainable."""
+        import warnings
+
         from peft import LoraConfig, inject_adapter_in_model
 
-        modules = dict(model.named_modules())
-        # LoRA adapts weight matrices of Linear / Conv / Embedding modules; biases and norm
-        # scales among the decomposed tensors stay at W0 (their share of the edit is L3D's alone).
-        self.lora_modules = [
-            n.removesuffix(".weight")
-            for n in names
-            if n.endswith(".weight")
-            and isinstance(
-                modules[n.removesuffix(".weight")], (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
-            )
-            and getattr(modules[n.removesuffix(".weight")], "groups", 1) == 1
-        ]
-        if not self.lora_modules:
-            raise L3DError(
-                f"LoRA needs a Linear, Conv or Embedding weight among the tensors {names}"
-            )
         config = LoraConfig(
-            r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=self.lora_modules
+            r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, target_modules=self.lora_modules
         )
-        self.lora_model = inject_adapter_in_model(config, copy.deepcopy(model)).eval()
+        with warnings.catch_warnings():
+            # peft sets fan_in_fan_out per layer (True for GPT-2's Conv1D) and says so.
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            self.lora_model = inject_adapter_in_model(config, copy.deepcopy(model)).eval()
         for name, p in self.lora_model.named_parameters():
             p.requires_grad_("lora_" in name)
+
+    @torch.no_grad()
+    def _misread(self, example: Inputs) -> list[str]:
+        """The LoRA modules whose random LoRA weights move the LoRA model elsewhere than
+        f(W0 + delta): their weight is also used outside the module's call (a head written
+        h @ wte.weight.T), which LoRA leaves at W0. One forward pair for all, then per module."""
+        layers = dict(self.lora_model.named_modules())
+        saved = {n: p.clone() for n, p in self.lora_model.named_parameters() if p.requires_grad}
+        generator = torch.Generator().manual_seed(0)
+
+        def agrees(modules: list[str]) -> bool:
+            w = dict(self.target.w0)
+            for m in self.lora_modules:  # random LoRA weights on `modules`, none elsewhere
+                for p in layers[m].parameters():
+                    if p.requires_grad:
+                        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+                        p.copy_(noise.to(p.device) * 0.1 if m in modules else 0 * noise)
+            for m in modules:
+                w[f"{m}.weight"] = w[f"{m}.weight"] + layers[m].get_delta_weight("default")
+            want = self.target.forward(example, w)
+            got = self.forward(example)
+            return torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+        try:
+            if agrees(self.lora_modules):
+                return []
+            return [m for m in self.lora_modules if not agrees([m])]
+        finally:
+            for n, p in self.lora_model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
 
     def forward(self, inputs: Inputs) -> Tensor:
         if self.method == "full":
@@ -491,18 +578,31 @@ def _check_selection(subnetworks: Sequence[int], n_subnetworks: int) -> list[int
             "no subnetworks selected: pass indices, e.g. subnetworks=[0, 3], or choose them with "
             "top_subnetworks(...) or contrast_subnetworks(...)"
         )
-    bad: list[object] = [
-        k
-        for k in chosen
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n_subnetworks
-    ]
-    if bad:
-        raise L3DError(
-            f"subnetwork index {bad[0]!r} out of range: use ints in 0..{n_subnetworks - 1}"
-        )
+    for i, k in enumerate(chosen):
+        index = _as_index(k)
+        if index is None:
+            raise L3DError(
+                f"subnetwork index {k!r} is not an integer: use ints in 0..{n_subnetworks - 1}"
+            )
+        if not 0 <= index < n_subnetworks:
+            raise L3DError(
+                f"subnetwork index {index} out of range: use ints in 0..{n_subnetworks - 1}"
+            )
+        chosen[i] = index
     if len(set(chosen)) != len(chosen):
         raise L3DError(f"subnetworks {chosen} repeat an index: list each subnetwork once")
     return chosen
+
+
+def _as_index(k: object) -> int | None:
+    """k as an int: Python, numpy or one-element torch integers (an argsort's entries); None for
+    anything else (bools, floats)."""
+    if isinstance(k, bool) or (isinstance(k, Tensor) and k.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(k)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _rows(directions: Subnetworks, rows: list[int]) -> Subnetworks:
@@ -642,14 +742,10 @@ def objective_scores(
     _check_objective(objective)
     if damping <= 0 or chunk < 1:
         raise L3DError(f"damping must be > 0 and chunk >= 1; got damping={damping}, chunk={chunk}")
-    target = decomposition.target
     directions = decomposition.subnetworks.v_out if directions is None else directions
     n_v = directions.n_subnetworks
-    device = next(iter(target.w0.values())).device
-    labelled = Labelled.of(data)
-    labelled = Labelled(to_device(labelled.inputs, device), labelled.labels.to(device))
-    labelled = _check_fits(target, labelled, objective)
-    retain = to_device(retain, device)
+    labelled = _prepare(decomposition, data, objective)
+    retain = _prepare_retain(decomposition, retain)
     # g: every subnetwork's cores at 0 in one adapter; one backward of the objective.
     adapter = Adapter(decomposition.model, directions, list(range(n_v)), "cores")
     loss = objective_loss(objective, adapter.forward(labelled.inputs), labelled.labels)
@@ -794,6 +890,7 @@ def _check_fits(target: Target, data: Labelled, objective: Objective = "labels")
     outputs, and labels the objective cannot learn from (`_check_labels`). Returns the data with
     integer labels as int64 (cross-entropy's dtype)."""
     _check_rows(data.inputs, "the finetuning data", "give at least one input and its label")
+    check_token_ids(target.model, data.inputs, "the finetuning data")
     try:
         with torch.no_grad():
             out = target.forward(take(data.inputs, slice(0, 2)))
@@ -834,6 +931,24 @@ def _check_fits(target: Target, data: Labelled, objective: Objective = "labels")
         labels = labels.long()
     _check_labels(objective, labels, out.shape[-1])
     return Labelled(data.inputs, labels)
+
+
+def _prepare(decomposition: Decomposition, data: object, objective: Objective) -> Labelled:
+    """The edit's (inputs, labels) on the decomposition's device, checked (`_check_fits`)."""
+    device = next(iter(decomposition.target.w0.values())).device
+    labelled = Labelled.of(data)
+    labelled = Labelled(to_device(labelled.inputs, device), labelled.labels.to(device))
+    return _check_fits(decomposition.target, labelled, objective)
+
+
+def _prepare_retain(decomposition: Decomposition, retain: object) -> Inputs:
+    """Retain inputs (or the inputs of (inputs, labels)) on the decomposition's device."""
+    device = next(iter(decomposition.target.w0.values())).device
+    given = retain if isinstance(retain, (Tensor, dict)) else Labelled.of(retain).inputs
+    inputs = to_device(given, device)
+    _check_rows(inputs, "the retain data", "give at least one input whose outputs to keep")
+    check_token_ids(decomposition.model, inputs, "the retain data")
+    return inputs
 
 
 def _check_weights(decomposition: Decomposition) -> None:
@@ -879,17 +994,10 @@ def train_edit(
 
     _check_objective(objective)
     _check_training(steps, lr, retain_weight, seed)
-    device = next(iter(decomposition.target.w0.values())).device
-    target = Labelled.of(data)
-    target = Labelled(to_device(target.inputs, device), target.labels.to(device))
-    target = _check_fits(decomposition.target, target, objective)
+    target = _prepare(decomposition, data, objective)
     retain_inputs = None
     if retain is not None:
-        given = retain if isinstance(retain, (Tensor, dict)) else Labelled.of(retain).inputs
-        retain_inputs = to_device(given, device)
-        _check_rows(
-            retain_inputs, "the retain data", "give at least one input whose outputs to keep"
-        )
+        retain_inputs = _prepare_retain(decomposition, retain)
         try:
             with torch.no_grad():
                 retain_base = decomposition.target.forward(retain_inputs)
@@ -1055,8 +1163,11 @@ def baseline(
     (peft LoRA of `rank` on their weight matrices) or 'full' (all their entries)."""
     _check_weights(decomposition)
     _check_training(steps, lr, retain_weight, seed)
-    torch.manual_seed(seed)  # peft draws LoRA's A from the global generator
-    edit = Baseline(decomposition.model, decomposition.names, method, rank)
+    _check_objective(objective)
+    example = take(_prepare(decomposition, data, objective).inputs, slice(0, 2))
+    with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
+        torch.manual_seed(seed)  # peft draws LoRA's A from the global generator
+        edit = Baseline(decomposition.model, decomposition.names, method, rank, example)
     train_edit(
         edit,
         decomposition,

@@ -7,6 +7,7 @@ import difflib
 import fnmatch
 import math
 import numbers
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +54,37 @@ def select_parameters(model: nn.Module, patterns: Iterable[str]) -> list[str]:
                 "least one axis; leave it out of params (name the tensors to decompose)"
             )
     return [n for n in names if n in selected]
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters registered in more than one module (tied embeddings): a hook or an
+    adapter on one module sees only one of their uses."""
+    uses = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+    return {i for i, n in uses.items() if n > 1}
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 `Conv1D`: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def check_token_ids(model: nn.Module, inputs: Inputs, what: str) -> None:
+    """Refuse token ids outside the model's vocabulary (its `get_input_embeddings()`, where it
+    has one): anywhere in the data, not only in the rows a test forward reads."""
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+    get = getattr(model, "get_input_embeddings", None)
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.numel() == 0 or get is None:
+        return
+    embedding = get()
+    if not isinstance(embedding, nn.Embedding):
+        return
+    vocabulary = embedding.num_embeddings
+    outside = ids[(ids < 0) | (ids >= vocabulary)]
+    if outside.numel():
+        raise L3DError(
+            f"token id {int(outside[0])} in input_ids is outside the model's vocabulary of "
+            f"{vocabulary} ({what}): tokenize with the model's own tokenizer"
+        )
 
 
 def check_loaded(model: nn.Module) -> None:

@@ -35,7 +35,7 @@ from l3d.core.gradients.batch import ChunkedGradients, DenseGradients, GradientB
 from l3d.core.gradients.jacobian import JacobianCache, cache_bytes
 from l3d.core.gradients.structured import StructuredPlan, structured_gradients
 from l3d.core.gradients.torchfunc import per_sample_gradients
-from l3d.core.model import Target
+from l3d.core.model import Target, check_token_ids
 from l3d.core.samples import (
     Dataset,
     Inputs,
@@ -150,7 +150,9 @@ class GradientSource:
 
     def check(self, inputs: Inputs) -> None:
         """`_validate` inputs of a kind (per-row shape, dtype, keys) not seen before: later calls
-        on data of the same kind run no extra forward."""
+        on data of the same kind run no extra forward. Token ids are checked every time (a
+        test forward reads two rows; an id past the vocabulary may sit in any)."""
+        check_token_ids(self.target.model, inputs, "the data")
         kind = _kind(inputs)
         if kind not in self._checked:
             self._validate(inputs)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import cast
@@ -36,7 +35,7 @@ from torch.func import vmap
 from l3d.core.divergences import DivergenceFn, check_references
 from l3d.core.gradients.batch import check_finite_gradients, sample_index, to_rows
 from l3d.core.gradients.torchfunc import per_sample_gradients
-from l3d.core.model import Target
+from l3d.core.model import Target, is_hf_conv1d, shared_parameters
 from l3d.core.samples import Inputs, SampleRows
 from l3d.core.subnetworks import Subnetworks, TensorFactors, max_rank, total
 
@@ -68,7 +67,7 @@ class _Site:
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
+    if is_hf_conv1d(module):
         return "conv1d"
     if isinstance(module, nn.Conv2d):
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
@@ -126,7 +125,7 @@ class StructuredPlan:
         modules = dict(model.named_modules())
         # A parameter registered in two modules (tied embeddings) gets gradient from both uses;
         # hooks on one module would miss the other, so such tensors take the generic path.
-        uses = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+        shared = shared_parameters(model)
         params = dict(model.named_parameters())
         by_module: dict[str, _Site] = {}
         generic, paths = [], {}
@@ -141,7 +140,7 @@ class StructuredPlan:
                 reason = f"{type(module).__name__ if module is not None else 'root'} not supported"
             elif local not in ("weight", "bias"):
                 reason = f"parameter '{local}' of {type(module).__name__}"
-            elif uses[id(params[name])] > 1:
+            elif id(params[name]) in shared:
                 reason = "tied to another module's parameter"
             if module is None or kind is None or reason is not None:
                 generic.append(name)
@@ -496,6 +495,18 @@ def structured_gradients(
             # e.g. position embeddings computed once and broadcast over the batch: their
             # output-gradient already sums over samples, so per-sample signals are lost.
             plan.demote(site, "output not batched per sample")
+        elif (
+            not plan.uses_checked
+            and site.kind == "embedding"
+            and not all(
+                _row_ids(a, cast(nn.Embedding, site.module))
+                for a in recorder.inputs[site.module_name]
+            )
+        ):
+            # A subclass called with other values than the rows it looks up (positions drawn
+            # from the ids or the mask): the checks' signals would index its weight with them.
+            # One whose values fit passes here and `_check_uses` finds it out.
+            plan.demote(site, "called with other values than row ids")
     grouping = not plan.rows_checked and batch > 1  # one sample's rows are all its own
     if not plan.uses_checked or grouping:
         uses = not plan.uses_checked
@@ -597,6 +608,13 @@ def _batched(site: _Site, output: Tensor, outputs: Tensor) -> bool:
     if rows == batch:
         return True
     return site.kind != "conv2d" and outputs.dim() > 2 and rows == batch * outputs.shape[1]
+
+
+def _row_ids(a: Tensor, embedding: nn.Embedding) -> bool:
+    """Whether an Embedding's hooked input can be the row ids it looks up."""
+    if a.is_floating_point() or a.is_complex() or a.dtype == torch.bool or a.numel() == 0:
+        return a.numel() == 0
+    return bool(a.min() >= 0) and bool(a.max() < embedding.num_embeddings)
 
 
 def _check_uses(
