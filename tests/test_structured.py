@@ -128,6 +128,33 @@ def test_conv2d_grouped_and_depthwise(factorization, rank):
     assert not plan.generic
 
 
+class Conv1dNet(nn.Module):
+    """1-d convolutions as audio and sequence models use them: plain with stride, grouped,
+    depthwise causal (Mamba's: padding k - 1, cut back to the input length), dilated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 5, stride=2, padding=2)
+        self.c2 = nn.Conv1d(8, 8, 3, padding=2, groups=8)
+        self.c3 = nn.Conv1d(8, 4, 3, dilation=2, groups=2, bias=False)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.c2(h)[..., : h.shape[-1]])
+        return self.c3(h).mean(2)
+
+
+@pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
+def test_conv1d_plain_grouped_and_depthwise(factorization, rank):
+    """nn.Conv1d took the generic path (a whole vmap per batch)."""
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(
+        Conv1dNet(), torch.randn(5, 3, 17), divergence=kl, factorization=factorization, rank=rank
+    )
+    assert not plan.generic
+    assert plan.paths["c2.weight"] == "structured (conv1d)"
+
+
 def test_gpt2_conv1d():
     pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
@@ -142,7 +169,7 @@ def test_gpt2_conv1d():
 
     torch.manual_seed(0)
     plan = assert_matches_oracle(Net(), torch.randn(6, 5, 4), rank=2)
-    assert plan.paths["c_fc.weight"] == "structured (conv1d)"
+    assert plan.paths["c_fc.weight"] == "structured (gpt2_conv1d)"
 
 
 class TokenModel(nn.Module):

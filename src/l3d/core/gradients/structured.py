@@ -60,7 +60,7 @@ class _Site:
 
     module_name: str
     module: nn.Module
-    kind: str  # linear | conv1d | conv2d | embedding | layernorm | rmsnorm | batchnorm | groupnorm
+    kind: str  # linear | gpt2_conv1d | conv1d | conv2d | embedding | (layer|rms|batch|group)norm
     tensors: dict[str, str]  # local parameter name ('weight', 'bias') -> full name
 
 
@@ -68,11 +68,11 @@ def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
     if is_hf_conv1d(module):
-        return "conv1d"
-    if isinstance(module, nn.Conv2d):
+        return "gpt2_conv1d"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             return None
-        return "conv2d"
+        return "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
     if isinstance(module, nn.Embedding):
         return None if module.max_norm is not None or module.scale_grad_by_freq else "embedding"
     if isinstance(module, nn.LayerNorm):
@@ -191,22 +191,30 @@ def _channels_last(x: Tensor, batch: int, lead: int) -> Tensor:
     return y.transpose(-1, -2).reshape(*x.shape[:lead], batch, -1, c)
 
 
-def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """Unfolded input patches, (n, L, G, in_g * kh * kw), matching weight.view(out, -1)'s order."""
+def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """Unfolded input patches, (n, L, G, in_g * kh * kw), matching weight.view(out, -1)'s order.
+    A Conv1d's as a Conv2d's of height 1 (kernel, stride, ... (1, k))."""
     n = x.shape[0]
+    flat = isinstance(module, nn.Conv1d)
+    geometry = [
+        (unit, *p) if flat else p
+        for unit, p in zip(
+            (1, 1, 0, 1), (module.kernel_size, module.dilation, module.padding, module.stride)
+        )
+    ]  # str padding takes the generic path
     cols = F.unfold(
-        x,
-        module.kernel_size,
-        dilation=module.dilation,
-        padding=cast(tuple[int, int], module.padding),  # str padding takes the generic path
-        stride=module.stride,
+        x.unsqueeze(2) if flat else x,
+        cast(tuple[int, int], geometry[0]),
+        dilation=cast(tuple[int, int], geometry[1]),
+        padding=cast(tuple[int, int], geometry[2]),
+        stride=cast(tuple[int, int], geometry[3]),
     )  # (n, C * kh * kw, L), channel-major
     g = module.groups
     return cols.view(n, g, -1, cols.shape[-1]).permute(0, 3, 1, 2)
 
 
-def _conv_delta(module: nn.Conv2d, delta: Tensor) -> Tensor:
-    """(T, n, out, H', W') -> (T, n, L, G, out_g)."""
+def _conv_delta(module: nn.Conv1d | nn.Conv2d, delta: Tensor) -> Tensor:
+    """(T, n, out, *spatial) -> (T, n, L, G, out_g)."""
     t, n, out = delta.shape[:3]
     g = module.groups
     return delta.reshape(t, n, g, out // g, -1).permute(0, 1, 4, 2, 3)
@@ -607,7 +615,8 @@ def _batched(site: _Site, output: Tensor, outputs: Tensor) -> bool:
     batch = outputs.shape[0]
     if rows == batch:
         return True
-    return site.kind != "conv2d" and outputs.dim() > 2 and rows == batch * outputs.shape[1]
+    conv = site.kind in ("conv1d", "conv2d")
+    return not conv and outputs.dim() > 2 and rows == batch * outputs.shape[1]
 
 
 def _row_ids(a: Tensor, embedding: nn.Embedding) -> bool:
@@ -735,11 +744,11 @@ def _signals(
         weight_parts, bias_parts, a_parts = [], [], []
         for a, d in uses:
             t = d.shape[0]
-            if site.kind in ("linear", "conv1d"):
+            if site.kind in ("linear", "gpt2_conv1d"):
                 out = d.shape[-1]
                 dd = d.reshape(t, batch, -1, 1, out)
                 aa = _as_positions(a, batch, a.shape[-1]).unsqueeze(2)
-            elif site.kind == "conv2d":
+            elif site.kind in ("conv1d", "conv2d"):
                 dd = _conv_delta(cast(nn.Conv2d, m), d)
                 aa = _conv_patches(cast(nn.Conv2d, m), a)
             elif site.kind == "embedding":
@@ -787,8 +796,8 @@ def _signals(
                 vectors[site.tensors["bias"]] = b.reshape(*b.shape[:2], *shape)
             continue
         if "weight" in site.tensors:
-            out_mode = 1 if site.kind in ("conv1d", "embedding") else 0
-            groups = cast(nn.Conv2d, m).groups if site.kind == "conv2d" else 1
+            out_mode = 1 if site.kind in ("gpt2_conv1d", "embedding") else 0
+            groups = cast(nn.Conv2d, m).groups if site.kind in ("conv1d", "conv2d") else 1
             weight = cast(Tensor, m.weight)
             matrices[site.tensors["weight"]] = _MatrixSignal(
                 _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, tuple(weight.shape), groups
