@@ -1034,3 +1034,33 @@ def test_numpy_and_torch_integers_select_subnetworks(decomposed):
     for chosen in ([np.int64(1), np.int32(3)], list(torch.tensor([1, 3]))):
         adapter = Adapter(d.model, d.subnetworks.v_out, chosen)
         assert adapter.subnetworks == [1, 3] and all(type(k) is int for k in adapter.subnetworks)
+
+
+class ReusedWeight(nn.Module):
+    """TMS written with nn.Linear: the encoder's weight is also the decoder, used directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(5, 2, bias=False)
+        self.out = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.enc(x) @ self.enc.weight))
+
+
+def test_lora_leaves_a_weight_also_used_outside_its_module_at_w0():
+    """LoRA changes the module's call only; the check on two rows finds the second use."""
+    torch.manual_seed(0)
+    x = torch.rand(32, 5, generator=torch.Generator().manual_seed(1))
+    d = l3d.decompose(ReusedWeight(), x, params=["enc.weight", "out.weight"], n_subnetworks=3,
+                      epochs=1, progress=False)  # fmt: skip
+    lora = baseline(d, (x, edited_targets(d.model, x)), method="lora", rank=1, steps=5,
+                    lr=0.05, progress=False)  # fmt: skip
+    assert lora.lora_modules == ["out"]
+    moved = {n: w + lora.delta()[n] for n, w in d.target.w0.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(lora.forward(x), d.target.forward(x, moved))
+    with pytest.raises(L3DError, match="also uses their weights outside their modules' calls"):
+        only = l3d.decompose(ReusedWeight(), x, params=["enc.weight"], n_subnetworks=2,
+                             epochs=1, progress=False)  # fmt: skip
+        baseline(only, (x, edited_targets(only.model, x)), method="lora", steps=1, progress=False)

@@ -524,6 +524,8 @@ class Baseline(Edit):
         layers = dict(self.lora_model.named_modules())
         saved = {n: p.clone() for n, p in self.lora_model.named_parameters() if p.requires_grad}
         generator = torch.Generator().manual_seed(0)
+        base = self.target.forward(example)
+        eps = torch.finfo(base.dtype).eps
 
         def agrees(modules: list[str]) -> bool:
             w = dict(self.target.w0)
@@ -536,7 +538,11 @@ class Baseline(Edit):
                 w[f"{m}.weight"] = w[f"{m}.weight"] + layers[m].get_delta_weight("default")
             want = self.target.forward(example, w)
             got = self.forward(example)
-            return torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+            # A weight LoRA changes in one use only misses a share of the change comparable to
+            # the change itself; round-off (any dtype) is far below a tenth of it.
+            change = (want - base).abs().max().item()
+            error = (got - want).abs().max().item()
+            return error <= 0.1 * change + 100 * eps * want.abs().max().item()
 
         try:
             if agrees(self.lora_modules):
