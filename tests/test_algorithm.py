@@ -429,7 +429,7 @@ def test_step_memory_estimate_matches_what_a_batch_holds(mlp, token_model, per_t
     estimate = source.batch_memory(5, ranks, 12)
     batch = next(source.epoch(torch.Generator()))
     assert estimate.gradients == batch.nbytes()
-    signals = [t for sig in batch.matrices.values() for t in (sig.a, sig.delta)]
+    signals = [t for parts in batch.matrices.values() for sig in parts for t in (sig.a, sig.delta)]
     assert batch.nbytes() == sum(t.nbytes for t in signals) > 0
     w = {n: p.detach().requires_grad_() for n, p in target.w0.items()}
     weights = [*model.parameters(), *w.values()]

@@ -225,13 +225,24 @@ def test_per_token_kl_with_padding(with_head, factorization, rank):
 
 
 def test_per_token_head_weights_are_decomposed():
+    """The head's per-token signal is its own output cotangent and input at each token, one
+    position per (token, sequence): no per-token backward through the head, no (T, n, S, vocab)
+    deltas."""
     torch.manual_seed(0)
-    assert_matches_oracle(TokenModel(), token_batch(), ["head.*", "mix.weight"], kl, per_token=True)
+    patterns = ["head.*", "mix.weight"]
+    assert_matches_oracle(TokenModel(), token_batch(), patterns, kl, per_token=True)
+    target = Target.create(TokenModel().eval(), patterns)
+    refs = torch.randn(3, 7, 9, generator=torch.Generator().manual_seed(0))
+    fast = structured_gradients(
+        target, token_batch(), refs, kl, plan=StructuredPlan.create(target), per_token=True
+    )
+    (head,) = fast.matrices["head.weight"]
+    assert head.tokens == 7 and head.delta.shape == (1, 7 * 3, 1, 1, 9)
 
 
 class Mixed(nn.Module):
-    """Supported modules beside an unsupported PReLU, a raw parameter and a tied weight: those
-    take the generic path inside the structured batch."""
+    """Supported modules beside an unsupported PReLU and a raw parameter, which take the generic
+    path inside the structured batch, and a weight tied between two Linear layers."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -255,7 +266,7 @@ def test_mixed_supported_and_unsupported_modules(caplog):
     assert plan.paths["fc1.weight"] == "structured (linear)"
     assert plan.paths["act.weight"].startswith("generic")
     assert plan.paths["scale"].startswith("generic")
-    assert plan.paths["fc2.weight"] == "generic torch.func (tied to another module's parameter)"
+    assert plan.paths["fc2.weight"] == "structured (linear + linear)"  # tied: both uses
     assert "fc1.weight: structured (linear)" in caplog.text
 
 
@@ -596,6 +607,71 @@ def test_an_embedding_called_with_values_past_its_rows_falls_back():
     )
     assert plan.paths["pos.weight"] == "generic torch.func (called with other values than row ids)"
     assert plan.paths["tok.weight"] == "structured (embedding)"
+
+
+class TiedLM(nn.Module):
+    """A token embedding tied to the output head (registered in both modules, as transformers
+    ties them); `pooled`: one output per sequence instead of per position."""
+
+    def __init__(self, pooled: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 6, padding_idx=0)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 9, bias=False)
+        self.head.weight = self.embed.weight
+        self.pooled = pooled
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        counts = torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        h = torch.tanh(self.mix(h.cumsum(1) / counts))
+        return self.head(h.mean(1) if self.pooled else h)
+
+
+@pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_a_tied_embedding_takes_the_structured_path_through_both_uses(
+    per_token, factorization, rank
+):
+    """A weight registered in two modules (the token embedding and the head) took the generic
+    path: for a language model's embedding, per-sample gradients of (vocab x dim) numbers each.
+    Its per-sample gradient is the sum of both uses' signals; ||g||^2 has their cross term."""
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(
+        TiedLM(pooled=not per_token),
+        token_batch(),
+        ["embed.weight", "mix.*"],
+        kl,
+        per_token=per_token,
+        factorization=factorization,
+        rank=rank,
+        chunk_size=3,
+    )
+    assert plan.paths["embed.weight"] == "structured (embedding + linear)"
+    assert not plan.generic
+
+
+def test_a_weight_tied_to_an_unsupported_module_takes_the_generic_path():
+    class Holder(nn.Module):
+        def __init__(self, weight: nn.Parameter) -> None:
+            super().__init__()
+            self.weight = weight
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.other = Holder(self.fc.weight)
+
+        def forward(self, x):
+            return torch.tanh(self.fc(x)) @ self.other.weight
+
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(Net(), torch.randn(6, 4), ["fc.weight"])
+    assert plan.paths["fc.weight"] == "generic torch.func (tied to another module's parameter)"
 
 
 class LlamaStyleRMSNorm(nn.Module):

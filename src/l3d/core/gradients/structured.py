@@ -2,11 +2,12 @@
 
 For the layers that hold almost all weights, one sample's gradient is a sum of outer products of
 the layer's input a_s and output-gradient delta_s over the positions s it is applied at
-(docs/math.md section 1): Linear and GPT-2 Conv1D (s = tokens), Conv2d (s = output pixels, a_s
-the unfolded input patch, per group), Embedding (a_s the one-hot token). So the coefficients
+(docs/math.md section 1): Linear and GPT-2 Conv1D (s = tokens), Conv1d and Conv2d (s = output
+positions, a_s the unfolded input patch, per group), Embedding (a_s the one-hot token); a weight
+tied between such modules has the sum of their signals. So the coefficients
 <V_k, g_i> = sum_s sum_r (L_kr . delta_is)(M_kr . a_is) come from the factors directly (section 2),
 with V_k = sum_r L_kr (x) M_kr split into its output-side factor L and the rest M. Bias and
-LayerNorm vectors are small: their per-sample gradients are formed exactly (sum_s delta_s, and
+norm vectors are small: their per-sample gradients are formed exactly (sum_s delta_s, and
 sum_s delta_s * xhat_s). Any other tensor takes the generic torch.func path (torchfunc.py); which
 path each tensor takes is logged and kept in `StructuredPlan.paths`.
 
@@ -16,6 +17,8 @@ position s <= t, so delta^(t) needs its own backward. The backward is batched ov
 (is_grads_batched) and starts at the input of the output head when the model exposes one
 (`get_output_embeddings`): the head acts on each position separately, so one ordinary backward
 through it gives every token's cotangent, and only the cheap part below it runs once per token.
+A decomposed head's own per-token signal is read off that backward: its output cotangent and its
+input at token t alone (`_MatrixSignal.tokens`).
 """
 
 from __future__ import annotations
@@ -109,22 +112,26 @@ class StructuredPlan:
 
     def demote(self, site: _Site, reason: str, names: list[str] | None = None) -> None:
         """Send a site's tensors (those in `names`, default all) to the generic path from now
-        on; a site left without tensors is no longer hooked."""
-        for local, name in list(site.tensors.items()):
-            if names is None or name in names:
-                del site.tensors[local]
-                self.generic.append(name)
-                self.paths[name] = f"generic torch.func ({reason})"
-                logger.info("L3D gradient path of %s: generic torch.func (%s)", name, reason)
-        if not site.tensors:
-            self.sites.remove(site)
+        on, from every site holding them (a tied weight has one per module); a site left
+        without tensors is no longer hooked."""
+        chosen = list(site.tensors.values()) if names is None else names
+        for name in dict.fromkeys(chosen):
+            if name in self.generic:
+                continue
+            for holder in list(self.sites):
+                for local, held in list(holder.tensors.items()):
+                    if held == name:
+                        del holder.tensors[local]
+                if not holder.tensors:
+                    self.sites.remove(holder)
+            self.generic.append(name)
+            self.paths[name] = f"generic torch.func ({reason})"
+            logger.info("L3D gradient path of %s: generic torch.func (%s)", name, reason)
 
     @classmethod
     def create(cls, target: Target, force_generic: bool = False) -> StructuredPlan:
         model = target.model
         modules = dict(model.named_modules())
-        # A parameter registered in two modules (tied embeddings) gets gradient from both uses;
-        # hooks on one module would miss the other, so such tensors take the generic path.
         shared = shared_parameters(model)
         params = dict(model.named_parameters())
         by_module: dict[str, _Site] = {}
@@ -134,6 +141,7 @@ class StructuredPlan:
             module = modules.get(module_name)
             kind = None if module is None else _kind(module)
             reason = None
+            holders: list[tuple[str, nn.Module, str | None]] = []
             if force_generic:
                 reason = "forced"
             elif kind is None:
@@ -141,17 +149,41 @@ class StructuredPlan:
             elif local not in ("weight", "bias"):
                 reason = f"parameter '{local}' of {type(module).__name__}"
             elif id(params[name]) in shared:
-                reason = "tied to another module's parameter"
+                # A tied weight (a token embedding and the head) gets gradient from each module
+                # holding it: the sum of their signals, where every holder is a 2-d weight's
+                # layer (a tied Conv2d or norm vector takes the generic path).
+                holders = _holders(model, params[name])
+                if local != "weight" or any(k not in TIED_KINDS for _, _, k in holders):
+                    reason = "tied to another module's parameter"
             if module is None or kind is None or reason is not None:
                 generic.append(name)
                 paths[name] = f"generic torch.func ({reason or 'not supported'})"
                 continue
-            site = by_module.setdefault(module_name, _Site(module_name, module, kind, {}))
-            site.tensors[local] = name
-            paths[name] = f"structured ({kind})"
+            for holder_name, holder, holder_kind in holders or [(module_name, module, kind)]:
+                site = by_module.setdefault(
+                    holder_name, _Site(holder_name, holder, cast(str, holder_kind), {})
+                )
+                site.tensors[local] = name
+            paths[name] = f"structured ({' + '.join(str(k) for _, _, k in holders) or kind})"
         plan = cls(list(by_module.values()), generic, paths)
         logger.info("L3D gradient paths: %s", "; ".join(f"{n}: {p}" for n, p in plan.paths.items()))
         return plan
+
+
+TIED_KINDS = ("linear", "gpt2_conv1d", "embedding")
+"""Layers a tied weight may be held by on the structured path: 2-d weights without groups, whose
+signals' cross terms `_cross_matrix` forms."""
+
+
+def _holders(model: nn.Module, param: nn.Parameter) -> list[tuple[str, nn.Module, str | None]]:
+    """(module name, module, kind) of every module holding `param` as its 'weight'; a holder
+    under another local name has kind None."""
+    found = []
+    for name, module in model.named_modules():
+        for local, p in module._parameters.items():
+            if p is param:
+                found.append((name, module, _kind(module) if local == "weight" else None))
+    return found
 
 
 # Captured signals per module ---------------------------------------------------------------
@@ -164,6 +196,9 @@ class _MatrixSignal:
     delta: (T, n, S, G, out_g); a: (n, S, G, in_g) floats, or token ids (n, S) for an embedding.
     T is the number of per-token samples per sequence (1 without per_token).
     out_mode: which mode of the parameter tensor is the layer's output side.
+    tokens: 0, or T for the output head's per-token signal: token t's gradient is its own
+    position's delta (x) a only, so the signal holds T x n one-position pseudo-samples, t-major:
+    delta (1, T n, 1, 1, out), a (T n, 1, 1, in); results are reshaped to (T, n, ...).
     """
 
     delta: Tensor
@@ -172,10 +207,16 @@ class _MatrixSignal:
     shape: tuple[int, ...]
     """The weight's shape."""
     groups: int = 1
+    tokens: int = 0
 
     @property
     def is_embedding(self) -> bool:
         return not self.a.is_floating_point()
+
+
+def _unflat(x: Tensor, sig: _MatrixSignal) -> Tensor:
+    """A result over a head signal's (1, T n, ...) pseudo-samples as (T, n, ...)."""
+    return x.reshape(sig.tokens, -1, *x.shape[2:]) if sig.tokens else x
 
 
 def _as_positions(x: Tensor, batch: int, features: int) -> Tensor:
@@ -263,6 +304,10 @@ def _delta_first(t: int, r: int) -> bool:
 def _project_matrix(sig: _MatrixSignal, tf: TensorFactors) -> Tensor:
     """<V_k, g_(t,i)>, (T, n, n_v), from a, delta and the factors (docs/math.md section 2).
     Sequences are processed in chunks so that no intermediate exceeds CHUNK_ELEMENTS."""
+    return _unflat(_project_flat(sig, tf), sig)
+
+
+def _project_flat(sig: _MatrixSignal, tf: TensorFactors) -> Tensor:
     L, M = tf.split(sig.out_mode)  # (K, R, out), (K, R, in)
     k, r = L.shape[:2]
     L = L.reshape(k, r, sig.groups, -1)  # (K, R, G, out_g)
@@ -306,6 +351,10 @@ def _project_matrix(sig: _MatrixSignal, tf: TensorFactors) -> Tensor:
 
 
 def _sq_norms_matrix(sig: _MatrixSignal) -> Tensor:
+    return _unflat(_sq_norms_flat(sig), sig)
+
+
+def _sq_norms_flat(sig: _MatrixSignal) -> Tensor:
     """||sum_s delta_s (x) a_s||^2 per sample, (T, n): via position Gram matrices
     sum_{s,z} (delta_s . delta_z)(a_s . a_z) when positions are few, else by forming the
     (small) per-sample tensor, whichever costs less."""
@@ -329,8 +378,60 @@ def _sq_norms_matrix(sig: _MatrixSignal) -> Tensor:
     return _cat(parts, 1)
 
 
+def _sq_norms_parts(parts: list[_MatrixSignal]) -> Tensor:
+    """||sum_p g_p||^2 per sample, (T, n): each part's own norm and twice every cross term."""
+    own = total(_sq_norms_matrix(p) for p in parts)
+    pairs = itertools.combinations(parts, 2)
+    return own + 2 * total(_cross_matrix(p, q) for p, q in pairs) if len(parts) > 1 else own
+
+
+def _outer_factors(sig: _MatrixSignal) -> tuple[Tensor, Tensor]:
+    """(u, v) with the per-sample gradient sum_s u_s (x) v_s in the weight's (rows, columns)
+    layout: float factors (T or 1, n, S, dim), an embedding's row ids (n, S) as they are."""
+    delta = sig.delta[:, :, :, 0]  # (T, n, S, out): groups 1 (TIED_KINDS)
+    if sig.is_embedding:  # row a_s receives delta_s
+        return sig.a, delta
+    a = sig.a[:, :, 0].unsqueeze(0)  # (1, n, S, in)
+    if sig.tokens:  # a head's one position per token: both factors vary with the token
+        delta = delta.reshape(sig.tokens, -1, 1, delta.shape[-1])  # (T, n, 1, out)
+        a = a.reshape(sig.tokens, -1, 1, a.shape[-1])  # (T, n, 1, in)
+    return (delta, a) if sig.out_mode == 0 else (a, delta)
+
+
+def _inner(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """(T, n, S, Z) inner products of x's S and y's Z vectors (row ids as one-hot vectors)."""
+    if not x.is_floating_point() and not y.is_floating_point():
+        return (x[:, :, None] == y[:, None, :]).to(dtype).unsqueeze(0)
+    if not x.is_floating_point():  # y[t, n, z, x[n, s]]
+        index = x[None, :, None, :].expand(y.shape[0], -1, y.shape[2], -1)  # (T, n, Z, S)
+        return torch.gather(y, 3, index).transpose(2, 3)
+    if not y.is_floating_point():
+        return _inner(y, x, dtype).transpose(2, 3)
+    return x @ y.transpose(-1, -2)  # broadcast over T
+
+
+def _cross_matrix(p: _MatrixSignal, q: _MatrixSignal) -> Tensor:
+    """<g_p, g_q> per sample, (T, n), for two signals of one tied weight:
+    sum_{s,z} (u_s . u'_z)(v_s . v'_z), in chunks of sequences."""
+    (u, v), (u2, v2) = _outer_factors(p), _outer_factors(q)
+    dense = u if u.is_floating_point() else v  # (T, n, S, dim)
+    other = u2 if u2.is_floating_point() else v2
+    t = max(dense.shape[0], other.shape[0])
+    parts = []
+    for i in _chunks(dense.shape[1], t * dense.shape[2] * other.shape[2]):
+        pick = [x[:, i] if x.is_floating_point() else x[i] for x in (u, u2, v, v2)]
+        rows = _inner(pick[0], pick[1], dense.dtype)
+        cols = _inner(pick[2], pick[3], dense.dtype)
+        parts.append((rows * cols).sum(dim=(2, 3)))
+    return _cat(parts, 1)
+
+
 def _dense_matrix(sig: _MatrixSignal) -> Tensor:
     """The weight's per-sample gradients sum_s delta_s (x) a_s themselves, (T, n, *shape)."""
+    return _unflat(_dense_flat(sig), sig)
+
+
+def _dense_flat(sig: _MatrixSignal) -> Tensor:
     t, n = sig.delta.shape[:2]
     if sig.is_embedding:  # row a_s of the (vocab, dim) table receives delta_s
         d = sig.delta[:, :, :, 0]  # (T, n, S, dim)
@@ -356,13 +457,14 @@ def _chunks(n: int, per_sequence: int) -> list[slice]:
 class StructuredGradients:
     """A GradientBatch whose weight gradients stay factored as (a, delta) pairs.
 
-    matrices: {name: _MatrixSignal}; vectors: {name: (n_samples, *shape)} exact per-sample
+    matrices: {name: [_MatrixSignal]} (a tied weight: one per module holding it, summed);
+    vectors: {name: (n_samples, *shape)} exact per-sample
     gradients of biases, LayerNorm vectors and generic-path tensors; `rows` maps (sequence,
     position) pairs to samples, in the row order of the generic path, and `index` is
     `sample_index(rows)`, computed once per batch.
     """
 
-    matrices: dict[str, _MatrixSignal]
+    matrices: dict[str, list[_MatrixSignal]]
     vectors: dict[str, Tensor]
     rows: SampleRows
     n_samples: int
@@ -376,12 +478,14 @@ class StructuredGradients:
     def project(self, subnetworks: Subnetworks) -> Tensor:
         factors = dict(zip(subnetworks.names, subnetworks.factors))
         # Summed over tensors in the signals' (T, n) layout, then gathered into rows once.
-        matrices = (_project_matrix(sig, factors[n]) for n, sig in self.matrices.items())
+        matrices = (
+            _project_matrix(sig, factors[n]) for n, parts in self.matrices.items() for sig in parts
+        )
         vectors = (factors[n].inner(g) for n, g in self.vectors.items())
         return total(itertools.chain(self._rows_of_sum(matrices), vectors))
 
     def sq_norms(self) -> Tensor:
-        matrices = (_sq_norms_matrix(sig) for sig in self.matrices.values())
+        matrices = (_sq_norms_parts(parts) for parts in self.matrices.values())
         vectors = (g.flatten(1).pow(2).sum(1) for g in self.vectors.values())
         return total(itertools.chain(self._rows_of_sum(matrices), vectors))
 
@@ -390,14 +494,14 @@ class StructuredGradients:
         return [self._rows(total(parts))] if self.matrices else []
 
     def nbytes(self) -> int:
-        signals = sum(sig.a.nbytes + sig.delta.nbytes for sig in self.matrices.values())
+        signals = sum(p.a.nbytes + p.delta.nbytes for ps in self.matrices.values() for p in ps)
         return signals + sum(v.nbytes for v in self.vectors.values())
 
     def kept_bytes(self, n_subnetworks: int, ranks: dict[str, int]) -> int:
         """`_project_matrix` keeps q = M a, (n_v, R, n, S, G), per tensor and V; where it
         contracts delta first also p = L delta, T times larger (see there)."""
         kept = 0
-        for name, sig in self.matrices.items():
+        for name, sig in ((n, p) for n, ps in self.matrices.items() for p in ps):
             t, n, s, g = sig.delta.shape[:4]
             rank = min(ranks[name], max_rank(sig.shape, "cp"))  # the capped rank of a matrix
             copies = 1 + t if _delta_first(t, rank) else 1
@@ -406,7 +510,10 @@ class StructuredGradients:
 
     def dense(self) -> dict[str, Tensor]:
         """The per-sample gradients formed from the signals, {name: (n_samples, *shape)}."""
-        grads = {name: self._rows(_dense_matrix(sig)) for name, sig in self.matrices.items()}
+        grads = {
+            name: self._rows(total(_dense_matrix(p) for p in parts))
+            for name, parts in self.matrices.items()
+        }
         return {**grads, **self.vectors}
 
 
@@ -450,13 +557,25 @@ def _first_input(args: tuple, kwargs: dict) -> Tensor:
 
 def _output_head(model: nn.Module, sites: list[_Site]) -> nn.Module | None:
     """The per-position output head (e.g. lm_head), if the model names one and no decomposed
-    module lies inside it."""
+    module lies inside it other than the head itself."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if not isinstance(head, nn.Module):
         return None
-    inside = {id(m) for m in head.modules()}
+    inside = {id(m) for m in head.modules() if m is not head}
     return None if any(id(s.module) in inside for s in sites) else head
+
+
+def _head_site(plan: StructuredPlan, recorder: _Recorder, head: nn.Module | None) -> _Site | None:
+    """The decomposed output head whose per-token signal can be read off the head's own output
+    cotangent and input (`_MatrixSignal.tokens`): called once, on (n, T, in)."""
+    site = next((s for s in plan.sites if head is not None and s.module is head), None)
+    if site is None or site.kind not in ("linear", "gpt2_conv1d"):
+        return None
+    calls, head_input = recorder.outputs[site.module_name], recorder.head_input
+    if len(calls) != 1 or head_input is None or head_input.dim() != 3:
+        return None
+    return site if calls[0].shape[:2] == head_input.shape[:2] else None
 
 
 def _token_cotangents(root: Tensor, cot: Tensor, positions: Tensor) -> Tensor:
@@ -520,7 +639,12 @@ def structured_gradients(
         uses = not plan.uses_checked
         _check_uses(plan, recorder, params, outputs, batch, uses=uses, rows=grouping)
         plan.uses_checked, plan.rows_checked = True, plan.rows_checked or grouping
-    site_outputs = [o for s in plan.sites for o in recorder.outputs[s.module_name]]
+    head_site = _head_site(plan, recorder, head) if per_token else None
+    if head is not None and head_site is None and any(s.module is head for s in plan.sites):
+        recorder.head_input = None  # a decomposed head read per token: backwards start above it
+    site_outputs = [
+        o for s in plan.sites if s is not head_site for o in recorder.outputs[s.module_name]
+    ]
 
     with torch.enable_grad():
         y = outputs.detach().requires_grad_()
@@ -532,7 +656,8 @@ def structured_gradients(
     if weights is not None:  # positions that are no sample send no gradient
         dd_dy = dd_dy * weights
 
-    if not site_outputs:
+    heads: dict[str, tuple[Tensor, Tensor]] = {}
+    if not site_outputs and head_site is None:
         deltas: list[Tensor] = []
     elif not per_token:
         grads = torch.autograd.grad(outputs, site_outputs, dd_dy, allow_unused=True)
@@ -543,9 +668,18 @@ def structured_gradients(
     else:
         root, cot = outputs, dd_dy
         if recorder.head_input is not None:
-            # The head is position-wise: one backward through it serves all tokens at once.
+            # The head is position-wise: one backward through it serves all tokens at once, and
+            # a decomposed head's own signal for token t is its output cotangent at t (x) its
+            # input at t.
             root = recorder.head_input
-            (cot,) = torch.autograd.grad(outputs, root, dd_dy, retain_graph=True)
+            if head_site is None:
+                (cot,) = torch.autograd.grad(outputs, root, dd_dy, retain_graph=True)
+            else:
+                head_output = recorder.outputs[head_site.module_name][0]
+                cot, head_cot = torch.autograd.grad(
+                    outputs, [root, head_output], dd_dy, retain_graph=True
+                )
+                heads[head_site.module_name] = (head_cot, root.detach())
         seq = root.shape[1]
         step = chunk_size or DEFAULT_TOKEN_CHUNK
         parts = []
@@ -573,7 +707,7 @@ def structured_gradients(
             for j, o in enumerate(site_outputs)
         ]
 
-    matrices, vectors = _signals(plan, recorder, deltas, batch)
+    matrices, vectors = _signals(plan, recorder, deltas, batch, heads)
     index, n_samples = sample_index(rows, batch)
     result = StructuredGradients(matrices, {}, rows, n_samples, index)
     vectors = {n: result._rows(v) for n, v in vectors.items()}
@@ -685,7 +819,7 @@ def _calls_gradient(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Autograd's whole gradient of <cot, outputs> for each structured tensor, and the one formed
     from the hooked calls' signals: summed over samples, or the first sample's row alone."""
-    names = [n for site in plan.sites for n in site.tensors.values()]
+    names = list(dict.fromkeys(n for site in plan.sites for n in site.tensors.values()))
     site_outputs = [o for site in plan.sites for o in recorder.outputs[site.module_name]]
     grads = torch.autograd.grad(
         outputs,
@@ -700,18 +834,23 @@ def _calls_gradient(
     ]
     matrices, vectors = _signals(plan, recorder, deltas, batch)
     calls = {n: v[0, 0] if first_sample else v.sum(dim=(0, 1)) for n, v in vectors.items()}
-    for name, sig in matrices.items():
-        _, n, positions, g, out_g = sig.delta.shape  # (1, n, S, G, out_g)
-        if first_sample:
-            delta, a = sig.delta[:, :1], sig.a[:1]
-        else:  # all samples' positions as one sample's: the dense sum over samples
-            delta = sig.delta.reshape(1, 1, n * positions, g, out_g)
-            a = sig.a.reshape(1, n * positions, *sig.a.shape[2:])
-        one = _MatrixSignal(delta, a, sig.out_mode, sig.shape, sig.groups)
-        calls[name] = _dense_matrix(one)[0, 0]
+    for name, parts in matrices.items():
+        calls[name] = total(_dense_matrix(_one(sig, first_sample))[0, 0] for sig in parts)
     whole = zip(names, grads[: len(names)])
     full = {n: torch.zeros_like(calls[n]) if g is None else g for n, g in whole}
     return full, calls
+
+
+def _one(sig: _MatrixSignal, first_sample: bool) -> _MatrixSignal:
+    """The first sample's signal, or all samples' positions as one sample's (the dense sum over
+    samples)."""
+    _, n, positions, g, out_g = sig.delta.shape  # (1, n, S, G, out_g)
+    if first_sample:
+        delta, a = sig.delta[:, :1], sig.a[:1]
+    else:
+        delta = sig.delta.reshape(1, 1, n * positions, g, out_g)
+        a = sig.a.reshape(1, n * positions, *sig.a.shape[2:])
+    return _MatrixSignal(delta, a, sig.out_mode, sig.shape, sig.groups)
 
 
 def _rms_eps(module: nn.Module, x: Tensor) -> float:
@@ -731,15 +870,32 @@ def _signals(
     recorder: _Recorder,
     deltas: list[Tensor],
     batch: int,
-) -> tuple[dict[str, _MatrixSignal], dict[str, Tensor]]:
+    heads: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> tuple[dict[str, list[_MatrixSignal]], dict[str, Tensor]]:
     """Turn each site's captured inputs and output-gradients into factored weight signals and
     exact per-sample vector gradients, (T, n, *shape). A module applied several times in one
-    forward contributes each use's positions to the same sum."""
-    matrices: dict[str, _MatrixSignal] = {}
+    forward contributes each use's positions to the same sum. heads: {module name: (output
+    cotangent, input)}, each (n, T, features), of an output head read per token (no deltas)."""
+    matrices: dict[str, list[_MatrixSignal]] = {}
     vectors: dict[str, Tensor] = {}
     it = iter(deltas)
     for site in plan.sites:
         m = site.module
+        if heads and site.module_name in heads:
+            cot, a = heads[site.module_name]
+            tokens = cot.shape[1]
+            signal = _MatrixSignal(
+                cot.transpose(0, 1).reshape(1, tokens * batch, 1, 1, cot.shape[-1]),
+                a.transpose(0, 1).reshape(tokens * batch, 1, 1, a.shape[-1]),
+                1 if site.kind == "gpt2_conv1d" else 0,
+                tuple(cast(Tensor, m.weight).shape),
+                tokens=tokens,
+            )
+            if "weight" in site.tensors:
+                matrices.setdefault(site.tensors["weight"], []).append(signal)
+            if "bias" in site.tensors:
+                vectors[site.tensors["bias"]] = cot.transpose(0, 1)  # (T, n, out)
+            continue
         uses = [(a, next(it)) for a in recorder.inputs[site.module_name]]
         weight_parts, bias_parts, a_parts = [], [], []
         for a, d in uses:
@@ -799,9 +955,10 @@ def _signals(
             out_mode = 1 if site.kind in ("gpt2_conv1d", "embedding") else 0
             groups = cast(nn.Conv2d, m).groups if site.kind in ("conv1d", "conv2d") else 1
             weight = cast(Tensor, m.weight)
-            matrices[site.tensors["weight"]] = _MatrixSignal(
+            signal = _MatrixSignal(
                 _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, tuple(weight.shape), groups
             )
+            matrices.setdefault(site.tensors["weight"], []).append(signal)  # tied: one per holder
         if "bias" in site.tensors:
             vectors[site.tensors["bias"]] = total(d.sum(2).flatten(2) for d in bias_parts)
     return matrices, vectors
