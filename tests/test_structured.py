@@ -674,6 +674,40 @@ def test_a_weight_tied_to_an_unsupported_module_takes_the_generic_path():
     assert plan.paths["fc.weight"] == "generic torch.func (tied to another module's parameter)"
 
 
+class ScaledEmbedding(nn.Embedding):
+    """transformers' scaled word embedding (Gemma's): the looked-up rows times `embed_scale`;
+    `factor` != 1 computes something else than the attribute says."""
+
+    def __init__(self, factor: float = 1.0) -> None:
+        super().__init__(11, 4)
+        self.register_buffer("embed_scale", torch.tensor(2.0), persistent=False)
+        self.factor = factor
+
+    def forward(self, input_ids):  # type: ignore[override]
+        return super().forward(input_ids) * self.embed_scale * self.factor
+
+
+class ScaledLM(nn.Module):
+    def __init__(self, factor: float = 1.0) -> None:
+        super().__init__()
+        self.tok = ScaledEmbedding(factor)
+        self.head = nn.Linear(4, 11)
+
+    def forward(self, input_ids):
+        return self.head(torch.tanh(self.tok(input_ids).cumsum(1)))
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5])
+def test_a_scaled_embedding_takes_the_structured_path_when_it_scales_as_it_says(factor):
+    ids = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(
+        ScaledLM(factor), {"input_ids": ids}, divergence=kl, per_token=True
+    )
+    structured = plan.paths["tok.weight"] == "structured (embedding)"
+    assert structured == (factor == 1.0), plan.paths["tok.weight"]
+
+
 class LlamaStyleRMSNorm(nn.Module):
     """transformers' LlamaRMSNorm, as written there."""
 

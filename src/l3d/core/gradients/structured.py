@@ -909,6 +909,11 @@ def _signals(
                 aa = _conv_patches(cast(nn.Conv2d, m), a)
             elif site.kind == "embedding":
                 dd = d.reshape(t, batch, -1, 1, d.shape[-1])
+                scale = getattr(m, "embed_scale", None)
+                if isinstance(scale, Tensor) and scale.numel() == 1:
+                    # transformers' scaled embeddings (Gemma's: rows times sqrt(hidden)); one
+                    # that computes otherwise fails `_check_uses` and takes the generic path.
+                    dd = dd * scale.to(dd.dtype)
                 aa = a.reshape(batch, -1)
                 padding_idx = cast(nn.Embedding, m).padding_idx
                 if padding_idx is not None:  # the padding row never receives gradient
