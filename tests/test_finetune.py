@@ -1064,3 +1064,33 @@ def test_lora_leaves_a_weight_also_used_outside_its_module_at_w0():
         only = l3d.decompose(ReusedWeight(), x, params=["enc.weight"], n_subnetworks=2,
                              epochs=1, progress=False)  # fmt: skip
         baseline(only, (x, edited_targets(only.model, x)), method="lora", steps=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        ({"alpha": torch.tensor([0.7])}, "alpha of shape \\(1,\\), expected \\(2,\\)"),
+        ({"alpha": torch.tensor(0.7)}, "alpha of shape \\(\\), expected \\(2,\\)"),
+        ({"alpha": torch.tensor([0.1, 0.2, 0.3])}, "alpha of shape \\(3,\\)"),
+        ({"alpha": torch.tensor([float("nan"), 0.1])}, "1 NaN/inf values in .*alpha"),
+        ({"train": "cores"}, "cores.0 is missing"),
+    ],
+)
+def test_an_edited_adapter_is_one_line_naming_the_file(decomposed, tmp_path, edit, said):
+    """A 1-value alpha was broadcast to every subnetwork silently, a NaN loaded and made every
+    output NaN, 3 values or another train mode were tracebacks."""
+    from safetensors.torch import load_file
+
+    d, _ = decomposed
+    adapter = Adapter(d.model, d.subnetworks.v_out, [1, 2])
+    folder = adapter.save(tmp_path / "adapter")
+    if "train" in edit:
+        meta = json.loads((folder / "adapter.json").read_text())
+        meta["train"] = edit["train"]
+        (folder / "adapter.json").write_text(json.dumps(meta))
+    else:
+        tensors = load_file(folder / "adapter.safetensors")
+        save_file({**tensors, "alpha": edit["alpha"]}, folder / "adapter.safetensors")
+    with pytest.raises(L3DError, match=said) as err:
+        load_adapter(folder, d.model)
+    assert "\n" not in str(err.value) and "adapter.safetensors" in str(err.value)

@@ -306,3 +306,38 @@ def test_file_hash_is_read_once_per_process_unless_the_file_changed(tmp_path, mo
     second = io.file_sha256(data)
     assert second != first and len(reads) == 2
     assert io.file_sha256(data) == second and len(reads) == 3  # too recent to remember
+
+
+# Files rewritten by other tools ----------------------------------------------------------------
+class SameShapes(torch.nn.Module):
+    """Two decomposed tensors of one shape, in an order that sorting their names reverses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.z_first = torch.nn.Linear(5, 5)
+        self.mid = torch.nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.mid(torch.tanh(self.z_first(x)))
+
+
+def test_json_rewritten_with_sorted_keys_loads_the_same(tmp_path):
+    """`jq -S` or json.dump(sort_keys=True) reorders 'shapes': the factors, stored by position,
+    were read in that order, so same-shaped tensors swapped their directions silently."""
+    from l3d.finetuning import Adapter, load_adapter
+
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(1))
+    d = l3d.decompose(SameShapes(), x, params=["z_first.weight", "mid.weight"], n_subnetworks=3,
+                      epochs=1, progress=False)  # fmt: skip
+    adapter = Adapter(d.model, d.subnetworks.v_out, [0, 2])
+    with torch.no_grad():
+        adapter.alpha.copy_(torch.tensor([0.5, -0.3]))
+    d.save(tmp_path / "d")
+    adapter.save(tmp_path / "a")
+    for path in (tmp_path / "d" / "decomposition.json", tmp_path / "a" / "adapter.json"):
+        path.write_text(json.dumps(json.loads(path.read_text()), sort_keys=True, indent=1))
+    loaded = l3d.load(tmp_path / "d", d.model)
+    assert torch.equal(loaded.coefficients(x), d.coefficients(x))
+    again = load_adapter(tmp_path / "a", d.model)
+    assert torch.equal(again.forward(x), adapter.forward(x))

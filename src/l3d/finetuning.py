@@ -98,10 +98,14 @@ def read_description(path: Path) -> AdapterDescription:
     if isinstance(meta, dict) and meta.get("format_version") != ADAPTER_FORMAT:
         raise L3DError(f"{path.parent} is not an l3d adapter folder: re-create it with save()")
     description = io.validated(meta, AdapterDescription, path, fix)
+    names = ", ".join(description.shapes)
     if set(description.ranks) != set(description.shapes):
-        names = ", ".join(description.shapes)
         raise L3DError(
             f"{path}: 'ranks' must give a rank for each tensor of 'shapes' ({names}): {fix}"
+        )
+    if sorted(description.names) != sorted(description.shapes):
+        raise L3DError(
+            f"{path}: 'names' must list the tensors of 'shapes' ({names}) in order: {fix}"
         )
     return description
 
@@ -395,7 +399,9 @@ class Adapter(Edit):
         if "alpha" not in tensors:
             raise L3DError(f"{directory} is not an l3d adapter folder: re-create it with save()")
         params = dict(model.named_parameters())
-        shapes = {n: tuple(s) for n, s in meta.shapes.items()}
+        # In the order of 'names' (a list): the directions are stored by position, and tools that
+        # rewrite JSON may sort the keys of 'shapes'.
+        shapes = {n: tuple(meta.shapes[n]) for n in meta.names}
         wrong = [n for n, s in shapes.items() if n not in params or tuple(params[n].shape) != s]
         if wrong:
             raise L3DError(
@@ -424,10 +430,23 @@ class Adapter(Edit):
             ) from None
         adapter = cls(model, directions, list(range(n_sel)), meta.train)
         adapter.subnetworks = list(meta.subnetworks)
-        with torch.no_grad():
-            adapter.alpha.copy_(tensors["alpha"])
-            for i, core in enumerate(adapter.cores):
-                core.copy_(tensors[f"cores.{i}"])
+        learned = {"alpha": adapter.alpha} | {f"cores.{i}": c for i, c in enumerate(adapter.cores)}
+        file = directory / ADAPTER_FILES[1]
+        for key, value in learned.items():
+            saved_value = tensors.get(key)
+            if saved_value is None or saved_value.shape != value.shape:
+                problem = (
+                    f"{key} is missing"
+                    if saved_value is None
+                    else f"{key} of shape {tuple(saved_value.shape)}, expected {tuple(value.shape)}"
+                )
+                raise L3DError(
+                    f"{file} does not match adapter.json ({problem}, train {meta.train!r}): "
+                    "re-create the adapter with save()"
+                )
+            check_finite(saved_value, f"{file} ({key})", "re-create the adapter with save()")
+            with torch.no_grad():
+                value.copy_(saved_value)
         adapter.history = [dict(record) for record in meta.history]
         adapter.trained_with = dict(meta.trained_with)
         return adapter

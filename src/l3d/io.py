@@ -254,7 +254,9 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
         raise L3DError(f"{directory} is not a saved decomposition: missing {', '.join(missing)}")
     config = _read_config(files[0])
     meta = _read_meta(files[1])
-    shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+    # In the order of 'names' (a list): the factors are stored by position, and tools that
+    # rewrite JSON may sort the keys of 'shapes'.
+    shapes = {n: tuple(meta["shapes"][n]) for n in meta["names"]}
     try:
         pair = SubnetworkPair(
             Subnetworks(shapes, config.n_v, meta["ranks"], config.factorization),
@@ -330,6 +332,9 @@ def _read_meta(path: Path) -> dict:
         raise bad("'shapes' must map each tensor name to a list of positive sizes")
     if not isinstance(ranks, dict) or set(ranks) != set(shapes):
         raise bad(f"'ranks' must give a rank for each tensor of 'shapes' ({', '.join(shapes)})")
+    names = meta.get("names")
+    if not isinstance(names, list) or sorted(map(str, names)) != sorted(shapes):
+        raise bad(f"'names' must list the tensors of 'shapes' ({', '.join(shapes)}) in order")
     if not all(_positive_int(r) for r in ranks.values()):
         raise bad(f"'ranks' must be positive integers; got {ranks}")
     evaluation = meta.get("evaluation")
