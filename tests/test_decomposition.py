@@ -229,3 +229,37 @@ def test_a_model_in_train_mode_runs_in_eval_mode_and_keeps_its_state():
     model.drop.eval()
     d.intervene(x, 0, 0.1)
     assert model.training and not model.drop.training
+
+
+def test_inputs_of_another_dtype_are_one_line_in_interventions():
+    """coefficients refused them in one line; intervene, output_change and output_derivative
+    raised torch's dtype mismatch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(32, 6)
+    d = l3d.decompose(model, x, params=["0.weight"], n_subnetworks=2, epochs=1, progress=False)
+    for dtype in (torch.float64, torch.bfloat16):
+        for call in (
+            lambda y: d.intervene(y, 0, 0.1),
+            lambda y: d.output_change(y, 0, [0.1]),
+            lambda y: d.output_derivative(y, 0),
+        ):
+            with pytest.raises(l3d.L3DError) as err:
+                call(x.to(dtype))
+            assert "\n" not in str(err.value)
+
+
+def test_a_model_returning_float64_outputs_is_one_line():
+    """A float32 model whose forward returns float64 died in the cached-Jacobian path."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.fc(x).double()
+
+    with pytest.raises(l3d.L3DError, match="float64 outputs"):
+        l3d.decompose(Net(), torch.randn(32, 6), params=["fc.weight"], n_subnetworks=2,
+                      epochs=1, progress=False)  # fmt: skip

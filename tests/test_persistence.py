@@ -341,3 +341,38 @@ def test_json_rewritten_with_sorted_keys_loads_the_same(tmp_path):
     assert torch.equal(loaded.coefficients(x), d.coefficients(x))
     again = load_adapter(tmp_path / "a", d.model)
     assert torch.equal(again.forward(x), adapter.forward(x))
+
+
+def test_a_model_of_another_dtype_is_named_on_load(folder):
+    """bfloat16 was refused as 'made on other weights', float64 loaded and then failed or gave
+    float64 outputs depending on the call."""
+    for dtype in (torch.bfloat16, torch.float64):
+        with pytest.raises(L3DError, match=f"{str(dtype)[6:]}: l3d computes in float32") as err:
+            l3d.load(folder, model().to(dtype))
+        one_line(err)
+
+
+@pytest.mark.parametrize(
+    "evaluation, said",
+    [
+        ({"loss_paper": "low"}, "'evaluation'"),
+        ({"loss_pooled_squared": -1.0}, "'evaluation'"),
+        ({"n_samples": "all"}, "'evaluation'"),
+    ],
+)
+def test_evaluation_values_of_the_wrong_type_are_one_line(folder, evaluation, said):
+    meta = json.loads((folder / "decomposition.json").read_text())
+    edit_json(folder / "decomposition.json", evaluation={**meta["evaluation"], **evaluation})
+    with pytest.raises(L3DError, match=said) as err:
+        l3d.load(folder, model())
+    one_line(err)
+
+
+def test_a_huge_subnetwork_count_in_config_yaml_is_refused_before_allocating(folder):
+    """config.yaml edited to 2 x 10^7 subnetworks: the factors were allocated for that count
+    before being compared with the file (3.7 GB; at 10^9 the process was killed for memory)."""
+    path = folder / "config.yaml"
+    path.write_text(path.read_text().replace("n_subnetworks: 3", "n_subnetworks: 20000000"))
+    with pytest.raises(L3DError, match="n_subnetworks") as err:
+        l3d.load(folder, model())
+    one_line(err)

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from l3d import io, runs
+from l3d import L3DError, io, runs
 from l3d.cli import main
 from l3d.decomposition import build
 
@@ -377,3 +377,35 @@ def test_a_signal_during_set_up_is_a_stop_not_an_error(tmp_path, monkeypatch):
     with pytest.raises(runs.Interrupted) as stop:
         runs.execute(run_dir, progress=False, log=lambda m: None)
     assert stop.value.signum == signal.SIGTERM and stop.value.epoch == 0
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (lambda s: s["optimizer"]["state"][0].pop("step"), "optimizer state 0 lacks step"),
+        (lambda s: s["pair"].__setitem__(next(iter(s["pair"])), torch.zeros(5, 1, 7)), "shape"),
+        (lambda s: s.__setitem__("generator", s["generator"][:100].clone()), "generator"),
+        (lambda s: next(iter(s["pair"].values())).fill_(float("nan")), "not finite"),
+        (
+            lambda s: s["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(5, 1, 7)),
+            "exp_avg",
+        ),
+        (lambda s: s["optimizer"]["state"][0]["exp_avg_sq"].fill_(-1.0), "exp_avg_sq"),
+    ],
+)
+def test_a_damaged_training_state_is_one_line(damage, said):
+    """A checkpoint's tensors were loaded unchecked: tracebacks for a missing slot, another
+    shape or a short RNG state; a NaN factor trained on to a NaN decomposition (exit 0); a
+    reshaped or negative AdamW moment resumed silently to another result."""
+    spec = runs.RunSpec.create(TINY)
+    model = runs.build_model(spec.model)
+    data = runs.build_data(spec.data, spec.model)
+    config = spec.l3d.replace(epochs=2)
+    _, _, trainer = build(model, data, config)
+    trainer.run_epoch()
+    state = trainer.state_dict()
+    damage(state)
+    _, _, restored = build(model, data, config)
+    with pytest.raises(L3DError, match=said) as err:
+        restored.load_state_dict(state)
+    assert "\n" not in str(err.value)

@@ -627,6 +627,7 @@ class Decomposition:
         """f(x, W0 + delta * v_k): the model's outputs with subnetwork k's unit direction added
         (eq. 9), on the tensors `params` only (default: all decomposed). direction: V_out_k if
         already materialised, or any other direction to move along."""
+        self.gradient_source(inputs)  # inputs the model cannot take: one line, as elsewhere
         moved = self.target.moved(self._direction(k, direction), delta, params)
         return self.target.forward(to_device(inputs, self.device), moved)
 
@@ -721,6 +722,7 @@ class Decomposition:
         """d read(f(x_i, W0 + delta v_k)) / d delta at delta = 0, the outputs as the divergence
         reads them (softmax for 'kl', raw otherwise), by a forward-mode JVP along V_out_k:
         (n_samples, n_out) for the given sample rows (default all)."""
+        self.gradient_source(inputs)  # inputs the model cannot take: one line, as elsewhere
         sub, select = self._sample_inputs(inputs, samples)
         sub = to_device(sub, self.device)
         tangent = self._direction(k, direction)
@@ -795,6 +797,13 @@ def load(
     if problems:
         raise L3DError(
             f"the decomposition in {directory} does not fit this model: " + "; ".join(problems)
+        )
+    odd = next((n for n in saved.shapes if params[n].dtype != torch.float32), None)
+    if odd is not None:
+        dtype = str(params[odd].dtype).removeprefix("torch.")
+        raise L3DError(
+            f"the model's {odd} is {dtype}: l3d computes in float32; load the model in float32 "
+            "(model.float()) before l3d.load"
         )
     fingerprint = saved.fingerprint
     if fingerprint is None:

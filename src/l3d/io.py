@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -257,6 +258,16 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
     # In the order of 'names' (a list): the factors are stored by position, and tools that
     # rewrite JSON may sort the keys of 'shapes'.
     shapes = {n: tuple(meta["shapes"][n]) for n in meta["names"]}
+    tensors = load_tensors(files[2], "subnetwork factors")
+    p_active = tensors.pop("p_active", None)
+    # Before allocating factors for config.yaml's count (an edited 10^9 was killed for memory).
+    counts = {int(t.shape[0]) for k, t in tensors.items() if k.endswith("modes.0") and t.dim()}
+    if counts and counts != {config.n_v}:
+        raise L3DError(
+            f"{files[0]} says n_subnetworks {config.n_v} but {files[2]} holds "
+            f"{', '.join(map(str, sorted(counts)))}: restore the files or re-create the "
+            "decomposition"
+        )
     try:
         pair = SubnetworkPair(
             Subnetworks(shapes, config.n_v, meta["ranks"], config.factorization),
@@ -267,8 +278,6 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
             f"{files[1]} and {files[0]} do not describe valid subnetworks ({err}): restore them "
             "or re-create the decomposition"
         ) from None
-    tensors = load_tensors(files[2], "subnetwork factors")
-    p_active = tensors.pop("p_active", None)
     _check_factors(pair.state_dict(), tensors, files, config)
     # Training refuses a non-finite loss, so NaN here is damage; it would spread to every output.
     for name, t in {**tensors, "p_active": p_active}.items():
@@ -276,6 +285,13 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
             check_finite(
                 t, f"{files[2]} ({name})", "restore the file or re-create the decomposition"
             )
+    if p_active is not None and (
+        p_active.dtype != torch.float32 or not bool(((p_active >= 0) & (p_active <= 1)).all())
+    ):
+        raise L3DError(
+            f"{files[2]} holds p_active that are not float32 fractions in [0, 1]: restore the "
+            "files or re-create the decomposition"
+        )
     if p_active is None or tuple(p_active.shape) != (config.n_v,):
         found = "no p_active" if p_active is None else f"p_active of shape {tuple(p_active.shape)}"
         raise L3DError(
@@ -341,6 +357,16 @@ def _read_meta(path: Path) -> dict:
     needed = ("loss_paper", "loss_pooled_squared", "n_samples")
     if not isinstance(evaluation, dict) or any(k not in evaluation for k in needed):
         raise bad(f"'evaluation' must hold {', '.join(needed)}")
+    losses = [evaluation["loss_paper"], evaluation["loss_pooled_squared"]]
+    if not all(_number(v) and v >= 0 for v in losses) or not (
+        isinstance(evaluation["n_samples"], int)
+        and not isinstance(evaluation["n_samples"], bool)
+        and evaluation["n_samples"] >= 0
+    ):
+        raise bad(
+            "'evaluation' must hold losses >= 0 and a count of samples; got "
+            f"{ {k: evaluation[k] for k in needed} }"
+        )
     if not isinstance(meta.get("history"), list):
         raise bad("'history' must be a list of epoch records")
     fingerprint = meta.get("w0_fingerprint")
@@ -349,6 +375,10 @@ def _read_meta(path: Path) -> dict:
     ):
         raise bad("'w0_fingerprint' must map tensor names to {sum, sum_sq, sha256}")
     return meta
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive_int(value: object) -> bool:

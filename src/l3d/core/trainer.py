@@ -158,6 +158,49 @@ class Trainer:
             tensors += [data] if isinstance(data, Tensor) else list(data.values())
         return fingerprint(tensors)
 
+    def _check_state(self, state: dict) -> None:
+        """Refuse a state that does not fit this run before loading any of it: factors of
+        other names, shapes or dtypes, AdamW slots missing or shaped otherwise, non-finite
+        values (they train on to a NaN decomposition), a negative second moment (its square
+        root is NaN), a generator state of another size."""
+
+        def bad(problem: str) -> L3DError:
+            return L3DError(
+                f"the saved training state does not fit this run: {problem} (a checkpoint edited "
+                "or damaged? restore it, or delete the run's checkpoint folder to start over)"
+            )
+
+        def check(what: str, value: object, template: Tensor) -> Tensor:
+            if not isinstance(value, Tensor):
+                raise bad(f"{what} is missing")
+            if value.shape != template.shape or value.dtype != template.dtype:
+                raise bad(
+                    f"{what} has shape {tuple(value.shape)} {value.dtype}, this run's "
+                    f"{tuple(template.shape)} {template.dtype}"
+                )
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise bad(f"{what} is not finite")
+            return value
+
+        own = self._pair_state()
+        pair = state.get("pair")
+        if not isinstance(pair, dict) or set(pair) != set(own):
+            raise bad("the factors' names differ")
+        for name, template in own.items():
+            check(f"factor {name}", pair[name], template)
+        params = [full(p) for p in self.pair.parameters()]
+        slots = state.get("optimizer", {}).get("state", {})
+        for i, saved in slots.items():
+            if not 0 <= int(i) < len(params) or not isinstance(saved, dict):
+                raise bad(f"optimizer state {i} names no parameter")
+            if "step" not in saved:
+                raise bad(f"optimizer state {i} lacks step")
+            for slot in ("exp_avg", "exp_avg_sq"):
+                value = check(f"optimizer state {i} {slot}", saved.get(slot), params[int(i)])
+                if slot == "exp_avg_sq" and bool((value < 0).any()):
+                    raise bad(f"optimizer state {i} exp_avg_sq is negative")
+        check("the generator state", state.get("generator"), self.generator.get_state())
+
     def lr_at(self, step: int, epoch: int) -> float:
         c = self.config
         n = (step if c.lr_decay_unit == "step" else epoch) // c.lr_decay_every
@@ -325,6 +368,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self._check_state(state)
         if not self.sharded:
             self.pair.load_state_dict(state["pair"])
             self.optimizer.load_state_dict(state["optimizer"])

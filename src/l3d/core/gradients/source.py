@@ -172,6 +172,11 @@ class GradientSource:
         except (RuntimeError, TypeError, ValueError, IndexError) as err:
             raise model_failure(err, "the data's", batch) from err
         _check_rows(outputs, batch_size_of(batch))
+        if outputs.dtype != torch.float32:
+            raise L3DError(
+                f"the model returns {_dtype_name(outputs.dtype)} outputs from float32 weights: "
+                "L3D computes in float32; return float32 outputs (drop the cast in forward)"
+            )
         if not torch.allclose(outputs, again, rtol=1e-4, atol=1e-6, equal_nan=True):
             # g_i must be a function of x_i and W0 (vmap refuses random ops with a traceback;
             # the other backends would decompose noise).
