@@ -788,3 +788,15 @@ def test_options_are_checked_against_the_signature_not_the_error_text(tmp_path, 
     passes = sources.import_object("userkw:passes", "data")
     with pytest.raises(l3d.L3DError, match=r"data: bad options \{'colour': 1\}"):
         sources._call(passes, {"colour": 1}, "data")
+
+
+def test_a_failed_analyze_leaves_no_out_folder_of_its_own(finished_run, tmp_path, capsys):
+    """`--n-top` at the sample count is refused after --out was made: an empty folder stayed."""
+    out = tmp_path / "sub" / "analysis"
+    assert main(["analyze", str(finished_run), "--out", str(out), "--n-top", "200", "-q"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not out.parent.exists()
+    (tmp_path / "mine").mkdir()  # a folder the command did not make is kept
+    assert main(["analyze", str(finished_run), "--out", str(tmp_path / "mine"), "--n-top", "200",
+                 "-q"]) == 2  # fmt: skip
+    assert (tmp_path / "mine").is_dir()

@@ -117,6 +117,7 @@ def test_decomposition_json_with_a_syntax_error(folder):
         ({"evaluation": {}}, "'evaluation'"),
         ({"history": 3}, "'history'"),
         ({"format_version": 7}, "format version 7"),
+        ({"format_version": "1"}, "format version '1', expected 1"),
     ],
 )
 def test_edited_decomposition_json_is_one_line_naming_it(folder, changes, said):

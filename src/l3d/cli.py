@@ -479,8 +479,8 @@ def _analyze_folder(args: argparse.Namespace) -> int:
         raise L3DError(f"analysis (l3d.analysis) is not available: {err}") from None
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
-    out = runs.writable_folder(Path(args.out) if args.out else run_dir.analysis, "analysis")
-    with _quiet_libraries(args, run_dir.spec()):
+    out_path = Path(args.out) if args.out else run_dir.analysis
+    with runs.output_folder(out_path, "analysis") as out, _quiet_libraries(args, run_dir.spec()):
         run = runs.open_run(run_dir.path)
         tokenizer = None
         if run.spec.model.hf is not None:
@@ -779,18 +779,8 @@ def _finetune(args: argparse.Namespace) -> int:
         )
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
-    out = Path(args.out)
-    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
-    runs.writable_folder(out, "adapter")
-    try:
+    with runs.output_folder(Path(args.out), "adapter") as out:
         return _finetune_into(args, run_dir, out)
-    except BaseException:
-        for folder in made:  # a failed command leaves no empty folder of its own behind
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (or not ours to remove): kept
-                break
-        raise
 
 
 def _finetune_into(args: argparse.Namespace, run_dir: Any, out: Path) -> int:

@@ -334,7 +334,7 @@ def _read_meta(path: Path) -> dict:
         raise bad(f"expected a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise bad(
-            f"format version {meta.get('format_version')}, expected {FORMAT_VERSION} (written by "
+            f"format version {meta.get('format_version')!r}, expected {FORMAT_VERSION} (written by "
             "another version of l3d?)"
         )
     shapes, ranks = meta.get("shapes"), meta.get("ranks")

@@ -18,7 +18,7 @@ from l3d.runs.checkpoint import (
     unflatten_state,
 )
 from l3d.runs.execution import Interrupted, LoadedRun, check, execute, open_run
-from l3d.runs.folder import RunDir, create_run, writable_folder
+from l3d.runs.folder import RunDir, create_run, output_folder, writable_folder
 from l3d.runs.sources import (
     build_data,
     build_labels,
@@ -65,6 +65,7 @@ __all__ = [
     "load_spec",
     "load_tokenizer",
     "open_run",
+    "output_folder",
     "read_yaml",
     "resolve_custom",
     "save_checkpoint",

@@ -61,6 +61,25 @@ def writable_folder(path: str | Path, what: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def output_folder(path: str | Path, what: str) -> Iterator[Path]:
+    """`writable_folder` for a command's output: the folders it makes for `path` are removed
+    again, while still empty, when the command fails (no empty folder of its own left behind;
+    one that existed before is kept)."""
+    path = Path(path)
+    made = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
+    writable_folder(path, what)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or not ours to remove): kept
+                break
+        raise
+
+
 @dataclass(frozen=True)
 class RunDir:
     path: Path
