@@ -800,3 +800,22 @@ def test_a_failed_analyze_leaves_no_out_folder_of_its_own(finished_run, tmp_path
     assert main(["analyze", str(finished_run), "--out", str(tmp_path / "mine"), "--n-top", "200",
                  "-q"]) == 2  # fmt: skip
     assert (tmp_path / "mine").is_dir()
+
+
+def test_l3d_warnings_are_one_line_on_the_command_line(finished_run, tmp_path, capsys):
+    """A decomposition without a weights fingerprint: Python's warning format printed the
+    message with a file, a line number and the source line of the warn call."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    meta_path = run / "decomposition" / "decomposition.json"
+    meta = json.loads(meta_path.read_text())
+    meta["w0_fingerprint"] = None
+    meta_path.write_text(json.dumps(meta))
+    assert main(["intervene", str(run), "--subnetwork", "0", "--delta", "1", "-q"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "fingerprint" in line]
+    assert lines and all(line.startswith("l3d intervene: warning: ") for line in lines), err
+    assert "warnings.warn" not in err and "UserWarning" not in err

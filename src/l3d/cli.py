@@ -9,7 +9,9 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -851,6 +853,23 @@ _FILE_ERRNOS = {
 DISTRIBUTED = ("decompose", "analyze")
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """l3d's own warnings as one line each, like its errors (Python's format adds the file, the
+    line and the source line of the warn call); other libraries' as they come."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if f"{os.sep}l3d{os.sep}" in str(filename):
+                print(f"l3d {command}: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -866,7 +885,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"`l3d {args.command}` runs in one process: launch it without torchrun (only "
                 "`l3d decompose` and `l3d analyze` are distributed; see docs/distributed.md)"
             )
-        return COMMANDS[args.command](args)
+        with _one_line_warnings(args.command):
+            return COMMANDS[args.command](args)
     except L3DError as err:
         print(f"l3d {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
