@@ -377,3 +377,20 @@ def test_a_huge_subnetwork_count_in_config_yaml_is_refused_before_allocating(fol
     with pytest.raises(L3DError, match="n_subnetworks") as err:
         l3d.load(folder, model())
     one_line(err)
+
+
+def test_zero_decoder_factors_are_one_line(folder):
+    """All-zero V_out factors loaded, and v_out(k) was a direction of norm 0."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "subnetworks.safetensors"
+    tensors = load_file(path)
+    for key in tensors:
+        if key.startswith("v_out.") and key.endswith("modes.0"):
+            tensors[key][1] = 0.0  # subnetwork 1, in every tensor
+    save_file(tensors, path)
+    with pytest.raises(
+        L3DError, match="zero decoder directions \\(V_out of subnetworks 1\\)"
+    ) as err:
+        l3d.load(folder, model())
+    one_line(err)

@@ -299,6 +299,14 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
             f"(n_subnetworks in {files[0]}): restore the files or re-create the decomposition"
         )
     pair.load_state_dict(tensors)
+    # Training keeps every decoder direction at unit norm: a zero one is damage, and would make
+    # its interventions move nothing.
+    zero = (pair.v_out.sq_norms() <= 1e-24).nonzero().flatten().tolist()
+    if zero:
+        raise L3DError(
+            f"{files[2]} holds zero decoder directions (V_out of subnetworks "
+            f"{', '.join(map(str, zero))}): restore the file or re-create the decomposition"
+        )
     return SavedDecomposition(config, meta, pair, p_active)
 
 
