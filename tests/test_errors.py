@@ -158,16 +158,35 @@ def test_model_returning_a_dict_is_not_blamed_on_the_data():
     assert "matches the model's input" not in str(err.value)
 
 
-@pytest.mark.parametrize("k", [3, -1, 1.0])
-def test_subnetwork_index_out_of_range(mlp, k):
+@pytest.mark.parametrize(
+    ("k", "message"),
+    [(3, "3 out of range"), (-1, "-1 out of range"), (1.0, "1.0 is not an integer")],
+)
+def test_subnetwork_index_out_of_range(mlp, k, message):
     trained = run(mlp, torch.randn(8, 4))
     for ask in (
         trained.v_out,
         trained.v_in,
         lambda k: trained.intervene(torch.randn(2, 4), k, 0.1),
     ):
-        with pytest.raises(L3DError, match=rf"subnetwork index {k!r} out of range.*0\.\.2"):
+        with pytest.raises(L3DError, match=rf"subnetwork index {message}.*0\.\.2"):
             ask(k)
+
+
+def test_numpy_and_torch_integers_index_subnetworks(mlp):
+    """An argsort's entries were refused as 'out of range' by v_out, v_in and intervene, while
+    finetuning took them: both now read subnetwork indices with one helper."""
+    import numpy as np
+
+    trained = run(mlp, torch.randn(8, 4))
+    x = torch.randn(2, 4)
+    for k in (np.int64(1), torch.tensor(1), torch.argsort(torch.tensor([2.0, 0.0, 1.0]))[0]):
+        for ask in (trained.v_out, trained.v_in):
+            for name, tensor in ask(k).items():
+                torch.testing.assert_close(tensor, ask(1)[name], rtol=0, atol=0)
+        torch.testing.assert_close(trained.intervene(x, k, 0.3), trained.intervene(x, 1, 0.3))
+    with pytest.raises(L3DError, match="subnetwork index True is not an integer"):
+        trained.v_out(True)
 
 
 @pytest.mark.parametrize("delta", [float("nan"), float("inf"), "0.5", None])

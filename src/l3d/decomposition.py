@@ -59,7 +59,7 @@ from l3d.core.samples import (
     take,
     to_device,
 )
-from l3d.core.subnetworks import Subnetworks
+from l3d.core.subnetworks import Subnetworks, subnetwork_index
 from l3d.core.trainer import StepResult, Trainer
 from l3d.errors import L3DError
 
@@ -468,19 +468,12 @@ class Decomposition:
     @torch.no_grad()
     def v_out(self, k: int) -> dict[str, Tensor]:
         """Subnetwork k (unit global L2 norm) as {param_name: tensor shaped like the parameter}."""
-        return self.subnetworks.v_out.direction(self._check_index(k))
+        return self.subnetworks.v_out.direction(subnetwork_index(k, self.n_subnetworks))
 
     @torch.no_grad()
     def v_in(self, k: int) -> dict[str, Tensor]:
         """Subnetwork k's encoder direction, {param_name: tensor shaped like the parameter}."""
-        return self.subnetworks.v_in.direction(self._check_index(k))
-
-    def _check_index(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.n_subnetworks:
-            raise L3DError(
-                f"subnetwork index {k!r} out of range: use an int in 0..{self.n_subnetworks - 1}"
-            )
-        return k
+        return self.subnetworks.v_in.direction(subnetwork_index(k, self.n_subnetworks))
 
     def weight_norm(self) -> float:
         """Global L2 norm of the decomposed tensors at W0: the natural scale for δ."""

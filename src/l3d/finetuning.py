@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -53,7 +52,7 @@ from l3d.core.samples import (
     take,
     to_device,
 )
-from l3d.core.subnetworks import Subnetworks
+from l3d.core.subnetworks import Subnetworks, subnetwork_index
 from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
 
@@ -603,31 +602,10 @@ def _check_selection(subnetworks: Sequence[int], n_subnetworks: int) -> list[int
             "no subnetworks selected: pass indices, e.g. subnetworks=[0, 3], or choose them with "
             "top_subnetworks(...) or contrast_subnetworks(...)"
         )
-    for i, k in enumerate(chosen):
-        index = _as_index(k)
-        if index is None:
-            raise L3DError(
-                f"subnetwork index {k!r} is not an integer: use ints in 0..{n_subnetworks - 1}"
-            )
-        if not 0 <= index < n_subnetworks:
-            raise L3DError(
-                f"subnetwork index {index} out of range: use ints in 0..{n_subnetworks - 1}"
-            )
-        chosen[i] = index
+    chosen = [subnetwork_index(k, n_subnetworks) for k in chosen]
     if len(set(chosen)) != len(chosen):
         raise L3DError(f"subnetworks {chosen} repeat an index: list each subnetwork once")
     return chosen
-
-
-def _as_index(k: object) -> int | None:
-    """k as an int: Python, numpy or one-element torch integers (an argsort's entries); None for
-    anything else (bools, floats)."""
-    if isinstance(k, bool) or (isinstance(k, Tensor) and k.dtype == torch.bool):
-        return None
-    try:
-        return operator.index(k)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def _rows(directions: Subnetworks, rows: list[int]) -> Subnetworks:

@@ -9,6 +9,7 @@ is vectorised over subnetworks; the only Python loop is over the (few) decompose
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -17,6 +18,8 @@ from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
+
+from l3d.errors import L3DError
 
 Factorization = Literal["cp", "tucker"]
 # The Gram's matrix products in float32, or with bfloat16 operands (float32 accumulation, products
@@ -33,6 +36,22 @@ TUCKER_L = "IJKLMNOP"
 def total(tensors: Iterable[Tensor]) -> Tensor:
     """The sum of a non-empty iterable of tensors (typed, unlike sum() with its 0 start)."""
     return functools.reduce(operator.add, tensors)
+
+
+def subnetwork_index(k: object, n_subnetworks: int) -> int:
+    """k as an index into n_subnetworks: a Python, numpy or one-element torch integer (an
+    argsort's entries); bools, floats and out-of-range values get one line."""
+    index = None
+    if not isinstance(k, bool) and not (isinstance(k, Tensor) and k.dtype == torch.bool):
+        with contextlib.suppress(TypeError):
+            index = operator.index(k)  # type: ignore[arg-type]
+    if index is None:
+        raise L3DError(
+            f"subnetwork index {k!r} is not an integer: use ints in 0..{n_subnetworks - 1}"
+        )
+    if not 0 <= index < n_subnetworks:
+        raise L3DError(f"subnetwork index {index} out of range: use ints in 0..{n_subnetworks - 1}")
+    return index
 
 
 def max_rank(shape: tuple[int, ...], factorization: Factorization) -> int:
