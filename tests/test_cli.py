@@ -802,6 +802,22 @@ def test_a_failed_analyze_leaves_no_out_folder_of_its_own(finished_run, tmp_path
     assert (tmp_path / "mine").is_dir()
 
 
+def test_failed_intervene_and_control_leave_no_folder_of_their_own(finished_run, tmp_path, capsys):
+    """A subnetwork out of range, or a damaged decomposition, was refused after RUN/interventions
+    or RUN/controls had been made: an empty folder stayed in the run."""
+    import shutil
+
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    for name in ("interventions", "controls"):
+        shutil.rmtree(run / name, ignore_errors=True)
+    assert main(["intervene", str(run), "--subnetwork", "7", "--delta", "1", "-q"]) == 2
+    assert not (run / "interventions").exists()
+    (run / "decomposition" / "config.yaml").write_text("n_v: [")
+    assert main(["control", str(run), "-q"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (run / "controls").exists()
+
+
 def test_l3d_warnings_are_one_line_on_the_command_line(finished_run, tmp_path, capsys):
     """A decomposition without a weights fingerprint: Python's warning format printed the
     message with a file, a line number and the source line of the warn call."""

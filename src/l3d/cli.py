@@ -14,10 +14,13 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from l3d.errors import L3DError
 from l3d.finetuning import OBJECTIVES
+
+if TYPE_CHECKING:  # imported where used: `l3d --help` stays fast
+    from l3d.runs import RunDir
 
 EXIT_USER_ERROR = 2
 # Samples whose output change `l3d intervene` prints against all samples' (as the report does).
@@ -558,8 +561,10 @@ def _intervene(args: argparse.Namespace) -> int:
 
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
-    folder = runs.writable_folder(run_dir.interventions, "interventions")
-    with _quiet_libraries(args, run_dir.spec()):
+    with (
+        runs.output_folder(run_dir.interventions, "interventions") as folder,
+        _quiet_libraries(args, run_dir.spec()),
+    ):
         run = runs.open_run(run_dir.path)
         n_v = run.decomposition.n_subnetworks
         bad = [k for k in args.subnetwork if not 0 <= k < n_v]
@@ -633,16 +638,23 @@ def _control_spec(spec: Any, kind: str, n_subnetworks: int) -> Any:
 
 
 def _control(args: argparse.Namespace) -> int:
-    import shutil
-
-    from l3d import controls, io, runs
+    from l3d import io, runs
 
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
     if run_dir.spec().model.shuffle_seed is not None:
         raise L3DError(f"'{run_dir.path}' is itself a shuffled control: run it on the original run")
-    folder = runs.writable_folder(run_dir.controls, "controls")
     n_v = io.read_decomposition(run_dir.decomposition).config.n_v
+    with runs.output_folder(run_dir.controls, "controls") as folder:
+        return _run_controls(args, run_dir, folder, n_v)
+
+
+def _run_controls(args: argparse.Namespace, run_dir: RunDir, folder: Path, n_v: int) -> int:
+    """`l3d control`'s decompositions and comparison, written into `folder`."""
+    import shutil
+
+    from l3d import controls, io, runs
+
     found: dict[str, Any] = {}
     for kind in CONTROL_KINDS:
         child = runs.RunDir(folder / kind)
