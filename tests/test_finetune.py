@@ -1008,6 +1008,21 @@ def test_baseline_leaves_the_global_random_state_alone(decomposed):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_an_edit_reads_and_checks_its_data_once(decomposed, monkeypatch):
+    """baseline prepared the target data (the token-id check over every row, a forward of two
+    rows) and then its harness prepared the same data again."""
+    import l3d.finetuning as finetuning
+
+    d, x = decomposed
+    calls = []
+    prepare = finetuning._prepare
+    monkeypatch.setattr(finetuning, "_prepare", lambda *args: calls.append(1) or prepare(*args))
+    data = (x, edited_targets(d.model, x))
+    baseline(d, data, method="lora", rank=1, steps=1, progress=False)
+    finetune(d, data, subnetworks=[0], steps=1, progress=False)
+    assert len(calls) == 2
+
+
 def test_an_adapter_does_not_merge_over_another(decomposed):
     """Nested `applied()` blocks: the inner adapter overwrote the outer one's merge and restored
     W0 on leaving, while the outer one still counted itself merged."""

@@ -975,10 +975,26 @@ def _check_weights(decomposition: Decomposition) -> None:
         )
 
 
+def _checked_target(
+    decomposition: Decomposition,
+    data: object,
+    objective: Objective,
+    steps: int,
+    lr: float,
+    retain_weight: float,
+    seed: int,
+) -> Labelled:
+    """An edit's settings checked and its target data prepared, once, before the edit is made."""
+    _check_weights(decomposition)
+    _check_training(steps, lr, retain_weight, seed)
+    _check_objective(objective)
+    return _prepare(decomposition, data, objective)
+
+
 def train_edit(
     edit: Edit,
     decomposition: Decomposition,
-    data: object,
+    target: Labelled,
     *,
     objective: Objective = "labels",
     steps: int = 100,
@@ -992,12 +1008,10 @@ def train_edit(
 ) -> Edit:
     """The shared harness: Adam on objective(target) + retain_weight * retain distance, for
     `steps` steps of minibatches of `batch_size` rows (default all), the model in eval mode
-    (BatchNorm uses its running statistics, as at W0). callback(step, edit) after each step."""
+    (BatchNorm uses its running statistics, as at W0). callback(step, edit) after each step.
+    target: from `_checked_target`."""
     from tqdm.auto import tqdm
 
-    _check_objective(objective)
-    _check_training(steps, lr, retain_weight, seed)
-    target = _prepare(decomposition, data, objective)
     retain_inputs = None
     if retain is not None:
         retain_inputs = _prepare_retain(decomposition, retain)
@@ -1122,7 +1136,7 @@ def finetune(
     directions: directions to move along instead of V_out (e.g. V_in, or
         `decomposition.subnetworks.v_out.random_like(seed)`: the random-direction control).
     """
-    _check_weights(decomposition)
+    target = _checked_target(decomposition, data, objective, steps, lr, retain_weight, seed)
     adapter = Adapter(
         decomposition.model,
         decomposition.subnetworks.v_out if directions is None else directions,
@@ -1132,7 +1146,7 @@ def finetune(
     train_edit(
         adapter,
         decomposition,
-        data,
+        target,
         objective=objective,
         steps=steps,
         lr=lr,
@@ -1164,17 +1178,15 @@ def baseline(
 ) -> Baseline:
     """A comparison edit of the decomposed tensors in the same harness as `finetune`: 'lora'
     (peft LoRA of `rank` on their weight matrices) or 'full' (all their entries)."""
-    _check_weights(decomposition)
-    _check_training(steps, lr, retain_weight, seed)
-    _check_objective(objective)
-    example = take(_prepare(decomposition, data, objective).inputs, slice(0, 2))
+    target = _checked_target(decomposition, data, objective, steps, lr, retain_weight, seed)
+    example = take(target.inputs, slice(0, 2))
     with torch.random.fork_rng(devices=[]):  # the caller's global generator is left as it was
         torch.manual_seed(seed)  # peft draws LoRA's A from the global generator
         edit = Baseline(decomposition.model, decomposition.names, method, rank, example)
     train_edit(
         edit,
         decomposition,
-        data,
+        target,
         objective=objective,
         steps=steps,
         lr=lr,
