@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 import l3d
-from l3d import L3DError, hf, run
+from l3d import L3DError, hf, run, runs
 from l3d.core.divergences import kl
 from l3d.core.gradients import per_sample_gradients
 from l3d.core.model import Target, select_parameters
@@ -190,6 +190,21 @@ def test_clear_errors(saved_lm, tmp_path):
         hf.token_dataset([[1, 2, 3]])
 
 
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_a_precision_among_the_model_options_is_refused_by_name(saved_lm, key):
+    """`model.options: {dtype: bfloat16}` loaded the model in bfloat16, and the run was then told
+    to call model.float(), which a config cannot do."""
+    path, _ = saved_lm
+    source = runs.ModelSource(hf=str(path), options={key: "bfloat16"})
+    with pytest.raises(L3DError) as err:
+        runs.build_model(source)
+    message = str(err.value)
+    assert f"model.options.{key}" in message and "float32" in message
+    assert "model.float()" not in message and "\n" not in message
+    with pytest.raises(L3DError, match=r"unknown options \['colour'\]; valid: attn_implementation"):
+        runs.build_model(runs.ModelSource(hf=str(path), options={"colour": 1}))
+
+
 @pytest.mark.slow
 def test_synthetic_transformer_demo_subnetworks_are_purer_than_random_directions(tmp_path):
     from l3d.demos import synthetic_transformer
@@ -328,8 +343,6 @@ def test_text_data_that_the_model_cannot_take_is_named_before_any_forward(saved_
     tokens than the model has logits, ended in torch's "index out of range in self"."""
     import shutil
 
-    from l3d import runs
-
     path, _ = saved_lm
     text = tmp_path / "text.txt"
     text.write_text("once upon a time\nthe cat sat\n")
@@ -356,8 +369,6 @@ def test_model_and_tokenizer_folders_are_relative_to_the_config(tmp_path, monkey
     resolved against the current folder and stored as given: the run failed from elsewhere,
     after a minute of hub retries. Hub names stay as they are."""
     import yaml
-
-    from l3d import runs
 
     (tmp_path / "configs" / "base").mkdir(parents=True)
     (tmp_path / "configs" / "tok").mkdir()

@@ -63,10 +63,10 @@ def _check_folder(name_or_path: str | Path, what: str) -> None:
 def load_causal_lm(
     name_or_path: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
 ) -> nn.Module:
-    """A causal LM from a hub name or a local folder, in eval mode.
+    """A causal LM from a hub name or a local folder, in eval mode and float32 (the precision
+    L3D computes in; weights saved in another are converted).
 
     Eager attention: it is plain tensor code that torch.func (vmap over samples, jacrev over
     tokens) can transform, and it is exact (no fused-kernel approximations) on every device.
@@ -75,7 +75,7 @@ def load_causal_lm(
     transformers = _transformers()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=dtype, attn_implementation=attn_implementation
+            str(name_or_path), dtype=torch.float32, attn_implementation=attn_implementation
         )
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")

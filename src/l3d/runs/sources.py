@@ -130,9 +130,16 @@ def _load_model(source: ModelSource, run_dir: RunDir | None) -> nn.Module:
     if source.toy is not None:
         return _toy_model(source.toy, source.options, run_dir)
     if source.hf is not None:
-        return _call(
-            lambda **o: _hf().load_causal_lm(source.hf, **o), source.options, f"hf '{source.hf}'"
-        )
+        what = f"hf '{source.hf}'"
+        precision = next((k for k in ("dtype", "torch_dtype") if k in source.options), None)
+        if precision is not None:  # transformers' own option, which l3d could only refuse later
+            raise L3DError(
+                f"{what}: model.options.{precision} is set ({source.options[precision]}): l3d "
+                "decomposes in float32 and loads every model in float32 (weights saved in another "
+                "precision are converted); remove the option"
+            )
+        options = _options(source.options, {"attn_implementation": "eager"}, what)
+        return _hf().load_causal_lm(source.hf, **options)
     python = source.python
     assert python is not None  # ModelSource: exactly one of toy, hf, python is set
     model = _call(import_object(python, "model"), source.options, python)
