@@ -818,6 +818,28 @@ def test_failed_intervene_and_control_leave_no_folder_of_their_own(finished_run,
     assert not (run / "controls").exists()
 
 
+@pytest.mark.parametrize("edited", ["config.yaml", "decomposition/config.yaml"])
+def test_a_run_whose_two_configs_disagree_is_named(finished_run, tmp_path, capsys, edited):
+    """per_token edited in decomposition/config.yaml failed with `per_token=True needs outputs
+    shaped (batch, seq, vocab)`, naming no file; edited in config.yaml, analyze, intervene and
+    report ran on as if nothing had changed."""
+    import shutil
+
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    if not (run / "analysis" / "analysis.json").is_file():  # report reads an analysis if made
+        assert main(["analyze", str(run), "-q"]) == 0
+    path = run / edited
+    path.write_text(path.read_text().replace("per_token: false", "per_token: true"))
+    for argv in (["analyze", str(run)], ["intervene", str(run), "--subnetwork", "0", "--delta",
+                 "1"], ["report", str(run)]):  # fmt: skip
+        capsys.readouterr()
+        assert main([*argv, "-q"]) == 2
+        err = capsys.readouterr().err
+        change = "false -> true" if edited != "config.yaml" else "true -> false"
+        assert err.count("\n") == 1 and f"per_token: {change}" in err, err
+        assert "decomposition/config.yaml" in err and "edited" in err, err
+
+
 def test_l3d_warnings_are_one_line_on_the_command_line(finished_run, tmp_path, capsys):
     """A decomposition without a weights fingerprint: Python's warning format printed the
     message with a file, a line number and the source line of the warn call."""

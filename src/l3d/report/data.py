@@ -132,6 +132,8 @@ def load(run_dir: Path) -> RunData:
             f"'{run.path}' has no finished decomposition: run or resume "
             f"`l3d decompose --resume {run.path}` first"
         )
+    if run.config.is_file():  # a run folder, not a decomposition saved on its own
+        run.check_settings()
     try:
         saved = io.read_decomposition(run.decomposition)
     except yaml.YAMLError as err:  # a hand-edited decomposition/config.yaml

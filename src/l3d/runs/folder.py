@@ -179,12 +179,34 @@ class RunDir:
         )
 
     def require_finished(self) -> None:
-        """require(), and a saved decomposition (else: how to finish the run)."""
+        """require(), a saved decomposition (else: how to finish the run), and its settings as
+        the run's config.yaml gives them (else: which was edited)."""
         self.require()
         if not self.finished:
             raise L3DError(
                 f"'{self.path}' has no finished decomposition yet: run "
                 f"`l3d decompose --resume {self.path}`"
+            )
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """The settings are recorded twice, in config.yaml's l3d section and in
+        decomposition/config.yaml (n_subnetworks chosen there); commands read one or the other,
+        so an edit to either would be seen by some and not others."""
+        from l3d.config import L3DConfig
+        from l3d.runs.checkpoint import config_changes
+
+        saved_file = self.decomposition / "config.yaml"
+        saved = L3DConfig.from_yaml(saved_file).model_dump(mode="json")
+        given = self.spec().l3d.model_dump(mode="json")
+        if given["n_subnetworks"] == "auto":
+            given["n_subnetworks"] = saved["n_subnetworks"]
+        changes = config_changes(given, saved)
+        if changes:
+            raise L3DError(
+                f"{saved_file} does not match the l3d section of {self.config} (config.yaml "
+                f"-> decomposition/config.yaml: {'; '.join(changes)}): one of them was edited "
+                "after the run; restore it"
             )
 
     def _has(self, name: str) -> bool:
