@@ -32,7 +32,7 @@ def one_step(
     model = model.to(dtype)
     # The library refuses float64 models (it computes in float32); this reference run is the
     # one place that needs them, so the check is skipped here.
-    GradientSource._check_precision = lambda self, batch: None  # type: ignore[method-assign]
+    GradientSource._check_precision = lambda self, batch, outputs=None: None  # type: ignore[method-assign]
     if isinstance(data, torch.Tensor):  # token ids (a dict) stay integers
         data = data.to(dtype)
     target = Target.create(model, config.params)

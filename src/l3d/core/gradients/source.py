@@ -172,11 +172,7 @@ class GradientSource:
         except (RuntimeError, TypeError, ValueError, IndexError) as err:
             raise model_failure(err, "the data's", batch) from err
         _check_rows(outputs, batch_size_of(batch))
-        if outputs.dtype != torch.float32:
-            raise L3DError(
-                f"the model returns {_dtype_name(outputs.dtype)} outputs from float32 weights: "
-                "L3D computes in float32; return float32 outputs (drop the cast in forward)"
-            )
+        self._check_precision(batch, outputs)
         if not torch.allclose(outputs, again, rtol=1e-4, atol=1e-6, equal_nan=True):
             # g_i must be a function of x_i and W0 (vmap refuses random ops with a traceback;
             # the other backends would decompose noise).
@@ -203,9 +199,18 @@ class GradientSource:
         other = outputs[-1, -1] if self.per_token else outputs[-1]
         self.divergence.check(sample, other)
 
-    def _check_precision(self, batch: Inputs) -> None:
+    def _check_precision(self, batch: Inputs, outputs: Tensor | None = None) -> None:
         """L3D computes in float32: other parameter or half-precision data dtypes fail deep in a
-        step (e.g. 'BFloat16 != float'), so refuse them here."""
+        step (e.g. 'BFloat16 != float'), so refuse them here, before the first forward; and,
+        given the outputs of one, outputs cast to another dtype."""
+        if outputs is not None:
+            if outputs.dtype != torch.float32:
+                raise L3DError(
+                    f"the model returns {_dtype_name(outputs.dtype)} outputs from float32 "
+                    "weights: L3D computes in float32; return float32 outputs (drop the cast in "
+                    "forward)"
+                )
+            return
         params = [*self.target.w0.values(), *self.target.frozen.values()]
         odd = next(
             (p.dtype for p in params if p.is_floating_point() and p.dtype != torch.float32), None
