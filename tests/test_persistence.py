@@ -154,6 +154,9 @@ def test_edited_config_yaml_is_one_line_naming_it(folder, old, new, said):
         l3d.load(folder, model())
     message = one_line(err)
     assert said in message and path.name in message and str(folder) in message
+    assert message.count(str(path)) <= 1, message  # a YAML problem named the file twice
+    if "python/object" in new:
+        assert "remove the tag" in message
 
 
 @pytest.mark.parametrize("keep", [0, 0.05, 0.5, 0.99])

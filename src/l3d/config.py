@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from l3d.errors import L3DError
+from l3d.errors import L3DError, yaml_error
 
 # A float that YAML 1.1 (PyYAML) reads as a string: an exponent without a dot, as in 1e-3.
 _YAML_EXPONENT = re.compile(r"[-+]?(\d+|\d*\.\d+)[eE][-+]?\d+")
@@ -360,10 +360,7 @@ class L3DConfig(BaseModel):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err)
-            raise L3DError(f"{name} is not valid YAML{where}: {_one_line(problem)}") from None
+            raise yaml_error(name, err) from None
         if not isinstance(data, dict):
             raise L3DError(
                 f"config must be a YAML mapping of field: value; got {type(data).__name__}"

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import yaml
 from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -253,7 +252,7 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
                 f"(or use l3d.runs.open_run('{directory}'), which also rebuilds model and data)"
             )
         raise L3DError(f"{directory} is not a saved decomposition: missing {', '.join(missing)}")
-    config = _read_config(files[0])
+    config = read_saved_config(files[0])
     meta = _read_meta(files[1])
     # In the order of 'names' (a list): the factors are stored by position, and tools that
     # rewrite JSON may sort the keys of 'shapes'.
@@ -310,25 +309,15 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
     return SavedDecomposition(config, meta, pair, p_active)
 
 
-def _read_config(path: Path) -> L3DConfig:
-    """config.yaml as an L3DConfig; YAML or validation problems name the file."""
+def read_saved_config(path: Path) -> L3DConfig:
+    """A saved decomposition's config.yaml as an L3DConfig; YAML or validation problems name
+    the file."""
     try:
         return L3DConfig.from_yaml(path)
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or " ".join(str(err).split())
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        if isinstance(err, yaml.constructor.ConstructorError):
-            raise L3DError(
-                f"{path} holds a YAML tag that is not plain data ({problem}{where}): l3d never "
-                "builds python objects from files; remove the tag or restore the file"
-            ) from None
-        raise L3DError(
-            f"{path} is not valid YAML ({problem}{where}): restore it or re-create the "
-            "decomposition"
-        ) from None
     except L3DError as err:
-        raise L3DError(f"{path}: {err}: restore it or re-create the decomposition") from None
+        said = str(err)  # YAML problems name the file already
+        said = said if said.startswith(str(path)) else f"{path}: {said}"
+        raise L3DError(f"{said}; restore it or re-create the decomposition") from None
 
 
 def _read_meta(path: Path) -> dict:

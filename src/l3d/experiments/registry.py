@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from l3d.config import L3DConfig, describe_validation_error
-from l3d.errors import L3DError, lookup
+from l3d.errors import L3DError, lookup, yaml_error
 from l3d.toys.registry import TOYS, ToySpec
 
 PROFILES = Path(__file__).parent / "profiles"
@@ -121,9 +121,7 @@ def _read(path: Path, schema: type[_Frozen]) -> Any:
     except OSError as err:
         raise L3DError(f"cannot read experiment profile {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise L3DError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        raise yaml_error(path, err) from None
     if not isinstance(data, dict):
         raise L3DError(
             f"{path}: an experiment profile is a YAML mapping with sections "

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from l3d import hf, io, runs
 from l3d.analysis.writing import escape_hidden, read_analysis, read_intervention
@@ -26,7 +25,6 @@ from l3d.core.subnetworks import Subnetworks
 from l3d.errors import L3DError
 from l3d.finetuning import read_description
 from l3d.runs.folder import RunDir
-from l3d.runs.spec import yaml_error
 from l3d.toys import registry as toys
 
 # Rows of the impact matrix used for the co-activation cosine: enough for two decimals, and a
@@ -134,10 +132,7 @@ def load(run_dir: Path) -> RunData:
         )
     if run.config.is_file():  # a run folder, not a decomposition saved on its own
         run.check_settings()
-    try:
-        saved = io.read_decomposition(run.decomposition)
-    except yaml.YAMLError as err:  # a hand-edited decomposition/config.yaml
-        raise yaml_error(run.decomposition / "config.yaml", err) from None
+    saved = io.read_decomposition(run.decomposition)
     notes: list[str] = []
     # A folder holding only a decomposition (no config.yaml) is reported from its factors alone.
     spec = run.spec() if run.config.is_file() else None

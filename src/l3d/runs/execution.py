@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 
 from l3d.config import L3DConfig
@@ -32,7 +31,7 @@ from l3d.errors import L3DError
 from l3d.runs.checkpoint import flatten_state, load_checkpoint, save_checkpoint
 from l3d.runs.folder import RunDir
 from l3d.runs.sources import build_data, build_model, check_data, record_data, resolve_custom
-from l3d.runs.spec import RunOptions, RunSpec, yaml_error
+from l3d.runs.spec import RunOptions, RunSpec
 
 # How the step bar labels the trained loss (L3DConfig.loss).
 LOSS_LABELS = {"paper": "loss (eq. 8)", "pooled_squared": "pooled loss"}
@@ -474,10 +473,5 @@ def open_run(path: str | Path) -> LoadedRun:
     )
     data = build_data(spec.data, spec.model, model)  # with pairs: references at W0, as in the run
     divergence, reference = resolve_custom(spec.l3d)
-    try:
-        decomposition = load(
-            run_dir.decomposition, model, divergence=divergence, reference=reference
-        )
-    except yaml.YAMLError as err:  # a hand-edited decomposition/config.yaml
-        raise yaml_error(run_dir.decomposition / "config.yaml", err) from None
+    decomposition = load(run_dir.decomposition, model, divergence=divergence, reference=reference)
     return LoadedRun(run_dir, spec, model, data, decomposition)

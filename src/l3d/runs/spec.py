@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from l3d.config import L3DConfig, describe_validation_error
-from l3d.errors import L3DError
+from l3d.errors import L3DError, yaml_error
 
 
 class _Frozen(BaseModel):
@@ -275,15 +275,6 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise L3DError(f"{path} must be a YAML mapping with sections model, data, l3d")
     return data
-
-
-def yaml_error(path: str | Path, err: yaml.YAMLError) -> L3DError:
-    """One line naming the file and the line of a YAML syntax error or of a refused tag (such as
-    `!!python/object`: files are read with yaml.safe_load, which never builds Python objects)."""
-    mark = getattr(err, "problem_mark", None)
-    where = f" at line {mark.line + 1}" if mark is not None else ""
-    problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line
-    return L3DError(f"{path} is not valid YAML{where}: {problem}")
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> RunSpec:
