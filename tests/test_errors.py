@@ -437,3 +437,27 @@ def test_a_seed_beyond_64_bits_is_refused_by_the_config_and_the_experiments(seed
     with pytest.raises(L3DError, match=rf"--seeds: {seed} does not fit in 64 bits"):
         parse_seeds(f"0,{seed}")
     L3DConfig.create(params=["fc1.weight"], n_subnetworks=2, seed=2**63 - 1)
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_epoch():
+    """lr 1000 trained to NaN losses and returned as if done (`l3d decompose` exited 0); every
+    reader then refused the saved decomposition as damaged."""
+    from l3d.toys import TMS, sparse_features
+
+    x = sparse_features(128, 5, p_active=0.1, generator=torch.Generator().manual_seed(1))
+    seen = []
+    with pytest.raises(L3DError) as err:
+        l3d.decompose(
+            TMS(),
+            x,
+            params=["W_in", "W_out", "b"],
+            n_subnetworks=3,
+            lr=1000.0,
+            epochs=5,
+            progress=False,
+            callback=lambda trainer, record: seen.append(record),
+        )
+    message = str(err.value)
+    assert "\n" not in message and "not finite" in message and "lower lr" in message
+    assert f"epoch {len(seen)}" in message  # the epochs before it finished; none after
+    assert all(torch.isfinite(torch.tensor(r["loss_paper"])) for r in seen)

@@ -287,6 +287,13 @@ class Trainer:
             )
         if self.epoch == 0 and float(g_sq) == 0:
             raise all_zero("the first epoch found")
+        if not bool(torch.isfinite(totals).all()):
+            # NaN factors would be saved and trained on; the last finished epoch's are kept.
+            raise L3DError(
+                f"the loss is not finite at epoch {self.epoch} (paper {float(totals[0]):.3g}, "
+                f"pooled {float(totals[1]):.3g}): training diverged at lr {lr:g}; lower lr and "
+                "start again"
+            )
         record: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self.step,
