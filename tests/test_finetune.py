@@ -480,6 +480,12 @@ def test_cli_finetune_writes_an_adapter_and_prints_the_table(cli_run, tmp_path, 
     assert len(adapter.subnetworks) == 2 and len(adapter.history) == 5
     for name, moved in adapter.delta_norms().items():
         assert f"{name} " in printed and f"{moved:.4g}" in printed
+    # The ratio ||dW|| / ||W0||; TMS's bias is 0 at W0, where it read 4.82e+28.
+    w0 = {n: float(w.norm()) for n, w in loaded.decomposition.target.w0.items()}
+    rows = {f[0]: f for f in (line.split() for line in printed.splitlines()) if f and f[0] in w0}
+    assert w0["b"] == 0 and rows["b"][3] == "-"
+    for name in ("W_in", "W_out"):
+        assert float(rows[name][3]) == pytest.approx(float(rows[name][2]) / w0[name], rel=1e-2)
     assert "retain_distance" in printed and "objective" in printed
     # --train cores: an adapter of cores, saved and reloaded as such.
     argv[argv.index(str(tmp_path / "a"))] = str(tmp_path / "c")
@@ -1109,3 +1115,18 @@ def test_an_edited_adapter_is_one_line_naming_the_file(decomposed, tmp_path, edi
     with pytest.raises(L3DError, match=said) as err:
         load_adapter(folder, d.model)
     assert "\n" not in str(err.value) and "adapter.safetensors" in str(err.value)
+
+
+@pytest.mark.parametrize("train", ["scalars", "factors"])
+def test_an_adapter_whose_train_was_edited_keeps_no_tensor_unread(decomposed, tmp_path, train):
+    """A cores adapter edited to train 'scalars' loaded without a word: its trained cores were
+    ignored and the outputs changed."""
+    d, _ = decomposed
+    adapter = Adapter(d.model, d.subnetworks.v_out, [1, 2], "cores")
+    folder = adapter.save(tmp_path / "adapter")
+    meta = json.loads((folder / "adapter.json").read_text())
+    meta["train"] = train
+    (folder / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(L3DError, match=r"adapter.safetensors does not match adapter.json") as err:
+        load_adapter(folder, d.model)
+    assert "cores.0" in str(err.value) and "\n" not in str(err.value)

@@ -837,7 +837,8 @@ def _finetune_into(args: argparse.Namespace, run_dir: Any, out: Path) -> int:
         print(f"{'tensor':40s} {'||W0||':>10s} {'||dW||':>10s} {'ratio':>10s}")
         for name, moved in adapter.delta_norms().items():
             w0 = float(decomposition.target.w0[name].norm())
-            print(f"{name:40s} {w0:10.4g} {moved:10.4g} {moved / max(w0, 1e-30):10.3g}")
+            ratio = f"{moved / w0:10.3g}" if w0 > 0 else f"{'-':>10s}"  # a tensor at 0 (a bias)
+            print(f"{name:40s} {w0:10.4g} {moved:10.4g} {ratio}")
     _say(args, f"adapter saved to {out}")
     return 0
 

@@ -431,6 +431,12 @@ class Adapter(Edit):
         adapter.subnetworks = list(meta.subnetworks)
         learned = {"alpha": adapter.alpha} | {f"cores.{i}": c for i, c in enumerate(adapter.cores)}
         file = directory / ADAPTER_FILES[1]
+        unread = sorted(k for k in tensors if k not in learned and not k.startswith(prefix))
+        if unread:  # e.g. a cores adapter whose train was edited: its cores would be dropped
+            raise L3DError(
+                f"{file} does not match adapter.json (it holds {', '.join(unread[:3])}, which "
+                f"train {meta.train!r} does not use): re-create the adapter with save()"
+            )
         for key, value in learned.items():
             saved_value = tensors.get(key)
             if saved_value is None or saved_value.shape != value.shape:
