@@ -224,6 +224,29 @@ def test_a_pairs_run_is_analysed_intervened_and_reported_in_its_folder(tmp_path,
     assert (run / "report" / "index.html").is_file()
 
 
+def test_a_run_config_edited_after_the_run_is_refused_by_its_readers(pair_run, tmp_path, capsys):
+    """symmetric: false -> true in config.yaml after the run: analyze and intervene ran on 128
+    pairs the run was never decomposed on (64), exit 0. A moved file path stays allowed."""
+    import shutil
+
+    run = shutil.copytree(pair_run, tmp_path / "run")
+    config = run / "config.yaml"
+    text = config.read_text()
+    moved = tmp_path / "elsewhere" / "pairs.safetensors"
+    moved.parent.mkdir()
+    shutil.copyfile(pair_run.parent / "pairs.safetensors", moved)
+    config.write_text(text.replace(str(pair_run.parent / "pairs.safetensors"), str(moved)))
+    assert main(["intervene", str(run), "--subnetwork", "0", "--delta", "0.5", "-q"]) == 0
+    config.write_text(text.replace("symmetric: false", "symmetric: true"))
+    for argv in (["analyze", str(run)], ["intervene", str(run), "--subnetwork", "0", "--delta",
+                 "0.5"], ["report", str(run)]):  # fmt: skip
+        capsys.readouterr()
+        assert main([*argv, "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "data.pairs.symmetric: false -> true" in err, err
+        assert "checkpoint" in err and "restore it" in err, err
+
+
 BATCHES = """
 import torch
 

@@ -58,6 +58,23 @@ def config_changes(old: dict, new: dict) -> list[str]:
     ]
 
 
+def setting_changes(recorded: dict, now: dict) -> list[str]:
+    """`config_changes` of a finished run's config against the one its checkpoint recorded,
+    less the model and data sections' text (paths and names, which change when a project moves:
+    the data's identity is checked by its fingerprint, data.json, and the weights' by theirs)."""
+    before, after = _leaves(recorded), _leaves(now)
+
+    def moved(key: str) -> bool:
+        texts = all(isinstance(v, str | None) for v in (before.get(key), after.get(key)))
+        return key.split(".")[0] in ("model", "data") and texts
+
+    changed = {k for k in before.keys() | after.keys() if not moved(k)}
+    return config_changes(
+        {k: v for k, v in before.items() if k in changed},
+        {k: v for k, v in after.items() if k in changed},
+    )
+
+
 def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict) and data:
         out: dict[str, Any] = {}

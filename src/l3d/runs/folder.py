@@ -27,7 +27,7 @@ from pathlib import Path
 
 from l3d.core.distributed import Group
 from l3d.errors import L3DError
-from l3d.io import read_saved_config, write_text
+from l3d.io import read_json, read_saved_config, write_text
 from l3d.runs.spec import RunSpec, read_yaml
 
 try:
@@ -193,7 +193,7 @@ class RunDir:
         """The settings are recorded twice, in config.yaml's l3d section and in
         decomposition/config.yaml (n_subnetworks chosen there); commands read one or the other,
         so an edit to either would be seen by some and not others."""
-        from l3d.runs.checkpoint import config_changes
+        from l3d.runs.checkpoint import config_changes, setting_changes
 
         saved_file = self.decomposition / "config.yaml"
         saved = read_saved_config(saved_file).model_dump(mode="json")
@@ -207,6 +207,23 @@ class RunDir:
                 f"-> decomposition/config.yaml: {'; '.join(changes)}): one of them was edited "
                 "after the run; restore it"
             )
+        recorded = self._recorded_config()
+        changes = [] if recorded is None else setting_changes(recorded, self.spec().resolved())
+        if changes:
+            raise L3DError(
+                f"{self.config} changed since the run ({'; '.join(changes)}; the checkpoint "
+                f"{self.checkpoint / 'state.json'} records the run's): restore it"
+            )
+
+    def _recorded_config(self) -> dict | None:
+        """The resolved config the last checkpoint recorded; None without a readable one (it is
+        not needed to read a finished run, so its damage is left to `--resume` to report)."""
+        try:
+            index = read_json(self.checkpoint / "state.json", "checkpoint index")
+        except L3DError:
+            return None
+        config = index.get("config") if isinstance(index, dict) else None
+        return config if isinstance(config, dict) else None
 
     def _has(self, name: str) -> bool:
         return (self.path / name).is_file()
