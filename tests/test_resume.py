@@ -391,6 +391,14 @@ def test_a_signal_during_set_up_is_a_stop_not_an_error(tmp_path, monkeypatch):
             "exp_avg",
         ),
         (lambda s: s["optimizer"]["state"][0]["exp_avg_sq"].fill_(-1.0), "exp_avg_sq"),
+        # Used silently: maximize ended at loss 28.9 instead of 0.87, betas (0.9, 1.5) in NaN.
+        (lambda s: s["optimizer"]["param_groups"][0].update(maximize=True), "maximize is True"),
+        (lambda s: s["optimizer"]["param_groups"][0].update(betas=(0.9, 1.5)), "betas"),
+        (lambda s: s["optimizer"]["param_groups"][0].update(weight_decay=5), "weight_decay"),
+        # Tracebacks: ValueError from torch's load_state_dict, KeyError, Invalid mt19937 state.
+        (lambda s: s["optimizer"]["param_groups"][0].update(params=[0, 1]), "params is"),
+        (lambda s: s["optimizer"]["param_groups"][0].pop("betas"), "betas is missing"),
+        (lambda s: s["generator"].zero_(), "generator state is not one torch can restore"),
     ],
 )
 def test_a_damaged_training_state_is_one_line(damage, said):

@@ -199,7 +199,25 @@ class Trainer:
                 value = check(f"optimizer state {i} {slot}", saved.get(slot), params[int(i)])
                 if slot == "exp_avg_sq" and bool((value < 0).any()):
                     raise bad(f"optimizer state {i} exp_avg_sq is negative")
-        check("the generator state", state.get("generator"), self.generator.get_state())
+        own_groups = self.optimizer.state_dict()["param_groups"]
+        groups = state.get("optimizer", {}).get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(own_groups):
+            raise bad("the optimizer's parameter groups differ")
+        for i, (saved_group, own_group) in enumerate(zip(groups, own_groups)):
+            # AdamW's settings follow from the config (lr from its schedule, set every step).
+            for key in ("params", "betas", "eps", "weight_decay", "amsgrad", "maximize"):
+                saved_value = saved_group.get(key) if isinstance(saved_group, dict) else None
+                value = list(saved_value) if isinstance(saved_value, tuple) else saved_value
+                expected = own_group[key]
+                expected = list(expected) if isinstance(expected, tuple) else expected
+                if value != expected:
+                    said = "missing" if saved_value is None else repr(saved_value)
+                    raise bad(f"param_groups[{i}].{key} is {said}, this run's {expected!r}")
+        generator = check("the generator state", state.get("generator"), self.generator.get_state())
+        try:
+            torch.Generator().set_state(generator)
+        except RuntimeError:
+            raise bad("the generator state is not one torch can restore") from None
 
     def lr_at(self, step: int, epoch: int) -> float:
         c = self.config
