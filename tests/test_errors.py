@@ -461,3 +461,20 @@ def test_a_diverging_run_stops_at_the_first_non_finite_epoch():
     assert "\n" not in message and "not finite" in message and "lower lr" in message
     assert f"epoch {len(seen)}" in message  # the epochs before it finished; none after
     assert all(torch.isfinite(torch.tensor(r["loss_paper"])) for r in seen)
+
+
+@pytest.mark.parametrize("top_k", [2.0, 0.0, float("nan"), -0.5])
+def test_evaluate_checks_top_k_as_the_config_does(mlp, top_k):
+    """top_k 2.0 was accepted, 0 silently meant the default, NaN was a ValueError traceback."""
+    trained = run(mlp, torch.randn(8, 4))
+    with pytest.raises(L3DError, match=r"top_k.*\(0, 1\]") as err:
+        trained.evaluate(torch.randn(8, 4), top_k=top_k)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("n", [1.5, 0, True, "3"])
+def test_impact_checks_n_references(mlp, n):
+    """n_references=1.5 ended in a TypeError traceback from range()."""
+    trained = run(mlp, torch.randn(8, 4))
+    with pytest.raises(L3DError, match="n_references must be an int >= 1"):
+        trained.impact(torch.randn(8, 4), n_references=n)

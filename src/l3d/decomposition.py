@@ -530,7 +530,9 @@ class Decomposition:
             dataset=Dataset(data, self.config.batch_size, self.device),
             method=Method.AUTO,
         )
-        return evaluate(self.subnetworks, source, top_k or self.config.top_k, seed, Group.current())
+        # The config's own check of top_k (in (0, 1]): 0 or NaN must not mean the default.
+        top_k = self.config.top_k if top_k is None else self.config.replace(top_k=top_k).top_k
+        return evaluate(self.subnetworks, source, top_k, seed, Group.current())
 
     @torch.no_grad()
     def impact(
@@ -576,8 +578,8 @@ class Decomposition:
         """
         from tqdm.auto import tqdm
 
-        if n_references < 1:
-            raise L3DError(f"n_references must be >= 1; got {n_references}")
+        if isinstance(n_references, bool) or not isinstance(n_references, int) or n_references < 1:
+            raise L3DError(f"n_references must be an int >= 1; got {n_references!r}")
         size = chunk_size or self.config.batch_size
         chunks = list(enumerate(_chunks(batch_size_of(inputs), size)))
         group = Group.current()
