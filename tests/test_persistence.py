@@ -159,6 +159,21 @@ def test_edited_config_yaml_is_one_line_naming_it(folder, old, new, said):
         assert "remove the tag" in message
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float64, torch.bfloat16])
+def test_a_factor_of_another_dtype_is_refused(folder, dtype):
+    """A factor rewritten as bool was cast to float32 and used: the directions changed silently
+    (an intervention's change 0.343 -> 0.728)."""
+    path = folder / "subnetworks.safetensors"
+    tensors = io.load_tensors(path, "factors")
+    name = next(k for k in tensors if k != "p_active")
+    tensors[name] = tensors[name].to(dtype)
+    io.save_tensors(path, tensors)
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, model())
+    message = one_line(err)
+    assert f"{name} is {str(dtype)[6:]}, expected float32" in message and str(path) in message
+
+
 @pytest.mark.parametrize("keep", [0, 0.05, 0.5, 0.99])
 def test_truncated_factor_file_is_one_line_naming_it(folder, keep):
     path = folder / "subnetworks.safetensors"

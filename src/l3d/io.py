@@ -394,6 +394,12 @@ def _check_factors(
         for k, v in expected.items()
         if k in found and found[k].shape != v.shape
     ]
+    # Saved as float32; another dtype (a bool core) would be cast silently on loading.
+    problems += [
+        f"{k} is {str(found[k].dtype)[6:]}, expected float32"
+        for k in expected
+        if k in found and found[k].dtype != torch.float32
+    ]
     if problems:
         more = f"; {len(problems) - 2} more" if len(problems) > 2 else ""
         raise L3DError(
