@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -857,3 +858,38 @@ def test_l3d_warnings_are_one_line_on_the_command_line(finished_run, tmp_path, c
     lines = [line for line in err.splitlines() if "fingerprint" in line]
     assert lines and all(line.startswith("l3d intervene: warning: ") for line in lines), err
     assert "warnings.warn" not in err and "UserWarning" not in err
+
+
+@pytest.mark.parametrize(
+    ("labels", "class_names", "said"),
+    [
+        ("images", None, "labels tensor 'images' is shaped (6, 1, 2, 2): give one label per input"),
+        ("labels", ["a", "b", "c"], "3 class_names for labels up to 9: name every class"),
+    ],
+)
+def test_labels_that_cannot_label_the_inputs_are_refused_before_the_run(
+    tmp_path, capsys, labels, class_names, said
+):
+    """labels naming the image tensor passed --check and the run, then `l3d analyze` died with
+    `TypeError: unhashable type: 'list'`; 3 class_names for 10 classes named some labels only."""
+    from safetensors.torch import save_file
+
+    save_file(
+        {"images": torch.randn(6, 1, 2, 2), "labels": torch.tensor([0, 9, 2, 3, 4, 5])},
+        str(tmp_path / "imgs.safetensors"),
+    )
+    data = {"file": str(tmp_path / "imgs.safetensors"), "options": {"key": "images"}}
+    data |= {"labels": labels, "class_names": class_names}
+    source = runs.DataSource(**data)
+    with pytest.raises(l3d.L3DError, match=re.escape(said)):
+        runs.build_labels(source)
+    (tmp_path / "m.py").write_text(
+        "import torch\ndef make():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))\n"
+    )
+    model = {"python": str(tmp_path / "m.py") + ":make"}
+    spec = {"model": model, "data": data, "l3d": {"params": ["1.weight"], "n_subnetworks": 2}}
+    config = _write(tmp_path / "c.yaml", spec)
+    for argv in (["--check"], ["--out", str(tmp_path / "run")]):
+        assert main(["decompose", str(config), *argv, "-q"]) == 2
+        assert said in capsys.readouterr().err

@@ -30,7 +30,14 @@ from l3d.decomposition import Decomposition, check_run, load, run
 from l3d.errors import L3DError
 from l3d.runs.checkpoint import flatten_state, load_checkpoint, save_checkpoint
 from l3d.runs.folder import RunDir
-from l3d.runs.sources import build_data, build_model, check_data, record_data, resolve_custom
+from l3d.runs.sources import (
+    build_data,
+    build_labels,
+    build_model,
+    check_data,
+    record_data,
+    resolve_custom,
+)
 from l3d.runs.spec import RunOptions, RunSpec
 
 # How the step bar labels the trained loss (L3DConfig.loss).
@@ -356,6 +363,7 @@ def check(spec: RunSpec, log: Callable[[str], None]) -> L3DConfig:
     run would use."""
     model = build_model(spec.model)
     data = build_data(spec.data, spec.model, model)
+    build_labels(spec.data)  # read by the analysis only: refused here, not after the run
     divergence, reference = resolve_custom(spec.l3d)
     config, memory = check_run(model, data, spec.l3d, divergence, reference)
     log(memory)
@@ -385,6 +393,7 @@ def _execute(
         )
     data = build_data(spec.data, spec.model, model)  # with pairs: the counterparts' outputs
     if state is None and lead:
+        build_labels(spec.data)  # read by the analysis only: refused here, not after the run
         record_data(run_dir, spec.data)
     divergence, reference = resolve_custom(spec.l3d)
     done = 0 if state is None else state["epoch"]

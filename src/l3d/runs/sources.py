@@ -352,7 +352,8 @@ def with_data_file(source: DataSource, path: str | Path) -> DataSource:
 
 
 def build_labels(source: DataSource) -> Any:
-    """The labels named by the data source, or None."""
+    """The labels named by the data source, or None: one per input, each named by class_names
+    where they are class indices."""
     if source.labels is None:
         return None
     if source.file is not None and ":" not in source.labels:
@@ -361,8 +362,23 @@ def build_labels(source: DataSource) -> Any:
             raise L3DError(
                 f"{source.file} has no labels tensor '{source.labels}'; it has {', '.join(tensors)}"
             )
-        return tensors[source.labels].tolist()
-    return _call(import_object(source.labels, "labels"), None, f"labels '{source.labels}'")
+        tensor = tensors[source.labels]
+        if tensor.dim() != 1:
+            raise L3DError(
+                f"{source.file}: labels tensor '{source.labels}' is shaped "
+                f"{tuple(tensor.shape)}: give one label per input, a 1-d tensor"
+            )
+        labels = tensor.tolist()
+    else:
+        labels = _call(import_object(source.labels, "labels"), None, f"labels '{source.labels}'")
+    classes = [y for y in labels if isinstance(y, int) and not isinstance(y, bool)]
+    if source.class_names is not None and classes and max(classes) >= len(source.class_names):
+        # Labels past the names would show as bare numbers beside named ones.
+        raise L3DError(
+            f"{len(source.class_names)} class_names for labels up to {max(classes)}: name every "
+            f"class (data.class_names), or leave class_names out"
+        )
+    return labels
 
 
 def resolve_custom(config: L3DConfig) -> tuple[DivergenceFn | None, ReferenceFn | None]:
