@@ -207,10 +207,10 @@ class Trainer:
             # AdamW's settings follow from the config (lr from its schedule, set every step).
             for key in ("params", "betas", "eps", "weight_decay", "amsgrad", "maximize"):
                 saved_value = saved_group.get(key) if isinstance(saved_group, dict) else None
-                value = list(saved_value) if isinstance(saved_value, tuple) else saved_value
+                given = list(saved_value) if isinstance(saved_value, tuple) else saved_value
                 expected = own_group[key]
                 expected = list(expected) if isinstance(expected, tuple) else expected
-                if value != expected:
+                if given != expected:
                     said = "missing" if saved_value is None else repr(saved_value)
                     raise bad(f"param_groups[{i}].{key} is {said}, this run's {expected!r}")
         generator = check("the generator state", state.get("generator"), self.generator.get_state())
