@@ -149,13 +149,22 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode inside the block, each module's own mode restored after. L3D's
     per-sample gradient g_i is a function of x_i and W0 alone (Section 2.2, eq. 2): in train mode
     BatchNorm's batch statistics would make samples interact and move its running statistics,
-    and dropout would make g_i random."""
+    and dropout would make g_i random.
+
+    PyTorch's attention fast path is off inside too (the global flag restored after): in eval
+    mode without grad, nn.TransformerEncoder(Layer) and nn.MultiheadAttention switch to fused
+    kernels and nested tensors, another function (a padded position's output is 0 there, not
+    attention over the unmasked keys) that vmap cannot batch. Off, every forward (gradients,
+    outputs, interventions) computes the function whose gradients are decomposed."""
     training = [m for m in model.modules() if m.training]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     for m in training:
         m.training = False
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield model
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m in training:
             m.training = True
 
