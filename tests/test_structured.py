@@ -18,6 +18,7 @@ from l3d.core.samples import Dataset, SampleRows
 from l3d.errors import L3DError
 
 RANDOM = Reference("random", random_other)
+NEVER_CALLED = "generic torch.func (module never called: the forward reads the tensor directly)"
 
 
 def assert_matches_oracle(
@@ -290,6 +291,28 @@ def test_broadcast_module_falls_back_to_generic():
     plan = assert_matches_oracle(PositionModel(), {"input_ids": ids}, divergence=kl, per_token=True)
     assert plan.paths["pos.weight"].startswith("generic")
     assert plan.paths["tok.weight"] == "structured (embedding)"
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention: its out_proj is an nn.Linear that is never called (the functional
+    attention reads its weight and bias directly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("names", [["attn.out_proj.weight"], ["attn.out_proj.bias", "head.weight"]])
+def test_a_module_never_called_takes_the_generic_path(names):
+    """Its hooks recorded nothing: the signals' concatenation of no calls raised ValueError
+    (torch.cat of an empty list) or TypeError (reduce of an empty iterable)."""
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(Attention(), torch.randn(6, 4, 6), names, divergence=kl)
+    assert plan.paths["attn.out_proj." + names[0].rpartition(".")[2]] == NEVER_CALLED
 
 
 OUTSIDE = "generic torch.func (gradient not all through its module's calls: used outside them?)"

@@ -618,7 +618,11 @@ def structured_gradients(
     rows = SampleRows.of(inputs, per_token)
     batch = outputs.shape[0]
     for site in list(plan.sites):
-        if not all(_batched(site, o, outputs) for o in recorder.outputs[site.module_name]):
+        if not recorder.outputs[site.module_name]:
+            # nn.MultiheadAttention's out_proj: the functional attention reads its weight and
+            # bias, the Linear itself is never called, so its hooks hold no signal.
+            plan.demote(site, "module never called: the forward reads the tensor directly")
+        elif not all(_batched(site, o, outputs) for o in recorder.outputs[site.module_name]):
             # e.g. position embeddings computed once and broadcast over the batch: their
             # output-gradient already sums over samples, so per-sample signals are lost.
             plan.demote(site, "output not batched per sample")
