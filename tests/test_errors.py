@@ -437,3 +437,28 @@ def test_a_seed_beyond_64_bits_is_refused_by_the_config_and_the_experiments(seed
     with pytest.raises(L3DError, match=rf"--seeds: {seed} does not fit in 64 bits"):
         parse_seeds(f"0,{seed}")
     L3DConfig.create(params=["fc1.weight"], n_subnetworks=2, seed=2**63 - 1)
+
+
+# Models whose per-sample gradients the backends cannot form -------------------------------------
+
+
+class BatchStatistics(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, 5)
+        self.norm = torch.nn.BatchNorm1d(5, track_running_stats=False)
+        self.fc2 = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "vmap", "jacobian"])
+@pytest.mark.parametrize("params", [["fc1.weight"], ["norm.weight"]])
+def test_a_norm_using_batch_statistics_in_eval_mode_is_refused(method, params):
+    """Without running statistics BatchNorm normalises over the batch even in eval mode: a
+    sample's output depends on the others, so it has no per-sample gradient. The generic path
+    ran each sample as a batch of one: `ValueError: Expected more than 1 value per channel`."""
+    with pytest.raises(L3DError, match=r"'norm' \(BatchNorm1d\) normalises over the batch") as err:
+        run(BatchStatistics(), torch.randn(8, 4), params=params, gradient_method=method)
+    assert "track_running_stats=True" in one_line(err)

@@ -583,23 +583,6 @@ def test_batch_and_group_norms_take_the_structured_path(divergence):
     assert not plan.generic
 
 
-class BatchStatistics(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3, 4)
-        self.bn = nn.BatchNorm1d(4, track_running_stats=False)
-
-    def forward(self, x):
-        return self.bn(self.fc(x))
-
-
-def test_a_batch_norm_without_running_statistics_is_not_structured():
-    """It normalises over the batch even in eval mode: a sample's gradient depends on the
-    others, which no per-sample signal can express."""
-    target = Target.create(BatchStatistics(), ["bn.weight"])
-    assert StructuredPlan.create(target).paths["bn.weight"].startswith("generic")
-
-
 class IdsPositions(nn.Embedding):
     """Called with the token ids, looks up positions: the ids can exceed its rows."""
 

@@ -96,6 +96,21 @@ def check_loaded(model: nn.Module) -> None:
         )
 
 
+def check_independent_samples(model: nn.Module) -> None:
+    """Refuse a model whose eval-mode forward mixes the samples of a batch: a BatchNorm without
+    running statistics (track_running_stats=False) normalises over the batch even in eval
+    mode, so a sample's output, and its gradient g_i (eq. 2), depends on the others."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None:
+            raise L3DError(
+                f"the model's '{name}' ({type(m).__name__}) normalises over the batch even in "
+                "eval mode (it keeps no running statistics), so one sample's output depends on "
+                "the others and has no per-sample gradient: make it track_running_stats=True "
+                "and fit its statistics in train mode, or use a per-sample norm (LayerNorm, "
+                "GroupNorm)"
+            )
+
+
 def resolve_device(device: str) -> torch.device:
     """The run's device, refusing one that this machine does not have."""
     try:

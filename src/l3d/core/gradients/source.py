@@ -35,7 +35,7 @@ from l3d.core.gradients.batch import ChunkedGradients, DenseGradients, GradientB
 from l3d.core.gradients.jacobian import JacobianCache, cache_bytes
 from l3d.core.gradients.structured import StructuredPlan, structured_gradients
 from l3d.core.gradients.torchfunc import per_sample_gradients
-from l3d.core.model import Target, check_token_ids
+from l3d.core.model import Target, check_independent_samples, check_token_ids
 from l3d.core.samples import (
     Dataset,
     Inputs,
@@ -108,6 +108,7 @@ class GradientSource:
         example: Inputs | None = None,
         progress: bool = True,
     ) -> None:
+        check_independent_samples(target.model)
         self.target, self.dataset = target, dataset
         self.progress = progress
         self.divergence = get_divergence(divergence)

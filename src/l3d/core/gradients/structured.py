@@ -80,10 +80,10 @@ def _kind(module: nn.Module) -> str | None:
         return None if module.max_norm is not None or module.scale_grad_by_freq else "embedding"
     if isinstance(module, nn.LayerNorm):
         return "layernorm"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
         # In eval mode (as every forward here runs, `evaluating`) a fixed affine map per channel
-        # from its running statistics: samples do not interact. Without running statistics it
-        # normalises over the batch, and a sample's gradient depends on the others.
+        # from its running statistics: samples do not interact. One without running statistics
+        # normalises over the batch, and is refused (`check_independent_samples`).
         return "batchnorm"
     if isinstance(module, nn.GroupNorm):
         return "groupnorm"
