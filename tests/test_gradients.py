@@ -231,16 +231,18 @@ def previous_sample(outputs, generator):
 def assert_every_backend_equals_the_loop(
     model, inputs, names, methods=("structured", "vmap", "jacobian")
 ):
-    """Each backend's per-sample gradients of one epoch's single batch equal the loop oracle."""
+    """Each backend's per-sample gradients of one epoch's single batch equal the loop oracle,
+    formed without grad, as the trainer and the analyses ask for them."""
     target = Target.create(model, names)
-    n = len(previous_sample(target.outputs(inputs), None))
-    slow = loop_gradients(model, names, inputs, previous_sample(target.outputs(inputs), None), kl)
+    references = previous_sample(target.outputs(inputs), None)
+    slow = loop_gradients(model, names, inputs, references, kl)
     for method in methods:
         source = GradientSource(
             target, kl, previous_sample, per_token=False, method=method,
-            dataset=Dataset(inputs, n), progress=False,
+            dataset=Dataset(inputs, len(references)), progress=False,
         )  # fmt: skip
-        fast = next(source.epoch(torch.Generator(), shuffle=False)).dense()
+        with torch.no_grad():
+            fast = next(source.epoch(torch.Generator(), shuffle=False)).dense()
         for name in names:
             torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6, msg=method)
 
@@ -273,3 +275,24 @@ def test_a_transformer_encoder_is_one_function_in_every_forward():
         model, data, params=names, n_subnetworks=2, epochs=1, divergence="kl", progress=False
     )
     torch.testing.assert_close(decomposition.intervene(data, 0, 0.0), model(**data))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 4)
+        self.rnn = cell(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.embed(ids))[0][:, -1])
+
+
+def test_an_lstm_takes_every_backend():
+    """The Jacobian cache was built without grad, where the LSTM's CPU kernel keeps no workspace
+    for its backward: `RuntimeError: Expected a proper Tensor but got None ... 'workspace'`."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (6, 5))
+    assert_every_backend_equals_the_loop(
+        Recurrent(nn.LSTM).eval(), ids, ["rnn.weight_hh_l0", "head.weight"]
+    )

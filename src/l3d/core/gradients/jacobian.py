@@ -67,7 +67,11 @@ class JacobianCache:
                 disable=not self.progress,
                 leave=False,
                 dynamic_ncols=True,
-            ) as bar:
+            ) as bar, torch.enable_grad():
+                # The first epoch may start without grad (the trainer's, an analysis'): jacrev
+                # differentiates regardless, but some kernels read the grad mode to decide
+                # whether to keep what their backward needs (the LSTM's CPU kernel: its
+                # 'workspace', else a RuntimeError).
                 for start in range(0, n, step):
                     parts.append(jac(self.target.w0, take(inputs, slice(start, start + step))))
                     bar.update(min(step, n - start))
