@@ -513,6 +513,8 @@ def test_an_embedding_with_max_norm_is_named_in_one_line(method):
     blamed branching on tensor values or .item()."""
     ids = torch.randint(0, 9, (8, 5), generator=torch.Generator().manual_seed(0))
     model = Recurrent(torch.nn.LSTM, max_norm=1.0)
-    with pytest.raises(L3DError, match=r"in 'embed' \(Embedding\).*max_norm=1\.0, which renormalises its weight") as err:
+    with pytest.raises(
+        L3DError, match=r"in 'embed' \(Embedding\).*max_norm=1\.0, which renormalises its weight"
+    ) as err:
         run(model, ids, params=["embed.weight"], gradient_method=method)
     assert "max_norm = None" in one_line(err)

@@ -296,3 +296,26 @@ def test_an_lstm_takes_every_backend():
     assert_every_backend_equals_the_loop(
         Recurrent(nn.LSTM).eval(), ids, ["rnn.weight_hh_l0", "head.weight"]
     )
+
+
+def test_auto_takes_the_structured_path_where_vmap_cannot_run_the_model():
+    """vmap cannot batch nn.GRU, so neither the Jacobian cache nor the vmap path can run this
+    model; 'auto' took the cache and failed, though the structured path forms the gradients of
+    the embedding and the head without vmap."""
+    from l3d.core.gradients.source import Method
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (6, 5))
+    model = Recurrent(nn.GRU).eval()
+    names = ["embed.weight", "head.weight", "head.bias"]
+    assert_every_backend_equals_the_loop(model, ids, names, methods=("auto",))
+    source = GradientSource(
+        Target.create(model, names), kl, previous_sample, per_token=False,
+        dataset=Dataset(ids, 6), progress=False,
+    )  # fmt: skip
+    assert source.method is Method.STRUCTURED
+    with pytest.raises(l3d.L3DError, match=r"per sample for rnn\.weight_hh_l0 in 'rnn' \(GRU\)"):
+        l3d.decompose(
+            model, ids, params=["rnn.weight_hh_l0", *names], n_subnetworks=2, epochs=1,
+            progress=False,
+        )  # fmt: skip
