@@ -478,3 +478,84 @@ def test_impact_checks_n_references(mlp, n):
     trained = run(mlp, torch.randn(8, 4))
     with pytest.raises(L3DError, match="n_references must be an int >= 1"):
         trained.impact(torch.randn(8, 4), n_references=n)
+
+
+# Models whose per-sample gradients the backends cannot form -------------------------------------
+
+
+class BatchStatistics(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, 5)
+        self.norm = torch.nn.BatchNorm1d(5, track_running_stats=False)
+        self.fc2 = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+@pytest.mark.parametrize("method", ["auto", "structured", "vmap", "jacobian"])
+@pytest.mark.parametrize("params", [["fc1.weight"], ["norm.weight"]])
+def test_a_norm_using_batch_statistics_in_eval_mode_is_refused(method, params):
+    """Without running statistics BatchNorm normalises over the batch even in eval mode: a
+    sample's output depends on the others, so it has no per-sample gradient. The generic path
+    ran each sample as a batch of one: `ValueError: Expected more than 1 value per channel`."""
+    with pytest.raises(L3DError, match=r"'norm' \(BatchNorm1d\) normalises over the batch") as err:
+        run(BatchStatistics(), torch.randn(8, 4), params=params, gradient_method=method)
+    assert "track_running_stats=True" in one_line(err)
+
+
+class Recurrent(torch.nn.Module):
+    def __init__(self, cell: type[torch.nn.RNNBase], **embedding) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(9, 4, **embedding)
+        self.rnn = cell(4, 5, batch_first=True)
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.embed(ids))[0][:, -1])
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap", "jacobian", "structured"])
+def test_a_layer_vmap_cannot_batch_is_named_in_one_line(method):
+    """nn.GRU has no vmap batching rule, and vmap runs the model for the 'vmap' and 'jacobian'
+    paths and the structured path's other tensors: a raw `RuntimeError: output with shape
+    [1, 5] doesn't match the broadcast shape [8, 1, 5]` on every path."""
+    ids = torch.randint(0, 9, (8, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(
+        L3DError, match=r"vmap cannot run the model per sample for rnn\.weight_hh_l0"
+    ) as err:
+        run(Recurrent(torch.nn.GRU), ids, params=["rnn.weight_hh_l0"], gradient_method=method)
+    message = one_line(err)
+    assert "in 'rnn' (GRU)" in message and "gradient_method='structured'" in message
+
+
+def test_torch_func_errors_are_one_line_from_a_gradient_source_too():
+    """The conversion was in the vmap backend only: a GradientSource on the Jacobian cache let
+    torch.func's RuntimeError through."""
+    from l3d.core.gradients import GradientSource
+    from l3d.core.model import Target
+    from l3d.core.samples import Dataset
+
+    ids = torch.randint(0, 9, (8, 5), generator=torch.Generator().manual_seed(0))
+    target = Target.create(Recurrent(torch.nn.GRU), ["rnn.weight_hh_l0"])
+    source = GradientSource(
+        target, "kl", "random", per_token=False, method="jacobian", dataset=Dataset(ids, 4),
+        progress=False,
+    )  # fmt: skip
+    with pytest.raises(L3DError, match=r"in 'rnn' \(GRU\)") as err:
+        next(source.epoch(torch.Generator()))
+    one_line(err)
+
+
+@pytest.mark.parametrize("method", ["auto", "structured"])
+def test_an_embedding_with_max_norm_is_named_in_one_line(method):
+    """nn.Embedding(max_norm=...) renormalises its weight in place in forward; the message
+    blamed branching on tensor values or .item()."""
+    ids = torch.randint(0, 9, (8, 5), generator=torch.Generator().manual_seed(0))
+    model = Recurrent(torch.nn.LSTM, max_norm=1.0)
+    with pytest.raises(
+        L3DError, match=r"in 'embed' \(Embedding\).*max_norm=1\.0, which renormalises its weight"
+    ) as err:
+        run(model, ids, params=["embed.weight"], gradient_method=method)
+    assert "max_norm = None" in one_line(err)

@@ -6,7 +6,9 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
+import l3d
 from l3d.core.divergences import kl, mse, random_other
 from l3d.core.gradients import GradientSource, per_sample_gradients
 from l3d.core.model import Target
@@ -14,12 +16,17 @@ from l3d.core.samples import Dataset
 
 
 def loop_gradients(model, names, inputs, references, divergence):
-    """Oracle: one backward() per sample on an unbatched copy of the model."""
+    """Oracle: one backward() per sample on an unbatched copy of the model (in grad mode, the
+    function autograd differentiates); inputs a tensor or a dict of keyword inputs."""
     grads = {n: [] for n in names}
-    for i in range(len(inputs)):
+    for i in range(len(references)):
         m = copy.deepcopy(model)
         m.zero_grad()
-        divergence(m(inputs[i : i + 1])[0], references[i]).backward()
+        if isinstance(inputs, torch.Tensor):
+            out = m(inputs[i : i + 1])
+        else:
+            out = m(**{k: v[i : i + 1] for k, v in inputs.items()})
+        divergence(out[0], references[i]).backward()
         params = dict(m.named_parameters())
         for n in names:
             grads[n].append(params[n].grad.clone())
@@ -214,3 +221,101 @@ def test_sample_rows_by_index_and_one_finiteness_flag():
         check_finite_gradients(
             {"a": x, "b": x.clone().index_fill_(0, torch.tensor([1]), torch.nan), "c": x / 0}
         )
+
+
+def previous_sample(outputs, generator):
+    """Each sample's reference is the output of the one before it: known to the loop oracle."""
+    return outputs.roll(1, 0)
+
+
+def assert_every_backend_equals_the_loop(
+    model, inputs, names, methods=("structured", "vmap", "jacobian")
+):
+    """Each backend's per-sample gradients of one epoch's single batch equal the loop oracle,
+    formed without grad, as the trainer and the analyses ask for them."""
+    target = Target.create(model, names)
+    references = previous_sample(target.outputs(inputs), None)
+    slow = loop_gradients(model, names, inputs, references, kl)
+    for method in methods:
+        source = GradientSource(
+            target, kl, previous_sample, per_token=False, method=method,
+            dataset=Dataset(inputs, len(references)), progress=False,
+        )  # fmt: skip
+        with torch.no_grad():
+            fast = next(source.epoch(torch.Generator(), shuffle=False)).dense()
+        for name in names:
+            torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6, msg=method)
+
+
+class PaddedEncoder(nn.Module):
+    """A default nn.TransformerEncoder (nested tensors enabled) over padded sequences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x, mask):
+        return self.head(self.enc(x, src_key_padding_mask=mask == 0).mean(1))
+
+
+def test_a_transformer_encoder_is_one_function_in_every_forward():
+    """In eval mode without grad, PyTorch's attention fast path (nested tensors, fused kernels)
+    is another function (padded positions give 0): interventions at delta 0 differed from the
+    outputs whose gradients were decomposed by 0.25, and vmap could not batch it."""
+    torch.manual_seed(0)
+    model = PaddedEncoder().eval()
+    mask = torch.ones(12, 5, dtype=torch.long)
+    mask[::3, 3:] = 0
+    data = {"x": torch.randn(12, 5, 8), "mask": mask}
+    names = ["enc.layers.0.linear1.weight", "enc.layers.1.self_attn.in_proj_weight"]
+    assert_every_backend_equals_the_loop(model, data, names)
+    decomposition = l3d.decompose(
+        model, data, params=names, n_subnetworks=2, epochs=1, divergence="kl", progress=False
+    )
+    torch.testing.assert_close(decomposition.intervene(data, 0, 0.0), model(**data))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 4)
+        self.rnn = cell(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.embed(ids))[0][:, -1])
+
+
+def test_an_lstm_takes_every_backend():
+    """The Jacobian cache was built without grad, where the LSTM's CPU kernel keeps no workspace
+    for its backward: `RuntimeError: Expected a proper Tensor but got None ... 'workspace'`."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (6, 5))
+    assert_every_backend_equals_the_loop(
+        Recurrent(nn.LSTM).eval(), ids, ["rnn.weight_hh_l0", "head.weight"]
+    )
+
+
+def test_auto_takes_the_structured_path_where_vmap_cannot_run_the_model():
+    """vmap cannot batch nn.GRU, so neither the Jacobian cache nor the vmap path can run this
+    model; 'auto' took the cache and failed, though the structured path forms the gradients of
+    the embedding and the head without vmap."""
+    from l3d.core.gradients.source import Method
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (6, 5))
+    model = Recurrent(nn.GRU).eval()
+    names = ["embed.weight", "head.weight", "head.bias"]
+    assert_every_backend_equals_the_loop(model, ids, names, methods=("auto",))
+    source = GradientSource(
+        Target.create(model, names), kl, previous_sample, per_token=False,
+        dataset=Dataset(ids, 6), progress=False,
+    )  # fmt: skip
+    assert source.method is Method.STRUCTURED
+    with pytest.raises(l3d.L3DError, match=r"per sample for rnn\.weight_hh_l0 in 'rnn' \(GRU\)"):
+        l3d.decompose(
+            model, ids, params=["rnn.weight_hh_l0", *names], n_subnetworks=2, epochs=1,
+            progress=False,
+        )  # fmt: skip

@@ -18,6 +18,7 @@ from l3d.core.samples import Dataset, SampleRows
 from l3d.errors import L3DError
 
 RANDOM = Reference("random", random_other)
+NEVER_CALLED = "generic torch.func (module never called: the forward reads the tensor directly)"
 
 
 def assert_matches_oracle(
@@ -292,6 +293,28 @@ def test_broadcast_module_falls_back_to_generic():
     assert plan.paths["tok.weight"] == "structured (embedding)"
 
 
+class Attention(nn.Module):
+    """nn.MultiheadAttention: its out_proj is an nn.Linear that is never called (the functional
+    attention reads its weight and bias directly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("names", [["attn.out_proj.weight"], ["attn.out_proj.bias", "head.weight"]])
+def test_a_module_never_called_takes_the_generic_path(names):
+    """Its hooks recorded nothing: the signals' concatenation of no calls raised ValueError
+    (torch.cat of an empty list) or TypeError (reduce of an empty iterable)."""
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(Attention(), torch.randn(6, 4, 6), names, divergence=kl)
+    assert plan.paths["attn.out_proj." + names[0].rpartition(".")[2]] == NEVER_CALLED
+
+
 OUTSIDE = "generic torch.func (gradient not all through its module's calls: used outside them?)"
 
 
@@ -558,23 +581,6 @@ def test_batch_and_group_norms_take_the_structured_path(divergence):
         assert plan.paths[f"{name}.bias"] == "structured (batchnorm)"
     assert plan.paths["gn.weight"] == "structured (groupnorm)"
     assert not plan.generic
-
-
-class BatchStatistics(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3, 4)
-        self.bn = nn.BatchNorm1d(4, track_running_stats=False)
-
-    def forward(self, x):
-        return self.bn(self.fc(x))
-
-
-def test_a_batch_norm_without_running_statistics_is_not_structured():
-    """It normalises over the batch even in eval mode: a sample's gradient depends on the
-    others, which no per-sample signal can express."""
-    target = Target.create(BatchStatistics(), ["bn.weight"])
-    assert StructuredPlan.create(target).paths["bn.weight"].startswith("generic")
 
 
 class IdsPositions(nn.Embedding):

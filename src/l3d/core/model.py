@@ -96,6 +96,21 @@ def check_loaded(model: nn.Module) -> None:
         )
 
 
+def check_independent_samples(model: nn.Module) -> None:
+    """Refuse a model whose eval-mode forward mixes the samples of a batch: a BatchNorm without
+    running statistics (track_running_stats=False) normalises over the batch even in eval
+    mode, so a sample's output, and its gradient g_i (eq. 2), depends on the others."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is None:
+            raise L3DError(
+                f"the model's '{name}' ({type(m).__name__}) normalises over the batch even in "
+                "eval mode (it keeps no running statistics), so one sample's output depends on "
+                "the others and has no per-sample gradient: make it track_running_stats=True "
+                "and fit its statistics in train mode, or use a per-sample norm (LayerNorm, "
+                "GroupNorm)"
+            )
+
+
 def resolve_device(device: str) -> torch.device:
     """The run's device, refusing one that this machine does not have."""
     try:
@@ -149,13 +164,22 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode inside the block, each module's own mode restored after. L3D's
     per-sample gradient g_i is a function of x_i and W0 alone (Section 2.2, eq. 2): in train mode
     BatchNorm's batch statistics would make samples interact and move its running statistics,
-    and dropout would make g_i random."""
+    and dropout would make g_i random.
+
+    PyTorch's attention fast path is off inside too (the global flag restored after): in eval
+    mode without grad, nn.TransformerEncoder(Layer) and nn.MultiheadAttention switch to fused
+    kernels and nested tensors, another function (a padded position's output is 0 there, not
+    attention over the unmasked keys) that vmap cannot batch. Off, every forward (gradients,
+    outputs, interventions) computes the function whose gradients are decomposed."""
     training = [m for m in model.modules() if m.training]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     for m in training:
         m.training = False
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield model
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m in training:
             m.training = True
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from l3d.core.divergences import Divergence, Reference
 from l3d.core.gradients.batch import DenseGradients, check_finite_gradients
-from l3d.core.gradients.torchfunc import unsqueeze
+from l3d.core.gradients.torchfunc import per_sample_calls, unsqueeze
 from l3d.core.model import Target
 from l3d.core.samples import Dataset, SampleRows, batch_size_of, take, to_device
 from l3d.errors import L3DError
@@ -59,15 +59,23 @@ class JacobianCache:
             # Chunk by chunk, as vmap's chunk_size would (the same products), to show progress:
             # one backward pass per output element per sample can take minutes.
             parts = []
-            with tqdm(
-                total=n,
-                desc="Jacobian cache",
-                unit="sample",
-                delay=PROGRESS_DELAY_SECONDS,
-                disable=not self.progress,
-                leave=False,
-                dynamic_ncols=True,
-            ) as bar:
+            with (
+                tqdm(
+                    total=n,
+                    desc="Jacobian cache",
+                    unit="sample",
+                    delay=PROGRESS_DELAY_SECONDS,
+                    disable=not self.progress,
+                    leave=False,
+                    dynamic_ncols=True,
+                ) as bar,
+                torch.enable_grad(),
+                per_sample_calls(self.target),
+            ):
+                # The first epoch may start without grad (the trainer's, an analysis'): jacrev
+                # differentiates regardless, but some kernels read the grad mode to decide
+                # whether to keep what their backward needs (the LSTM's CPU kernel: its
+                # 'workspace', else a RuntimeError).
                 for start in range(0, n, step):
                     parts.append(jac(self.target.w0, take(inputs, slice(start, start + step))))
                     bar.update(min(step, n - start))

@@ -35,7 +35,7 @@ from l3d.core.gradients.batch import ChunkedGradients, DenseGradients, GradientB
 from l3d.core.gradients.jacobian import JacobianCache, cache_bytes
 from l3d.core.gradients.structured import StructuredPlan, structured_gradients
 from l3d.core.gradients.torchfunc import per_sample_gradients
-from l3d.core.model import Target, check_token_ids
+from l3d.core.model import Target, check_independent_samples, check_token_ids
 from l3d.core.samples import (
     Dataset,
     Inputs,
@@ -108,6 +108,7 @@ class GradientSource:
         example: Inputs | None = None,
         progress: bool = True,
     ) -> None:
+        check_independent_samples(target.model)
         self.target, self.dataset = target, dataset
         self.progress = progress
         self.divergence = get_divergence(divergence)
@@ -248,7 +249,7 @@ class GradientSource:
                 if cacheable and self.n_out <= JACOBIAN_MAX_OUTPUTS:
                     assert self.dataset is not None and self.dataset.n_samples is not None
                     need = cache_bytes(self.target, self.dataset.n_samples, self.n_out)
-                    if need <= JACOBIAN_CACHE_BYTES:
+                    if need <= JACOBIAN_CACHE_BYTES and self._vmap_runs():
                         return self._use_cache()
                 plan = StructuredPlan.create(self.target)
                 # The structured path when at least one tensor can use it; the rest of the
@@ -312,6 +313,18 @@ class GradientSource:
         y = outputs.detach().flatten(0, 1) if self.per_token else outputs.detach()
         _, divergence = saved_by(lambda: vmap(self.divergence.fn)(y.clone().requires_grad_(), y))
         return forward + 3 * outputs.nbytes + 2 * divergence
+
+    def _vmap_runs(self) -> bool:
+        """Whether torch.func's vmap runs the model, on the two example inputs: the Jacobian
+        cache needs it for every tensor, the structured path only for tensors it does not
+        support (a model with nn.GRU, or transformers' mask code calling .item(), still has
+        structured Linear weights; where some need vmap, its error names just those)."""
+        probe = to_device(self._example, next(iter(self.target.w0.values())).device)
+        try:
+            per_sample_gradients(self.target, probe, self.target.outputs(probe), self.divergence.fn)
+        except L3DError:
+            return False
+        return True
 
     def _use_cache(self) -> Method:
         assert self.dataset is not None

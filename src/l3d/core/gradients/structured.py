@@ -80,10 +80,10 @@ def _kind(module: nn.Module) -> str | None:
         return None if module.max_norm is not None or module.scale_grad_by_freq else "embedding"
     if isinstance(module, nn.LayerNorm):
         return "layernorm"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
         # In eval mode (as every forward here runs, `evaluating`) a fixed affine map per channel
-        # from its running statistics: samples do not interact. Without running statistics it
-        # normalises over the batch, and a sample's gradient depends on the others.
+        # from its running statistics: samples do not interact. One without running statistics
+        # normalises over the batch, and is refused (`check_independent_samples`).
         return "batchnorm"
     if isinstance(module, nn.GroupNorm):
         return "groupnorm"
@@ -618,7 +618,11 @@ def structured_gradients(
     rows = SampleRows.of(inputs, per_token)
     batch = outputs.shape[0]
     for site in list(plan.sites):
-        if not all(_batched(site, o, outputs) for o in recorder.outputs[site.module_name]):
+        if not recorder.outputs[site.module_name]:
+            # nn.MultiheadAttention's out_proj: the functional attention reads its weight and
+            # bias, the Linear itself is never called, so its hooks hold no signal.
+            plan.demote(site, "module never called: the forward reads the tensor directly")
+        elif not all(_batched(site, o, outputs) for o in recorder.outputs[site.module_name]):
             # e.g. position embeddings computed once and broadcast over the batch: their
             # output-gradient already sums over samples, so per-sample signals are lost.
             plan.demote(site, "output not batched per sample")

@@ -6,7 +6,11 @@ a jacrev over the sequence's token divergences.
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
 
 from l3d.core.divergences import DivergenceFn
@@ -21,20 +25,57 @@ def unsqueeze(x: Inputs) -> Inputs:
     return x.unsqueeze(0) if isinstance(x, Tensor) else {k: v.unsqueeze(0) for k, v in x.items()}
 
 
+@contextmanager
+def per_sample_calls(target: Target) -> Iterator[None]:
+    """Where torch.func's vmap runs the model's forward per sample (the 'vmap' and 'jacobian'
+    paths, the structured path's generic tensors): a failure there becomes one line. The
+    data's forward has passed without vmap (`GradientSource._validate`), so what fails here is
+    an operation vmap cannot batch."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as err:
+        raise _unbatchable(target, err) from None
+
+
 def _unbatchable(target: Target, err: RuntimeError) -> L3DError:
-    """vmap refuses forwards that branch on tensor values or call .item(): transformers' sdpa
-    attention does (its causal-mask shortcut); eager attention does not."""
-    attention = getattr(getattr(target.model, "config", None), "_attn_implementation", None)
-    fix = (
-        f"the model uses {attention} attention: load it with attn_implementation='eager' "
-        "(l3d.hf.load_causal_lm does)"
-        if attention not in (None, "eager")
-        else "write forward without them, or decompose only tensors of supported layers "
-        "(gradient_method='structured', docs/performance.md)"
+    """The line naming the tensors vmap ran for, the layer that failed (the innermost module
+    in the traceback) and, for the causes met, why and what to do."""
+    model, first = target.model, (str(err).splitlines() or [type(err).__name__])[0]
+    names = {id(m): (n, m) for n, m in model.named_modules() if n}
+    layer: tuple[str, nn.Module] | None = None
+    frame = err.__traceback__
+    while frame is not None:  # innermost last
+        layer = names.get(id(frame.tb_frame.f_locals.get("self")), layer)
+        frame = frame.tb_next
+    where = f" in '{layer[0]}' ({type(layer[1]).__name__})" if layer else ""
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    structured = (
+        "decompose only tensors of supported layers (Linear, Conv, Embedding, norms) with "
+        "gradient_method='structured', which runs no vmap for them (docs/performance.md)"
     )
+    if layer and isinstance(layer[1], nn.Embedding) and layer[1].max_norm is not None:
+        cause = (
+            f"'{layer[0]}' has max_norm={layer[1].max_norm}, which renormalises its weight in "
+            f"place during forward; decompose it without (renormalise its rows once, then set "
+            f"{layer[0]}.max_norm = None)"
+        )
+    elif first.startswith("vmap:") and ".item()" in first:
+        cause = (
+            # transformers' sdpa attention does, for its causal-mask shortcut; eager does not
+            f"the model uses {attention} attention, whose forward calls .item(): load it with "
+            "attn_implementation='eager' (l3d.hf.load_causal_lm does)"
+            if attention not in (None, "eager")
+            else "its forward branches on tensor values or calls .item(): write it without, or "
+            f"{structured}"
+        )
+    else:
+        cause = f"an operation of its forward has no per-sample (vmap) form; {structured}"
+    tensors = ", ".join(target.names)
     return L3DError(
-        f"torch.func's vmap cannot run the model ({str(err).splitlines()[0][:90]}...): its "
-        f"forward branches on tensor values or calls .item(); {fix}"
+        f"torch.func's vmap cannot run the model per sample for {tensors}{where} "
+        f"({first[:90]}...): {cause}"
     )
 
 
@@ -70,12 +111,8 @@ def per_sample_gradients(
             return divergence(sample_output(params, x), y_ref)
 
         fn = grad(sample_divergence)
-    try:
+    with per_sample_calls(target):
         grads = vmap(fn, in_dims=(None, 0, 0), chunk_size=chunk_size)(target.w0, inputs, references)
-    except RuntimeError as err:
-        if not str(err).startswith("vmap:"):
-            raise
-        raise _unbatchable(target, err) from None
     rows = SampleRows.of(inputs, per_token)
     index, _ = sample_index(rows, len(references))
     return {n: to_rows(g, rows, index) for n, g in grads.items()}
