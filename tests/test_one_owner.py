@@ -51,9 +51,9 @@ def test_one_coefficients_call_runs_one_validation_forward(mlp_data):
     handle = net.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         d.coefficients(x[:8])
-        # The gradient source's validation (two forwards: the second checks that forward is
-        # deterministic) + the batch's.
-        assert len(calls) == 3
+        # The gradient source's validation (three forwards: the second and third check that
+        # forward is deterministic) + the batch's.
+        assert len(calls) == 4
         calls.clear()
         d.coefficients(x[:8], seed=3)
         assert len(calls) == 1
