@@ -559,3 +559,17 @@ def test_an_embedding_with_max_norm_is_named_in_one_line(method):
     ) as err:
         run(model, ids, params=["embed.weight"], gradient_method=method)
     assert "max_norm = None" in one_line(err)
+
+
+def test_intervene_reads_params_as_tensor_names(mlp):
+    """params=[] returned the unmoved outputs as if intervened on; params='fc1.weight' was read
+    letter by letter ("'f' was not decomposed")."""
+    trained = run(mlp, torch.randn(8, 4), params=["fc1.weight", "fc2.weight"])
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(
+        trained.intervene(x, 0, 0.7, params="fc1.weight"),
+        trained.intervene(x, 0, 0.7, params=["fc1.weight"]),
+    )
+    with pytest.raises(L3DError, match="params is empty") as err:
+        trained.intervene(x, 0, 0.7, params=[])
+    assert "\n" not in str(err.value)

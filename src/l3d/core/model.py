@@ -226,7 +226,12 @@ class Target:
     ) -> dict[str, Tensor]:
         """W0 + delta * direction (eq. 9), on `names` only (default: every decomposed tensor)."""
         delta = _finite_delta(delta)
-        names = set(self.names if names is None else names)
+        names = {names} if isinstance(names, str) else set(self.names if names is None else names)
+        if not names:  # moving nothing would return the model's own outputs as if intervened on
+            raise L3DError(
+                f"params is empty: give decomposed tensors among {', '.join(self.names)}, or "
+                "leave params out to move all"
+            )
         if unknown := sorted(names - set(self.names)):
             # Skipping them would return the model's own outputs as if intervened on.
             raise L3DError(
