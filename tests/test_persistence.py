@@ -412,3 +412,22 @@ def test_zero_decoder_factors_are_one_line(folder):
     ) as err:
         l3d.load(folder, model())
     one_line(err)
+
+
+def test_names_reordered_in_decomposition_json_are_refused(tmp_path):
+    """Two same-shaped tensors swapped in decomposition.json's names swapped their subnetwork
+    directions silently (the factors are stored by position): the factor file records its order."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    d = l3d.decompose(net, torch.randn(32, 4), params=["0.weight", "2.weight"], n_subnetworks=2,
+                      epochs=1, progress=False)  # fmt: skip
+    folder = d.save(tmp_path / "d")
+    assert l3d.load(folder, net).n_subnetworks == 2
+    path = folder / "decomposition.json"
+    meta = json.loads(path.read_text())
+    meta["names"] = meta["names"][::-1]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, net)
+    message = one_line(err)
+    assert "names" in message and "['2.weight', '0.weight']" in message, message

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel, ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -223,6 +223,8 @@ def save_decomposition(
         save_tensors(
             directory / "subnetworks.safetensors",
             {**subnetworks.state_dict(), "p_active": p_active},
+            # The factors are stored by position: the order of names they were saved in.
+            metadata={"names": json.dumps(v_out.names)},
         )
         write_json(directory / "decomposition.json", meta)
         write_text(directory / "config.yaml", config.to_yaml())
@@ -258,6 +260,13 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
     # rewrite JSON may sort the keys of 'shapes'.
     shapes = {n: tuple(meta["shapes"][n]) for n in meta["names"]}
     tensors = load_tensors(files[2], "subnetwork factors")
+    with safe_open(str(files[2]), "pt") as f:  # readable: load_tensors has read it
+        saved_names = (f.metadata() or {}).get("names")  # absent in files before it was kept
+    if saved_names is not None and saved_names != json.dumps(meta["names"]):
+        raise L3DError(
+            f"{files[1]} lists names {meta['names']}, but {files[2]} holds their factors in the "
+            f"order {saved_names}: restore the files or re-create the decomposition"
+        )
     p_active = tensors.pop("p_active", None)
     # Before allocating factors for config.yaml's count (an edited 10^9 was killed for memory).
     counts = {int(t.shape[0]) for k, t in tensors.items() if k.endswith("modes.0") and t.dim()}
