@@ -431,3 +431,18 @@ def test_names_reordered_in_decomposition_json_are_refused(tmp_path):
         l3d.load(folder, net)
     message = one_line(err)
     assert "names" in message and "['2.weight', '0.weight']" in message, message
+
+
+def test_a_fingerprint_without_an_entry_is_named_as_damage(folder):
+    """One tensor's entry deleted from w0_fingerprint read as 'made on other weights', though
+    the weights were those decomposed."""
+    path = folder / "decomposition.json"
+    meta = json.loads(path.read_text())
+    del meta["w0_fingerprint"]["fc2.weight"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, model())
+    message = one_line(err)
+    assert (
+        "w0_fingerprint" in message and "fc2.weight" in message and "other weights" not in message
+    )

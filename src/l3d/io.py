@@ -380,6 +380,10 @@ def _read_meta(path: Path) -> dict:
         isinstance(fingerprint, dict) and all(isinstance(v, dict) for v in fingerprint.values())
     ):
         raise bad("'w0_fingerprint' must map tensor names to {sum, sum_sq, sha256}")
+    if fingerprint is not None and set(fingerprint) != set(meta["names"]):
+        # A missing entry would read as weights that changed.
+        odd = sorted(set(fingerprint) ^ set(meta["names"]))
+        raise bad(f"'w0_fingerprint' must have one entry per name in 'names'; {odd} differ")
     return meta
 
 
