@@ -446,3 +446,35 @@ def test_a_fingerprint_without_an_entry_is_named_as_damage(folder):
     assert (
         "w0_fingerprint" in message and "fc2.weight" in message and "other weights" not in message
     )
+
+
+class NormedMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(4, 6)
+        self.bn = torch.nn.BatchNorm1d(6)
+        self.fc2 = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.bn(self.fc1(x))))
+
+
+@pytest.mark.parametrize("change", ["bn.running_mean", "fc2.weight"])
+def test_a_model_whose_other_tensors_differ_is_refused_on_load(tmp_path, change):
+    """Only the decomposed tensors were fingerprinted: a loader that gave other BatchNorm
+    statistics (or another head) loaded silently, and interventions measured another model."""
+    torch.manual_seed(0)
+    net = NormedMLP().eval()
+    d = l3d.decompose(net, torch.randn(32, 4), params=["fc1.weight"], n_subnetworks=2,
+                      epochs=1, progress=False)  # fmt: skip
+    folder = d.save(tmp_path / "d")
+    x = torch.randn(5, 4)
+    expected = d.intervene(x, 0, 1.0)
+    torch.testing.assert_close(l3d.load(folder, net).intervene(x, 0, 1.0), expected)
+    with torch.no_grad():
+        dict(net.named_buffers(), **dict(net.named_parameters()))[change].add_(0.5)
+    with pytest.raises(L3DError) as err:
+        l3d.load(folder, net)
+    message = one_line(err)
+    assert change in message and "allow_other_weights=True" in message, message
+    assert l3d.load(folder, net, allow_other_weights=True).n_subnetworks == 2

@@ -432,6 +432,7 @@ class Decomposition:
         self.target = Target.create(model, subnetworks.v_out.names)
         self._source: GradientSource | None = None
         self.w0_fingerprint: dict[str, dict] | None = None
+        self.frozen_fingerprint: dict[str, str] | None = None
         """The fingerprint `save` records (io.fingerprint); None: that of `target.w0`. `load`
         keeps the saved one, so re-saving never vouches for other weights."""
 
@@ -756,6 +757,7 @@ class Decomposition:
             "dead_subnetworks": self.dead_subnetworks,
         }
         fingerprint = self.w0_fingerprint or io.fingerprint(self.target.w0)
+        frozen = self.frozen_fingerprint or io.frozen_fingerprint(self.model, self.names)
         return io.save_decomposition(
             directory,
             self.config,
@@ -764,6 +766,7 @@ class Decomposition:
             evaluation,
             self.history,
             fingerprint,
+            frozen,
         )
 
 
@@ -822,6 +825,22 @@ def load(
                 "run folder: restore the model its config.yaml names, or decompose again), or "
                 "pass l3d.load(..., allow_other_weights=True) to use it anyway"
             )
+    frozen = saved.frozen_fingerprint
+    if frozen is not None and not allow_other_weights:
+        digests = io.frozen_fingerprint(model, saved.shapes)
+        differ = sorted(
+            n for n in frozen.keys() | digests.keys() if frozen.get(n) != digests.get(n)
+        )
+        if differ:
+            more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+            raise L3DError(
+                f"the decomposition in {directory} was made on a model whose other tensors "
+                f"differ from this one's: {', '.join(differ[:3])}{more} (parameters not "
+                "decomposed, or buffers such as BatchNorm statistics; absent on one side, or "
+                "other values), and the subnetworks are of the whole function; load it with "
+                "the model it was made on, or pass l3d.load(..., allow_other_weights=True) to "
+                "use it anyway"
+            )
     pair = saved.subnetworks.to(next(model.parameters()).device)
     ev = saved.meta["evaluation"]
     evaluation = Evaluation(
@@ -831,4 +850,5 @@ def load(
         saved.config, pair, saved.meta["history"], evaluation, model, divergence, reference
     )
     decomposition.w0_fingerprint = fingerprint
+    decomposition.frozen_fingerprint = frozen
     return decomposition

@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from l3d.config import L3DConfig
 from l3d.core.algorithm import SubnetworkPair
@@ -169,6 +169,22 @@ def fingerprint(tensors: dict[str, Tensor]) -> dict[str, dict[str, float | str]]
     return result
 
 
+def frozen_fingerprint(model: nn.Module, decomposed: Iterable[str]) -> dict[str, str]:
+    """The sha256 of every other parameter and every buffer of the model (dtype, shape and
+    bytes): the decomposition is of the whole function, so BatchNorm statistics or a head that
+    differ make its coefficients and interventions another model's."""
+    skip = set(decomposed)
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    result = {}
+    for name, t in tensors:
+        if name in skip:
+            continue
+        data = t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+        digest = hashlib.sha256(f"{t.dtype} {tuple(t.shape)} ".encode() + data)
+        result[name] = digest.hexdigest()
+    return result
+
+
 @dataclass
 class SavedDecomposition:
     """What a decomposition folder holds, read without any model."""
@@ -188,6 +204,11 @@ class SavedDecomposition:
         """The fingerprint of W0 when saved (None in files written before fingerprints)."""
         return self.meta.get("w0_fingerprint")
 
+    @property
+    def frozen_fingerprint(self) -> dict[str, str] | None:
+        """`frozen_fingerprint` of the model when saved (None in files written before it)."""
+        return self.meta.get("frozen_fingerprint")
+
 
 def save_decomposition(
     directory: str | Path,
@@ -197,6 +218,7 @@ def save_decomposition(
     evaluation: dict,
     history: list[dict],
     w0_fingerprint: dict[str, dict] | None = None,
+    frozen: dict[str, str] | None = None,
 ) -> Path:
     """Write the three files of a saved decomposition to `directory`, each atomically; a target
     that is a file or not writable is an L3DError naming it."""
@@ -218,6 +240,8 @@ def save_decomposition(
     }
     if w0_fingerprint is None:
         del meta["w0_fingerprint"]
+    if frozen is not None:
+        meta["frozen_fingerprint"] = frozen
     try:
         directory.mkdir(parents=True, exist_ok=True)
         save_tensors(
@@ -384,6 +408,11 @@ def _read_meta(path: Path) -> dict:
         # A missing entry would read as weights that changed.
         odd = sorted(set(fingerprint) ^ set(meta["names"]))
         raise bad(f"'w0_fingerprint' must have one entry per name in 'names'; {odd} differ")
+    frozen = meta.get("frozen_fingerprint")
+    if frozen is not None and not (
+        isinstance(frozen, dict) and all(isinstance(v, str) for v in frozen.values())
+    ):
+        raise bad("'frozen_fingerprint' must map tensor names to sha256 digests")
     return meta
 
 
