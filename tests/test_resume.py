@@ -399,6 +399,8 @@ def test_a_signal_during_set_up_is_a_stop_not_an_error(tmp_path, monkeypatch):
         (lambda s: s["optimizer"]["param_groups"][0].update(params=[0, 1]), "params is"),
         (lambda s: s["optimizer"]["param_groups"][0].pop("betas"), "betas is missing"),
         (lambda s: s["generator"].zero_(), "generator state is not one torch can restore"),
+        # Resumed silently: bias correction restarted, factors off by 0.18.
+        (lambda s: s["optimizer"]["state"][0]["step"].zero_(), "at step 0, the run at 4"),
     ],
 )
 def test_a_damaged_training_state_is_one_line(damage, said):

@@ -195,6 +195,12 @@ class Trainer:
                 raise bad(f"optimizer state {i} names no parameter")
             if "step" not in saved:
                 raise bad(f"optimizer state {i} lacks step")
+            # Every factor takes every optimizer step (set_to_none grads are all filled).
+            if float(saved["step"]) != state.get("step"):
+                raise bad(
+                    f"optimizer state {i} is at step {float(saved['step']):g}, the run at "
+                    f"{state.get('step')}"
+                )
             for slot in ("exp_avg", "exp_avg_sq"):
                 value = check(f"optimizer state {i} {slot}", saved.get(slot), params[int(i)])
                 if slot == "exp_avg_sq" and bool((value < 0).any()):
