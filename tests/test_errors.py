@@ -573,3 +573,15 @@ def test_intervene_reads_params_as_tensor_names(mlp):
     with pytest.raises(L3DError, match="params is empty") as err:
         trained.intervene(x, 0, 0.7, params=[])
     assert "\n" not in str(err.value)
+
+
+def test_kl_on_outputs_with_several_axes_per_sample_is_refused():
+    """(n, T, C) outputs with per_token=False: the 'mean' reference and output_change read each
+    sample's T * C numbers as one distribution, the divergence as T distributions over C (the
+    mean reference off by 0.25 in log-probability, output_change 0.18 where the divergence gave
+    0.74); for (n, C, H, W) the softmax ran over W, not the classes."""
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    with pytest.raises(L3DError, match=r"shaped \(6, 4\).*per_token=True") as err:
+        run(model, torch.randn(16, 6, 5), params=["0.weight"], divergence="kl")
+    assert "\n" not in str(err.value)
+    run(model, torch.randn(16, 6, 5), params=["0.weight"], divergence="mse")  # still fine

@@ -196,6 +196,16 @@ class GradientSource:
                 "padding (attention_mask 0) is none"
             )
         self.n_out = outputs[0, 0].numel() if self.per_token else outputs[0].numel()
+        one = outputs[0, 0] if self.per_token else outputs[0]
+        if self.divergence.on_probabilities and one.dim() > 1:
+            # References ('mean') and intervention distances read a sample's output as one
+            # distribution; the divergence would sum one per position of the last axis.
+            raise L3DError(
+                f"divergence '{self.divergence.name}' reads each sample's output as one "
+                f"distribution over its last axis, but each is shaped {tuple(one.shape)}: pass "
+                "per_token=True (one sample per position), return (n, classes) outputs, or use "
+                "divergence 'mse'"
+            )
         # The last input stands in for a reference: one sequence is many per-token samples.
         sample = outputs[0, 0] if self.per_token else outputs[0]
         other = outputs[-1, -1] if self.per_token else outputs[-1]
