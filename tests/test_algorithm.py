@@ -352,6 +352,16 @@ def test_n_subnetworks_is_chosen_as_twice_the_gradients_participation_ratio():
     assert choose_n_subnetworks(model, x, config, reference=zero) == round(2 * 60**2 / 1400)
 
 
+def test_the_chosen_n_subnetworks_never_exceeds_the_samples_with_a_gradient():
+    """12 samples along 12 orthogonal directions: twice the participation ratio is 24, more
+    subnetworks than samples, and decompose()'s own default init='gradients' then refused the run
+    ('needs at least n_subnetworks=24 samples')."""
+    zero = lambda out, generator: torch.zeros_like(out)  # noqa: E731
+    model, x = _one_hot_gradients([1] * 12)
+    d = l3d.decompose(model, x, params=["weight"], epochs=1, reference=zero, progress=False)
+    assert d.n_subnetworks == 12 and d.config.init == "gradients"
+
+
 def test_choosing_n_subnetworks_for_a_large_model_asks_for_it():
     model = nn.Linear(1100, 1000, bias=False)  # 1.1 M weights: room for fewer than 64 gradients
     with pytest.raises(l3d.L3DError, match="give n_subnetworks"):

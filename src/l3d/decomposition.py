@@ -335,12 +335,19 @@ def choose_n_subnetworks(
     """n_subnetworks from the data: SUBNETWORKS_PER_DIRECTION (2) times the participation ratio of
     the per-sample gradients at W0 (`effective_directions`), at least 2. The ratio is close to
     the number of circuits on the suite's toys, and twice as many subnetworks as circuits is what
-    gave every circuit its own subnetwork there (docs/toys.md, "Library defaults")."""
+    gave every circuit its own subnetwork there (docs/toys.md, "Library defaults"); at most the
+    number of samples."""
     probe = config.replace(n_subnetworks=1, init="random")  # only its gradient source is used
     _, source, trainer = build(model, data, probe, divergence, reference, progress=False)
     names, n_weights = trainer.pair.v_out.names, trainer.pair.v_out.n_weights
     directions = effective_directions(source, names, n_weights, config.seed + 4)
-    return max(2, round(SUBNETWORKS_PER_DIRECTION * directions))
+    chosen = round(SUBNETWORKS_PER_DIRECTION * directions)
+    n_samples = source.dataset.n_samples if source.dataset is not None else None
+    if n_samples is not None and not config.per_token:
+        # More subnetworks than samples cannot each find a sample of their own (and the
+        # gradient initialisation needs one per subnetwork).
+        chosen = min(chosen, n_samples)
+    return max(2, chosen)
 
 
 def run(
