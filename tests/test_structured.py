@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from l3d.core.algorithm import SubnetworkPair, step_losses
@@ -16,6 +17,7 @@ from l3d.core.gradients.structured import StructuredGradients, StructuredPlan, s
 from l3d.core.model import Target, resolve_ranks
 from l3d.core.samples import Dataset, SampleRows
 from l3d.errors import L3DError
+from test_gradients import assert_every_backend_equals_the_loop
 
 RANDOM = Reference("random", random_other)
 NEVER_CALLED = "generic torch.func (module never called: the forward reads the tensor directly)"
@@ -1034,3 +1036,39 @@ def test_token_projection_gradcheck():
         randn(tokens, n, positions * out, grad=False),
     )
     assert torch.autograd.gradcheck(_TokenProjection.apply, inputs)
+
+
+class CausalConv1d(nn.Conv1d):
+    """A TCN's causal convolution: it pads its input itself."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, ((self.kernel_size[0] - 1) * self.dilation[0], 0)))
+
+
+class FlatLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x.flatten(1))
+
+
+CAUSAL = nn.Sequential(CausalConv1d(3, 4, 3, dilation=2), nn.Tanh(), nn.Flatten(), nn.Linear(40, 3))
+FLAT = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), FlatLinear(27, 3))
+
+
+@pytest.mark.parametrize(
+    ("model", "x"), [(CAUSAL, torch.randn(8, 3, 10)), (FLAT, torch.randn(8, 2, 5, 5))]
+)
+def test_a_layer_subclass_transforming_its_input_takes_the_generic_path(model, x):
+    """The hooks read the input the subclass was called with, not the one its layer computed on
+    (padded, flattened): the first batch's check crashed (RuntimeError: shape '[1, 20, 1, 9]' is
+    invalid for input of size 108)."""
+    torch.manual_seed(0)
+    names = [n for n, _ in model.named_parameters() if n.endswith("weight")]
+    assert_every_backend_equals_the_loop(model.eval(), x, names, ("structured",))
+    source = GradientSource(
+        Target.create(model, names), kl, random_other, per_token=False, method="structured",
+        example=x, progress=False,
+    )  # fmt: skip
+    source.batch(x, None, torch.Generator().manual_seed(0))
+    assert source.plan is not None
+    paths = source.plan.paths
+    assert any("overrides forward" in paths.get(n, "") for n in names), paths

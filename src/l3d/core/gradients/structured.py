@@ -549,6 +549,37 @@ class _Recorder:
             h.remove()
 
 
+# The torch layer whose computation each kind's signals assume (embeddings have checks of their
+# own: `_row_ids`, a scaled output's `embed_scale`, `_check_uses`).
+_LAYERS: dict[str, type[nn.Module]] = {
+    "linear": nn.Linear,
+    "conv1d": nn.Conv1d,
+    "conv2d": nn.Conv2d,
+    "layernorm": nn.LayerNorm,
+    "batchnorm": nn.modules.batchnorm._BatchNorm,
+    "groupnorm": nn.GroupNorm,
+}
+
+
+def _layer_function(site: _Site, recorder: _Recorder) -> bool:
+    """Whether a subclass that overrides forward still computes its layer's function of the
+    input it is called with (a causal convolution padding its input itself, a Linear flattening
+    it: the hooks would read the input before that). Layers that keep torch's forward do."""
+    layer = _LAYERS.get(site.kind)
+    if layer is None or type(site.module).forward is layer.forward:
+        return True
+    name = site.module_name
+    with torch.no_grad():
+        for x, out in zip(recorder.inputs[name], recorder.outputs[name]):
+            try:
+                again = layer.forward(site.module, x)
+            except (RuntimeError, ValueError, IndexError):  # e.g. an input it flattens first
+                return False
+            if again.shape != out.shape or not torch.allclose(again, out, rtol=1e-4, atol=1e-6):
+                return False
+    return True
+
+
 def _first_input(args: tuple, kwargs: dict) -> Tensor:
     """The layer's input, passed by position or by keyword (`self.fc(input=x)`); the supported
     layers take one."""
@@ -622,6 +653,8 @@ def structured_gradients(
             # nn.MultiheadAttention's out_proj: the functional attention reads its weight and
             # bias, the Linear itself is never called, so its hooks hold no signal.
             plan.demote(site, "module never called: the forward reads the tensor directly")
+        elif not plan.uses_checked and not _layer_function(site, recorder):
+            plan.demote(site, f"{type(site.module).__name__} overrides forward otherwise")
         elif not all(_batched(site, o, outputs) for o in recorder.outputs[site.module_name]):
             # e.g. position embeddings computed once and broadcast over the batch: their
             # output-gradient already sums over samples, so per-sample signals are lost.
