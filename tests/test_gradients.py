@@ -298,6 +298,24 @@ def test_an_lstm_takes_every_backend():
     )
 
 
+def test_auto_takes_no_jacobian_cache_that_jacrev_cannot_build():
+    """nn.PReLU: vmap of grad runs it, vmap of jacrev does not (its backward cannot batch), so
+    'auto' took the cache and decompose() with its defaults failed, though vmap and the
+    structured path both give its gradients."""
+    from l3d.core.gradients.source import Method
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.PReLU(3), nn.Linear(3, 2)).eval()
+    x = torch.randn(16, 4)
+    names = ["0.weight", "1.weight", "2.weight"]
+    assert_every_backend_equals_the_loop(model, x, names, methods=("auto", "vmap", "structured"))
+    source = GradientSource(
+        Target.create(model, names), kl, previous_sample, per_token=False,
+        dataset=Dataset(x, 16), progress=False,
+    )  # fmt: skip
+    assert source.method is not Method.JACOBIAN
+
+
 def test_auto_takes_the_structured_path_where_vmap_cannot_run_the_model():
     """vmap cannot batch nn.GRU, so neither the Jacobian cache nor the vmap path can run this
     model; 'auto' took the cache and failed, though the structured path forms the gradients of

@@ -16,7 +16,7 @@ from l3d.core.divergences import Divergence, Reference
 from l3d.core.gradients.batch import DenseGradients, check_finite_gradients
 from l3d.core.gradients.torchfunc import per_sample_calls, unsqueeze
 from l3d.core.model import Target
-from l3d.core.samples import Dataset, SampleRows, batch_size_of, take, to_device
+from l3d.core.samples import Dataset, Inputs, SampleRows, batch_size_of, take, to_device
 from l3d.errors import L3DError
 
 # The cache's progress bar appears once a build has taken this long (toys build in well under it).
@@ -26,6 +26,21 @@ PROGRESS_DELAY_SECONDS = 3.0
 def cache_bytes(target: Target, n_samples: int, n_out: int) -> int:
     """Memory of the cached float32 Jacobians of n_samples samples."""
     return 4 * n_samples * n_out * sum(w.numel() for w in target.w0.values())
+
+
+def sample_jacobians(target: Target, inputs: Inputs, chunk: int) -> dict[str, Tensor]:
+    """Each input's output Jacobian at W0, {name: (n, *out, *shape)}, `chunk` inputs per vmap;
+    a model torch.func cannot run this way is one line (`per_sample_calls`). In grad mode: the
+    first epoch may start without grad (the trainer's, an analysis'), and jacrev differentiates
+    regardless, but some kernels read the grad mode to decide whether to keep what their backward
+    needs (the LSTM's CPU kernel: its 'workspace', else a RuntimeError)."""
+
+    def sample_output(params, x):
+        return target.forward(unsqueeze(x), params)[0]
+
+    jac = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=chunk)
+    with torch.enable_grad(), per_sample_calls(target):
+        return jac(target.w0, inputs)
 
 
 class JacobianCache:
@@ -47,37 +62,25 @@ class JacobianCache:
 
     def _build(self) -> tuple[Tensor, Tensor]:
         if self._jacobian is None or self._outputs is None:
-
-            def sample_output(params, x):
-                return self.target.forward(unsqueeze(x), params)[0]
-
             step = self.chunk_size or 256
-            jac = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=step)
             assert self.dataset.inputs is not None  # checked in __init__
             inputs = to_device(self.dataset.inputs, self.dataset.device)
             n = batch_size_of(inputs)
             # Chunk by chunk, as vmap's chunk_size would (the same products), to show progress:
             # one backward pass per output element per sample can take minutes.
             parts = []
-            with (
-                tqdm(
-                    total=n,
-                    desc="Jacobian cache",
-                    unit="sample",
-                    delay=PROGRESS_DELAY_SECONDS,
-                    disable=not self.progress,
-                    leave=False,
-                    dynamic_ncols=True,
-                ) as bar,
-                torch.enable_grad(),
-                per_sample_calls(self.target),
-            ):
-                # The first epoch may start without grad (the trainer's, an analysis'): jacrev
-                # differentiates regardless, but some kernels read the grad mode to decide
-                # whether to keep what their backward needs (the LSTM's CPU kernel: its
-                # 'workspace', else a RuntimeError).
+            with tqdm(
+                total=n,
+                desc="Jacobian cache",
+                unit="sample",
+                delay=PROGRESS_DELAY_SECONDS,
+                disable=not self.progress,
+                leave=False,
+                dynamic_ncols=True,
+            ) as bar:
                 for start in range(0, n, step):
-                    parts.append(jac(self.target.w0, take(inputs, slice(start, start + step))))
+                    chunk = take(inputs, slice(start, start + step))
+                    parts.append(sample_jacobians(self.target, chunk, step))
                     bar.update(min(step, n - start))
             jacobians = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
             del parts

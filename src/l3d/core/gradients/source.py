@@ -32,7 +32,7 @@ from l3d.core.divergences import (
     get_reference,
 )
 from l3d.core.gradients.batch import ChunkedGradients, DenseGradients, GradientBatch
-from l3d.core.gradients.jacobian import JacobianCache, cache_bytes
+from l3d.core.gradients.jacobian import JacobianCache, cache_bytes, sample_jacobians
 from l3d.core.gradients.structured import StructuredPlan, structured_gradients
 from l3d.core.gradients.torchfunc import per_sample_gradients
 from l3d.core.model import Target, check_independent_samples, check_token_ids
@@ -197,6 +197,7 @@ class GradientSource:
             )
         self.n_out = outputs[0, 0].numel() if self.per_token else outputs[0].numel()
         one = outputs[0, 0] if self.per_token else outputs[0]
+        self._sample_shape = tuple(one.shape)
         if self.divergence.on_probabilities and one.dim() > 1:
             # References ('mean') and intervention distances read a sample's output as one
             # distribution; the divergence would sum one per position of the last axis.
@@ -260,7 +261,7 @@ class GradientSource:
                 if cacheable and self.n_out <= JACOBIAN_MAX_OUTPUTS:
                     assert self.dataset is not None and self.dataset.n_samples is not None
                     need = cache_bytes(self.target, self.dataset.n_samples, self.n_out)
-                    if need <= JACOBIAN_CACHE_BYTES and self._vmap_runs():
+                    if need <= JACOBIAN_CACHE_BYTES and self._cache_runs():
                         return self._use_cache()
                 plan = StructuredPlan.create(self.target)
                 # The structured path when at least one tensor can use it; the rest of the
@@ -325,14 +326,19 @@ class GradientSource:
         _, divergence = saved_by(lambda: vmap(self.divergence.fn)(y.clone().requires_grad_(), y))
         return forward + 3 * outputs.nbytes + 2 * divergence
 
-    def _vmap_runs(self) -> bool:
-        """Whether torch.func's vmap runs the model, on the two example inputs: the Jacobian
-        cache needs it for every tensor, the structured path only for tensors it does not
-        support (a model with nn.GRU, or transformers' mask code calling .item(), still has
-        structured Linear weights; where some need vmap, its error names just those)."""
-        probe = to_device(self._example, next(iter(self.target.w0.values())).device)
+    def _cache_runs(self) -> bool:
+        """Whether torch.func builds the Jacobian cache's vmap of jacrev over the model, on the
+        two example inputs. The structured path needs vmap only for tensors it does not support:
+        a model with nn.GRU, transformers' mask code calling .item(), or nn.PReLU (whose backward
+        jacrev cannot batch) still has structured Linear weights; where some tensors need vmap,
+        its error names just those."""
+        # The example's rows repeated to a count no output axis has: a batching rule that mixes
+        # up the batch with an output axis (PReLU's backward) can pass where the sizes are equal.
+        size = next(k for k in (3, 5, 7) if k not in self._sample_shape)
+        rows = torch.arange(size) % batch_size_of(self._example)
+        probe = to_device(take(self._example, rows), next(iter(self.target.w0.values())).device)
         try:
-            per_sample_gradients(self.target, probe, self.target.outputs(probe), self.divergence.fn)
+            sample_jacobians(self.target, probe, size)
         except L3DError:
             return False
         return True
