@@ -28,6 +28,7 @@ from pathlib import Path
 from l3d.core.distributed import Group
 from l3d.errors import L3DError
 from l3d.io import read_json, read_saved_config, write_text
+from l3d.runs.checkpoint import config_changes, setting_changes
 from l3d.runs.spec import RunSpec, read_yaml
 
 try:
@@ -193,8 +194,6 @@ class RunDir:
         """The settings are recorded twice, in config.yaml's l3d section and in
         decomposition/config.yaml (n_subnetworks chosen there); commands read one or the other,
         so an edit to either would be seen by some and not others."""
-        from l3d.runs.checkpoint import config_changes, setting_changes
-
         saved_file = self.decomposition / "config.yaml"
         saved = read_saved_config(saved_file).model_dump(mode="json")
         given = self.spec().l3d.model_dump(mode="json")
