@@ -1072,3 +1072,17 @@ def test_a_layer_subclass_transforming_its_input_takes_the_generic_path(model, x
     assert source.plan is not None
     paths = source.plan.paths
     assert any("overrides forward" in paths.get(n, "") for n in names), paths
+
+
+@pytest.mark.parametrize(
+    ("conv", "said"),
+    [
+        (nn.Conv2d(2, 3, 3, padding="same"), "Conv2d with padding='same', padding_mode='zeros'"),
+        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+    ],
+)
+def test_a_convolution_left_generic_names_why(conv, said):
+    """'Conv2d not supported' did not say which option of a supported layer sent it to the
+    generic path."""
+    plan = StructuredPlan.create(Target.create(nn.Sequential(conv), ["0.weight"]))
+    assert said in plan.paths["0.weight"]

@@ -97,6 +97,18 @@ def _kind(module: nn.Module) -> str | None:
     return None
 
 
+def _unsupported(module: nn.Module | None) -> str:
+    """Why a decomposed tensor's module takes the generic path, for `StructuredPlan.paths`."""
+    if module is None:
+        return "root not supported"
+    what = type(module).__name__
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return f"{what} with padding={module.padding!r}, padding_mode={module.padding_mode!r}"
+    if isinstance(module, nn.Embedding):
+        return f"{what} with max_norm or scale_grad_by_freq"
+    return f"{what} not supported"
+
+
 @dataclass
 class StructuredPlan:
     """How each decomposed tensor's per-sample gradients are obtained."""
@@ -145,7 +157,7 @@ class StructuredPlan:
             if force_generic:
                 reason = "forced"
             elif kind is None:
-                reason = f"{type(module).__name__ if module is not None else 'root'} not supported"
+                reason = _unsupported(module)
             elif local not in ("weight", "bias"):
                 reason = f"parameter '{local}' of {type(module).__name__}"
             elif id(params[name]) in shared:
