@@ -314,6 +314,9 @@ def test_auto_takes_no_jacobian_cache_that_jacrev_cannot_build():
         dataset=Dataset(x, 16), progress=False,
     )  # fmt: skip
     assert source.method is not Method.JACOBIAN
+    # Forced, the cache says which torch.func transform fails and what runs instead.
+    with pytest.raises(l3d.L3DError, match=r"vmap of jacrev \(the Jacobian cache\).*'vmap'"):
+        assert_every_backend_equals_the_loop(model, x, names, methods=("jacobian",))
 
 
 def test_auto_takes_the_structured_path_where_vmap_cannot_run_the_model():

@@ -39,7 +39,7 @@ def sample_jacobians(target: Target, inputs: Inputs, chunk: int) -> dict[str, Te
         return target.forward(unsqueeze(x), params)[0]
 
     jac = vmap(jacrev(sample_output), in_dims=(None, 0), chunk_size=chunk)
-    with torch.enable_grad(), per_sample_calls(target):
+    with torch.enable_grad(), per_sample_calls(target, jacobians=True):
         return jac(target.w0, inputs)
 
 

@@ -26,20 +26,21 @@ def unsqueeze(x: Inputs) -> Inputs:
 
 
 @contextmanager
-def per_sample_calls(target: Target) -> Iterator[None]:
+def per_sample_calls(target: Target, jacobians: bool = False) -> Iterator[None]:
     """Where torch.func's vmap runs the model's forward per sample (the 'vmap' and 'jacobian'
     paths, the structured path's generic tensors): a failure there becomes one line. The
     data's forward has passed without vmap (`GradientSource._validate`), so what fails here is
-    an operation vmap cannot batch."""
+    an operation vmap cannot batch. jacobians: the Jacobian cache's vmap of jacrev (some
+    backwards, PReLU's, batch under grad but not under jacrev)."""
     try:
         yield
     except torch.cuda.OutOfMemoryError:
         raise
     except RuntimeError as err:
-        raise _unbatchable(target, err) from None
+        raise _unbatchable(target, err, jacobians) from None
 
 
-def _unbatchable(target: Target, err: RuntimeError) -> L3DError:
+def _unbatchable(target: Target, err: RuntimeError, jacobians: bool = False) -> L3DError:
     """The line naming the tensors vmap ran for, the layer that failed (the innermost module
     in the traceback) and, for the causes met, why and what to do."""
     model, first = target.model, (str(err).splitlines() or [type(err).__name__])[0]
@@ -70,11 +71,17 @@ def _unbatchable(target: Target, err: RuntimeError) -> L3DError:
             else "its forward branches on tensor values or calls .item(): write it without, or "
             f"{structured}"
         )
+    elif jacobians:
+        cause = (
+            "an operation of its forward or backward has no batched Jacobian (jacrev) form; use "
+            "gradient_method='vmap' or 'structured' ('auto' chooses between them)"
+        )
     else:
         cause = f"an operation of its forward has no per-sample (vmap) form; {structured}"
     tensors = ", ".join(target.names)
+    how = "vmap of jacrev (the Jacobian cache)" if jacobians else "vmap"
     return L3DError(
-        f"torch.func's vmap cannot run the model per sample for {tensors}{where} "
+        f"torch.func's {how} cannot run the model per sample for {tensors}{where} "
         f"({first[:90]}...): {cause}"
     )
 
