@@ -208,9 +208,8 @@ class GradientSource:
                 "divergence 'mse'"
             )
         # The last input stands in for a reference: one sequence is many per-token samples.
-        sample = outputs[0, 0] if self.per_token else outputs[0]
         other = outputs[-1, -1] if self.per_token else outputs[-1]
-        self.divergence.check(sample, other)
+        self.divergence.check(one, other)
 
     def _check_precision(self, batch: Inputs, outputs: Tensor | None = None) -> None:
         """L3D computes in float32: other parameter or half-precision data dtypes fail deep in a
@@ -328,13 +327,13 @@ class GradientSource:
 
     def _cache_runs(self) -> bool:
         """Whether torch.func builds the Jacobian cache's vmap of jacrev over the model, on the
-        two example inputs. The structured path needs vmap only for tensors it does not support:
+        example's rows. The structured path needs vmap only for tensors it does not support:
         a model with nn.GRU, transformers' mask code calling .item(), or nn.PReLU (whose backward
         jacrev cannot batch) still has structured Linear weights; where some tensors need vmap,
         its error names just those."""
         # The example's rows repeated to a count no output axis has: a batching rule that mixes
         # up the batch with an output axis (PReLU's backward) can pass where the sizes are equal.
-        size = next(k for k in (3, 5, 7) if k not in self._sample_shape)
+        size = next((k for k in (3, 5, 7) if k not in self._sample_shape), 11)
         rows = torch.arange(size) % batch_size_of(self._example)
         probe = to_device(take(self._example, rows), next(iter(self.target.w0.values())).device)
         try:
