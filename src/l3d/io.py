@@ -170,11 +170,15 @@ def fingerprint(tensors: dict[str, Tensor]) -> dict[str, dict[str, float | str]]
 
 
 def frozen_fingerprint(model: nn.Module, decomposed: Iterable[str]) -> dict[str, str]:
-    """The sha256 of every other parameter and every buffer of the model (dtype, shape and
-    bytes): the decomposition is of the whole function, so BatchNorm statistics or a head that
-    differ make its coefficients and interventions another model's."""
+    """The sha256 of every other parameter and every saved buffer of the model (dtype, shape
+    and bytes): the decomposition is of the whole function, so BatchNorm statistics or a head
+    that differ make its coefficients and interventions another model's. Buffers left out of
+    the state dict (rotary frequencies, causal masks) are derived at construction, and may
+    differ in the last bit between devices."""
     skip = set(decomposed)
-    tensors = [*model.named_parameters(), *model.named_buffers()]
+    saved = set(model.state_dict())
+    buffers = [(n, b) for n, b in model.named_buffers() if n in saved]
+    tensors = [*model.named_parameters(), *buffers]
     result = {}
     for name, t in tensors:
         if name in skip:
