@@ -209,14 +209,16 @@ class Trainer:
         groups = state.get("optimizer", {}).get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(own_groups):
             raise bad("the optimizer's parameter groups differ")
+
+        def plain(value: object) -> object:  # betas: a tuple in torch, a list from JSON
+            return list(value) if isinstance(value, tuple) else value
+
         for i, (saved_group, own_group) in enumerate(zip(groups, own_groups)):
             # AdamW's settings follow from the config (lr from its schedule, set every step).
             for key in ("params", "betas", "eps", "weight_decay", "amsgrad", "maximize"):
                 saved_value = saved_group.get(key) if isinstance(saved_group, dict) else None
-                given = list(saved_value) if isinstance(saved_value, tuple) else saved_value
-                expected = own_group[key]
-                expected = list(expected) if isinstance(expected, tuple) else expected
-                if given != expected:
+                expected = plain(own_group[key])
+                if plain(saved_value) != expected:
                     said = "missing" if saved_value is None else repr(saved_value)
                     raise bad(f"param_groups[{i}].{key} is {said}, this run's {expected!r}")
         generator = check("the generator state", state.get("generator"), self.generator.get_state())

@@ -194,9 +194,10 @@ class RunDir:
         """The settings are recorded twice, in config.yaml's l3d section and in
         decomposition/config.yaml (n_subnetworks chosen there); commands read one or the other,
         so an edit to either would be seen by some and not others."""
+        spec = self.spec()
         saved_file = self.decomposition / "config.yaml"
         saved = read_saved_config(saved_file).model_dump(mode="json")
-        given = self.spec().l3d.model_dump(mode="json")
+        given = spec.l3d.model_dump(mode="json")
         if given["n_subnetworks"] == "auto":
             given["n_subnetworks"] = saved["n_subnetworks"]
         changes = config_changes(given, saved)
@@ -207,7 +208,7 @@ class RunDir:
                 "after the run; restore it"
             )
         recorded = self._recorded_config()
-        changes = [] if recorded is None else setting_changes(recorded, self.spec().resolved())
+        changes = [] if recorded is None else setting_changes(recorded, spec.resolved())
         if changes:
             raise L3DError(
                 f"{self.config} changed since the run ({'; '.join(changes)}; the checkpoint "
