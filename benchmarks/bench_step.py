@@ -17,6 +17,10 @@ Settings (issue 5):
       h.4 attention q/k/v/out weights + out bias, 100 subnetworks, rank 25, 16 x 16 tokens, one
       sample per token, KL
   c   4-layer MLP of width 1024, batch 64, all weights, 100 subnetworks, rank 4 (mse)
+  d   CIFAR-shaped ResNet (random weights and BatchNorm statistics): a 32-channel stem and two
+      basic blocks at 32 x 32, a strided 64-channel block at 16 x 16, torchvision's habits
+      (ReLU(inplace=True), `out += identity`); every convolution and BatchNorm tensor and the
+      head (22 tensors, 103k weights), batch 64, 64 subnetworks, rank 2, KL over 10 classes
   b-chunked  (b) in chunks of 4 sequences (sequence_chunk_size): the memory they save
   c2b (c) with batch 128;  c2w (c) with width 2048          (memory scaling)
   c4b (c) with batch 256                                     (time ratio against batch size)
@@ -96,6 +100,49 @@ class TMCS(nn.Module):
         return torch.relu(x @ self.W_in.T @ self.W_out.T + self.b)
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block, in its habits: ReLU(inplace=True), `out += identity`."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.downsample = (
+            nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs)
+            )
+            if stride != 1 or inputs != outputs
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.downsample(x)
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)
+        )
+        self.blocks = nn.Sequential(BasicBlock(32, 32), BasicBlock(32, 32), BasicBlock(32, 64, 2))
+        self.head = nn.Linear(64, 10)
+        g = torch.Generator().manual_seed(0)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):  # statistics as if trained, eval mode
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2, generator=g)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
 def setting(name: str):
     """(model, data, L3DConfig, batch of inputs, authors' jacrev chunk) for a setting."""
     g = torch.Generator().manual_seed(0)
@@ -125,6 +172,18 @@ def setting(name: str):
             sequence_chunk_size=4 if name == "b-chunked" else None,
         )
         return model, data, config, data, 8
+    if name == "d":
+        torch.manual_seed(0)
+        # 1,024 images: their Jacobian cache (4 GiB) is past `auto`'s budget, as any real set's.
+        data = torch.randn(1024, 3, 32, 32, generator=g)
+        config = L3DConfig.create(
+            params=["stem.*", "blocks.*", "head.weight"],
+            n_subnetworks=64,
+            rank=2,
+            divergence="kl",
+            batch_size=64,
+        )
+        return ResNet().eval(), data, config, data[:64], 16
     width = 2048 if name == "c2w" else 1024
     batch = {"c2b": 128, "c4b": 256, "cbig": 4096, "cbig-chunked": 4096}.get(name, 64)
     torch.manual_seed(0)
@@ -322,7 +381,7 @@ def main() -> None:
     for name in args.settings.split(","):
         by_precision = {}
         for precision in precisions:
-            methods = args.methods if name in ("a", "b", "c") else args.scaling_methods
+            methods = args.methods if name in ("a", "b", "c", "d") else args.scaling_methods
             rows = {m: run_worker(name, m, precision, args) for m in methods.split(",")}
             results += rows.values()
             label = name if len(precisions) == 1 else f"{name} at {precision}"

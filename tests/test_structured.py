@@ -20,6 +20,19 @@ from l3d.errors import L3DError
 from test_gradients import assert_every_backend_equals_the_loop
 
 RANDOM = Reference("random", random_other)
+
+
+@pytest.fixture(params=["signals", "formed"])
+def projection(request, monkeypatch):
+    """Each way `StructuredGradients.project` may take for a weight: its signal projected, or
+    the per-sample gradients formed from it (`_dense_cheaper` chooses by cost)."""
+    import l3d.core.gradients.structured as structured
+
+    formed = request.param == "formed"
+    monkeypatch.setattr(structured, "_dense_cheaper", lambda *_: formed)
+    return request.param
+
+
 NEVER_CALLED = "generic torch.func (module never called: the forward reads the tensor directly)"
 
 
@@ -95,7 +108,7 @@ class MLPWithNorm(nn.Module):
 @pytest.mark.parametrize("factorization", ["cp", "tucker"])
 @pytest.mark.parametrize("rank", [1, 3])
 @pytest.mark.parametrize("divergence", [mse, kl])
-def test_linear_bias_layernorm(factorization, rank, divergence):
+def test_linear_bias_layernorm(factorization, rank, divergence, projection):
     torch.manual_seed(0)
     plan = assert_matches_oracle(
         MLPWithNorm(),
@@ -123,7 +136,7 @@ class ConvNet(nn.Module):
 
 
 @pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
-def test_conv2d_grouped_and_depthwise(factorization, rank):
+def test_conv2d_grouped_and_depthwise(factorization, rank, projection):
     torch.manual_seed(0)
     plan = assert_matches_oracle(
         ConvNet(), torch.randn(5, 4, 7, 7), divergence=kl, factorization=factorization, rank=rank
@@ -148,7 +161,7 @@ class Conv1dNet(nn.Module):
 
 
 @pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
-def test_conv1d_plain_grouped_and_depthwise(factorization, rank):
+def test_conv1d_plain_grouped_and_depthwise(factorization, rank, projection):
     """nn.Conv1d took the generic path (a whole vmap per batch)."""
     torch.manual_seed(0)
     plan = assert_matches_oracle(
@@ -211,7 +224,7 @@ def token_batch():
 
 @pytest.mark.parametrize("with_head", [True, False])
 @pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
-def test_per_token_kl_with_padding(with_head, factorization, rank):
+def test_per_token_kl_with_padding(with_head, factorization, rank, projection):
     torch.manual_seed(0)
     patterns = ["embed.weight", "mix.*", "norm.*"]
     plan = assert_matches_oracle(
@@ -573,7 +586,7 @@ class BatchNormNet(nn.Module):
 
 
 @pytest.mark.parametrize("divergence", [mse, kl])
-def test_batch_and_group_norms_take_the_structured_path(divergence):
+def test_batch_and_group_norms_take_the_structured_path(divergence, projection):
     """Eval-mode BatchNorm scales and shifts took the generic path: 2.2x the time of a digits
     CNN block's batch (26.2 against 11.8 ms for 64 images, one thread)."""
     torch.manual_seed(0)
@@ -642,7 +655,7 @@ class TiedLM(nn.Module):
 @pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
 @pytest.mark.parametrize("per_token", [True, False])
 def test_a_tied_embedding_takes_the_structured_path_through_both_uses(
-    per_token, factorization, rank
+    per_token, factorization, rank, projection
 ):
     """A weight registered in two modules (the token embedding and the head) took the generic
     path: for a language model's embedding, per-sample gradients of (vocab x dim) numbers each.
@@ -1019,6 +1032,37 @@ def test_projection_and_its_gradient_equal_the_dense_oracle(
         torch.testing.assert_close(g_fast, g_oracle)
 
 
+@pytest.mark.parametrize(
+    "layer,positions,n_subnetworks,rank,samples,formed",
+    [
+        ((64, 64, 3), 1024, 16, 2, 64, True),  # a CNN's first stage: 3.6x faster formed
+        ((64, 64, 3), 64, 16, 2, 64, True),  # 8 x 8 positions: 1.3x faster formed
+        ((256, 256, 3), 64, 32, 2, 64, False),  # a large kernel on few positions: 5x slower
+        ((128, 128, 3), 64, 8, 1, 64, False),  # few subnetworks: 4x slower formed
+        ((64, 64, 3), 1024, 64, 4, 2, False),  # the directions outgrow the signal of 2 samples
+        ((3072, 768, 1), 128, 64, 1, 8, False),  # a transformer's MLP on sequences of 128
+        ((64, 10, 1), 1, 16, 2, 64, False),  # a Linear read once per sample
+    ],
+)
+def test_the_projection_forms_gradients_where_that_is_faster(
+    layer, positions, n_subnetworks, rank, samples, formed
+):
+    """`_dense_cheaper` forms a weight's per-sample gradients where, measured on one CPU thread
+    (benchmarks/bench_formed.py), projecting them beat projecting the signal (many positions on
+    a small kernel), and never where they or the dense directions would outgrow the signal."""
+    import l3d.core.gradients.structured as structured
+
+    out, inputs, kernel = layer
+    shape = (out, inputs, kernel, kernel) if kernel > 1 else (out, inputs)
+    sig = structured._MatrixSignal(
+        torch.zeros(1, samples, positions, 1, out),
+        torch.zeros(samples, positions, 1, inputs * kernel * kernel),
+        0,
+        shape,
+    )
+    assert structured._dense_cheaper(sig, n_subnetworks, rank) is formed
+
+
 def test_token_projection_gradcheck():
     """The hand-written backward of the per-token projection against finite differences."""
     from l3d.core.gradients.structured import _TokenProjection
@@ -1074,15 +1118,72 @@ def test_a_layer_subclass_transforming_its_input_takes_the_generic_path(model, x
     assert any("overrides forward" in paths.get(n, "") for n in names), paths
 
 
-@pytest.mark.parametrize(
-    ("conv", "said"),
-    [
-        (nn.Conv2d(2, 3, 3, padding="same"), "Conv2d with padding='same', padding_mode='zeros'"),
-        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
-    ],
-)
-def test_a_convolution_left_generic_names_why(conv, said):
-    """'Conv2d not supported' did not say which option of a supported layer sent it to the
-    generic path."""
-    plan = StructuredPlan.create(Target.create(nn.Sequential(conv), ["0.weight"]))
-    assert said in plan.paths["0.weight"]
+class PaddedConvs(nn.Module):
+    """Convolutions padding by name or by mode: 'same' with an even kernel (torch pads one more
+    at the end), reflect, replicate and circular, in 1-d and 2-d, strided."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.same = nn.Conv2d(2, 4, (2, 3), padding="same", dilation=(1, 2))
+        self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect", groups=2)
+        self.replicate = nn.Conv2d(4, 3, 3, stride=2, padding=(1, 2), padding_mode="replicate")
+        self.circular = nn.Conv1d(3, 3, 4, padding="same", padding_mode="circular", bias=False)
+
+    def forward(self, x):
+        h = torch.tanh(self.reflect(torch.tanh(self.same(x))))
+        h = torch.tanh(self.replicate(h)).flatten(2)  # (n, 3, L)
+        return self.circular(h).mean(2)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
+def test_convolutions_padding_by_name_or_mode_take_the_structured_path(
+    factorization, rank, projection
+):
+    """padding='same' and reflect/replicate/circular padding took the generic path (a vmap of the
+    whole model per batch)."""
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(
+        PaddedConvs(), torch.randn(5, 2, 6, 7), divergence=kl, factorization=factorization,
+        rank=rank,
+    )  # fmt: skip
+    assert not plan.generic
+    assert plan.paths["circular.weight"] == "structured (conv1d)"
+
+
+class InPlaceAfterLayers(nn.Module):
+    """A ResNet block's in-place habits: ReLU(inplace=True) on a BatchNorm's and a Linear's
+    output, `out += identity` on another BatchNorm's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+        for norm in (self.bn1, self.bn2):
+            norm.running_mean.normal_(0, 0.5)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.data.normal_(1, 0.3)
+            norm.bias.data.normal_(0, 0.3)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.head(self.relu(self.fc(self.relu(out).mean((2, 3)))))
+
+
+def test_outputs_changed_in_place_take_the_structured_path(projection):
+    """An in-place op on a layer's output (ResNet's BatchNorm + ReLU(inplace=True), out +=
+    identity) sent the layer's tensors to the generic path: the hooked output had become the
+    ReLU's. Such layers' outputs are now copied before the op. (An input changed in place
+    after its layer read it fails autograd's own version check.)"""
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(InPlaceAfterLayers(), torch.randn(6, 3, 5, 5), divergence=kl)
+    assert not plan.generic
+    assert plan.paths["bn2.bias"] == "structured (batchnorm)"

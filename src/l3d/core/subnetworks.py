@@ -300,6 +300,18 @@ class TensorFactors(nn.Module):
         dense = _dense(self.core, list(self.modes))
         return dense.reshape(dense.shape[0], *self.shape)
 
+    def inner_dense(self, grads: Tensor) -> Tensor:
+        """`inner` as one product of the gradients with the dense directions, (n_s, numel) x
+        (numel, n_v): for few subnetworks on a small tensor, where the n_v x numel directions fit
+        beside the gradients, 1.2-4x faster than `inner`'s contraction one factor at a time at
+        rank > 1 or on a convolution's four modes (64 samples; 64-channel kernels)."""
+        if self._m == 1:
+            directions = self.materialize()
+        else:  # one batched product, V_k = L_k^T M_k: 8-10x faster than einsum on a 3x3 kernel
+            L, M = self.split(0)
+            directions = L.transpose(1, 2) @ M
+        return grads.flatten(1) @ directions.flatten(1).T
+
     def inner(self, grads: Tensor) -> Tensor:
         """<V_k, g_s> for dense per-sample tensors grads (n_s, *shape) -> (n_s, n_v)."""
         subs, ops = _operands(
