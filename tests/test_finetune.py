@@ -1130,3 +1130,22 @@ def test_an_adapter_whose_train_was_edited_keeps_no_tensor_unread(decomposed, tm
     with pytest.raises(L3DError, match=r"adapter.safetensors does not match adapter.json") as err:
         load_adapter(folder, d.model)
     assert "cores.0" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_names_reordered_in_adapter_json_are_refused(tmp_path):
+    """Two same-shaped tensors swapped in adapter.json's names swapped their directions silently
+    (stored by position): the adapter's tensor file records the order."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    d = l3d.decompose(net, torch.randn(32, 4), params=["0.weight", "2.weight"], n_subnetworks=2,
+                      epochs=1, progress=False)  # fmt: skip
+    folder = Adapter(d.model, d.subnetworks.v_out, [0, 1]).save(tmp_path / "adapter")
+    assert load_adapter(folder, net).names == ["0.weight", "2.weight"]
+    path = folder / "adapter.json"
+    meta = json.loads(path.read_text())
+    meta["names"] = meta["names"][::-1]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(L3DError) as err:
+        load_adapter(folder, net)
+    message = str(err.value)
+    assert "\n" not in message and "['2.weight', '0.weight']" in message, message

@@ -367,7 +367,7 @@ class Adapter(Edit):
         tensors = {"alpha": self.alpha.detach()}
         tensors |= {f"cores.{i}": c.detach() for i, c in enumerate(self.cores)}
         tensors |= {f"directions.{k}": v.detach() for k, v in self.directions.state_dict().items()}
-        io.save_tensors(directory / ADAPTER_FILES[1], tensors)
+        io.save_tensors(directory / ADAPTER_FILES[1], tensors, io.names_metadata(self.names))
         meta = {
             "format_version": ADAPTER_FORMAT,
             "names": self.names,
@@ -397,6 +397,10 @@ class Adapter(Edit):
         tensors = io.load_tensors(directory / ADAPTER_FILES[1], "adapter weights")
         if "alpha" not in tensors:
             raise L3DError(f"{directory} is not an l3d adapter folder: re-create it with save()")
+        file = directory / ADAPTER_FILES[1]
+        io.check_names_order(
+            file, directory / ADAPTER_FILES[0], meta.names, "re-create the adapter"
+        )
         params = dict(model.named_parameters())
         # In the order of 'names' (a list): the directions are stored by position, and tools that
         # rewrite JSON may sort the keys of 'shapes'.
@@ -430,7 +434,6 @@ class Adapter(Edit):
         adapter = cls(model, directions, list(range(n_sel)), meta.train)
         adapter.subnetworks = list(meta.subnetworks)
         learned = {"alpha": adapter.alpha} | {f"cores.{i}": c for i, c in enumerate(adapter.cores)}
-        file = directory / ADAPTER_FILES[1]
         unread = sorted(k for k in tensors if k not in learned and not k.startswith(prefix))
         if unread:  # e.g. a cores adapter whose train was edited: its cores would be dropped
             raise L3DError(

@@ -128,6 +128,25 @@ def save_tensors(
     atomic_write(path, lambda p: save_file(cpu, str(p), metadata=metadata))
 
 
+def names_metadata(names: list[str]) -> dict[str, str]:
+    """safetensors metadata recording the order of the tensors whose parts a file stores by
+    position (factors, adapter directions), for `check_names_order`."""
+    return {"names": json.dumps(names)}
+
+
+def check_names_order(tensor_file: Path, description: Path, names: list[str], fix: str) -> None:
+    """Refuse a description whose 'names' list is in another order than the tensor file stores
+    their parts in: same-shaped tensors would swap silently. Files saved before the order was
+    recorded pass. The file must be readable (`load_tensors` has read it)."""
+    with safe_open(str(tensor_file), "pt") as f:
+        saved = (f.metadata() or {}).get("names")
+    if saved is not None and saved != json.dumps(names):
+        raise L3DError(
+            f"{description} lists names {names}, but {tensor_file} holds their tensors in the "
+            f"order {saved}: restore the files or {fix}"
+        )
+
+
 def load_tensors(path: str | Path, what: str) -> dict[str, Tensor]:
     """The tensors of a safetensors file, or an L3DError naming the file when it is missing or
     not a valid safetensors file (truncated by a crash, or another format); a folder or a device
@@ -251,8 +270,7 @@ def save_decomposition(
         save_tensors(
             directory / "subnetworks.safetensors",
             {**subnetworks.state_dict(), "p_active": p_active},
-            # The factors are stored by position: the order of names they were saved in.
-            metadata={"names": json.dumps(v_out.names)},
+            metadata=names_metadata(v_out.names),
         )
         write_json(directory / "decomposition.json", meta)
         write_text(directory / "config.yaml", config.to_yaml())
@@ -288,13 +306,7 @@ def read_decomposition(directory: str | Path) -> SavedDecomposition:
     # rewrite JSON may sort the keys of 'shapes'.
     shapes = {n: tuple(meta["shapes"][n]) for n in meta["names"]}
     tensors = load_tensors(files[2], "subnetwork factors")
-    with safe_open(str(files[2]), "pt") as f:  # readable: load_tensors has read it
-        saved_names = (f.metadata() or {}).get("names")  # absent in files before it was kept
-    if saved_names is not None and saved_names != json.dumps(meta["names"]):
-        raise L3DError(
-            f"{files[1]} lists names {meta['names']}, but {files[2]} holds their factors in the "
-            f"order {saved_names}: restore the files or re-create the decomposition"
-        )
+    check_names_order(files[2], files[1], meta["names"], "re-create the decomposition")
     p_active = tensors.pop("p_active", None)
     # Before allocating factors for config.yaml's count (an edited 10^9 was killed for memory).
     counts = {int(t.shape[0]) for k, t in tensors.items() if k.endswith("modes.0") and t.dim()}
