@@ -188,7 +188,7 @@ def test_a_run_that_failed_before_any_work_can_be_started_again(tmp_path, capsys
 
 def test_intervene_rejects_a_subnetwork_out_of_range(finished_run, capsys):
     assert main(["intervene", str(finished_run), "--subnetwork", "7", "--delta", "1"]) == 2
-    assert "this run has subnetworks 0..4" in capsys.readouterr().err
+    assert "--subnetwork 7 out of range: use ints in 0..4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

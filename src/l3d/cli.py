@@ -558,6 +558,7 @@ def _intervene(args: argparse.Namespace) -> int:
     from l3d.analysis import pair_impacts
     from l3d.analysis.writing import InterventionResult
     from l3d.core.samples import Referenced, check_samples
+    from l3d.core.subnetworks import subnetwork_index
 
     run_dir = runs.RunDir(Path(args.run_dir))
     run_dir.require_finished()
@@ -566,12 +567,8 @@ def _intervene(args: argparse.Namespace) -> int:
         _quiet_libraries(args, run_dir.spec()),
     ):
         run = runs.open_run(run_dir.path)
-        n_v = run.decomposition.n_subnetworks
-        bad = [k for k in args.subnetwork if not 0 <= k < n_v]
-        if bad:
-            raise L3DError(
-                f"--subnetwork {bad} out of range: this run has subnetworks 0..{n_v - 1}"
-            )
+        for k in args.subnetwork:
+            subnetwork_index(k, run.decomposition.n_subnetworks, "--subnetwork")
         for option, values in (("--subnetwork", args.subnetwork), ("--delta", args.delta)):
             twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
             if twice is not None:

@@ -38,19 +38,20 @@ def total(tensors: Iterable[Tensor]) -> Tensor:
     return functools.reduce(operator.add, tensors)
 
 
-def subnetwork_index(k: object, n_subnetworks: int) -> int:
+def subnetwork_index(k: object, n_subnetworks: int, what: str = "subnetwork index") -> int:
     """k as an index into n_subnetworks: a Python, numpy or one-element torch integer (an
-    argsort's entries); bools, floats and out-of-range values get one line."""
+    argsort's entries); bools, floats and out-of-range values get one line, naming k as `what`
+    (a command-line option)."""
     index = None
     if not isinstance(k, bool) and not (isinstance(k, Tensor) and k.dtype == torch.bool):
         with contextlib.suppress(TypeError):
             index = operator.index(k)  # type: ignore[arg-type]
     if index is None:
         raise L3DError(
-            f"subnetwork index {k!r} is not an integer: use ints in 0..{n_subnetworks - 1}"
+            f"{what} {k!r} is not an integer: use ints in 0..{n_subnetworks - 1}"
         )
     if not 0 <= index < n_subnetworks:
-        raise L3DError(f"subnetwork index {index} out of range: use ints in 0..{n_subnetworks - 1}")
+        raise L3DError(f"{what} {index} out of range: use ints in 0..{n_subnetworks - 1}")
     return index
 
 
