@@ -35,7 +35,8 @@ path at the lower precision against the floor at 'highest' (the model's plain pa
 Time: median of --repeats steps after --warmup steps, wall clock and process CPU time (the latter
 is less sensitive to other load on a shared machine). Peak memory: the process's peak
 resident set size minus its size after building the model and data (CPU), or the CUDA allocator's
-peak above the same point (GPU).
+peak above the same point (GPU). "steady": the peak of the timed steps alone, above the memory in
+use after the warm-up (the first batch's one-off checks of the structured path excluded).
 
     python benchmarks/bench_step.py --settings a,b,c,c2b,c2w --repeats 5
     python benchmarks/bench_step.py --settings c,c2b,c4b,cbig,cbig-chunked --methods fast,floor
@@ -64,6 +65,7 @@ from l3d.config import L3DConfig
 from l3d.core.algorithm import SubnetworkPair, batch_top_k
 from l3d.core.divergences import Reference, kl, mse, random_other
 from l3d.core.gradients import GradientSource
+from l3d.core.gradients.structured import Projection
 from l3d.core.model import Target, resolve_ranks
 from l3d.core.samples import Dataset, SampleRows, to_device
 from l3d.core.trainer import Trainer
@@ -208,6 +210,27 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def high_water_bytes() -> int:
+    """The process's resident high-water mark since the last `reset_peak` (Linux's VmHWM)."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak(cuda: bool) -> tuple[int, int]:
+    """Restart the peak's count here (CUDA's allocator statistics, or VmHWM through
+    /proc/self/clear_refs): the memory in use now, and the CUDA peak until now (0 on the CPU,
+    whose process peak getrusage keeps)."""
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated(), before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_bytes(), 0
+
+
 def initial_pair(target: Target, config: L3DConfig) -> SubnetworkPair:
     """The same seeded V_in, V_out for every method of a setting."""
     return SubnetworkPair.initialize(
@@ -237,6 +260,7 @@ def make_step(method: str, model, data, config: L3DConfig, batch, chunk) -> tupl
             method="vmap" if method == "torchfunc" else "auto",
             chunk_size=config.chunk_size,
             sequence_chunk_size=config.sequence_chunk_size,
+            projection=Projection(config.n_v, resolve_ranks(target.names, config.rank)),
         )
         trainer = Trainer(config, source, pair)
         batches = iter(())
@@ -319,7 +343,10 @@ def worker(name: str, method: str, warmup: int, repeats: int, device: str, preci
     else:
         base = rss_bytes()
     times, cpu_times = [], []
+    warm, warm_peak = base, 0
     for i in range(warmup + repeats):
+        if i == warmup:  # the steady state's peak: from here on, past the first batch's checks
+            warm, warm_peak = reset_peak(cuda)
         start, cpu_start = time.perf_counter(), time.process_time()
         step()
         if cuda:
@@ -327,7 +354,8 @@ def worker(name: str, method: str, warmup: int, repeats: int, device: str, preci
         if i >= warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    steady = torch.cuda.max_memory_allocated() if cuda else high_water_bytes()
+    peak = max(warm_peak, steady) if cuda else peak_rss_bytes()
     return {
         "setting": name,
         "method": method,
@@ -337,6 +365,7 @@ def worker(name: str, method: str, warmup: int, repeats: int, device: str, preci
         "times_s": times,
         "median_cpu_s": statistics.median(cpu_times),
         "peak_mb": max(0, peak - base) / 2**20,
+        "steady_peak_mb": max(0, steady - warm) / 2**20,
     }
 
 
@@ -417,7 +446,7 @@ def run_worker(name: str, method: str, precision: str, args: argparse.Namespace)
         print(
             f"{name:4s} {method:10s} {precision:8s} {row['median_s'] * 1e3:10.1f} ms/step wall "
             f"{row['median_cpu_s'] * 1e3:10.1f} ms CPU  peak +{row['peak_mb']:8.1f} MB  "
-            f"({row['detail']})",
+            f"(steady +{row['steady_peak_mb']:.1f} MB)  ({row['detail']})",
             flush=True,
         )
     return row

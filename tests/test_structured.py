@@ -13,7 +13,12 @@ from torch import nn
 from l3d.core.algorithm import SubnetworkPair, step_losses
 from l3d.core.divergences import Reference, kl, mse, random_other
 from l3d.core.gradients import DenseGradients, GradientSource, per_sample_gradients
-from l3d.core.gradients.structured import StructuredGradients, StructuredPlan, structured_gradients
+from l3d.core.gradients.structured import (
+    Projection,
+    StructuredGradients,
+    StructuredPlan,
+    structured_gradients,
+)
 from l3d.core.model import Target, resolve_ranks
 from l3d.core.samples import Dataset, SampleRows
 from l3d.errors import L3DError
@@ -53,12 +58,23 @@ def assert_matches_oracle(
     outputs = target.outputs(inputs)
     rows = SampleRows.of(inputs, per_token)
     refs = RANDOM.draw(outputs, rows, torch.Generator().manual_seed(1))
-    fast = structured_gradients(
-        target, inputs, refs, divergence, plan=plan, per_token=per_token, chunk_size=chunk_size
-    )
     oracle = DenseGradients(
         per_sample_gradients(target, inputs, refs, divergence, per_token=per_token)
     )
+    ranks = resolve_ranks(target.names, rank)
+    # Without a projection, gradients are formed (where cheaper) when the batch is projected;
+    # with one, as each layer's signal is made.
+    for projection in (None, Projection(4, ranks)):
+        fast = structured_gradients(
+            target, inputs, refs, divergence, plan=plan, per_token=per_token,
+            chunk_size=chunk_size, projection=projection,
+        )  # fmt: skip
+        assert not (projection is None and fast.formed)
+        _assert_batch_matches(fast, oracle, target, ranks, factorization)
+    return plan
+
+
+def _assert_batch_matches(fast, oracle, target, ranks, factorization) -> None:
     assert isinstance(fast, StructuredGradients)
     assert fast.n_samples == oracle.n_samples
     # The gradients formed from the signals (what resampling reads) are the oracle's.
@@ -68,11 +84,7 @@ def assert_matches_oracle(
         scale_g = g.abs().max().item() + 1e-12
         torch.testing.assert_close(dense[name], g, rtol=1e-4, atol=1e-5 * scale_g)
     pair = SubnetworkPair.initialize(
-        target.shapes,
-        4,
-        resolve_ranks(target.names, rank),
-        factorization,
-        torch.Generator().manual_seed(0),
+        target.shapes, 4, ranks, factorization, torch.Generator().manual_seed(0)
     )
     scale = oracle.project(pair.v_in).abs().max().item()
     torch.testing.assert_close(
@@ -91,7 +103,6 @@ def assert_matches_oracle(
         params = list(pair.parameters())
         for gf, go in zip(torch.autograd.grad(lf, params), torch.autograd.grad(lo, params)):
             torch.testing.assert_close(gf, go, rtol=1e-3, atol=1e-5 * go.abs().max().item() + 1e-8)
-    return plan
 
 
 class MLPWithNorm(nn.Module):
@@ -1061,6 +1072,30 @@ def test_the_projection_forms_gradients_where_that_is_faster(
         shape,
     )
     assert structured._dense_cheaper(sig, n_subnetworks, rank) is formed
+
+
+def test_gradients_are_formed_as_signals_are_made_when_the_projection_is_known():
+    """Formed after all signals were made, a CNN's batch held every layer's unfolded patches at
+    once (the step's peak); given the subnetworks it is for, each layer's gradients are formed
+    as its signal is made, and the batch holds no signal for them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2048, 3)
+    )
+    inputs = torch.randn(6, 8, 16, 16)
+    target = Target.create(model, ["0.weight", "3.weight"])
+    plan = StructuredPlan.create(target)
+    refs = torch.zeros(6, 3)
+    ranks = resolve_ranks(target.names, 2)
+    lazy = structured_gradients(target, inputs, refs, mse, plan=plan)
+    assert set(lazy.matrices) == {"0.weight", "3.weight"} and not lazy.formed
+    eager = structured_gradients(
+        target, inputs, refs, mse, plan=plan, projection=Projection(4, ranks)
+    )
+    assert eager.formed == {"0.weight"} and set(eager.matrices) == {"3.weight"}
+    pair = SubnetworkPair.initialize(target.shapes, 4, ranks, "cp", torch.Generator())
+    torch.testing.assert_close(eager.project(pair.v_in), lazy.project(pair.v_in))
+    assert lazy.formed == {"0.weight"}  # formed by the projection
 
 
 def test_token_projection_gradcheck():

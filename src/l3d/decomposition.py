@@ -38,6 +38,7 @@ from l3d.core.divergences import (
     get_reference,
 )
 from l3d.core.gradients import GradientSource, Method
+from l3d.core.gradients.structured import Projection
 from l3d.core.model import (
     Target,
     check_loaded,
@@ -105,6 +106,10 @@ def gradient_source(
         dataset=dataset,
         example=example,
         progress=progress,
+        # Unknown while n_subnetworks is 'auto' (its choice reads gradients from a source).
+        projection=None
+        if config.n_subnetworks == "auto"
+        else Projection(config.n_v, resolve_ranks(target.names, config.rank)),
     )
 
 

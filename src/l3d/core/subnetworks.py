@@ -47,9 +47,7 @@ def subnetwork_index(k: object, n_subnetworks: int, what: str = "subnetwork inde
         with contextlib.suppress(TypeError):
             index = operator.index(k)  # type: ignore[arg-type]
     if index is None:
-        raise L3DError(
-            f"{what} {k!r} is not an integer: use ints in 0..{n_subnetworks - 1}"
-        )
+        raise L3DError(f"{what} {k!r} is not an integer: use ints in 0..{n_subnetworks - 1}")
     if not 0 <= index < n_subnetworks:
         raise L3DError(f"{what} {index} out of range: use ints in 0..{n_subnetworks - 1}")
     return index

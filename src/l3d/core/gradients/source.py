@@ -33,7 +33,7 @@ from l3d.core.divergences import (
 )
 from l3d.core.gradients.batch import ChunkedGradients, DenseGradients, GradientBatch
 from l3d.core.gradients.jacobian import JacobianCache, cache_bytes, sample_jacobians
-from l3d.core.gradients.structured import StructuredPlan, structured_gradients
+from l3d.core.gradients.structured import Projection, StructuredPlan, structured_gradients
 from l3d.core.gradients.torchfunc import per_sample_gradients
 from l3d.core.model import Target, check_independent_samples, check_token_ids
 from l3d.core.samples import (
@@ -92,6 +92,9 @@ class GradientSource:
     dataset: the data that `epoch` iterates over (training, evaluation); None for a source that
     only answers `batch` (coefficients and impact of given inputs). `example`: inputs to validate
     model, data and divergence on when there is no dataset. Validation runs once, here.
+    `projection`: the subnetworks the gradients are for (count and ranks), on the structured
+    path: gradients cheaper to project formed than factored are formed as each layer's signal is
+    made (`structured.Projection`), not after all are.
     """
 
     def __init__(
@@ -107,8 +110,10 @@ class GradientSource:
         dataset: Dataset | None = None,
         example: Inputs | None = None,
         progress: bool = True,
+        projection: Projection | None = None,
     ) -> None:
         check_independent_samples(target.model)
+        self.projection = projection
         self.target, self.dataset = target, dataset
         self.progress = progress
         self.divergence = get_divergence(divergence)
@@ -278,7 +283,8 @@ class GradientSource:
         forming their gradients holds besides them (`_activation_bytes`), their gradients or
         signals (`GradientBatch.nbytes`) and what projecting them keeps (`kept_bytes`). Not
         counted: transients inside the model's backwards (e.g. the per-token backward's batched
-        copies of the activation gradients)."""
+        copies of the activation gradients), and one layer's signal while its gradients are
+        formed from it (`structured.Projection`)."""
         device = next(iter(self.target.w0.values())).device
         probe = to_device(self._example, device)
         n = batch_size_of(probe)
@@ -445,6 +451,7 @@ class GradientSource:
             plan=self.plan,
             per_token=self.per_token,
             chunk_size=self.chunk_size,
+            projection=self.projection,
         )
         n = batch_size_of(inputs)
         # Per-token samples are chunked by whole sequences: token t's gradient needs positions <= t.

@@ -23,6 +23,7 @@ input at token t alone (`_MatrixSignal.tokens`).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
@@ -390,6 +391,25 @@ def _dense_cheaper(sig: _MatrixSignal, n_subnetworks: int, rank: int) -> bool:
     return fits and 2 * formed < factored + 2 * norms
 
 
+@dataclass(frozen=True)
+class Projection:
+    """The subnetworks a batch's gradients will be projected onto: n_subnetworks and each
+    tensor's rank. Given to `structured_gradients`, it forms the gradients that `_dense_cheaper`
+    chooses as each layer's signal is made, so that the signals (a convolution's unfolded
+    patches) never all exist at once."""
+
+    n_subnetworks: int
+    ranks: dict[str, int]
+
+    def forms(self, name: str, sig: _MatrixSignal) -> bool:
+        return _dense_cheaper(sig, self.n_subnetworks, _capped_rank(self.ranks[name], sig.shape))
+
+
+def _capped_rank(rank: int, shape: tuple[int, ...]) -> int:
+    """A matrix signal's rank as its factors cap it (`TensorFactors.rank`, CP)."""
+    return min(rank, max_rank(shape, "cp"))
+
+
 def _sq_norms_matrix(sig: _MatrixSignal) -> Tensor:
     return _unflat(_sq_norms_flat(sig), sig)
 
@@ -558,11 +578,12 @@ class StructuredGradients:
     def kept_bytes(self, n_subnetworks: int, ranks: dict[str, int]) -> int:
         """`_project_matrix` keeps q = M a, (n_v, R, n, S, G), per tensor and V; where it
         contracts delta first also p = L delta, T times larger (see there). A weight whose
-        gradients are formed (`_dense_cheaper`) keeps them (and, as with dense gradients, the
-        factor products forming the directions, of the factors' size, not counted)."""
+        gradients the projection will form (`_dense_cheaper`) keeps them (and, as with dense
+        gradients, the factor products forming the directions, of the factors' size, not
+        counted); gradients formed already are the batch's own (`nbytes`)."""
         kept = 0
         for name, parts in self.matrices.items():
-            rank = min(ranks[name], max_rank(parts[0].shape, "cp"))  # the capped rank of a matrix
+            rank = _capped_rank(ranks[name], parts[0].shape)
             size = parts[0].delta.element_size()
             if self._formed_cheaper(name, n_subnetworks, rank):
                 t, n = parts[0].delta.shape[:2]
@@ -572,7 +593,7 @@ class StructuredGradients:
                 t, n, s, g = sig.delta.shape[:4]
                 copies = 1 + t if _delta_first(t, rank) else 1
                 kept += 2 * copies * n_subnetworks * rank * n * s * g * size
-        return kept + sum(self.vectors[name].nbytes for name in self.formed)
+        return kept
 
     def dense(self) -> dict[str, Tensor]:
         """The per-sample gradients formed from the signals, {name: (n_samples, *shape)}."""
@@ -730,11 +751,13 @@ def structured_gradients(
     plan: StructuredPlan,
     per_token: bool = False,
     chunk_size: int | None = None,
+    projection: Projection | None = None,
 ) -> StructuredGradients:
     """Per-sample gradient signals for one batch (see the module docstring).
 
     references: reference outputs shaped like the model's outputs for `inputs`, or a function
     drawing them from those outputs (so the batch needs only one forward).
+    projection: the subnetworks the batch is for, to form gradients as signals are made.
     """
     head = _output_head(target.model, plan.sites) if per_token else None
     # Decomposed tensors require grad so that every site's output is part of the graph, even a
@@ -842,9 +865,9 @@ def structured_gradients(
             for j, o in enumerate(site_outputs)
         ]
 
-    matrices, vectors = _signals(plan, recorder, deltas, batch, heads)
+    matrices, vectors, formed = _signals(plan.sites, recorder, deltas, batch, heads, projection)
     index, n_samples = sample_index(rows, batch)
-    result = StructuredGradients(matrices, {}, rows, n_samples, index)
+    result = StructuredGradients(matrices, {}, rows, n_samples, index, formed)
     vectors = {n: result._rows(v) for n, v in vectors.items()}
     if plan.generic:
         sub = Target(
@@ -967,10 +990,15 @@ def _calls_gradient(
         (torch.zeros_like(o) if d is None else d).unsqueeze(0)
         for o, d in zip(site_outputs, grads[len(names) :])
     ]
-    matrices, vectors = _signals(plan, recorder, deltas, batch)
-    calls = {n: v[0, 0] if first_sample else v.sum(dim=(0, 1)) for n, v in vectors.items()}
-    for name, parts in matrices.items():
-        calls[name] = total(_dense_matrix(_one(sig, first_sample))[0, 0] for sig in parts)
+    calls: dict[str, Tensor] = {}
+    it = iter(deltas)
+    for site in plan.sites:  # one at a time: every layer's signals never exist at once
+        mine = [next(it) for _ in recorder.outputs[site.module_name]]
+        matrices, vectors, _ = _signals([site], recorder, mine, batch)
+        calls |= {n: v[0, 0] if first_sample else v.sum(dim=(0, 1)) for n, v in vectors.items()}
+        for name, parts in matrices.items():  # a tied weight: summed over its holders
+            own = total(_dense_matrix(_one(sig, first_sample))[0, 0] for sig in parts)
+            calls[name] = calls[name] + own if name in calls else own
     whole = zip(names, grads[: len(names)])
     full = {n: torch.zeros_like(calls[n]) if g is None else g for n, g in whole}
     return full, calls
@@ -1001,20 +1029,25 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 
 def _signals(
-    plan: StructuredPlan,
+    sites: list[_Site],
     recorder: _Recorder,
     deltas: list[Tensor],
     batch: int,
     heads: dict[str, tuple[Tensor, Tensor]] | None = None,
-) -> tuple[dict[str, list[_MatrixSignal]], dict[str, Tensor]]:
+    projection: Projection | None = None,
+) -> tuple[dict[str, list[_MatrixSignal]], dict[str, Tensor], set[str]]:
     """Turn each site's captured inputs and output-gradients into factored weight signals and
     exact per-sample vector gradients, (T, n, *shape). A module applied several times in one
     forward contributes each use's positions to the same sum. heads: {module name: (output
-    cotangent, input)}, each (n, T, features), of an output head read per token (no deltas)."""
+    cotangent, input)}, each (n, T, features), of an output head read per token (no deltas).
+    With a projection, a weight held by one module whose gradients it `forms` has them among
+    the vectors, and its name in the returned set."""
     matrices: dict[str, list[_MatrixSignal]] = {}
     vectors: dict[str, Tensor] = {}
+    formed: set[str] = set()
+    holders = collections.Counter(n for site in sites for n in site.tensors.values())
     it = iter(deltas)
-    for site in plan.sites:
+    for site in sites:
         m = site.module
         if heads and site.module_name in heads:
             cot, a = heads[site.module_name]
@@ -1098,7 +1131,12 @@ def _signals(
             signal = _MatrixSignal(
                 _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, tuple(weight.shape), groups
             )
-            matrices.setdefault(site.tensors["weight"], []).append(signal)  # tied: one per holder
+            name = site.tensors["weight"]
+            if projection is not None and holders[name] == 1 and projection.forms(name, signal):
+                vectors[name] = _dense_matrix(signal)
+                formed.add(name)
+            else:
+                matrices.setdefault(name, []).append(signal)  # tied: one per holder
         if "bias" in site.tensors:
             vectors[site.tensors["bias"]] = total(d.sum(2).flatten(2) for d in bias_parts)
-    return matrices, vectors
+    return matrices, vectors, formed
