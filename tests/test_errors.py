@@ -516,18 +516,19 @@ class Recurrent(torch.nn.Module):
         return self.head(self.rnn(self.embed(ids))[0][:, -1])
 
 
-@pytest.mark.parametrize("method", ["auto", "vmap", "jacobian", "structured"])
-def test_a_layer_vmap_cannot_batch_is_named_in_one_line(method):
-    """nn.GRU has no vmap batching rule, and vmap runs the model for the 'vmap' and 'jacobian'
-    paths and the structured path's other tensors: a raw `RuntimeError: output with shape
-    [1, 5] doesn't match the broadcast shape [8, 1, 5]` on every path."""
+def test_a_jacobian_cache_vmap_cannot_build_is_named_in_one_line():
+    """nn.GRU has no vmap batching rule: a raw `RuntimeError: output with shape [1, 5] doesn't
+    match the broadcast shape [8, 1, 5]`. The other paths run such a model one sample at a
+    time (test_gradients.py); the Jacobian cache, asked for by name, says what runs instead."""
     ids = torch.randint(0, 9, (8, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(
-        L3DError, match=r"vmap cannot run the model per sample for rnn\.weight_hh_l0"
+        L3DError,
+        match=r"vmap of jacrev \(the Jacobian cache\) cannot run the model per sample "
+        r"for rnn\.weight_hh_l0",
     ) as err:
-        run(Recurrent(torch.nn.GRU), ids, params=["rnn.weight_hh_l0"], gradient_method=method)
+        run(Recurrent(torch.nn.GRU), ids, params=["rnn.weight_hh_l0"], gradient_method="jacobian")
     message = one_line(err)
-    assert "in 'rnn' (GRU)" in message and "gradient_method='structured'" in message
+    assert "in 'rnn' (GRU)" in message and "'vmap'" in message
 
 
 def test_torch_func_errors_are_one_line_from_a_gradient_source_too():

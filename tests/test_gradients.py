@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -335,8 +336,51 @@ def test_auto_takes_the_structured_path_where_vmap_cannot_run_the_model():
         dataset=Dataset(ids, 6), progress=False,
     )  # fmt: skip
     assert source.method is Method.STRUCTURED
-    with pytest.raises(l3d.L3DError, match=r"per sample for rnn\.weight_hh_l0 in 'rnn' \(GRU\)"):
-        l3d.decompose(
-            model, ids, params=["rnn.weight_hh_l0", *names], n_subnetworks=2, epochs=1,
-            progress=False,
-        )  # fmt: skip
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.RNN])
+def test_weights_of_a_layer_vmap_cannot_batch_take_a_loop_over_samples(cell, caplog):
+    """vmap cannot batch nn.GRU or nn.RNN (an in-place write to their unbatched initial state):
+    their weights could not be decomposed on any path. The generic path now runs the samples
+    one by one where vmap fails, with a warning naming the layer."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (6, 5))
+    model = Recurrent(cell).eval()
+    names = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_hh_l0", "head.weight"]
+    with caplog.at_level(logging.WARNING, logger="l3d"):
+        assert_every_backend_equals_the_loop(model, ids, names, methods=("auto", "vmap"))
+    said = [r.getMessage() for r in caplog.records if "one sample at a time" in r.getMessage()]
+    assert said and f"vmap cannot batch 'rnn' ({cell.__name__})" in said[0]
+    d = l3d.decompose(model, ids, params=names, n_subnetworks=2, epochs=1, progress=False)
+    d.coefficients(ids)
+    paths = d.gradient_source(ids).plan.paths
+    assert paths["rnn.weight_hh_l0"].startswith("generic torch.func, one sample at a time")
+
+
+def test_per_token_gradients_of_a_layer_vmap_cannot_batch():
+    """The loop over samples for per-token samples: every token's gradient equals autograd's."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (3, 4))
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(9, 4)
+            self.rnn = nn.GRU(4, 5, batch_first=True)
+            self.head = nn.Linear(5, 9)
+
+        def forward(self, input_ids):
+            return self.head(self.rnn(self.embed(input_ids))[0])
+
+    model = Tagger().eval()
+    names = ["rnn.weight_hh_l0", "head.weight"]
+    target = Target.create(model, names)
+    refs = torch.randn(3, 4, 9).log_softmax(-1)
+    fast = per_sample_gradients(target, ids, refs, kl, per_token=True, loop=True)
+    for i in range(3):
+        for t in range(4):
+            params = dict(model.named_parameters())
+            loss = kl(model(ids[i : i + 1])[0, t], refs[i, t])
+            grads = torch.autograd.grad(loss, [params[n] for n in names])
+            for name, g in zip(names, grads):
+                torch.testing.assert_close(fast[name][i * 4 + t], g, rtol=1e-4, atol=1e-6)

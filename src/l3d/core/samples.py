@@ -59,7 +59,7 @@ def batch_size_of(inputs: Inputs) -> int:
     return (inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))).shape[0]
 
 
-def take(inputs: Inputs, index: Tensor | slice) -> Inputs:
+def take(inputs: Inputs, index: Tensor | slice | int) -> Inputs:
     if isinstance(inputs, Tensor):
         return inputs[index]
     return {k: v[index] for k, v in inputs.items()}

@@ -34,7 +34,7 @@ from l3d.core.divergences import (
 from l3d.core.gradients.batch import ChunkedGradients, DenseGradients, GradientBatch
 from l3d.core.gradients.jacobian import JacobianCache, cache_bytes, sample_jacobians
 from l3d.core.gradients.structured import Projection, StructuredPlan, structured_gradients
-from l3d.core.gradients.torchfunc import per_sample_gradients
+from l3d.core.gradients.torchfunc import PerSample
 from l3d.core.model import Target, check_independent_samples, check_token_ids
 from l3d.core.samples import (
     Dataset,
@@ -114,6 +114,7 @@ class GradientSource:
     ) -> None:
         check_independent_samples(target.model)
         self.projection = projection
+        self.per_sample = PerSample()
         self.target, self.dataset = target, dataset
         self.progress = progress
         self.divergence = get_divergence(divergence)
@@ -432,7 +433,7 @@ class GradientSource:
             return self._structured(inputs, refs, rows)
         outputs = self.target.outputs(inputs)
         refs = refs(outputs) if callable(refs) else check_references(refs, outputs)
-        grads = per_sample_gradients(
+        grads = self.per_sample.gradients(
             self.target,
             inputs,
             refs,

@@ -38,7 +38,7 @@ from torch.func import vmap
 
 from l3d.core.divergences import DivergenceFn, check_references
 from l3d.core.gradients.batch import check_finite_gradients, sample_index, to_rows
-from l3d.core.gradients.torchfunc import per_sample_gradients
+from l3d.core.gradients.torchfunc import PerSample
 from l3d.core.model import Target, is_hf_conv1d, shared_parameters
 from l3d.core.samples import Inputs, SampleRows
 from l3d.core.subnetworks import Subnetworks, TensorFactors, max_rank, total
@@ -120,6 +120,8 @@ class StructuredPlan:
     """... and one sample's row with it (the first batch of several samples)."""
     copied: set[str] = field(default_factory=set)
     """Modules whose output the forward changes in place, passed on as a copy (`_record`)."""
+    per_sample: PerSample = field(default_factory=PerSample)
+    """How the generic tensors' gradients run the model per sample: vmap, or one at a time."""
 
     def demote(self, site: _Site, reason: str, names: list[str] | None = None) -> None:
         """Send a site's tensors (those in `names`, default all) to the generic path from now
@@ -876,11 +878,18 @@ def structured_gradients(
             {n: target.w0[n] for n in plan.generic},
             {**target.frozen, **{n: w for n, w in target.w0.items() if n not in plan.generic}},
         )
+        looped = plan.per_sample.loop
         vectors.update(
-            per_sample_gradients(
+            plan.per_sample.gradients(
                 sub, inputs, references, divergence, per_token=per_token, chunk_size=chunk_size
             )
         )
+        if plan.per_sample.loop and not looped:
+            for name in plan.generic:
+                reason = plan.paths[name].removeprefix("generic torch.func (")[:-1]
+                plan.paths[name] = (
+                    f"generic torch.func, one sample at a time ({reason}; {plan.per_sample.reason})"
+                )
     check_finite_gradients(vectors)
     result.vectors = vectors
     return result
