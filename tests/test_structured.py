@@ -609,6 +609,38 @@ def test_batch_and_group_norms_take_the_structured_path(divergence, projection):
     assert not plan.generic
 
 
+class InstanceNormNet(nn.Module):
+    """InstanceNorm with a learned affine map, normalising each sample's channels by their own
+    statistics (2-d), or by fitted running statistics (1-d, track_running_stats)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)  # a bias the norm removes
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.tracked = nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+        self.fc = nn.Linear(4, 3)
+        for norm in (self.inorm, self.tracked):
+            norm.weight.data.normal_(1, 0.3)
+            norm.bias.data.normal_(0, 0.3)
+        self.tracked.running_mean.normal_(0, 0.5)
+        self.tracked.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inorm(self.conv(x)))  # (n, 4, 5, 5)
+        return self.fc(torch.tanh(self.tracked(h.flatten(2))).mean(2))
+
+
+@pytest.mark.parametrize("divergence", [mse, kl])
+def test_instance_norms_take_the_structured_path(divergence):
+    """InstanceNorm's scale and shift took the generic path (a vmap of the whole model)."""
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(InstanceNormNet(), torch.randn(7, 3, 5, 5), divergence=divergence)
+    for name in ("inorm", "tracked"):
+        assert plan.paths[f"{name}.weight"] == "structured (instancenorm)"
+        assert plan.paths[f"{name}.bias"] == "structured (instancenorm)"
+    assert not plan.generic
+
+
 class IdsPositions(nn.Embedding):
     """Called with the token ids, looks up positions: the ids can exceed its rows."""
 

@@ -64,7 +64,7 @@ class _Site:
 
     module_name: str
     module: nn.Module
-    kind: str  # linear | gpt2_conv1d | conv1d | conv2d | embedding | (layer|rms|batch|group)norm
+    kind: str  # linear, gpt2_conv1d, conv1d, conv2d, embedding or a norm (`_kind`)
     tensors: dict[str, str]  # local parameter name ('weight', 'bias') -> full name
 
 
@@ -86,6 +86,10 @@ def _kind(module: nn.Module) -> str | None:
         return "batchnorm"
     if isinstance(module, nn.GroupNorm):
         return "groupnorm"
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.affine:
+        # Each sample's channels by their own statistics, or (track_running_stats, eval mode)
+        # by fitted ones: a per-sample affine map either way.
+        return "instancenorm"
     if type(module).__name__.endswith("RMSNorm") and isinstance(
         getattr(module, "weight", None), nn.Parameter
     ):
@@ -684,6 +688,7 @@ _LAYERS: dict[str, type[nn.Module]] = {
     "layernorm": nn.LayerNorm,
     "batchnorm": nn.modules.batchnorm._BatchNorm,
     "groupnorm": nn.GroupNorm,
+    "instancenorm": nn.modules.instancenorm._InstanceNorm,
 }
 
 
@@ -1113,6 +1118,13 @@ def _signals(
                 xhat = F.group_norm(a, gn.num_groups, None, None, gn.eps)
                 dd = _channels_last(d, batch, 1)
                 aa = _channels_last(xhat, batch, 0)
+            elif site.kind == "instancenorm":  # as its forward in eval mode, without the affine
+                inorm = cast(nn.modules.instancenorm._InstanceNorm, m)
+                stats = inorm.running_mean, inorm.running_var
+                tracked = inorm.track_running_stats
+                xhat = F.instance_norm(a, *stats, None, None, not tracked, 0.0, inorm.eps)
+                dd = _channels_last(d, batch, 1)
+                aa = _channels_last(xhat, batch, 0)
             else:  # rmsnorm: over the weight's (trailing) axes
                 size = cast(Tensor, m.weight).numel()
                 flat = a.reshape(batch, -1, size)
@@ -1122,7 +1134,7 @@ def _signals(
             weight_parts.append(dd)
             a_parts.append(aa)
             bias_parts.append(dd)
-        if site.kind in ("layernorm", "rmsnorm", "batchnorm", "groupnorm"):
+        if site.kind in ("layernorm", "rmsnorm", "batchnorm", "groupnorm", "instancenorm"):
             shape = tuple(cast(Tensor, m.weight).shape)
             if "weight" in site.tensors:
                 w = total(
