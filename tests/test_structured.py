@@ -1218,6 +1218,61 @@ def test_convolutions_padding_by_name_or_mode_take_the_structured_path(
     assert plan.paths["circular.weight"] == "structured (conv1d)"
 
 
+class Decoder(nn.Module):
+    """Transposed convolutions as decoders use them: strided with output_padding, grouped and
+    dilated, called with output_size, in 2-d and 1-d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1)
+        self.grouped = nn.ConvTranspose2d(4, 6, (2, 3), dilation=(2, 1), groups=2, bias=False)
+        self.up1d = nn.ConvTranspose1d(6, 2, 4, stride=3, padding=2)
+
+    def forward(self, x):
+        h = torch.tanh(self.up(x, output_size=[2 * x.shape[2], 2 * x.shape[3]]))
+        h = torch.tanh(self.grouped(h)).flatten(2)  # (n, 6, L)
+        return self.up1d(h).mean(2)
+
+
+@pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
+def test_transposed_convolutions_take_the_structured_path(factorization, rank, projection):
+    """ConvTranspose1d/2d took the generic path (a vmap of the whole model per batch). Their
+    weight's gradient is a convolution's, with input and output-gradient swapped: the input at
+    each position times the unfolded patch of the output-gradient."""
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(
+        Decoder(), torch.randn(5, 3, 3, 4), divergence=kl, factorization=factorization, rank=rank
+    )
+    assert not plan.generic
+    assert plan.paths["up.weight"] == "structured (conv_transpose2d)"
+    assert plan.paths["up1d.bias"] == "structured (conv_transpose1d)"
+
+
+class TransposedTagger(nn.Module):
+    """A per-token model with a transposed convolution over the sequence (same length)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 4)
+        self.up = nn.ConvTranspose1d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 9)
+
+    def forward(self, input_ids):
+        h = self.up(self.embed(input_ids).transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.tanh(h))
+
+
+def test_a_transposed_convolution_with_per_token_samples_takes_the_generic_path():
+    """Token t's output-gradient differs by token and its patches with it, while the signal
+    keeps one input per sequence: per token, the layer's tensors take the generic path."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (3, 5))
+    plan = assert_matches_oracle(TransposedTagger(), ids, divergence=kl, per_token=True)
+    said = "generic torch.func (a transposed convolution with per-token samples)"
+    assert plan.paths["up.weight"] == said and plan.paths["up.bias"] == said
+    assert plan.paths["head.weight"] == "structured (linear)"
+
+
 class InPlaceAfterLayers(nn.Module):
     """A ResNet block's in-place habits: ReLU(inplace=True) on a BatchNorm's and a Linear's
     output, `out += identity` on another BatchNorm's."""

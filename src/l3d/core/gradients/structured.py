@@ -3,7 +3,8 @@
 For the layers that hold almost all weights, one sample's gradient is a sum of outer products of
 the layer's input a_s and output-gradient delta_s over the positions s it is applied at
 (docs/math.md section 1): Linear and GPT-2 Conv1D (s = tokens), Conv1d and Conv2d (s = output
-positions, a_s the unfolded input patch, per group), Embedding (a_s the one-hot token); a weight
+positions, a_s the unfolded input patch, per group), their transposes (s = input positions, the
+roles of input and output-gradient swapped), Embedding (a_s the one-hot token); a weight
 tied between such modules has the sum of their signals. So the coefficients
 <V_k, g_i> = sum_s sum_r (L_kr . delta_is)(M_kr . a_is) come from the factors directly (section 2),
 with V_k = sum_r L_kr (x) M_kr split into its output-side factor L and the rest M. Bias and
@@ -75,6 +76,8 @@ def _kind(module: nn.Module) -> str | None:
         return "gpt2_conv1d"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        return "conv_transpose1d" if isinstance(module, nn.ConvTranspose1d) else "conv_transpose2d"
     if isinstance(module, nn.Embedding):
         return None if module.max_norm is not None or module.scale_grad_by_freq else "embedding"
     if isinstance(module, nn.LayerNorm):
@@ -187,6 +190,9 @@ class StructuredPlan:
         return plan
 
 
+TRANSPOSED = ("conv_transpose1d", "conv_transpose2d")
+CONVS = ("conv1d", "conv2d", *TRANSPOSED)
+
 TIED_KINDS = ("linear", "gpt2_conv1d", "embedding")
 """Layers a tied weight may be held by on the structured path: 2-d weights without groups, whose
 signals' cross terms `_cross_matrix` forms."""
@@ -249,11 +255,13 @@ def _channels_last(x: Tensor, batch: int, lead: int) -> Tensor:
     return y.transpose(-1, -2).reshape(*x.shape[:lead], batch, -1, c)
 
 
-def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
     """Unfolded input patches, (n, L, G, in_g * kh * kw), matching weight.view(out, -1)'s order.
-    A Conv1d's as a Conv2d's of height 1 (kernel, stride, ... (1, k))."""
+    A Conv1d's as a Conv2d's of height 1 (kernel, stride, ... (1, k)). A transposed
+    convolution's: those of the convolution it is the adjoint of, applied to x."""
+    module = cast(nn.Conv2d, module)
     n = x.shape[0]
-    flat = isinstance(module, nn.Conv1d)
+    flat = isinstance(module, (nn.Conv1d, nn.ConvTranspose1d))
     padding = module.padding
     if isinstance(padding, str) or module.padding_mode != "zeros":
         # Padded as the layer's own forward pads: 'same' (one more at the end where the
@@ -278,10 +286,10 @@ def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     return cols.view(n, g, -1, cols.shape[-1]).permute(0, 3, 1, 2)
 
 
-def _conv_delta(module: nn.Conv1d | nn.Conv2d, delta: Tensor) -> Tensor:
+def _conv_delta(module: nn.Module, delta: Tensor) -> Tensor:
     """(T, n, out, *spatial) -> (T, n, L, G, out_g)."""
     t, n, out = delta.shape[:3]
-    g = module.groups
+    g = cast(nn.Conv2d, module).groups
     return delta.reshape(t, n, g, out // g, -1).permute(0, 1, 4, 2, 3)
 
 
@@ -685,6 +693,8 @@ _LAYERS: dict[str, type[nn.Module]] = {
     "linear": nn.Linear,
     "conv1d": nn.Conv1d,
     "conv2d": nn.Conv2d,
+    "conv_transpose1d": nn.ConvTranspose1d,
+    "conv_transpose2d": nn.ConvTranspose2d,
     "layernorm": nn.LayerNorm,
     "batchnorm": nn.modules.batchnorm._BatchNorm,
     "groupnorm": nn.GroupNorm,
@@ -783,6 +793,8 @@ def structured_gradients(
             plan.demote(site, "module never called: the forward reads the tensor directly")
         elif not plan.uses_checked and not _layer_function(site, recorder):
             plan.demote(site, f"{type(site.module).__name__} overrides forward otherwise")
+        elif per_token and site.kind in TRANSPOSED:
+            plan.demote(site, "a transposed convolution with per-token samples")
         elif not all(_batched(site, o, outputs) for o in recorder.outputs[site.module_name]):
             # e.g. position embeddings computed once and broadcast over the batch: their
             # output-gradient already sums over samples, so per-sample signals are lost.
@@ -921,7 +933,7 @@ def _batched(site: _Site, output: Tensor, outputs: Tensor) -> bool:
     batch = outputs.shape[0]
     if rows == batch:
         return True
-    conv = site.kind in ("conv1d", "conv2d")
+    conv = site.kind in CONVS
     return not conv and outputs.dim() > 2 and rows == batch * outputs.shape[1]
 
 
@@ -1082,13 +1094,22 @@ def _signals(
         weight_parts, bias_parts, a_parts = [], [], []
         for a, d in uses:
             t = d.shape[0]
+            bias: Tensor | None = None  # the output-gradient by position, where not dd
             if site.kind in ("linear", "gpt2_conv1d"):
                 out = d.shape[-1]
                 dd = d.reshape(t, batch, -1, 1, out)
                 aa = _as_positions(a, batch, a.shape[-1]).unsqueeze(2)
             elif site.kind in ("conv1d", "conv2d"):
-                dd = _conv_delta(cast(nn.Conv2d, m), d)
-                aa = _conv_patches(cast(nn.Conv2d, m), a)
+                dd = _conv_delta(m, d)
+                aa = _conv_patches(m, a)
+            elif site.kind in TRANSPOSED:
+                # The adjoint of a convolution: its weight's gradient is that convolution's with
+                # input and output-gradient swapped, the input at each of its positions times the
+                # output-gradient's unfolded patch there (one per sample: per-token samples take
+                # the generic path).
+                dd = _conv_delta(m, a.unsqueeze(0))
+                aa = _conv_patches(m, d[0])
+                bias = _conv_delta(m, d)
             elif site.kind == "embedding":
                 dd = d.reshape(t, batch, -1, 1, d.shape[-1])
                 scale = getattr(m, "embed_scale", None)
@@ -1133,7 +1154,7 @@ def _signals(
                 aa = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
             weight_parts.append(dd)
             a_parts.append(aa)
-            bias_parts.append(dd)
+            bias_parts.append(dd if bias is None else bias)
         if site.kind in ("layernorm", "rmsnorm", "batchnorm", "groupnorm", "instancenorm"):
             shape = tuple(cast(Tensor, m.weight).shape)
             if "weight" in site.tensors:
@@ -1147,7 +1168,7 @@ def _signals(
             continue
         if "weight" in site.tensors:
             out_mode = 1 if site.kind in ("gpt2_conv1d", "embedding") else 0
-            groups = cast(nn.Conv2d, m).groups if site.kind in ("conv1d", "conv2d") else 1
+            groups = cast(nn.Conv2d, m).groups if site.kind in CONVS else 1
             weight = cast(Tensor, m.weight)
             signal = _MatrixSignal(
                 _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, tuple(weight.shape), groups
