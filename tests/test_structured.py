@@ -1227,11 +1227,14 @@ class Decoder(nn.Module):
         self.up = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1)
         self.grouped = nn.ConvTranspose2d(4, 6, (2, 3), dilation=(2, 1), groups=2, bias=False)
         self.up1d = nn.ConvTranspose1d(6, 2, 4, stride=3, padding=2)
+        # output_padding up to the dilation (past the stride): rows the adjoint convolution
+        # maps to positions past the input's
+        self.padded = nn.ConvTranspose1d(2, 2, 2, dilation=3, output_padding=2)
 
     def forward(self, x):
         h = torch.tanh(self.up(x, output_size=[2 * x.shape[2], 2 * x.shape[3]]))
         h = torch.tanh(self.grouped(h)).flatten(2)  # (n, 6, L)
-        return self.up1d(h).mean(2)
+        return self.padded(torch.tanh(self.up1d(h))).mean(2)
 
 
 @pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
@@ -1309,3 +1312,87 @@ def test_outputs_changed_in_place_take_the_structured_path(projection):
     plan = assert_matches_oracle(InPlaceAfterLayers(), torch.randn(6, 3, 5, 5), divergence=kl)
     assert not plan.generic
     assert plan.paths["bn2.bias"] == "structured (batchnorm)"
+
+
+def _conv_layers():
+    """Random valid Conv2d / ConvTranspose2d settings, an input size they accept, and what
+    follows them (a norm, an in-place ReLU)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def layers(draw):
+        transposed = draw(st.booleans())
+        groups = draw(st.sampled_from([1, 2]))
+        c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+        kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        stride = draw(st.integers(1, 2))
+        dilation = draw(st.integers(1, 2))
+        reach = dilation * (max(kernel) - 1)
+        options: dict = {"stride": stride, "dilation": dilation, "groups": groups}
+        if transposed:
+            options["padding"] = draw(st.integers(0, reach // 2))
+            options["output_padding"] = draw(st.integers(0, max(stride, dilation) - 1))
+        elif stride == 1 and draw(st.booleans()):
+            options["padding"] = "same"
+        else:
+            options["padding"] = draw(st.integers(0, reach // 2))
+        if not transposed:
+            options["padding_mode"] = draw(st.sampled_from(["zeros", "reflect", "circular"]))
+        size = reach + 1 + draw(st.integers(1, 3))
+        layer = (nn.ConvTranspose2d if transposed else nn.Conv2d)(
+            c_in, c_out, kernel, bias=draw(st.booleans()), **options
+        )
+        # An InstanceNorm cancels a kernel of one number per output channel (its gradient is 0,
+        # round-off on the structured path): it then follows a kernel of several only.
+        several = (c_in // groups) * kernel[0] * kernel[1] > 1
+        norm = draw(
+            st.sampled_from(["none", "batch", "instance"] if several else ["none", "batch"])
+        )
+        return layer, c_in, size, norm, draw(st.booleans())
+
+    return layers()
+
+
+class _FuzzNet(nn.Module):
+    def __init__(self, layer: nn.Module, channels: int, norm: str, inplace: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        self.norm = {
+            "none": nn.Identity(),
+            "batch": nn.BatchNorm2d(channels),
+            "instance": nn.InstanceNorm2d(channels, affine=True),
+        }[norm]
+        if isinstance(self.norm, nn.BatchNorm2d):
+            self.norm.running_mean.normal_(0, 0.3)
+            self.norm.running_var.uniform_(0.5, 2)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x):
+        return self.head(self.relu(self.norm(self.layer(x))).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_random_convolutions_match_the_oracle():
+    """Random convolution and transposed-convolution settings (groups, stride, dilation, padding
+    by number, 'same' or mode, output_padding), followed by a BatchNorm, an InstanceNorm or
+    nothing and a ReLU in place or not: the structured path equals torch.func in every case."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(
+        max_examples=40,
+        deadline=None,
+        derandomize=True,  # the same examples in every run (400 random ones passed once)
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(_conv_layers())
+    def check(drawn):
+        layer, c_in, size, norm, inplace = drawn
+        torch.manual_seed(0)
+        out = layer.out_channels
+        model = _FuzzNet(layer, out, norm, inplace)
+        plan = assert_matches_oracle(model, torch.randn(4, c_in, size, size + 1), divergence=kl)
+        assert not plan.generic, plan.paths
+
+    check()

@@ -286,6 +286,27 @@ def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
     return cols.view(n, g, -1, cols.shape[-1]).permute(0, 3, 1, 2)
 
 
+def _transposed_patches(module: nn.Module, cot: Tensor, spatial: torch.Size) -> Tensor:
+    """A transposed convolution's output-gradient patches at its input's positions,
+    (n, L, G, out_g * kh * kw): the adjoint convolution's unfolded patches of `cot`, less the
+    positions past the input's `spatial` size (where output_padding reaches past the stride, the
+    output has rows the adjoint maps there; no input reads them)."""
+    conv = cast(nn.ConvTranspose2d, module)
+    patches = _conv_patches(conv, cot)  # (n, L', G, ...) over the adjoint's output positions
+    padding = cast(tuple[int, ...], conv.padding)  # a transposed convolution's is numbers
+    reach = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(
+            cot.shape[2:], conv.kernel_size, conv.stride, padding, conv.dilation
+        )
+    ]
+    if reach == list(spatial):
+        return patches
+    grid = patches.view(patches.shape[0], *reach, *patches.shape[2:])
+    index = (slice(None), *(slice(0, size) for size in spatial))
+    return grid[index].reshape(patches.shape[0], -1, *patches.shape[2:])
+
+
 def _conv_delta(module: nn.Module, delta: Tensor) -> Tensor:
     """(T, n, out, *spatial) -> (T, n, L, G, out_g)."""
     t, n, out = delta.shape[:3]
@@ -1108,7 +1129,7 @@ def _signals(
                 # output-gradient's unfolded patch there (one per sample: per-token samples take
                 # the generic path).
                 dd = _conv_delta(m, a.unsqueeze(0))
-                aa = _conv_patches(m, d[0])
+                aa = _transposed_patches(m, d[0], a.shape[2:])
                 bias = _conv_delta(m, d)
             elif site.kind == "embedding":
                 dd = d.reshape(t, batch, -1, 1, d.shape[-1])
