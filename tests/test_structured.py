@@ -4,6 +4,7 @@ gradients of the loss with respect to every subnetwork factor, on every supporte
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -1185,6 +1186,36 @@ def test_a_layer_subclass_transforming_its_input_takes_the_generic_path(model, x
     assert any("overrides forward" in paths.get(n, "") for n in names), paths
 
 
+class VideoNet(nn.Module):
+    """3-d convolutions as video and volume models use them: strided, dilated, grouped, padded
+    by number and by mode, with a BatchNorm3d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1))
+        self.bn = nn.BatchNorm3d(4)
+        self.c2 = nn.Conv3d(
+            4, 4, 3, dilation=(1, 1, 2), groups=2, padding=1, padding_mode="reflect"
+        )
+        self.bn.running_mean.normal_(0, 0.3)
+        self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.bn(self.c1(x)))).mean((2, 3, 4))
+
+
+@pytest.mark.parametrize("factorization,rank", [("cp", 1), ("cp", 3), ("tucker", 2)])
+def test_conv3d_takes_the_structured_path(factorization, rank, projection):
+    """nn.Conv3d took the generic path (a vmap of the whole model per batch)."""
+    torch.manual_seed(0)
+    plan = assert_matches_oracle(
+        VideoNet(), torch.randn(4, 2, 3, 6, 7), divergence=kl, factorization=factorization,
+        rank=rank,
+    )  # fmt: skip
+    assert not plan.generic
+    assert plan.paths["c2.weight"] == "structured (conv3d)"
+
+
 class PaddedConvs(nn.Module):
     """Convolutions padding by name or by mode: 'same' with an even kernel (torch pads one more
     at the end), reflect, replicate and circular, in 1-d and 2-d, strided."""
@@ -1315,8 +1346,8 @@ def test_outputs_changed_in_place_take_the_structured_path(projection):
 
 
 def _conv_layers():
-    """Random valid Conv2d / ConvTranspose2d settings, an input size they accept, and what
-    follows them (a norm, an in-place ReLU)."""
+    """Random valid Conv2d / Conv3d / ConvTranspose2d settings, an input size they accept, and
+    what follows them (a norm, an in-place ReLU)."""
     from hypothesis import strategies as st
 
     @st.composite
@@ -1324,7 +1355,8 @@ def _conv_layers():
         transposed = draw(st.booleans())
         groups = draw(st.sampled_from([1, 2]))
         c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
-        kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        dims = 2 if transposed else draw(st.sampled_from([2, 3]))
+        kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
         stride = draw(st.integers(1, 2))
         dilation = draw(st.integers(1, 2))
         reach = dilation * (max(kernel) - 1)
@@ -1339,12 +1371,11 @@ def _conv_layers():
         if not transposed:
             options["padding_mode"] = draw(st.sampled_from(["zeros", "reflect", "circular"]))
         size = reach + 1 + draw(st.integers(1, 3))
-        layer = (nn.ConvTranspose2d if transposed else nn.Conv2d)(
-            c_in, c_out, kernel, bias=draw(st.booleans()), **options
-        )
+        kind = nn.ConvTranspose2d if transposed else (nn.Conv2d if dims == 2 else nn.Conv3d)
+        layer = kind(c_in, c_out, kernel, bias=draw(st.booleans()), **options)
         # An InstanceNorm cancels a kernel of one number per output channel (its gradient is 0,
         # round-off on the structured path): it then follows a kernel of several only.
-        several = (c_in // groups) * kernel[0] * kernel[1] > 1
+        several = (c_in // groups) * math.prod(kernel) > 1
         norm = draw(
             st.sampled_from(["none", "batch", "instance"] if several else ["none", "batch"])
         )
@@ -1357,26 +1388,29 @@ class _FuzzNet(nn.Module):
     def __init__(self, layer: nn.Module, channels: int, norm: str, inplace: bool) -> None:
         super().__init__()
         self.layer = layer
+        three = isinstance(layer, nn.Conv3d)
         self.norm = {
             "none": nn.Identity(),
-            "batch": nn.BatchNorm2d(channels),
-            "instance": nn.InstanceNorm2d(channels, affine=True),
+            "batch": (nn.BatchNorm3d if three else nn.BatchNorm2d)(channels),
+            "instance": (nn.InstanceNorm3d if three else nn.InstanceNorm2d)(channels, affine=True),
         }[norm]
-        if isinstance(self.norm, nn.BatchNorm2d):
+        if norm == "batch":
             self.norm.running_mean.normal_(0, 0.3)
             self.norm.running_var.uniform_(0.5, 2)
         self.relu = nn.ReLU(inplace=inplace)
         self.head = nn.Linear(channels, 3)
 
     def forward(self, x):
-        return self.head(self.relu(self.norm(self.layer(x))).mean((2, 3)))
+        h = self.relu(self.norm(self.layer(x)))
+        return self.head(h.mean(tuple(range(2, h.dim()))))
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_random_convolutions_match_the_oracle():
-    """Random convolution and transposed-convolution settings (groups, stride, dilation, padding
-    by number, 'same' or mode, output_padding), followed by a BatchNorm, an InstanceNorm or
-    nothing and a ReLU in place or not: the structured path equals torch.func in every case."""
+    """Random 2-d and 3-d convolution and transposed-convolution settings (groups, stride,
+    dilation, padding by number, 'same' or mode, output_padding), followed by a BatchNorm, an
+    InstanceNorm or nothing and a ReLU in place or not: the structured path equals torch.func in
+    every case."""
     pytest.importorskip("hypothesis")
     from hypothesis import HealthCheck, given, settings
 
@@ -1392,7 +1426,8 @@ def test_random_convolutions_match_the_oracle():
         torch.manual_seed(0)
         out = layer.out_channels
         model = _FuzzNet(layer, out, norm, inplace)
-        plan = assert_matches_oracle(model, torch.randn(4, c_in, size, size + 1), divergence=kl)
+        spatial = (size, size + 1, size)[: layer.weight.dim() - 2]
+        plan = assert_matches_oracle(model, torch.randn(4, c_in, *spatial), divergence=kl)
         assert not plan.generic, plan.paths
 
     check()

@@ -74,8 +74,9 @@ def _kind(module: nn.Module) -> str | None:
         return "linear"
     if is_hf_conv1d(module):
         return "gpt2_conv1d"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
+    for conv, kind in ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d")):
+        if isinstance(module, conv):
+            return kind
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
         return "conv_transpose1d" if isinstance(module, nn.ConvTranspose1d) else "conv_transpose2d"
     if isinstance(module, nn.Embedding):
@@ -191,7 +192,7 @@ class StructuredPlan:
 
 
 TRANSPOSED = ("conv_transpose1d", "conv_transpose2d")
-CONVS = ("conv1d", "conv2d", *TRANSPOSED)
+CONVS = ("conv1d", "conv2d", "conv3d", *TRANSPOSED)
 
 TIED_KINDS = ("linear", "gpt2_conv1d", "embedding")
 """Layers a tied weight may be held by on the structured path: 2-d weights without groups, whose
@@ -257,10 +258,13 @@ def _channels_last(x: Tensor, batch: int, lead: int) -> Tensor:
 
 def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
     """Unfolded input patches, (n, L, G, in_g * kh * kw), matching weight.view(out, -1)'s order.
-    A Conv1d's as a Conv2d's of height 1 (kernel, stride, ... (1, k)). A transposed
-    convolution's: those of the convolution it is the adjoint of, applied to x."""
+    A Conv1d's as a Conv2d's of height 1 (kernel, stride, ... (1, k)); a Conv3d's by
+    `_patches_3d`. A transposed convolution's: those of the convolution it is the adjoint of,
+    applied to x."""
     module = cast(nn.Conv2d, module)
     n = x.shape[0]
+    if isinstance(module, nn.Conv3d):
+        return _patches_3d(module, x)
     flat = isinstance(module, (nn.Conv1d, nn.ConvTranspose1d))
     padding = module.padding
     if isinstance(padding, str) or module.padding_mode != "zeros":
@@ -284,6 +288,19 @@ def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
     )  # (n, C * kh * kw, L), channel-major
     g = module.groups
     return cols.view(n, g, -1, cols.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _patches_3d(module: nn.Conv3d, x: Tensor) -> Tensor:
+    """`_conv_patches` of a Conv3d, whose input F.unfold (4-d only) does not take: padded as the
+    layer pads, then a window along each spatial axis (Tensor.unfold over the dilated extent,
+    every dilation-th entry kept)."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    for axis, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + axis, d * (k - 1) + 1, s)[..., ::d]  # the window's axis last
+    n, c, depth, height, width = x.shape[:5]
+    cols = x.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(n, depth * height * width, c, -1)
+    return cols.reshape(n, cols.shape[1], module.groups, -1)  # channel-major, as the weight
 
 
 def _transposed_patches(module: nn.Module, cot: Tensor, spatial: torch.Size) -> Tensor:
@@ -714,6 +731,7 @@ _LAYERS: dict[str, type[nn.Module]] = {
     "linear": nn.Linear,
     "conv1d": nn.Conv1d,
     "conv2d": nn.Conv2d,
+    "conv3d": nn.Conv3d,
     "conv_transpose1d": nn.ConvTranspose1d,
     "conv_transpose2d": nn.ConvTranspose2d,
     "layernorm": nn.LayerNorm,
@@ -1120,7 +1138,7 @@ def _signals(
                 out = d.shape[-1]
                 dd = d.reshape(t, batch, -1, 1, out)
                 aa = _as_positions(a, batch, a.shape[-1]).unsqueeze(2)
-            elif site.kind in ("conv1d", "conv2d"):
+            elif site.kind in ("conv1d", "conv2d", "conv3d"):
                 dd = _conv_delta(m, d)
                 aa = _conv_patches(m, a)
             elif site.kind in TRANSPOSED:
