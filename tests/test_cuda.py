@@ -92,3 +92,35 @@ def test_a_training_step_does_not_wait_for_the_host(mlp):
         trainer.train_step(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_convolutional_and_recurrent_layers_on_cuda_equal_the_cpu():
+    """The structured path's CNN habits (outputs changed in place, formed gradients as each
+    layer's signal is made, transposed convolutions) and the generic path's one sample at a time
+    (a GRU, which vmap cannot batch; cuDNN's RNN backward also wants training mode) on a GPU
+    against the CPU."""
+    from l3d.core.gradients.structured import Projection
+    from l3d.core.model import resolve_ranks
+    from test_gradients import Recurrent
+    from test_structured import Decoder, InPlaceAfterLayers
+
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (InPlaceAfterLayers(), torch.randn(8, 3, 5, 5, generator=g), ["conv1.*", "bn2.*", "fc.*"]),
+        (Decoder(), torch.randn(8, 3, 3, 4, generator=g), ["up.*", "grouped.*", "up1d.*"]),
+        (Recurrent(torch.nn.GRU), torch.randint(0, 9, (8, 5), generator=g), ["rnn.*", "head.*"]),
+    ]
+    for model, data, params in cases:
+        results = []
+        for device in ("cpu", "cuda"):
+            target = Target.create(model.eval().to(device), params)
+            ranks = resolve_ranks(target.names, 2)
+            source = GradientSource(
+                target, "kl", "mean", per_token=False, dataset=Dataset(data, 8, device),
+                projection=Projection(5, ranks),
+            )  # fmt: skip
+            batch = next(source.epoch(torch.Generator().manual_seed(0), shuffle=False))
+            v = Subnetworks(target.shapes, 5, ranks).to(device)
+            results.append((batch.project(v).cpu(), batch.sq_norms().cpu()))
+        for cpu, cuda in zip(*results):
+            torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-6)
