@@ -384,3 +384,21 @@ def test_per_token_gradients_of_a_layer_vmap_cannot_batch():
             grads = torch.autograd.grad(loss, [params[n] for n in names])
             for name, g in zip(names, grads):
                 torch.testing.assert_close(fast[name][i * 4 + t], g, rtol=1e-4, atol=1e-6)
+
+
+def test_evaluating_turns_cudnn_off_for_recurrent_models_only_and_restores_it():
+    """cuDNN's RNN backward runs in training mode only, and every l3d forward runs in eval
+    mode: inside `evaluating`, cuDNN is off for a model with a recurrent layer, and the global
+    flag is as before after (an MLP leaves it alone)."""
+    from l3d.core.model import evaluating
+
+    before = torch.backends.cudnn.enabled
+    try:
+        torch.backends.cudnn.enabled = True
+        with evaluating(Recurrent(nn.GRU)):
+            assert not torch.backends.cudnn.enabled
+        assert torch.backends.cudnn.enabled
+        with evaluating(nn.Sequential(nn.Linear(2, 2))):
+            assert torch.backends.cudnn.enabled
+    finally:
+        torch.backends.cudnn.enabled = before

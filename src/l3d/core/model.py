@@ -170,15 +170,22 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     mode without grad, nn.TransformerEncoder(Layer) and nn.MultiheadAttention switch to fused
     kernels and nested tensors, another function (a padded position's output is 0 there, not
     attention over the unmasked keys) that vmap cannot batch. Off, every forward (gradients,
-    outputs, interventions) computes the function whose gradients are decomposed."""
+    outputs, interventions) computes the function whose gradients are decomposed.
+
+    In a model with a recurrent layer, cuDNN is off inside (restored after): its RNN backward
+    runs in training mode only (`tests/test_cuda.py` runs a GRU on a GPU)."""
     training = [m for m in model.modules() if m.training]
     fastpath = torch.backends.mha.get_fastpath_enabled()
+    cudnn = torch.backends.cudnn.enabled
     for m in training:
         m.training = False
     torch.backends.mha.set_fastpath_enabled(False)
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        torch.backends.cudnn.enabled = False
     try:
         yield model
     finally:
+        torch.backends.cudnn.enabled = cudnn
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m in training:
             m.training = True
