@@ -711,7 +711,8 @@ def _record(
     """The outputs of one forward that records every site's calls. An in-place op on a recorded
     output (ResNet's BatchNorm then ReLU(inplace=True), `out += identity`) would make it the
     op's result, and its gradient the op's output gradient: such a module passes on a copy from
-    then on (`StructuredPlan.copied`), found at the first batch, which then runs again."""
+    then on (`StructuredPlan.copied`), found by the outputs' version counters on any batch (the
+    first, for a model that always does it), which then runs again."""
     while True:
         recorder = _Recorder(plan.sites, head, plan.copied)
         try:
