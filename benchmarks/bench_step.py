@@ -36,7 +36,9 @@ Time: median of --repeats steps after --warmup steps, wall clock and process CPU
 is less sensitive to other load on a shared machine). Peak memory: the process's peak
 resident set size minus its size after building the model and data (CPU), or the CUDA allocator's
 peak above the same point (GPU). "steady": the peak of the timed steps alone, above the memory in
-use after the warm-up (the first batch's one-off checks of the structured path excluded).
+use after the warm-up. On the CPU, glibc's default allocator keeps freed heap and reuses it, so
+the resident size follows the live tensors only with MALLOC_MMAP_THRESHOLD_=131072 in the
+environment (slower steps): take memory figures under it, times without.
 
     python benchmarks/bench_step.py --settings a,b,c,c2b,c2w --repeats 5
     python benchmarks/bench_step.py --settings c,c2b,c4b,cbig,cbig-chunked --methods fast,floor

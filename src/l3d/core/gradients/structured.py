@@ -724,6 +724,7 @@ def _record(
         if not changed:
             return outputs, recorder
         plan.copied |= changed
+        del outputs, recorder  # this forward's graph, before the next one is made
 
 
 # The torch layer whose computation each kind's signals assume (embeddings have checks of their
