@@ -394,10 +394,10 @@ class Adapter(Edit):
         fingerprint must match unless allow_other_weights=True)."""
         directory = Path(directory)
         meta = read_description(directory / ADAPTER_FILES[0])
-        tensors = io.load_tensors(directory / ADAPTER_FILES[1], "adapter weights")
+        file = directory / ADAPTER_FILES[1]
+        tensors = io.load_tensors(file, "adapter weights")
         if "alpha" not in tensors:
             raise L3DError(f"{directory} is not an l3d adapter folder: re-create it with save()")
-        file = directory / ADAPTER_FILES[1]
         io.check_names_order(
             file, directory / ADAPTER_FILES[0], meta.names, "re-create the adapter"
         )

@@ -114,6 +114,10 @@ def _unsupported(module: nn.Module | None) -> str:
     return f"{what} not supported"
 
 
+GENERIC = "generic torch.func"
+"""How `StructuredPlan.paths` names the generic path."""
+
+
 @dataclass
 class StructuredPlan:
     """How each decomposed tensor's per-sample gradients are obtained."""
@@ -146,8 +150,17 @@ class StructuredPlan:
                 if not holder.tensors:
                     self.sites.remove(holder)
             self.generic.append(name)
-            self.paths[name] = f"generic torch.func ({reason})"
-            logger.info("L3D gradient path of %s: generic torch.func (%s)", name, reason)
+            self.paths[name] = f"{GENERIC} ({reason})"
+            logger.info("L3D gradient path of %s: %s (%s)", name, GENERIC, reason)
+
+    def say_one_sample_at_a_time(self) -> None:
+        """Name in `paths` why the generic tensors' gradients now run one sample at a time
+        (`per_sample`)."""
+        for name in self.generic:
+            reason = self.paths[name].removeprefix(f"{GENERIC} (")[:-1]
+            self.paths[name] = (
+                f"{GENERIC}, one sample at a time ({reason}; {self.per_sample.reason})"
+            )
 
     @classmethod
     def create(cls, target: Target, force_generic: bool = False) -> StructuredPlan:
@@ -178,7 +191,7 @@ class StructuredPlan:
                     reason = "tied to another module's parameter"
             if module is None or kind is None or reason is not None:
                 generic.append(name)
-                paths[name] = f"generic torch.func ({reason or 'not supported'})"
+                paths[name] = f"{GENERIC} ({reason or 'not supported'})"
                 continue
             for holder_name, holder, holder_kind in holders or [(module_name, module, kind)]:
                 site = by_module.setdefault(
@@ -453,8 +466,13 @@ class Projection:
     n_subnetworks: int
     ranks: dict[str, int]
 
-    def forms(self, name: str, sig: _MatrixSignal) -> bool:
-        return _dense_cheaper(sig, self.n_subnetworks, _capped_rank(self.ranks[name], sig.shape))
+    def forms(self, name: str, parts: list[_MatrixSignal]) -> bool:
+        """Whether `name`'s gradients are cheaper formed, from its signals (one per module
+        holding it)."""
+        return all(
+            _dense_cheaper(sig, self.n_subnetworks, _capped_rank(self.ranks[name], sig.shape))
+            for sig in parts
+        )
 
 
 def _capped_rank(rank: int, shape: tuple[int, ...]) -> int:
@@ -605,8 +623,11 @@ class StructuredGradients:
     def _form_cheaper(self, factors: dict[str, TensorFactors]) -> None:
         """Replace the signals that cost more to project than the gradients they stand for
         (`_dense_cheaper`) by those gradients, formed once for the step's projections."""
+        projection = Projection(
+            next(iter(factors.values())).modes[0].shape[0], {n: f.rank for n, f in factors.items()}
+        )
         for name in list(self.matrices):
-            if self._formed_cheaper(name, factors[name].modes[0].shape[0], factors[name].rank):
+            if projection.forms(name, self.matrices[name]):
                 parts = self.matrices.pop(name)
                 self.vectors[name] = self._rows(total(_dense_matrix(sig) for sig in parts))
                 self.formed.add(name)
@@ -624,20 +645,17 @@ class StructuredGradients:
         signals = sum(p.a.nbytes + p.delta.nbytes for ps in self.matrices.values() for p in ps)
         return signals + sum(v.nbytes for v in self.vectors.values())
 
-    def _formed_cheaper(self, name: str, n_subnetworks: int, rank: int) -> bool:
-        return all(_dense_cheaper(sig, n_subnetworks, rank) for sig in self.matrices[name])
-
     def kept_bytes(self, n_subnetworks: int, ranks: dict[str, int]) -> int:
         """`_project_matrix` keeps q = M a, (n_v, R, n, S, G), per tensor and V; where it
         contracts delta first also p = L delta, T times larger (see there). A weight whose
         gradients the projection will form (`_dense_cheaper`) keeps them (and, as with dense
         gradients, the factor products forming the directions, of the factors' size, not
         counted); gradients formed already are the batch's own (`nbytes`)."""
-        kept = 0
+        kept, projection = 0, Projection(n_subnetworks, ranks)
         for name, parts in self.matrices.items():
             rank = _capped_rank(ranks[name], parts[0].shape)
             size = parts[0].delta.element_size()
-            if self._formed_cheaper(name, n_subnetworks, rank):
+            if projection.forms(name, parts):
                 t, n = parts[0].delta.shape[:2]
                 kept += t * n * math.prod(parts[0].shape) * size
                 continue
@@ -943,11 +961,7 @@ def structured_gradients(
             )
         )
         if plan.per_sample.loop and not looped:
-            for name in plan.generic:
-                reason = plan.paths[name].removeprefix("generic torch.func (")[:-1]
-                plan.paths[name] = (
-                    f"generic torch.func, one sample at a time ({reason}; {plan.per_sample.reason})"
-                )
+            plan.say_one_sample_at_a_time()
     check_finite_gradients(vectors)
     result.vectors = vectors
     return result
@@ -1215,7 +1229,7 @@ def _signals(
                 _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, tuple(weight.shape), groups
             )
             name = site.tensors["weight"]
-            if projection is not None and holders[name] == 1 and projection.forms(name, signal):
+            if projection is not None and holders[name] == 1 and projection.forms(name, [signal]):
                 vectors[name] = _dense_matrix(signal)
                 formed.add(name)
             else:
