@@ -1,13 +1,17 @@
 """Where the structured step should form a weight's per-sample gradients instead of projecting
 its signal: both ways timed per weight, beside what `structured._dense_cheaper` chooses.
 
-For each case, a random signal of 64 samples (delta (1, n, S, 1, out), patches a (n, S, 1, in k k))
-and two seeded factor sets (V_in, V_out) of a k x k kernel (k = 1: a Linear read at S positions):
+For each case, 64 samples' random inputs and output-gradients of a k x k convolution (stride 1,
+padding 1, sqrt(S) x sqrt(S) positions; k = 1: a Linear read at S positions, its signal the
+random input and output-gradient) and two seeded
+factor sets (V_in, V_out):
 
-  signal   ||g||^2 from the signal (`_sq_norms_matrix`), both projections (`_project_matrix`) and
-           their backward into every factor;
-  formed   the gradients formed (`_dense_matrix`), ||g||^2 from them, both projections through
-           `TensorFactors.inner_dense` and their backward.
+  signal   the signal made (a convolution's unfolded patches), ||g||^2 from it
+           (`_sq_norms_matrix`), both projections (`_project_matrix`) and their backward into
+           every factor;
+  formed   the gradients formed as the structured path forms them (a convolution's by
+           `_conv_weight_gradients`, without patches; a Linear's by `_dense_matrix`), ||g||^2
+           from them, both projections through `TensorFactors.inner_dense` and their backward.
 
 Each time is the minimum of --repeats runs after one warm-up; "ratio" is formed / signal, and
 "rule" says which way `_dense_cheaper` takes (formed when True).
@@ -18,6 +22,7 @@ Each time is the minimum of --repeats runs after one warm-up; "ratio" is formed 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 
@@ -61,12 +66,20 @@ def case(inputs: int, outputs: int, positions: int, n_v: int, rank: int, kernel:
     g = torch.Generator().manual_seed(0)
     n = 64
     shape = (outputs, inputs, kernel, kernel) if kernel > 1 else (outputs, inputs)
-    sig = structured._MatrixSignal(
-        torch.randn(1, n, positions, 1, outputs, generator=g),
-        torch.randn(n, positions, 1, inputs * kernel * kernel, generator=g),
-        0,
-        shape,
-    )
+    side = math.isqrt(positions)
+    conv = torch.nn.Conv2d(inputs, outputs, kernel, padding=kernel // 2)
+    x = torch.randn(n, inputs, side, side, generator=g)
+    delta = torch.randn(1, n, outputs, side, side, generator=g)
+    linear_delta = torch.randn(1, n, positions, 1, outputs, generator=g)
+    linear_a = torch.randn(n, positions, 1, inputs, generator=g)
+
+    def make() -> structured._MatrixSignal:
+        if kernel == 1:  # a Linear's signal: its input and output-gradient as they are
+            return structured._MatrixSignal(linear_delta, linear_a, 0, shape)
+        a = structured._conv_patches(conv, x)
+        return structured._MatrixSignal(structured._conv_delta(conv, delta), a, 0, shape)
+
+    sig = make()
     v_in, v_out = (TensorFactors(shape, n_v, rank, "cp", g, torch.float32) for _ in range(2))
     params = [*v_in.parameters(), *v_out.parameters()]
     weights = torch.randn(n, n_v, generator=g)
@@ -75,18 +88,22 @@ def case(inputs: int, outputs: int, positions: int, n_v: int, rank: int, kernel:
         torch.autograd.grad(((c + d) * weights).sum(), params)
 
     def signal() -> None:
+        sig = make()
         structured._sq_norms_matrix(sig)
         backward(
             structured._project_matrix(sig, v_in)[0], structured._project_matrix(sig, v_out)[0]
         )
 
     def formed() -> None:
-        grads = structured._dense_matrix(sig)[0]
+        if kernel == 1:
+            grads = structured._dense_matrix(make())[0]
+        else:
+            grads = structured._conv_weight_gradients(conv, [(x, delta)])[0]
         grads.flatten(1).pow(2).sum(1)
         backward(v_in.inner_dense(grads), v_out.inner_dense(grads))
 
     t_signal, t_formed = fastest(signal, repeats), fastest(formed, repeats)
-    rule = structured._dense_cheaper(sig, n_v, rank)
+    rule = structured._dense_cheaper(sig.dims, n_v, rank)
     faster = (t_formed < t_signal) == rule
     print(
         f"{inputs:4d} -> {outputs:4d}, {kernel}x{kernel}, {positions:5d} positions, "

@@ -1104,7 +1104,7 @@ def test_the_projection_forms_gradients_where_that_is_faster(
         0,
         shape,
     )
-    assert structured._dense_cheaper(sig, n_subnetworks, rank) is formed
+    assert structured._dense_cheaper(sig.dims, n_subnetworks, rank) is formed
 
 
 def test_gradients_are_formed_as_signals_are_made_when_the_projection_is_known():
@@ -1129,6 +1129,49 @@ def test_gradients_are_formed_as_signals_are_made_when_the_projection_is_known()
     pair = SubnetworkPair.initialize(target.shapes, 4, ranks, "cp", torch.Generator())
     torch.testing.assert_close(eager.project(pair.v_in), lazy.project(pair.v_in))
     assert lazy.formed == {"0.weight"}  # formed by the projection
+
+
+def test_formed_convolution_gradients_never_unfold_patches(monkeypatch):
+    """A convolution's unfolded patches hold kernel-size times its input (a 3 x 3 kernel: nine
+    times): where its per-sample gradients are formed, as signals are made and in the first
+    batch's checks, they come from its inputs and output-gradients directly, and equal the
+    oracle's (grouped, dilated, strided, 1-d, 3-d and reflect-padded layers)."""
+    import l3d.core.gradients.structured as structured
+
+    def refuse(*_):
+        raise AssertionError("patches unfolded")
+
+    monkeypatch.setattr(structured, "_dense_cheaper", lambda *_: True)
+    monkeypatch.setattr(structured, "_conv_patches", refuse)
+    torch.manual_seed(0)
+    cases = [
+        (
+            nn.Sequential(
+                nn.Conv2d(4, 6, 3, padding=1, groups=2),
+                nn.ReLU(),
+                nn.Conv2d(6, 6, 3, stride=2, dilation=2, padding_mode="reflect", padding=2),
+                nn.Flatten(),
+                nn.Linear(6 * 4 * 4, 3),
+            ),
+            torch.randn(5, 4, 8, 8),
+        ),
+        (nn.Sequential(nn.Conv1d(3, 4, 5, padding="same"), nn.Flatten()), torch.randn(5, 3, 9)),
+        (nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.Flatten()), torch.randn(4, 2, 4, 4, 4)),
+    ]
+    for model, inputs in cases:
+        model.eval()
+        target = Target.create(model, ["*"])
+        plan = StructuredPlan.create(target)
+        refs = RANDOM.draw(target.outputs(inputs), SampleRows.of(inputs, False), torch.Generator())
+        oracle = DenseGradients(per_sample_gradients(target, inputs, refs, mse))
+        ranks = resolve_ranks(target.names, 2)
+        fast = structured_gradients(
+            target, inputs, refs, mse, plan=plan, projection=Projection(4, ranks)
+        )
+        convs = {n for n in target.names if n.endswith("weight") and target.w0[n].dim() > 2}
+        assert convs and convs <= fast.formed
+        assert all(path.startswith("structured") for path in plan.paths.values())
+        _assert_batch_matches(fast, oracle, target, ranks, "cp")
 
 
 def test_token_projection_gradcheck():

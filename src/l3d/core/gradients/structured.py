@@ -30,12 +30,13 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
+from torch.nn import grad as nn_grad
 
 from l3d.core.divergences import DivergenceFn, check_references
 from l3d.core.gradients.batch import check_finite_gradients, sample_index, to_rows
@@ -206,6 +207,13 @@ class StructuredPlan:
 
 TRANSPOSED = ("conv_transpose1d", "conv_transpose2d")
 CONVS = ("conv1d", "conv2d", "conv3d", *TRANSPOSED)
+# A convolution's weight-gradient, by spatial dimensions: with the samples as groups, each
+# sample's own (`_conv_weight_gradients`).
+_WEIGHT_GRADIENTS = {
+    1: nn_grad.conv1d_weight,
+    2: nn_grad.conv2d_weight,
+    3: nn_grad.conv3d_weight,
+}
 
 TIED_KINDS = ("linear", "gpt2_conv1d", "embedding")
 """Layers a tied weight may be held by on the structured path: 2-d weights without groups, whose
@@ -224,6 +232,17 @@ def _holders(model: nn.Module, param: nn.Parameter) -> list[tuple[str, nn.Module
 
 
 # Captured signals per module ---------------------------------------------------------------
+
+
+class _Dims(NamedTuple):
+    """A matrix signal's sizes: delta (T, n, S, G, out_g), a (n, S, G, in_g)."""
+
+    t: int
+    n: int
+    s: int
+    g: int
+    out_g: int
+    in_g: int
 
 
 @dataclass
@@ -250,6 +269,14 @@ class _MatrixSignal:
     def is_embedding(self) -> bool:
         return not self.a.is_floating_point()
 
+    @property
+    def dims(self) -> _Dims | None:
+        """Its sizes, None for the signals never formed (an embedding's, a head's per token)."""
+        if self.is_embedding or self.tokens:
+            return None
+        t, n, s, g, out_g = self.delta.shape
+        return _Dims(t, n, s, g, out_g, self.a.shape[-1])
+
 
 def _unflat(x: Tensor, sig: _MatrixSignal) -> Tensor:
     """A result over a head signal's (1, T n, ...) pseudo-samples as (T, n, ...)."""
@@ -269,6 +296,20 @@ def _channels_last(x: Tensor, batch: int, lead: int) -> Tensor:
     return y.transpose(-1, -2).reshape(*x.shape[:lead], batch, -1, c)
 
 
+def _padded(
+    module: nn.Conv2d | nn.Conv3d, x: Tensor, explicit: bool = False
+) -> tuple[Tensor, tuple[int, ...]]:
+    """x padded as the layer's own forward pads, and the zero padding left to the convolution
+    (none when `explicit`): 'same' (one more at the end where the kernel's extent is even) and
+    reflect / replicate / circular are explicit F.pad amounts."""
+    padding = module.padding
+    if explicit or isinstance(padding, str) or module.padding_mode != "zeros":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        return x, (0,) * len(module.kernel_size)
+    return x, padding
+
+
 def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
     """Unfolded input patches, (n, L, G, in_g * kh * kw), matching weight.view(out, -1)'s order.
     A Conv1d's as a Conv2d's of height 1 (kernel, stride, ... (1, k)); a Conv3d's by
@@ -279,13 +320,7 @@ def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
     if isinstance(module, nn.Conv3d):
         return _patches_3d(module, x)
     flat = isinstance(module, (nn.Conv1d, nn.ConvTranspose1d))
-    padding = module.padding
-    if isinstance(padding, str) or module.padding_mode != "zeros":
-        # Padded as the layer's own forward pads: 'same' (one more at the end where the
-        # kernel's extent is even) and reflect / replicate / circular are explicit F.pad amounts.
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * len(module.kernel_size)
+    x, padding = _padded(module, x)
     geometry = [
         (unit, *p) if flat else p
         for unit, p in zip(
@@ -307,8 +342,7 @@ def _patches_3d(module: nn.Conv3d, x: Tensor) -> Tensor:
     """`_conv_patches` of a Conv3d, whose input F.unfold (4-d only) does not take: padded as the
     layer pads, then a window along each spatial axis (Tensor.unfold over the dilated extent,
     every dilation-th entry kept)."""
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    x, _ = _padded(module, x, explicit=True)  # Tensor.unfold does not pad
     for axis, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
         x = x.unfold(2 + axis, d * (k - 1) + 1, s)[..., ::d]  # the window's axis last
     n, c, depth, height, width = x.shape[:5]
@@ -335,6 +369,51 @@ def _transposed_patches(module: nn.Module, cot: Tensor, spatial: torch.Size) -> 
     grid = patches.view(patches.shape[0], *reach, *patches.shape[2:])
     index = (slice(None), *(slice(0, size) for size in spatial))
     return grid[index].reshape(patches.shape[0], -1, *patches.shape[2:])
+
+
+def _conv_dims(module: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> _Dims:
+    """The sizes of a (not transposed) convolution's signal over its calls (input x,
+    output-gradient (T, n, out, *spatial)), without unfolding the patches."""
+    conv = cast(nn.Conv2d, module)
+    t, n = uses[0][1].shape[:2]
+    positions = sum(math.prod(d.shape[3:]) for _, d in uses)
+    g = conv.groups
+    in_g = conv.in_channels // g * math.prod(conv.kernel_size)
+    return _Dims(t, n, positions, g, conv.out_channels // g, in_g)
+
+
+def _conv_weight_gradients(module: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """A (not transposed) convolution's per-sample weight gradients, (1, n, *weight.shape),
+    summed over its calls (input x, output-gradient (1, n, out, *spatial)): each call's by one
+    weight-gradient of the convolution with every sample its own groups, no patches unfolded
+    (faster than the patches' product, `benchmarks/bench_formed.py`, and without their memory:
+    a 3 x 3 kernel's patches are nine times its input)."""
+    conv = cast(nn.Conv2d, module)
+    shape = conv.weight.shape
+
+    def one(x: Tensor, delta: Tensor) -> Tensor:
+        n = x.shape[0]
+        x, padding = _padded(conv, x)
+        weight_gradient = _WEIGHT_GRADIENTS[x.dim() - 2]
+        grads = weight_gradient(
+            x.reshape(1, -1, *x.shape[2:]),  # (1, n C_in, *spatial): sample-major channels
+            (n * shape[0], *shape[1:]),
+            delta[0].reshape(1, -1, *delta.shape[3:]),
+            conv.stride,
+            padding,
+            conv.dilation,
+            n * conv.groups,
+        )
+        return grads.view(1, n, *shape)
+
+    # cuDNN runs float32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32);
+    # these are L3D's own products, which follow its matmul precision ('highest': IEEE float32).
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.get_float32_matmul_precision() != "highest"
+    try:
+        return total(one(x, d) for x, d in uses)
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
 
 
 def _conv_delta(module: nn.Module, delta: Tensor) -> Tensor:
@@ -433,26 +512,26 @@ def _project_flat(sig: _MatrixSignal, tf: TensorFactors) -> Tensor:
     return _cat(parts, 1)
 
 
-def _dense_cheaper(sig: _MatrixSignal, n_subnetworks: int, rank: int) -> bool:
-    """Whether a step is faster when a weight's per-sample gradients are formed once from its
-    signal and projected as they are (`TensorFactors.inner_dense`) than when its signal is
-    projected, with neither the gradients nor the dense directions larger than the signal: many
-    positions on a small kernel, as in a CNN's first stages (1,024 positions of a 64 x 576
-    kernel: 3.6x faster). The step projects onto V_in and V_out, each with a backward, and takes
-    ||g||^2: the signal's 6 n S K R (in + T out) multiply-adds plus those of `_sq_norms_flat`,
-    against n T out in (S + 4 K) for forming the gradients and projecting them, products that
-    run at about half the rate on one CPU thread (`benchmarks/bench_formed.py`: this picks the
-    faster way in all of its 16 cases)."""
-    if sig.is_embedding or sig.tokens:
+def _dense_cheaper(dims: _Dims | None, n_subnetworks: int, rank: int) -> bool:
+    """Whether a step is faster when a weight's per-sample gradients are formed once (a
+    convolution's from its inputs, `_conv_weight_gradients`) and projected as they are
+    (`TensorFactors.inner_dense`) than when its signal is projected, with neither the gradients
+    nor the dense directions larger than the signal: many positions on a small kernel, as in a
+    CNN's first stages (1,024 positions of a 64 x 576 kernel: 10x faster). The step projects
+    onto V_in and V_out, each with a backward, and takes ||g||^2: the signal's
+    6 n S K R (in + T out) multiply-adds plus those of `_sq_norms_flat`, against
+    n T out in (S + 4 K) for forming the gradients and projecting them, products that run at
+    about half the rate on one CPU thread (`benchmarks/bench_formed.py`: this picks the faster
+    way in all of its 16 cases)."""
+    if dims is None:
         return False
-    t, n, s, g, out_g = sig.delta.shape
-    in_g = sig.a.shape[-1]
+    t, n, s, g, out_g, in_g = dims
     n_v, kr = n_subnetworks, n_subnetworks * rank
     weight = g * out_g * in_g
     formed = t * n * weight * (s + 4 * n_v)
     norms = t * n * g * min(s * s * (out_g + in_g), s * out_g * in_g)
     factored = 6 * kr * n * s * g * (in_g + t * out_g)
-    fits = max(t * n, n_v) * weight <= sig.a.numel() + sig.delta.numel()
+    fits = max(t * n, n_v) * weight <= _signal_size(dims)
     return fits and 2 * formed < factored + 2 * norms
 
 
@@ -466,13 +545,33 @@ class Projection:
     n_subnetworks: int
     ranks: dict[str, int]
 
-    def forms(self, name: str, parts: list[_MatrixSignal]) -> bool:
-        """Whether `name`'s gradients are cheaper formed, from its signals (one per module
-        holding it)."""
-        return all(
-            _dense_cheaper(sig, self.n_subnetworks, _capped_rank(self.ranks[name], sig.shape))
-            for sig in parts
-        )
+    def forms(self, name: str, shape: tuple[int, ...], parts: list[_Dims | None]) -> bool:
+        """Whether the gradients of `name`, of `shape`, are cheaper formed, from the sizes of its
+        signals (one per module holding it)."""
+        rank = _capped_rank(self.ranks[name], shape)
+        return all(_dense_cheaper(dims, self.n_subnetworks, rank) for dims in parts)
+
+    def forms_signals(self, name: str, parts: list[_MatrixSignal]) -> bool:
+        """`forms`, from the signals themselves."""
+        return self.forms(name, parts[0].shape, [sig.dims for sig in parts])
+
+
+FormRule = Callable[[str, tuple[int, ...], list[_Dims | None]], bool]
+"""Whether a weight's per-sample gradients are formed as its signals are made: from its name,
+shape and the sizes of its signals (`Projection.forms`, `_no_larger`)."""
+
+
+def _no_larger(name: str, shape: tuple[int, ...], parts: list[_Dims | None]) -> bool:
+    """Form a weight's per-sample gradients where they are no larger than its signal (the first
+    batch's checks, which read one layer's at a time: a CNN's first stages then never unfold
+    their patches)."""
+    weight = math.prod(shape)
+    return all(d is not None and d.t * d.n * weight <= _signal_size(d) for d in parts)
+
+
+def _signal_size(d: _Dims) -> int:
+    """The elements of a signal's a and delta."""
+    return d.n * d.s * d.g * (d.in_g + d.t * d.out_g)
 
 
 def _capped_rank(rank: int, shape: tuple[int, ...]) -> int:
@@ -627,7 +726,7 @@ class StructuredGradients:
             next(iter(factors.values())).modes[0].shape[0], {n: f.rank for n, f in factors.items()}
         )
         for name in list(self.matrices):
-            if projection.forms(name, self.matrices[name]):
+            if projection.forms_signals(name, self.matrices[name]):
                 parts = self.matrices.pop(name)
                 self.vectors[name] = self._rows(total(_dense_matrix(sig) for sig in parts))
                 self.formed.add(name)
@@ -655,7 +754,7 @@ class StructuredGradients:
         for name, parts in self.matrices.items():
             rank = _capped_rank(ranks[name], parts[0].shape)
             size = parts[0].delta.element_size()
-            if projection.forms(name, parts):
+            if projection.forms_signals(name, parts):
                 t, n = parts[0].delta.shape[:2]
                 kept += t * n * math.prod(parts[0].shape) * size
                 continue
@@ -892,6 +991,50 @@ def structured_gradients(
     if weights is not None:  # positions that are no sample send no gradient
         dd_dy = dd_dy * weights
 
+    deltas, heads = _output_gradients(
+        outputs, site_outputs, dd_dy, recorder, head_site, per_token, chunk_size
+    )
+    # Only `_signals` holds the forward's inputs and output-gradients now, freeing each layer's
+    # once its signal is made (what it keeps is the signals not formed).
+    del outputs, site_outputs, dd_dy, y, flat_y, values
+    recorder.outputs.clear()
+    form = projection.forms if projection is not None else None
+    matrices, vectors, formed = _signals(plan.sites, recorder.inputs, deltas, batch, heads, form)
+    index, n_samples = sample_index(rows, batch)
+    result = StructuredGradients(matrices, {}, rows, n_samples, index, formed)
+    vectors = {n: result._rows(v) for n, v in vectors.items()}
+    if plan.generic:
+        sub = Target(
+            target.model,
+            plan.generic,
+            {n: target.w0[n] for n in plan.generic},
+            {**target.frozen, **{n: w for n, w in target.w0.items() if n not in plan.generic}},
+        )
+        looped = plan.per_sample.loop
+        vectors.update(
+            plan.per_sample.gradients(
+                sub, inputs, references, divergence, per_token=per_token, chunk_size=chunk_size
+            )
+        )
+        if plan.per_sample.loop and not looped:
+            plan.say_one_sample_at_a_time()
+    check_finite_gradients(vectors)
+    result.vectors = vectors
+    return result
+
+
+def _output_gradients(
+    outputs: Tensor,
+    site_outputs: list[Tensor],
+    dd_dy: Tensor,
+    recorder: _Recorder,
+    head_site: _Site | None,
+    per_token: bool,
+    chunk_size: int | None,
+) -> tuple[list[Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """Each site call's output-gradient (T, n, *output shape), in `site_outputs`' order, from
+    one backward of the divergences' gradients dd_dy (per token: one per chunk of positions);
+    and a decomposed head read per token's (output cotangent, input) (`_signals`' heads)."""
     heads: dict[str, tuple[Tensor, Tensor]] = {}
     if not site_outputs and head_site is None:
         deltas: list[Tensor] = []
@@ -943,28 +1086,7 @@ def structured_gradients(
             for j, o in enumerate(site_outputs)
         ]
 
-    matrices, vectors, formed = _signals(plan.sites, recorder, deltas, batch, heads, projection)
-    index, n_samples = sample_index(rows, batch)
-    result = StructuredGradients(matrices, {}, rows, n_samples, index, formed)
-    vectors = {n: result._rows(v) for n, v in vectors.items()}
-    if plan.generic:
-        sub = Target(
-            target.model,
-            plan.generic,
-            {n: target.w0[n] for n in plan.generic},
-            {**target.frozen, **{n: w for n, w in target.w0.items() if n not in plan.generic}},
-        )
-        looped = plan.per_sample.loop
-        vectors.update(
-            plan.per_sample.gradients(
-                sub, inputs, references, divergence, per_token=per_token, chunk_size=chunk_size
-            )
-        )
-        if plan.per_sample.loop and not looped:
-            plan.say_one_sample_at_a_time()
-    check_finite_gradients(vectors)
-    result.vectors = vectors
-    return result
+    return deltas, heads
 
 
 USES_RTOL = 1e-2
@@ -1067,20 +1189,25 @@ def _calls_gradient(
         retain_graph=True,
         allow_unused=True,
     )
+    whole = zip(names, grads[: len(names)])
+    # Each output-gradient is held by `deltas` alone, freed once its site is checked.
     deltas = [
         (torch.zeros_like(o) if d is None else d).unsqueeze(0)
         for o, d in zip(site_outputs, grads[len(names) :])
-    ]
+    ][::-1]
+    del grads, site_outputs
     calls: dict[str, Tensor] = {}
-    it = iter(deltas)
     for site in plan.sites:  # one at a time: every layer's signals never exist at once
-        mine = [next(it) for _ in recorder.outputs[site.module_name]]
-        matrices, vectors, _ = _signals([site], recorder, mine, batch)
-        calls |= {n: v[0, 0] if first_sample else v.sum(dim=(0, 1)) for n, v in vectors.items()}
-        for name, parts in matrices.items():  # a tied weight: summed over its holders
-            own = total(_dense_matrix(_one(sig, first_sample))[0, 0] for sig in parts)
+        mine = [deltas.pop() for _ in recorder.outputs[site.module_name]]
+        own_inputs = {site.module_name: list(recorder.inputs[site.module_name])}
+        matrices, vectors, _ = _signals([site], own_inputs, mine, batch, form=_no_larger)
+        owns = [(n, v[0, 0] if first_sample else v.sum(dim=(0, 1))) for n, v in vectors.items()]
+        for name, parts in matrices.items():
+            owns.append(
+                (name, total(_dense_matrix(_one(sig, first_sample))[0, 0] for sig in parts))
+            )
+        for name, own in owns:  # a tied weight: summed over its holders
             calls[name] = calls[name] + own if name in calls else own
-    whole = zip(names, grads[: len(names)])
     full = {n: torch.zeros_like(calls[n]) if g is None else g for n, g in whole}
     return full, calls
 
@@ -1111,23 +1238,25 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 def _signals(
     sites: list[_Site],
-    recorder: _Recorder,
+    inputs: dict[str, list[Tensor]],
     deltas: list[Tensor],
     batch: int,
     heads: dict[str, tuple[Tensor, Tensor]] | None = None,
-    projection: Projection | None = None,
+    form: FormRule | None = None,
 ) -> tuple[dict[str, list[_MatrixSignal]], dict[str, Tensor], set[str]]:
     """Turn each site's captured inputs and output-gradients into factored weight signals and
     exact per-sample vector gradients, (T, n, *shape). A module applied several times in one
     forward contributes each use's positions to the same sum. heads: {module name: (output
     cotangent, input)}, each (n, T, features), of an output head read per token (no deltas).
-    With a projection, a weight held by one module whose gradients it `forms` has them among
-    the vectors, and its name in the returned set."""
+    A weight held by one module whose gradients `form` chooses has them among the vectors, and
+    its name in the returned set (a convolution's formed from its inputs, without patches).
+    inputs ({module name: its calls' inputs}) and deltas (the calls' output-gradients, in the
+    sites' order) are consumed, so that each layer's are freed once its signal is made."""
     matrices: dict[str, list[_MatrixSignal]] = {}
     vectors: dict[str, Tensor] = {}
     formed: set[str] = set()
     holders = collections.Counter(n for site in sites for n in site.tensors.values())
-    it = iter(deltas)
+    deltas.reverse()  # consumed from the end, each freed once its signal is made
     for site in sites:
         m = site.module
         if heads and site.module_name in heads:
@@ -1145,9 +1274,25 @@ def _signals(
             if "bias" in site.tensors:
                 vectors[site.tensors["bias"]] = cot.transpose(0, 1)  # (T, n, out)
             continue
-        uses = [(a, next(it)) for a in recorder.inputs[site.module_name]]
+        uses = [(a, deltas.pop()) for a in inputs.pop(site.module_name)]
+        name = site.tensors.get("weight")
+        if (
+            site.kind in ("conv1d", "conv2d", "conv3d")
+            and name is not None
+            and form is not None
+            and holders[name] == 1
+            and form(name, tuple(cast(Tensor, m.weight).shape), [_conv_dims(m, uses)])
+        ):
+            # Formed from the inputs: the unfolded patches are never made.
+            vectors[name] = _conv_weight_gradients(m, uses)
+            formed.add(name)
+            if "bias" in site.tensors:
+                bias_sum = (_conv_delta(m, d).sum(2).flatten(2) for _, d in uses)
+                vectors[site.tensors["bias"]] = total(bias_sum)
+            continue
         weight_parts, bias_parts, a_parts = [], [], []
-        for a, d in uses:
+        while uses:
+            a, d = uses.pop(0)
             t = d.shape[0]
             bias: Tensor | None = None  # the output-gradient by position, where not dd
             if site.kind in ("linear", "gpt2_conv1d"):
@@ -1229,7 +1374,7 @@ def _signals(
                 _cat(weight_parts, 2), _cat(a_parts, 1), out_mode, tuple(weight.shape), groups
             )
             name = site.tensors["weight"]
-            if projection is not None and holders[name] == 1 and projection.forms(name, [signal]):
+            if form is not None and holders[name] == 1 and form(name, signal.shape, [signal.dims]):
                 vectors[name] = _dense_matrix(signal)
                 formed.add(name)
             else:
