@@ -21,6 +21,10 @@ Settings (issue 5):
       basic blocks at 32 x 32, a strided 64-channel block at 16 x 16, torchvision's habits
       (ReLU(inplace=True), `out += identity`); every convolution and BatchNorm tensor and the
       head (22 tensors, 103k weights), batch 64, 64 subnetworks, rank 2, KL over 10 classes
+  e   DCGAN-shaped generator (random weights and BatchNorm statistics): a 64-channel 4 x 4 code
+      up to a 3 x 32 x 32 image through three stride-2 transposed convolutions (64 -> 64 -> 32,
+      kernel 4) with BatchNorm and ReLU(inplace=True), every tensor (8 tensors, 100k weights),
+      batch 64, 64 subnetworks, rank 2, mse
   b-chunked  (b) in chunks of 4 sequences (sequence_chunk_size): the memory they save
   c2b (c) with batch 128;  c2w (c) with width 2048          (memory scaling)
   c4b (c) with batch 256                                     (time ratio against batch size)
@@ -147,6 +151,31 @@ class ResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class Generator(nn.Module):
+    """DCGAN's generator at CIFAR size, from a 64 x 4 x 4 code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(64, 64, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(64, 32, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(32, 3, 4, 2, 1),
+            nn.Tanh(),
+        )
+        g = torch.Generator().manual_seed(0)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):  # statistics as if trained, eval mode
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2, generator=g)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
 def setting(name: str):
     """(model, data, L3DConfig, batch of inputs, authors' jacrev chunk) for a setting."""
     g = torch.Generator().manual_seed(0)
@@ -188,6 +217,11 @@ def setting(name: str):
             batch_size=64,
         )
         return ResNet().eval(), data, config, data[:64], 16
+    if name == "e":
+        torch.manual_seed(0)
+        data = torch.randn(1024, 64, 4, 4, generator=g)
+        config = L3DConfig.create(params=["net.*"], n_subnetworks=64, rank=2, batch_size=64)
+        return Generator().eval(), data, config, data[:64], 16
     width = 2048 if name == "c2w" else 1024
     batch = {"c2b": 128, "c4b": 256, "cbig": 4096, "cbig-chunked": 4096}.get(name, 64)
     torch.manual_seed(0)
@@ -412,7 +446,7 @@ def main() -> None:
     for name in args.settings.split(","):
         by_precision = {}
         for precision in precisions:
-            methods = args.methods if name in ("a", "b", "c", "d") else args.scaling_methods
+            methods = args.methods if name in ("a", "b", "c", "d", "e") else args.scaling_methods
             rows = {m: run_worker(name, m, precision, args) for m in methods.split(",")}
             results += rows.values()
             label = name if len(precisions) == 1 else f"{name} at {precision}"

@@ -1135,7 +1135,7 @@ def test_formed_convolution_gradients_never_unfold_patches(monkeypatch):
     """A convolution's unfolded patches hold kernel-size times its input (a 3 x 3 kernel: nine
     times): where its per-sample gradients are formed, as signals are made and in the first
     batch's checks, they come from its inputs and output-gradients directly, and equal the
-    oracle's (grouped, dilated, strided, 1-d, 3-d and reflect-padded layers)."""
+    oracle's (grouped, dilated, strided, 1-d, 3-d, reflect-padded and transposed layers)."""
     import l3d.core.gradients.structured as structured
 
     def refuse(*_):
@@ -1157,6 +1157,16 @@ def test_formed_convolution_gradients_never_unfold_patches(monkeypatch):
         ),
         (nn.Sequential(nn.Conv1d(3, 4, 5, padding="same"), nn.Flatten()), torch.randn(5, 3, 9)),
         (nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.Flatten()), torch.randn(4, 2, 4, 4, 4)),
+        (
+            nn.Sequential(
+                nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+                nn.Tanh(),
+                nn.ConvTranspose2d(6, 2, 2, dilation=2),
+                nn.Flatten(),
+            ),
+            torch.randn(5, 4, 3, 4),
+        ),
+        (nn.Sequential(nn.ConvTranspose1d(3, 4, 4, stride=2), nn.Flatten()), torch.randn(5, 3, 6)),
     ]
     for model, inputs in cases:
         model.eval()
@@ -1348,6 +1358,29 @@ def test_a_transposed_convolution_with_per_token_samples_takes_the_generic_path(
     said = "generic torch.func (a transposed convolution with per-token samples)"
     assert plan.paths["up.weight"] == said and plan.paths["up.bias"] == said
     assert plan.paths["head.weight"] == "structured (linear)"
+
+
+class ConvTagger(nn.Module):
+    """A per-token model with a (not transposed) convolution over the sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 4)
+        self.conv = nn.Conv1d(4, 6, 3, padding=1)
+        self.head = nn.Linear(6, 9)
+
+    def forward(self, input_ids):
+        h = self.conv(self.embed(input_ids).transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.tanh(h))
+
+
+def test_a_convolution_with_per_token_samples_is_formed_per_token(projection):
+    """Token t's output-gradient reaches every position: where a convolution's gradients are
+    formed, each token's are its own (the first token's alone were formed for all)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (3, 5))
+    plan = assert_matches_oracle(ConvTagger(), ids, divergence=kl, per_token=True)
+    assert plan.paths["conv.weight"] == "structured (conv1d)"
 
 
 class InPlaceAfterLayers(nn.Module):

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
-from torch.nn import grad as nn_grad
 
 from l3d.core.divergences import DivergenceFn, check_references
 from l3d.core.gradients.batch import check_finite_gradients, sample_index, to_rows
@@ -207,13 +206,6 @@ class StructuredPlan:
 
 TRANSPOSED = ("conv_transpose1d", "conv_transpose2d")
 CONVS = ("conv1d", "conv2d", "conv3d", *TRANSPOSED)
-# A convolution's weight-gradient, by spatial dimensions: with the samples as groups, each
-# sample's own (`_conv_weight_gradients`).
-_WEIGHT_GRADIENTS = {
-    1: nn_grad.conv1d_weight,
-    2: nn_grad.conv2d_weight,
-    3: nn_grad.conv3d_weight,
-}
 
 TIED_KINDS = ("linear", "gpt2_conv1d", "embedding")
 """Layers a tied weight may be held by on the structured path: 2-d weights without groups, whose
@@ -372,38 +364,46 @@ def _transposed_patches(module: nn.Module, cot: Tensor, spatial: torch.Size) -> 
 
 
 def _conv_dims(module: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> _Dims:
-    """The sizes of a (not transposed) convolution's signal over its calls (input x,
-    output-gradient (T, n, out, *spatial)), without unfolding the patches."""
+    """The sizes of a convolution's signal over its calls (input x, output-gradient
+    (T, n, out, *spatial)), without unfolding the patches: a transposed convolution's positions
+    are its input's, where its input plays the output-gradient's part (`_signals`)."""
     conv = cast(nn.Conv2d, module)
     t, n = uses[0][1].shape[:2]
+    g, kernel = conv.groups, math.prod(conv.kernel_size)
+    if conv.transposed:
+        positions = sum(math.prod(x.shape[2:]) for x, _ in uses)
+        return _Dims(t, n, positions, g, conv.in_channels // g, conv.out_channels // g * kernel)
     positions = sum(math.prod(d.shape[3:]) for _, d in uses)
-    g = conv.groups
-    in_g = conv.in_channels // g * math.prod(conv.kernel_size)
-    return _Dims(t, n, positions, g, conv.out_channels // g, in_g)
+    return _Dims(t, n, positions, g, conv.out_channels // g, conv.in_channels // g * kernel)
 
 
 def _conv_weight_gradients(module: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """A (not transposed) convolution's per-sample weight gradients, (1, n, *weight.shape),
-    summed over its calls (input x, output-gradient (1, n, out, *spatial)): each call's by one
-    weight-gradient of the convolution with every sample its own groups, no patches unfolded
-    (faster than the patches' product, `benchmarks/bench_formed.py`, and without their memory:
-    a 3 x 3 kernel's patches are nine times its input)."""
+    """A convolution's per-sample weight gradients, (1, n, *weight.shape), summed over its calls
+    (input x, output-gradient (1, n, out, *spatial)): each call's by one weight-gradient of the
+    convolution (or transposed convolution) with every sample its own groups, no patches
+    unfolded (faster than the patches' product, `benchmarks/bench_formed.py`, and without their
+    memory: a 3 x 3 kernel's patches are nine times its input)."""
     conv = cast(nn.Conv2d, module)
     shape = conv.weight.shape
 
     def one(x: Tensor, delta: Tensor) -> Tensor:
         n = x.shape[0]
-        x, padding = _padded(conv, x)
-        weight_gradient = _WEIGHT_GRADIENTS[x.dim() - 2]
-        grads = weight_gradient(
-            x.reshape(1, -1, *x.shape[2:]),  # (1, n C_in, *spatial): sample-major channels
-            (n * shape[0], *shape[1:]),
+        x, padding = (x, conv.padding) if conv.transposed else _padded(conv, x)
+        # Only the weight's shape is read: n copies of it, one per sample's groups.
+        weight = delta.new_empty(1).expand(n * shape[0], *shape[1:])
+        grads = torch.ops.aten.convolution_backward(
             delta[0].reshape(1, -1, *delta.shape[3:]),
+            x.reshape(1, -1, *x.shape[2:]),  # (1, n C_in, *spatial): sample-major channels
+            weight,
+            None,
             conv.stride,
             padding,
             conv.dilation,
+            conv.transposed,
+            conv.output_padding,
             n * conv.groups,
-        )
+            (False, True, False),
+        )[1]
         return grads.view(1, n, *shape)
 
     # cuDNN runs float32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32);
@@ -1277,7 +1277,8 @@ def _signals(
         uses = [(a, deltas.pop()) for a in inputs.pop(site.module_name)]
         name = site.tensors.get("weight")
         if (
-            site.kind in ("conv1d", "conv2d", "conv3d")
+            site.kind in CONVS
+            and uses[0][1].shape[0] == 1  # per-token output-gradients: formed from the signal
             and name is not None
             and form is not None
             and holders[name] == 1
