@@ -824,11 +824,7 @@ def load(
             stacklevel=2,
         )
     elif not allow_other_weights:
-        now = io.fingerprint({n: params[n] for n in saved.shapes})
-        # The hash decides (sums of a reduction may differ in the last bit across thread counts).
-        other = [
-            n for n in saved.shapes if (fingerprint.get(n) or {}).get("sha256") != now[n]["sha256"]
-        ]
+        other = io.changed_since(fingerprint, {n: params[n] for n in saved.shapes})
         if other:
             raise L3DError(
                 f"the decomposition in {directory} was made on other weights: "

@@ -411,9 +411,7 @@ class Adapter(Edit):
                 f"the adapter in {directory} does not fit this model: {', '.join(wrong)} missing "
                 "or shaped otherwise; load it with the model it was trained on"
             )
-        now = io.fingerprint({n: params[n] for n in shapes})
-        saved = meta.w0_fingerprint
-        other = [n for n in shapes if (saved.get(n) or {}).get("sha256") != now[n]["sha256"]]
+        other = io.changed_since(meta.w0_fingerprint, {n: params[n] for n in shapes})
         if other and not allow_other_weights:
             raise L3DError(
                 f"the adapter in {directory} was trained on other weights ({', '.join(other)} "
@@ -968,8 +966,7 @@ def _check_weights(decomposition: Decomposition) -> None:
     (allow_other_weights), or a model edited since (an adapter left merged)."""
     saved = decomposition.w0_fingerprint
     if saved is not None:
-        now = io.fingerprint(decomposition.target.w0)
-        other = [n for n in now if (saved.get(n) or {}).get("sha256") != now[n]["sha256"]]
+        other = io.changed_since(saved, decomposition.target.w0)
         if other:
             raise L3DError(
                 f"the decomposition was made on other weights ({', '.join(other)} differ): "

@@ -188,6 +188,13 @@ def fingerprint(tensors: dict[str, Tensor]) -> dict[str, dict[str, float | str]]
     return result
 
 
+def changed_since(saved: dict[str, dict], tensors: dict[str, Tensor]) -> list[str]:
+    """The tensors whose values differ from their saved `fingerprint` (or have none). The hash
+    decides: the sums of a reduction may differ in the last bit across thread counts."""
+    now = fingerprint(tensors)
+    return [n for n in tensors if (saved.get(n) or {}).get("sha256") != now[n]["sha256"]]
+
+
 def frozen_fingerprint(model: nn.Module, decomposed: Iterable[str]) -> dict[str, str]:
     """The sha256 of every other parameter and every saved buffer of the model (dtype, shape
     and bytes): the decomposition is of the whole function, so BatchNorm statistics or a head
