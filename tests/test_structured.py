@@ -1422,8 +1422,8 @@ def test_outputs_changed_in_place_take_the_structured_path(projection):
 
 
 def _conv_layers():
-    """Random valid Conv2d / Conv3d / ConvTranspose2d settings, an input size they accept, and
-    what follows them (a norm, an in-place ReLU)."""
+    """Random valid Conv2d / Conv3d / ConvTranspose2d / ConvTranspose3d settings, an input size
+    they accept, and what follows them (a norm, an in-place ReLU)."""
     from hypothesis import strategies as st
 
     @st.composite
@@ -1431,7 +1431,7 @@ def _conv_layers():
         transposed = draw(st.booleans())
         groups = draw(st.sampled_from([1, 2]))
         c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
-        dims = 2 if transposed else draw(st.sampled_from([2, 3]))
+        dims = draw(st.sampled_from([2, 3]))
         kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
         stride = draw(st.integers(1, 2))
         dilation = draw(st.integers(1, 2))
@@ -1447,14 +1447,16 @@ def _conv_layers():
         if not transposed:
             options["padding_mode"] = draw(st.sampled_from(["zeros", "reflect", "circular"]))
         size = reach + 1 + draw(st.integers(1, 3))
-        kind = nn.ConvTranspose2d if transposed else (nn.Conv2d if dims == 2 else nn.Conv3d)
-        layer = kind(c_in, c_out, kernel, bias=draw(st.booleans()), **options)
-        # An InstanceNorm cancels a kernel of one number per output channel (its gradient is 0,
-        # round-off on the structured path): it then follows a kernel of several only.
+        kinds = {2: (nn.Conv2d, nn.ConvTranspose2d), 3: (nn.Conv3d, nn.ConvTranspose3d)}
+        kind = kinds[dims][transposed]
+        # An InstanceNorm cancels a kernel of one number per output channel and a bias (their
+        # gradients are 0, round-off on either path): it follows a kernel of several, no bias.
         several = (c_in // groups) * math.prod(kernel) > 1
         norm = draw(
             st.sampled_from(["none", "batch", "instance"] if several else ["none", "batch"])
         )
+        bias = norm != "instance" and draw(st.booleans())
+        layer = kind(c_in, c_out, kernel, bias=bias, **options)
         return layer, c_in, size, norm, draw(st.booleans())
 
     return layers()
@@ -1464,7 +1466,7 @@ class _FuzzNet(nn.Module):
     def __init__(self, layer: nn.Module, channels: int, norm: str, inplace: bool) -> None:
         super().__init__()
         self.layer = layer
-        three = isinstance(layer, nn.Conv3d)
+        three = layer.weight.dim() == 5
         self.norm = {
             "none": nn.Identity(),
             "batch": (nn.BatchNorm3d if three else nn.BatchNorm2d)(channels),

@@ -69,16 +69,24 @@ class _Site:
     tensors: dict[str, str]  # local parameter name ('weight', 'bias') -> full name
 
 
+_CONV_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.Conv1d, "conv1d"),
+    (nn.Conv2d, "conv2d"),
+    (nn.Conv3d, "conv3d"),
+    (nn.ConvTranspose1d, "conv_transpose1d"),
+    (nn.ConvTranspose2d, "conv_transpose2d"),
+    (nn.ConvTranspose3d, "conv_transpose3d"),
+)
+
+
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
     if is_hf_conv1d(module):
         return "gpt2_conv1d"
-    for conv, kind in ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d")):
+    for conv, kind in _CONV_KINDS:
         if isinstance(module, conv):
             return kind
-    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
-        return "conv_transpose1d" if isinstance(module, nn.ConvTranspose1d) else "conv_transpose2d"
     if isinstance(module, nn.Embedding):
         return None if module.max_norm is not None or module.scale_grad_by_freq else "embedding"
     if isinstance(module, nn.LayerNorm):
@@ -204,7 +212,7 @@ class StructuredPlan:
         return plan
 
 
-TRANSPOSED = ("conv_transpose1d", "conv_transpose2d")
+TRANSPOSED = ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 CONVS = ("conv1d", "conv2d", "conv3d", *TRANSPOSED)
 
 TIED_KINDS = ("linear", "gpt2_conv1d", "embedding")
@@ -309,8 +317,8 @@ def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
     applied to x."""
     module = cast(nn.Conv2d, module)
     n = x.shape[0]
-    if isinstance(module, nn.Conv3d):
-        return _patches_3d(module, x)
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+        return _patches_3d(cast(nn.Conv3d, module), x)
     flat = isinstance(module, (nn.Conv1d, nn.ConvTranspose1d))
     x, padding = _padded(module, x)
     geometry = [
@@ -853,6 +861,7 @@ _LAYERS: dict[str, type[nn.Module]] = {
     "conv3d": nn.Conv3d,
     "conv_transpose1d": nn.ConvTranspose1d,
     "conv_transpose2d": nn.ConvTranspose2d,
+    "conv_transpose3d": nn.ConvTranspose3d,
     "layernorm": nn.LayerNorm,
     "batchnorm": nn.modules.batchnorm._BatchNorm,
     "groupnorm": nn.GroupNorm,
