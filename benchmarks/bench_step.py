@@ -108,6 +108,15 @@ class TMCS(nn.Module):
         return torch.relu(x @ self.W_in.T @ self.W_out.T + self.b)
 
 
+def trained_statistics(model: nn.Module) -> None:
+    """Seeded BatchNorm running statistics as if trained (eval mode reads them)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2, generator=g)
+            m.running_var.uniform_(0.5, 2, generator=g)
+
+
 class BasicBlock(nn.Module):
     """torchvision's ResNet basic block, in its habits: ReLU(inplace=True), `out += identity`."""
 
@@ -141,11 +150,7 @@ class ResNet(nn.Module):
         )
         self.blocks = nn.Sequential(BasicBlock(32, 32), BasicBlock(32, 32), BasicBlock(32, 64, 2))
         self.head = nn.Linear(64, 10)
-        g = torch.Generator().manual_seed(0)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):  # statistics as if trained, eval mode
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2, generator=g)
+        trained_statistics(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
@@ -166,11 +171,7 @@ class Generator(nn.Module):
             nn.ConvTranspose2d(32, 3, 4, 2, 1),
             nn.Tanh(),
         )
-        g = torch.Generator().manual_seed(0)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):  # statistics as if trained, eval mode
-                m.running_mean.normal_(0, 0.2, generator=g)
-                m.running_var.uniform_(0.5, 2, generator=g)
+        trained_statistics(self)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z)
