@@ -2,15 +2,18 @@
 
 For the layers that hold almost all weights, one sample's gradient is a sum of outer products of
 the layer's input a_s and output-gradient delta_s over the positions s it is applied at
-(docs/math.md section 1): Linear and GPT-2 Conv1D (s = tokens), Conv1d and Conv2d (s = output
+(docs/math.md section 1): Linear and GPT-2 Conv1D (s = tokens), Conv1d-3d (s = output
 positions, a_s the unfolded input patch, per group), their transposes (s = input positions, the
 roles of input and output-gradient swapped), Embedding (a_s the one-hot token); a weight
 tied between such modules has the sum of their signals. So the coefficients
 <V_k, g_i> = sum_s sum_r (L_kr . delta_is)(M_kr . a_is) come from the factors directly (section 2),
 with V_k = sum_r L_kr (x) M_kr split into its output-side factor L and the rest M. Bias and
 norm vectors are small: their per-sample gradients are formed exactly (sum_s delta_s, and
-sum_s delta_s * xhat_s). Any other tensor takes the generic torch.func path (torchfunc.py); which
-path each tensor takes is logged and kept in `StructuredPlan.paths`.
+sum_s delta_s * xhat_s). Where a weight's per-sample gradients are cheaper to project once formed
+(`_dense_cheaper`), they are formed instead; a convolution's by one weight-gradient of it with
+every sample its own groups (docs/math.md section 1), without unfolding patches. Any other
+tensor takes the generic torch.func path (torchfunc.py); which path each tensor takes is logged
+and kept in `StructuredPlan.paths`.
 
 The signals come from one forward with hooks and one backward of sum_i D_i (samples do not
 interact in eval mode). Per-token samples are different: token t's divergence reaches every
