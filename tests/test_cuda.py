@@ -94,11 +94,12 @@ def test_a_training_step_does_not_wait_for_the_host(mlp):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_convolutional_and_recurrent_layers_on_cuda_equal_the_cpu():
+def test_convolutional_and_recurrent_layers_on_cuda_equal_the_cpu(monkeypatch):
     """The structured path's CNN habits (outputs changed in place, formed gradients as each
     layer's signal is made, transposed convolutions) and the generic path's one sample at a time
     (a GRU, which vmap cannot batch; cuDNN's RNN backward also wants training mode) on a GPU
-    against the CPU."""
+    against the CPU. The models' own convolutions in IEEE float32: cuDNN's default is TF32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     from l3d.core.gradients.structured import Projection
     from l3d.core.model import resolve_ranks
     from test_gradients import Recurrent
