@@ -1010,6 +1010,7 @@ def structured_gradients(
     # once its signal is made (what it keeps is the signals not formed).
     del outputs, site_outputs, dd_dy, y, flat_y, values
     recorder.outputs.clear()
+    recorder.head_input = None  # its graph holds every layer's saved tensors
     form = projection.forms if projection is not None else None
     matrices, vectors, formed = _signals(plan.sites, recorder.inputs, deltas, batch, heads, form)
     index, n_samples = sample_index(rows, batch)
