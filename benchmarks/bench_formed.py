@@ -3,8 +3,8 @@ its signal: both ways timed per weight, beside what `structured._dense_cheaper` 
 
 For each case, 64 samples' random inputs and output-gradients of a k x k convolution (stride 1,
 padding 1, sqrt(S) x sqrt(S) positions; k = 1: a Linear read at S positions, its signal the
-random input and output-gradient) and two seeded
-factor sets (V_in, V_out):
+random input and output-gradient) or of a 4 x 4 stride-2 transposed convolution from
+sqrt(S) x sqrt(S) inputs, and two seeded factor sets (V_in, V_out):
 
   signal   the signal made (a convolution's unfolded patches), ||g||^2 from it
            (`_sq_norms_matrix`), both projections (`_project_matrix`) and their backward into
@@ -50,6 +50,14 @@ CASES = [
     (128, 128, 32, 32, 1, 1),
     (64, 64, 16, 16, 2, 1),
 ]
+# Transposed convolutions, kernel 4, stride 2, padding 1 (DCGAN's): (inputs, outputs, input
+# positions, n_subnetworks, rank); the layers of bench_step.py's setting e and a wider one.
+TRANSPOSED_CASES = [
+    (64, 64, 16, 64, 2),
+    (64, 32, 64, 64, 2),
+    (32, 3, 256, 64, 2),
+    (128, 64, 256, 16, 2),
+]
 
 
 def fastest(fn: Callable[[], object], repeats: int) -> float:
@@ -62,20 +70,38 @@ def fastest(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def case(inputs: int, outputs: int, positions: int, n_v: int, rank: int, kernel: int, repeats: int):
+def case(
+    inputs: int,
+    outputs: int,
+    positions: int,
+    n_v: int,
+    rank: int,
+    kernel: int,
+    repeats: int,
+    transposed: bool = False,
+):
     g = torch.Generator().manual_seed(0)
     n = 64
-    shape = (outputs, inputs, kernel, kernel) if kernel > 1 else (outputs, inputs)
     side = math.isqrt(positions)
-    conv = torch.nn.Conv2d(inputs, outputs, kernel, padding=kernel // 2)
+    if transposed:
+        shape: tuple[int, ...] = (inputs, outputs, kernel, kernel)
+        conv: torch.nn.Module = torch.nn.ConvTranspose2d(inputs, outputs, kernel, 2, 1)
+        out_side = 2 * side
+    else:
+        shape = (outputs, inputs, kernel, kernel) if kernel > 1 else (outputs, inputs)
+        conv = torch.nn.Conv2d(inputs, outputs, kernel, padding=kernel // 2)
+        out_side = side
     x = torch.randn(n, inputs, side, side, generator=g)
-    delta = torch.randn(1, n, outputs, side, side, generator=g)
+    delta = torch.randn(1, n, outputs, out_side, out_side, generator=g)
     linear_delta = torch.randn(1, n, positions, 1, outputs, generator=g)
     linear_a = torch.randn(n, positions, 1, inputs, generator=g)
 
     def make() -> structured._MatrixSignal:
         if kernel == 1:  # a Linear's signal: its input and output-gradient as they are
             return structured._MatrixSignal(linear_delta, linear_a, 0, shape)
+        if transposed:  # the adjoint's: input and output-gradient swapped
+            a = structured._transposed_patches(conv, delta[0], x.shape[2:])
+            return structured._MatrixSignal(structured._conv_delta(conv, x[None]), a, 0, shape)
         a = structured._conv_patches(conv, x)
         return structured._MatrixSignal(structured._conv_delta(conv, delta), a, 0, shape)
 
@@ -106,7 +132,8 @@ def case(inputs: int, outputs: int, positions: int, n_v: int, rank: int, kernel:
     rule = structured._dense_cheaper(sig.dims, n_v, rank)
     faster = (t_formed < t_signal) == rule
     print(
-        f"{inputs:4d} -> {outputs:4d}, {kernel}x{kernel}, {positions:5d} positions, "
+        f"{inputs:4d} -> {outputs:4d}, {kernel}x{kernel}{' transposed' if transposed else ''}, "
+        f"{positions:5d} positions, "
         f"{n_v:3d} x rank {rank}: signal {t_signal * 1e3:7.1f} ms, "
         f"formed {t_formed * 1e3:7.1f} ms, "
         f"ratio {t_formed / t_signal:5.2f}, rule {'formed' if rule else 'signal'}"
@@ -122,6 +149,8 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
     for c in CASES:
         case(*c, repeats=args.repeats)
+    for inputs, outputs, positions, n_v, rank in TRANSPOSED_CASES:
+        case(inputs, outputs, positions, n_v, rank, 4, args.repeats, transposed=True)
 
 
 if __name__ == "__main__":

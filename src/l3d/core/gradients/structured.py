@@ -533,7 +533,7 @@ def _dense_cheaper(dims: _Dims | None, n_subnetworks: int, rank: int) -> bool:
     6 n S K R (in + T out) multiply-adds plus those of `_sq_norms_flat`, against
     n T out in (S + 4 K) for forming the gradients and projecting them, products that run at
     about half the rate on one CPU thread (`benchmarks/bench_formed.py`: this picks the faster
-    way in all of its 16 cases)."""
+    way in all of its 20 cases)."""
     if dims is None:
         return False
     t, n, s, g, out_g, in_g = dims
