@@ -283,9 +283,9 @@ class GradientSource:
         structured path takes the batch in chunks), from two inputs scaled linearly: what
         forming their gradients holds besides them (`_activation_bytes`), their gradients or
         signals (`GradientBatch.nbytes`) and what projecting them keeps (`kept_bytes`). Not
-        counted: transients inside the model's backwards (e.g. the per-token backward's batched
-        copies of the activation gradients), and one layer's signal while its gradients are
-        formed from it (`structured.Projection`)."""
+        counted: transients of the model's backwards (every layer's output-gradient, which the
+        structured path holds until that layer's signal is made; the per-token backward's
+        batched copies of the activation gradients)."""
         device = next(iter(self.target.w0.values())).device
         probe = to_device(self._example, device)
         n = batch_size_of(probe)
