@@ -102,7 +102,7 @@ def test_alpha_gradient_matches_finite_differences(decomposed):
     torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("train", ["scalars", "factors", "cores"])
+@pytest.mark.parametrize("train", ["scalars", "factors", "cores", "mixed"])
 def test_save_load_round_trip(decomposed, tmp_path, train):
     d, x = decomposed
     adapter = finetune(
@@ -196,6 +196,42 @@ def test_cores_mode_spans_the_subnetworks_and_trains(decomposed):
     )  # fmt: skip
     assert trained.history[-1]["objective"] < 0.5 * trained.history[0]["objective"]
     assert not trained.alpha.requires_grad and not trained.alpha.any()
+
+
+def test_mixed_mode_trains_alpha_and_a_core_in_the_first_subnetwork(decomposed):
+    """'mixed': every chosen subnetwork's alpha and, in the first one's factor subspaces only, a
+    core: the output equals an explicit dense W0 + sum_k alpha_k v_k + Q_L C Q_M^T forward."""
+    from torch.func import functional_call
+
+    d, x = decomposed
+    adapter = Adapter(d.model, d.subnetworks.v_out, [1, 4], "mixed")
+    assert torch.equal(adapter.forward(x), d.model(x))
+    # Two alphas; subnetwork 1's cores: 2x2 for fc1.weight and fc2.weight (rank 2), 1x1 for the
+    # bias (rank 1).
+    assert adapter.n_trainable == 2 + 4 + 1 + 4
+    assert adapter.trainable() == [adapter.alpha, *adapter.cores] and len(adapter.cores) == 3
+    for name, q_l, q_m in adapter.bases:  # subnetwork 1's own subspaces: they hold v_1
+        v = d.v_out(1)[name].reshape(q_l.shape[0], -1)
+        torch.testing.assert_close(q_l @ q_l.T @ v @ q_m @ q_m.T, v, rtol=1e-5, atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        adapter.alpha.copy_(torch.tensor([0.7, -1.3]))
+        for core in adapter.cores:
+            core.copy_(torch.randn(core.shape, generator=g))
+    weights = {n: p.detach().clone() for n, p in d.model.named_parameters()}
+    for name in d.names:
+        weights[name] += 0.7 * d.v_out(1)[name] - 1.3 * d.v_out(4)[name]
+    for (name, q_l, q_m), core in zip(adapter.bases, adapter.cores):
+        weights[name] += (q_l @ core @ q_m.T).reshape(weights[name].shape)
+    torch.testing.assert_close(
+        adapter.forward(x), functional_call(d.model, weights, (x,)), rtol=1e-5, atol=1e-6
+    )
+    trained = finetune(
+        d, (x, edited_targets(d.model, x)), subnetworks=[0, 1], train="mixed", steps=20, lr=0.05,
+        progress=False,
+    )  # fmt: skip
+    assert trained.history[-1]["objective"] < 0.5 * trained.history[0]["objective"]
+    assert trained.alpha.any() and any(bool(c.any()) for c in trained.cores)
 
 
 def one_line_error(call, match: str) -> None:
@@ -492,6 +528,12 @@ def test_cli_finetune_writes_an_adapter_and_prints_the_table(cli_run, tmp_path, 
     assert main([*argv, "--train", "cores", "-q"]) == 0
     cores = load_adapter(tmp_path / "c", loaded.model)
     assert cores.train == "cores" and any(bool(c.abs().sum() > 0) for c in cores.cores)
+    # --train mixed: alpha and the first subnetwork's core.
+    argv[argv.index(str(tmp_path / "c"))] = str(tmp_path / "m")
+    assert main([*argv, "--train", "mixed", "-q"]) == 0
+    mixed = load_adapter(tmp_path / "m", loaded.model)
+    assert mixed.train == "mixed" and mixed.alpha.any()
+    assert len(mixed.cores) == len(mixed.names)  # one subnetwork's, per tensor
 
 
 def test_cli_finetune_keeps_an_existing_adapter(cli_run, tmp_path, capsys):

@@ -295,7 +295,13 @@ def _parser() -> argparse.ArgumentParser:
         "--retain-weight", type=float, help="weight of the retain term (default: 1; needs --retain)"
     )
     p.add_argument("--objective", choices=OBJECTIVES, default="labels")
-    p.add_argument("--train", choices=["scalars", "factors", "cores"], default="scalars")
+    p.add_argument(
+        "--train",
+        choices=["scalars", "factors", "cores", "mixed"],
+        default="scalars",
+        help="alpha only; alpha and the subnetworks' factors; a core in each subnetwork's "
+        "subspaces; alpha and a core in the first subnetwork's (default: scalars)",
+    )
     p.add_argument("--steps", type=positive_int, default=100)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=positive_int, help="rows per step (default: all)")

@@ -56,7 +56,7 @@ from l3d.core.subnetworks import Subnetworks, subnetwork_index
 from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
 
-Train = Literal["scalars", "factors", "cores"]
+Train = Literal["scalars", "factors", "cores", "mixed"]
 Objective = Literal["labels", "forget", "suppress"] | Callable[[Tensor, Tensor], Tensor]
 OBJECTIVES = ("labels", "forget", "suppress")
 Callback = Callable[[int, "Edit"], None]
@@ -79,7 +79,7 @@ class AdapterDescription(BaseModel):
     names: list[str]
     shapes: dict[str, list[PositiveInt]] = Field(min_length=1)
     subnetworks: list[NonNegativeInt] = Field(min_length=1)
-    train: Literal["scalars", "factors", "cores"]
+    train: Train
     factorization: Literal["cp", "tucker"]
     ranks: dict[str, PositiveInt]
     w0_fingerprint: dict[str, dict[str, float | str]]
@@ -258,6 +258,10 @@ class Adapter(Edit):
     output-mode factors (Q_L) and of its other modes' (Q_M): Delta W = sum_k Q_L C_k Q_M^T. The
     factors stay fixed, so the edit stays inside the subspaces each subnetwork reads and writes,
     but may mix their rank-1 terms (alpha v_k is one such core); alpha is not trained then.
+    'mixed' learns every chosen subnetwork's alpha and a core in the first one's subspaces only
+    (the first chosen: the most specific, by `contrast_subnetworks`' order): alpha alone leaves
+    one of count's twelve answer symbols intact on the synthetic transformer, the one core
+    finishes the edit (docs/finetuning.md).
     """
 
     def __init__(
@@ -267,8 +271,10 @@ class Adapter(Edit):
         subnetworks: Sequence[int],
         train: Train = "scalars",
     ) -> None:
-        if train not in ("scalars", "factors", "cores"):
-            raise L3DError(f"unknown train mode {train!r}: use 'scalars', 'factors' or 'cores'")
+        if train not in ("scalars", "factors", "cores", "mixed"):
+            raise L3DError(
+                f"unknown train mode {train!r}: use 'scalars', 'factors', 'cores' or 'mixed'"
+            )
         self.subnetworks = _check_selection(subnetworks, directions.n_subnetworks)
         self.train = train
         self.target = Target.create(model, directions.names)
@@ -283,7 +289,8 @@ class Adapter(Edit):
         self.directions.requires_grad_(train == "factors")
         self.alpha = torch.zeros(len(self.subnetworks), dtype=w0.dtype, device=w0.device)
         self.alpha.requires_grad_(train != "cores")
-        self.bases = _core_bases(self.directions) if train == "cores" else []
+        cored = {"cores": len(self.subnetworks), "mixed": 1}.get(train, 0)
+        self.bases = _core_bases(self.directions, cored) if cored else []
         self.cores = [
             torch.zeros(
                 q_l.shape[1], q_m.shape[1], dtype=w0.dtype, device=w0.device
@@ -297,6 +304,8 @@ class Adapter(Edit):
     def trainable(self) -> list[Tensor]:
         if self.train == "cores":
             return self.cores
+        if self.train == "mixed":
+            return [self.alpha, *self.cores]
         factors = list(self.directions.parameters()) if self.train == "factors" else []
         return [self.alpha, *factors]
 
@@ -625,10 +634,10 @@ def _rows(directions: Subnetworks, rows: list[int]) -> Subnetworks:
     return kept
 
 
-def _core_bases(directions: Subnetworks) -> list[tuple[str, Tensor, Tensor]]:
-    """(tensor name, Q_L (d_out, R'), Q_M (rest, R'')) per tensor and subnetwork: orthonormal
-    bases of each subnetwork's output-mode factors and of its other modes' (the split V_k = sum_r
-    L_kr (x) M_kr; a vector's M is the scalar 1), fixed while 'cores' train."""
+def _core_bases(directions: Subnetworks, n: int) -> list[tuple[str, Tensor, Tensor]]:
+    """(tensor name, Q_L (d_out, R'), Q_M (rest, R'')) per tensor and each of the first n
+    subnetworks: orthonormal bases of its output-mode factors and of its other modes' (the split
+    V_k = sum_r L_kr (x) M_kr; a vector's M is the scalar 1), fixed while the cores train."""
     bases = []
     with torch.no_grad():
         for name, factors in zip(directions.names, directions.factors):
@@ -636,7 +645,7 @@ def _core_bases(directions: Subnetworks) -> list[tuple[str, Tensor, Tensor]]:
                 left, right = factors.modes[0], None
             else:
                 left, right = factors.split(0)
-            for k in range(directions.n_subnetworks):
+            for k in range(n):
                 q_l = torch.linalg.qr(left[k].T).Q
                 q_m = left.new_ones(1, 1) if right is None else torch.linalg.qr(right[k].T).Q
                 bases.append((name, q_l, q_m))
@@ -1135,8 +1144,9 @@ def finetune(
     objective: 'labels' (the model's loss to the labels), 'forget' (push the labelled positions
         to the uniform distribution: their loss rises to chance), 'suppress' (push the labelled
         answers' probability to 0: -log(1 - p)) or a callable.
-    train: 'scalars' (alpha only), 'factors' (alpha and the chosen subnetworks' factors) or
-        'cores' (a core inside each chosen subnetwork's factor subspaces, see `Adapter`).
+    train: 'scalars' (alpha only), 'factors' (alpha and the chosen subnetworks' factors),
+        'cores' (a core inside each chosen subnetwork's factor subspaces) or 'mixed' (alpha, and
+        a core in the first chosen subnetwork's), see `Adapter`.
     retain: inputs (or (inputs, labels)) of behaviour to keep: adds retain_weight times the
         decomposition's divergence between the edited and the frozen outputs on them.
     directions: directions to move along instead of V_out (e.g. V_in, or

@@ -34,8 +34,10 @@ METHODS = (
     "l3d_scalars",
     "l3d_factors",
     "l3d_cores",
+    "l3d_mixed",
     "random_directions",
     "random_cores",
+    "random_mixed",
     "lora_r1",
     "lora_r4",
     "full",
@@ -46,6 +48,8 @@ LABELS = {
     "l3d_cores": "L3D cores",
     "random_directions": "random directions",
     "random_cores": "random cores",
+    "l3d_mixed": "L3D α + a core",
+    "random_mixed": "random α + a core",
     "lora_r1": "LoRA r1",
     "lora_r4": "LoRA r4",
     "full": "full FT",
@@ -259,11 +263,17 @@ def run_method(
         )
 
     start = time.perf_counter()
-    if method in ("l3d_scalars", "l3d_factors", "l3d_cores", "random_directions", "random_cores"):
+    if method.startswith(("l3d_", "random_")):
         directions = None
         if method.startswith("random"):
             directions = decomposition.subnetworks.v_out.random_like(10_000 + seed)
-        mode = {"l3d_factors": "factors", "l3d_cores": "cores", "random_cores": "cores"}
+        mode = {
+            "l3d_factors": "factors",
+            "l3d_cores": "cores",
+            "random_cores": "cores",
+            "l3d_mixed": "mixed",
+            "random_mixed": "mixed",
+        }
         edit = train(
             finetune,
             subnetworks=subnetworks,
