@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from l3d.errors import L3DError
-from l3d.finetuning import OBJECTIVES
+from l3d.finetuning import OBJECTIVES, TRAIN_MODES
 
 if TYPE_CHECKING:  # imported where used: `l3d --help` stays fast
     from l3d.runs import RunDir
@@ -297,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=OBJECTIVES, default="labels")
     p.add_argument(
         "--train",
-        choices=["scalars", "factors", "cores", "mixed"],
+        choices=TRAIN_MODES,
         default="scalars",
         help="alpha only; alpha and the subnetworks' factors; a core in each subnetwork's "
         "subspaces; alpha and a core in the first subnetwork's (default: scalars)",

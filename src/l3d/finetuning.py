@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,7 @@ from l3d.decomposition import Decomposition
 from l3d.errors import L3DError
 
 Train = Literal["scalars", "factors", "cores", "mixed"]
+TRAIN_MODES: tuple[str, ...] = get_args(Train)
 Objective = Literal["labels", "forget", "suppress"] | Callable[[Tensor, Tensor], Tensor]
 OBJECTIVES = ("labels", "forget", "suppress")
 Callback = Callable[[int, "Edit"], None]
@@ -259,9 +260,8 @@ class Adapter(Edit):
     factors stay fixed, so the edit stays inside the subspaces each subnetwork reads and writes,
     but may mix their rank-1 terms (alpha v_k is one such core); alpha is not trained then.
     'mixed' learns every chosen subnetwork's alpha and a core in the first one's subspaces only
-    (the first chosen: the most specific, by `contrast_subnetworks`' order): alpha alone leaves
-    one of count's twelve answer symbols intact on the synthetic transformer, the one core
-    finishes the edit (docs/finetuning.md).
+    (the first chosen: the most specific, by `contrast_subnetworks`' order), where alpha alone
+    leaves part of a behaviour intact (docs/finetuning.md, "α and one core").
     """
 
     def __init__(
@@ -271,10 +271,9 @@ class Adapter(Edit):
         subnetworks: Sequence[int],
         train: Train = "scalars",
     ) -> None:
-        if train not in ("scalars", "factors", "cores", "mixed"):
-            raise L3DError(
-                f"unknown train mode {train!r}: use 'scalars', 'factors', 'cores' or 'mixed'"
-            )
+        if train not in TRAIN_MODES:
+            use = ", ".join(repr(m) for m in TRAIN_MODES)
+            raise L3DError(f"unknown train mode {train!r}: use one of {use}")
         self.subnetworks = _check_selection(subnetworks, directions.n_subnetworks)
         self.train = train
         self.target = Target.create(model, directions.names)

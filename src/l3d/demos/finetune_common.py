@@ -267,17 +267,11 @@ def run_method(
         directions = None
         if method.startswith("random"):
             directions = decomposition.subnetworks.v_out.random_like(10_000 + seed)
-        mode = {
-            "l3d_factors": "factors",
-            "l3d_cores": "cores",
-            "random_cores": "cores",
-            "l3d_mixed": "mixed",
-            "random_mixed": "mixed",
-        }
+        mode = method.split("_", 1)[1]  # the train mode; random_directions: scalars
         edit = train(
             finetune,
             subnetworks=subnetworks,
-            train=mode.get(method, "scalars"),
+            train="scalars" if mode == "directions" else mode,
             directions=directions,
         )
     elif method.startswith("lora_r"):
